@@ -1,0 +1,150 @@
+"""Python API: load a model, build a pipeline from flags, run it, write the result.
+
+``optimize()`` is what ``paic optimize`` runs: pipeline = allocation + criterion, e.g.
+``erk{sparsity=0.95},magnitude{scope=layer}``; ``--allocation global`` gives the criterion a
+global budget instead (``magnitude{sparsity=0.95}``), as the SNIP/GraSP/SynFlow papers do.
+"""
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pai_compiler.errors import UsageError
+from pai_compiler.ir import Graph
+from pai_compiler.pass_infra import AnalysisManager, Instrument, PassManager, PassRecord, RunContext
+from pai_compiler.pipeline import format_pipeline, parse_pipeline
+
+__all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "save_model"]
+
+DEFAULT_METHOD = "magnitude"
+ALLOCATIONS = ("erk", "uniform", "global")
+# criteria whose pass takes the allocation's per-layer budget as-is (no scope option)
+_LAYERWISE_ONLY = {"dpai", "npb", "random-erk"}
+
+
+def load_model(spec: str | os.PathLike[str], **kwargs: Any) -> Graph:
+    """Lower a model file to the IR (ONNX path; ``file.py:attr`` specs when the torch frontend is present)."""
+    text = str(spec)
+    if ":" in text and not Path(text).exists() and text.split(":", 1)[0].endswith(".py"):
+        from pai_compiler.frontends.torch_spec import load_torch_spec  # type: ignore[import-not-found]
+
+        return load_torch_spec(text, **kwargs)
+    from pai_compiler.frontends.onnx import load_onnx_model
+
+    return load_onnx_model(text)
+
+
+def build_pipeline(
+    *,
+    method: str = DEFAULT_METHOD,
+    sparsity: float | None = None,
+    allocation: str = "erk",
+    pipeline: str | None = None,
+    steps: int | None = None,
+) -> str:
+    """The pipeline string for the CLI flags (``pipeline`` wins when given)."""
+    if pipeline:
+        if sparsity is not None and "sparsity" not in pipeline:
+            raise UsageError("--sparsity is ignored with --pipeline; put it in the pipeline, e.g. 'erk{sparsity=0.95},...'")
+        return format_pipeline(parse_pipeline(pipeline))
+    if sparsity is None:
+        raise UsageError("--sparsity is required (e.g. --sparsity 0.95) unless --pipeline is given")
+    if allocation not in ALLOCATIONS:
+        raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
+    opts = f"steps={steps}" if steps is not None else ""
+    if steps is not None and method != "dpai":
+        raise UsageError("--steps applies to --method dpai only")
+    if allocation == "global":
+        if method in _LAYERWISE_ONLY:
+            raise UsageError(f"--method {method} needs a per-layer allocation (--allocation erk or uniform)")
+        text = f"{method}{{sparsity={sparsity!r}}}"
+    else:
+        criterion = method if method in _LAYERWISE_ONLY else f"{method}{{scope=layer}}"
+        if opts:
+            criterion = f"{method}{{{opts}}}"
+        text = f"{allocation}{{sparsity={sparsity!r}}},{criterion}"
+    return format_pipeline(parse_pipeline(text))
+
+
+def apply_exclude(graph: Graph, patterns: Sequence[str]) -> list[str]:
+    """Keep layers whose weight name matches any glob dense (not prunable); return their names."""
+    excluded = []
+    for p in graph.prunable_params():
+        names = {p.name, p.origin, *[n.name for n in graph.param_users(p)]}
+        if any(fnmatch.fnmatchcase(n, pat) for pat in patterns for n in names if n):
+            graph.set_prunable(p, False)
+            excluded.append(p.name)
+    unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in excluded)]
+    if patterns and not excluded:
+        raise UsageError(f"--exclude {', '.join(patterns)} matches no prunable layer")
+    if unmatched:
+        graph.meta["warnings"].append(f"--exclude pattern(s) {', '.join(unmatched)} matched no weight name")
+    return excluded
+
+
+@dataclass
+class OptimizeResult:
+    graph: Graph
+    pipeline: str
+    records: list[PassRecord]
+    excluded: list[str] = field(default_factory=list)
+
+    @property
+    def masks(self) -> dict[str, Any]:
+        return {p.origin or p.name: p.mask_or_ones() for p in self.graph.prunable_params()}
+
+
+def optimize(
+    model: str | os.PathLike[str] | Graph,
+    *,
+    sparsity: float | None = None,
+    method: str = DEFAULT_METHOD,
+    allocation: str = "erk",
+    pipeline: str | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    exclude: Sequence[str] = (),
+    device: str = "cpu",
+    data: Any = None,
+    progress: bool = False,
+    instruments: Sequence[Instrument] = (),
+) -> OptimizeResult:
+    """Prune ``model`` (a path or an IR Graph, which is modified) and return the result."""
+    spec = build_pipeline(method=method, sparsity=sparsity, allocation=allocation, pipeline=pipeline, steps=steps)
+    graph = model if isinstance(model, Graph) else load_model(model)
+    excluded = apply_exclude(graph, exclude)
+    if not graph.prunable_params():
+        raise UsageError("the model has no prunable (conv/linear) weights left")
+    context = RunContext(seed=seed, device=device, progress=progress, data=data)
+    am = AnalysisManager(graph, context)
+    records = PassManager(parse_pipeline(spec), instruments=instruments).run(graph, am)
+    unmasked = [p.name for p in graph.prunable_params() if p.mask is None]
+    if unmasked and len(unmasked) == len(graph.prunable_params()):
+        raise UsageError(f"pipeline '{spec}' produced no masks: add a criterion (e.g. ',magnitude{{scope=layer}}')")
+    graph.meta["pipeline"] = spec
+    return OptimizeResult(graph, spec, records, excluded)
+
+
+def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
+    """Write the pruned model; the format follows ``out``'s suffix (.onnx, or .pt with the torch backend)."""
+    suffix = Path(out).suffix.lower()
+    if suffix == ".onnx":
+        if result.graph.meta.get("source_format") == "onnx":
+            from pai_compiler.backends.onnx_masked import write_masked_onnx
+
+            write_masked_onnx(result.graph, source, out, pipeline=result.pipeline)
+            return
+        from pai_compiler.backends.torch_backend import write_torch_onnx  # type: ignore[import-not-found]
+
+        write_torch_onnx(result, out)
+        return
+    if suffix in (".pt", ".pth"):
+        from pai_compiler.backends.torch_backend import write_pt  # type: ignore[import-not-found]
+
+        write_pt(result, source, out)
+        return
+    raise UsageError(f"unknown output format {suffix or '(none)'!r} for {out}: use .onnx or .pt")

@@ -1,0 +1,121 @@
+"""Masked ONNX backend: the input model with each prunable weight multiplied by its mask.
+
+Everything else is kept as it was: node order and names, opset, other initializers byte for
+byte. A weight stored as an initializer is rewritten in place; one produced by a ``Constant``
+node gets a new ``value``; one produced by ``ConstantOfShape`` is replaced, at the same
+position and with the same output name, by a ``Constant`` holding the masked tensor. The
+paic version and pipeline go into ``metadata_props``. The file is written atomically.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pai_compiler._version import __version__
+from pai_compiler.errors import PaicError
+from pai_compiler.io import atomic_write
+from pai_compiler.ir import Graph, Param
+
+__all__ = ["masked_model", "write_masked_onnx", "set_metadata"]
+
+_TWO_GB = 2**31 - 1
+
+
+def _masked_array(stored: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = np.array(stored, copy=True)
+    out[~mask] = 0
+    return out
+
+
+def set_metadata(model: Any, items: Mapping[str, str]) -> None:
+    keep = [p for p in model.metadata_props if p.key not in items]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for key, value in items.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+
+
+def masked_model(graph: Graph, model: Any, *, pipeline: str = "") -> Any:
+    """Apply ``graph``'s masks to ``model`` (a ModelProto, modified in place and returned)."""
+    from onnx import helper, numpy_helper
+
+    sources: dict[str, str] = graph.meta.get("weight_sources", {})
+    masked: dict[str, Param] = {p.origin: p for p in graph.prunable_params() if p.mask is not None and p.origin}
+    missing = [name for name in masked if name not in sources]
+    if missing:
+        raise PaicError(f"cannot write masks: weight(s) {', '.join(missing[:3])} have no ONNX source")
+    inits = {t.name: t for t in model.graph.initializer}
+    sparse = {t.values.name: t for t in model.graph.sparse_initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for origin, p in masked.items():
+        kind = sources[origin]
+        array = _masked_array(p.data, p.mask)  # type: ignore[arg-type]
+        if kind == "initializer":
+            t = inits[origin]
+            new = numpy_helper.from_array(array.astype(p.data.dtype, copy=False), origin)
+            t.ClearField("float_data")
+            t.ClearField("double_data")
+            t.ClearField("int32_data")
+            t.ClearField("int64_data")
+            del t.external_data[:]
+            t.data_location = 0
+            t.raw_data = new.raw_data
+        elif kind == "sparse_initializer":
+            st = sparse[origin]
+            flat = array.reshape(-1)
+            idx = np.flatnonzero(flat).astype(np.int64)
+            st.values.CopyFrom(numpy_helper.from_array(flat[idx], origin))
+            st.indices.CopyFrom(numpy_helper.from_array(idx, st.indices.name or f"{origin}_indices"))
+        elif kind in ("constant_node", "constant_of_shape"):
+            node = producers[origin]
+            value = numpy_helper.from_array(array, f"{origin}_value")
+            if kind == "constant_node":
+                attrs = [a for a in node.attribute if not a.name.startswith("value") and a.name != "sparse_value"]
+                del node.attribute[:]
+                node.attribute.extend(attrs)
+            else:
+                del node.attribute[:]
+                del node.input[:]
+                node.op_type = "Constant"
+                node.domain = ""
+            node.attribute.append(helper.make_attribute("value", value))
+        else:
+            raise PaicError(f"cannot write mask of {origin!r}: unknown weight source {kind!r}")
+    items = {"paic.version": __version__}
+    if pipeline:
+        items["paic.pipeline"] = pipeline
+    set_metadata(model, items)
+    return model
+
+
+def write_masked_onnx(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], *, pipeline: str = "", check: bool = True) -> None:
+    """Read ``source`` again, apply the masks, and write ``out`` atomically."""
+    import onnx
+
+    from pai_compiler.frontends.onnx import read_onnx
+
+    model = masked_model(graph, read_onnx(source), pipeline=pipeline)
+    out = Path(out)
+    large = model.ByteSize() > _TWO_GB if _estimate_small(model) else True
+    with atomic_write(out) as tmp:
+        if large:
+            data_name = out.name + ".data"
+            onnx.save_model(model, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            # onnx wrote the data file beside tmp under its final name; the model file is atomic
+        else:
+            onnx.save_model(model, str(tmp))
+        if check:
+            try:
+                onnx.checker.check_model(str(tmp), full_check=True)
+            except Exception as exc:  # never leave an invalid model behind
+                raise PaicError(f"the written model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+
+
+def _estimate_small(model: Any) -> bool:
+    total = sum(len(t.raw_data) for t in model.graph.initializer)
+    return total < _TWO_GB // 2

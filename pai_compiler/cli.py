@@ -1,0 +1,286 @@
+"""The ``paic`` command line (typer): optimize, audit, passes.
+
+Exit codes: 0 ok, 1 model/processing error (one line on stderr, no traceback unless
+``--debug``), 2 usage error. Heavy modules (torch, onnx, onnxruntime) are imported inside the
+commands, so ``paic --help`` stays fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from pai_compiler._version import __version__
+
+__all__ = ["app", "main"]
+
+app = typer.Typer(
+    name="paic",
+    help="paic — the Pruning-at-Initialization Compiler: analyse and prune ONNX/PyTorch models before training.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def _stdout_console() -> Any:
+    from rich.console import Console
+
+    return Console(highlight=False)
+
+
+@contextlib.contextmanager
+def guard(debug: bool) -> Iterator[None]:
+    """Turn failures into one line on stderr and the right exit code."""
+    from pai_compiler.errors import PaicError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except PaicError as exc:
+        if debug:
+            raise
+        message = " ".join(str(exc).split())
+        _stderr_console().print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+        raise typer.Exit(code=exc.exit_code) from None
+    except KeyboardInterrupt:
+        _stderr_console().print("interrupted")
+        raise typer.Exit(code=130) from None
+    except Exception as exc:
+        if debug:
+            raise
+        message = " ".join(f"{type(exc).__name__}: {exc}".split())
+        _stderr_console().print(f"[bold red]internal error:[/] {message} (rerun with --debug for a traceback)")
+        raise typer.Exit(code=1) from None
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"paic {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """paic command line."""
+
+
+def _parse_float_flag(name: str, value: Optional[str]) -> Optional[float]:
+    from pai_compiler.errors import UsageError
+
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise UsageError(f"{name} must be a number, got {value!r}") from None
+    if number != number:
+        raise UsageError(f"{name} must be a number, got NaN")
+    return number
+
+
+@app.command()
+def optimize(
+    model: Annotated[str, typer.Argument(help="ONNX file, or file.py:attr for a PyTorch model.")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Output model (.onnx, or .pt for PyTorch).")],
+    sparsity: Annotated[Optional[str], typer.Option("--sparsity", "-s", help="Fraction of prunable weights to remove, in (0, 1).")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Pruning criterion (see `paic passes`).")] = None,
+    allocation: Annotated[str, typer.Option("--allocation", help="Layer budget: erk, uniform, or global (one threshold over all layers).")] = "erk",
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    pipeline: Annotated[Optional[str], typer.Option("--pipeline", "-p", help="Full pass pipeline, e.g. 'erk{sparsity=0.95},magnitude{scope=layer}'.")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob of layer/weight names to keep dense (repeatable).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Optimisation steps (dpai).")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    data: Annotated[Optional[str], typer.Option("--data", help="Prune data for snip/grasp: an .npz with x_train/y_train (e.g. cifar10.npz), or 'random'.")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Samples per class taken from --data.")] = 10,
+    report: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
+    print_ir_after_all: Annotated[bool, typer.Option("--print-ir-after-all", help="Print the IR after every pass (stderr).")] = False,
+    timing: Annotated[bool, typer.Option("--timing", help="Print per-pass timings.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Prune MODEL before training and write a masked model."""
+    with guard(debug):
+        from pai_compiler import api
+        from pai_compiler.io import check_output_path
+        from pai_compiler.pass_infra import PrintIRInstrument, TimingInstrument
+
+        sparsity_value = _parse_float_flag("--sparsity", sparsity)
+        chosen = method or api.DEFAULT_METHOD
+        spec = api.build_pipeline(method=chosen, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)
+        is_file = Path(model).exists() or ":" not in model
+        out = check_output_path(output, [model] if is_file else [], force=force)
+        console = _stdout_console()
+        graph = api.load_model(model)
+        batch = None
+        if data is not None:
+            from pai_compiler.data import load_batch_for
+
+            batch = load_batch_for(graph, data, samples_per_class=samples, seed=seed)
+        before = _totals(graph)
+        instruments: list[Any] = []
+        timer = TimingInstrument()
+        if timing:
+            instruments.append(timer)
+        if print_ir_after_all:
+            instruments.append(PrintIRInstrument(sys.stderr))
+        result = api.optimize(
+            graph, pipeline=spec, seed=seed, exclude=exclude or (), device=device,
+            data=batch, progress=not quiet and sys.stderr.isatty(), instruments=instruments,
+        )
+        after = _totals(result.graph)
+        api.save_model(result, model, out)
+        doc = _report(result, before, after, model, str(out))
+        if report:
+            from pai_compiler.io import atomic_write
+
+            with atomic_write(check_output_path(report, [model] if is_file else [], force=force)) as tmp:
+                tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        if not quiet:
+            _render_optimize(console, result, before, after, str(out), timer.timings if timing else [])
+
+
+def _totals(graph: Any) -> dict[str, Any]:
+    """Audit totals when the analysis passes are available, else sparsity only."""
+    try:
+        from pai_compiler.audit import audit_graph  # type: ignore[import-not-found]
+    except ImportError:
+        params = graph.prunable_params()
+        total = sum(p.numel for p in params)
+        kept = sum(p.kept() for p in params)
+        return {"params": total, "nonzero_params": kept, "density": kept / total if total else 1.0}
+    doc = audit_graph(graph)
+    graph.meta["warnings"] = list(dict.fromkeys(graph.meta.get("warnings", [])))
+    return dict(doc["totals"])
+
+
+def _layer_rows(graph: Any) -> list[dict[str, Any]]:
+    from pai_compiler.ir import format_shape
+
+    rows = []
+    for p in graph.prunable_params():
+        rows.append({"name": p.name, "op": graph.param_users(p)[0].kind.value, "shape": format_shape(p.shape),
+                     "params": p.numel, "kept": p.kept(), "density": p.kept() / p.numel if p.numel else 1.0})
+    return rows
+
+
+def _report(result: Any, before: dict[str, Any], after: dict[str, Any], model: str, out: str) -> dict[str, Any]:
+    return {
+        "model": model,
+        "output": out,
+        "pipeline": result.pipeline,
+        "paic_version": __version__,
+        "passes": [{"pass": r.spec, "seconds": round(r.seconds, 4)} for r in result.records],
+        "excluded": result.excluded,
+        "before": before,
+        "after": after,
+        "layers": _layer_rows(result.graph),
+        "warnings": list(result.graph.meta.get("warnings", [])),
+    }
+
+
+def _render_optimize(console: Any, result: Any, before: dict[str, Any], after: dict[str, Any], out: str, timings: list[tuple[str, float]]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"paic optimize — {result.pipeline}", title_justify="left")
+    for col, justify in (("layer", "left"), ("op", "left"), ("shape", "left"), ("params", "right"), ("kept", "right"), ("density", "right")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for row in _layer_rows(result.graph):
+        table.add_row(row["name"], row["op"], row["shape"], f"{row['params']:,}", f"{row['kept']:,}", f"{row['density']:.4f}")
+    console.print(table)
+    totals = Table(title="totals", title_justify="left")
+    totals.add_column("metric")
+    totals.add_column("before", justify="right")
+    totals.add_column("after", justify="right")
+    for key in before:
+        totals.add_row(key, _fmt(before[key]), _fmt(after.get(key)))
+    console.print(totals)
+    for name, seconds in timings:
+        console.print(f"  {seconds:8.3f} s  {name}")
+    for w in result.graph.meta.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {w}")
+    console.print(f"kept {after['nonzero_params']:,} of {after['params']:,} prunable weights "
+                  f"({100 * after['density']:.2f}%) -> wrote {out}")
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 1e6 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+@app.command()
+def audit(
+    model: Annotated[str, typer.Argument(help="ONNX file, or file.py:attr for a PyTorch model.")],
+    json_output: Annotated[bool, typer.Option("--json", help="Print the JSON document instead of tables.")] = False,
+    bind: Annotated[Optional[str], typer.Option("--bind", help="Bind symbolic dims for the MAC counts, e.g. batch=32,seq=197 (unbound: 1).")] = None,
+    plot: Annotated[Optional[str], typer.Option("--plot", help="Write a PNG of per-layer density and effective nodes (needs matplotlib).")] = None,
+    no_paths: Annotated[bool, typer.Option("--no-paths", help="Sparsity and MACs only: skip the path analysis (fast, no torch).")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Report sparsity, MACs (dense/nonzero/effective) and effective paths/nodes of MODEL."""
+    with guard(debug):
+        from pai_compiler import api
+        from pai_compiler.audit import audit_graph, plot_audit, render_audit
+        from pai_compiler.io import check_output_path
+        from pai_compiler.passes.analysis.flops import parse_bind
+
+        values = parse_bind(bind)
+        is_file = Path(model).exists() or ":" not in model
+        plot_path = check_output_path(plot, [model] if is_file else [], force=False) if plot else None
+        doc = audit_graph(api.load_model(model), bind=values, paths=not no_paths)
+        if plot_path is not None:
+            plot_audit(doc, plot_path)
+        if json_output:
+            sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        else:
+            render_audit(doc, _stdout_console())
+
+
+@app.command()
+def passes(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """List the available passes with their kind and options."""
+    with guard(debug):
+        from rich.table import Table
+
+        from pai_compiler.pipeline import pass_options
+        from pai_compiler.registry import available_passes, get_pass_class
+
+        table = Table(title="paic passes")
+        table.add_column("name")
+        table.add_column("kind")
+        table.add_column("options (default)")
+        for name in available_passes():
+            cls = get_pass_class(name)
+            opts = ", ".join(f"{n}={d}" for n, _, d in pass_options(cls))
+            table.add_row(name, cls.kind, opts or "-")
+        _stdout_console().print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""File helpers: atomic writes (temp file in the target folder, then ``os.replace``)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from pai_compiler.errors import PaicError
+
+__all__ = ["atomic_write", "check_output_path"]
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success it replaces ``path``, on failure it vanishes."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise PaicError(f"cannot write {target}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise PaicError(f"cannot write {target}: folder {folder} is not writable")
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def check_output_path(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], *, force: bool) -> Path:
+    """Refuse to overwrite an input (unless ``force``) or to write into a missing folder."""
+    out_p = Path(out)
+    for inp in inputs:
+        try:
+            same = out_p.exists() and Path(inp).exists() and os.path.samefile(out_p, inp)
+        except OSError:
+            same = False
+        if same or out_p.resolve() == Path(inp).resolve():
+            if not force:
+                raise PaicError(f"output {out_p} is the input file; refusing to overwrite it (use --force)")
+    if out_p.is_dir():
+        raise PaicError(f"output {out_p} is a directory")
+    parent = out_p.parent if str(out_p.parent) else Path(".")
+    if not parent.is_dir():
+        raise PaicError(f"cannot write {out_p}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PaicError(f"cannot write {out_p}: folder {parent} is not writable")
+    return out_p

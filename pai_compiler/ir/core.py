@@ -1,0 +1,380 @@
+"""The paic IR: a weighted-layer DAG of Nodes joined by Values, with prunable Params.
+
+A ``Graph`` owns its nodes in topological order. Every mutation goes through a ``Graph``
+method, which keeps use-lists consistent and bumps ``graph.version`` so cached analyses
+know they are stale. Masks live on ``Param`` (bool, same shape as the weight; ``None`` =
+dense), never as graph ops.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Union
+
+import numpy as np
+import sympy
+
+from pai_compiler.errors import VerificationError
+
+__all__ = ["OpKind", "Dim", "Param", "Value", "Node", "Graph", "WEIGHTED_KINDS"]
+
+Dim = Union[int, sympy.Expr]
+
+
+class OpKind(StrEnum):
+    """The closed set of operator kinds the analyses understand (plus ``opaque``)."""
+
+    INPUT = "input"
+    OUTPUT = "output"
+    CONSTANT = "constant"  # a data constant used as an operand (class token, positions)
+    CONV = "conv"
+    LINEAR = "linear"  # activation x constant weight, over the last axis
+    MATMUL = "matmul"  # two activations (attention Q.K^T, A.V)
+    ADD = "add"  # two or more activations summed (residual); attrs["op"] in add/sub
+    MUL = "mul"  # two activations multiplied (gating)
+    CONCAT = "concat"
+    SPLIT = "split"
+    NORM = "norm"
+    POINTWISE = "pointwise"  # unary, shape-preserving up to broadcasting with a constant
+    POOL = "pool"
+    SOFTMAX = "softmax"
+    RESHAPE = "reshape"  # pure data movement: reshape, flatten, transpose, slice, gather...
+    ATTENTION = "attention"  # a fused multi-head attention (torch frontends)
+    OPAQUE = "opaque"
+
+
+WEIGHTED_KINDS = frozenset({OpKind.CONV, OpKind.LINEAR, OpKind.ATTENTION})
+
+
+@dataclass(eq=False)
+class Param:
+    """A weight tensor. ``out_axis``/``in_axis`` say which axes are output/input channels."""
+
+    name: str
+    data: np.ndarray
+    prunable: bool = False
+    out_axis: int = 0
+    in_axis: int | None = 1
+    origin: str = ""
+    _mask: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        return self._mask
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.data.shape)
+
+    @property
+    def numel(self) -> int:
+        return int(self.data.size)
+
+    def kept(self) -> int:
+        """Number of weights the mask keeps (all of them when dense)."""
+        return self.numel if self._mask is None else int(np.count_nonzero(self._mask))
+
+    def mask_or_ones(self) -> np.ndarray:
+        return np.ones(self.data.shape, dtype=bool) if self._mask is None else self._mask
+
+    def to_oi(self, array: np.ndarray) -> np.ndarray:
+        """View ``array`` (weight-shaped) with axes ordered (out, in, rest...)."""
+        axes = [self.out_axis]
+        if self.in_axis is not None:
+            axes.append(self.in_axis)
+        rest = [a for a in range(array.ndim) if a not in axes]
+        return np.transpose(array, axes + rest)
+
+    def from_oi(self, array: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_oi`."""
+        axes = [self.out_axis] + ([self.in_axis] if self.in_axis is not None else [])
+        order = axes + [a for a in range(array.ndim) if a not in axes]
+        return np.transpose(array, np.argsort(order))
+
+
+@dataclass(eq=False)
+class Value:
+    """An SSA edge: produced by one node, used by any number of nodes."""
+
+    name: str
+    shape: tuple[Dim, ...] | None
+    dtype: str = "float32"
+    producer: Node | None = field(default=None, repr=False)
+    uses: list[Node] = field(default_factory=list, repr=False)
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.shape is None else len(self.shape)
+
+
+@dataclass(eq=False)
+class Node:
+    """An operation. Construct through :meth:`Graph.add_node`, never directly."""
+
+    kind: OpKind
+    name: str
+    inputs: tuple[Value, ...]
+    outputs: tuple[Value, ...]
+    params: dict[str, Param] = field(default_factory=dict)
+    attrs: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""
+
+    @property
+    def weight(self) -> Param | None:
+        return self.params.get("weight")
+
+    def __repr__(self) -> str:  # short: nodes are linked in both directions
+        return f"Node({self.kind.value} {self.name!r})"
+
+
+class Graph:
+    """A DAG of nodes in topological order. All mutation goes through its methods."""
+
+    def __init__(self, name: str = "graph") -> None:
+        self.name = name
+        self.version = 0
+        self.meta: dict[str, Any] = {"warnings": []}
+        self._nodes: list[Node] = []
+        self._values: dict[str, Value] = {}
+        self._node_names: set[str] = set()
+
+    # ---- reading -----------------------------------------------------------------------
+    @property
+    def nodes(self) -> tuple[Node, ...]:
+        return tuple(self._nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(tuple(self._nodes))
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    @property
+    def inputs(self) -> list[Value]:
+        return [n.outputs[0] for n in self._nodes if n.kind is OpKind.INPUT]
+
+    @property
+    def outputs(self) -> list[Value]:
+        return [n.inputs[0] for n in self._nodes if n.kind is OpKind.OUTPUT]
+
+    def value(self, name: str) -> Value:
+        return self._values[name]
+
+    def node(self, name: str) -> Node:
+        for n in self._nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def params(self) -> list[Param]:
+        """Every distinct Param (a weight shared by two nodes appears once), in graph order."""
+        seen: dict[int, Param] = {}
+        for n in self._nodes:
+            for p in n.params.values():
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def prunable_params(self) -> list[Param]:
+        return [p for p in self.params() if p.prunable]
+
+    def weighted_nodes(self) -> list[Node]:
+        """Nodes holding at least one prunable Param (conv, linear, attention), in order."""
+        return [n for n in self._nodes if any(p.prunable for p in n.params.values())]
+
+    def param_users(self, param: Param) -> list[Node]:
+        return [n for n in self._nodes if any(p is param for p in n.params.values())]
+
+    def fresh_name(self, base: str) -> str:
+        name, i = base, 1
+        while name in self._values or name in self._node_names:
+            name, i = f"{base}_{i}", i + 1
+        return name
+
+    # ---- mutation ----------------------------------------------------------------------
+    def _bump(self) -> None:
+        self.version += 1
+
+    def add_node(
+        self,
+        kind: OpKind,
+        name: str,
+        inputs: Iterable[Value] = (),
+        outputs: Iterable[tuple[str, tuple[Dim, ...] | None, str]] = (),
+        *,
+        params: Mapping[str, Param] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        origin: str = "",
+        before: Node | None = None,
+    ) -> Node:
+        """Create a node; ``outputs`` are (name, shape, dtype). Appended unless ``before``."""
+        if name in self._node_names:
+            raise VerificationError(f"duplicate node name {name!r}")
+        ins = tuple(inputs)
+        for v in ins:
+            if self._values.get(v.name) is not v:
+                raise VerificationError(f"node {name!r}: input {v.name!r} is not in the graph")
+        outs = []
+        for out_name, shape, dtype in outputs:
+            if out_name in self._values:
+                raise VerificationError(f"node {name!r}: value name {out_name!r} already exists")
+            outs.append(Value(out_name, None if shape is None else tuple(shape), dtype))
+        node = Node(OpKind(kind), name, ins, tuple(outs), dict(params or {}), dict(attrs or {}), origin)
+        for v in outs:
+            v.producer = node
+            self._values[v.name] = v
+        for v in ins:
+            v.uses.append(node)
+        if before is None:
+            self._nodes.append(node)
+        else:
+            self._nodes.insert(self._nodes.index(before), node)
+        self._node_names.add(name)
+        self._bump()
+        return node
+
+    def remove_node(self, node: Node) -> None:
+        """Remove a node whose outputs have no uses."""
+        for v in node.outputs:
+            if v.uses:
+                raise VerificationError(f"cannot remove {node.name!r}: {v.name!r} is still used")
+        for v in node.inputs:
+            v.uses.remove(node)
+        for v in node.outputs:
+            del self._values[v.name]
+        self._nodes.remove(node)
+        self._node_names.discard(node.name)
+        self._bump()
+
+    def set_input(self, node: Node, index: int, value: Value) -> None:
+        old = node.inputs[index]
+        old.uses.remove(node)
+        node.inputs = node.inputs[:index] + (value,) + node.inputs[index + 1 :]
+        value.uses.append(node)
+        self._bump()
+        producer = value.producer
+        if producer is not None and self._nodes.index(producer) > self._nodes.index(node):
+            self.sort_topologically()  # keep the topological-order invariant (raises on a cycle)
+
+    def replace_all_uses(self, old: Value, new: Value) -> None:
+        for user in list(old.uses):
+            for i, v in enumerate(user.inputs):
+                if v is old:
+                    self.set_input(user, i, new)
+
+    def set_attr(self, node: Node, key: str, value: Any) -> None:
+        node.attrs[key] = value
+        self._bump()
+
+    def set_shape(self, value: Value, shape: tuple[Dim, ...] | None) -> None:
+        value.shape = None if shape is None else tuple(shape)
+        self._bump()
+
+    def set_mask(self, param: Param, mask: np.ndarray | None) -> None:
+        """Attach a bool mask (same shape as the weight); ``None`` makes the param dense."""
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != param.data.shape:
+                raise VerificationError(
+                    f"mask for {param.name!r} has shape {mask.shape}, weight has {param.data.shape}"
+                )
+            mask = mask.astype(bool, copy=True)
+        param._mask = mask
+        self._bump()
+
+    def set_param_data(self, param: Param, data: np.ndarray) -> None:
+        if param._mask is not None and data.shape != param._mask.shape:
+            raise VerificationError(f"new data for {param.name!r} does not match its mask shape")
+        param.data = data
+        self._bump()
+
+    def set_allocation(self, keep: Mapping[str, int], source: str) -> None:
+        """Record per-layer keep counts (param name -> kept weights) from an allocation pass."""
+        self.meta["allocation"] = dict(keep)
+        self.meta["allocation_source"] = source
+        self._bump()
+
+    def set_prunable(self, param: Param, prunable: bool) -> None:
+        param.prunable = prunable
+        if not prunable:
+            param._mask = None
+        self._bump()
+
+    def sort_topologically(self) -> None:
+        """Reorder nodes topologically (stable: keeps the current order where it is valid)."""
+        order: list[Node] = []
+        placed: set[int] = set()
+        pending = list(self._nodes)
+        while pending:
+            rest = []
+            progress = False
+            for n in pending:
+                if all(v.producer is None or id(v.producer) in placed for v in n.inputs):
+                    order.append(n)
+                    placed.add(id(n))
+                    progress = True
+                else:
+                    rest.append(n)
+            if not progress:
+                raise VerificationError(f"graph has a cycle through {rest[0].name!r}")
+            pending = rest
+        self._nodes = order
+        self._bump()
+
+    # ---- invariants --------------------------------------------------------------------
+    def verify(self) -> None:
+        """Check the invariants; raise VerificationError naming the first broken one."""
+        produced: set[int] = set()
+        names: set[str] = set()
+        for n in self._nodes:
+            if n.name in names:
+                raise VerificationError(f"duplicate node name {n.name!r}")
+            names.add(n.name)
+            for i, v in enumerate(n.inputs):
+                if self._values.get(v.name) is not v:
+                    raise VerificationError(f"{n.name!r} input {i} ({v.name!r}) is not in the graph")
+                if id(v) not in produced:
+                    raise VerificationError(f"{n.name!r} uses {v.name!r} before it is produced")
+                if n not in v.uses:
+                    raise VerificationError(f"use-list of {v.name!r} misses {n.name!r}")
+            for v in n.outputs:
+                if v.producer is not n:
+                    raise VerificationError(f"{v.name!r} does not point back to its producer {n.name!r}")
+                produced.add(id(v))
+            if n.kind is OpKind.INPUT and n.inputs:
+                raise VerificationError(f"input node {n.name!r} has inputs")
+            if n.kind is OpKind.OUTPUT and (len(n.inputs) != 1 or n.outputs):
+                raise VerificationError(f"output node {n.name!r} must have one input and no outputs")
+            self._verify_params(n)
+        for v in self._values.values():
+            if v.producer is None or v.producer not in self._nodes:
+                raise VerificationError(f"value {v.name!r} has no producer in the graph")
+            for u in v.uses:
+                if v not in u.inputs:
+                    raise VerificationError(f"use-list of {v.name!r} names {u.name!r}, which does not use it")
+        if not any(n.kind is OpKind.OUTPUT for n in self._nodes):
+            raise VerificationError("graph has no output")
+
+    @staticmethod
+    def _verify_params(n: Node) -> None:
+        for key, p in n.params.items():
+            if p.mask is not None and (p.mask.shape != p.data.shape or p.mask.dtype != np.bool_):
+                raise VerificationError(f"{n.name!r}.{key}: mask must be bool with the weight's shape")
+            if p.prunable and p.in_axis is not None and p.in_axis == p.out_axis:
+                raise VerificationError(f"{n.name!r}.{key}: in_axis equals out_axis")
+        w = n.params.get("weight")
+        if n.kind is OpKind.CONV and w is not None:
+            groups = int(n.attrs.get("groups", 1))
+            if w.data.ndim < 3:
+                raise VerificationError(f"conv {n.name!r}: weight rank {w.data.ndim} < 3")
+            if w.shape[0] % groups:
+                raise VerificationError(f"conv {n.name!r}: {w.shape[0]} output channels not divisible by groups={groups}")
+
+    # ---- copying -----------------------------------------------------------------------
+    def clone(self) -> Graph:
+        """A deep copy: masks and attributes are copied; weight arrays are shared read-only."""
+        memo: dict[int, Any] = {}
+        for p in self.params():
+            memo[id(p.data)] = p.data  # share the (large) weight arrays
+        return copy.deepcopy(self, memo)

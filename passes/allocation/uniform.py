@@ -1,0 +1,31 @@
+"""Uniform allocation: every prunable layer gets the same sparsity s, keep = n - floor(s*n)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from pai_compiler.errors import UsageError
+from pai_compiler.ir import Graph
+from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
+from pai_compiler.passes.allocation._base import check_sparsity, record_allocation
+
+__all__ = ["UniformPass"]
+
+
+@dataclass(frozen=True)
+class UniformPass(TransformPass):
+    """Allocate the same density to every prunable layer."""
+
+    name: ClassVar[str] = "uniform"
+    sparsity: float | None = None
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity, self.name)
+
+    def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
+        params = graph.prunable_params()
+        if not params:
+            raise UsageError("uniform: the model has no prunable (conv/linear) weights")
+        density = 1.0 - float(self.sparsity)  # type: ignore[arg-type]
+        record_allocation(graph, {p.name: density for p in params}, params, self.spec())
+        return PassResult(modified=True, preserved="all")
