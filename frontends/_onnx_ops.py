@@ -83,6 +83,8 @@ def _conv(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]
     w = ins[1]
     if not isinstance(w, Const) or w.symbolic:
         return _opaque(imp, node, label, ins, attrs, reason="Conv with a non-constant weight")
+    if w.array.ndim < 3:
+        raise ModelError(f"Conv weight {w.origin or ''!r} has rank {w.array.ndim}; expected (out, in/groups, *kernel)")
     kshape = [int(d) for d in w.array.shape[2:]]
     n = len(kshape)
     strides = list(attrs.get("strides", [1] * n))
@@ -432,6 +434,8 @@ def _split(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any
     axis = int(attrs.get("axis", 0)) % len(x.shape)
     sizes = attrs.get("split")
     if len(ins) > 1 and ins[1] is not None:
+        if not isinstance(ins[1], Const) or ins[1].symbolic:
+            return _opaque(imp, node, label, ins, attrs, reason="Split with dynamic sizes")
         sizes = [int(v) for v in ins[1].array.reshape(-1)]
     total = x.shape[axis]
     if sizes is None:

@@ -17,12 +17,12 @@ import numpy as np
 import sympy
 
 from pai_compiler.frontends._onnx_static import Const, concretize, eval_static
-from pai_compiler.errors import ModelError
+from pai_compiler.errors import ModelError, PaicError
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
 
 __all__ = ["load_onnx_model", "import_onnx", "read_onnx"]
 
-KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview.training"}
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview", "ai.onnx.preview.training"}
 
 
 def read_onnx(path: str | os.PathLike[str]) -> Any:
@@ -47,8 +47,9 @@ def read_onnx(path: str | os.PathLike[str]) -> Any:
 
         if any(uses_external_data(t) for t in model.graph.initializer):
             load_external_data_for_model(model, str(p.parent))
-    except (FileNotFoundError, OSError) as exc:
-        raise ModelError(f"{p}: missing external data ({exc.strerror or exc}: {getattr(exc, 'filename', '')})") from None
+    except Exception as exc:  # FileNotFoundError, onnx ValidationError for a missing/odd data file
+        detail = " ".join(str(getattr(exc, "strerror", None) or exc).split())[:200]
+        raise ModelError(f"{p}: missing external data ({detail})") from None
     return model
 
 
@@ -171,7 +172,7 @@ class _Importer:
         if const.origin is None or const.symbolic:
             data = np.asarray(const.array)
             if data.dtype == object:
-                raise ModelError(f"weight {key!r} is not a numeric constant")
+                raise ModelError("a shape-dependent (symbolic) value is used as tensor data, which paic does not support")
             return Param(self.graph.fresh_name(key), data, prunable=False, out_axis=out_axis, in_axis=in_axis, origin="")
         perm = const.perm or tuple(range(const.array.ndim))
         # axes of the stored tensor that become the operand's out/in axes
@@ -246,7 +247,16 @@ class _Importer:
                 raise ModelError(f"node {node.name or node.op_type!r} ({node.op_type}): unknown operator domain {node.domain!r}")
             if node.domain == "" and node.op_type in ("If", "Loop", "Scan") :
                 self.warnings.append(f"control flow node {node.name!r} ({node.op_type}) is opaque")
-            self._visit(node, index, lower_node)
+            label = node.name or f"{node.op_type}_{index}"
+            try:
+                self._visit(node, index, lower_node)
+            except PaicError as exc:
+                if str(exc).startswith("node "):
+                    raise
+                raise ModelError(f"node {label!r} ({node.op_type}): {exc}") from exc
+            except Exception as exc:  # a construct we do not handle: name the node and op
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                raise ModelError(f"node {label!r} ({node.op_type}): cannot be lowered: {detail}") from exc
         for out in g.output:
             x = self.env.get(out.name)
             if x is None:

@@ -18,7 +18,7 @@ from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, Instrument, PassManager, PassRecord, RunContext
 from pai_compiler.pipeline import format_pipeline, parse_pipeline
 
-__all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "save_model"]
+__all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "save_model", "compact_graph", "save_compact"]
 
 DEFAULT_METHOD = "magnitude"
 ALLOCATIONS = ("erk", "uniform", "global")
@@ -118,7 +118,9 @@ def optimize(
     graph = model if isinstance(model, Graph) else load_model(model)
     excluded = apply_exclude(graph, exclude)
     if not graph.prunable_params():
-        raise UsageError("the model has no prunable (conv/linear) weights left")
+        graph.meta["warnings"].append("the model has no prunable (conv/linear) weights: nothing to prune, written unchanged")
+        graph.meta["pipeline"] = spec
+        return OptimizeResult(graph, spec, [], excluded)
     context = RunContext(seed=seed, device=device, progress=progress, data=data)
     am = AnalysisManager(graph, context)
     records = PassManager(parse_pipeline(spec), instruments=instruments).run(graph, am)
@@ -146,5 +148,32 @@ def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str 
         from pai_compiler.backends.torch_backend import write_pt  # type: ignore[import-not-found]
 
         write_pt(result, source, out)
+        return
+    raise UsageError(f"unknown output format {suffix or '(none)'!r} for {out}: use .onnx or .pt")
+
+
+def compact_graph(graph: Graph, *, instruments: Sequence[Instrument] = ()) -> list[PassRecord]:
+    """Run ``dead-node-elim`` on ``graph`` in place: dead channels removed, function unchanged."""
+    from pai_compiler.passes.transform.dead_node_elim import DeadNodeElimPass
+
+    return PassManager([DeadNodeElimPass()], instruments=instruments).run(graph)
+
+
+def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], *, pipeline: str = "") -> None:
+    """Write a compacted graph: .onnx rewrites the source ONNX model, .pt saves a torch CompactModule."""
+    suffix = Path(out).suffix.lower()
+    if suffix == ".onnx":
+        from pai_compiler.backends.onnx_compact import write_compact_onnx
+
+        write_compact_onnx(graph, source, out, pipeline=pipeline)
+        return
+    if suffix in (".pt", ".pth"):
+        import torch
+
+        from pai_compiler.backends.torch_compact import compact_module
+        from pai_compiler.io import atomic_write
+
+        with atomic_write(out) as tmp:
+            torch.save(compact_module(graph), str(tmp))
         return
     raise UsageError(f"unknown output format {suffix or '(none)'!r} for {out}: use .onnx or .pt")

@@ -52,17 +52,29 @@ def guard(debug: bool) -> Iterator[None]:
     except PaicError as exc:
         if debug:
             raise
+        from rich.markup import escape
+
         message = " ".join(str(exc).split())
-        _stderr_console().print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+        _stderr_console().print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
         raise typer.Exit(code=exc.exit_code) from None
+    except OSError as exc:  # disk full, permission denied...: the user's environment, not a bug
+        if debug:
+            raise
+        from rich.markup import escape
+
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        _stderr_console().print(f"[bold red]error:[/] {escape(exc.strerror or str(exc))}{escape(where)}")
+        raise typer.Exit(code=1) from None
     except KeyboardInterrupt:
         _stderr_console().print("interrupted")
         raise typer.Exit(code=130) from None
     except Exception as exc:
         if debug:
             raise
+        from rich.markup import escape
+
         message = " ".join(f"{type(exc).__name__}: {exc}".split())
-        _stderr_console().print(f"[bold red]internal error:[/] {message} (rerun with --debug for a traceback)")
+        _stderr_console().print(f"[bold red]internal error:[/] {escape(message)} (rerun with --debug for a traceback)")
         raise typer.Exit(code=1) from None
 
 
@@ -107,7 +119,10 @@ def optimize(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     data: Annotated[Optional[str], typer.Option("--data", help="Prune data for snip/grasp: an .npz with x_train/y_train (e.g. cifar10.npz), or 'random'.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Samples per class taken from --data.")] = 10,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape of a PyTorch model, batch first, e.g. 2,3,32,32.")] = None,
+    frontend: Annotated[str, typer.Option("--frontend", help="PyTorch frontend: fx (torch.fx) or export (torch.export).")] = "fx",
     report: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report here.")] = None,
+    compact: Annotated[bool, typer.Option("--compact", help="Remove dead channels (dead-node-elim) and write the smaller model instead of the masked one.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
     print_ir_after_all: Annotated[bool, typer.Option("--print-ir-after-all", help="Print the IR after every pass (stderr).")] = False,
     timing: Annotated[bool, typer.Option("--timing", help="Print per-pass timings.")] = False,
@@ -126,7 +141,7 @@ def optimize(
         is_file = Path(model).exists() or ":" not in model
         out = check_output_path(output, [model] if is_file else [], force=force)
         console = _stdout_console()
-        graph = api.load_model(model)
+        graph = api.load_model(model, **_torch_options(input_shape, frontend))
         batch = None
         if data is not None:
             from pai_compiler.data import load_batch_for
@@ -144,8 +159,16 @@ def optimize(
             data=batch, progress=not quiet and sys.stderr.isatty(), instruments=instruments,
         )
         after = _totals(result.graph)
-        api.save_model(result, model, out)
+        compact_doc = None
+        if compact:
+            api.compact_graph(result.graph, instruments=instruments)
+            compact_doc = _compact_summary(after, result.graph)
+            api.save_compact(result.graph, model, out, pipeline=result.pipeline)
+        else:
+            api.save_model(result, model, out)
         doc = _report(result, before, after, model, str(out))
+        if compact_doc is not None:
+            doc["compact"] = compact_doc
         if report:
             from pai_compiler.io import atomic_write
 
@@ -153,6 +176,50 @@ def optimize(
                 tmp.write_text(json.dumps(doc, indent=2) + "\n")
         if not quiet:
             _render_optimize(console, result, before, after, str(out), timer.timings if timing else [])
+            if compact_doc is not None:
+                _render_compact(console, compact_doc, str(out), layers=False)
+
+
+def _torch_options(input_shape: Optional[str], frontend: str) -> dict[str, Any]:
+    """load_model options for a file.py:attr spec (an ONNX file ignores them)."""
+    from pai_compiler.errors import UsageError
+
+    if frontend not in ("fx", "export"):
+        raise UsageError(f"--frontend must be fx or export, got {frontend!r}")
+    return {"input_shape": input_shape, "frontend": frontend}
+
+
+def _compact_summary(masked: dict[str, Any], graph: Any) -> dict[str, Any]:
+    """MACs dense -> nonzero -> compact and parameters before/after dead-node elimination."""
+    after = _totals(graph)
+    record = graph.meta.get("compact", {})
+    return {
+        "params_before": masked["params"], "nonzero_params_before": masked["nonzero_params"],
+        "params_after": after["params"], "nonzero_params_after": after["nonzero_params"],
+        "macs_dense": masked.get("macs_dense"), "macs_nonzero": masked.get("macs_nonzero"),
+        "macs_effective": masked.get("macs_effective"), "macs_compact": after.get("macs_dense"),
+        "macs_compact_nonzero": after.get("macs_nonzero"),
+        "layers": [{"name": name, **row} for name, row in record.get("layers", {}).items()],
+        "folds": record.get("folds", []), "kept_dead_channels": record.get("kept_dead_channels", {}),
+    }
+
+
+def _render_compact(console: Any, doc: dict[str, Any], out: str, *, layers: bool = True) -> None:
+    from rich.table import Table
+
+    if layers and doc["layers"]:
+        table = Table(title="paic compact — channels per layer (out, in)", title_justify="left")
+        for col in ("layer", "op", "out", "in", "shape"):
+            table.add_column(col, justify="left" if col in ("layer", "op") else "right")
+        for row in doc["layers"]:
+            pair = lambda key: f"{row[key][0]} → {row[key][1]}" if key in row else "-"  # noqa: E731
+            table.add_row(row["name"], row["op"], pair("out"), pair("in"), "×".join(map(str, row.get("shape_after", row["shape_before"]))))
+        console.print(table)
+    console.print(f"MACs: dense {_fmt(doc['macs_dense'])} → nonzero {_fmt(doc['macs_nonzero'])} → compact {_fmt(doc['macs_compact'])} "
+                  f"(compact nonzero {_fmt(doc['macs_compact_nonzero'])}, effective {_fmt(doc['macs_effective'])})")
+    console.print(f"parameters: {_fmt(doc['params_before'])} → compact {_fmt(doc['params_after'])} "
+                  f"(nonzero {_fmt(doc['nonzero_params_before'])} → {_fmt(doc['nonzero_params_after'])}); "
+                  f"{len(doc['folds'])} constant fold(s) -> wrote compact model {out}")
 
 
 def _totals(graph: Any) -> dict[str, Any]:
@@ -235,6 +302,8 @@ def audit(
     bind: Annotated[Optional[str], typer.Option("--bind", help="Bind symbolic dims for the MAC counts, e.g. batch=32,seq=197 (unbound: 1).")] = None,
     plot: Annotated[Optional[str], typer.Option("--plot", help="Write a PNG of per-layer density and effective nodes (needs matplotlib).")] = None,
     no_paths: Annotated[bool, typer.Option("--no-paths", help="Sparsity and MACs only: skip the path analysis (fast, no torch).")] = False,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape of a PyTorch model, batch first, e.g. 2,3,32,32.")] = None,
+    frontend: Annotated[str, typer.Option("--frontend", help="PyTorch frontend: fx (torch.fx) or export (torch.export).")] = "fx",
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Report sparsity, MACs (dense/nonzero/effective) and effective paths/nodes of MODEL."""
@@ -247,7 +316,7 @@ def audit(
         values = parse_bind(bind)
         is_file = Path(model).exists() or ":" not in model
         plot_path = check_output_path(plot, [model] if is_file else [], force=False) if plot else None
-        doc = audit_graph(api.load_model(model), bind=values, paths=not no_paths)
+        doc = audit_graph(api.load_model(model, **_torch_options(input_shape, frontend)), bind=values, paths=not no_paths)
         if plot_path is not None:
             plot_audit(doc, plot_path)
         if json_output:
@@ -257,13 +326,50 @@ def audit(
 
 
 @app.command()
+def compact(
+    model: Annotated[str, typer.Argument(help="A sparse ONNX model (zero weights are taken as pruned).")],
+    output: Annotated[str, typer.Option("-o", "--output", help="Output compact model (.onnx, or .pt for a torch module).")],
+    report: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report here.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Remove the dead channels of an already-sparse ONNX MODEL and write the compact model."""
+    with guard(debug):
+        from pai_compiler import api
+        from pai_compiler.audit import masks_from_zeros
+        from pai_compiler.errors import UsageError
+        from pai_compiler.io import check_output_path
+
+        out = check_output_path(output, [model], force=force)
+        graph = api.load_model(model)
+        if graph.meta.get("source_format") != "onnx":
+            raise UsageError("paic compact reads ONNX models; for PyTorch use `paic optimize --compact`")
+        masks_from_zeros(graph)
+        masked = _totals(graph)
+        api.compact_graph(graph)
+        doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph),
+               "warnings": list(graph.meta.get("warnings", []))}
+        api.save_compact(graph, model, out)
+        if report:
+            from pai_compiler.io import atomic_write
+
+            with atomic_write(check_output_path(report, [model], force=force)) as tmp:
+                tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        if not quiet:
+            _render_compact(_stdout_console(), doc, str(out))
+
+
+@app.command()
 def passes(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """List the available passes with their kind and options."""
     with guard(debug):
+        from rich.markup import escape
         from rich.table import Table
 
+        from pai_compiler.errors import PaicError
         from pai_compiler.pipeline import pass_options
         from pai_compiler.registry import available_passes, get_pass_class
 
@@ -272,9 +378,13 @@ def passes(
         table.add_column("kind")
         table.add_column("options (default)")
         for name in available_passes():
-            cls = get_pass_class(name)
+            try:
+                cls = get_pass_class(name)
+            except PaicError as exc:  # one broken plugin must not hide the others
+                table.add_row(name, "[red]unavailable[/]", escape(str(exc)))
+                continue
             opts = ", ".join(f"{n}={d}" for n, _, d in pass_options(cls))
-            table.add_row(name, cls.kind, opts or "-")
+            table.add_row(name, cls.kind, escape(opts) or "-")
         _stdout_console().print(table)
 
 

@@ -65,7 +65,8 @@ class Interpreter:
         self.weights = dict(weights or {})
         self.pool = pool
         self.scaling = scaling
-        self.bind = dict(bind or {})
+        self.user_bind = dict(bind or {})
+        self.bind = dict(self.user_bind)
         self._const_cache: dict[int, torch.Tensor] = {}
         self.log_scale: torch.Tensor | float = 0.0  # of the last output (scaling != none)
         self.values: dict[str, torch.Tensor] = {}
@@ -118,6 +119,8 @@ class Interpreter:
 
     # ---- running -----------------------------------------------------------------------
     def _bind_inputs(self, inputs: list[torch.Tensor]) -> None:
+        """Bind symbolic input dims to this run's sizes (user bindings for other symbols stay)."""
+        self.bind = dict(self.user_bind)
         for v, t in zip(self.graph.inputs, inputs):
             if v.shape is None:
                 continue
@@ -158,7 +161,13 @@ class Interpreter:
             rule = (PATH_RULES if self.mode == "paths" else {}).get(node.kind) or RULES.get(node.kind)
             if rule is None:
                 raise PaicError(f"node {node.name!r} ({node.kind.value}{'/' + node.attrs.get('op_type', '') if node.kind is OpKind.OPAQUE else ''}): cannot be evaluated ({self.mode} mode)")
-            outs = rule(self, node, args)
+            try:
+                outs = rule(self, node, args)
+            except PaicError:
+                raise
+            except (RuntimeError, NotImplementedError, ValueError, TypeError, IndexError) as exc:
+                detail = " ".join(str(exc).split())[:200]
+                raise PaicError(f"node {node.name!r} ({node.kind.value}): cannot be evaluated in torch ({self.mode} mode): {detail}") from exc
             if "rule_log_scale" in self.__dict__:  # a rule that rescales inside a node (attention, dpai)
                 dpai_log = dpai_log + self.__dict__.pop("rule_log_scale")
             for v, t in zip(node.outputs, outs):

@@ -1,0 +1,173 @@
+"""SNIP criterion: score = |theta ⊙ dL/dtheta| / sum(|theta ⊙ dL/dtheta|), L = cross-entropy on the prune batch.
+
+As in Synaptic-Flow (``SNIP``): the gradient is taken at the (masked) initial weights, in eval
+mode (norms use their running statistics), summed over the prune batches (mean cross-entropy
+per batch of ``batch_size`` samples), and the scores are divided by their global sum. Already
+pruned weights count as zero, so their score is 0. The batch comes from ``--data FILE.npz``
+(``am.context.data``, see :mod:`pai_compiler.data`); without it the pass refuses. All tensor
+work runs on ``--device`` (``am.context.device``).
+
+This module also holds the autograd plumbing that GraSP and SynFlow share: masked leaf
+tensors on ``--device`` and the checked prune batch.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import numpy as np
+
+from pai_compiler.errors import UsageError
+from pai_compiler.ir import Graph, Param, Value
+from pai_compiler.pass_infra import AnalysisManager
+from pai_compiler.passes.criteria._base import CriterionPass
+
+if TYPE_CHECKING:
+    import torch
+
+    from pai_compiler.interp import Interpreter
+
+__all__ = [
+    "SnipPass", "Precision", "torch_device", "torch_dtype", "masked_leaves", "masked_weights",
+    "prune_batches", "model_io", "interpreter", "to_numpy_scores", "check_batch_size",
+]
+
+Precision = Literal["float32", "float64"]
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    import torch
+
+    return {"float32": torch.float32, "float64": torch.float64}[precision]
+
+
+def torch_device(am: AnalysisManager, owner: str) -> torch.device:
+    """The run's ``--device`` as a torch device; a clear error when CUDA is asked for but absent."""
+    import torch
+
+    try:
+        device = torch.device(am.context.device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"{owner}: bad --device {am.context.device!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{owner}: device cuda requested but torch sees no CUDA device")
+    return device
+
+
+def masked_leaves(
+    params: list[Param], dtype: torch.dtype, device: torch.device, *, absolute: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None]]:
+    """Leaves theta0 = theta ⊙ m (|theta| ⊙ m with ``absolute``), requiring grad, and the masks."""
+    import torch
+
+    leaves: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor | None] = {}
+    for p in params:
+        data = torch.as_tensor(np.array(p.data, dtype=np.float64 if dtype == torch.float64 else np.float32), device=device)
+        if absolute:
+            data = data.abs()
+        mask = None if p.mask is None else torch.as_tensor(p.mask, device=device).to(dtype)
+        leaves[p.name] = (data if mask is None else data * mask).to(dtype).requires_grad_(True)
+        masks[p.name] = mask
+    return leaves, masks
+
+
+def masked_weights(leaves: dict[str, torch.Tensor], masks: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """The Interpreter's weights theta0 ⊙ m, rebuilt for every forward (each graph is freed by its backward).
+
+    Multiplying by the mask again keeps dL/dtheta0 = m ⊙ dL/dW, as a masked layer's
+    ``weight * weight_mask`` forward does in the reference code (this matters for GraSP's
+    Hessian-gradient product on an already-masked graph).
+    """
+    return {name: leaf if masks[name] is None else leaf * masks[name] for name, leaf in leaves.items()}
+
+
+def model_io(graph: Graph, owner: str) -> tuple[Value, Value]:
+    """The single float input and the first output of the model, checked for a classifier."""
+    inputs = graph.inputs
+    if len(inputs) != 1:
+        raise UsageError(f"{owner}: needs a model with one input, this one has {len(inputs)}")
+    if not inputs[0].dtype.startswith("float"):
+        raise UsageError(f"{owner}: the model input {inputs[0].name!r} is {inputs[0].dtype}; a float image/feature input is needed")
+    output = graph.outputs[0]
+    if output.shape is not None and len(output.shape) != 2:
+        raise UsageError(f"{owner}: the first output {output.name!r} has rank {len(output.shape)}; cross-entropy needs (batch, classes) logits")
+    return inputs[0], output
+
+
+def prune_batches(graph: Graph, am: AnalysisManager, owner: str, batch_size: int, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) chunks of the run's prune batch on ``am.context.device``; refuse without data."""
+    import torch
+
+    batch: Any = am.context.data
+    if batch is None:
+        raise UsageError(f"{owner} is data-driven: pass --data FILE.npz (x_train/y_train, e.g. ../shared/data/cifar10.npz) or --data random")
+    x_value, out_value = model_io(graph, owner)
+    x, y = np.asarray(batch.x), np.asarray(batch.y)
+    if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
+        raise UsageError(f"{owner}: the prune batch holds {x.shape[0]} inputs and {y.shape[0]} labels; need a non-empty, matching pair")
+    want = x_value.shape or ()
+    for axis, (have, dim) in enumerate(zip(x.shape[1:], want[1:]), start=1):
+        if isinstance(dim, int) and have != dim:
+            raise UsageError(f"{owner}: data samples have shape {tuple(x.shape[1:])}, the model input {x_value.name!r} is {tuple(want[1:])} (axis {axis})")
+    if x.ndim != len(want) and want:
+        raise UsageError(f"{owner}: data samples have shape {tuple(x.shape[1:])}, the model input {x_value.name!r} has rank {len(want)}")
+    classes = out_value.shape[-1] if out_value.shape else None
+    if isinstance(classes, int) and y.size and (int(y.min()) < 0 or int(y.max()) >= classes):
+        raise UsageError(f"{owner}: labels run {int(y.min())}..{int(y.max())}, the model has {classes} outputs")
+    device = torch_device(am, owner)
+    for start in range(0, x.shape[0], batch_size):
+        xb = torch.as_tensor(x[start : start + batch_size], device=device).to(dtype)
+        yb = torch.as_tensor(y[start : start + batch_size], device=device).long()
+        yield xb, yb
+
+
+def interpreter(graph: Graph, am: AnalysisManager, dtype: torch.dtype) -> Interpreter:
+    """A real-mode Interpreter on ``--device``; set ``.weights`` before its run (one batch size per instance)."""
+    from pai_compiler.interp import Interpreter
+
+    return Interpreter(graph, mode="real", dtype=dtype, device=torch_device(am, "interpreter"), bind=am.context.extra.get("bind"))
+
+
+def to_numpy_scores(scores: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Scores on the host as float64 arrays, for the exact top-k of the criterion base."""
+    return {name: t.detach().double().cpu().numpy() for name, t in scores.items()}
+
+
+def check_batch_size(batch_size: int, owner: str) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UsageError(f"{owner}: batch_size must be a positive integer, got {batch_size!r}")
+
+
+@dataclass(frozen=True)
+class SnipPass(CriterionPass):
+    """Keep the weights whose removal changes the loss most (|theta ⊙ dL/dtheta|)."""
+
+    name: ClassVar[str] = "snip"
+    batch_size: int = 256
+    precision: Precision = "float32"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_batch_size(self.batch_size, self.name)
+        if self.precision not in ("float32", "float64"):
+            raise UsageError(f"{self.name}: precision must be float32 or float64, got {self.precision!r}")
+
+    def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> dict[str, np.ndarray]:
+        import torch
+        import torch.nn.functional as F
+
+        dtype = torch_dtype(self.precision)
+        batches = list(prune_batches(graph, am, self.name, self.batch_size, dtype))
+        leaves, masks = masked_leaves(params, dtype, torch_device(am, self.name))
+        for x, y in batches:
+            it = interpreter(graph, am, dtype)  # fresh per chunk: the batch size binds symbolic dims
+            it.weights = masked_weights(leaves, masks)
+            logits = it.run([x])[0]
+            F.cross_entropy(logits, y).backward()
+        raw = {name: (leaf.grad * leaf.detach()).abs() if leaf.grad is not None else torch.zeros_like(leaf) for name, leaf in leaves.items()}
+        total = sum(t.sum() for t in raw.values())
+        if float(total) > 0:
+            raw = {name: t / total for name, t in raw.items()}
+        return to_numpy_scores(raw)
