@@ -123,6 +123,7 @@ def optimize(
     frontend: Annotated[str, typer.Option("--frontend", help="PyTorch frontend: fx (torch.fx) or export (torch.export).")] = "fx",
     report: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report here.")] = None,
     compact: Annotated[bool, typer.Option("--compact", help="Remove dead channels (dead-node-elim) and write the smaller model instead of the masked one.")] = False,
+    align: Annotated[int, typer.Option("--align", help="With --compact: keep layer widths multiples of N (faster ORT kernels; still exact).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
     print_ir_after_all: Annotated[bool, typer.Option("--print-ir-after-all", help="Print the IR after every pass (stderr).")] = False,
     timing: Annotated[bool, typer.Option("--timing", help="Print per-pass timings.")] = False,
@@ -160,8 +161,12 @@ def optimize(
         )
         after = _totals(result.graph)
         compact_doc = None
+        if align != 1 and not compact:
+            from pai_compiler.errors import UsageError
+
+            raise UsageError("--align applies with --compact only")
         if compact:
-            api.compact_graph(result.graph, instruments=instruments)
+            api.compact_graph(result.graph, align=align, instruments=instruments)
             compact_doc = _compact_summary(after, result.graph)
             api.save_compact(result.graph, model, out, pipeline=result.pipeline)
         else:
@@ -330,6 +335,7 @@ def compact(
     model: Annotated[str, typer.Argument(help="A sparse ONNX model (zero weights are taken as pruned).")],
     output: Annotated[str, typer.Option("-o", "--output", help="Output compact model (.onnx, or .pt for a torch module).")],
     report: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report here.")] = None,
+    align: Annotated[int, typer.Option("--align", help="Keep layer widths multiples of N (faster ORT kernels; still exact).")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
@@ -347,7 +353,7 @@ def compact(
             raise UsageError("paic compact reads ONNX models; for PyTorch use `paic optimize --compact`")
         masks_from_zeros(graph)
         masked = _totals(graph)
-        api.compact_graph(graph)
+        api.compact_graph(graph, align=align)
         doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph),
                "warnings": list(graph.meta.get("warnings", []))}
         api.save_compact(graph, model, out)

@@ -506,7 +506,8 @@ def _attention(it: Interpreter, node: Node, args: list[torch.Tensor], *, paths: 
     (``paths(QK^T) = Q@1 + 1@K^T``, ``paths(AV) = A@1 + 1@V``), softmax and the 1/sqrt(d)
     scale as identity, exactly as the decomposed ONNX graph counts them. With
     ``scaling="dpai"`` the input of ``out_proj`` is divided by its max too (as it is for the
-    separate out_proj linear of an ONNX graph) and the log goes into ``log_scale``.
+    separate out_proj linear of an ONNX graph) and the log goes into ``log_scale``. The input
+    of ``out_proj`` is left in ``it.inner_values["<node>/out_proj_input"]``.
     """
     a, p = node.attrs, node.params
     q_in, k_in, v_in = (args[i] for i in a.get("qkv", (0, 0, 0)))
@@ -545,9 +546,11 @@ def _attention(it: Interpreter, node: Node, args: list[torch.Tensor], *, paths: 
         kt = k.transpose(-2, -1)
         scores = torch.matmul(q, torch.ones_like(kt)) + torch.matmul(torch.ones_like(q), kt)
         o = torch.matmul(scores, torch.ones_like(v)) + torch.matmul(torch.ones_like(scores), v)
-    else:
-        o = F.scaled_dot_product_attention(q, k, v)
+    else:  # explicit softmax (not F.scaled_dot_product_attention): GraSP needs a double backward
+        scores = torch.matmul(q * (1.0 / math.sqrt(q.shape[-1])), k.transpose(-2, -1))
+        o = torch.matmul(torch.softmax(scores, dim=-1), v)
     o = o.transpose(1, 2).reshape(n, lq, -1)
+    it.__dict__.setdefault("inner_values", {})[f"{node.name}/out_proj_input"] = o  # for per-layer criteria (NPB)
     if paths and it.scaling == "dpai":
         m = o.max()
         if m > 0:

@@ -9,6 +9,7 @@ Ties at the boundary are broken towards the lower flat index, so masks are deter
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -19,14 +20,16 @@ from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.passes.allocation._base import check_sparsity, keep_count
 
-__all__ = ["CriterionPass", "topk_mask", "resolve_keep", "apply_scores", "warn_empty_layers"]
+__all__ = ["CriterionPass", "LazyScores", "topk_mask", "resolve_keep", "apply_scores", "warn_empty_layers"]
 
 Scope = Literal["global", "layer"]
 
 
 def topk_mask(scores: np.ndarray, k: int) -> np.ndarray:
     """Bool mask of the ``k`` largest entries of flat ``scores``; ties go to lower indices."""
-    flat = np.asarray(scores, dtype=np.float64).reshape(-1)
+    flat = np.asarray(scores).reshape(-1)
+    if not np.issubdtype(flat.dtype, np.floating):
+        flat = flat.astype(np.float64)
     n = flat.size
     mask = np.zeros(n, dtype=bool)
     if k <= 0:
@@ -34,7 +37,8 @@ def topk_mask(scores: np.ndarray, k: int) -> np.ndarray:
     if k >= n:
         mask[:] = True
         return mask
-    flat = np.where(np.isnan(flat), -np.inf, flat)
+    if np.isnan(flat).any():
+        flat = np.where(np.isnan(flat), -np.inf, flat)
     threshold = np.partition(flat, n - k)[n - k]
     above = flat > threshold
     mask |= above
@@ -66,13 +70,17 @@ def resolve_keep(graph: Graph, params: list[Param], sparsity: float | None, scop
     return int(sum(allocation.get(p.name, p.numel) for p in params))
 
 
-def apply_scores(graph: Graph, params: list[Param], scores: dict[str, np.ndarray], keep: dict[str, int] | int) -> None:
-    """Set masks from scores: per layer (dict) or global (int)."""
+def apply_scores(graph: Graph, params: list[Param], scores: Mapping[str, np.ndarray], keep: dict[str, int] | int) -> None:
+    """Set masks from scores: per layer (dict) or global (int).
+
+    ``scores`` may be a lazy mapping (see ``LazyScores``): per layer, each layer's scores are
+    then computed, used and dropped one at a time, so memory stays near one layer's size.
+    """
     if isinstance(keep, dict):
         for p in params:
             graph.set_mask(p, topk_mask(scores[p.name], keep[p.name]).reshape(p.shape))
         return
-    flat = np.concatenate([np.asarray(scores[p.name], dtype=np.float64).reshape(-1) for p in params])
+    flat = np.concatenate([np.asarray(scores[p.name]).reshape(-1) for p in params])
     mask = topk_mask(flat, keep)
     offset = 0
     for p in params:
@@ -85,6 +93,23 @@ def warn_empty_layers(graph: Graph, params: list[Param], owner: str) -> None:
     empty = [p.name for p in params if p.mask is not None and not p.mask.any()]
     if empty:
         graph.meta["warnings"].append(f"{owner}: {len(empty)} layer(s) keep no weight and cut the network: {', '.join(empty)}")
+
+
+class LazyScores(Mapping[str, np.ndarray]):
+    """Scores computed on access (never cached): ``fn(param) -> ndarray``."""
+
+    def __init__(self, params: list[Param], fn: Callable[[Param], np.ndarray]) -> None:
+        self._params = {p.name: p for p in params}
+        self._fn = fn
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._fn(self._params[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
 
 
 @dataclass(frozen=True)
@@ -102,7 +127,7 @@ class CriterionPass(TransformPass):
             raise UsageError(f"{self.name}: scope must be 'global' or 'layer', got {self.scope!r}")
 
     @abstractmethod
-    def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> dict[str, np.ndarray]:
+    def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> Mapping[str, np.ndarray]:
         """Score per prunable weight (same shape as the weight); higher means keep."""
 
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:

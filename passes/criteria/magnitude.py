@@ -4,6 +4,7 @@ Already pruned weights score 0, as in the reference code, which zeroes pruned we
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,7 +12,7 @@ import numpy as np
 
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager
-from pai_compiler.passes.criteria._base import CriterionPass
+from pai_compiler.passes.criteria._base import CriterionPass, LazyScores
 
 __all__ = ["MagnitudePass"]
 
@@ -22,5 +23,15 @@ class MagnitudePass(CriterionPass):
 
     name: ClassVar[str] = "magnitude"
 
-    def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> dict[str, np.ndarray]:
-        return {p.name: np.abs(np.asarray(p.data, dtype=np.float64)) * p.mask_or_ones() for p in params}
+    def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> Mapping[str, np.ndarray]:
+        return LazyScores(params, _magnitude)
+
+
+def _magnitude(p: Param) -> np.ndarray:
+    """|theta|, zero where an earlier pass already pruned (so pruned weights stay pruned)."""
+    score = np.abs(np.asarray(p.data))
+    if not np.issubdtype(score.dtype, np.floating):
+        score = score.astype(np.float64)
+    if p.mask is not None:
+        score[~p.mask] = 0
+    return score

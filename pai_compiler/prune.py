@@ -1,0 +1,128 @@
+"""Python API: prune an ``nn.Module`` at initialisation and attach the masks the torch way.
+
+    result = pai_compiler.prune(model, torch.randn(2, 3, 32, 32), sparsity=0.95)
+    result.apply(model)          # weight -> weight_orig + weight_mask (torch.nn.utils.prune)
+    train(model)                 # pruned weights stay exactly 0 (SGD, momentum, wd, DDP)
+
+The module is lowered by the fx (default) or torch.export frontend, the pipeline
+(allocation + criterion, as ``paic optimize`` builds it) runs on the IR, and the masks come
+back keyed by parameter FQN. ``result.report`` is the ``paic audit --json`` document of the
+pruned graph.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pai_compiler.errors import UsageError
+
+__all__ = ["prune", "PruneResult", "default_method"]
+
+
+def default_method() -> str:
+    """``dpai`` when the pass is registered, else ``magnitude``."""
+    from pai_compiler.registry import available_passes
+
+    return "dpai" if "dpai" in available_passes() else "magnitude"
+
+
+@dataclass
+class PruneResult:
+    """Masks (parameter FQN -> bool tensor), the audit report, and the pruned IR."""
+
+    masks: dict[str, Any]
+    report: dict[str, Any]
+    pipeline: str
+    optimized: Any = field(repr=False)
+
+    @property
+    def graph(self) -> Any:
+        return self.optimized.graph
+
+    @property
+    def density(self) -> float:
+        total = sum(m.numel() for m in self.masks.values())
+        return sum(int(m.sum()) for m in self.masks.values()) / total if total else 1.0
+
+    def apply(self, model: Any) -> Any:
+        """Attach the masks to ``model`` with ``torch.nn.utils.prune.custom_from_mask``; returns it."""
+        from pai_compiler.backends.torch_backend import attach_masks
+
+        return attach_masks(model, self.masks)
+
+    def save(self, out: str | os.PathLike[str]) -> None:
+        """Write ``.pt`` (state_dict, masks, meta) or a masked ``.onnx``."""
+        from pai_compiler.api import save_model
+
+        save_model(self.optimized, self.graph.meta.get("torch_spec", "<nn.Module>"), out)
+
+
+def _report(graph: Any) -> dict[str, Any]:
+    try:
+        from pai_compiler.audit import audit_graph
+    except ImportError:
+        params = graph.prunable_params()
+        total = sum(p.numel for p in params)
+        kept = sum(p.kept() for p in params)
+        return {"model": graph.name, "totals": {"params": total, "nonzero_params": kept, "density": kept / total if total else 1.0},
+                "layers": [], "warnings": list(graph.meta.get("warnings", []))}
+    return audit_graph(graph)
+
+
+def prune(
+    model: Any,
+    example_input: Any,
+    sparsity: float | None = 0.95,
+    method: str | None = None,
+    allocation: str = "erk",
+    seed: int = 0,
+    device: str = "cpu",
+    pipeline: str | None = None,
+    *,
+    frontend: str = "fx",
+    steps: int | None = None,
+    exclude: Sequence[str] = (),
+    prune_in_proj: bool = True,
+    data: Any = None,
+    report: bool = True,
+) -> PruneResult:
+    """Prune ``model`` (not modified) before training; ``example_input`` is a tensor, tuple or shape.
+
+    ``method`` defaults to :func:`default_method`; ``pipeline`` (e.g.
+    ``"erk{sparsity=0.9},dpai{steps=100}"``) replaces sparsity/method/allocation.
+    ``prune_in_proj=False`` keeps ``nn.MultiheadAttention.in_proj_weight`` dense (DPaI reference).
+    """
+    from torch import nn
+
+    from pai_compiler.api import optimize
+    from pai_compiler.backends.torch_backend import masks_of
+
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"prune() needs a torch.nn.Module, got {type(model).__name__}")
+    if frontend == "fx":
+        from pai_compiler.frontends.torch_fx import lower_fx as lower
+    elif frontend == "export":
+        from pai_compiler.frontends.torch_export import lower_export as lower
+    else:
+        raise UsageError(f"frontend must be 'fx' or 'export', got {frontend!r}")
+    graph = lower(model, example_input, prune_in_proj=prune_in_proj)
+    result = optimize(
+        graph, sparsity=None if pipeline else sparsity, method=method or default_method(), allocation=allocation,
+        pipeline=pipeline, seed=seed, steps=steps, exclude=exclude, device=device, data=data,
+    )
+    doc = _report(result.graph) if report else {}
+    return PruneResult(masks_of(result), doc, result.pipeline, result)
+
+
+class _CallableModule(types.ModuleType):
+    """``pai_compiler.prune`` is this module once imported; calling it calls :func:`prune`."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> PruneResult:
+        return prune(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,254 @@
+"""Train a pruned model: SGD (momentum 0.9, weight decay 1e-4), step decay, per-epoch test accuracy.
+
+Masks are attached with ``torch.nn.utils.prune`` (``weight = weight_orig * weight_mask``), so
+the pruned weights stay exactly zero whatever the optimiser does to ``weight_orig``. Under
+``torch.distributed`` (e.g. ``torchrun`` or ``mp.spawn`` with gloo/nccl) every rank trains on
+its shard of each epoch's permutation inside ``DistributedDataParallel``. Data are the
+``.npz`` archives of ``<repo>/../shared/data`` (``x_train``, ``y_train``, ``x_test``,
+``y_test``, uint8), kept as uint8 and normalised per batch; CIFAR batches get random-crop
+(pad 4) and horizontal-flip augmentation.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pai_compiler.errors import PaicError
+
+__all__ = ["Dataset", "default_data_dir", "load_dataset", "train", "evaluate", "masked_nonzero", "NORMALISATION"]
+
+#: per-channel (mean, std) of the training set, pixels in [0, 1]
+NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+@dataclass
+class Dataset:
+    """Images as uint8 NCHW tensors plus labels; ``mean``/``std`` normalise pixels / 255."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool = False
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def default_data_dir() -> Path:
+    """``$PAIC_DATA_DIR``, else ``<repo>/../shared/data``, else ``./../shared/data``."""
+    env = os.environ.get("PAIC_DATA_DIR")
+    if env:
+        return Path(env)
+    repo = Path(__file__).resolve().parents[1]
+    candidate = repo.parent / "shared" / "data"
+    return candidate if candidate.is_dir() else Path.cwd().parent / "shared" / "data"
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    if x.ndim == 3:  # (N, H, W) grey
+        x = x[:, None]
+    elif x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):  # NHWC
+        x = x.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *, limit_train: int | None = None,
+                 limit_test: int | None = None, augment: bool | None = None) -> Dataset:
+    """Load ``mnist``/``cifar10`` (or an .npz path) keeping the first ``limit_*`` samples."""
+    path = Path(name) if str(name).endswith(".npz") else Path(data_dir or default_data_dir()) / f"{name}.npz"
+    if not path.is_file():
+        raise PaicError(f"dataset {path} not found (set --data-dir or PAIC_DATA_DIR)")
+    key = path.stem.lower()
+    with np.load(path) as archive:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(archive.files)
+        if missing:
+            raise PaicError(f"{path}: missing arrays {', '.join(sorted(missing))}")
+        x_train, y_train = archive["x_train"][:limit_train], archive["y_train"][:limit_train]
+        x_test, y_test = archive["x_test"][:limit_test], archive["y_test"][:limit_test]
+    x_tr, x_te = _nchw(x_train), _nchw(x_test)
+    channels = x_tr.shape[1]
+    mean, std = NORMALISATION.get(key, ((0.5,) * channels, (0.5,) * channels))
+    return Dataset(key, x_tr, torch.from_numpy(y_train.astype(np.int64)), x_te, torch.from_numpy(y_test.astype(np.int64)),
+                   mean, std, augment=key.startswith("cifar") if augment is None else augment)
+
+
+def _prepare(x: torch.Tensor, data: Dataset, device: torch.device, augment: bool, generator: torch.Generator | None) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+    mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    if augment:
+        n, _, h, w = x.shape
+        padded = F.pad(x, (4, 4, 4, 4))
+        dy = torch.randint(0, 9, (n,), generator=generator).tolist()
+        dx = torch.randint(0, 9, (n,), generator=generator).tolist()
+        x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+        flip = (torch.rand(n, generator=generator) < 0.5).to(device)
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    return x
+
+
+def masked_nonzero(model: nn.Module) -> int:
+    """Number of nonzero effective weights at masked (pruned) positions: 0 when masks hold."""
+    count = 0
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if name.endswith("_mask"):
+                weight = getattr(module, name[: -len("_mask")])
+                count += int(((buf == 0) & (weight != 0)).sum())
+    return count
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Dataset, device: str | torch.device = "cpu", batch_size: int = 1000) -> float:
+    """Top-1 accuracy on the test split."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for start in range(0, len(data.y_test), batch_size):
+        x = _prepare(data.x_test[start : start + batch_size], data, device, False, None)
+        y = data.y_test[start : start + batch_size].to(device)
+        correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / max(1, len(data.y_test))
+
+
+def _distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def train(
+    model: nn.Module,
+    masks: Mapping[str, Any] | None,
+    data: Dataset,
+    epochs: int,
+    lr: float = 0.1,
+    *,
+    momentum: float = 0.9,
+    weight_decay: float = 1e-4,
+    batch_size: int = 128,
+    milestones: Sequence[int] | None = None,
+    gamma: float = 0.1,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` with ``masks`` attached (None: already attached or dense); return the history.
+
+    Step decay: lr x ``gamma`` at ``milestones`` (default 50% and 75% of ``epochs``).
+    Returns ``{"history": [{epoch, lr, train_loss, train_accuracy, test_accuracy, seconds}],
+    "test_accuracy", "best_test_accuracy", "masked_nonzero", "train_samples", "seconds"}``.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pai_compiler.backends.torch_backend import attach_masks
+
+    if threads:
+        torch.set_num_threads(int(threads))
+    device = torch.device(device)
+    if masks:
+        attach_masks(model, masks)
+    model.to(device)
+    rank, world = _distributed()
+    net: nn.Module = model
+    if world > 1 and not isinstance(model, DistributedDataParallel):
+        net = DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if milestones is None:
+        milestones = [int(epochs * 0.5), int(epochs * 0.75)]
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted({m for m in milestones if 0 < m < epochs}), gamma)
+    generator = torch.Generator().manual_seed(seed)
+    n = len(data.y_train)
+    steps_per_epoch = math.ceil(math.ceil(n / world) / batch_size)
+    history: list[dict[str, Any]] = []
+    start_all = time.perf_counter()
+    bar = _progress_bar(progress and rank == 0)
+    step = 0
+    with bar:
+        task = bar.add_task("train", total=epochs * steps_per_epoch) if bar is not _NO_BAR else None
+        for epoch in range(1, epochs + 1):
+            net.train()
+            start = time.perf_counter()
+            order = torch.randperm(n, generator=generator)[rank::world]
+            loss_sum, correct, seen = 0.0, 0, 0
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                x = _prepare(data.x_train[idx], data, device, data.augment, generator)
+                y = data.y_train[idx].to(device)
+                optimizer.zero_grad(set_to_none=True)
+                out = net(x)
+                loss = F.cross_entropy(out, y)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * len(idx)
+                correct += int((out.argmax(1) == y).sum())
+                seen += len(idx)
+                step += 1
+                if task is not None:
+                    bar.update(task, advance=1, description=f"epoch {epoch}/{epochs} loss {loss_sum / seen:.3f}")
+                if max_steps is not None and step >= max_steps:
+                    break
+            lr_now = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            test_acc = evaluate(model, data, device)
+            row = {"epoch": epoch, "lr": lr_now, "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
+                   "test_accuracy": test_acc, "seconds": time.perf_counter() - start}
+            history.append(row)
+            if rank == 0 and progress:
+                bar.console.print(f"epoch {epoch:3d}  lr {lr_now:.4g}  loss {row['train_loss']:.4f}  "
+                                  f"train {100 * row['train_accuracy']:.2f}%  test {100 * test_acc:.2f}%  ({row['seconds']:.1f} s)")
+            if max_steps is not None and step >= max_steps:
+                break
+    accs = [h["test_accuracy"] for h in history]
+    return {"history": history, "test_accuracy": accs[-1] if accs else None, "best_test_accuracy": max(accs) if accs else None,
+            "masked_nonzero": masked_nonzero(model), "train_samples": n, "seconds": time.perf_counter() - start_all}
+
+
+class _NoBar:
+    console: Any = None
+
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_NO_BAR = _NoBar()
+
+
+def _progress_bar(enabled: bool) -> Any:
+    if not enabled:
+        return _NO_BAR
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
