@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -38,8 +39,14 @@ class Const:
 def simplify_dim(d: Any) -> Dim:
     if isinstance(d, (int, np.integer)):
         return int(d)
-    d = sympy.simplify(sympy.sympify(d))
+    d = _simplify(sympy.sympify(d))
     return int(d) if d.is_Integer else d
+
+
+@lru_cache(maxsize=8192)
+def _simplify(expr: sympy.Expr) -> sympy.Expr:
+    # every transformer block repeats the same shape expressions; simplify is the loader's hot spot
+    return sympy.simplify(expr)
 
 
 def prod(dims: Sequence[Dim]) -> Dim:

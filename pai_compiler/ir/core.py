@@ -373,8 +373,26 @@ class Graph:
 
     # ---- copying -----------------------------------------------------------------------
     def clone(self) -> Graph:
-        """A deep copy: masks and attributes are copied; weight arrays are shared read-only."""
-        memo: dict[int, Any] = {}
-        for p in self.params():
-            memo[id(p.data)] = p.data  # share the (large) weight arrays
-        return copy.deepcopy(self, memo)
+        """A deep copy: nodes, values, params, masks and attributes are new objects; weight
+        arrays are shared read-only (every mutation replaces them through ``set_param_data``)."""
+        other = Graph(self.name)
+        other.meta = copy.copy(self.meta)
+        for key, value in self.meta.items():
+            if isinstance(value, (list, dict, set)):
+                other.meta[key] = copy.copy(value)
+        params: dict[int, Param] = {}
+        values: dict[int, Value] = {}
+        for n in self._nodes:
+            new_params = {}
+            for key, p in n.params.items():
+                if id(p) not in params:
+                    params[id(p)] = Param(p.name, p.data, p.prunable, p.out_axis, p.in_axis, p.origin,
+                                          None if p._mask is None else p._mask.copy())
+                new_params[key] = params[id(p)]
+            node = other.add_node(n.kind, n.name, [values[id(v)] for v in n.inputs],
+                                  [(v.name, v.shape, v.dtype) for v in n.outputs],
+                                  params=new_params, attrs=copy.deepcopy(n.attrs), origin=n.origin)
+            for old, new in zip(n.outputs, node.outputs):
+                values[id(old)] = new
+        other.version = 0
+        return other

@@ -1,0 +1,255 @@
+"""Symbolic MAC counts: MACs(node) = fixed(node) + Σ_W sites(node, W) · count(W), in sympy dims.
+
+``count(W)`` is ``numel(W)`` for **dense** MACs, the kept weights for **nonzero** MACs, and the
+effective weights (kept and on an input->output path, from ``node-path``) for **effective**
+MACs, i.e. what survives dead-node elimination. One MAC is one multiply-accumulate; FLOPs =
+2 × MACs for conv, linear and matmul (the ``FlopCounterMode`` convention), nowhere else.
+
+Rules (``MAC_RULES``, keyed by OpKind; N = batch, numel = product of a value's dims):
+
+=============  ========================================================================
+conv           sites = N · ∏ out_spatial per weight: dense = N·∏out·Cout·(Cin/groups)·∏k.
+               Every tap counts, padded ones too (as FlopCounterMode/fvcore do), so
+               nonzero = N · ∏ out_spatial · nnz(mask) exactly.
+linear         sites = ∏ batch dims of the input (all but the last): dense = ∏batch·out·in,
+               nonzero = ∏batch · nnz(mask).
+matmul         two activations: numel(out) · K (K = last dim of the first operand).
+attention      fused MHA, output (…, L, E): Σ projections ∏(…, L) · numel(W), plus the
+               score and value products 2 · ∏(…, L) · L_kv · E.
+norm           numel(input): 1 MAC per element (batch and layer norm alike).
+pointwise      numel(out); softmax numel(out); add/mul numel(out).
+pool           windowed: numel(out) · ∏kernel; reduce (global pool, ReduceMean…): numel(in).
+others         input, output, constant, reshape, concat, split: 0.
+opaque         0, with a warning (and so is any node whose output shape is unknown).
+=============  ========================================================================
+
+Weight-free nodes count the same in all three columns. Dense and nonzero counts need neither
+torch nor a path analysis (``flops{effective=false}``); evaluation binds each symbol by name
+(default 1), e.g. ``{"batch": 32, "seq": 197}``.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import ClassVar, NamedTuple
+
+import sympy
+
+from pai_compiler.errors import PaicError, UsageError
+from pai_compiler.ir import Dim, Graph, Node, OpKind, Param
+from pai_compiler.pass_infra import AnalysisManager, AnalysisPass
+
+__all__ = ["FlopsPass", "FlopsResult", "NodeMacs", "MacCount", "MAC_RULES", "parse_bind", "evaluate", "EFFECTIVE_FALLBACK"]
+
+EFFECTIVE_FALLBACK = "flops: effective MACs equal nonzero MACs"
+
+
+class MacCount(NamedTuple):
+    """``fixed`` MACs plus ``sites`` MACs per counted weight of each Param."""
+
+    fixed: Dim
+    weighted: tuple[tuple[Param, Dim], ...] = ()
+    warning: str | None = None
+
+
+def _prod(dims: tuple[Dim, ...] | list[Dim]) -> Dim:
+    out: Dim = 1
+    for d in dims:
+        out = out * d
+    return out
+
+
+def _known(node: Node, rule: Callable[[Node], MacCount]) -> MacCount:
+    if any(v.shape is None for v in (*node.inputs, *node.outputs)):
+        return MacCount(0, (), f"node {node.name!r} ({node.kind.value}): unknown shape, counted as 0 MACs")
+    return rule(node)
+
+
+def _conv(node: Node) -> MacCount:
+    out = node.outputs[0].shape
+    assert out is not None
+    return MacCount(0, ((node.params["weight"], out[0] * _prod(out[2:])),))
+
+
+def _linear(node: Node) -> MacCount:
+    shape = node.inputs[0].shape
+    assert shape is not None
+    return MacCount(0, ((node.params["weight"], _prod(shape[:-1])),))
+
+
+def _matmul(node: Node) -> MacCount:
+    a, out = node.inputs[0].shape, node.outputs[0].shape
+    assert a is not None and out is not None
+    return MacCount(_prod(out) * a[-1])
+
+
+def _attention(node: Node) -> MacCount:
+    out = node.outputs[0].shape
+    assert out is not None
+    seq_axis = -2 if node.attrs.get("batch_first", True) else 0
+    kv = node.inputs[1].shape if len(node.inputs) > 1 and node.inputs[1].shape is not None else out
+    tokens = _prod(out[:-1])
+    weights = tuple((p, tokens) for p in node.params.values() if p.data.ndim == 2)
+    return MacCount(2 * tokens * kv[seq_axis] * out[-1], weights)
+
+
+def _numel_out(node: Node) -> MacCount:
+    return MacCount(_prod(node.outputs[0].shape or ()))
+
+
+def _numel_in(node: Node) -> MacCount:
+    return MacCount(_prod(node.inputs[0].shape or ()))
+
+
+def _pool(node: Node) -> MacCount:
+    if node.attrs.get("reduce"):
+        return _numel_in(node)
+    return MacCount(_prod(node.outputs[0].shape or ()) * math.prod(node.attrs["kernel_shape"]))
+
+
+def _zero(node: Node) -> MacCount:
+    return MacCount(0)
+
+
+def _opaque(node: Node) -> MacCount:
+    op = node.attrs.get("op_type", "?")
+    return MacCount(0, (), f"node {node.name!r} is opaque ({op}): its MACs are unknown and counted as 0")
+
+
+MAC_RULES: dict[OpKind, Callable[[Node], MacCount]] = {
+    OpKind.CONV: _conv,
+    OpKind.LINEAR: _linear,
+    OpKind.MATMUL: _matmul,
+    OpKind.ATTENTION: _attention,
+    OpKind.NORM: _numel_in,
+    OpKind.POINTWISE: _numel_out,
+    OpKind.SOFTMAX: _numel_out,
+    OpKind.ADD: _numel_out,
+    OpKind.MUL: _numel_out,
+    OpKind.POOL: _pool,
+    OpKind.INPUT: _zero,
+    OpKind.OUTPUT: _zero,
+    OpKind.CONSTANT: _zero,
+    OpKind.RESHAPE: _zero,
+    OpKind.CONCAT: _zero,
+    OpKind.SPLIT: _zero,
+}
+
+
+@dataclass(frozen=True)
+class NodeMacs:
+    node: str
+    kind: str
+    dense: sympy.Expr
+    nonzero: sympy.Expr
+    effective: sympy.Expr | None
+
+
+@dataclass(frozen=True)
+class FlopsResult:
+    nodes: tuple[NodeMacs, ...]
+    dense: sympy.Expr
+    nonzero: sympy.Expr
+    effective: sympy.Expr | None
+    warnings: tuple[str, ...] = ()
+    _index: dict[str, NodeMacs] = field(default_factory=dict, repr=False, compare=False)
+
+    def node(self, name: str) -> NodeMacs:
+        if not self._index:
+            self._index.update((n.node, n) for n in self.nodes)
+        return self._index[name]
+
+    def evaluate(self, bind: Mapping[str, int] | None = None) -> dict[str, int | None]:
+        """Total dense / nonzero / effective MACs at ``bind`` (unbound symbols = 1)."""
+        return {
+            "dense": evaluate(self.dense, bind),
+            "nonzero": evaluate(self.nonzero, bind),
+            "effective": None if self.effective is None else evaluate(self.effective, bind),
+        }
+
+
+def evaluate(expr: Dim, bind: Mapping[str, int] | None = None) -> int:
+    """An integer MAC count from a sympy expression; every unbound symbol is 1."""
+    if isinstance(expr, int):
+        return expr
+    return _evaluate(expr, tuple(sorted((bind or {}).items())))
+
+
+@lru_cache(maxsize=65536)
+def _evaluate(expr: sympy.Expr, bind: tuple[tuple[str, int], ...]) -> int:
+    if expr.is_Integer:
+        return int(expr)
+    values = dict(bind)
+    value = expr.xreplace({s: sympy.Integer(values.get(s.name, 1)) for s in expr.free_symbols})
+    if not value.is_Integer:
+        raise PaicError(f"MAC count {expr} does not evaluate to an integer at {values} (got {value})")
+    return int(value)
+
+
+def parse_bind(text: str | Mapping[str, int] | None) -> dict[str, int]:
+    """``"batch=32,seq=197"`` -> ``{"batch": 32, "seq": 197}`` (a mapping passes through)."""
+    if text is None:
+        return {}
+    if isinstance(text, Mapping):
+        return {str(k): int(v) for k, v in text.items()}
+    out: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, eq, raw = item.partition("=")
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if not eq or not name.strip().isidentifier() or value < 1:
+            raise UsageError(f"bad binding {item!r}: expected NAME=POSITIVE_INT, e.g. batch=32,seq=197")
+        out[name.strip()] = value
+    return out
+
+
+def _sym(x: Dim) -> sympy.Expr:
+    return sympy.Integer(x) if isinstance(x, int) else x
+
+
+@dataclass(frozen=True)
+class FlopsPass(AnalysisPass[FlopsResult]):
+    """Dense, nonzero and effective MACs per node and in total, as sympy expressions.
+
+    ``effective=false`` skips the path analysis (and torch); ``bind`` is handed to the
+    ``node-path`` analysis it uses (its non-batch dims); the MACs themselves stay symbolic.
+    """
+
+    name: ClassVar[str] = "flops"
+    effective: bool = True
+    bind: str = ""
+
+    def run(self, graph: Graph, am: AnalysisManager) -> FlopsResult:
+        warnings: list[str] = []
+        counts = self._effective_counts(graph, am, warnings) if self.effective else None
+        records: list[NodeMacs] = []
+        for node in graph.nodes:
+            rule = MAC_RULES.get(node.kind, _opaque)
+            mac = _known(node, rule) if node.kind is not OpKind.OPAQUE else rule(node)
+            if mac.warning:
+                warnings.append(mac.warning)
+            dense: Dim = mac.fixed
+            nonzero: Dim = mac.fixed
+            effective: Dim = mac.fixed
+            for param, sites in mac.weighted:
+                dense += sites * param.numel
+                nonzero += sites * param.kept()
+                if counts is not None:
+                    effective += sites * counts.get(param.name, param.kept())
+            records.append(NodeMacs(node.name, node.kind.value, _sym(dense), _sym(nonzero), _sym(effective) if counts is not None else None))
+        total = lambda key: sympy.Add(*[getattr(r, key) for r in records])  # noqa: E731
+        return FlopsResult(tuple(records), total("dense"), total("nonzero"), total("effective") if counts is not None else None, tuple(warnings))
+
+    def _effective_counts(self, graph: Graph, am: AnalysisManager, warnings: list[str]) -> dict[str, int]:
+        from pai_compiler.passes.analysis.node_path import NodePathPass
+
+        try:
+            paths = am.get(NodePathPass(bind=self.bind))
+        except PaicError as exc:
+            warnings.append(f"{EFFECTIVE_FALLBACK} because the path analysis failed: {exc}")
+            return {p.name: p.kept() for p in graph.prunable_params()}
+        return {row.param: row.effective_params for row in paths.layers}

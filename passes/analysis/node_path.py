@@ -1,0 +1,321 @@
+"""Effective paths, weights, nodes and kernels: log P = log Σ_out ones-forward(M), per sample.
+
+* ``log_paths`` — natural log of the exact number of input-element -> output-element paths
+  through kept weights: the interpreter's ``paths`` semantics (conv/linear with the binary
+  mask as weight and no bias, norms/activations/softmax as identity, constants as zero),
+  pooling as a **sum**, float64 with exact per-value log scaling (no overflow), summed over
+  every output element; ``-inf`` when no path survives. One sample: the leading (batch) dim
+  of every graph input is 1; other symbolic dims come from ``bind`` (default 1).
+* ``log_paths_dpai`` — the DPaI reference quantity (algorithms.md §1.5):
+  ``log Σ_out f(1) + Σ_l log max(x_l)`` with each weighted layer's input divided by its max
+  and pooling as the model's own mean/max (float64). Exact on chains, skip-weighted on
+  residual nets.
+* A kept weight is **effective** iff it lies on ≥1 input->output path. This is decided with
+  booleans only, never with small float gradients: a forward reachability sweep (the path rule
+  of each node on 0/1 indicators, re-thresholded after every node), a backward sweep (the
+  local autograd VJP of each node's path rule with 0/1 output indicators, re-thresholded at
+  every node, in reverse topological order), then ``effective = kept ∧ ∂rule/∂W > 0`` with the
+  forward indicators as input and the backward indicators as the VJP's cotangent. Every path rule
+  is linear with non-negative coefficients on 0/1 operands: a true zero is computed exactly as
+  0 and a positive count stays positive, so ``> 0`` is exact even in bfloat16.
+* Products of two activations (attention's Q·Kᵀ and A·V, elementwise gating) follow the
+  interpreter's **gate rule**: a path goes through one factor while the other acts as a unit
+  gate, ``paths(A@B) = paths(A)@1 + 1@paths(B)``; so every attention projection carries paths.
+* Per prunable Param (a weight shared by two nodes counts once): DPaI **nodes** = output
+  channels (``out_axis``) with ≥1 effective weight; **kernels** = (out, in) pairs with ≥1
+  effective weight (for linear: each effective weight); ``total_nodes`` = output channels.
+  NPB **nodes** (§4.2) = input channels (``in_axis``, across groups) with ≥1 effective weight
+  of every conv that is not a shortcut, plus, for linear layers, inputs + outputs with ≥1
+  effective weight. A conv is a shortcut when its name/origin says ``shortcut``/``downsample``
+  or when it is a 1×1 conv whose output reaches an ``add`` through norm/pointwise nodes only
+  while its input also feeds another conv.
+
+Opaque nodes have no path semantics: the pass raises a PaicError naming the node.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from pai_compiler.errors import PaicError
+from pai_compiler.ir import Graph, Node, OpKind, Param
+from pai_compiler.pass_infra import AnalysisManager, AnalysisPass
+from pai_compiler.passes.analysis.flops import parse_bind
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["NodePathPass", "NodePathResult", "LayerPaths", "is_shortcut", "sample_bindings"]
+
+_THROUGH = (OpKind.NORM, OpKind.POINTWISE)
+
+
+@dataclass(frozen=True)
+class LayerPaths:
+    """Path statistics of one prunable Param."""
+
+    param: str
+    nodes: tuple[str, ...]
+    kind: str
+    effective: np.ndarray = field(repr=False, compare=False)
+    effective_params: int
+    effective_nodes: int
+    total_nodes: int
+    effective_kernels: int
+    npb_nodes: int
+    shortcut: bool
+
+
+@dataclass(frozen=True)
+class NodePathResult:
+    """Path counts and, per prunable Param, effective weights; totals sum over the layers."""
+
+    log_paths: float
+    log_paths_dpai: float
+    layers: tuple[LayerPaths, ...]
+    effective_params: int = 0
+    effective_nodes: int = 0
+    effective_nodes_npb: int = 0
+    effective_kernels: int = 0
+    total_nodes: int = 0
+
+    @classmethod
+    def from_layers(cls, log_paths: float, log_paths_dpai: float, layers: tuple[LayerPaths, ...]) -> NodePathResult:
+        total = lambda key: sum(getattr(row, key) for row in layers)  # noqa: E731
+        return cls(log_paths, log_paths_dpai, layers, total("effective_params"), total("effective_nodes"),
+                   total("npb_nodes"), total("effective_kernels"), total("total_nodes"))
+
+    def layer(self, param: str) -> LayerPaths:
+        for row in self.layers:
+            if row.param == param:
+                return row
+        raise KeyError(param)
+
+    def effective_masks(self) -> dict[str, np.ndarray]:
+        return {row.param: row.effective for row in self.layers}
+
+
+@dataclass(frozen=True)
+class NodePathPass(AnalysisPass[NodePathResult]):
+    """Exact log path count, DPaI log P̃, and effective weights/nodes/kernels per layer."""
+
+    name: ClassVar[str] = "node-path"
+    bind: str = ""
+
+    def run(self, graph: Graph, am: AnalysisManager) -> NodePathResult:
+        import torch
+
+        for node in graph.nodes:
+            if node.kind not in (OpKind.INPUT, OpKind.OUTPUT):
+                _path_rule(node)  # refuse before any work
+        bind = sample_bindings(graph, parse_bind(self.bind))
+        with torch.no_grad():
+            weights = _weight_operands(graph, torch.float64)
+            log_paths = _log_paths(graph, bind, weights, scaling="exact", pool="sum")
+            log_dpai = _log_paths(graph, bind, weights, scaling="dpai", pool="model")
+            del weights
+        reached = _weight_reachability(graph, bind)
+        rows = []
+        for param, users in _prunable_layers(graph):
+            effective = reached[param.name] if param.mask is None else param.mask & reached[param.name]
+            rows.append(_layer_stats(param, users, effective))
+        return NodePathResult.from_layers(log_paths, log_dpai, tuple(rows))
+
+
+def sample_bindings(graph: Graph, bind: dict[str, int]) -> dict[str, int]:
+    """Every symbol bound (default 1); the leading dim of each input is forced to 1 (one sample)."""
+    import sympy
+
+    symbols: set[str] = {str(s) for s in graph.meta.get("symbols", {})}
+    batch: set[str] = set()
+    for v in graph.inputs:
+        for i, d in enumerate(v.shape or ()):
+            if isinstance(d, sympy.Basic):
+                names = {s.name for s in d.free_symbols}
+                symbols |= names
+                if i == 0:
+                    batch |= names
+    return {name: 1 if name in batch else int(bind.get(name, 1)) for name in symbols}
+
+
+def _ones_inputs(graph: Graph, it: Any, dtype: Any) -> list[torch.Tensor]:
+    import torch
+
+    out = []
+    for v in graph.inputs:
+        if v.shape is None:
+            raise PaicError(f"node-path: input {v.name!r} has an unknown shape")
+        out.append(torch.ones(it.dims(v.shape), dtype=dtype))
+    return out
+
+
+def _log_paths(graph: Graph, bind: dict[str, int], weights: dict[str, torch.Tensor], *, scaling: str, pool: str) -> float:
+    import torch
+
+    from pai_compiler.interp import Interpreter
+
+    it = Interpreter(graph, mode="paths", dtype=torch.float64, pool=pool, scaling=scaling, bind=bind, weights=weights)  # type: ignore[arg-type]
+    outs = it.run(_ones_inputs(graph, it, torch.float64))
+    if scaling == "exact":
+        terms = [math.log(s) + float(scale) for t, scale in zip(outs, it.out_log_scales) if (s := float(t.sum())) > 0]
+        return _logsumexp(terms)
+    total = sum(float(t.sum()) for t in outs)
+    return math.log(total) + float(it.log_scale) if total > 0 else -math.inf
+
+
+def _logsumexp(terms: list[float]) -> float:
+    if not terms:
+        return -math.inf
+    top = max(terms)
+    return top + math.log(sum(math.exp(t - top) for t in terms))
+
+
+def _path_rule(node: Node) -> Any:
+    from pai_compiler.interp import PATH_RULES, RULES
+
+    if node.kind is OpKind.OPAQUE:
+        raise PaicError(f"node-path: node {node.name!r} is opaque ({node.attrs.get('op_type', '?')}): paths through it are undefined")
+    rule = PATH_RULES.get(node.kind) or RULES.get(node.kind)
+    if rule is None:
+        raise PaicError(f"node-path: node {node.name!r} ({node.kind.value}) has no path rule")
+    return rule
+
+
+def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None) -> dict[str, np.ndarray]:
+    """``∂(path rule)/∂W > 0`` per prunable weight, from 0/1 forward indicators and 0/1 output grads."""
+    import torch
+
+    from pai_compiler.interp import Interpreter
+
+    dtype = dtype or _indicator_dtype()
+    leaves = {name: t.requires_grad_() for name, t in _weight_operands(graph, dtype).items()}
+    it = Interpreter(graph, mode="paths", dtype=dtype, pool="sum", bind=bind, weights=leaves)
+    forward: dict[str, torch.Tensor] = {}
+    tape: list[tuple[Node, list[torch.Tensor], list[torch.Tensor]]] = []
+    forward.update(zip([v.name for v in graph.inputs], _ones_inputs(graph, it, dtype)))
+    # NNPACK's Winograd/FFT convolutions would mix signs; direct/GEMM kernels keep 0 exact
+    with torch.enable_grad(), torch.backends.nnpack.flags(enabled=False):
+        for node in graph.nodes:
+            if node.kind in (OpKind.INPUT, OpKind.OUTPUT):
+                continue
+            args = [forward[v.name] for v in node.inputs]
+            outs = _path_rule(node)(it, node, args)
+            for v, t in zip(node.outputs, outs):
+                forward[v.name] = t.detach().sign().requires_grad_()  # counts >= 0: sign is the indicator
+            tape.append((node, args, outs))
+    backward: dict[str, Any] = {}
+    for v in graph.outputs:
+        backward[v.name] = backward.get(v.name, 0) + torch.ones_like(forward[v.name])
+    grads: dict[str, torch.Tensor] = {}
+    for node, args, outs in reversed(tape):
+        pairs = [(t, backward[v.name].sign()) for v, t in zip(node.outputs, outs) if v.name in backward and t.requires_grad]
+        weights = [(p.name, leaves[p.name]) for p in node.params.values() if p.name in leaves]
+        targets = [a for a in args if a.requires_grad] + [w for _, w in weights]
+        if not pairs or not targets or not any(bool(g.any()) for _, g in pairs):
+            continue
+        # VJP through a scalar: grad_outputs= would import torch.fx's symbolic shapes (~1 s)
+        vjp = sum((t * g).sum() for t, g in pairs)
+        got = torch.autograd.grad(vjp, targets, allow_unused=True)
+        inputs = [v for v, a in zip(node.inputs, args) if a.requires_grad]
+        for v, g in zip(inputs, got[: len(inputs)]):
+            if g is not None:
+                backward[v.name] = backward.get(v.name, 0) + g
+        for (name, _), g in zip(weights, got[len(inputs):]):
+            if g is not None:
+                grads[name] = grads[name] + g if name in grads else g
+    return {name: (grads[name] > 0).numpy() if name in grads else np.zeros(leaf.shape, dtype=bool) for name, leaf in leaves.items()}
+
+
+def _indicator_dtype() -> Any:
+    """bfloat16 where the CPU has native bf16 GEMM (≈2× faster), else float32.
+
+    Both are exact here: every path rule sums non-negative products of 0/1 values, so a true 0
+    is computed as exactly 0 and a true count ≥ 1 stays positive (≥ 1 - 2⁻⁸) whatever the
+    rounding or summation order; ``sign`` is therefore the exact reachability indicator.
+    """
+    import torch
+
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # older torch
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
+def _weight_operands(graph: Graph, dtype: Any) -> dict[str, torch.Tensor]:
+    """The 0/1 mask of every prunable weight; dense ones are views of one shared ones buffer."""
+    import torch
+
+    params = [p for p, _ in _prunable_layers(graph)]
+    ones = torch.ones(max((p.numel for p in params if p.mask is None), default=0), dtype=dtype)
+    return {
+        p.name: ones[: p.numel].view(p.shape).detach() if p.mask is None else torch.from_numpy(p.mask).to(dtype)
+        for p in params
+    }
+
+
+def _prunable_layers(graph: Graph) -> list[tuple[Param, list[Node]]]:
+    seen: dict[int, tuple[Param, list[Node]]] = {}
+    for node in graph.weighted_nodes():
+        for p in node.params.values():
+            if p.prunable:
+                seen.setdefault(id(p), (p, []))[1].append(node)
+    return list(seen.values())
+
+
+def _layer_stats(param: Param, users: list[Node], effective: np.ndarray) -> LayerPaths:
+    oi = param.to_oi(effective)
+    n_out = oi.shape[0]
+    n_in = oi.shape[1] if param.in_axis is not None else 1
+    pairs = oi.reshape(n_out, n_in, -1).any(axis=2)  # (out, in): one pass over the weight
+    per_out = pairs.any(axis=1)
+    node = users[0]
+    shortcut = node.kind is OpKind.CONV and is_shortcut(node, param)
+    if node.kind is OpKind.CONV:
+        npb = 0 if shortcut else int(_conv_input_channels(pairs, int(node.attrs.get("groups", 1))).sum())
+    else:
+        npb = int(per_out.sum()) + (int(pairs.any(axis=0).sum()) if param.in_axis is not None else 0)
+    return LayerPaths(
+        param=param.name, nodes=tuple(n.name for n in users), kind=node.kind.value, effective=effective,
+        effective_params=int(np.count_nonzero(effective)), effective_nodes=int(per_out.sum()), total_nodes=n_out,
+        effective_kernels=int(pairs.sum()) if param.in_axis is not None else int(per_out.sum()), npb_nodes=npb, shortcut=shortcut,
+    )
+
+
+def _conv_input_channels(pairs: np.ndarray, groups: int) -> np.ndarray:
+    """Which real input channels (across groups) carry ≥1 effective weight; ``pairs`` is (out, in/groups)."""
+    n_out, in_per_group = pairs.shape
+    return pairs.reshape(groups, n_out // groups, in_per_group).any(axis=1).reshape(-1)
+
+
+def is_shortcut(node: Node, param: Param) -> bool:
+    """A residual projection: named so, or a 1×1 conv feeding an add beside another conv path."""
+    label = f"{param.name} {param.origin} {node.name} {node.origin}".lower()
+    if "shortcut" in label or "downsample" in label:
+        return True
+    if node.kind is not OpKind.CONV or math.prod(node.attrs.get("kernel_shape", [0])) != 1:
+        return False
+    if not _reaches(node.outputs[0], lambda n: n.kind is OpKind.ADD, _THROUGH):
+        return False
+    x = node.inputs[0]
+    through = (*_THROUGH, OpKind.POOL, OpKind.RESHAPE)
+    return any(
+        u is not node and (u.kind is OpKind.CONV or _reaches(u.outputs[0], lambda n: n.kind is OpKind.CONV, through))
+        for u in x.uses if u.kind is OpKind.CONV or u.kind in through
+    )
+
+
+def _reaches(start: Any, goal: Any, through: tuple[OpKind, ...]) -> bool:
+    stack, seen = [start], set()
+    while stack:
+        v = stack.pop()
+        for u in v.uses:
+            if goal(u):
+                return True
+            if u.kind in through and id(u) not in seen:
+                seen.add(id(u))
+                stack.extend(u.outputs)
+    return False
