@@ -76,16 +76,15 @@ class Interpreter:
         """The operand for a weight: override, else mask (paths) or masked data (real)."""
         if p.name in self.weights:
             return self.weights[p.name]
+        if self.mode == "paths":  # cheap to rebuild; caching would hold a float copy of every weight
+            if p.prunable and p.mask is not None:
+                return torch.as_tensor(p.mask, device=self.device).to(self.dtype)
+            return torch.ones(p.shape, dtype=self.dtype, device=self.device)
         key = id(p)
         if key not in self._const_cache:
-            if self.mode == "paths" and p.prunable:
-                t = torch.as_tensor(p.mask_or_ones(), device=self.device).to(self.dtype)
-            elif self.mode == "paths":
-                t = torch.ones(p.shape, dtype=self.dtype, device=self.device)
-            else:
-                t = param_tensor(p, self.dtype if np.issubdtype(p.data.dtype, np.floating) else torch.int64, self.device)
-                if p.mask is not None:
-                    t = t * torch.as_tensor(p.mask, device=self.device).to(t.dtype)
+            t = param_tensor(p, self.dtype if np.issubdtype(p.data.dtype, np.floating) else torch.int64, self.device)
+            if p.mask is not None:
+                t = t * torch.as_tensor(p.mask, device=self.device).to(t.dtype)
             self._const_cache[key] = t
         return self._const_cache[key]
 

@@ -28,6 +28,7 @@ BUILTIN_PASSES: dict[str, str] = {
     "synflow": "pai_compiler.passes.criteria.synflow:SynflowPass",
     "snip": "pai_compiler.passes.criteria.snip:SnipPass",
     "grasp": "pai_compiler.passes.criteria.grasp:GraspPass",
+    "autosparse": "pai_compiler.passes.criteria.autosparse:AutosparsePass",
     # analyses
     "sparsity": "pai_compiler.passes.analysis.sparsity:SparsityPass",
     "node-path": "pai_compiler.passes.analysis.node_path:NodePathPass",
