@@ -44,7 +44,7 @@ def test_optimize_demo_writes_model_and_report(tmp_path: Path) -> None:
     for col in ("layer", "shape", "params", "kept", "density", "blocks.8.conv2.weight"):
         assert col in res.stdout
     doc = json.loads(report.read_text())
-    assert doc["pipeline"] == "erk{sparsity=0.95},magnitude{scope=layer}"
+    assert doc["pipeline"] == "erk{sparsity=0.95},dpai"  # dpai is the default method
     assert abs(doc["after"]["density"] - 0.05) <= 0.001 and doc["before"]["density"] == 1.0
     assert len(doc["layers"]) == 22 and out.exists()
 
@@ -100,9 +100,9 @@ def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
     model = tmp_path / "m.onnx"
     model.write_bytes(RESNET.read_bytes())
     before = sha(model)
-    res = paic("optimize", str(model), "--sparsity", "0.9", "-o", str(model))
+    res = paic("optimize", str(model), "--sparsity", "0.9", "-o", str(model), "-m", "magnitude")
     assert res.returncode == 1 and "--force" in res.stderr and sha(model) == before
-    res = paic("optimize", str(model), "--sparsity", "0.9", "-o", str(model), "--force")
+    res = paic("optimize", str(model), "--sparsity", "0.9", "-o", str(model), "--force", "-m", "magnitude")
     assert res.returncode == 0 and sha(model) != before
 
 
@@ -120,14 +120,14 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(onnx, "save_model", half_write)
     out = tmp_path / "o.onnx"
-    res = CliRunner().invoke(app, ["optimize", str(RESNET), "--sparsity", "0.9", "-o", str(out)])
+    res = CliRunner().invoke(app, ["optimize", str(RESNET), "--sparsity", "0.9", "-o", str(out), "-m", "magnitude"])
     assert res.exit_code == 1 and "No space left" in res.output
     assert list(tmp_path.iterdir()) == []
 
 
 def test_exclude_keeps_layers_dense_and_passes_lists(tmp_path: Path) -> None:
     out = tmp_path / "o.onnx"
-    res = CliRunner().invoke(app, ["optimize", str(RESNET), "--sparsity", "0.9", "-o", str(out), "--exclude", "fc*", "--exclude", "conv.weight", "--report", str(tmp_path / "r.json")])
+    res = CliRunner().invoke(app, ["optimize", str(RESNET), "--sparsity", "0.9", "-o", str(out), "-m", "magnitude", "--exclude", "fc*", "--exclude", "conv.weight", "--report", str(tmp_path / "r.json")])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / "r.json").read_text())
     names = [row["name"] for row in doc["layers"]]
@@ -138,6 +138,6 @@ def test_exclude_keeps_layers_dense_and_passes_lists(tmp_path: Path) -> None:
 
 
 def test_print_ir_after_all(tmp_path: Path) -> None:
-    res = paic("optimize", str(RESNET), "--sparsity", "0.9", "-o", str(tmp_path / "o.onnx"), "--print-ir-after-all", "--quiet")
+    res = paic("optimize", str(RESNET), "--sparsity", "0.9", "-o", str(tmp_path / "o.onnx"), "-m", "magnitude", "--print-ir-after-all", "--quiet")
     assert res.returncode == 0 and res.stdout == ""
     assert res.stderr.count("// ----- IR after") == 2 and "kept" in res.stderr

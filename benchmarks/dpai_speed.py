@@ -1,0 +1,134 @@
+"""DPaI speed: ms per step for paths=channel/ref/exact on ResNet-20, VGG-19 and ResNet-18 (CIFAR shapes).
+
+Each (model, mode) runs in a fresh subprocess (clean peak memory): ``erk{sparsity=S},dpai{...}``
+on an ONNX export of the zoo model (built into a temporary directory). Reported: loop seconds
+and ms/step, the estimate for 3000 steps, the ratio to ``channel``, peak RSS (CPU) or peak CUDA
+memory, and the final mask's per-pixel reference-convention log P~, nodes, kernels, effective
+params and exact log paths (after the steps run, which for the slow modes is fewer than 3000).
+
+    python benchmarks/dpai_speed.py                                  # all models and modes, CPU
+    python benchmarks/dpai_speed.py --models resnet20 --modes channel --steps 3000
+    python benchmarks/dpai_speed.py --device cuda
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("resnet20", "vgg19", "resnet18")
+MODES = ("channel", "ref", "exact")
+#: default steps per (model, mode): 3000 where affordable, a sample elsewhere
+DEFAULT_STEPS = {
+    ("resnet20", "channel"): 3000, ("resnet20", "ref"): 200, ("resnet20", "exact"): 100,
+    ("vgg19", "channel"): 200, ("vgg19", "ref"): 5, ("vgg19", "exact"): 3,
+    ("resnet18", "channel"): 200, ("resnet18", "ref"): 5, ("resnet18", "exact"): 3,
+}
+
+
+def export(model: str, directory: Path) -> Path:
+    import torch
+
+    from pai_compiler import zoo
+    from pai_compiler.zoo.export import export_onnx
+
+    path = directory / f"{model}.onnx"
+    if not path.exists():
+        torch.manual_seed(0)
+        export_onnx(zoo.build(model).eval(), zoo.input_shape(model), path, dynamo=False)
+    return path
+
+
+def run_one(path: Path, mode: str, steps: int, sparsity: float, device: str, threads: int) -> dict[str, Any]:
+    """In the child: run the pass once and measure."""
+    import torch
+
+    from pai_compiler.frontends.onnx import load_onnx_model
+    from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
+    from pai_compiler.pipeline import parse_pipeline
+
+    torch.set_num_threads(threads)
+    graph = load_onnx_model(path)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    spec = f"erk{{sparsity={sparsity}}},dpai{{steps={steps},paths={mode},device={device}}}"
+    PassManager(parse_pipeline(spec)).run(graph, AnalysisManager(graph, RunContext(seed=0, device=device)))
+    total = time.perf_counter() - start
+    report = graph.meta["dpai"]
+    out = {
+        "steps": steps, "loop_s": report["seconds"], "ms_per_step": report["ms_per_step"], "total_s": total,
+        "threads": report["threads"], "final": report["final"], "topk": report["topk"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss,
+        "params": sum(p.numel for p in graph.prunable_params()),
+    }
+    if device.startswith("cuda"):
+        out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--steps", type=int, default=None, help="steps for every run (default: per model/mode table)")
+    parser.add_argument("--sparsity", type=float, default=0.99)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--one", nargs=3, metavar=("ONNX", "MODE", "STEPS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(Path(args.one[0]), args.one[1], int(args.one[2]), args.sparsity, args.device, args.threads)))
+        return 0
+
+    import torch
+
+    print(f"DPaI speed @ sparsity {args.sparsity}, device {args.device}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            path = export(model, Path(tmp))
+            for mode in args.modes:
+                steps = args.steps or DEFAULT_STEPS[(model, mode)]
+                cmd = [sys.executable, __file__, "--one", str(path), mode, str(steps), "--sparsity", str(args.sparsity), "--device", args.device, "--threads", str(args.threads)]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+                if proc.returncode:
+                    print(f"  {model} {mode}: FAILED\n{proc.stderr[-2000:]}", flush=True)
+                    continue
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                results.setdefault(model, {})[mode] = r
+                f = r["final"]
+                print(f"  {model:9s} {mode:8s} {steps:5d} steps  {r['ms_per_step']:9.2f} ms/step  loop {r['loop_s']:7.1f} s  "
+                      f"nodes {f['nodes']} kernels {f['kernels']} params {f['params']}", flush=True)
+    print()
+    mem = "peak CUDA MB" if args.device.startswith("cuda") else "peak RSS MB"
+    head = f"{'model':9s} {'mode':8s} {'steps':>6s} {'ms/step':>9s} {'3000 steps':>11s} {'vs channel':>10s} {mem:>12s} {'log P~':>8s} {'exact':>7s} {'nodes':>6s} {'kernels':>8s} {'params':>7s}"
+    print(head)
+    print("-" * len(head))
+    for model, modes in results.items():
+        base = modes.get("channel", {}).get("ms_per_step")
+        for mode, r in modes.items():
+            f = r["final"]
+            ratio = f"{r['ms_per_step'] / base:9.1f}x" if base else "         -"
+            peak = r.get("peak_cuda_mb", r["peak_rss_mb"])
+            exact = f["log_paths_exact"] if f["log_paths_exact"] is not None else float("nan")
+            print(f"{model:9s} {mode:8s} {r['steps']:6d} {r['ms_per_step']:9.2f} {r['ms_per_step'] * 3:10.1f}s {ratio:>10s} {peak:12.0f} "
+                  f"{f['log_paths'] or float('nan'):8.2f} {exact:7.2f} {f['nodes']:6d} {f['kernels']:8d} {f['params']:7d}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

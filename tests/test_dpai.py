@@ -1,0 +1,317 @@
+"""DPaI pass: exact budgets, determinism, channel vs per-pixel connectivity, movement, update rule, ties."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from pai_compiler.errors import UsageError
+from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.ir import Graph, OpKind, Param, Value
+from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
+from pai_compiler.passes.analysis.node_path import NodePathPass
+from pai_compiler.passes.criteria._dpai_loop import Adam, PixelStep
+from pai_compiler.passes.criteria._dpai_pixel import PixelObjective, input_bind
+from pai_compiler.passes.criteria._dpai_run import build, initial_scores
+from pai_compiler.passes.criteria._dpai_topk import IncrementalTopK, adam_step_bound, reference_topk
+from pai_compiler.passes.criteria._dpai_update import combine
+from pai_compiler.pipeline import parse_pipeline
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+RESNET20_KEEP_99 = [42] + [63] * 6 + [89, 115, 83] + [115] * 4 + [168, 220, 161] + [220] * 4 + [122]
+
+
+def _model(name: str) -> Graph:
+    return load_onnx_model(EXAMPLES / f"{name}.onnx")
+
+
+def _run(graph: Graph, pipeline: str, seed: int = 0) -> Graph:
+    PassManager(parse_pipeline(pipeline)).run(graph, AnalysisManager(graph, RunContext(seed=seed)))
+    return graph
+
+
+def _masks(graph: Graph) -> dict[str, np.ndarray]:
+    return {p.name: p.mask_or_ones().copy() for p in graph.prunable_params()}
+
+
+def _setup(graph: Graph, sparsity: float, paths: str = "channel", seed: int = 0, ties: str = "auto") -> tuple[Any, ...]:
+    _run(graph, f"erk{{sparsity={sparsity}}}")
+    layout, topk, update, step = build(graph, graph.prunable_params(), graph.meta["allocation"], paths, 0.99, 0.5, "cpu", input_bind(graph), ties)
+    return layout, topk, update, step, initial_scores(layout, seed, "cpu")
+
+
+# ---- budgets, determinism, options ------------------------------------------------------------
+def test_keep_counts_are_exact_per_layer() -> None:
+    g = _run(_model("resnet20"), "erk{sparsity=0.99},dpai{steps=40}")
+    assert [p.kept() for p in g.prunable_params()] == RESNET20_KEEP_99
+    report = g.meta["dpai"]
+    assert report["kept"] == 2718 and report["steps"] == 40 and len(report["trajectory"]) == 2
+    # dpai{sparsity=...} means ERK without a separate allocation pass
+    g2 = _run(_model("resnet20"), "dpai{steps=0,sparsity=0.99}")
+    assert [p.kept() for p in g2.prunable_params()] == RESNET20_KEEP_99
+
+
+def test_needs_an_allocation_and_checks_options() -> None:
+    with pytest.raises(Exception, match="allocation"):
+        _run(_model("vgg_small"), "dpai{steps=1}")
+    for bad in ("dpai{paths=pixel}", "dpai{steps=-1}", "dpai{alpha=2}", "dpai{ties=random}"):
+        with pytest.raises(UsageError):
+            parse_pipeline(bad)
+
+
+@pytest.mark.parametrize("paths", ["channel", "ref"])
+def test_same_seed_same_masks(paths: str) -> None:
+    spec = f"erk{{sparsity=0.99}},dpai{{steps=25,paths={paths}}}"
+    first, second = _masks(_run(_model("resnet20"), spec, seed=3)), _masks(_run(_model("resnet20"), spec, seed=3))
+    other = _masks(_run(_model("resnet20"), spec, seed=4))
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    assert not all(np.array_equal(first[k], other[k]) for k in first)
+
+
+# ---- channel-level connectivity equals the per-pixel one -----------------------------------------
+@pytest.mark.parametrize("name,sparsity", [("resnet20", 0.9), ("resnet20", 0.99), ("resnet20", 0.9968), ("vgg_small", 0.9), ("tiny_vit", 0.9)])
+def test_channel_connectivity_equals_per_pixel(name: str, sparsity: float) -> None:
+    g = _model(name)
+    layout, topk, update, step, scores = _setup(g, sparsity, seed=3)
+    kept = update.kept(topk.select(scores))
+    chan = step(scores, kept, None).read()
+    pixel = PixelStep(PixelObjective(g, layout, "ref", "cpu", input_bind(g)), update)(torch.ones(layout.numel), kept, None).read()
+    assert (chan["nodes"], chan["kernels"], chan["params"]) == (pixel["nodes"], pixel["kernels"], pixel["params"])
+    if sparsity < 0.99:  # no dead ends: DPaI's convention equals the exact, boolean one
+        masks = layout.masks(kept.index.numpy())
+        for p in g.prunable_params():
+            g.set_mask(p, masks[p.name])
+        res = NodePathPass().run(g, AnalysisManager(g))
+        exact = tuple(sum(getattr(r, f) for r in res.layers) for f in ("effective_nodes", "effective_kernels", "effective_params"))
+        assert exact == (chan["nodes"], chan["kernels"], chan["params"])
+
+
+def test_dead_taps_count_zero_in_channel_mode() -> None:
+    """3x3 convs on 2x2 and 1x1 maps: taps that never read a pixel are dead, as per pixel."""
+    b = _Builder((1, 2, 2, 2))
+    x = b.conv(b.x, 4, 3, stride=2, pad=1)  # 2x2 -> 1x1: only taps (1..2, 1..2) read data
+    x = b.conv(x, 3, 3, pad=1)  # 1x1 -> 1x1: only the centre tap
+    g = b.finish(b.linear(b.flatten(x), 2))
+    layout, topk, update, step, scores = _setup(g, 0.5, seed=1)
+    assert sorted(layout.tap_live) == ["conv1.weight", "conv2.weight"]
+    kept = update.kept(topk.select(scores))
+    chan = step(scores, kept, None).read()
+    pixel = PixelStep(PixelObjective(g, layout, "exact", "cpu", input_bind(g)), update)(torch.ones(layout.numel), kept, None).read()
+    assert (chan["nodes"], chan["kernels"], chan["params"]) == (pixel["nodes"], pixel["kernels"], pixel["params"])
+
+
+@pytest.mark.parametrize("name", ["resnet20", "tiny_vit"])
+def test_torch_backend_of_the_channel_tape_matches_numpy(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tape runs in torch on non-CPU devices: check that path here, against the numpy one."""
+    import pai_compiler.passes.criteria._dpai_channel as channel
+    from pai_compiler.passes.criteria._dpai_ops import TorchOps
+    from pai_compiler.passes.criteria._dpai_pixel import value_shapes
+
+    g = _model(name)
+    layout, topk, update, step, scores = _setup(g, 0.95, seed=2)
+    kept = update.kept(topk.select(scores))
+    monkeypatch.setattr(channel, "make_ops", lambda device: TorchOps(device))
+    other = channel.ChannelProgram(g, layout, value_shapes(g, input_bind(g), "cpu"), "cpu", input_bind(g))
+    for program in (step.program, other):
+        program.counts.zero_()
+        program.counts.index_add_(0, kept.kernel, update.ones)
+    log_np, log_t = step.program.forward_backward(), other.forward_backward()
+    assert other.ops.name == "torch" and float(log_t) == pytest.approx(float(log_np), rel=1e-5)
+    torch.testing.assert_close(other.grad, step.program.grad, rtol=1e-4, atol=1e-9)
+
+
+# ---- the optimisation moves the mask and raises the path count ----------------------------------
+@pytest.mark.parametrize("name", ["resnet20", "vgg_small", "tiny_vit"])
+def test_few_steps_move_mask_and_raise_log_paths(name: str) -> None:
+    before = _masks(_run(_model(name), "erk{sparsity=0.95},dpai{steps=0}"))
+    g = _run(_model(name), "erk{sparsity=0.95},dpai{steps=30,lr=0.05}")
+    after = _masks(g)
+    assert sum(int((before[k] != after[k]).sum()) for k in before) > 0
+    report = g.meta["dpai"]
+    assert report["final"]["log_paths"] > report["initial"]["log_paths"]
+    assert report["objective"]["final"]["log_paths"] > report["objective"]["initial"]["log_paths"]
+
+
+def test_update_sign_grows_scores_with_positive_path_gradient() -> None:
+    """One Adam step: |S| grows by lr where dlogP/dM > 0, shrinks where < 0, stays where 0."""
+    g = _model("resnet20")
+    layout, topk, update, step, scores = _setup(g, 0.99, paths="ref")
+    kept = update.kept(topk.select(scores))
+    objective = PixelObjective(g, layout, "ref", "cpu", input_bind(g))
+    objective.set_mask(kept.index)
+    _, dmask = objective.log_paths()
+    assert dmask is not None
+    before = scores.detach().abs().clone()
+    scores.grad = torch.zeros_like(scores)
+    step(scores, kept, scores.grad)
+    Adam(scores, 0.01).step()
+    change = (scores.detach().abs() - before).numpy()
+    d, away = dmask.numpy(), before.numpy() > 0.02  # not crossing zero in one step
+    assert (d > 0).any() and (d == 0).any()
+    assert np.all(np.sign(change[away & (d != 0)]) == np.sign(d[away & (d != 0)])) and np.all(change[d == 0] == 0)
+    assert np.all(np.abs(change) <= 0.01 + 1e-6)
+    assert np.allclose(change[away & (np.abs(d) > 1e-3)], 0.01 * np.sign(d[away & (np.abs(d) > 1e-3)]), rtol=5e-3)  # eps = 1e-8 vs |grad| >= 1e-5
+
+
+# ---- the surrogate on a hand-built graph, against an independent computation ------------------
+def test_surrogate_matches_an_independent_computation() -> None:
+    b = _Builder((1, 2, 5, 5))
+    a = b.conv(b.x, 3, 3, pad=1)
+    c = b.conv(b.relu(a), 3, 3, pad=1)
+    g = b.finish(b.linear(b.flatten(b.global_pool(b.add(a, c))), 2))
+    layout, topk, update, step, scores = _setup(g, 0.6, seed=5)
+    kept = update.kept(topk.select(scores))
+    masks = {p: torch.as_tensor(m, dtype=torch.float32) for p, m in layout.masks(kept.index.numpy()).items()}
+    s_nat = {layer.name: layout.natural(scores.detach(), layer) for layer in layout.layers}
+    names = [layer.name for layer in layout.layers]
+
+    def expected(log_p_of: Any) -> np.ndarray:
+        leaves = {n: masks[n].clone().requires_grad_(True) for n in names}
+        grads = torch.autograd.grad(log_p_of(leaves), [leaves[n] for n in names])
+        out = []
+        for n, dm in zip(names, grads):
+            g_ = torch.sign(s_nat[n]) * dm
+            eff = (g_.abs() * masks[n]) > 0
+            kern = eff.reshape(eff.shape[0], eff.shape[1], -1).any(-1) if eff.dim() > 2 else eff
+            node = eff.reshape(eff.shape[0], -1).any(1)
+            shape = (-1,) + (1,) * (g_.dim() - 1)
+            kb = kern.reshape(kern.shape + (1,) * (g_.dim() - kern.dim())).float()
+            out.append(combine(g_, 1 - node.float().reshape(shape), 1 - kb, 0.99, 0.5).reshape(-1))
+        return torch.cat(out).numpy()
+
+    def channel_log_p(w: dict[str, torch.Tensor]) -> torch.Tensor:  # interior values, W = kept taps
+        k1, k2, k3 = names
+        x, logs = torch.ones(2), []
+
+        def lin(v: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+            mx = v.max()
+            logs.append(mx.log())
+            return m.reshape(m.shape[0], m.shape[1], -1).sum(-1) @ (v / mx)
+
+        y1 = lin(x, w[k1])
+        s = y1 + lin(y1, w[k2])
+        return torch.log(lin(s, w[k3]).sum()) + sum(logs)
+
+    def pixel_log_p(w: dict[str, torch.Tensor]) -> torch.Tensor:  # the reference's per-pixel R_P
+        k1, k2, k3 = names
+        x, logs = torch.ones(1, 2, 5, 5), []
+
+        def norm(v: torch.Tensor) -> torch.Tensor:
+            mx = v.max()
+            logs.append(mx.log())
+            return v / mx
+
+        y1 = torch.nn.functional.conv2d(norm(x), w[k1], padding=1)
+        s = y1 + torch.nn.functional.conv2d(norm(y1), w[k2], padding=1)
+        return torch.log((norm(s.mean((2, 3))) @ w[k3].t()).sum()) + sum(logs)
+
+    for log_p_of, fn in ((channel_log_p, step), (pixel_log_p, PixelStep(PixelObjective(g, layout, "ref", "cpu", input_bind(g)), update))):
+        grad = torch.zeros_like(scores.detach())
+        fn(scores, kept, grad)  # every weight here is (out, in, taps) already: flat order = natural order
+        np.testing.assert_allclose(grad.numpy(), expected(log_p_of), rtol=2e-5, atol=1e-7)
+
+
+# ---- top-k: exact incremental selection, sort tie-breaking ---------------------------------------
+def test_ties_are_broken_like_the_reference_sort() -> None:
+    rng = np.random.default_rng(0)
+    b = _Builder((1, 16, 4, 4))
+    g = b.finish(b.flatten(b.global_pool(b.conv(b.x, 32, 3, pad=1))))
+    layout, topk, update, step, _ = _setup(g, 0.7, ties="sort")
+    values = rng.choice([0.5, 1.0, 1.5, 2.0], size=layout.numel).astype(np.float32)  # many exact ties
+    scores = torch.as_tensor(values * rng.choice([-1, 1], size=layout.numel).astype(np.float32))
+    keep = layout.layers[0].keep
+    picked = topk.select(scores)
+    assert topk.tie_events == 1
+    assert np.array_equal(np.sort(picked.numpy()), np.sort(reference_topk(scores.abs(), keep).numpy()))
+    assert not np.array_equal(np.sort(picked.numpy()), np.sort(np.argsort(-values, kind="stable")[:keep]))  # not a stable rule
+    lowest = IncrementalTopK(layout, "cpu", ties="index").select(scores).numpy()
+    kth = np.sort(values)[::-1][keep - 1]
+    expect = np.concatenate([np.flatnonzero(values > kth), np.flatnonzero(values == kth)[: keep - int((values > kth).sum())]])
+    assert np.array_equal(np.sort(lowest), np.sort(expect))
+
+
+@pytest.mark.parametrize("ties", ["sort", "index"])
+def test_incremental_topk_equals_a_full_sort_every_step(ties: str) -> None:
+    g = _model("resnet20")
+    layout, topk, update, step, scores = _setup(g, 0.99, seed=1, ties=ties)
+    opt = Adam(scores, 0.005)
+    scores.grad = torch.zeros_like(scores)
+    for t in range(100):
+        picked = topk.select(scores)
+        a = scores.detach().abs()
+        parts = []
+        for layer in layout.layers:
+            seg = a[layer.offset : layer.offset + layer.numel]
+            if ties == "sort":
+                parts.append(reference_topk(seg, layer.keep) + layer.offset)
+            else:
+                kth = torch.topk(seg, layer.keep).values[-1]
+                above, at = torch.nonzero(seg > kth).squeeze(1), torch.nonzero(seg == kth).squeeze(1)
+                parts.append(torch.cat([above, at[: layer.keep - above.numel()]]) + layer.offset)
+        assert torch.equal(torch.sort(picked).values, torch.sort(torch.cat(parts)).values), f"step {t}"
+        step(scores, update.kept(picked), scores.grad)
+        opt.step()
+        topk.moved(0.005 * adam_step_bound(t + 1) * (1 + 1e-3) + 1e-6)
+    assert topk.rebuilds >= 2  # the pool was refreshed along the way (ties: see the test above)
+
+
+def test_adam_bound_holds_and_fused_adam_matches_torch() -> None:
+    rng = torch.Generator().manual_seed(0)
+    a = torch.randn(500, generator=rng).requires_grad_(True)
+    b = a.detach().clone().requires_grad_(True)
+    mine, ref = Adam(a, 0.01), torch.optim.Adam([b], lr=0.01)
+    for t in range(1, 60):
+        grad = torch.randn(500, generator=rng) * (100.0 if t % 17 == 0 else 1e-3)
+        before = a.detach().clone()
+        a.grad, b.grad = grad.clone(), grad.clone()
+        mine.step()
+        ref.step()
+        assert float((a.detach() - before).abs().max()) <= 0.01 * adam_step_bound(t) * (1 + 1e-5)
+    torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
+# ---- a tiny IR builder -----------------------------------------------------------------------
+class _Builder:
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.g, self.n = Graph("tiny"), 0
+        self.x = self.g.add_node(OpKind.INPUT, "x", (), [("x", shape, "float32")]).outputs[0]
+
+    def _add(self, kind: OpKind, inputs: list[Value], shape: tuple[int, ...], **kw: Any) -> Value:
+        self.n += 1
+        name = f"{kind.value}{self.n}"
+        return self.g.add_node(kind, name, inputs, [(name + "_out", shape, "float32")], **kw).outputs[0]
+
+    def _param(self, base: str, shape: tuple[int, ...]) -> Param:
+        return Param(f"{base}{sum(1 for p in self.g.params() if p.name.startswith(base)) + 1}.weight", np.ones(shape, np.float32), prunable=True)
+
+    def conv(self, x: Value, cout: int, k: int, *, stride: int = 1, pad: int = 0) -> Value:
+        n, cin, h, w = x.shape  # type: ignore[misc]
+        out = [(s + 2 * pad - k) // stride + 1 for s in (h, w)]
+        attrs = {"strides": [stride] * 2, "pads": [pad] * 4, "dilations": [1, 1], "groups": 1, "kernel_shape": [k, k]}
+        return self._add(OpKind.CONV, [x], (n, cout, *out), params={"weight": self._param("conv", (cout, cin, k, k))}, attrs=attrs)
+
+    def linear(self, x: Value, out: int) -> Value:
+        p = self._param("fc", (out, x.shape[-1]))  # type: ignore[index]
+        return self._add(OpKind.LINEAR, [x], (x.shape[0], out), params={"weight": p}, attrs={"in_features": x.shape[-1], "out_features": out})  # type: ignore[index]
+
+    def relu(self, x: Value) -> Value:
+        return self._add(OpKind.POINTWISE, [x], x.shape, attrs={"op": "relu"})  # type: ignore[arg-type]
+
+    def add(self, a: Value, c: Value) -> Value:
+        return self._add(OpKind.ADD, [a, c], a.shape, attrs={"op": "add"})  # type: ignore[arg-type]
+
+    def global_pool(self, x: Value) -> Value:
+        n, c = x.shape[:2]  # type: ignore[index]
+        return self._add(OpKind.POOL, [x], (n, c, 1, 1), attrs={"mode": "avg", "reduce": True, "axes": [2, 3], "keepdims": True})
+
+    def flatten(self, x: Value) -> Value:
+        shape = (x.shape[0], int(np.prod(x.shape[1:])))  # type: ignore[index]
+        return self._add(OpKind.RESHAPE, [x], shape, attrs={"op": "reshape", "shape": list(shape)})
+
+    def finish(self, out: Value) -> Graph:
+        self.g.add_node(OpKind.OUTPUT, "out", [out])
+        self.g.verify()
+        return self.g

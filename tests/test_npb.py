@@ -1,0 +1,123 @@
+"""NPB pass: per-layer integer programs (vs brute force), budgets, valid masks, fix-up, determinism."""
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pai_compiler.errors import UsageError
+from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.ir import Graph, OpKind, Param
+from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
+from pai_compiler.passes.analysis.node_path import NodePathPass
+from pai_compiler.passes.criteria._npb_finetune import PathCounter, fine_tune
+from pai_compiler.passes.criteria._npb_milp import BlockProblem, max_path_bound, solve_block
+from pai_compiler.pipeline import parse_pipeline
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
+
+
+def _objective(prob: BlockProblem, counts: np.ndarray) -> float:
+    """alpha*A + (1-alpha)*B + beta*Reg written out directly (algorithms.md §2.1)."""
+    into = np.bincount(prob.kernel_in, weights=counts, minlength=prob.n_in)
+    out = np.bincount(prob.kernel_out, weights=counts, minlength=prob.n_out)
+    size = prob.n_in + prob.n_out
+    a = (size - np.maximum(prob.min_n - into, 0).sum() - np.maximum(prob.min_n - out, 0).sum()) / size
+    b = float((prob.p_in[prob.kernel_in] * counts).sum()) / max_path_bound(prob.p_in, prob.budget, prob.n_out, prob.max_p)
+    reg = (prob.budget - np.maximum(1 - counts, 0).sum()) / prob.budget
+    return prob.alpha * a + (1 - prob.alpha) * b + prob.beta * reg
+
+
+@pytest.mark.parametrize("alpha,beta,budget", [(0.01, 1.0, 5), (0.9, 0.0, 4), (0.5, 0.3, 7)])
+def test_block_program_matches_brute_force(alpha: float, beta: float, budget: int) -> None:
+    n_in, n_out, max_p = 3, 2, 2
+    kin = np.repeat(np.arange(n_in), n_out)
+    kout = np.tile(np.arange(n_out), n_in)
+    prob = BlockProblem(kin, kout, n_in, n_out, np.array([3.0, 1.0, 2.0]), budget, max_p, alpha, beta, 1)
+    sol = solve_block(prob)
+    assert sol.counts.sum() <= budget and sol.counts.max() <= max_p and sol.status == "optimal"
+    best = max(_objective(prob, np.array(c)) for c in itertools.product(range(max_p + 1), repeat=n_in * n_out) if sum(c) <= budget)
+    assert _objective(prob, sol.counts) == pytest.approx(best, abs=1e-6)
+
+
+def test_max_path_bound_keeps_the_reference_quirk() -> None:
+    p = np.array([1.0, 4.0, 2.0, 3.0])
+    assert max_path_bound(p, budget=7, n_out=2, cap=3) == 4 * 6 + 1 * 3  # one channel full (6), then 1 on the next
+    # budget below one channel: the reference's sort(P)[-0:] takes every channel
+    assert max_path_bound(p, budget=5, n_out=2, cap=3) == 10 * 6 + 5 * 4
+
+
+def test_resnet_like_budgets_valid_masks_and_record() -> None:
+    g = load_onnx_model(EXAMPLES / "vgg_small.onnx")
+    am = AnalysisManager(g, RunContext(seed=0))
+    PassManager(parse_pipeline("erk{sparsity=0.99},npb{chunk_above=256,chunk=16}")).run(g, am)
+    report = g.meta["npb"]
+    alloc = g.meta["allocation"]
+    for row in report["layers"]:  # each program spends its budget (blocks: ceil per block)
+        assert alloc[row["layer"]] <= row["kept"] <= alloc[row["layer"]] + row["blocks"]
+    assert any(row["blocks"] > 1 for row in report["layers"])
+    for p in g.prunable_params():
+        assert p.mask is not None and p.mask.dtype == bool and p.mask.shape == p.shape
+    kept = sum(p.kept() for p in g.prunable_params())
+    assert kept == report["kept"] and abs(kept - report["allocated"]) <= 0.1 * report["allocated"]
+    assert report["seconds"] > 0 and report["solve_seconds"] > 0
+    paths = am.get(NodePathPass())
+    convs = {p.name for p in g.prunable_params() if g.param_users(p)[0].kind is OpKind.CONV}
+    for row in paths.layers:  # after the fix-up every kept conv weight lies on a path
+        if row.param in convs:
+            assert row.effective_params == next(p.kept() for p in g.prunable_params() if p.name == row.param)
+    assert paths.log_paths > 0
+
+
+def test_same_seed_same_masks_and_option_checks() -> None:
+    def run(seed: int) -> dict[str, np.ndarray]:
+        g = load_onnx_model(EXAMPLES / "vgg_small.onnx")
+        PassManager(parse_pipeline("npb{sparsity=0.99}")).run(g, AnalysisManager(g, RunContext(seed=seed)))
+        return {p.name: p.mask.copy() for p in g.prunable_params() if p.mask is not None}
+
+    a, b = run(1), run(1)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(UsageError):
+        parse_pipeline("npb{alpha=1.5}")
+    with pytest.raises(Exception, match="allocation"):
+        g = load_onnx_model(EXAMPLES / "vgg_small.onnx")
+        PassManager(parse_pipeline("npb")).run(g)
+
+
+def _chain() -> Graph:
+    """x[1,2,4,4] -> conv a (2->3, 3x3) -> conv b (3->2, 3x3) -> global pool -> flatten -> fc (2->2)."""
+    g = Graph("chain")
+    v = g.add_node(OpKind.INPUT, "x", (), [("x", (1, 2, 4, 4), "float32")]).outputs[0]
+    attrs = {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "groups": 1, "kernel_shape": [3, 3]}
+    for name, cin, cout in (("a", 2, 3), ("b", 3, 2)):
+        p = Param(f"{name}.weight", np.ones((cout, cin, 3, 3), np.float32), prunable=True)
+        v = g.add_node(OpKind.CONV, name, [v], [(f"{name}_out", (1, cout, 4, 4), "float32")], params={"weight": p}, attrs=attrs).outputs[0]
+    v = g.add_node(OpKind.POOL, "pool", [v], [("pool_out", (1, 2, 1, 1), "float32")], attrs={"mode": "avg", "reduce": True, "axes": [2, 3], "keepdims": True}).outputs[0]
+    v = g.add_node(OpKind.RESHAPE, "flat", [v], [("flat_out", (1, 2), "float32")], attrs={"op": "reshape", "shape": [1, 2]}).outputs[0]
+    fc = Param("fc.weight", np.ones((2, 2), np.float32), prunable=True)
+    v = g.add_node(OpKind.LINEAR, "fc", [v], [("fc_out", (1, 2), "float32")], params={"weight": fc}, attrs={"in_features": 2, "out_features": 2}).outputs[0]
+    g.add_node(OpKind.OUTPUT, "out", [v])
+    g.verify()
+    return g
+
+
+def test_fine_tune_refills_the_most_effective_kernels() -> None:
+    g = _chain()
+    params = g.prunable_params()
+    masks = {p.name: np.zeros(p.shape, dtype=bool) for p in params}
+    masks["a.weight"][0, 0, 1, 1] = masks["a.weight"][0, 1, 0, 0] = True  # a: channel 0 <- inputs 0, 1
+    masks["a.weight"][2, 0, 2, 2] = masks["a.weight"][2, 1, 0, 0] = True  # a: channel 2, which b never reads
+    masks["b.weight"][1, 0, :2, 1] = True  # b: reads channel 0 (2 taps), writes channel 1
+    masks["b.weight"][0, 1, 1, 1] = True  # b: reads channel 1, which a never writes: ineffective
+    masks["fc.weight"][:, 1] = True
+    counter = PathCounter(g, params, {})
+    report = fine_tune(counter, masks, {}, {"a.weight": True, "b.weight": True, "fc.weight": False})
+    a, b = masks["a.weight"], masks["b.weight"]
+    # a: its two ineffective weights are dropped; the budget (2) fills the kernel with the most
+    # effective weights, kernel (0, 0) (tie with (0, 1): lower index), completely (overshooting)
+    assert not a[2].any() and a[0, 0].all() and a[0, 1].sum() == 1 and a.sum() == 10
+    # b: one ineffective weight; budget 1 > 1 is false, so the layer is left as it is
+    assert b.sum() == 3 and b[0, 1, 1, 1]
+    assert [row["ineffective"] for row in report["layers"]] == [2, 1, None]
