@@ -64,8 +64,9 @@ def build_big_mlp(path: Path, target_gb: float, width: int = 8192) -> int:
         for i in range(layers):
             w = (rng.standard_normal((width, width), dtype=np.float32) / np.sqrt(width)).astype(np.float32)
             fh.write(w.tobytes())
-            t = helper.make_tensor(f"fc{i}.weight", TensorProto.FLOAT, w.shape, vals=[], raw=False)
-            t.ClearField("float_data")
+            t = TensorProto()
+            t.name, t.data_type = f"fc{i}.weight", TensorProto.FLOAT
+            t.dims.extend(w.shape)
             t.data_location = TensorProto.EXTERNAL
             for k, v in (("location", data.name), ("offset", str(offset)), ("length", str(w.nbytes))):
                 entry = t.external_data.add()
@@ -89,11 +90,12 @@ def main() -> None:
     ap.add_argument("--methods", default="magnitude,dpai")
     ap.add_argument("--big-gb", type=float, default=2.2)
     ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--skip-vit", action="store_true")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     paic = [sys.executable, "-m", "pai_compiler.cli"]
-    models = [("vit_b16 (86M)", work / "vit_b16.onnx", build_vit)]
+    models = [] if args.skip_vit else [("vit_b16 (86M)", work / "vit_b16.onnx", build_vit)]
     if not args.skip_big:
         models.append((f"mlp >{args.big_gb} GB", work / "big_mlp.onnx", lambda p: build_big_mlp(p, args.big_gb)))
     rows = []

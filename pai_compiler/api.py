@@ -20,7 +20,7 @@ from pai_compiler.pipeline import format_pipeline, parse_pipeline
 
 __all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "save_model", "compact_graph", "save_compact"]
 
-DEFAULT_METHOD = "magnitude"
+DEFAULT_METHOD = "dpai"
 ALLOCATIONS = ("erk", "uniform", "global")
 # criteria whose pass takes the allocation's per-layer budget as-is (no scope option)
 _LAYERWISE_ONLY = {"dpai", "npb", "random-erk"}
@@ -133,6 +133,9 @@ def optimize(
 
 def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
     """Write the pruned model; the format follows ``out``'s suffix (.onnx, or .pt with the torch backend)."""
+    if result.graph.meta.get("compact"):  # dead-node-elim ran (e.g. in --pipeline): layers changed shape
+        save_compact(result.graph, source, out, pipeline=result.pipeline)
+        return
     suffix = Path(out).suffix.lower()
     if suffix == ".onnx":
         if result.graph.meta.get("source_format") == "onnx":
@@ -152,11 +155,16 @@ def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str 
     raise UsageError(f"unknown output format {suffix or '(none)'!r} for {out}: use .onnx or .pt")
 
 
-def compact_graph(graph: Graph, *, instruments: Sequence[Instrument] = ()) -> list[PassRecord]:
-    """Run ``dead-node-elim`` on ``graph`` in place: dead channels removed, function unchanged."""
+def compact_graph(graph: Graph, *, align: int = 1, instruments: Sequence[Instrument] = ()) -> list[PassRecord]:
+    """Run ``dead-node-elim`` on ``graph`` in place: dead channels removed, function unchanged.
+
+    ``align`` > 1 keeps a few dead channels so conv/linear widths stay multiples of it (faster
+    kernels in ONNX Runtime; exact all the same)."""
     from pai_compiler.passes.transform.dead_node_elim import DeadNodeElimPass
 
-    return PassManager([DeadNodeElimPass()], instruments=instruments).run(graph)
+    if align < 1:
+        raise UsageError(f"--align must be a positive integer, got {align}")
+    return PassManager([DeadNodeElimPass(align=align)], instruments=instruments).run(graph)
 
 
 def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], *, pipeline: str = "") -> None:

@@ -1,0 +1,106 @@
+"""PyTorch compact module: an ``nn.Module`` that runs the compacted IR with its own Parameters.
+
+``CompactModule(graph)`` copies every floating-point Param of the (compacted) graph into the
+module: conv/linear weights and biases (folded biases included), norm scale/bias and learned
+constants with an origin (positional embeddings, class tokens, biases lowered as Add) become
+``nn.Parameter``; BN running statistics, folded bias maps and anonymous constants become
+buffers; each mask becomes a ``<key>_mask`` buffer and the forward uses ``W ⊙ M``, so pruned
+weights get zero gradient and stay pruned. ``forward`` is the IR interpreter's ``real``
+semantics with these tensors, so the module computes exactly what the compact ONNX model
+computes and trains like any module (``.to(device)``, optimizers, ``state_dict``). BatchNorm
+uses its running statistics (the IR's inference semantics) in both modes.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch  # a module class needs nn.Module at import time (like pai_compiler.interp)
+from torch import nn
+
+from pai_compiler.interp import Interpreter
+from pai_compiler.ir import Graph, OpKind, Param
+
+__all__ = ["CompactModule", "compact_module"]
+
+
+class _TensorInterpreter(Interpreter):
+    """The real-mode interpreter reading every Param from ``weights`` (module tensors)."""
+
+    def const(self, p: Param) -> torch.Tensor:
+        if p.name in self.weights:
+            return self.weights[p.name]
+        return super().const(p)
+
+
+def _trainable(graph: Graph) -> dict[str, bool]:
+    """Param name -> trainable, from the role it plays in its node."""
+    roles: dict[str, bool] = {}
+    for node in graph.nodes:
+        for key, p in node.params.items():
+            if node.kind in (OpKind.CONV, OpKind.LINEAR, OpKind.ATTENTION):
+                train = True
+            elif node.kind is OpKind.NORM:
+                train = key in ("scale", "bias")
+            elif node.attrs.get("folded") == "bias_map":
+                train = False
+            else:  # pointwise constants, data constants: learned tensors have a source name
+                train = bool(p.origin) and p.data.size > 1
+            roles[p.name] = roles.get(p.name, False) or train
+    return roles
+
+
+class CompactModule(nn.Module):
+    """Runs ``graph`` (typically after ``dead-node-elim``) with trainable module tensors."""
+
+    def __init__(self, graph: Graph) -> None:
+        super().__init__()
+        self.graph = graph.clone()
+        self.keys: dict[str, str] = {}
+        self.masked: dict[str, str] = {}
+        trainable = _trainable(self.graph)
+        used: set[str] = set()
+        for p in self.graph.params():
+            if not np.issubdtype(p.data.dtype, np.floating):
+                continue
+            key = re.sub(r"\W", "_", p.name).strip("_") or "param"
+            while key in used or hasattr(self, key):
+                key += "_"
+            used.add(key)
+            self.keys[p.name] = key
+            tensor = torch.tensor(np.array(p.data, dtype=np.float32 if p.data.dtype == np.float64 else p.data.dtype))
+            if trainable.get(p.name, False):
+                self.register_parameter(key, nn.Parameter(tensor))
+            else:
+                self.register_buffer(key, tensor)
+            if p.mask is not None:
+                self.register_buffer(key + "_mask", torch.from_numpy(p.mask.astype(np.float32)).to(tensor.dtype))
+                self.masked[p.name] = key + "_mask"
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Param name -> the tensor the forward uses (masked where a mask exists)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, key in self.keys.items():
+            t = getattr(self, key)
+            if name in self.masked:
+                t = t * getattr(self, self.masked[name])
+            out[name] = t
+        return out
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        weights = self.tensors()
+        ref = next(iter(weights.values()), None)
+        dtype = ref.dtype if ref is not None else torch.float32
+        device = ref.device if ref is not None else (inputs[0].device if inputs else "cpu")
+        outs = _TensorInterpreter(self.graph, mode="real", dtype=dtype, device=device, weights=weights).run(list(inputs))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def export_masks(self) -> Mapping[str, torch.Tensor]:
+        return {name: getattr(self, key) for name, key in self.masked.items()}
+
+
+def compact_module(graph: Graph) -> CompactModule:
+    """An ``nn.Module`` for ``graph`` (run ``dead-node-elim`` first for the compact one)."""
+    return CompactModule(graph)

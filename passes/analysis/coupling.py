@@ -1,0 +1,485 @@
+"""Channel coupling: which channels must be removed together, as per-OpKind rules.
+
+A value whose channels may be removed gets a **track**: the axis holding its channels and,
+per index on that axis, an **atom** id. Channel-wise operators join the atoms of their
+operands and result (union-find), so an atom is one channel followed through a chain of
+values; removing a channel removes its atom from every value that carries it. Each rule also
+records **links** (which input index each output index reads: the same index, an offset, a
+repeat, or every index) from which the liveness sweep derives per-channel dependence.
+
+=============  ===========================================================================
+kind           rule (``COUPLING_RULES``)
+=============  ===========================================================================
+conv           output: fresh atoms on axis 1; groups=1 *consumes* the input channels
+               (boundary: the weight's in-axis is sliced, constants folded). Depthwise
+               (groups = C_in = C_out): output atoms = input atoms (in = out coupling).
+               Other grouped convs: fresh atoms, and each group's input + output channels
+               form a *together* set: a group goes only whole, so all groups stay equal.
+linear         fresh atoms on the last axis; consumes the input's last axis.
+add/mul/       elementwise: operands, right-aligned (numpy broadcasting), share atoms on
+pointwise      the channel axis; a size-1 (broadcast) operand is read by every channel.
+norm           batch/instance: per channel (axis 1), atoms pass, params sliced. layer
+               (normalised axes hold the channel axis), group, lrn: the statistics couple
+               ALL channels, so removing one changes every output: atoms pinned (kept).
+concat/split   along the channel axis: output atoms = the inputs' atoms at offsets (split:
+               slices); along another axis: atoms shared.
+pool/softmax   over other axes: atoms pass (the axis index moves when dims are dropped);
+               over the channel axis: pinned.
+reshape        transpose: the axis moves. reshape keeping the channel dim whole (dims
+               around it merged or split): pass. Flatten C×S -> features with the channel
+               outermost: feature f carries the atom of channel f // S (repeat link).
+               gather/slice/pad on another axis: pass. Anything else (expand, unflatten,
+               the channel dim split or merged with outer dims): pinned.
+constant       a data constant adopts the track of the operand it is combined with.
+output         pinned: the model's output shape never changes.
+matmul,        pinned, result untracked: products of two activations (attention Q·Kᵀ, A·V,
+attention,     heads spread over reshape/transpose chains) are kept whole; removing a head
+opaque         needs a proof across that chain which this table does not attempt.
+=============  ===========================================================================
+
+``param_slices`` says which Param axis is indexed by which track (the dead-node pass slices
+exactly these). A Param used by two nodes is never sliced: its atoms are pinned.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import sympy
+
+from pai_compiler.ir import Dim, Graph, Node, OpKind, Param, Value
+
+__all__ = ["Track", "Link", "ChannelSpaces", "COUPLING_RULES", "channel_spaces", "param_slices", "dims_equal"]
+
+
+@dataclass
+class Track:
+    """The channel axis of a value and the atom of each index on it."""
+
+    axis: int
+    atoms: np.ndarray  # int64, one atom per index (resolve with ChannelSpaces.roots)
+
+
+class Link(NamedTuple):
+    """Output ``output`` index o reads input ``input`` index ``index[o]`` (-1: none); None: all."""
+
+    input: int
+    output: int
+    index: np.ndarray | None
+
+
+@dataclass
+class ChannelSpaces:
+    """Tracks, links and constraints of a graph (see the module docstring)."""
+
+    tracks: dict[str, Track] = field(default_factory=dict)
+    links: dict[str, list[Link]] = field(default_factory=dict)
+    parent: list[int] = field(default_factory=list)
+    pinned: dict[int, str] = field(default_factory=dict)  # atom -> why (resolve with roots)
+    together: list[np.ndarray] = field(default_factory=list)
+
+    def new_atoms(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def roots(self, atoms: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.find(int(a)) for a in atoms), dtype=np.int64, count=len(atoms))
+
+    def pin(self, value: Value | None, reason: str) -> None:
+        track = self.tracks.get(value.name) if value is not None else None
+        if track is not None:
+            for a in track.atoms.tolist():
+                self.pinned.setdefault(int(a), reason)
+
+    def pinned_roots(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for a, why in self.pinned.items():
+            out.setdefault(self.find(a), why)
+        return out
+
+    def track(self, value: Value) -> Track | None:
+        return self.tracks.get(value.name)
+
+    def size(self, value: Value) -> int:
+        """Length of the value's liveness vector: its channel count, or 1 when untracked."""
+        track = self.tracks.get(value.name)
+        return 1 if track is None else len(track.atoms)
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+def _prod(dims: tuple[Dim, ...] | list[Dim]) -> Dim:
+    out: Dim = 1
+    for d in dims:
+        out = out * d
+    return out
+
+
+class _Builder:
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.cs = ChannelSpaces()
+
+    def set(self, value: Value, axis: int, atoms: np.ndarray) -> None:
+        self.cs.tracks[value.name] = Track(axis, atoms.astype(np.int64))
+
+    def fresh(self, value: Value, axis: int) -> None:
+        shape = value.shape
+        if shape is None or not isinstance(shape[axis], int):
+            return
+        self.set(value, axis, self.cs.new_atoms(int(shape[axis])))
+
+    def link(self, node: Node, i: int, j: int, index: np.ndarray | None) -> None:
+        self.cs.links.setdefault(node.name, []).append(Link(i, j, index))
+
+    def adopt(self, value: Value, axis: int) -> Track | None:
+        """A data constant takes a track the first time an operand rule asks for one."""
+        producer = value.producer
+        if producer is None or producer.kind is not OpKind.CONSTANT or value.name in self.cs.tracks:
+            return self.cs.track(value)
+        self.fresh(value, axis)
+        return self.cs.track(value)
+
+    def mix(self, node: Node, reason: str) -> None:
+        """Every output element may read every input element: pin inputs, outputs untracked."""
+        for v in node.inputs:
+            self.cs.pin(v, f"{node.kind.value} {node.name!r}: {reason}")
+        for i in range(len(node.inputs)):
+            for j in range(len(node.outputs)):
+                self.link(node, i, j, None)
+
+    def same(self, node: Node, i: int, j: int, axis: int, *, union: bool = True) -> None:
+        """Output j has input i's channels on ``axis`` (index for index)."""
+        src = self.cs.tracks[node.inputs[i].name]
+        out = node.outputs[j]
+        if out.name in self.cs.tracks and union:
+            self.cs.union(self.cs.tracks[out.name].atoms, src.atoms)
+        else:
+            self.set(out, axis, src.atoms)
+        self.link(node, i, j, np.arange(len(src.atoms)))
+
+
+def _rank(v: Value) -> int | None:
+    return None if v.shape is None else len(v.shape)
+
+
+# ---- rules ---------------------------------------------------------------------------------
+def _elementwise(node: Node, b: _Builder) -> None:
+    """Operands broadcast (right-aligned); full-size operands share atoms on the channel axis."""
+    out = node.outputs[0]
+    r = _rank(out)
+    if r is None or any(_rank(v) is None for v in node.inputs):
+        return b.mix(node, "unknown rank")
+    axes = {t.axis + r - _rank(v) for v in node.inputs if (t := b.cs.track(v)) is not None}  # type: ignore[operator]
+    if len(axes) != 1:
+        return b.mix(node, "operands disagree on the channel axis" if axes else "no tracked operand")
+    k = axes.pop()
+    n = out.shape[k]  # type: ignore[index]
+    if not isinstance(n, int):
+        return b.mix(node, "symbolic channel count")
+    atoms: np.ndarray | None = None
+    joined: list[int] = []
+    for i, v in enumerate(node.inputs):
+        kv = k - (r - _rank(v))  # type: ignore[operator]
+        if kv < 0 or (v.shape[kv] == 1 and n != 1):  # type: ignore[index]
+            b.link(node, i, 0, None)  # broadcast along the channels: every channel reads it
+            continue
+        t = b.adopt(v, kv)
+        if t is None or t.axis != kv or len(t.atoms) != n:
+            return b.mix(node, f"operand {v.name!r} is not channel-tracked")
+        if atoms is None:
+            atoms = t.atoms
+        else:
+            b.cs.union(atoms, t.atoms)
+        joined.append(i)
+    assert atoms is not None
+    b.set(out, k, atoms)
+    for i in joined:
+        b.link(node, i, 0, np.arange(n))
+
+
+def _unary_pass(node: Node, b: _Builder, axis_map: Callable[[int], int | None]) -> None:
+    """Single-input node: channels pass to output 0 on ``axis_map(axis)`` (None: pin)."""
+    t = b.cs.track(node.inputs[0])
+    if t is None:
+        return b.mix(node, "untracked input")
+    k = axis_map(t.axis)
+    if k is None:
+        return b.mix(node, "mixes the channel axis")
+    b.same(node, 0, 0, k)
+
+
+def _conv(node: Node, b: _Builder) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    groups = int(node.attrs.get("groups", 1))
+    w = node.params["weight"]
+    t = b.cs.track(x)
+    c_in = x.shape[1] if x.shape is not None else None
+    c_out = w.shape[w.out_axis]
+    if t is not None and t.axis != 1:
+        b.cs.pin(x, f"conv {node.name!r} reads a tracked axis other than its channels")
+        t = None
+    if groups > 1 and t is not None and groups == c_in == c_out:  # depthwise: in = out
+        b.same(node, 0, 0, 1)
+        return
+    b.fresh(out, 1)
+    if groups > 1:
+        if t is None:
+            b.cs.pin(out, f"grouped conv {node.name!r} with an untracked input")
+            return
+        o_atoms = b.cs.tracks[out.name].atoms
+        i_atoms = t.atoms
+        per_o, per_i = len(o_atoms) // groups, len(i_atoms) // groups
+        for g in range(groups):
+            b.cs.together.append(np.concatenate([i_atoms[g * per_i:(g + 1) * per_i], o_atoms[g * per_o:(g + 1) * per_o]]))
+
+
+def _linear(node: Node, b: _Builder) -> None:
+    x, out = node.inputs[0], node.outputs[0]
+    t = b.cs.track(x)
+    r = _rank(x)
+    if t is not None and r is not None and t.axis != r - 1:
+        b.cs.pin(x, f"linear {node.name!r} reads a tracked axis other than its features")
+    if out.shape is not None:
+        b.fresh(out, len(out.shape) - 1)
+
+
+def _norm(node: Node, b: _Builder) -> None:
+    t = b.cs.track(node.inputs[0])
+    r = _rank(node.inputs[0])
+    if t is None or r is None:
+        return b.mix(node, "untracked input")
+    typ = node.attrs.get("type")
+    if typ == "layer":
+        start = int(node.attrs.get("axis", -1)) % r
+        mixing = t.axis >= start
+    elif typ in ("batch", "instance"):
+        mixing = False
+    else:  # group, lrn: statistics over channel groups / neighbours
+        mixing = t.axis == 1
+    b.same(node, 0, 0, t.axis)
+    if mixing:
+        b.cs.links[node.name] = [Link(0, 0, None)]
+        b.cs.pin(node.inputs[0], f"{typ} norm {node.name!r}: statistics couple all channels")
+
+
+def _pool(node: Node, b: _Builder) -> None:
+    a = node.attrs
+    r = _rank(node.inputs[0]) or 0
+    if a.get("reduce"):
+        axes = sorted(int(x) % r for x in a["axes"]) if r else []
+        keep = a.get("keepdims", True)
+        _unary_pass(node, b, lambda k: None if k in axes else (k if keep else k - sum(1 for x in axes if x < k)))
+    else:
+        _unary_pass(node, b, lambda k: None if k >= 2 else k)
+
+
+def _softmax(node: Node, b: _Builder) -> None:
+    r = _rank(node.inputs[0]) or 1
+    axis = int(node.attrs.get("axis", -1)) % r
+    _unary_pass(node, b, lambda k: None if k == axis else k)
+
+
+def _reshape(node: Node, b: _Builder) -> None:
+    a = node.attrs
+    x, out = node.inputs[0], node.outputs[0]
+    t = b.cs.track(x)
+    op = a.get("op")
+    if t is None or x.shape is None or out.shape is None:
+        return b.mix(node, "untracked input or unknown shape")
+    k = t.axis
+    if op == "transpose":
+        return b.same(node, 0, 0, list(a["perm"]).index(k))
+    if op == "gather":
+        if a["axis"] == k:
+            return b.mix(node, "gathers along the channel axis")
+        return b.same(node, 0, 0, k if k < a["axis"] else k - 1 + len(a.get("indices_shape", [])))
+    if op == "slice":
+        full = all(ax != k or (st == 0 and sp == 1 and en >= int(x.shape[k])) for st, en, ax, sp in zip(a["starts"], a["ends"], a["axes"], a["steps"]))
+        return b.same(node, 0, 0, k) if full else b.mix(node, "slices the channel axis")
+    if op == "pad":
+        pads = a["pads"]
+        return b.same(node, 0, 0, k) if pads[k] == 0 and pads[k + len(x.shape)] == 0 else b.mix(node, "pads the channel axis")
+    if op != "reshape":
+        return b.mix(node, f"{op} is not channel-transparent")
+    outer = _prod(x.shape[:k])
+    n = int(x.shape[k])
+    for j in range(len(out.shape)):
+        if not dims_equal(_prod(out.shape[:j]), outer):
+            continue
+        if dims_equal(out.shape[j], n):
+            return b.same(node, 0, 0, j)
+        for m in range(k + 2, len(x.shape) + 1):  # flatten: channel outermost of the merged dims
+            inner = _prod(x.shape[k + 1:m])
+            if isinstance(inner, int) and dims_equal(out.shape[j], n * inner):
+                b.set(out, j, np.repeat(t.atoms, inner))
+                b.link(node, 0, 0, np.repeat(np.arange(n), inner))
+                return
+    b.mix(node, "reshape splits or merges the channel dim")
+
+
+def _concat(node: Node, b: _Builder) -> None:
+    out = node.outputs[0]
+    r = _rank(out)
+    axis = int(node.attrs["axis"])
+    tracked = [t.axis for v in node.inputs if (t := b.cs.track(v)) is not None]
+    if r is None or not tracked or len(set(tracked)) != 1 or any(_rank(v) != r for v in node.inputs):
+        return b.mix(node, "operands not tracked on one axis")
+    k = tracked[0]
+    if k != axis:
+        return _elementwise_same_rank(node, b, k)
+    parts = []
+    for v in node.inputs:
+        t = b.adopt(v, k)
+        if t is None or t.axis != k:
+            return b.mix(node, f"operand {v.name!r} is not channel-tracked")
+        parts.append(t.atoms)
+    b.set(out, k, np.concatenate(parts))
+    offset = 0
+    total = sum(len(p) for p in parts)
+    for i, p in enumerate(parts):
+        index = np.full(total, -1, dtype=np.int64)
+        index[offset:offset + len(p)] = np.arange(len(p))
+        b.link(node, i, 0, index)
+        offset += len(p)
+
+
+def _elementwise_same_rank(node: Node, b: _Builder, k: int) -> None:
+    atoms: np.ndarray | None = None
+    for v in node.inputs:
+        t = b.adopt(v, k)
+        if t is None or t.axis != k or (atoms is not None and len(t.atoms) != len(atoms)):
+            return b.mix(node, f"operand {v.name!r} is not channel-tracked")
+        if atoms is None:
+            atoms = t.atoms
+        else:
+            b.cs.union(atoms, t.atoms)
+    assert atoms is not None
+    b.set(node.outputs[0], k, atoms)
+    for i in range(len(node.inputs)):
+        b.link(node, i, 0, np.arange(len(atoms)))
+
+
+def _split(node: Node, b: _Builder) -> None:
+    t = b.cs.track(node.inputs[0])
+    if t is None:
+        return b.mix(node, "untracked input")
+    if int(node.attrs["axis"]) != t.axis:
+        for j in range(len(node.outputs)):
+            b.same(node, 0, j, t.axis)
+        return
+    offset = 0
+    for j, size in enumerate(node.attrs["sizes"]):
+        b.set(node.outputs[j], t.axis, t.atoms[offset:offset + int(size)])
+        b.link(node, 0, j, np.arange(offset, offset + int(size)))
+        offset += int(size)
+
+
+def _output(node: Node, b: _Builder) -> None:
+    b.cs.pin(node.inputs[0], "graph output")
+
+
+def _source(node: Node, b: _Builder) -> None:
+    """input, constant: untracked until an operand rule adopts a constant."""
+
+
+def _pin_all(node: Node, b: _Builder) -> None:
+    b.mix(node, "product of activations / fused attention / opaque operator")
+
+
+CouplingRule = Callable[[Node, _Builder], None]
+
+COUPLING_RULES: dict[OpKind, CouplingRule] = {
+    OpKind.INPUT: _source,
+    OpKind.CONSTANT: _source,
+    OpKind.OUTPUT: _output,
+    OpKind.CONV: _conv,
+    OpKind.LINEAR: _linear,
+    OpKind.ADD: _elementwise,
+    OpKind.MUL: _elementwise,
+    OpKind.POINTWISE: _elementwise,
+    OpKind.NORM: _norm,
+    OpKind.POOL: _pool,
+    OpKind.SOFTMAX: _softmax,
+    OpKind.RESHAPE: _reshape,
+    OpKind.CONCAT: _concat,
+    OpKind.SPLIT: _split,
+    OpKind.MATMUL: _pin_all,
+    OpKind.ATTENTION: _pin_all,
+    OpKind.OPAQUE: _pin_all,
+}
+
+
+def channel_spaces(graph: Graph) -> ChannelSpaces:
+    """Apply the coupling rule of every node in topological order; pin shared sliced Params."""
+    b = _Builder(graph)
+    for node in graph.nodes:
+        COUPLING_RULES.get(node.kind, _pin_all)(node, b)
+    users: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        for p in node.params.values():
+            users.setdefault(id(p), []).append(node)
+    for node in graph.nodes:
+        for p, _, value in param_slices(node, b.cs):
+            if len(users[id(p)]) > 1:
+                b.cs.pin(value, f"param {p.name!r} is shared by several nodes")
+    return b.cs
+
+
+def param_slices(node: Node, cs: ChannelSpaces) -> list[tuple[Param, int, Value]]:
+    """(param, param axis, value whose track indexes that axis) for every sliceable Param."""
+    out: list[tuple[Param, int, Value]] = []
+    kind = node.kind
+    if kind in (OpKind.CONV, OpKind.LINEAR):
+        x, y = node.inputs[0], node.outputs[0]
+        ty, tx = cs.track(y), cs.track(x)
+        w = node.params["weight"]
+        out_ok = ty is not None and (kind is OpKind.LINEAR or ty.axis == 1)
+        if out_ok:
+            out.append((w, w.out_axis, y))
+            if "bias" in node.params:
+                out.append((node.params["bias"], 0, y))
+        consumed = 1 if kind is OpKind.CONV else (_rank(x) or 0) - 1
+        if tx is not None and tx.axis == consumed and w.in_axis is not None and int(node.attrs.get("groups", 1)) == 1:
+            out.append((w, w.in_axis, x))
+        return out
+    if kind is OpKind.NORM:
+        t = cs.track(node.inputs[0])
+        if t is not None and t.axis == 1 and node.attrs.get("type") in ("batch", "instance"):
+            n = len(t.atoms)
+            out += [(p, 0, node.inputs[0]) for p in node.params.values() if p.data.ndim == 1 and p.shape[0] == n and n != 1]
+        return out
+    if kind in (OpKind.POINTWISE, OpKind.CONSTANT, OpKind.ADD, OpKind.MUL) and node.outputs:
+        y = node.outputs[0]
+        t = cs.track(y)
+        r = _rank(y)
+        if t is None or r is None:
+            return out
+        n = len(t.atoms)
+        for p in node.params.values():
+            pa = t.axis - (r - p.data.ndim)
+            if 0 <= pa < p.data.ndim and p.shape[pa] == n and n != 1:
+                out.append((p, pa, y))
+    return out
