@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-from pai_compiler.errors import UsageError
+from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.passes.allocation._base import check_sparsity, keep_count
@@ -96,6 +96,7 @@ class DpaiPass(TransformPass):
         device = torch.device(self.device or am.context.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("dpai: device cuda requested but torch sees no CUDA device")
+        _check_memory(sum(p.numel for p in params), device.type)
         seed = am.context.seed if self.seed is None else self.seed
         with _progress_bar(am.context.progress, self.steps, self.paths) as progress:
             report, masks = run_dpai(
@@ -136,3 +137,25 @@ def _progress_bar(enabled: bool, steps: int, mode: str) -> Iterator[Callable[[in
             bar.update(task, completed=step, stats=text)
 
         yield update
+
+
+# Measured peak on CPU: scores, Adam moments, gradients, masks and top-k buffers, about 36-40
+# bytes per prunable weight (ViT-B/16, an 8192-wide MLP); refuse early instead of being OOM-killed.
+_BYTES_PER_WEIGHT = 40
+
+
+def _check_memory(weights: int, device: str) -> None:
+    if device != "cpu":
+        return
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if ":" in line}
+    except OSError:
+        return
+    available = info.get("MemAvailable")
+    need = weights * _BYTES_PER_WEIGHT
+    if available is not None and need > available:
+        raise PaicError(
+            f"dpai: {weights:,} prunable weights need about {need / 2**30:.1f} GiB on the CPU, "
+            f"only {available / 2**30:.1f} GiB is available; use --device cuda, exclude layers, or a one-shot method (magnitude, snip)"
+        )
