@@ -78,6 +78,18 @@ def _resolve_pads(attrs: dict[str, Any], spatial: tuple[Dim, ...], kernel: list[
     return pads
 
 
+def _window(attrs: dict[str, Any], x: Value, kernel: list[int], label: str, *, ceil: bool) -> tuple[list[int], list[int], list[int], tuple[Dim, ...] | None]:
+    """strides, dilations, explicit pads and output spatial dims of a conv/pool window."""
+    n = len(kernel)
+    strides = list(attrs.get("strides", [1] * n))
+    dil = list(attrs.get("dilations", [1] * n))
+    spatial = x.shape[2:] if x.shape is not None else tuple([None] * n)
+    pads = _resolve_pads(attrs, spatial, kernel, strides, dil, label)  # type: ignore[arg-type]
+    if x.shape is None:
+        return strides, dil, pads, None
+    return strides, dil, pads, tuple(_window_out(spatial[i], kernel[i], strides[i], pads[i], pads[i + n], dil[i], ceil) for i in range(n))
+
+
 def _conv(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
     x = _need_value(ins[0], label, "Conv input")
     w = ins[1]
@@ -86,16 +98,9 @@ def _conv(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]
     if w.array.ndim < 3:
         raise ModelError(f"Conv weight {w.origin or ''!r} has rank {w.array.ndim}; expected (out, in/groups, *kernel)")
     kshape = [int(d) for d in w.array.shape[2:]]
-    n = len(kshape)
-    strides = list(attrs.get("strides", [1] * n))
-    dil = list(attrs.get("dilations", [1] * n))
-    spatial = x.shape[2:] if x.shape is not None else tuple([None] * n)
-    pads = _resolve_pads(attrs, spatial, kshape, strides, dil, label)  # type: ignore[arg-type]
+    strides, dil, pads, out_spatial = _window(attrs, x, kshape, label, ceil=False)
     groups = int(attrs.get("group", 1))
-    out_shape = None
-    if x.shape is not None:
-        out_spatial = [_window_out(spatial[i], kshape[i], strides[i], pads[i], pads[i + n], dil[i], False) for i in range(n)]
-        out_shape = (x.shape[0], int(w.array.shape[0]), *out_spatial)
+    out_shape = None if out_spatial is None else (x.shape[0], int(w.array.shape[0]), *out_spatial)  # type: ignore[index]
     params = {"weight": imp.param(w, "conv_weight", prunable=True, out_axis=0, in_axis=1)}
     if len(ins) > 2 and ins[2] is not None:
         params["bias"] = imp.param(ins[2], "conv_bias", prunable=False, out_axis=0, in_axis=None)
@@ -284,15 +289,9 @@ def _pool(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]
         _emit(imp, OpKind.POOL, node, label, [x], [shape], attrs={"mode": mode, "reduce": True, "axes": axes, "keepdims": True})
         return
     kernel = list(attrs["kernel_shape"])
-    n = len(kernel)
-    strides = list(attrs.get("strides", [1] * n))
-    dil = list(attrs.get("dilations", [1] * n))
-    spatial = x.shape[2:] if x.shape is not None else tuple([None] * n)
-    pads = _resolve_pads(attrs, spatial, kernel, strides, dil, label)  # type: ignore[arg-type]
     ceil = bool(attrs.get("ceil_mode", 0))
-    shape = None
-    if x.shape is not None:
-        shape = (*x.shape[:2], *[_window_out(spatial[i], kernel[i], strides[i], pads[i], pads[i + n], dil[i], ceil) for i in range(n)])
+    strides, dil, pads, out_spatial = _window(attrs, x, kernel, label, ceil=ceil)
+    shape = None if out_spatial is None else (*x.shape[:2], *out_spatial)  # type: ignore[index]
     out_attrs = {"mode": mode, "reduce": False, "kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dil, "ceil_mode": ceil}
     if mode == "avg":
         out_attrs["count_include_pad"] = bool(attrs.get("count_include_pad", 0))

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pai_compiler.errors import PaicError
+from pai_compiler.progress import progress_bar
 
 __all__ = ["Dataset", "default_data_dir", "load_dataset", "train", "evaluate", "masked_nonzero", "NORMALISATION"]
 
@@ -158,10 +159,14 @@ def train(
     threads: int | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    schedule: str = "step",
+    warmup_steps: int = 0,
 ) -> dict[str, Any]:
     """Train ``model`` with ``masks`` attached (None: already attached or dense); return the history.
 
-    Step decay: lr x ``gamma`` at ``milestones`` (default 50% and 75% of ``epochs``).
+    Step decay: lr x ``gamma`` at ``milestones`` (default 50% and 75% of ``epochs``);
+    ``schedule="cosine"``: lr x (1 + cos(pi t / T)) / 2, stepped every batch (``milestones`` unused),
+    after a linear warm-up over the first ``warmup_steps`` batches (cosine only).
     Returns ``{"history": [{epoch, lr, train_loss, train_accuracy, test_accuracy, seconds}],
     "test_accuracy", "best_test_accuracy", "masked_nonzero", "train_samples", "seconds"}``.
     """
@@ -180,21 +185,38 @@ def train(
     if world > 1 and not isinstance(model, DistributedDataParallel):
         net = DistributedDataParallel(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if milestones is None:
-        milestones = [int(epochs * 0.5), int(epochs * 0.75)]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted({m for m in milestones if 0 < m < epochs}), gamma)
     generator = torch.Generator().manual_seed(seed)
     n = len(data.y_train)
     steps_per_epoch = math.ceil(math.ceil(n / world) / batch_size)
+    if schedule not in ("step", "cosine"):
+        raise PaicError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
+    per_batch = schedule == "cosine"
+    if warmup_steps and not per_batch:
+        raise PaicError("warmup_steps needs schedule='cosine'")
+    if per_batch:
+        warm = max(0, int(warmup_steps))
+        decay = max(1, epochs * steps_per_epoch - warm)
+
+        def factor(t: int) -> float:
+            if t < warm:
+                return (t + 1) / (warm + 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(t - warm, decay) / decay))
+
+        scheduler: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    else:
+        if milestones is None:
+            milestones = [int(epochs * 0.5), int(epochs * 0.75)]
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted({m for m in milestones if 0 < m < epochs}), gamma)
     history: list[dict[str, Any]] = []
     start_all = time.perf_counter()
-    bar = _progress_bar(progress and rank == 0)
+    bar = progress_bar(progress and rank == 0)
     step = 0
     with bar:
-        task = bar.add_task("train", total=epochs * steps_per_epoch) if bar is not _NO_BAR else None
+        task = bar.add_task("train", total=epochs * steps_per_epoch)
         for epoch in range(1, epochs + 1):
             net.train()
             start = time.perf_counter()
+            lr_now = optimizer.param_groups[0]["lr"]
             order = torch.randperm(n, generator=generator)[rank::world]
             loss_sum, correct, seen = 0.0, 0, 0
             for b in range(0, len(order), batch_size):
@@ -206,6 +228,8 @@ def train(
                 loss = F.cross_entropy(out, y)
                 loss.backward()
                 optimizer.step()
+                if per_batch:
+                    scheduler.step()
                 loss_sum += loss.item() * len(idx)
                 correct += int((out.argmax(1) == y).sum())
                 seen += len(idx)
@@ -214,8 +238,8 @@ def train(
                     bar.update(task, advance=1, description=f"epoch {epoch}/{epochs} loss {loss_sum / seen:.3f}")
                 if max_steps is not None and step >= max_steps:
                     break
-            lr_now = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            if not per_batch:
+                scheduler.step()
             test_acc = evaluate(model, data, device)
             row = {"epoch": epoch, "lr": lr_now, "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
                    "test_accuracy": test_acc, "seconds": time.perf_counter() - start}
@@ -228,27 +252,3 @@ def train(
     accs = [h["test_accuracy"] for h in history]
     return {"history": history, "test_accuracy": accs[-1] if accs else None, "best_test_accuracy": max(accs) if accs else None,
             "masked_nonzero": masked_nonzero(model), "train_samples": n, "seconds": time.perf_counter() - start_all}
-
-
-class _NoBar:
-    console: Any = None
-
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-_NO_BAR = _NoBar()
-
-
-def _progress_bar(enabled: bool) -> Any:
-    if not enabled:
-        return _NO_BAR
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), transient=False)

@@ -29,6 +29,7 @@ import numpy as np
 
 from pai_compiler.autosparse.predictor import LayerInfo
 from pai_compiler.errors import UsageError
+from pai_compiler.progress import progress_bar
 
 if TYPE_CHECKING:
     import torch
@@ -277,7 +278,7 @@ def collect(cfg: CollectConfig, out: str | os.PathLike[str], *, resume: bool = F
             w.mul_(m)
     todo = list(range(labels.rounds_done + 1, cfg.rounds + 1))
     steps = cfg.epochs * math.ceil(len(data.y_train) / cfg.batch_size)
-    bar = _progress(progress, console)
+    bar = progress_bar(progress, console)
     with bar:
         task = bar.add_task("iterative pruning", total=len(todo) * steps) if progress else None
         for r in todo:
@@ -316,26 +317,3 @@ def collect(cfg: CollectConfig, out: str | os.PathLike[str], *, resume: bool = F
     if not todo:
         labels.save(out)
     return labels
-
-
-class _NoBar:
-    def __enter__(self) -> _NoBar:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def _progress(enabled: bool, console: Any) -> Any:
-    if not enabled:
-        return _NoBar()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console)
