@@ -117,7 +117,11 @@ class NodePathPass(AnalysisPass[NodePathResult]):
             log_paths = _log_paths(graph, bind, weights, scaling="exact", pool="sum")
             log_dpai = _log_paths(graph, bind, weights, scaling="dpai", pool="model")
             del weights
-        reached = _weight_reachability(graph, bind)
+        try:
+            reached = _weight_reachability(graph, bind)
+        except (PaicError, NotImplementedError, RuntimeError):
+            # some kernels (e.g. 3-d pooling) have no bfloat16 version: float32 is exact too
+            reached = _weight_reachability(graph, bind, dtype=torch.float32)
         rows = []
         for param, users in _prunable_layers(graph):
             effective = reached[param.name] if param.mask is None else param.mask & reached[param.name]
