@@ -31,7 +31,7 @@ def main() -> None:
 
     from pai_compiler import zoo
     from pai_compiler.api import load_model, optimize
-    from pai_compiler.audit import audit_graph
+    from pai_compiler.audit import audit_graph, format_value
     from pai_compiler.data import load_prune_batch
     from pai_compiler.registry import available_passes
     from pai_compiler.zoo.export import export_onnx
@@ -70,7 +70,7 @@ def main() -> None:
                     continue
                 seconds = time.perf_counter() - start
                 totals = audit_graph(graph)["totals"]
-                cells = [_fmt(totals[c]) for c in COLUMNS]
+                cells = [format_value(totals[c], digits=2) for c in COLUMNS]
                 rows.append(f"| {name} | {sparsity:.2%} | {method} | {seconds:.1f} | " + " | ".join(cells) + " |")
                 print(rows[-1], flush=True)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
@@ -87,16 +87,6 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(text)
     print(f"wrote {args.out}")
-
-
-def _fmt(value: object) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.2f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 if __name__ == "__main__":

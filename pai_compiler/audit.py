@@ -21,7 +21,7 @@ from pai_compiler.ir import Graph, Node, Param
 from pai_compiler.pass_infra import AnalysisManager
 from pai_compiler.passes.analysis.flops import EFFECTIVE_FALLBACK, FlopsPass, FlopsResult, evaluate, parse_bind
 
-__all__ = ["audit_graph", "masks_from_zeros", "render_audit", "plot_audit", "TOTAL_KEYS", "LAYER_KEYS"]
+__all__ = ["audit_graph", "masks_from_zeros", "render_audit", "plot_audit", "format_value", "TOTAL_KEYS", "LAYER_KEYS"]
 
 TOTAL_KEYS = (
     "params", "nonzero_params", "density", "macs_dense", "macs_nonzero", "macs_effective", "log_paths",
@@ -141,7 +141,7 @@ def _layer_row(node: Node, flops: FlopsResult, node_path: Any, bind: dict[str, i
     }
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def format_value(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -183,7 +183,7 @@ def render_audit(doc: dict[str, Any], console: Any) -> None:
     totals.add_column("metric")
     totals.add_column("value", justify="right")
     for key, value in doc["totals"].items():
-        totals.add_row(key, _fmt(value, 6 if key == "density" else 4))
+        totals.add_row(key, format_value(value, 6 if key == "density" else 4))
     console.print(totals)
     for w in doc["warnings"]:
         console.print(f"[yellow]warning:[/] {w}", highlight=False)

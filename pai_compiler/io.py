@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pai_compiler.errors import PaicError
 
-__all__ = ["atomic_write", "check_output_path"]
+__all__ = ["atomic_write", "check_output_path", "save_npz_atomic"]
 
 
 @contextlib.contextmanager
@@ -52,3 +52,11 @@ def check_output_path(out: str | os.PathLike[str], inputs: list[str | os.PathLik
     if not os.access(parent, os.W_OK):
         raise PaicError(f"cannot write {out_p}: folder {parent} is not writable")
     return out_p
+
+
+def save_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, object]) -> None:
+    """``np.savez_compressed`` written atomically (a file handle: savez would append ``.npz`` to the temp name)."""
+    import numpy as np
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]

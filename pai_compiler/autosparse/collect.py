@@ -97,7 +97,7 @@ class LabelSet:
         return self.survived.astype(np.float64) / max(1, self.rounds_done)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from pai_compiler.io import atomic_write
+        from pai_compiler.io import save_npz_atomic
 
         arrays = {
             "format": np.array(LABELS_FORMAT), "w0": self.w0, "g0": self.g0, "survived": self.survived, "layer": self.layer,
@@ -109,9 +109,7 @@ class LabelSet:
             "layer_numel": np.array([i.numel for i in self.layers], dtype=np.int64), "layer_offset": self.offsets[:-1],
             "meta": np.array(json.dumps(self.meta, sort_keys=True)),
         }
-        with atomic_write(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, **arrays)
+        save_npz_atomic(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LabelSet:

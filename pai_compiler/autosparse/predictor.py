@@ -152,7 +152,7 @@ class Predictor:
         return self.predict(layer_features(self.features, w, g, info, self.standardize)).reshape(np.shape(w))
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from pai_compiler.io import atomic_write
+        from pai_compiler.io import save_npz_atomic
 
         arrays: dict[str, np.ndarray] = {
             "format": np.array(FORMAT), "features": np.array(self.features, dtype=str), "standardize": np.array(self.standardize),
@@ -161,9 +161,7 @@ class Predictor:
         }
         for i, (weight, bias) in enumerate(self.layers):
             arrays[f"weight_{i}"], arrays[f"bias_{i}"] = weight.astype(np.float32), bias.astype(np.float32)
-        with atomic_write(path) as tmp:
-            with open(tmp, "wb") as handle:  # a file handle: np.savez would append ".npz" to the temp name
-                np.savez_compressed(handle, **arrays)
+        save_npz_atomic(path, arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Predictor:

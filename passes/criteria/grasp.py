@@ -22,6 +22,7 @@ from pai_compiler.passes.criteria._base import CriterionPass
 from pai_compiler.passes.criteria.snip import (
     Precision,
     check_batch_size,
+    check_precision,
     interpreter,
     masked_leaves,
     masked_weights,
@@ -50,8 +51,7 @@ class GraspPass(CriterionPass):
         check_batch_size(self.batch_size, self.name)
         if not self.temperature > 0:
             raise UsageError(f"{self.name}: temperature must be > 0, got {self.temperature}")
-        if self.precision not in ("float32", "float64"):
-            raise UsageError(f"{self.name}: precision must be float32 or float64, got {self.precision!r}")
+        check_precision(self.precision, self.name)
 
     def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> dict[str, np.ndarray]:
         import torch

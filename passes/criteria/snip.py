@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SnipPass", "Precision", "torch_device", "torch_dtype", "masked_leaves", "masked_weights",
-    "prune_batches", "model_io", "interpreter", "to_numpy_scores", "check_batch_size",
+    "prune_batches", "model_io", "interpreter", "to_numpy_scores", "check_batch_size", "check_precision",
 ]
 
 Precision = Literal["float32", "float64"]
@@ -140,6 +140,11 @@ def check_batch_size(batch_size: int, owner: str) -> None:
         raise UsageError(f"{owner}: batch_size must be a positive integer, got {batch_size!r}")
 
 
+def check_precision(precision: str, owner: str) -> None:
+    if precision not in ("float32", "float64"):
+        raise UsageError(f"{owner}: precision must be float32 or float64, got {precision!r}")
+
+
 @dataclass(frozen=True)
 class SnipPass(CriterionPass):
     """Keep the weights whose removal changes the loss most (|theta ⊙ dL/dtheta|)."""
@@ -151,8 +156,7 @@ class SnipPass(CriterionPass):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_batch_size(self.batch_size, self.name)
-        if self.precision not in ("float32", "float64"):
-            raise UsageError(f"{self.name}: precision must be float32 or float64, got {self.precision!r}")
+        check_precision(self.precision, self.name)
 
     def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> dict[str, np.ndarray]:
         import torch
