@@ -10,6 +10,7 @@ mask back. Unknown operators become ``opaque`` nodes and are listed in the warni
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +26,31 @@ __all__ = ["load_onnx_model", "import_onnx", "read_onnx"]
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview", "ai.onnx.preview.training"}
 
 
-def read_onnx(path: str | os.PathLike[str]) -> Any:
-    """Load a ModelProto with external data, turning every failure into a one-line ModelError."""
-    import onnx
-
-    p = Path(path)
+def _check_file(p: Path) -> None:
     if not p.exists():
         raise ModelError(f"{p}: no such file")
     if p.is_dir():
         raise ModelError(f"{p}: is a directory, expected an .onnx file")
     if p.stat().st_size == 0:
         raise ModelError(f"{p}: file is empty")
+
+
+def _check_graph(model: Any, p: Path) -> None:
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise ModelError(f"{p}: not a valid ONNX model (no graph)")
+
+
+def read_onnx(path: str | os.PathLike[str]) -> Any:
+    """Load a whole ModelProto with external data (for rewriting it), every failure a one-line ModelError."""
+    import onnx
+
+    p = Path(path)
+    _check_file(p)
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
         raise ModelError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse error'})") from None
-    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
-        raise ModelError(f"{p}: not a valid ONNX model (no graph)")
+    _check_graph(model, p)
     try:
         from onnx.external_data_helper import load_external_data_for_model, uses_external_data
 
@@ -54,9 +63,17 @@ def read_onnx(path: str | os.PathLike[str]) -> Any:
 
 
 def load_onnx_model(path: str | os.PathLike[str]) -> Graph:
-    """Read and lower an ONNX file."""
-    model = read_onnx(path)
-    graph = import_onnx(model, name=Path(path).stem)
+    """Read and lower an ONNX file; big and external weights stay memory-mapped (``onnx_wire``)."""
+    from pai_compiler.onnx_wire import open_model
+
+    p = Path(path)
+    _check_file(p)
+    try:
+        source = open_model(p)
+    except ModelError as exc:
+        raise ModelError(str(exc) if str(exc).startswith(str(p)) else f"{p}: {exc}") from None
+    _check_graph(source.model, p)
+    graph = import_onnx(source.model, name=p.stem, arrays=source.arrays)
     graph.meta["source_path"] = str(path)
     return graph
 
@@ -123,8 +140,9 @@ def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
 
 
 class _Importer:
-    def __init__(self, model: Any, name: str) -> None:
+    def __init__(self, model: Any, name: str, arrays: Mapping[str, np.ndarray] | None = None) -> None:
         self.model = model
+        self.arrays = arrays or {}
         self.graph = Graph(name or model.graph.name or "model")
         self.env: dict[str, Const | Value] = {}
         self.symbols: dict[str, sympy.Symbol] = {}
@@ -212,7 +230,7 @@ class _Importer:
         g = self.model.graph
         self.stored: dict[str, np.ndarray] = {}
         for t in g.initializer:
-            arr = _tensor_to_array(t)
+            arr = self.arrays[t.name] if t.name in self.arrays else _tensor_to_array(t)
             self.stored[t.name] = arr
             self.env[t.name] = Const(arr, origin=t.name)
             self.weight_sources[t.name] = "initializer"
@@ -390,9 +408,10 @@ def _dtype_name(elem_type: int) -> str:
         return "float32"
 
 
-def import_onnx(model: Any, name: str = "") -> Graph:
-    """Lower a loaded ModelProto to the IR."""
-    graph = _Importer(model, name).run()
+def import_onnx(model: Any, name: str = "", arrays: Mapping[str, np.ndarray] | None = None) -> Graph:
+    """Lower a loaded ModelProto to the IR; ``arrays`` gives initializer data by name (memory-mapped
+    weights that the proto leaves out), the rest is read from the proto."""
+    graph = _Importer(model, name, arrays).run()
     from pai_compiler.frontends._patterns import fuse_patterns
 
     fuse_patterns(graph)

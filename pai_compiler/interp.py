@@ -127,7 +127,15 @@ class Interpreter:
                 if not isinstance(d, int) and isinstance(d, sympy.Symbol):
                     self.bind.setdefault(d.name, int(size))
 
-    def run(self, inputs: list[torch.Tensor], *, on_node: Callable[[Node, list[torch.Tensor]], None] | None = None) -> list[torch.Tensor]:
+    def run(
+        self,
+        inputs: list[torch.Tensor],
+        *,
+        on_node: Callable[[Node, list[torch.Tensor]], None] | None = None,
+        keep_values: bool = True,
+    ) -> list[torch.Tensor]:
+        """Evaluate the graph; ``keep_values=False`` frees each value after its last use
+        (``self.values`` then holds only what was never consumed)."""
         graph_inputs = self.graph.inputs
         if len(inputs) != len(graph_inputs):
             raise PaicError(f"model has {len(graph_inputs)} inputs, got {len(inputs)}")
@@ -138,7 +146,8 @@ class Interpreter:
         outputs: list[torch.Tensor] = []
         out_scales: list[Any] = []
         feed = dict(zip([v.name for v in graph_inputs], inputs))
-        for node in self.graph.nodes:
+        dies_after = {} if keep_values else _last_uses(self.graph.nodes)
+        for index, node in enumerate(self.graph.nodes):
             if node.kind is OpKind.INPUT:
                 t = feed[node.outputs[0].name].to(self.device)
                 env[node.outputs[0].name] = t.to(self.dtype) if t.is_floating_point() else t
@@ -182,6 +191,9 @@ class Interpreter:
                 env[v.name] = t
             if on_node is not None:
                 on_node(node, outs)
+            for name in dies_after.get(index, ()):
+                env.pop(name, None)
+                scale.pop(name, None)
         self.values = env
         if self.scaling == "exact":
             self.out_log_scales = out_scales
@@ -195,6 +207,20 @@ class Interpreter:
         ref = max(scales, key=lambda s: float(s))
         aligned = [a if float(s) == float(ref) else a * torch.exp(torch.as_tensor(s - ref, dtype=a.dtype)) for a, s in zip(args, scales)]
         return aligned, ref
+
+
+def _last_uses(nodes: list[Node]) -> dict[int, list[str]]:
+    """Node index -> names of the values whose last reader (or producer, if unread) it is."""
+    last: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        for v in node.outputs:
+            last.setdefault(v.name, index)
+        for v in node.inputs:
+            last[v.name] = index
+    dies: dict[int, list[str]] = {}
+    for name, index in last.items():
+        dies.setdefault(index, []).append(name)
+    return dies
 
 
 # ---- rules: real semantics (also used in paths mode unless overridden) --------------------

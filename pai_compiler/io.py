@@ -22,7 +22,10 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
     if not os.access(folder, os.W_OK):
         raise PaicError(f"cannot write {target}: folder {folder} is not writable")
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    try:  # mkstemp makes the file 0600; give it the mode a plain open() would (0666 & ~umask)
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
@@ -31,6 +34,12 @@ def atomic_write(path: str | os.PathLike[str]) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_output_path(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], *, force: bool) -> Path:

@@ -111,14 +111,26 @@ def test_unwritable_output(tmp_path: Path) -> None:
     assert res.returncode == 1 and "does not exist" in res.stderr
 
 
-def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("where", ["stream", "save_model"])
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     import onnx
+
+    from pai_compiler import onnx_wire
+    from pai_compiler.backends import onnx_masked
 
     def half_write(model: object, path: str, *a: object, **k: object) -> None:
         Path(path).write_bytes(b"\x08\x07half a model")  # a partial file, then the disk "fails"
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(onnx, "save_model", half_write)
+    def half_copy(src: int, dst: int, offset: int, length: int) -> None:
+        os.write(dst, b"\x08\x07half")
+        raise OSError(28, "No space left on device")
+
+    if where == "stream":  # the usual path: initializer weights streamed from the source file
+        monkeypatch.setattr(onnx_wire, "_copy_range", half_copy)
+    else:  # the general path (load, edit, save), forced by making the stream refuse
+        monkeypatch.setattr(onnx_masked, "_streamable", lambda *a: False)
+        monkeypatch.setattr(onnx, "save_model", half_write)
     out = tmp_path / "o.onnx"
     res = CliRunner().invoke(app, ["optimize", str(RESNET), "--sparsity", "0.9", "-o", str(out), "-m", "magnitude"])
     assert res.exit_code == 1 and "No space left" in res.output

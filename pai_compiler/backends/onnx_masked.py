@@ -5,11 +5,18 @@ byte. A weight stored as an initializer is rewritten in place; one produced by a
 node gets a new ``value``; one produced by ``ConstantOfShape`` is replaced, at the same
 position and with the same output name, by a ``Constant`` holding the masked tensor. The
 paic version and pipeline go into ``metadata_props``. The file is written atomically.
+
+Initializer weights (raw or external data) are streamed from the source file without loading
+it (``pai_compiler.onnx_wire``); Constant/ConstantOfShape/sparse weights take the general path
+(load the proto, edit, save).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -86,15 +93,44 @@ def masked_model(graph: Graph, model: Any, *, pipeline: str = "") -> Any:
             node.attribute.append(helper.make_attribute("value", value))
         else:
             raise PaicError(f"cannot write mask of {origin!r}: unknown weight source {kind!r}")
-    items = {"paic.version": __version__}
-    if pipeline:
-        items["paic.pipeline"] = pipeline
-    set_metadata(model, items)
+    set_metadata(model, _metadata_items(pipeline))
     return model
 
 
 def write_masked_onnx(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], *, pipeline: str = "", check: bool = True) -> None:
-    """Read ``source`` again, apply the masks, and write ``out`` atomically."""
+    """Write ``source`` with ``graph``'s masks applied to ``out``, atomically.
+
+    When every masked weight is an initializer with raw or external data (the usual case) the
+    file is streamed (``onnx_wire.write_masked``: one tensor in memory, external data kept
+    external in ``<out>.data``); otherwise the source is loaded, edited and saved."""
+    from pai_compiler.onnx_wire import open_model, write_masked
+
+    params = {p.origin: p for p in graph.prunable_params() if p.mask is not None and p.origin}
+    wire = open_model(source)
+    if _streamable(graph, wire, params):
+        masked = {o: (lambda p=p: _masked_array(p.data, p.mask)) for o, p in params.items()}  # type: ignore[misc]
+        verify = (lambda model, data: _check_like_source(model, source, graph, data, Path(out).name)) if check else None
+        write_masked(wire, out, masked, _metadata_items(pipeline), check=verify)
+        return
+    del wire
+    _write_loaded(graph, source, out, pipeline=pipeline, check=check)
+
+
+def _streamable(graph: Graph, wire: Any, params: Mapping[str, Param]) -> bool:
+    """Every masked weight is an initializer with raw or external data in the source file."""
+    sources: dict[str, str] = graph.meta.get("weight_sources", {})
+    return all(sources.get(o) == "initializer" and o in wire.tensors and (wire.tensors[o].raw is not None or o in wire.arrays) for o in params)
+
+
+def _metadata_items(pipeline: str) -> dict[str, str]:
+    items = {"paic.version": __version__}
+    if pipeline:
+        items["paic.pipeline"] = pipeline
+    return items
+
+
+def _write_loaded(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], *, pipeline: str, check: bool) -> None:
+    """The general path: load the whole source, apply the masks to the proto, save it."""
     import onnx
 
     from pai_compiler.frontends.onnx import read_onnx
@@ -113,12 +149,19 @@ def write_masked_onnx(graph: Graph, source: str | os.PathLike[str], out: str | o
             _check_like_source(tmp, source, graph)
 
 
-def _check_like_source(written: Path, source: str | os.PathLike[str], graph: Graph) -> None:
-    """The output must pass ``onnx.checker`` (full check) unless the input already fails it."""
+def _check_like_source(written: Path, source: str | os.PathLike[str], graph: Graph, data: Path | None = None, final: str = "") -> None:
+    """The output must pass ``onnx.checker`` (full check) unless the input already fails it.
+
+    A streamed output (``final`` = its file name) is checked without loading its weights: its
+    temp files are moved, under their final names, into a private folder beside them, and the
+    checker reads a copy of the skeleton whose big tensors point at their bytes in those files
+    as external data (so every byte range is still checked); ``data`` holds the external data."""
     import onnx
 
     try:
-        onnx.checker.check_model(str(written), full_check=True)
+        with contextlib.ExitStack() as stack:
+            target = stack.enter_context(_external_skeleton(written, data, final)) if final else written
+            onnx.checker.check_model(str(target), full_check=True)
         return
     except Exception as exc:  # never leave an invalid model behind that we made invalid
         problem = " ".join(str(exc).split())[:200]
@@ -128,6 +171,40 @@ def _check_like_source(written: Path, source: str | os.PathLike[str], graph: Gra
         graph.meta["warnings"].append(f"the input model already fails onnx.checker ({problem}); the output keeps that")
         return
     raise PaicError(f"the written model fails onnx.checker: {problem}")
+
+
+@contextlib.contextmanager
+def _external_skeleton(written: Path, data: Path | None, final: str) -> Iterator[Path]:
+    """``<folder>/check.onnx``: the skeleton of ``written`` with its big raw tensors as external data.
+
+    The temp files are renamed into the folder for the check and back afterwards (onnx refuses
+    hard and symbolic links as external data)."""
+    import onnx
+
+    from pai_compiler.onnx_wire import open_model
+
+    folder = Path(tempfile.mkdtemp(prefix=".paic-check-", dir=written.parent))
+    moves = [(written, folder / final)] + ([(data, folder / (final + ".data"))] if data is not None else [])
+    try:
+        for src, dst in moves:
+            os.rename(src, dst)
+        wire = open_model(folder / final)
+        for t in wire.model.graph.initializer:
+            ref = wire.tensors.get(t.name)
+            if ref is not None and ref.raw is not None and t.name in wire.arrays:
+                t.data_location = onnx.TensorProto.EXTERNAL
+                del t.external_data[:]
+                for key, value in (("location", final), ("offset", str(ref.raw[0])), ("length", str(ref.raw[1] - ref.raw[0]))):
+                    entry = t.external_data.add()
+                    entry.key, entry.value = key, value
+        onnx.save_model(wire.model, str(folder / "check.onnx"))
+        del wire
+        yield folder / "check.onnx"
+    finally:
+        for src, dst in moves:
+            if dst.exists():
+                os.rename(dst, src)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _estimate_small(model: Any) -> bool:

@@ -113,10 +113,8 @@ class NodePathPass(AnalysisPass[NodePathResult]):
                 _path_rule(node)  # refuse before any work
         bind = sample_bindings(graph, parse_bind(self.bind))
         with torch.no_grad():
-            weights = _weight_operands(graph, torch.float64)
-            log_paths = _log_paths(graph, bind, weights, scaling="exact", pool="sum")
-            log_dpai = _log_paths(graph, bind, weights, scaling="dpai", pool="model")
-            del weights
+            log_paths = _log_paths(graph, bind, scaling="exact", pool="sum")
+            log_dpai = _log_paths(graph, bind, scaling="dpai", pool="model")
         try:
             reached = _weight_reachability(graph, bind)
         except (PaicError, NotImplementedError, RuntimeError):
@@ -156,13 +154,15 @@ def _ones_inputs(graph: Graph, it: Any, dtype: Any) -> list[torch.Tensor]:
     return out
 
 
-def _log_paths(graph: Graph, bind: dict[str, int], weights: dict[str, torch.Tensor], *, scaling: str, pool: str) -> float:
+def _log_paths(graph: Graph, bind: dict[str, int], *, scaling: str, pool: str) -> float:
+    """One ones-forward in float64; each layer's 0/1 operand is built when it runs and every
+    value is freed after its last use, so memory stays at one layer plus live activations."""
     import torch
 
     from pai_compiler.interp import Interpreter
 
-    it = Interpreter(graph, mode="paths", dtype=torch.float64, pool=pool, scaling=scaling, bind=bind, weights=weights)  # type: ignore[arg-type]
-    outs = it.run(_ones_inputs(graph, it, torch.float64))
+    it = Interpreter(graph, mode="paths", dtype=torch.float64, pool=pool, scaling=scaling, bind=bind)  # type: ignore[arg-type]
+    outs = it.run(_ones_inputs(graph, it, torch.float64), keep_values=False)
     if scaling == "exact":
         terms = [math.log(s) + float(scale) for t, scale in zip(outs, it.out_log_scales) if (s := float(t.sum())) > 0]
         return _logsumexp(terms)
@@ -189,48 +189,82 @@ def _path_rule(node: Node) -> Any:
 
 
 def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None) -> dict[str, np.ndarray]:
-    """``∂(path rule)/∂W > 0`` per prunable weight, from 0/1 forward indicators and 0/1 output grads."""
+    """``∂(path rule)/∂W > 0`` per prunable weight, from 0/1 forward indicators and 0/1 output grads.
+
+    Two sweeps keep memory at the activations plus one layer: the forward sweep (no autograd)
+    stores each value's 0/1 indicator; the backward sweep re-runs one node at a time with
+    autograd on its inputs and its weights' 0/1 operands, thresholds the weight gradients to
+    booleans at once, and frees every indicator and cotangent after its last use.
+    """
     import torch
 
     from pai_compiler.interp import Interpreter
 
     dtype = dtype or _indicator_dtype()
-    leaves = {name: t.requires_grad_() for name, t in _weight_operands(graph, dtype).items()}
-    it = Interpreter(graph, mode="paths", dtype=dtype, pool="sum", bind=bind, weights=leaves)
-    forward: dict[str, torch.Tensor] = {}
-    tape: list[tuple[Node, list[torch.Tensor], list[torch.Tensor]]] = []
-    forward.update(zip([v.name for v in graph.inputs], _ones_inputs(graph, it, dtype)))
+    params = {p.name: p for p, _ in _prunable_layers(graph)}
+    it = Interpreter(graph, mode="paths", dtype=dtype, pool="sum", bind=bind)
+    inputs = [v.name for v in graph.inputs]
+    forward: dict[str, torch.Tensor] = dict(zip(inputs, _ones_inputs(graph, it, dtype)))
+    nodes = [n for n in graph.nodes if n.kind not in (OpKind.INPUT, OpKind.OUTPUT)]
+    first_use: dict[str, int] = {}
     # NNPACK's Winograd/FFT convolutions would mix signs; direct/GEMM kernels keep 0 exact
-    with torch.enable_grad(), torch.backends.nnpack.flags(enabled=False):
-        for node in graph.nodes:
-            if node.kind in (OpKind.INPUT, OpKind.OUTPUT):
-                continue
-            args = [forward[v.name] for v in node.inputs]
-            outs = _path_rule(node)(it, node, args)
+    with torch.no_grad(), torch.backends.nnpack.flags(enabled=False):
+        for index, node in enumerate(nodes):
+            for v in node.inputs:
+                first_use.setdefault(v.name, index)
+            outs = _path_rule(node)(it, node, [_unpack(forward[v.name], dtype) for v in node.inputs])
             for v, t in zip(node.outputs, outs):
-                forward[v.name] = t.detach().sign().requires_grad_()  # counts >= 0: sign is the indicator
-            tape.append((node, args, outs))
+                forward[v.name] = t > 0 if t.is_floating_point() else t  # counts >= 0: kept as booleans (1 byte)  # counts >= 0: kept as booleans (1 byte)
     backward: dict[str, Any] = {}
     for v in graph.outputs:
-        backward[v.name] = backward.get(v.name, 0) + torch.ones_like(forward[v.name])
-    grads: dict[str, torch.Tensor] = {}
-    for node, args, outs in reversed(tape):
-        pairs = [(t, backward[v.name].sign()) for v, t in zip(node.outputs, outs) if v.name in backward and t.requires_grad]
-        weights = [(p.name, leaves[p.name]) for p in node.params.values() if p.name in leaves]
-        targets = [a for a in args if a.requires_grad] + [w for _, w in weights]
-        if not pairs or not targets or not any(bool(g.any()) for _, g in pairs):
-            continue
-        # VJP through a scalar: grad_outputs= would import torch.fx's symbolic shapes (~1 s)
-        vjp = sum((t * g).sum() for t, g in pairs)
-        got = torch.autograd.grad(vjp, targets, allow_unused=True)
-        inputs = [v for v, a in zip(node.inputs, args) if a.requires_grad]
-        for v, g in zip(inputs, got[: len(inputs)]):
-            if g is not None:
-                backward[v.name] = backward.get(v.name, 0) + g
-        for (name, _), g in zip(weights, got[len(inputs):]):
-            if g is not None:
-                grads[name] = grads[name] + g if name in grads else g
-    return {name: (grads[name] > 0).numpy() if name in grads else np.zeros(leaf.shape, dtype=bool) for name, leaf in leaves.items()}
+        backward[v.name] = backward.get(v.name, 0) + torch.ones(forward[v.name].shape, dtype=dtype)
+    reached = {name: np.zeros(p.shape, dtype=bool) for name, p in params.items()}
+    graph_inputs = set(inputs)
+    with torch.enable_grad(), torch.backends.nnpack.flags(enabled=False):
+        for index in range(len(nodes) - 1, -1, -1):
+            node = nodes[index]
+            cotangents = [backward.pop(v.name, None) for v in node.outputs]
+            if any(g is not None and bool(g.any()) for g in cotangents):
+                _node_vjp(it, node, forward, cotangents, graph_inputs, params, reached, backward, dtype)
+            for v in node.inputs:
+                if first_use.get(v.name) == index:
+                    forward.pop(v.name, None)
+    return reached
+
+
+def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any], graph_inputs: set[str],
+              params: dict[str, Param], reached: dict[str, np.ndarray], backward: dict[str, Any], dtype: Any) -> None:
+    """Re-run ``node`` with autograd; add its input cotangents to ``backward``, OR its weight grads > 0 into ``reached``."""
+    import torch
+
+    args = [_unpack(forward[v.name], dtype) for v in node.inputs]
+    args = [a if v.name in graph_inputs or not a.is_floating_point() else a.requires_grad_() for v, a in zip(node.inputs, args)]
+    leaves = {p.name: _operand(p, dtype).requires_grad_() for p in node.params.values() if p.name in params}
+    it.weights = leaves
+    try:
+        outs = _path_rule(node)(it, node, args)
+    finally:
+        it.weights = {}
+    pairs = [(t, g.sign()) for t, g in zip(outs, cotangents) if g is not None and t.requires_grad]
+    targets = [a for a in args if a.requires_grad] + list(leaves.values())
+    if not pairs or not targets:
+        return
+    # VJP through a scalar: grad_outputs= would import torch.fx's symbolic shapes (~1 s)
+    got = torch.autograd.grad(sum((t * g).sum() for t, g in pairs), targets, allow_unused=True)
+    grad_inputs = [v for v, a in zip(node.inputs, args) if a.requires_grad]
+    for v, g in zip(grad_inputs, got[: len(grad_inputs)]):
+        if g is not None:
+            backward[v.name] = backward[v.name] + g if v.name in backward else g
+    for name, g in zip(leaves, got[len(grad_inputs):]):
+        if g is not None:
+            reached[name] |= (g > 0).numpy()
+
+
+def _unpack(t: torch.Tensor, dtype: Any) -> torch.Tensor:
+    """A stored indicator as a 0/1 operand (booleans become ``dtype``; others pass through)."""
+    import torch
+
+    return t.to(dtype, memory_format=torch.contiguous_format) if t.dtype == torch.bool else t
 
 
 def _indicator_dtype() -> Any:
@@ -249,16 +283,11 @@ def _indicator_dtype() -> Any:
     return torch.bfloat16 if native else torch.float32
 
 
-def _weight_operands(graph: Graph, dtype: Any) -> dict[str, torch.Tensor]:
-    """The 0/1 mask of every prunable weight; dense ones are views of one shared ones buffer."""
+def _operand(p: Param, dtype: Any) -> torch.Tensor:
+    """The 0/1 operand of a prunable weight: its mask, or ones when it has none."""
     import torch
 
-    params = [p for p, _ in _prunable_layers(graph)]
-    ones = torch.ones(max((p.numel for p in params if p.mask is None), default=0), dtype=dtype)
-    return {
-        p.name: ones[: p.numel].view(p.shape).detach() if p.mask is None else torch.from_numpy(p.mask).to(dtype)
-        for p in params
-    }
+    return torch.ones(p.shape, dtype=dtype) if p.mask is None else torch.from_numpy(p.mask).to(dtype)
 
 
 def _prunable_layers(graph: Graph) -> list[tuple[Param, list[Node]]]:
