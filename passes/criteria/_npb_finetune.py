@@ -6,7 +6,12 @@ kept entry e lies on a path (it is *effective*). Conv layer by conv layer, in gr
 drop the ineffective kept weights and re-spend their count plus the carry on whole kernels
 (shortcuts: whole input columns), those with the most effective weights first; whatever is
 still ineffective is dropped and its count carried to the next layer (see :func:`fine_tune`
-for the reference's details we keep).
+for the reference's details we keep). Linear layers, which the reference leaves alone (its
+linear branch only prints), get the same treatment with single weights as kernels: with a fresh
+gradient, the ineffective weights plus the carry move to random (seeded) free positions that lie
+on a path (dlogP/dM > 0: input reached, output read further on); what finds no place is carried.
+On an MLP this is what keeps the first layer's weights alive when the next layer's path term
+reads only the hidden units with the most paths (LeNet-300 at 98 %: 3348 of 3621 fc1 weights).
 """
 from __future__ import annotations
 
@@ -68,15 +73,16 @@ class PathCounter:
         return float(log_p.detach()), {name: (np.zeros(t.shape) if g is None else g.numpy()) for (name, t), g in zip(leaves.items(), grads)}
 
 
-def fine_tune(counter: PathCounter, masks: dict[str, np.ndarray], shortcut: Mapping[str, bool], conv: Mapping[str, bool]) -> dict[str, Any]:
+def fine_tune(counter: PathCounter, masks: dict[str, np.ndarray], shortcut: Mapping[str, bool], conv: Mapping[str, bool], rng: np.random.Generator | None = None) -> dict[str, Any]:
     """Apply the fix-up in place on ``masks`` (natural shapes); returns per-layer statistics.
 
-    As the reference: effectiveness comes from one gradient taken before the pass; only conv
-    layers are touched; a layer is fixed when its ineffective weights plus the carry exceed
-    one; whole kernels (shortcuts: whole input columns) are switched on in order of their
-    effective-weight count while the budget is positive, so the last may overshoot it; a fresh
+    As the reference for conv layers: effectiveness comes from one gradient taken before the
+    pass; a layer is fixed when its ineffective weights plus the carry exceed one; whole kernels
+    (shortcuts: whole input columns) are switched on in order of their effective-weight count
+    while the budget is positive, so the last may overshoot it; a fresh
     gradient then finds what is still ineffective, which is dropped and becomes the carry
-    (a layer left alone passes the carry on unchanged).
+    (a layer left alone passes the carry on unchanged). Linear layers: see the module docstring
+    (``rng`` places their weights; without one they are left alone, as in the reference).
     """
     _, stale = counter.gradient(masks)
     carry = 0
@@ -84,7 +90,11 @@ def fine_tune(counter: PathCounter, masks: dict[str, np.ndarray], shortcut: Mapp
     for p in counter.params:
         before = int(np.count_nonzero(masks[p.name]))
         if not conv.get(p.name):
-            rows.append({"layer": p.name, "ineffective": None, "carry": carry, "kept": before})
+            if rng is None:
+                rows.append({"layer": p.name, "ineffective": None, "carry": carry, "kept": before})
+                continue
+            ineffective, carry = _fix_linear(counter, masks, p, carry, rng)
+            rows.append({"layer": p.name, "ineffective": ineffective, "carry": carry, "kept": int(np.count_nonzero(masks[p.name]))})
             continue
         oi_shape = p.to_oi(masks[p.name]).shape
         kept = p.to_oi(masks[p.name]).reshape(oi_shape[0], oi_shape[1], -1)
@@ -100,6 +110,23 @@ def fine_tune(counter: PathCounter, masks: dict[str, np.ndarray], shortcut: Mapp
             masks[p.name] = p.from_oi((filled & ~still).reshape(oi_shape)).copy()
         rows.append({"layer": p.name, "ineffective": ineffective, "carry": carry, "kept": int(np.count_nonzero(masks[p.name]))})
     return {"layers": rows, "carry_lost": carry}
+
+
+def _fix_linear(counter: PathCounter, masks: dict[str, np.ndarray], p: Param, carry: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Move a linear layer's ineffective weights (plus the carry) onto free on-path positions; (ineffective, new carry)."""
+    _, grad = counter.gradient(masks)
+    kept = masks[p.name]
+    on_path = grad[p.name] > 0
+    ineffective = int(np.count_nonzero(kept & ~on_path))
+    budget = ineffective + carry
+    if budget <= 1:
+        return ineffective, carry
+    free = np.flatnonzero((~kept & on_path).ravel())
+    take = rng.permutation(free)[:budget]
+    new = (kept & on_path).ravel()
+    new[take] = True
+    masks[p.name] = new.reshape(kept.shape)
+    return ineffective, budget - int(take.size)
 
 
 def _fill(kept: np.ndarray, budget: int, column_wise: bool) -> np.ndarray:

@@ -11,12 +11,15 @@ how many taps every kernel keeps:
 and the taps of each kernel are placed at random (seeded) positions. As in the reference:
 a conv with C_out*C_in > ``chunk_above`` (2048 = 64x32, the reference's ResNet-20 rule;
 128x128 elsewhere) is solved in blocks of ``chunk`` output channels, each with budget
-ceil(rho*block size); linear layers use max_p = 1, beta = 0 and blocks of 10 rows above
-5120 weights; shortcut convs use max_p = 1 and beta = 0.001; after each shortcut and each
-max-pool max_p drops by 2 while above 5; max_p is raised to ceil(n / #kernels) when the
-budget needs it. Finally ``fine_tune_mask`` (``_npb_finetune``) turns ineffective weights
-into effective ones. Budgets follow the allocation (ERK) up to those documented deviations
-(ResNet-20 at 99 %: 2767 kept instead of 2718 in the reference).
+ceil(rho*block size); shortcut convs use max_p = 1 and beta = 0.001; after each shortcut and
+each max-pool max_p drops by 2 while above 5; max_p is raised to ceil(n / #kernels) when the
+budget needs it. Linear layers use max_p = 1 and beta = 0 as in the reference, but each is one
+program over the whole layer, solved exactly by ``_npb_linear`` (the reference's independent
+10-row blocks all get the same solution on an MLP; see there). Finally ``fine_tune_mask``
+(``_npb_finetune``) turns ineffective weights into effective ones (conv layers as in the
+reference; linear layers, which the reference skips, at random on-path positions). Budgets follow the
+allocation (ERK) up to those documented deviations (ResNet-20 at 99 %: 2767 kept instead of
+2718 in the reference).
 """
 from __future__ import annotations
 
@@ -34,11 +37,11 @@ from pai_compiler.passes.allocation._base import check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.criteria._base import resolve_keep
 from pai_compiler.passes.criteria._npb_finetune import PathCounter, fine_tune
+from pai_compiler.passes.criteria._npb_linear import solve_linear
 from pai_compiler.passes.criteria._npb_milp import BlockProblem, ceil_budget, solve_block
 
 __all__ = ["NpbPass"]
 
-LINEAR_CHUNK_ABOVE, LINEAR_CHUNK = 5120, 10
 SHORTCUT_BETA = 0.001
 
 
@@ -106,7 +109,8 @@ class NpbPass(TransformPass):
                 if shortcut and max_p > 5:
                     max_p -= 2
         milp_seconds = time.perf_counter() - start
-        tuned = fine_tune(counter, masks, shortcuts, {p.name: first_user[p.name].kind is OpKind.CONV for p in params}) if self.finetune else None
+        conv = {p.name: first_user[p.name].kind is OpKind.CONV for p in params}
+        tuned = fine_tune(counter, masks, shortcuts, conv, rng) if self.finetune else None
         seconds = time.perf_counter() - start
         for p in params:
             graph.set_mask(p, masks[p.name])
@@ -125,22 +129,25 @@ class NpbPass(TransformPass):
     def _layer(self, counter: PathCounter, masks: dict[str, np.ndarray], node: Node, p: Param, keep: int, max_p: int, shortcut: bool, rng: np.random.Generator) -> dict[str, Any]:
         """Decide one layer's mask (in ``masks``); returns its report row."""
         oi = p.to_oi(np.zeros(p.shape, dtype=bool)).shape
-        out_ch, per_group = oi[0], (oi[1] if len(oi) > 1 else 1)
-        taps = math.prod(oi[2:])
         conv = node.kind is OpKind.CONV
-        groups = int(node.attrs.get("groups", 1)) if conv else 1
         p_in = counter.input_mass(masks, node, 1 if conv else -1)
+        if not conv:  # the whole layer's program, solved exactly (``_npb_linear``)
+            start = time.perf_counter()
+            mask = solve_linear(p_in, oi[0], keep, self.alpha, self.min_n, rng)
+            masks[p.name] = p.from_oi(mask.reshape(oi)).copy()
+            return {"layer": p.name, "allocated": int(keep), "kept": int(mask.sum()), "blocks": 1, "max_p": 1,
+                    "shortcut": False, "solve_seconds": time.perf_counter() - start, "status": "exact"}
+        out_ch, per_group = oi[0], oi[1]
+        taps = math.prod(oi[2:])
+        groups = int(node.attrs.get("groups", 1))
         kernels = out_ch * per_group
         kernel_out = np.repeat(np.arange(out_ch), per_group)
         kernel_in = (kernel_out // (out_ch // groups)) * per_group + np.tile(np.arange(per_group), out_ch)
-        if conv and not shortcut:
+        if not shortcut:
             cap, beta = min(max_p, taps), self.beta
         else:
-            cap, beta = 1, (SHORTCUT_BETA if shortcut else 0.0)
-        if conv:
-            block = self.chunk if groups == 1 and kernels > self.chunk_above else out_ch
-        else:
-            block = LINEAR_CHUNK if kernels > LINEAR_CHUNK_ABOVE else out_ch
+            cap, beta = 1, SHORTCUT_BETA
+        block = self.chunk if groups == 1 and kernels > self.chunk_above else out_ch
         density = keep / p.numel
         counts = np.zeros(kernels, dtype=np.int64)
         seconds, statuses = 0.0, set()
