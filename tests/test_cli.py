@@ -115,8 +115,7 @@ def test_unwritable_output(tmp_path: Path) -> None:
 def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
     import onnx
 
-    from pai_compiler import onnx_wire
-    from pai_compiler.backends import onnx_masked
+    from pai_compiler.backends import onnx_masked, onnx_stream
 
     def half_write(model: object, path: str, *a: object, **k: object) -> None:
         Path(path).write_bytes(b"\x08\x07half a model")  # a partial file, then the disk "fails"
@@ -127,7 +126,7 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
         raise OSError(28, "No space left on device")
 
     if where == "stream":  # the usual path: initializer weights streamed from the source file
-        monkeypatch.setattr(onnx_wire, "_copy_range", half_copy)
+        monkeypatch.setattr(onnx_stream, "_copy_range", half_copy)
     else:  # the general path (load, edit, save), forced by making the stream refuse
         monkeypatch.setattr(onnx_masked, "_streamable", lambda *a: False)
         monkeypatch.setattr(onnx, "save_model", half_write)

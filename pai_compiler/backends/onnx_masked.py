@@ -101,9 +101,10 @@ def write_masked_onnx(graph: Graph, source: str | os.PathLike[str], out: str | o
     """Write ``source`` with ``graph``'s masks applied to ``out``, atomically.
 
     When every masked weight is an initializer with raw or external data (the usual case) the
-    file is streamed (``onnx_wire.write_masked``: one tensor in memory, external data kept
+    file is streamed (``onnx_stream.write_masked``: one tensor in memory, external data kept
     external in ``<out>.data``); otherwise the source is loaded, edited and saved."""
-    from pai_compiler.onnx_wire import open_model, write_masked
+    from pai_compiler.backends.onnx_stream import write_masked
+    from pai_compiler.onnx_wire import open_model
 
     params = {p.origin: p for p in graph.prunable_params() if p.mask is not None and p.origin}
     wire = open_model(source)
