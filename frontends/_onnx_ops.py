@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import sympy
 
-from pai_compiler.frontends._onnx_static import Const, broadcast_shapes, prod, simplify_dim, sym_floor_div
+from pai_compiler.frontends._onnx_static import Const, broadcast_shapes, prod, simplify_dim
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim, OpKind, Value
 

@@ -8,7 +8,6 @@ node-test models; ``pytest -m slow`` runs them all.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import signal
 from collections import Counter
