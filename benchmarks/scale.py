@@ -7,7 +7,7 @@ process per run). The target is peak RSS < 3x the size of the weights.
 The >2 GB model is an MLP of Gemm layers whose weights live in one external-data file written
 tensor by tensor, so building it needs little memory.
 
-    python benchmarks/scale.py [--workdir /tmp/paic_scale] [--methods magnitude,dpai] [--big-gb 2.2]
+    python benchmarks/scale.py [--workdir /tmp/paic_scale] [--methods magnitude,dpai] [--big-gb 2.2] [--out docs/scale.md]
 """
 from __future__ import annotations
 
@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--big-gb", type=float, default=2.2)
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--skip-vit", action="store_true")
+    ap.add_argument("--out", help="also write the markdown table (with the command and machine) to this file")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
@@ -113,10 +114,16 @@ def main() -> None:
                   + (f"  stderr: {res['stderr']}" if res["rc"] else ""), flush=True)
             for f in work.glob(out.name + "*"):
                 f.unlink()
-    print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, OMP_NUM_THREADS=1")
-    print("| model | method | rc | wall s | peak RSS GiB | weights GiB | RSS / weights |\n|---|---|---|---|---|---|---|")
-    for label, method, rc, wall, rss, size, ratio in rows:
-        print(f"| {label} | {method} | {rc} | {wall:.1f} | {rss / 2**30:.2f} | {size / 2**30:.2f} | {ratio:.2f} |")
+    lines = [f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, OMP_NUM_THREADS=1; "
+             f"command: python benchmarks/scale.py {' '.join(sys.argv[1:])}", "",
+             "| model | method | rc | wall s | peak RSS GiB | weights GiB | RSS / weights |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {method} | {rc} | {wall:.1f} | {rss / 2**30:.2f} | {size / 2**30:.2f} | {ratio:.2f} |"
+              for label, method, rc, wall, rss, size, ratio in rows]
+    print("\n" + "\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("# Scale: peak memory of `paic optimize` on big models\n\n"
+                                  "Peak RSS of the whole `paic optimize ... --sparsity 0.9` process (kernel accounting of the child), "
+                                  "against the size of the model's weights; target < 3x.\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
