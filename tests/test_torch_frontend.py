@@ -168,6 +168,16 @@ def test_gradient_criteria_through_fused_attention_equal_onnx(lowered: Any, meth
         np.testing.assert_array_equal(masks["fx"][key], masks["onnx"][key], err_msg=key)
 
 
+def test_npb_masks_on_fused_attention_equal_onnx(lowered: Any) -> None:
+    """NPB decides out_proj from the attention output (not the node's input) on the fused fx node."""
+    pipeline = "erk{sparsity=0.9},npb"
+    onnx_masks = _pruned(lowered("tiny_vit", "onnx")[0], pipeline)[0]
+    masks = _pruned(lowered("tiny_vit", "fx")[0], pipeline)[0]
+    assert masks.keys() == onnx_masks.keys()
+    for key in masks:
+        np.testing.assert_array_equal(masks[key], onnx_masks[key], err_msg=key)
+
+
 def test_dpai_channel_mode_on_fused_attention(lowered: Any) -> None:
     """DPaI's default channel program on the fx ViT (one attention node per MHA)."""
     onnx_graph, _ = lowered("tiny_vit", "onnx")

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pai_compiler.ir import Graph, Node, Param
+from pai_compiler.ir import Graph, Node, OpKind, Param
 
 if TYPE_CHECKING:
     import torch
@@ -52,13 +52,17 @@ class PathCounter:
             log_p = torch.logsumexp(torch.stack(terms), 0)
         return log_p, leaves, it
 
-    def input_mass(self, masks: Mapping[str, np.ndarray], node: Node, channel_axis: int) -> np.ndarray:
-        """Relative path mass per channel of ``node``'s input (summed over every other axis)."""
+    def input_mass(self, masks: Mapping[str, np.ndarray], node: Node, channel_axis: int, param: Param | None = None) -> np.ndarray:
+        """Relative path mass per channel of the input ``param`` reads in ``node`` (summed over every
+        other axis): the node's input, except for a fused attention node's ``out_proj``, which reads
+        the attention output (left by the interpreter in ``inner_values``)."""
         import torch
 
         with torch.no_grad():
             _, _, it = self._run(masks, grad=False)
         x = it.values[node.inputs[0].name].detach()
+        if node.kind is OpKind.ATTENTION and param is not None and param is node.params.get("out_proj_weight"):
+            x = it.__dict__["inner_values"][f"{node.name}/out_proj_input"].detach()
         axis = channel_axis % x.dim()
         return x.sum(dim=[a for a in range(x.dim()) if a != axis]).numpy().astype(np.float64)
 

@@ -12,7 +12,7 @@ at most one, which minimises sum_o pos(min_n - e_o) for the given total. So the 
 E weights and maximises sum_i f_i(d_i) with f_i(d) = w_i d + g min(d, min_n), w_i =
 (1-alpha) P_in[i] / max_path, g = alpha / C: concave per input, so the E best unit gains are
 optimal (same objective value as the integer program, which is far slower: 86 s for LeNet-300's
-first layer in 10-row blocks). Between equal gains the weights are spread evenly over the tied
+first layer in 10-row blocks). Between equal gains (to 1e-9 relative) the weights are spread evenly over the tied
 inputs (seeded random order for the remainder); the outputs are wired least-loaded first
 (seeded). The whole layer is one program, as in the paper: the reference splits linear layers of
 more than 5120 weights into blocks of 10 rows solved independently, which on an MLP gives the
@@ -46,6 +46,10 @@ def input_degrees(p_in: np.ndarray, n_out: int, budget: int, alpha: float, min_n
     owner = np.concatenate([np.arange(n_in), np.arange(n_in)])
     keep = size > 0
     gain, size, owner = gain[keep], size[keep], owner[keep]
+    # gains equal up to float noise (1e-9 relative) are ties: the same layer lowered by another
+    # frontend, or summed in another order, then gets the same mask
+    top = float(np.abs(gain).max()) if gain.size else 0.0
+    gain = np.round(gain / top, 9) if top > 0 else gain
     order = np.argsort(-gain, kind="stable")
     gain, size, owner = gain[order], size[order], owner[order]
     left = total

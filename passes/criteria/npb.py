@@ -130,7 +130,7 @@ class NpbPass(TransformPass):
         """Decide one layer's mask (in ``masks``); returns its report row."""
         oi = p.to_oi(np.zeros(p.shape, dtype=bool)).shape
         conv = node.kind is OpKind.CONV
-        p_in = counter.input_mass(masks, node, 1 if conv else -1)
+        p_in = counter.input_mass(masks, node, 1 if conv else -1, p)
         if not conv:  # the whole layer's program, solved exactly (``_npb_linear``)
             start = time.perf_counter()
             mask = solve_linear(p_in, oi[0], keep, self.alpha, self.min_n, rng)
