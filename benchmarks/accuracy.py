@@ -433,6 +433,7 @@ def specs_from_args(args: argparse.Namespace) -> list[RunSpec]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    git_info()  # the commit of the code this process runs, not HEAD when a (long) run ends
     specs = specs_from_args(args)
     results_dir = Path(args.results_dir)
     if args.dry_run:
