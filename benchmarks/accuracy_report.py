@@ -161,18 +161,17 @@ NOTES = [
     "for hundreds of batches. The same warm-up and lr apply to every method.",
     "- **Allocation.** Every method prunes inside ERK layer densities (`erk{sparsity=s},<method>`), the paic default; "
     "SNIP, GraSP, SynFlow and magnitude therefore run layer-wise here, not with the global top-k of their papers.",
-    "- **NPB** solves one integer program per layer: 80-430 s per LeNet-300-100 prune on one shared core (see the "
-    "prune times in the details), far over the 60 s we allowed, so it runs the first seed of each cell only "
-    "(`--slow-seeds 1`), after all other methods. On LeNet-300-100 its masks collapse at 98% and above (about 38% test "
-    "accuracy): measured separately (seed 0, 98%), NPB's `fc1` mask reads only 121 of the 784 input pixels (random ERK: 770), "
-    "picked without regard to the data, so most of the image is never seen. NPB is data-agnostic by design and its "
-    "path term favours few, heavily used input nodes; on MNIST's many always-black border pixels that costs accuracy.",
+    "- **NPB** solves one integer program per conv layer (HiGHS, blocks as in the reference) and each linear layer as one "
+    "exact whole-layer program (`passes/criteria/_npb_linear.py`). The first NPB runs used the reference's independent "
+    "10-row blocks for linear layers: on LeNet-300-100 every block got the same solution, `fc1` read 302 of the 784 pixels "
+    "at 95% (121 at 98%) and accuracy collapsed to about 38% at 98% and above. Those runs were deleted and rerun after the fix.",
     "- **DPaI** runs with its defaults (`paths=channel`, 3000 steps, alpha 0.99, beta 0.5, lr 0.005). DPaI was designed "
     "and published for CNNs and ViTs on CIFAR/ImageNet-scale data; these MNIST models do not test that regime.",
     "- **AutoSparse** uses the predictor shipped at run time (`pai_compiler/autosparse/default_predictor.npz`); it was "
     "being developed while these runs were made, so its cells may not match the current predictor.",
-    "- **ResNet-20 / CIFAR-10** costs about 7 minutes per epoch on one contended core here (measured), i.e. about an hour "
-    "per 8-epoch run; see the coverage list above for what, if anything, ran.",
+    "- **ResNet-20 / CIFAR-10** costs about 43 minutes per 8-epoch run here (two runs in parallel at `nice -n 19` on the "
+    "shared 2-core machine; 0.35 s of CPU per batch of 128), so the grid fills seed-major over several sessions; the "
+    "coverage list above says what ran.",
     "",
 ]
 
@@ -244,8 +243,9 @@ def render_coverage(runs: list[dict[str, Any]], acc: Any) -> list[str]:
             lines.append(f"| {MODEL_NAMES.get(model, model)} | {100 * sp:g}% | "
                          + " | ".join(f"{row[m][0]}/{row[m][1]}" if m in row else "—" for m in methods) + " |")
         lines.append("")
-    slow = ", ".join(sorted(acc.SLOW_METHODS))
-    lines += [f"The slow method(s) ({slow}) are planned for the first seed of each cell only (`--slow-seeds 1`).", ""]
+    if acc.SLOW_METHODS:
+        slow = ", ".join(sorted(acc.SLOW_METHODS))
+        lines += [f"The slow method(s) ({slow}) are planned for the first seed of each cell only (`--slow-seeds 1`).", ""]
     extra = sorted({(r["dataset"], r["model"], r["schedule"], r["epochs"]) for r in runs if not r.get("limit_train")} -
                    {(s.dataset, s.model, "short", s.schedule.epochs) for g in acc.SUITES.values() for s in
                     acc.build_grid(g, ["random-erk"], "short")})

@@ -26,7 +26,7 @@ def _load_benchmark():
     return module
 
 
-def test_accuracy_benchmark_smoke(tmp_path: Path, data_dir: Path) -> None:
+def test_accuracy_benchmark_smoke(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if not (data_dir / "mnist.npz").is_file():
         pytest.skip(f"no MNIST at {data_dir}")
     acc = _load_benchmark()
@@ -53,6 +53,9 @@ def test_accuracy_benchmark_smoke(tmp_path: Path, data_dir: Path) -> None:
 
     # the grid is ordered seed-major and the dry run lists what exists
     grid = acc.build_grid(acc.SUITES["mnist"][:1], ["random-erk", "npb", "dpai"], "short", seeds=[0, 1])
+    assert [s.seed for s in grid] == [0] * 12 + [1] * 12
+    monkeypatch.setattr(acc, "SLOW_METHODS", frozenset({"npb"}))  # a slow method: last, first seed only
+    grid = acc.build_grid(acc.SUITES["mnist"][:1], ["random-erk", "npb", "dpai"], "short", seeds=[0, 1])
     assert [s.seed for s in grid[:8]] == [0] * 8 and [s.seed for s in grid[8:16]] == [1] * 8
-    assert [(s.method, s.seed) for s in grid[16:]] == [("npb", 0)] * 4  # slow methods: last, first seed only
+    assert [(s.method, s.seed) for s in grid[16:]] == [("npb", 0)] * 4
     assert acc.main(["--dry-run", "--models", "lenet300", "--methods", "random-erk", "--results-dir", str(results)]) == 0
