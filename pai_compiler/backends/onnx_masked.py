@@ -160,9 +160,11 @@ def _check_like_source(written: Path, source: str | os.PathLike[str], graph: Gra
     import onnx
 
     try:
-        with contextlib.ExitStack() as stack:
-            target = stack.enter_context(_external_skeleton(written, data, final)) if final else written
-            onnx.checker.check_model(str(target), full_check=True)
+        if final:
+            with _external_skeleton(written, data, final) as skeleton:
+                onnx.checker.check_model(str(skeleton), full_check=True)
+        else:
+            onnx.checker.check_model(str(written), full_check=True)
         return
     except Exception as exc:  # never leave an invalid model behind that we made invalid
         problem = " ".join(str(exc).split())[:200]
@@ -176,7 +178,7 @@ def _check_like_source(written: Path, source: str | os.PathLike[str], graph: Gra
 
 @contextlib.contextmanager
 def _external_skeleton(written: Path, data: Path | None, final: str) -> Iterator[Path]:
-    """``<folder>/check.onnx``: the skeleton of ``written`` with its big raw tensors as external data.
+    """``<folder>/<final>.check.onnx``: the skeleton of ``written`` with its big raw tensors as external data.
 
     The temp files are renamed into the folder for the check and back afterwards (onnx refuses
     hard and symbolic links as external data)."""
@@ -198,9 +200,10 @@ def _external_skeleton(written: Path, data: Path | None, final: str) -> Iterator
                 for key, value in (("location", final), ("offset", str(ref.raw[0])), ("length", str(ref.raw[1] - ref.raw[0]))):
                     entry = t.external_data.add()
                     entry.key, entry.value = key, value
-        onnx.save_model(wire.model, str(folder / "check.onnx"))
+        skeleton = folder / (final + ".check.onnx")  # a name neither output file can have
+        onnx.save_model(wire.model, str(skeleton))
         del wire
-        yield folder / "check.onnx"
+        yield skeleton
     finally:
         for src, dst in moves:
             if dst.exists():
