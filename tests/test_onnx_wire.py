@@ -144,3 +144,21 @@ def test_bad_external_data_is_refused(tmp_path: Path, damage: str, needle: str) 
         from pai_compiler.api import load_model
 
         load_model(src)
+
+
+def test_streamed_output_failing_the_checker_is_not_left_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src = ROOT / "examples" / "models" / "vgg_small.onnx"
+    real = onnx.checker.check_model
+    seen = []
+
+    def picky(model: object, *args: object, **kwargs: object) -> None:
+        seen.append(str(model))
+        if str(model).endswith(".check.onnx"):  # the written model's check skeleton
+            raise onnx.checker.ValidationError("simulated: broken output")
+        real(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx.checker, "check_model", picky)
+    result = optimize(src, sparsity=0.9, method="magnitude")
+    with pytest.raises(Exception, match="fails onnx.checker: simulated"):
+        save_model(result, src, tmp_path / "o.onnx")
+    assert list(tmp_path.iterdir()) == [] and len(seen) == 2  # skeleton, then the source (which passes)
