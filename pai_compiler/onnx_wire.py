@@ -146,6 +146,11 @@ def string_pairs(buf: Any, start: int, end: int) -> Iterator[tuple[str, str]]:
             yield ("key" if number == 1 else "value"), bytes(buf[vs:ve]).decode("utf-8", "replace")
 
 
+def _strippable(ref: TensorRef) -> bool:
+    """Big raw data of a type numpy holds natively (bfloat16, float8, int4... stay in the proto)."""
+    return ref.raw is not None and ref.raw[1] - ref.raw[0] >= STRIP_BYTES and np_dtype(ref.data_type) is not None
+
+
 def _scan(buf: Any) -> tuple[bytes, dict[str, TensorRef], tuple[int, int] | None]:
     """Skeleton bytes (big raw_data left out) and the TensorRef of every graph initializer."""
     tensors: dict[str, TensorRef] = {}
@@ -161,7 +166,7 @@ def _scan(buf: Any) -> tuple[bytes, dict[str, TensorRef], tuple[int, int] | None
             if gnum == INITIALIZER and gtype == 2:
                 ref = parse_tensor(buf, gvs, gve)
                 tensors[ref.name] = ref
-                if ref.raw is not None and ref.raw[1] - ref.raw[0] >= STRIP_BYTES:
+                if _strippable(ref):
                     kept = b"".join(bytes(buf[b:e]) for n, _, b, _, e in fields(buf, gvs, gve) if n != T_RAW)
                     parts.append(tag(INITIALIZER, len(kept)) + kept)
                     continue
@@ -226,7 +231,7 @@ def open_model(path: str | os.PathLike[str]) -> OnnxFile:
             raise ModelError(f"tensor {ref.name!r}: external data of ONNX type {ref.data_type} is not supported")
         if external and dtype is not None:
             arrays[ref.name] = _external_view(ref, p.parent, maps, dtype)
-        elif ref.raw is not None and ref.raw[1] - ref.raw[0] >= STRIP_BYTES:
+        elif _strippable(ref):
             count = int(np.prod(ref.dims, dtype=np.int64))
             if dtype is None or (ref.raw[1] - ref.raw[0]) != count * dtype.itemsize:
                 raise ModelError(f"tensor {ref.name!r}: raw_data has {ref.raw[1] - ref.raw[0]} bytes, not {ref.dims} of type {ref.data_type}")

@@ -162,3 +162,25 @@ def test_streamed_output_failing_the_checker_is_not_left_behind(tmp_path: Path, 
     with pytest.raises(Exception, match="fails onnx.checker: simulated"):
         save_model(result, src, tmp_path / "o.onnx")
     assert list(tmp_path.iterdir()) == [] and len(seen) == 2  # skeleton, then the source (which passes)
+
+
+def test_bfloat16_weights_round_trip(tmp_path: Path) -> None:
+    """A dtype numpy lacks (bfloat16, read through ml_dtypes) stays in the proto and streams back unchanged in type."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    w = np.random.default_rng(0).standard_normal((64, 256)).astype(ml_dtypes.bfloat16)  # 32 KiB > STRIP_BYTES
+    t = TensorProto()
+    t.name, t.data_type, t.raw_data = "w", TensorProto.BFLOAT16, w.tobytes()
+    t.dims.extend(w.shape)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["n", 256])], [t])
+    src, out = tmp_path / "bf16.onnx", tmp_path / "out.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(src))
+    assert "w" not in open_model(src).arrays
+    result = optimize(src, sparsity=0.5, method="magnitude")
+    save_model(result, src, out)
+    got = onnx.load(str(out)).graph.initializer[0]
+    assert got.data_type == TensorProto.BFLOAT16
+    values = numpy_helper.to_array(got)
+    assert np.array_equal(values, np.where(result.masks["w"], w, 0).astype(ml_dtypes.bfloat16))
+    assert np.count_nonzero(values) == w.size // 2

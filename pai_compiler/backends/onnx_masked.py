@@ -118,9 +118,17 @@ def write_masked_onnx(graph: Graph, source: str | os.PathLike[str], out: str | o
 
 
 def _streamable(graph: Graph, wire: Any, params: Mapping[str, Param]) -> bool:
-    """Every masked weight is an initializer with raw or external data in the source file."""
+    """Every masked weight is an initializer with raw or external data in the source file, of
+    exactly its array's size (a type numpy widens on reading, e.g. bfloat16, takes the general path)."""
     sources: dict[str, str] = graph.meta.get("weight_sources", {})
-    return all(sources.get(o) == "initializer" and o in wire.tensors and (wire.tensors[o].raw is not None or o in wire.arrays) for o in params)
+
+    def stored_bytes(name: str) -> int:  # -1: neither raw nor external data
+        ref = wire.tensors[name]
+        if ref.raw is not None:
+            return ref.raw[1] - ref.raw[0]
+        return int(wire.arrays[name].nbytes) if name in wire.arrays else -1
+
+    return all(sources.get(o) == "initializer" and o in wire.tensors and stored_bytes(o) == p.data.nbytes for o, p in params.items())
 
 
 def _metadata_items(pipeline: str) -> dict[str, str]:

@@ -63,7 +63,7 @@ def _write(fh: Any, pieces: list[Piece], files: list[Path]) -> None:
                 _copy_range(fds[index], fh.fileno(), offset, length)
             else:
                 length, produce = piece  # type: ignore[misc]
-                data = memoryview(produce()).cast("B")
+                data = np.ascontiguousarray(produce()).reshape(-1).view(np.uint8)  # any dtype (ml_dtypes too) as bytes
                 if len(data) != length:
                     raise PaicError(f"internal error: masked tensor has {len(data)} bytes, expected {length}")
                 fh.write(data)
