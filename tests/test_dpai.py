@@ -57,7 +57,7 @@ def test_keep_counts_are_exact_per_layer() -> None:
 def test_needs_an_allocation_and_checks_options() -> None:
     with pytest.raises(Exception, match="allocation"):
         _run(_model("vgg_small"), "dpai{steps=1}")
-    for bad in ("dpai{paths=pixel}", "dpai{steps=-1}", "dpai{alpha=2}", "dpai{ties=random}"):
+    for bad in ("dpai{paths=pixel}", "dpai{steps=-1}", "dpai{alpha=2}", "dpai{ties=random}", "dpai{state=low}", "dpai{state=band,paths=ref}", "dpai{state=band,ties=sort}"):
         with pytest.raises(UsageError):
             parse_pipeline(bad)
 
@@ -271,6 +271,71 @@ def test_adam_bound_holds_and_fused_adam_matches_torch() -> None:
         ref.step()
         assert float((a.detach() - before).abs().max()) <= 0.01 * adam_step_bound(t) * (1 + 1e-5)
     torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
+# ---- band state: only the scores that can cross a boundary, same masks as the full state ---------
+def _report_core(graph: Graph) -> dict[str, Any]:
+    drop = ("seconds", "ms_per_step", "setup_seconds", "topk", "state", "tracked")
+    return {k: v for k, v in graph.meta["dpai"].items() if k not in drop}
+
+
+@pytest.mark.parametrize("name,sparsity,steps", [("resnet20", 0.99, 60), ("resnet20", 0.9, 10), ("vgg_small", 0.5, 10), ("tiny_vit", 0.9, 25)])
+def test_band_state_equals_full_state(name: str, sparsity: float, steps: int) -> None:
+    full, band = (_run(_model(name), f"erk{{sparsity={sparsity}}},dpai{{steps={steps},state={state}}}", seed=2) for state in ("full", "band"))
+    assert full.meta["dpai"]["state"] == "full" and band.meta["dpai"]["state"] == "band"
+    assert band.meta["dpai"]["tracked"] < full.meta["dpai"]["tracked"]
+    first, second = _masks(full), _masks(band)
+    assert all(np.array_equal(first[k], second[k]) for k in first)
+    assert _report_core(full) == _report_core(band)
+
+
+def test_band_state_on_dead_taps_and_whole_layers() -> None:
+    b = _Builder((1, 2, 2, 2))
+    x = b.conv(b.x, 4, 3, stride=2, pad=1)
+    x = b.conv(x, 3, 3, pad=1)
+    g = b.finish(b.linear(b.flatten(x), 2))
+    full, band = (_run(g.clone(), f"dpai{{steps=15,lr=0.05,sparsity=0.5,state={state}}}") for state in ("full", "band"))
+    assert band.meta["dpai"]["dead_taps"] == ["conv1.weight", "conv2.weight"]
+    assert all(np.array_equal(a, c) for a, c in zip(_masks(full).values(), _masks(band).values()))
+    assert _report_core(full) == _report_core(band)
+
+
+def test_band_holds_the_boundary_and_auto_picks_it_for_short_runs() -> None:
+    from pai_compiler.passes.criteria._dpai_band import BandState, band_fraction, drift_bound
+    from pai_compiler.passes.criteria._dpai_run import choose_state
+
+    g = _model("vgg_small")
+    layout, *_ = _setup(g, 0.9)
+    drift = drift_bound(10, 0.005)
+    state = BandState(layout, 0, drift, "cpu")
+    scores = initial_scores(layout, 0, "cpu").detach().abs()
+    for layer, band in zip(layout.layers, state.bands):
+        a = scores[layer.offset : layer.offset + layer.numel]
+        assert torch.equal(state.scores.detach()[band.span.offset : band.span.offset + band.span.numel].abs(), a[band.local])
+        if band.always is not None and band.always.numel() and band.local.numel():
+            t0 = float(torch.topk(a, layer.keep).values[-1])  # k-th largest |S0|
+            outside = torch.ones(layer.numel, dtype=torch.bool)
+            outside[band.local] = False
+            outside[band.always.long()] = False
+            assert bool((a[band.always.long()] > t0 + 2 * drift).all()) and bool((a[outside] < t0 - 2 * drift).all())
+            assert band.span.keep == layer.keep - band.always.numel() > 0
+    sizes = [(layer.numel, layer.keep) for layer in layout.layers]
+    assert state.numel / layout.numel == pytest.approx(band_fraction(sizes, 10, 0.005), abs=0.02)
+    assert choose_state("auto", "channel", "auto", sizes, 10, 0.005) == "band"
+    assert choose_state("auto", "channel", "auto", sizes, 3000, 0.005) == "full"
+    assert choose_state("auto", "ref", "auto", sizes, 10, 0.005) == "full"
+
+
+def test_memory_check_refuses_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pai_compiler.passes.criteria._dpai_run as run
+    from pai_compiler.errors import PaicError
+
+    g = _model("resnet20")
+    need, state = run.memory_estimate(g.prunable_params(), {p.name: p.numel // 10 for p in g.prunable_params()}, parse_pipeline("dpai{steps=10}")[0])
+    assert state == "band" and need < run.FULL_BYTES * sum(p.numel for p in g.prunable_params())
+    monkeypatch.setattr(run, "memory_estimate", lambda *a: (1 << 60, "full"))
+    with pytest.raises(PaicError, match=r"need about .* GiB on the CPU \(full state, 10 steps\), only .* GiB is available"):
+        _run(g, "erk{sparsity=0.9},dpai{steps=10}")
 
 
 # ---- a tiny IR builder -----------------------------------------------------------------------

@@ -14,21 +14,27 @@ exact and on the materialised tensor otherwise (reshape, matmul, attention...). 
 weights therefore get real path gradients: Q, K and V reach the output through the two gated
 matmuls. DPaI's normalisation is kept: each conv/linear input is divided by its max m_l and
 log P = log(sum(out)) + sum_l log m_l. Forward and backward run on a hand-written tape
-(``_dpai_tape``), in numpy on the CPU and in torch on other devices.
+(``_dpai_tape``), in numpy on the CPU and in torch on other devices. The prunable weights W are
+slices of one flat kernel-level buffer ``counts`` (gradient: ``grad``) unless ``sources`` gives
+each layer's weight source (band state: ``_dpai_bandstep`` builds W one layer at a time).
+Forward values are dropped after their last reader (no backward reads them) and gradients
+after their producer's backward, so a step holds little beyond what the backward needs.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Graph, Node, OpKind
-from pai_compiler.passes.criteria._dpai_layout import Layout
+from pai_compiler.passes.criteria._dpai_layout import LayerInfo, Layout
 from pai_compiler.passes.criteria._dpai_ops import make_ops
-from pai_compiler.passes.criteria._dpai_tape import Cat, Expand, Instr, Reshape, Scale, Split, Sum, TorchOp, TorchWeightedOp, Transpose, Weighted
+from pai_compiler.passes.criteria._dpai_geometry import chan_pool_factor, conv_tap_live, reduction
+from pai_compiler.passes.criteria._dpai_tape import Cat, DenseWeight, Expand, Instr, Reshape, Scale, Split, Sum, Transpose, Weighted, WeightSource
+from pai_compiler.passes.criteria._dpai_torchops import TorchOp, TorchWeightedOp
 
 if TYPE_CHECKING:
     import torch
@@ -38,21 +44,17 @@ __all__ = ["ChannelProgram", "conv_tap_live"]
 _IDENTITY = (OpKind.NORM, OpKind.POINTWISE, OpKind.SOFTMAX)
 
 
-def conv_tap_live(node: Node, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
-    """Bool per tap (row-major over the kernel): does it ever read a real input pixel?"""
-    kernel = node.params["weight"].shape[2:]
-    pads, strides, dil = node.attrs["pads"], node.attrs["strides"], node.attrs["dilations"]
-    live = np.ones((), dtype=bool)
-    for a, k in enumerate(kernel):
-        pos = np.arange(out_shape[2 + a])[:, None] * strides[a] - pads[a] + np.arange(k)[None, :] * dil[a]
-        live = np.logical_and.outer(live, ((pos >= 0) & (pos < in_shape[2 + a])).any(axis=0))
-    return live.reshape(-1)
-
-
 class ChannelProgram:
-    """The compiled tape. ``counts`` (kernel-level W) in, ``grad`` (dlogP/dW) and log P out."""
+    """The compiled tape. ``counts`` (kernel-level W) in, ``grad`` (dlogP/dW) and log P out.
 
-    def __init__(self, graph: Graph, layout: Layout, shapes: Mapping[str, tuple[int, ...]], device: str | torch.device, bind: Mapping[str, int]) -> None:
+    ``sources(layer, uses)``, if given, makes each prunable layer's weight source instead
+    (``counts`` and ``grad`` are then None); ``uses`` is how many tape entries read the layer.
+    """
+
+    def __init__(
+        self, graph: Graph, layout: Layout, shapes: Mapping[str, tuple[int, ...]], device: str | torch.device, bind: Mapping[str, int],
+        sources: Callable[[LayerInfo, int], WeightSource] | None = None,
+    ) -> None:
         import torch
 
         from pai_compiler.interp import Interpreter
@@ -60,9 +62,13 @@ class ChannelProgram:
         self.graph, self.layout, self.shapes = graph, layout, shapes
         self.ops = make_ops(device)
         self._it = Interpreter(graph, mode="paths", dtype=torch.float32, device="cpu" if self.ops.name == "numpy" else device, pool="model", bind=bind)
-        self.counts = torch.zeros(layout.n_kernels, dtype=torch.float32, device=device)
-        self.grad = torch.zeros(layout.n_kernels, dtype=torch.float32, device=device)
-        self._counts, self._grad = self.ops.wrap(self.counts), self.ops.wrap(self.grad)
+        self._make_source = sources
+        self._sources: dict[str, WeightSource] = {}
+        self.counts = self.grad = None
+        if sources is None:
+            self.counts = torch.zeros(layout.n_kernels, dtype=torch.float32, device=device)
+            self.grad = torch.zeros(layout.n_kernels, dtype=torch.float32, device=device)
+            self._counts, self._grad = self.ops.wrap(self.counts), self.ops.wrap(self.grad)
         self._layer_of = {layer.name: layer for layer in layout.layers}
         self.tape: list[Instr] = []
         self.logs: list[Any] = []
@@ -73,6 +79,13 @@ class ChannelProgram:
         self.chan: set[int] = set()
         self._full: dict[str, int] = {}
         self._compile()
+        # forward values no backward reads: free each after its last reader (outputs are summed after the forward)
+        last = {slot: i for i, instr in enumerate(self.tape) for slot in instr.ins}
+        keep = {slot for slot, _, _ in self.outputs} | set(self.consts)
+        self._dies_after: dict[int, list[int]] = {}
+        for slot, i in last.items():
+            if slot not in keep:
+                self._dies_after.setdefault(i, []).append(slot)
 
     # ---- compile ---------------------------------------------------------------------------
     def _new(self, shape: tuple[int, ...], chan: bool = False, name: str | None = None) -> int:
@@ -103,6 +116,7 @@ class ChannelProgram:
                     if p.name in self._layer_of:
                         users.setdefault(p.name, []).append(node)
         self._last_user = {name: nodes[-1] for name, nodes in users.items()}
+        self._uses = {name: len(nodes) for name, nodes in users.items()}
         for node in self.graph.nodes:
             kind, outs = node.kind, node.outputs
             if kind is OpKind.INPUT:
@@ -138,7 +152,7 @@ class ChannelProgram:
             return None
         if kind in (OpKind.ADD, OpKind.MUL):
             full = [self._full_slot(v.name) for v in ins]
-            self.tape.append(Sum(self.ops, full, self._new(out_shape, name=outs[0].name), [_reduction(self.stored[s], out_shape) for s in full]))
+            self.tape.append(Sum(self.ops, full, self._new(out_shape, name=outs[0].name), [reduction(self.stored[s], out_shape) for s in full]))
             return None
         axis = node.attrs.get("axis", 0) % max(len(out_shape), 1)
         if kind is OpKind.CONCAT:
@@ -153,8 +167,8 @@ class ChannelProgram:
             shapes = [(self.shapes[v.name][1],) if chan else self.shapes[v.name] for v in outs]
             self.tape.append(Split(self.ops, src, [self._new(s, chan, v.name) for s, v in zip(shapes, outs)], 0 if chan else axis, shapes))
             return None
-        if kind is OpKind.POOL and all_chan and _chan_pool_factor(node, self.shapes[ins[0].name]) is not None:
-            factor = _chan_pool_factor(node, self.shapes[ins[0].name])
+        if kind is OpKind.POOL and all_chan and chan_pool_factor(node, self.shapes[ins[0].name]) is not None:
+            factor = chan_pool_factor(node, self.shapes[ins[0].name])
             src = slots[0]
             if factor != 1:
                 src = self._new(self.stored[slots[0]], True)
@@ -200,10 +214,8 @@ class ChannelProgram:
         weights = []
         for p in node.params.values():
             layer = self._layer_of.get(p.name)
-            if layer is None:
-                continue
-            a, b = layer.kernel_offset, layer.kernel_offset + layer.kernels
-            weights.append((p, self._counts[a:b].reshape(layer.out_ch, layer.in_ch), self._grad[a:b].reshape(layer.out_ch, layer.in_ch), self._last_user.get(p.name) is not node))
+            if layer is not None:
+                weights.append((p, self._source(layer), self._last_user.get(p.name) is not node))
         full = [self._full_slot(v.name) for v in node.inputs]
         outs = [self._new(self.shapes[v.name], name=v.name) for v in node.outputs]
         self.tape.append(TorchWeightedOp(self.ops, full, outs, it, node, PATH_RULES[OpKind.ATTENTION], weights, self.logs))
@@ -224,19 +236,27 @@ class ChannelProgram:
         out_ch = p.shape[p.out_axis]
         in_ch = p.shape[p.in_axis] if p.in_axis is not None else 1
         if layer is not None:
-            a, b = layer.kernel_offset, layer.kernel_offset + layer.kernels
-            w, grad = self._counts[a:b].reshape(out_ch, in_ch), self._grad[a:b].reshape(out_ch, in_ch)
+            weight = self._source(layer)
         else:  # a dense, non-prunable weight: every live tap counts
             live = conv_tap_live(node, self.shapes[node.inputs[0].name], self.shapes[node.outputs[0].name]).sum() if chan else 1
-            w, grad = self.ops.wrap(torch.full((out_ch, in_ch), float(live))), None
-            if self.ops.name == "torch":
-                w = w.to(self.counts.device)
+            w = torch.full((out_ch, in_ch), float(live))
+            weight = DenseWeight(self.ops, self.ops.wrap(w.to(self._it.device) if self.ops.name == "torch" else w), None)
         groups = int(node.attrs.get("groups", 1)) if chan else 1
         kind = "full" if not chan else "mv" if groups == 1 else "depthwise" if in_ch == 1 and out_ch == groups else "grouped"
         shape = (out_ch,) if chan else self.shapes[node.outputs[0].name]
         dst = self._new(shape, chan, node.outputs[0].name)
         accumulate_grad = layer is not None and self._last_user.get(p.name) is not node
-        self.tape.append(Weighted(self.ops, src, dst, w, grad, accumulate_grad, kind, groups, self.logs))
+        self.tape.append(Weighted(self.ops, src, dst, weight, accumulate_grad, kind, groups, self.logs))
+
+    def _source(self, layer: LayerInfo) -> WeightSource:
+        """The layer's weight source (one per layer, shared by all its uses)."""
+        if layer.name not in self._sources:
+            if self._make_source is not None:
+                self._sources[layer.name] = self._make_source(layer, self._uses.get(layer.name, 1))
+            else:
+                a, b, shape = layer.kernel_offset, layer.kernel_offset + layer.kernels, (layer.out_ch, layer.in_ch)
+                self._sources[layer.name] = DenseWeight(self.ops, self._counts[a:b].reshape(shape), self._grad[a:b].reshape(shape))
+        return self._sources[layer.name]
 
     # ---- run -------------------------------------------------------------------------------
     def forward_backward(self) -> torch.Tensor:
@@ -247,8 +267,12 @@ class ChannelProgram:
         env: list[Any] = [None] * len(self.stored)
         for slot, value in self.consts.items():
             env[slot] = value
-        for instr in self.tape:
+        for i, instr in enumerate(self.tape):
             instr.forward(env)
+            for slot in self._dies_after.get(i, ()):
+                env[slot] = None
+                self.ops.memo.pop(slot, None)
+        self.ops.memo.clear()
         totals = [env[slot].sum() * factor for slot, factor, _ in self.outputs]
         total = totals[0]
         for t in totals[1:]:
@@ -268,25 +292,6 @@ class ChannelProgram:
             result = log_p
         for instr in reversed(self.tape):
             instr.backward(env, genv)
+            for slot in instr.outs:  # read by its producer only
+                genv[slot] = None
         return result
-
-
-def _reduction(stored: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """Axes to sum a broadcast output gradient over, to get back an input of shape ``stored``."""
-    if stored == tuple(out_shape):
-        return None
-    lead = len(out_shape) - len(stored)
-    padded = (1,) * lead + tuple(stored)
-    axes = tuple(a for a in range(len(out_shape)) if padded[a] == 1 and out_shape[a] != 1) + tuple(range(lead))
-    return tuple(sorted(set(axes))), tuple(stored)
-
-
-def _chan_pool_factor(node: Node, in_shape: tuple[int, ...]) -> float | None:
-    """Value factor of a pool acting on a chan vector (1 for mean/max, area for sum), or None."""
-    a = node.attrs
-    if a.get("reduce"):
-        axes = [ax % len(in_shape) for ax in a["axes"]]
-        if any(ax < 2 for ax in axes):
-            return None
-        return float(math.prod(in_shape[ax] for ax in axes)) if a["mode"] == "sum" else 1.0
-    return float(math.prod(a["kernel_shape"])) if a["mode"] == "sum" else 1.0

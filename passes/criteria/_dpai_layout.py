@@ -118,10 +118,12 @@ class Layout:
         return segments
 
     # ---- index maps (torch, on a device) -------------------------------------------------
-    def node_of_kernel(self, device: str | torch.device) -> torch.Tensor:
+    def kernels_per_node(self, device: str | torch.device) -> torch.Tensor:
+        """in_ch of each node's layer (int64, n_nodes): ``x.repeat_interleave(this)`` takes a
+        per-node tensor to kernels (a node's kernels are consecutive), with no per-kernel index."""
         import torch
 
-        parts = [np.repeat(np.arange(layer.out_ch, dtype=np.int64) + layer.node_offset, layer.in_ch) for layer in self.layers]
+        parts = [np.full(layer.out_ch, layer.in_ch, dtype=np.int64) for layer in self.layers]
         return torch.as_tensor(np.concatenate(parts) if parts else np.zeros(0, np.int64), device=device)
 
     def keep_metadata(self, order: Sequence[int]) -> dict[str, np.ndarray]:

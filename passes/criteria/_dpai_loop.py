@@ -5,6 +5,8 @@ S.grad = -[(1-a) g + a((1-b) node_grad + b kernel_grad)] and takes one Adam step
 defaults, constant lr, the fused kernel where the device has one). A final measurement follows
 the last step, as in the reference. Statistics are read back (one device sync) only every
 ``record_every`` steps for the trajectory and every ``progress_every`` for the progress bar.
+``prepare`` turns the top-k's picks into what the step takes (``SurrogateUpdate.kept`` for the
+full state, band flags for ``_dpai_band``); S.grad is dropped after the last step.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ class Measure:
         import torch
 
         counts = (self.nodes.sum(), self.kernel_count(), self.effective.sum())
-        values = torch.stack([self.log_paths.float().cpu(), *(t.float().cpu() for t in counts)]).tolist()
+        values = torch.stack([self.log_paths.float().cpu().double(), *(t.double().cpu() for t in counts)]).tolist()
         return {"log_paths": values[0], "nodes": int(values[1]), "kernels": int(values[2]), "params": int(values[3])}
 
 
@@ -48,7 +50,6 @@ class ChannelStep:
 
     def __init__(self, program: ChannelProgram, update: SurrogateUpdate) -> None:
         self.program, self.update = program, update
-        self.sign: torch.Tensor | None = None
 
     def __call__(self, scores: torch.Tensor, kept: Kept, grad_out: torch.Tensor | None) -> Measure:
         import torch
@@ -65,10 +66,8 @@ class ChannelStep:
             nodes = update.node_flags(effective, kept)
             if grad_out is not None:
                 kernel_flag = (moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
-                if self.sign is None:
-                    self.sign = torch.empty_like(scores)
-                torch.sign(scores.detach(), out=self.sign)
-                update.expand_into(grad_out, self.sign, wgrad * update.coefficient(nodes, kept=kept, kernel_flag=kernel_flag))
+                torch.sign(scores.detach(), out=grad_out)  # then scaled in place: no sign(S) buffer
+                update.expand_into(grad_out, None, update.coefficient(nodes, kept=kept, kernel_flag=kernel_flag).mul_(wgrad))
         return Measure(log_p, effective, nodes, lambda: ((counts > 0) & (wgrad != 0)).sum())
 
 
@@ -125,7 +124,7 @@ class Adam:
 
 @dataclass
 class LoopResult:
-    keep_idx: np.ndarray
+    kept: Any  # the final selection, as ``prepare`` made it
     seconds: float
     initial: dict[str, float | int]
     final: dict[str, float | int]
@@ -145,17 +144,22 @@ def optimise(
     record_every: int = 100,
     progress: Callable[[int, dict[str, Any] | None], None] | None = None,
     progress_every: int = 25,
+    prepare: Callable[[torch.Tensor], Any] | None = None,
 ) -> LoopResult:
-    """Run ``steps`` DPaI updates on the flat ``scores`` leaf (in place)."""
+    """Run ``steps`` DPaI updates on the ``scores`` leaf (in place).
+
+    ``prepare`` turns the top-k's picks into what ``step_fn`` takes (default ``update.kept``).
+    """
     import torch
 
+    prepare = prepare or update.kept
     opt = Adam(scores, lr)
     scores.grad = torch.zeros_like(scores)
     trajectory: list[dict[str, Any]] = []
     initial: dict[str, Any] = {}
     start = time.perf_counter()
     for t in range(steps):
-        kept = update.kept(topk.select(scores))
+        kept = prepare(topk.select(scores))
         measure = step_fn(scores, kept, scores.grad)
         if t % record_every == 0 or (progress is not None and t % progress_every == 0):
             stats = {"step": t, **measure.read()}
@@ -167,7 +171,7 @@ def optimise(
                 progress(t, stats)
         opt.step()
         topk.moved(lr * adam_step_bound(t + 1) * (1 + 1e-3) + 1e-6)
-    kept = update.kept(topk.select(scores))
+    kept = prepare(topk.select(scores))
     measure = step_fn(scores, kept, None)
     seconds = time.perf_counter() - start
     final = {"step": steps, **measure.read()}
@@ -177,8 +181,9 @@ def optimise(
         trajectory.append(final)
     if progress is not None:
         progress(steps, final)
+    scores.grad = None
     return LoopResult(
-        keep_idx=kept.index.cpu().numpy(),
+        kept=kept,
         seconds=seconds,
         initial=initial,
         final=final,

@@ -3,7 +3,9 @@
 The tape's instructions are written once against this small interface; arithmetic, ``@``,
 ``.reshape`` and comparisons are shared by numpy arrays and torch tensors. ``normalise``
 is DPaI's x / m with m = max(x) (m = 1 for an all-zero input, without a host sync on the
-torch side) and ``normalise_backward`` its gradient including the log m term of log P.
+torch side) and ``normalise_backward`` its gradient including the log m term of log P. Inputs larger than
+``KEEP_SCALED`` elements keep only x between forward and backward (x / m is recomputed, the
+same operation, so the same values).
 """
 from __future__ import annotations
 
@@ -13,13 +15,18 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Ops", "NumpyOps", "TorchOps", "make_ops"]
+__all__ = ["Ops", "NumpyOps", "TorchOps", "make_ops", "KEEP_SCALED"]
+
+KEEP_SCALED = 4096
 
 
 class Ops:
-    """Interface (see the module docstring)."""
+    """Interface (see the module docstring). ``memo``: torch views of tape values, per forward."""
 
     name = ""
+
+    def __init__(self) -> None:
+        self.memo: dict[int, Any] = {}
 
     def wrap(self, t: Any) -> Any: ...  # torch tensor -> back-end array sharing memory
     def to_torch(self, a: Any) -> Any: ...
@@ -35,7 +42,12 @@ class Ops:
     def fill_zero(self, out: Any) -> None: ...
     def scalar(self, x: Any) -> Any: ...  # a 0-d torch tensor of the value
     def normalise(self, x: Any) -> tuple[Any, Any, Any]: ...  # (x / m, saved, log m)
-    def normalise_backward(self, gxh: Any, saved: Any) -> Any: ...
+    def normalise_backward(self, gxh: Any, saved: Any, xh: Any) -> Any: ...
+
+    @staticmethod
+    def rescaled(saved: Any) -> Any:
+        """x / m again from ``saved`` (kept only for small x: a large one is recomputed, not stored)."""
+        return saved[1] if saved[1] is not None else saved[0] / saved[2]
 
 
 class NumpyOps(Ops):
@@ -59,10 +71,10 @@ class NumpyOps(Ops):
         raw = float(x.max()) if x.size else 0.0
         m = raw if raw > 0 else 1.0
         xh = x / m
-        return xh, (x, xh, m, raw), math.log(m)
+        return xh, (x, xh if x.size <= KEEP_SCALED else None, m, raw), math.log(m)
 
-    def normalise_backward(self, gxh: Any, saved: Any) -> Any:
-        x, xh, m, raw = saved
+    def normalise_backward(self, gxh: Any, saved: Any, xh: Any) -> Any:
+        x, _, m, raw = saved
         gx = gxh / m
         if raw > 0:  # d/dx of (x / max x) and of log max x: the max's share splits evenly over ties
             dm = (1.0 - float(np.vdot(gxh, xh))) / m
@@ -107,6 +119,7 @@ class TorchOps(Ops):
     name = "torch"
 
     def __init__(self, device: Any) -> None:
+        super().__init__()
         self.device = device
 
     def wrap(self, t: Any) -> Any:
@@ -132,10 +145,10 @@ class TorchOps(Ops):
         valid = raw > 0
         m = torch.where(valid, raw, torch.ones_like(raw))
         xh = x / m
-        return xh, (x, xh, m, raw, valid), m.log()
+        return xh, (x, xh if x.numel() <= KEEP_SCALED else None, m, raw, valid), m.log()
 
-    def normalise_backward(self, gxh: Any, saved: Any) -> Any:
-        x, xh, m, raw, valid = saved
+    def normalise_backward(self, gxh: Any, saved: Any, xh: Any) -> Any:
+        x, _, m, raw, valid = saved
         hit = (x == raw).to(x.dtype)
         dm = valid * (1.0 - (gxh * xh).sum()) / (m * hit.sum())
         return gxh / m + hit * dm

@@ -72,7 +72,7 @@ def value_shapes(graph: Graph, bind: Mapping[str, int], device: str | torch.devi
             shapes[v.name] = tuple(int(s) for s in t.shape)
 
     with torch.no_grad():
-        it.run(inputs, on_node=record)
+        it.run(inputs, on_node=record, keep_values=False)
     return shapes
 
 

@@ -15,7 +15,9 @@ read from the pool. When the bound runs out we first measure the true drift
 max|S - S_rebuild| (one pass, the Adam bound is loose) and only then rebuild: the true k-th
 largest is >= t0_l - D, so only entries >= t0_l - D - M need scanning. The result equals a
 full sort every step, bit for bit. Layers with keep counts within a factor 2 share a padded
-pool and one unsorted ``topk`` per step (``_Bucket``).
+pool and one unsorted ``topk`` per step (``_Bucket``). A rebuild scans one layer at a time (no
+temporary the size of all scores). ``layout`` is anything whose ``layers`` have index, offset,
+numel and keep: a ``Layout``, or a ``BandState`` whose layers are its bands.
 """
 from __future__ import annotations
 
@@ -71,18 +73,17 @@ class _Bucket:
         self.width = 0
         self.t0: torch.Tensor | None = None
 
-    def pack(self, rows: torch.Tensor, idx: torch.Tensor) -> None:
-        """Padded [rows, width] pool from (local row, flat index) pairs sorted by row and index."""
+    def pack(self, hits: list[torch.Tensor]) -> None:
+        """Padded [rows, width] pool from each row's flat indices (ascending)."""
         import torch
 
-        counts = torch.bincount(rows, minlength=len(self.rows))
-        self.width = int(counts.max())
-        pos = torch.arange(rows.numel(), device=self.device) - (torch.cumsum(counts, 0) - counts)[rows]
+        self.width = max((int(h.numel()) for h in hits), default=0)
         self.pool = torch.zeros(len(self.rows), self.width, dtype=torch.int64, device=self.device)
         self.pad = torch.ones(len(self.rows), self.width, dtype=torch.bool, device=self.device)
-        self.pool[rows, pos] = idx
-        self.pad[rows, pos] = False
-        self.size = int(rows.numel())
+        for i, h in enumerate(hits):
+            self.pool[i, : h.numel()] = h
+            self.pad[i, : h.numel()] = False
+        self.size = sum(int(h.numel()) for h in hits)
 
     def top(self, scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(pool values, top values, top columns, k-th, (k+1)-th largest) per row."""
@@ -113,16 +114,6 @@ class IncrementalTopK:
             rows = sorted(r for r in by_keep if self.partial[r].keep <= 2 * first)
             by_keep = [r for r in by_keep if r not in rows]
             self.buckets.append(_Bucket(rows, [self.partial[r].keep for r in rows], device))
-        self.where = {r: (b, i) for b, bucket in enumerate(self.buckets) for i, r in enumerate(bucket.rows)}
-        self.row_of = torch.as_tensor([self.where[r][1] for r in range(len(self.partial))], dtype=torch.int64, device=device)
-        # groups of consecutive partial layers with equal (numel, keep): one [G, n] block each
-        self.groups: list[list[int]] = []
-        for row, layer in enumerate(self.partial):
-            prev = self.partial[row - 1] if row else None
-            if prev is not None and prev.offset + prev.numel == layer.offset and (prev.numel, prev.keep) == (layer.numel, layer.keep):
-                self.groups[-1].append(row)
-            else:
-                self.groups.append([row])
         #: kept-entry order: the partial layers bucket by bucket, then the dense layers
         self.order = [self.partial[r].index for bucket in self.buckets for r in bucket.rows] + [layer.index for layer in dense]
         self.t0: torch.Tensor | None = None
@@ -138,43 +129,30 @@ class IncrementalTopK:
         self.verified = False
 
     # ---- pools -----------------------------------------------------------------------------
-    def _blocks(self, a: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
-        """(first row, [G, n] view of |S|) per group."""
-        out = []
-        for group in self.groups:
-            first = self.partial[group[0]]
-            out.append((group[0], a[first.offset : first.offset + first.numel * len(group)].view(len(group), first.numel)))
-        return out
-
     def _rebuild(self, scores: torch.Tensor) -> None:
+        """New pools and t0, one layer at a time (no temporaries the size of all scores)."""
         import torch
 
-        a = scores.detach().abs()
-        blocks = self._blocks(a)
+        s = scores.detach()
         if self.t0 is None:
-            lower = torch.cat([torch.topk(b, self.partial[r].keep, dim=1, sorted=False).values.amin(1) for r, b in blocks]) - self.margin
+            kth0 = [torch.kthvalue(s[r.offset : r.offset + r.numel].abs(), r.numel - r.keep + 1).values for r in self.partial]
+            lower = torch.stack(kth0) - self.margin
         else:
             lower = self.t0 - (self.drift + self.margin)
-        rows, idx = [], []
-        for r, b in blocks:
-            hit = torch.nonzero(b >= lower[r : r + b.shape[0]].unsqueeze(1))
-            first = self.partial[r]
-            rows.append(hit[:, 0] + r)
-            idx.append(hit[:, 0] * first.numel + hit[:, 1] + first.offset)
-        rows_t, idx_t = torch.cat(rows), torch.cat(idx)
-        bucket_of = torch.as_tensor([self.where[r][0] for r in range(len(self.partial))], dtype=torch.int64, device=self.device)[rows_t]
-        kth_all = torch.empty(len(self.partial), dtype=a.dtype, device=self.device)
-        for b, bucket in enumerate(self.buckets):
-            mine = bucket_of == b
-            rows_b, idx_b = self.row_of[rows_t[mine]], idx_t[mine]
-            bucket.pack(rows_b, idx_b)
+        kth_all = torch.empty(len(self.partial), dtype=s.dtype, device=self.device)
+        for bucket in self.buckets:
+            hits = []
+            for r in bucket.rows:
+                layer = self.partial[r]
+                hits.append(torch.nonzero(s[layer.offset : layer.offset + layer.numel].abs() >= lower[r]).squeeze(1) + layer.offset)
+            bucket.pack(hits)
             kth = bucket.top(scores)[3]
-            keep = a[idx_b] >= (kth - self.margin)[rows_b]  # trim to the margin around the new t0
-            bucket.pack(rows_b[keep], idx_b[keep])
+            limit = kth - self.margin  # trim to the margin around the new t0
+            bucket.pack([h[s[h].abs() >= limit[i]] for i, h in enumerate(hits)])
             bucket.t0 = kth
             kth_all[torch.as_tensor(bucket.rows, device=self.device)] = kth
         self.t0, self.drift, self.verified = kth_all, 0.0, True
-        self.reference = scores.detach().clone()
+        self.reference = s.clone()
         self.pool_size = sum(bucket.size for bucket in self.buckets)
         self.rebuilds += 1
 

@@ -55,9 +55,12 @@ class SurrogateUpdate:
         import torch
 
         self.layout, self.alpha, self.beta, self.device = layout, float(alpha), float(beta), device
-        meta = {k: torch.as_tensor(v, device=device) for k, v in layout.keep_metadata(order).items()}
+        host = layout.keep_metadata(order)
+        layer_of = host.pop("layer")
+        small = np.int32 if max(layout.numel, layout.n_kernels, layout.n_nodes) < 2**31 else np.int64  # 4 bytes per kept entry and field
+        meta = {k: torch.as_tensor(v.astype(small), device=device) for k, v in host.items()}
         self.meta = meta
-        self.node_of_kernel = layout.node_of_kernel(device)
+        self.kernels_per_node = layout.kernels_per_node(device)
         self.dtype = torch.float32
         self.ones = torch.ones(len(meta["offset"]), dtype=self.dtype, device=device)
         self.live_table: torch.Tensor | None = None
@@ -67,7 +70,7 @@ class SurrogateUpdate:
                 starts.append(sum(len(t) for t in table))
                 table.append(layout.tap_live.get(layer.name, np.ones(layer.taps, dtype=bool)).astype(np.float32))
             self.live_table = torch.as_tensor(np.concatenate(table), device=device)
-            self.live_start = torch.as_tensor(np.asarray(starts, dtype=np.int64)[meta["layer"].cpu().numpy()], device=device)
+            self.live_start = torch.as_tensor(np.asarray(starts, dtype=np.int64)[layer_of], device=device)
         self.live_segments = {
             i: torch.as_tensor(seg.live, dtype=self.dtype, device=device).view(1, -1) for i, seg in enumerate(layout.segments) if seg.live is not None
         }
@@ -102,20 +105,27 @@ class SurrogateUpdate:
         Kernel flags come dense (``kernels``) or per kept entry (``kernel_flag``, equal for
         every entry of a kernel): only kernels holding kept weights can be effective.
         """
-        c = (nodes * (self.alpha * (1 - self.beta)) - 1.0)[self.node_of_kernel]
+        c = (nodes * (self.alpha * (1 - self.beta)) - 1.0).repeat_interleave(self.kernels_per_node, output_size=self.layout.n_kernels)
         if kernels is not None:
             return c.add_(kernels, alpha=self.alpha * self.beta)
         assert kept is not None and kernel_flag is not None
         c[kept.kernel] = c[kept.kernel] + kernel_flag * (self.alpha * self.beta)
         return c
 
-    def expand_into(self, out: torch.Tensor, sign: torch.Tensor, per_kernel: torch.Tensor) -> None:
-        """out[e] = sign[e] * per_kernel[kernel(e)] * live(e), one broadcast per segment."""
+    def expand_into(self, out: torch.Tensor, sign: torch.Tensor | None, per_kernel: torch.Tensor) -> None:
+        """out[e] = sign[e] * per_kernel[kernel(e)] * live(e), one broadcast per segment.
+
+        ``sign=None``: ``out`` already holds sign(S) and is scaled in place (the same products).
+        """
         import torch
 
         for i, seg in enumerate(self.layout.segments):
             view = out[seg.start : seg.stop].view(-1, seg.taps)
-            torch.mul(sign[seg.start : seg.stop].view(-1, seg.taps), per_kernel[seg.kernel_start : seg.kernel_stop].unsqueeze(1), out=view)
+            factor = per_kernel[seg.kernel_start : seg.kernel_stop].unsqueeze(1)
+            if sign is None:
+                view.mul_(factor)
+            else:
+                torch.mul(sign[seg.start : seg.stop].view(-1, seg.taps), factor, out=view)
             if i in self.live_segments:
                 view.mul_(self.live_segments[i])
 

@@ -22,6 +22,15 @@ attention, whose Q/K/V/out weights get real path gradients through the interpret
 rule paths(A@B) = paths(A)@1 + 1@paths(B). The report (``graph.meta["dpai"]``) always gives
 the final mask's per-pixel reference-convention log paths, nodes, kernels and effective params,
 and the ``node-path`` analysis of it (exact log paths, boolean effectiveness).
+
+``state`` picks what is stored per weight (the masks are the same bit for bit): ``full`` keeps
+S, the Adam moments and S.grad for every weight (plus kernel-level buffers); ``band`` (channel
+mode, index ties) only for the entries whose |S0| lies within 2D of their layer's top-k
+boundary, D = sum_t lr * adam_step_bound(t) bounding any score's total movement: the others are
+kept or dropped at every step (``_dpai_band``). ``auto`` takes ``band`` when the bands are
+expected to hold at most a quarter of the weights (tens of steps at lr 0.005). An up-front
+check refuses a run whose measured-per-weight estimate (``_dpai_run.memory_estimate``) exceeds
+MemAvailable.
 """
 from __future__ import annotations
 
@@ -37,15 +46,19 @@ from pai_compiler.passes.allocation._base import check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.criteria._base import resolve_keep
 
-__all__ = ["DpaiPass", "PathMode", "TieMode"]
+__all__ = ["DpaiPass", "PathMode", "TieMode", "StateMode"]
 
 PathMode = Literal["channel", "ref", "exact"]
 TieMode = Literal["auto", "sort", "index"]
+StateMode = Literal["auto", "full", "band"]
 
 
 @dataclass(frozen=True)
 class DpaiPass(TransformPass):
-    """Optimise per-layer masks for paths, nodes and kernels (needs an allocation or ``sparsity``)."""
+    """Optimise per-layer masks for paths, nodes and kernels (needs an allocation or ``sparsity``).
+
+    ``state``: auto, full or band (what is stored per weight; the masks do not depend on it).
+    """
 
     name: ClassVar[str] = "dpai"
     alpha: float = 0.99
@@ -57,12 +70,17 @@ class DpaiPass(TransformPass):
     device: str | None = None
     sparsity: float | None = None
     ties: TieMode = "auto"
+    state: StateMode = "auto"
 
     def __post_init__(self) -> None:
         if self.paths not in ("channel", "ref", "exact"):
             raise UsageError(f"dpai: paths must be channel, ref or exact, got {self.paths!r}")
         if self.ties not in ("auto", "sort", "index"):
             raise UsageError(f"dpai: ties must be auto, sort or index, got {self.ties!r}")
+        if self.state not in ("auto", "full", "band"):
+            raise UsageError(f"dpai: state must be auto, full or band, got {self.state!r}")
+        if self.state == "band" and (self.paths != "channel" or self.ties == "sort"):
+            raise UsageError("dpai: state=band needs paths=channel and index ties (the sort tie rule reads whole layers)")
         if self.steps < 0:
             raise UsageError(f"dpai: steps must be >= 0, got {self.steps}")
         if not self.lr > 0:
@@ -88,7 +106,7 @@ class DpaiPass(TransformPass):
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
         import torch
 
-        from pai_compiler.passes.criteria._dpai_run import run_dpai
+        from pai_compiler.passes.criteria._dpai_run import release_memory, run_dpai
 
         params = graph.prunable_params()
         if not params:
@@ -96,16 +114,19 @@ class DpaiPass(TransformPass):
         device = torch.device(self.device or am.context.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("dpai: device cuda requested but torch sees no CUDA device")
-        _check_memory(sum(p.numel for p in params), device.type)
+        keep = self.keep_counts(graph, params)
+        _check_memory(params, keep, self, device.type)
         seed = am.context.seed if self.seed is None else self.seed
         with _progress_bar(am.context.progress, self.steps, self.paths) as progress:
             report, masks = run_dpai(
-                graph, params, self.keep_counts(graph, params), options=self, seed=seed, device=device,
+                graph, params, keep, options=self, seed=seed, device=device,
                 bind=am.context.extra.get("bind"), progress=progress,
             )
         for p in params:
-            graph.set_mask(p, masks[p.name])
+            graph.set_mask(p, masks.pop(p.name))
+        del masks
         report["final"]["node_path"] = _node_path(graph, am)
+        release_memory()
         graph.meta["dpai"] = report
         return PassResult(modified=True, preserved=frozenset())
 
@@ -139,12 +160,10 @@ def _progress_bar(enabled: bool, steps: int, mode: str) -> Iterator[Callable[[in
         yield update
 
 
-# Measured peak on CPU: scores, Adam moments, gradients, masks and top-k buffers, about 36-40
-# bytes per prunable weight (ViT-B/16, an 8192-wide MLP); refuse early instead of being OOM-killed.
-_BYTES_PER_WEIGHT = 40
+def _check_memory(params: list[Param], keep: dict[str, int], options: DpaiPass, device: str) -> None:
+    """Refuse early, with a clear message, instead of being OOM-killed (CPU only)."""
+    from pai_compiler.passes.criteria._dpai_run import memory_estimate
 
-
-def _check_memory(weights: int, device: str) -> None:
     if device != "cpu":
         return
     try:
@@ -153,9 +172,10 @@ def _check_memory(weights: int, device: str) -> None:
     except OSError:
         return
     available = info.get("MemAvailable")
-    need = weights * _BYTES_PER_WEIGHT
+    weights = sum(p.numel for p in params)
+    need, state = memory_estimate(params, keep, options)
     if available is not None and need > available:
         raise PaicError(
-            f"dpai: {weights:,} prunable weights need about {need / 2**30:.1f} GiB on the CPU, "
-            f"only {available / 2**30:.1f} GiB is available; use --device cuda, exclude layers, or a one-shot method (magnitude, snip)"
+            f"dpai: {weights:,} prunable weights need about {need / 2**30:.1f} GiB on the CPU ({state} state, {options.steps} steps), "
+            f"only {available / 2**30:.1f} GiB is available; use fewer steps, --device cuda, exclude layers, or a one-shot method (magnitude, snip)"
         )
