@@ -14,8 +14,10 @@ another file at ``TensorProto.external_data`` (13) ``{location, offset, length}`
 """
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ import numpy as np
 
 from pai_compiler.errors import ModelError
 
-__all__ = ["STRIP_BYTES", "OnnxFile", "TensorRef", "open_model", "fields", "parse_tensor", "string_pairs", "tag", "encode_varint"]
+__all__ = ["STRIP_BYTES", "OnnxFile", "TensorRef", "open_model", "release_mapped_pages", "fields", "parse_tensor", "string_pairs", "tag", "encode_varint"]
 
 #: raw_data of at least this many bytes leaves the skeleton (shape constants stay inline)
 STRIP_BYTES = 1 << 14
@@ -184,10 +186,28 @@ def np_dtype(data_type: int) -> np.dtype[Any] | None:
     return None
 
 
+#: every live mapping made by :func:`open_model` (weak: a mapping goes when its last view does)
+_MAPPED: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
+
+
 def _map(path: Path) -> Any:
     with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        if not os.fstat(fh.fileno()).st_size:
+            return b""
+        mapped = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    _MAPPED.add(mapped)
+    return mapped
+
+
+def release_mapped_pages() -> None:
+    """Drop the resident pages of every mapped model file from this process's memory.
+
+    They are clean file pages: the next read of a weight faults them back in from the page
+    cache. Called between a phase that read every weight once (the audit) and one that needs
+    memory but not the weights (DPaI), it lowers the peak RSS by up to the weights' size."""
+    for mapped in list(_MAPPED):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # closed, or no madvise here
+            mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def _external_view(ref: TensorRef, folder: Path, maps: dict[Path, Any], dtype: np.dtype[Any]) -> np.ndarray:
