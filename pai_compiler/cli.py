@@ -135,7 +135,7 @@ def optimize(
     with guard(debug):
         from pai_compiler import api
         from pai_compiler.io import check_output_path
-        from pai_compiler.onnx_wire import release_mapped_pages
+        from pai_compiler.memory import release_all
         from pai_compiler.pass_infra import PrintIRInstrument, TimingInstrument
 
         sparsity_value = _parse_float_flag("--sparsity", sparsity)
@@ -151,7 +151,7 @@ def optimize(
 
             batch = load_batch_for(graph, data, samples_per_class=samples, seed=seed)
         before = _totals(graph, paths=not no_paths)
-        release_mapped_pages()  # the audit read every weight; most criteria (DPaI) need memory, not weights
+        release_all()  # the audit read every weight and allocated; most criteria (DPaI) need memory, not weights
         instruments: list[Any] = []
         timer = TimingInstrument()
         if timing:
@@ -162,8 +162,9 @@ def optimize(
             graph, pipeline=spec, seed=seed, exclude=exclude or (), device=device,
             data=batch, progress=not quiet and sys.stderr.isatty(), instruments=instruments,
         )
-        release_mapped_pages()
+        release_all()
         after = _totals(result.graph, paths=not no_paths)
+        release_all()  # the writer reads only the masked weights, one at a time
         compact_doc = None
         if align != 1 and not compact:
             from pai_compiler.errors import UsageError

@@ -19,6 +19,7 @@ import numpy as np
 
 from pai_compiler.errors import PaicError
 from pai_compiler.io import atomic_write
+from pai_compiler.memory import release_weight_pages
 from pai_compiler.onnx_wire import (
     EXTERNAL, GRAPH, INITIALIZER, METADATA, T_EXTERNAL, T_LOCATION, OnnxFile, TensorRef,
     encode_varint, fields, np_dtype, string_pairs, tag,
@@ -67,6 +68,8 @@ def _write(fh: Any, pieces: list[Piece], files: list[Path]) -> None:
                 if len(data) != length:
                     raise PaicError(f"internal error: masked tensor has {len(data)} bytes, expected {length}")
                 fh.write(data)
+                del data
+                release_weight_pages()  # the masked weight's pages were read through the mapping
     finally:
         for fd in fds.values():
             os.close(fd)

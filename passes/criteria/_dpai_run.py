@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pai_compiler.ir import Graph, Param
+from pai_compiler.memory import trim_heap
 from pai_compiler.passes.criteria._dpai_band import BandState, band_fraction, drift_bound
 from pai_compiler.passes.criteria._dpai_bandstep import BandStep
 from pai_compiler.passes.criteria._dpai_channel import ChannelProgram
@@ -37,7 +38,7 @@ from pai_compiler.passes.criteria._dpai_update import SurrogateUpdate
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["initial_scores", "dead_taps", "run_dpai", "build", "tie_rule", "single_thread", "choose_state", "release_memory", "memory_estimate", "BAND_MAX"]
+__all__ = ["initial_scores", "dead_taps", "run_dpai", "build", "tie_rule", "single_thread", "choose_state", "memory_estimate", "BAND_MAX"]
 
 #: ``auto`` keeps band state when the bands are expected to hold at most this share of the weights
 BAND_MAX = 0.25
@@ -150,11 +151,11 @@ def _run(
     state = choose_state(getattr(options, "state", "auto"), options.paths, options.ties, [(p.numel, keep[p.name]) for p in params], options.steps, options.lr)
     fn = _band if state == "band" else _full
     layout, result, initial, final, masks, tracked, setup = fn(graph, params, keep, options, seed, device, full_bind, progress, start)
-    release_memory()
+    trim_heap()
     measured = {}
     for name, mask_of in (("initial", initial), ("final", final)):
         measured[name] = reference_metrics(graph, layout, mask_of, device, full_bind)
-        release_memory()
+        trim_heap()
     objective = {"channel": "channel (interior value per channel, dpai normalisation)", "ref": "dpai per-pixel", "exact": "exact per-pixel (sum pooling)"}
     report: dict[str, Any] = {
         "paths": options.paths,
@@ -204,7 +205,7 @@ def _band(graph: Graph, params: list[Param], keep: Mapping[str, int], options: A
     step.program = ChannelProgram(graph, layout, shapes, device, bind, sources=step.source)
     initial = state.flags(topk.select(state.scores))
     setup = time.perf_counter() - start
-    release_memory()
+    trim_heap()
     result = optimise(state.scores, step, topk, None, steps=options.steps, lr=options.lr, progress=progress, prepare=state.flags)  # type: ignore[arg-type]
     final, result.kept = result.kept, None
     state.scores = None  # type: ignore[assignment]
@@ -213,20 +214,6 @@ def _band(graph: Graph, params: list[Param], keep: Mapping[str, int], options: A
         return lambda layer: state.layer_mask(layer.index, flags)
 
     return layout, result, mask_of(initial), mask_of(final), lambda: state.masks(final), state.numel, setup
-
-
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them; the next stage would pay RSS)."""
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc
-        pass
 
 
 def _flat_mask_of(layout: Layout, keep_idx: Any) -> MaskOf:

@@ -106,7 +106,8 @@ class DpaiPass(TransformPass):
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
         import torch
 
-        from pai_compiler.passes.criteria._dpai_run import release_memory, run_dpai
+        from pai_compiler.memory import trim_heap
+        from pai_compiler.passes.criteria._dpai_run import run_dpai
 
         params = graph.prunable_params()
         if not params:
@@ -126,7 +127,7 @@ class DpaiPass(TransformPass):
             graph.set_mask(p, masks.pop(p.name))
         del masks
         report["final"]["node_path"] = _node_path(graph, am)
-        release_memory()
+        trim_heap()
         graph.meta["dpai"] = report
         return PassResult(modified=True, preserved=frozenset())
 
