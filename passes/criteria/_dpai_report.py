@@ -37,15 +37,10 @@ def natural(flat: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
     return view if inverse == tuple(range(len(inverse))) else view.permute(inverse)
 
 
-class _LazyMasks(Mapping[str, Any]):
-    """name -> the layer's mask as a ``dtype`` weight, built on each access (never cached)."""
+class _ByLayer(Mapping[str, Any]):
+    """A mapping over the layout's layer names whose values are built on access."""
 
-    def __init__(self, layout: Layout, mask_of: MaskOf, dtype: torch.dtype) -> None:
-        self.layers, self.mask_of, self.dtype = {layer.name: layer for layer in layout.layers}, mask_of, dtype
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        layer = self.layers[name]
-        return natural(self.mask_of(layer).to(self.dtype), layer)
+    layers: dict[str, LayerInfo]
 
     def __contains__(self, name: object) -> bool:  # without building the tensor
         return name in self.layers
@@ -55,6 +50,17 @@ class _LazyMasks(Mapping[str, Any]):
 
     def __len__(self) -> int:
         return len(self.layers)
+
+
+class _LazyMasks(_ByLayer):
+    """name -> the layer's mask as a ``dtype`` weight, built on each access (never cached)."""
+
+    def __init__(self, layout: Layout, mask_of: MaskOf, dtype: torch.dtype) -> None:
+        self.layers, self.mask_of, self.dtype = {layer.name: layer for layer in layout.layers}, mask_of, dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        layer = self.layers[name]
+        return natural(self.mask_of(layer).to(self.dtype), layer)
 
 
 def reference_metrics(graph: Graph, layout: Layout, mask_of: MaskOf, device: Any, bind: Mapping[str, int]) -> dict[str, Any]:
@@ -98,7 +104,7 @@ def _ref(graph: Graph, layout: Layout, mask_of: MaskOf, device: Any, bind: Mappi
     return {"log_paths": finite(log_value), "nodes": sum(nodes), "kernels": sum(kernels), "params": sum(params), "layer_nodes": nodes}
 
 
-class _Leaves(Mapping[str, Any]):
+class _Leaves(_ByLayer):
     """The float32 mask leaves, made when the interpreter first reads a layer.
 
     Autograd saves no copy of them (``pack`` keeps (layer, view geometry), ``unpack`` rebuilds
@@ -129,15 +135,6 @@ class _Leaves(Mapping[str, Any]):
             self.made[layer.index] = leaf
             self.storage[leaf.untyped_storage().data_ptr()] = layer.index
         return natural(leaf, layer)
-
-    def __contains__(self, name: object) -> bool:  # without building the tensor
-        return name in self.layers
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
 
     def done(self, node: Any, outs: Any) -> None:
         """After ``node``: free the data of the leaves it was the last to read."""
