@@ -6,10 +6,11 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from pai_compiler.errors import PaicError
+from pai_compiler.errors import PaicError, UsageError
 
-__all__ = ["atomic_write", "check_output_path", "save_npz_atomic"]
+__all__ = ["atomic_write", "check_output_path", "save_npz_atomic", "open_npz"]
 
 
 @contextlib.contextmanager
@@ -69,3 +70,24 @@ def save_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, object]) -> 
 
     with atomic_write(path) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike[str], *, fmt: str, what: str, hint: str) -> Iterator[Any]:
+    """Open a paic ``.npz`` whose ``format`` entry is ``fmt``; every failure is a one-line UsageError
+    naming ``what`` (e.g. "AutoSparse predictor") and, for a missing or foreign file, ``hint``.
+    Errors raised while the caller reads the entries (a missing key) are reported the same way."""
+    import numpy as np
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"{what} {file} not found ({hint})")
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            if "format" not in z.files or str(z["format"]) != fmt:
+                raise UsageError(f"{file} is not an {what} ({fmt}); {hint}")
+            yield z
+    except UsageError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError) as exc:
+        raise UsageError(f"cannot read {what} {file}: {exc}") from None

@@ -113,20 +113,12 @@ class LabelSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LabelSet:
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"labels file {path} not found (write one with `paic autosparse collect`)")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "format" not in z.files or str(z["format"]) != LABELS_FORMAT:
-                    raise UsageError(f"{path} is not an AutoSparse labels file ({LABELS_FORMAT})")
-                layers = [LayerInfo(str(n), str(k), tuple(int(d) for d in str(s).split("x")), int(fi), int(fo))
-                          for n, k, s, fi, fo in zip(z["layer_names"], z["layer_kinds"], z["layer_shapes"], z["layer_fan_in"], z["layer_fan_out"])]
-                return cls(z["w0"], z["g0"], z["survived"], z["layer"], layers, int(z["rounds_done"]), json.loads(str(z["meta"])))
-        except UsageError:
-            raise
-        except (OSError, ValueError, KeyError, EOFError) as exc:
-            raise UsageError(f"cannot read labels file {path}: {exc}") from None
+        from pai_compiler.io import open_npz
+
+        with open_npz(path, fmt=LABELS_FORMAT, what="AutoSparse labels file", hint="write one with `paic autosparse collect`") as z:
+            layers = [LayerInfo(str(n), str(k), tuple(int(d) for d in str(s).split("x")), int(fi), int(fo))
+                      for n, k, s, fi, fo in zip(z["layer_names"], z["layer_kinds"], z["layer_shapes"], z["layer_fan_in"], z["layer_fan_out"])]
+            return cls(z["w0"], z["g0"], z["survived"], z["layer"], layers, int(z["rounds_done"]), json.loads(str(z["meta"])))
 
 
 def build_model(spec: str, seed: int) -> nn.Module:

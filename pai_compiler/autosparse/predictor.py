@@ -165,20 +165,13 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Predictor:
-        path = Path(path)
-        if not path.is_file():
-            raise UsageError(f"AutoSparse predictor {path} not found (train one with `paic autosparse train`, or use predictor=default)")
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if "format" not in z.files or str(z["format"]) != FORMAT:
-                    raise UsageError(f"{path} is not an AutoSparse predictor ({FORMAT}); write one with `paic autosparse train`")
-                layers = [(z[f"weight_{i}"].astype(np.float32), z[f"bias_{i}"].astype(np.float32)) for i in range(int(z["num_layers"]))]
-                return cls(tuple(str(f) for f in z["features"]), str(z["standardize"]), z["mean"].astype(np.float32),
-                           z["std"].astype(np.float32), layers, json.loads(str(z["meta"])))
-        except UsageError:
-            raise
-        except (OSError, ValueError, KeyError, EOFError) as exc:
-            raise UsageError(f"cannot read AutoSparse predictor {path}: {exc}") from None
+        from pai_compiler.io import open_npz
+
+        hint = "train one with `paic autosparse train`, or use predictor=default"
+        with open_npz(path, fmt=FORMAT, what="AutoSparse predictor", hint=hint) as z:
+            layers = [(z[f"weight_{i}"].astype(np.float32), z[f"bias_{i}"].astype(np.float32)) for i in range(int(z["num_layers"]))]
+            return cls(tuple(str(f) for f in z["features"]), str(z["standardize"]), z["mean"].astype(np.float32),
+                       z["std"].astype(np.float32), layers, json.loads(str(z["meta"])))
 
 
 def default_predictor_path() -> Path:
