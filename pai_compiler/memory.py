@@ -2,14 +2,14 @@
 
 * :func:`trim_heap`: glibc keeps freed heap pages (``malloc_trim(0)`` returns them); a no-op
   on other C libraries and platforms.
-* :func:`release_weight_pages`: drops the resident pages of the memory-mapped model files
-  (clean file pages, read back from the page cache on the next access); see ``onnx_wire``.
+* :func:`release_all`: that, and dropping the resident pages of the memory-mapped model files
+  (clean file pages, read back from the page cache on the next access; ``onnx_wire``).
 """
 from __future__ import annotations
 
 import sys
 
-__all__ = ["trim_heap", "release_weight_pages", "release_all"]
+__all__ = ["trim_heap", "release_all"]
 
 
 def trim_heap() -> None:
@@ -24,14 +24,9 @@ def trim_heap() -> None:
         pass
 
 
-def release_weight_pages() -> None:
-    """Drop the mapped model files' resident pages from this process."""
+def release_all() -> None:
+    """After a phase that read every weight and allocated a lot (an audit, a criterion)."""
     from pai_compiler.onnx_wire import release_mapped_pages
 
-    release_mapped_pages()
-
-
-def release_all() -> None:
-    """Both: after a phase that read every weight and allocated a lot (an audit, a criterion)."""
     trim_heap()
-    release_weight_pages()
+    release_mapped_pages()

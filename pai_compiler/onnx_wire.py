@@ -27,7 +27,7 @@ import numpy as np
 
 from pai_compiler.errors import ModelError
 
-__all__ = ["STRIP_BYTES", "OnnxFile", "TensorRef", "open_model", "release_mapped_pages", "fields", "parse_tensor", "string_pairs", "tag", "encode_varint"]
+__all__ = ["STRIP_BYTES", "OnnxFile", "TensorRef", "open_model", "release_mapped_pages", "fields", "parse_tensor", "string_pairs", "string_entry", "tag", "encode_varint"]
 
 #: raw_data of at least this many bytes leaves the skeleton (shape constants stay inline)
 STRIP_BYTES = 1 << 14
@@ -103,6 +103,10 @@ class TensorRef:
     raw: tuple[int, int] | None = None  # raw_data value range in the model file
     external: dict[str, str] | None = None
 
+    @property
+    def is_external(self) -> bool:
+        return self.external is not None and "location" in self.external
+
 
 @dataclass
 class OnnxFile:
@@ -113,7 +117,6 @@ class OnnxFile:
     arrays: dict[str, np.ndarray]
     tensors: dict[str, TensorRef]
     buffer: Any = field(repr=False)
-    graph_span: tuple[int, int] | None = None  # value range of ModelProto.graph
 
 
 def parse_tensor(buf: Any, start: int, end: int) -> TensorRef:
@@ -141,6 +144,13 @@ def parse_tensor(buf: Any, start: int, end: int) -> TensorRef:
     return ref
 
 
+def string_entry(number: int, key: str, value: str) -> bytes:
+    """Field ``number`` holding a StringStringEntryProto {key, value}, encoded."""
+    k, v = key.encode(), value.encode()
+    body = tag(1, len(k)) + k + tag(2, len(v)) + v
+    return tag(number, len(body)) + body
+
+
 def string_pairs(buf: Any, start: int, end: int) -> Iterator[tuple[str, str]]:
     """StringStringEntryProto fields as ('key'|'value', text)."""
     for number, wtype, _, vs, ve in fields(buf, start, end):
@@ -153,16 +163,14 @@ def _strippable(ref: TensorRef) -> bool:
     return ref.raw is not None and ref.raw[1] - ref.raw[0] >= STRIP_BYTES and np_dtype(ref.data_type) is not None
 
 
-def _scan(buf: Any) -> tuple[bytes, dict[str, TensorRef], tuple[int, int] | None]:
+def _scan(buf: Any) -> tuple[bytes, dict[str, TensorRef]]:
     """Skeleton bytes (big raw_data left out) and the TensorRef of every graph initializer."""
     tensors: dict[str, TensorRef] = {}
     out: list[Any] = []
-    graph_span = None
     for number, wtype, begin, vs, ve in fields(buf, 0, len(buf)):
         if number != GRAPH or wtype != 2:
             out.append(buf[begin:ve])
             continue
-        graph_span = (vs, ve)
         parts: list[Any] = []
         for gnum, gtype, gbegin, gvs, gve in fields(buf, vs, ve):
             if gnum == INITIALIZER and gtype == 2:
@@ -175,7 +183,7 @@ def _scan(buf: Any) -> tuple[bytes, dict[str, TensorRef], tuple[int, int] | None
             parts.append(bytes(buf[gbegin:gve]))
         body = b"".join(parts)
         out.append(tag(GRAPH, len(body)) + body)
-    return b"".join(bytes(p) for p in out), tensors, graph_span
+    return b"".join(bytes(p) for p in out), tensors
 
 
 def np_dtype(data_type: int) -> np.dtype[Any] | None:
@@ -237,7 +245,7 @@ def open_model(path: str | os.PathLike[str]) -> OnnxFile:
     p = Path(path)
     buf = _map(p)
     try:
-        skeleton, tensors, graph_span = _scan(memoryview(buf) if buf else b"")
+        skeleton, tensors = _scan(memoryview(buf) if buf else b"")
         model = onnx.ModelProto()
         model.ParseFromString(skeleton)
     except Exception as exc:  # WireError, protobuf DecodeError
@@ -246,14 +254,13 @@ def open_model(path: str | os.PathLike[str]) -> OnnxFile:
     maps: dict[Path, Any] = {}
     for ref in tensors.values():
         dtype = np_dtype(ref.data_type)
-        external = ref.external is not None and "location" in ref.external
-        if external and dtype is None:
+        if ref.is_external and dtype is None:
             raise ModelError(f"tensor {ref.name!r}: external data of ONNX type {ref.data_type} is not supported")
-        if external and dtype is not None:
+        if ref.is_external and dtype is not None:
             arrays[ref.name] = _external_view(ref, p.parent, maps, dtype)
         elif _strippable(ref):
             count = int(np.prod(ref.dims, dtype=np.int64))
             if dtype is None or (ref.raw[1] - ref.raw[0]) != count * dtype.itemsize:
                 raise ModelError(f"tensor {ref.name!r}: raw_data has {ref.raw[1] - ref.raw[0]} bytes, not {ref.dims} of type {ref.data_type}")
             arrays[ref.name] = np.frombuffer(buf, dtype=dtype, count=count, offset=ref.raw[0]).reshape(ref.dims)
-    return OnnxFile(p, model, arrays, tensors, buf, graph_span)
+    return OnnxFile(p, model, arrays, tensors, buf)

@@ -19,10 +19,9 @@ import numpy as np
 
 from pai_compiler.errors import PaicError
 from pai_compiler.io import atomic_write
-from pai_compiler.memory import release_weight_pages
 from pai_compiler.onnx_wire import (
     EXTERNAL, GRAPH, INITIALIZER, METADATA, T_EXTERNAL, T_LOCATION, OnnxFile, TensorRef,
-    encode_varint, fields, np_dtype, string_pairs, tag,
+    encode_varint, fields, release_mapped_pages, string_entry, string_pairs, tag,
 )
 
 __all__ = ["write_masked"]
@@ -69,7 +68,7 @@ def _write(fh: Any, pieces: list[Piece], files: list[Path]) -> None:
                     raise PaicError(f"internal error: masked tensor has {len(data)} bytes, expected {length}")
                 fh.write(data)
                 del data
-                release_weight_pages()  # the masked weight's pages were read through the mapping
+                release_mapped_pages()  # the masked weight's pages were read through the mapping
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -92,12 +91,6 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
         length -= done
 
 
-def _metadata_entry(key: str, value: str) -> bytes:
-    k, v = key.encode(), value.encode()
-    body = tag(1, len(k)) + k + tag(2, len(v)) + v
-    return tag(METADATA, len(body)) + body
-
-
 def write_masked(
     source: OnnxFile,
     out: str | os.PathLike[str],
@@ -112,14 +105,13 @@ def write_masked(
     ``check(model_tmp, data_tmp)`` runs on the temp files before they replace ``out``."""
     buf, files = source.buffer, [source.path]
     out = Path(out)
-    external = [ref for ref in source.tensors.values() if ref.external is not None and "location" in ref.external]
+    external = [ref for ref in source.tensors.values() if ref.is_external]
     data_pieces: list[Piece] = []
     new_locations: dict[str, tuple[int, int]] = {}
     offset = 0
     for ref in external:  # file order: the data file is rebuilt tensor by tensor
         info = ref.external or {}
-        dtype = np_dtype(ref.data_type)
-        length = int(np.prod(ref.dims, dtype=np.int64)) * (dtype.itemsize if dtype is not None else 0)
+        length = int(source.arrays[ref.name].nbytes)  # open_model checked it against the file
         align = 4096 if length >= 1 << 16 else 64
         pad = -offset % align
         if pad:
@@ -139,10 +131,7 @@ def write_masked(
         if ref.name in new_locations:
             pos, length = new_locations[ref.name]
             kept = b"".join(bytes(buf[b:e]) for n, _, b, _, e in fields(buf, start, end) if n not in (T_EXTERNAL, T_LOCATION))
-            entries = b"".join(tag(T_EXTERNAL, len(e)) + e for e in (
-                tag(1, 8) + b"location" + tag(2, len(data_name.encode())) + data_name.encode(),
-                tag(1, 6) + b"offset" + tag(2, len(str(pos))) + str(pos).encode(),
-                tag(1, 6) + b"length" + tag(2, len(str(length))) + str(length).encode()))
+            entries = b"".join(string_entry(T_EXTERNAL, k, v) for k, v in (("location", data_name), ("offset", str(pos)), ("length", str(length))))
             return [kept + entries + encode_varint(T_LOCATION << 3) + encode_varint(EXTERNAL)]
         if ref.name in masked:
             if ref.raw is None:
@@ -171,7 +160,7 @@ def write_masked(
             inner = tensor_pieces(ref)
             body += [tag(INITIALIZER, sum(map(_length, inner))), *inner]
         pieces += [tag(GRAPH, sum(map(_length, body))), *body]
-    pieces += [_metadata_entry(k, v) for k, v in metadata.items()]
+    pieces += [string_entry(METADATA, k, v) for k, v in metadata.items()]
     pieces, data_pieces = _coalesce(pieces), _coalesce(data_pieces)
     with atomic_write(out) as tmp_model:
         if external:
