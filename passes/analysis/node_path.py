@@ -214,7 +214,7 @@ def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None) 
                 first_use.setdefault(v.name, index)
             outs = _path_rule(node)(it, node, [_unpack(forward[v.name], dtype) for v in node.inputs])
             for v, t in zip(node.outputs, outs):
-                forward[v.name] = t > 0 if t.is_floating_point() else t  # counts >= 0: kept as booleans (1 byte)  # counts >= 0: kept as booleans (1 byte)
+                forward[v.name] = t > 0 if t.is_floating_point() else t  # counts >= 0: kept as booleans (1 byte)
     backward: dict[str, Any] = {}
     for v in graph.outputs:
         backward[v.name] = backward.get(v.name, 0) + torch.ones(forward[v.name].shape, dtype=dtype)
@@ -239,7 +239,8 @@ def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any
 
     args = [_unpack(forward[v.name], dtype) for v in node.inputs]
     args = [a if v.name in graph_inputs or not a.is_floating_point() else a.requires_grad_() for v, a in zip(node.inputs, args)]
-    leaves = {p.name: _operand(p, dtype).requires_grad_() for p in node.params.values() if p.name in params}
+    # the interpreter's own paths-mode operand (mask, or ones), fresh: it.weights is empty here
+    leaves = {p.name: it.weight(p).requires_grad_() for p in node.params.values() if p.name in params}
     it.weights = leaves
     try:
         outs = _path_rule(node)(it, node, args)
@@ -281,13 +282,6 @@ def _indicator_dtype() -> Any:
     except AttributeError:  # older torch
         native = False
     return torch.bfloat16 if native else torch.float32
-
-
-def _operand(p: Param, dtype: Any) -> torch.Tensor:
-    """The 0/1 operand of a prunable weight: its mask, or ones when it has none."""
-    import torch
-
-    return torch.ones(p.shape, dtype=dtype) if p.mask is None else torch.from_numpy(p.mask).to(dtype)
 
 
 def _prunable_layers(graph: Graph) -> list[tuple[Param, list[Node]]]:
