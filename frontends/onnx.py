@@ -19,6 +19,7 @@ import sympy
 
 from pai_compiler.frontends._onnx_static import Const, concretize, eval_static
 from pai_compiler.errors import ModelError, PaicError
+from pai_compiler.onnx_wire import invalid_model, open_model
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
 
 __all__ = ["load_onnx_model", "import_onnx", "read_onnx"]
@@ -49,7 +50,7 @@ def read_onnx(path: str | os.PathLike[str]) -> Any:
     try:
         model = onnx.load(str(p), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError and friends
-        raise ModelError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse error'})") from None
+        raise invalid_model(p, exc) from None
     _check_graph(model, p)
     try:
         from onnx.external_data_helper import load_external_data_for_model, uses_external_data
@@ -64,14 +65,10 @@ def read_onnx(path: str | os.PathLike[str]) -> Any:
 
 def load_onnx_model(path: str | os.PathLike[str]) -> Graph:
     """Read and lower an ONNX file; big and external weights stay memory-mapped (``onnx_wire``)."""
-    from pai_compiler.onnx_wire import open_model
 
     p = Path(path)
     _check_file(p)
-    try:
-        source = open_model(p)
-    except ModelError as exc:
-        raise ModelError(str(exc) if str(exc).startswith(str(p)) else f"{p}: {exc}") from None
+    source = open_model(p)
     _check_graph(source.model, p)
     graph = import_onnx(source.model, name=p.stem, arrays=source.arrays)
     graph.meta["source_path"] = str(path)

@@ -27,7 +27,7 @@ import numpy as np
 
 from pai_compiler.errors import ModelError
 
-__all__ = ["STRIP_BYTES", "OnnxFile", "TensorRef", "open_model", "release_mapped_pages", "fields", "parse_tensor", "string_pairs", "string_entry", "tag", "encode_varint"]
+__all__ = ["STRIP_BYTES", "OnnxFile", "TensorRef", "open_model", "invalid_model", "release_mapped_pages", "fields", "parse_tensor", "string_pairs", "string_entry", "tag", "encode_varint"]
 
 #: raw_data of at least this many bytes leaves the skeleton (shape constants stay inline)
 STRIP_BYTES = 1 << 14
@@ -249,7 +249,22 @@ def open_model(path: str | os.PathLike[str]) -> OnnxFile:
         model = onnx.ModelProto()
         model.ParseFromString(skeleton)
     except Exception as exc:  # WireError, protobuf DecodeError
-        raise ModelError(f"{p}: not a valid ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse error'})") from None
+        raise invalid_model(p, exc) from None
+    try:
+        arrays = _weight_views(p, buf, tensors)
+    except ModelError as exc:
+        raise ModelError(f"{p}: {exc}") from None
+    return OnnxFile(p, model, arrays, tensors, buf)
+
+
+def invalid_model(path: Path, exc: Exception) -> ModelError:
+    """The one-line error for a file that does not parse as an ONNX model."""
+    first = str(exc).splitlines()[0] if str(exc) else "parse error"
+    return ModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {first})")
+
+
+def _weight_views(p: Path, buf: Any, tensors: dict[str, TensorRef]) -> dict[str, np.ndarray]:
+    """Views of the external and the stripped raw weights, each checked against its shape and type."""
     arrays: dict[str, np.ndarray] = {}
     maps: dict[Path, Any] = {}
     for ref in tensors.values():
@@ -263,4 +278,4 @@ def open_model(path: str | os.PathLike[str]) -> OnnxFile:
             if dtype is None or (ref.raw[1] - ref.raw[0]) != count * dtype.itemsize:
                 raise ModelError(f"tensor {ref.name!r}: raw_data has {ref.raw[1] - ref.raw[0]} bytes, not {ref.dims} of type {ref.data_type}")
             arrays[ref.name] = np.frombuffer(buf, dtype=dtype, count=count, offset=ref.raw[0]).reshape(ref.dims)
-    return OnnxFile(p, model, arrays, tensors, buf)
+    return arrays
