@@ -151,7 +151,6 @@ def optimize(
 
             batch = load_batch_for(graph, data, samples_per_class=samples, seed=seed)
         before = _totals(graph, paths=not no_paths)
-        release_all()  # the audit read every weight and allocated; most criteria (DPaI) need memory, not weights
         instruments: list[Any] = []
         timer = TimingInstrument()
         if timing:
@@ -162,9 +161,8 @@ def optimize(
             graph, pipeline=spec, seed=seed, exclude=exclude or (), device=device,
             data=batch, progress=not quiet and sys.stderr.isatty(), instruments=instruments,
         )
-        release_all()
+        release_all()  # the criterion may have read every weight (magnitude) or allocated a lot
         after = _totals(result.graph, paths=not no_paths)
-        release_all()  # the writer reads only the masked weights, one at a time
         compact_doc = None
         if align != 1 and not compact:
             from pai_compiler.errors import UsageError
@@ -235,8 +233,10 @@ def _render_compact(console: Any, doc: dict[str, Any], out: str, *, layers: bool
 def _totals(graph: Any, paths: bool = True) -> dict[str, Any]:
     """The audit totals of ``graph`` (path and node counts null with ``paths=False``)."""
     from pai_compiler.audit import audit_graph
+    from pai_compiler.memory import release_all
 
     doc = audit_graph(graph, paths=paths)
+    release_all()  # the audit read every weight and allocated; what comes next needs memory, not those pages
     graph.meta["warnings"] = list(dict.fromkeys(graph.meta.get("warnings", [])))
     return dict(doc["totals"])
 
