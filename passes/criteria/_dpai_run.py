@@ -81,22 +81,6 @@ def tie_rule(paths: str, ties: str) -> Any:
     return ties if ties != "auto" else ("index" if paths == "channel" else "sort")
 
 
-def run_dpai(
-    graph: Graph,
-    params: list[Param],
-    keep: Mapping[str, int],
-    *,
-    options: Any,
-    seed: int,
-    device: torch.device,
-    bind: Mapping[str, int] | None = None,
-    progress: Callable[[int, dict[str, Any] | None], None] | None = None,
-) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Optimise and return (report, masks by param name)."""
-    with single_thread(device):
-        return _run(graph, params, keep, options=options, seed=seed, device=device, bind=bind, progress=progress)
-
-
 @contextlib.contextmanager
 def single_thread(device: torch.device) -> Iterator[None]:
     """On the CPU the loop's tensors are small: one thread beats two, by far on a busy machine."""
@@ -133,7 +117,7 @@ def memory_estimate(params: Sequence[Param], keep: Mapping[str, int], options: A
     return int(weights * per + BAND_LAYER_BYTES * max((n for n, _ in sizes), default=0)), state
 
 
-def _run(
+def run_dpai(
     graph: Graph,
     params: list[Param],
     keep: Mapping[str, int],
@@ -141,9 +125,10 @@ def _run(
     options: Any,
     seed: int,
     device: torch.device,
-    bind: Mapping[str, int] | None,
-    progress: Callable[[int, dict[str, Any] | None], None] | None,
+    bind: Mapping[str, int] | None = None,
+    progress: Callable[[int, dict[str, Any] | None], None] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Optimise and return (report, masks by param name); on the CPU, call it inside :func:`single_thread`."""
     import torch
 
     start = time.perf_counter()

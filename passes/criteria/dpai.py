@@ -107,7 +107,7 @@ class DpaiPass(TransformPass):
         import torch
 
         from pai_compiler.memory import trim_heap
-        from pai_compiler.passes.criteria._dpai_run import run_dpai
+        from pai_compiler.passes.criteria._dpai_run import run_dpai, single_thread
 
         params = graph.prunable_params()
         if not params:
@@ -118,7 +118,7 @@ class DpaiPass(TransformPass):
         keep = self.keep_counts(graph, params)
         _check_memory(params, keep, self, device.type)
         seed = am.context.seed if self.seed is None else self.seed
-        with _progress_bar(am.context.progress, self.steps, self.paths) as progress:
+        with _progress_bar(am.context.progress, self.steps, self.paths) as progress, single_thread(device):
             report, masks = run_dpai(
                 graph, params, keep, options=self, seed=seed, device=device,
                 bind=am.context.extra.get("bind"), progress=progress,
