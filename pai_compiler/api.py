@@ -18,7 +18,7 @@ from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, Instrument, PassManager, PassRecord, RunContext
 from pai_compiler.pipeline import format_pipeline, parse_pipeline
 
-__all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "save_model", "compact_graph", "save_compact"]
+__all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "check_device", "check_output_format", "save_model", "compact_graph", "save_compact"]
 
 DEFAULT_METHOD = "dpai"
 ALLOCATIONS = ("erk", "uniform", "global")
@@ -61,7 +61,7 @@ def build_pipeline(
     if allocation == "global":
         if method in _LAYERWISE_ONLY:
             raise UsageError(f"--method {method} needs a per-layer allocation (--allocation erk or uniform)")
-        text = f"{method}{{sparsity={sparsity!r}}}"
+        text = f"{method}{{sparsity={sparsity!r}{_global_scope(method)}}}"
     else:
         criterion = method if method in _LAYERWISE_ONLY else f"{method}{{scope=layer}}"
         if opts:
@@ -70,19 +70,53 @@ def build_pipeline(
     return format_pipeline(parse_pipeline(text))
 
 
+def _global_scope(method: str) -> str:
+    """``,scope=global`` for a criterion whose scope defaults to per-layer (``random``), else nothing."""
+    import dataclasses
+
+    from pai_compiler.registry import get_pass_class
+
+    cls = get_pass_class(method)
+    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    return ",scope=global" if "scope" in fields and fields["scope"].default != "global" else ""
+
+
+def check_device(device: str) -> None:
+    """``cpu``, ``cuda`` or ``cuda:N``; anything else is a usage error, raised before any work."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def check_output_format(out: str | os.PathLike[str], *, torch_source: bool, compact: bool = False) -> None:
+    """Refuse an output the backends can't write, before any work: .onnx or .pt; a masked .pt needs a torch model."""
+    suffix = Path(out).suffix.lower()
+    if suffix not in (".onnx", ".pt", ".pth"):
+        raise UsageError(f"unknown output format {suffix or '(none)'!r} for {out}: use .onnx or .pt")
+    if suffix != ".onnx" and not torch_source and not compact:
+        raise UsageError(f"-o {out}: a masked .pt needs a PyTorch model (file.py:attr); write an ONNX model as .onnx "
+                         "(or add --compact for a torch module)")
+    if suffix == ".onnx" and torch_source and compact:
+        raise UsageError(f"-o {out}: --compact writes a PyTorch model as .pt (the compact ONNX writer rewrites an ONNX source)")
+
+
 def apply_exclude(graph: Graph, patterns: Sequence[str]) -> list[str]:
     """Keep layers whose weight name matches any glob dense (not prunable); return their names."""
     excluded = []
+    matched: set[str] = set()
     for p in graph.prunable_params():
-        names = {p.name, p.origin, *[n.name for n in graph.param_users(p)]}
-        if any(fnmatch.fnmatchcase(n, pat) for pat in patterns for n in names if n):
+        names = [n for n in (p.name, p.origin, *[u.name for u in graph.param_users(p)]) if n]
+        hits = {pat for pat in patterns if any(fnmatch.fnmatchcase(n, pat) for n in names)}
+        if hits:
             graph.set_prunable(p, False)
             excluded.append(p.name)
-    unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in excluded)]
+            matched |= hits
     if patterns and not excluded:
         raise UsageError(f"--exclude {', '.join(patterns)} matches no prunable layer")
+    unmatched = [pat for pat in patterns if pat not in matched]
     if unmatched:
-        graph.meta["warnings"].append(f"--exclude pattern(s) {', '.join(unmatched)} matched no weight name")
+        graph.meta["warnings"].append(f"--exclude pattern(s) {', '.join(unmatched)} matched no prunable layer")
     return excluded
 
 
@@ -114,6 +148,7 @@ def optimize(
     instruments: Sequence[Instrument] = (),
 ) -> OptimizeResult:
     """Prune ``model`` (a path or an IR Graph, which is modified) and return the result."""
+    check_device(device)
     spec = build_pipeline(method=method, sparsity=sparsity, allocation=allocation, pipeline=pipeline, steps=steps)
     graph = model if isinstance(model, Graph) else load_model(model)
     excluded = apply_exclude(graph, exclude)

@@ -134,15 +134,23 @@ def optimize(
     """Prune MODEL before training and write a masked model."""
     with guard(debug):
         from pai_compiler import api
+        from pai_compiler.errors import UsageError
         from pai_compiler.io import check_output_path
         from pai_compiler.memory import release_all
         from pai_compiler.pass_infra import PrintIRInstrument, TimingInstrument
 
         sparsity_value = _parse_float_flag("--sparsity", sparsity)
+        if method is not None and pipeline is not None:
+            raise UsageError("--method and --pipeline exclude each other: name the criterion in the pipeline")
+        if align != 1 and not compact:
+            raise UsageError("--align applies with --compact only")
+        api.check_device(device)
         chosen = method or api.DEFAULT_METHOD
         spec = api.build_pipeline(method=chosen, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)
         is_file = Path(model).exists() or ":" not in model
         out = check_output_path(output, [model] if is_file else [], force=force)
+        api.check_output_format(out, torch_source=not is_file, compact=compact or "dead-node-elim" in spec)
+        report_path = _report_path(report, out, [model] if is_file else [], force=force)
         console = _stdout_console()
         graph = api.load_model(model, **_torch_options(input_shape, frontend))
         batch = None
@@ -164,10 +172,6 @@ def optimize(
         release_all()  # the criterion may have read every weight (magnitude) or allocated a lot
         after = _totals(result.graph, paths=not no_paths)
         compact_doc = None
-        if align != 1 and not compact:
-            from pai_compiler.errors import UsageError
-
-            raise UsageError("--align applies with --compact only")
         if compact:
             api.compact_graph(result.graph, align=align, instruments=instruments)
             compact_doc = _compact_summary(after, result.graph)
@@ -177,15 +181,28 @@ def optimize(
         doc = _report(result, before, after, model, str(out))
         if compact_doc is not None:
             doc["compact"] = compact_doc
-        if report:
+        if report_path is not None:
             from pai_compiler.io import atomic_write
 
-            with atomic_write(check_output_path(report, [model] if is_file else [], force=force)) as tmp:
+            with atomic_write(report_path) as tmp:
                 tmp.write_text(json.dumps(doc, indent=2) + "\n")
         if not quiet:
             _render_optimize(console, result, before, after, str(out), timer.timings if timing else [])
             if compact_doc is not None:
                 _render_compact(console, compact_doc, str(out), layers=False)
+
+
+def _report_path(report: Optional[str], out: Path, inputs: list[str], *, force: bool) -> Optional[Path]:
+    """The checked ``--report`` path: never the model input (without --force) nor the model output."""
+    if report is None:
+        return None
+    from pai_compiler.errors import UsageError
+    from pai_compiler.io import check_output_path
+
+    path = check_output_path(report, inputs, force=force)
+    if path.resolve() == out.resolve():
+        raise UsageError(f"--report {report} is the output model's path: give the report its own file")
+    return path
 
 
 def _torch_options(input_shape: Optional[str], frontend: str) -> dict[str, Any]:
@@ -348,6 +365,8 @@ def compact(
         from pai_compiler.io import check_output_path
 
         out = check_output_path(output, [model], force=force)
+        api.check_output_format(out, torch_source=False, compact=True)
+        report_path = _report_path(report, out, [model], force=force)
         graph = api.load_model(model)
         if graph.meta.get("source_format") != "onnx":
             raise UsageError("paic compact reads ONNX models; for PyTorch use `paic optimize --compact`")
@@ -357,10 +376,10 @@ def compact(
         doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph),
                "warnings": list(graph.meta.get("warnings", []))}
         api.save_compact(graph, model, out)
-        if report:
+        if report_path is not None:
             from pai_compiler.io import atomic_write
 
-            with atomic_write(check_output_path(report, [model], force=force)) as tmp:
+            with atomic_write(report_path) as tmp:
                 tmp.write_text(json.dumps(doc, indent=2) + "\n")
         if not quiet:
             _render_compact(_stdout_console(), doc, str(out))

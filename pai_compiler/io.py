@@ -10,7 +10,7 @@ from typing import Any
 
 from pai_compiler.errors import PaicError, UsageError
 
-__all__ = ["atomic_write", "check_output_path", "save_npz_atomic", "open_npz"]
+__all__ = ["atomic_write", "check_output_path", "save_npz_atomic", "save_torch_atomic", "open_npz"]
 
 
 @contextlib.contextmanager
@@ -70,6 +70,17 @@ def save_npz_atomic(path: str | os.PathLike[str], arrays: dict[str, object]) -> 
 
     with atomic_write(path) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **arrays)  # type: ignore[arg-type]
+
+
+def save_torch_atomic(path: str | os.PathLike[str], obj: object) -> None:
+    """``torch.save`` written atomically and byte-deterministically.
+
+    Through a file handle, not the temp path: torch names the zip's records after the file it is
+    given, and the temp name is random."""
+    import torch
+
+    with atomic_write(path) as tmp, open(tmp, "wb") as handle:
+        torch.save(obj, handle)
 
 
 @contextlib.contextmanager

@@ -451,6 +451,9 @@ def test_cli_optimize_spec_to_pt_and_onnx(tmp_path: Path) -> None:
     (tmp_path / "nets.py").write_text("from pai_compiler.zoo.vgg import vgg_small\nclass Net:\n    pass\n")
     r = _paic("optimize", "nets.py:vgg_small", "--input-shape", "2,3,32,32", "-o", "pruned.pt", "-s", "0.9", "-m", "magnitude", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    r = _paic("optimize", "nets.py:vgg_small", "--input-shape", "2,3,32,32", "-o", "again.pt", "-s", "0.9", "-m", "magnitude", "-q", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr  # byte for byte: the zip records are not named after the random temp file
+    assert (tmp_path / "again.pt").read_bytes() == (tmp_path / "pruned.pt").read_bytes()
     payload = torch.load(tmp_path / "pruned.pt", weights_only=True)
     assert set(payload) == {"state_dict", "masks", "meta"}
     meta = payload["meta"]

@@ -26,7 +26,7 @@ from torch import nn
 
 from pai_compiler._version import __version__
 from pai_compiler.errors import PaicError
-from pai_compiler.io import atomic_write
+from pai_compiler.io import atomic_write, save_torch_atomic
 
 __all__ = ["attach_masks", "masked_state_dict", "module_of", "write_pt", "load_pt", "write_torch_onnx", "masks_of"]
 
@@ -122,8 +122,7 @@ def write_pt(result: Any, source_spec: str | os.PathLike[str], out: str | os.Pat
         "density": _density(masks),
     }
     payload = {"state_dict": masked_state_dict(model, masks), "masks": masks, "meta": meta}
-    with atomic_write(out) as tmp:
-        torch.save(payload, tmp)
+    save_torch_atomic(out, payload)
 
 
 def _density(masks: Mapping[str, torch.Tensor]) -> float:

@@ -5,7 +5,10 @@
   mask as weight and no bias, norms/activations/softmax as identity, constants as zero),
   pooling as a **sum**, float64 with exact per-value log scaling (no overflow), summed over
   every output element; ``-inf`` when no path survives. One sample: the leading (batch) dim
-  of every graph input is 1; other symbolic dims come from ``bind`` (default 1).
+  of every graph input is 1; other symbolic dims come from ``bind`` (default 1). A model
+  exported with a fixed batch B > 1 (every input and output leads with the same static B) is
+  run as is and both counts are divided by B: the B all-ones samples are identical and
+  independent, so the total is exactly B times one sample's.
 * ``log_paths_dpai`` — the DPaI reference quantity (algorithms.md §1.5):
   ``log Σ_out f(1) + Σ_l log max(x_l)`` with each weighted layer's input divided by its max
   and pooling as the model's own mean/max (float64). Exact on chains, skip-weighted on
@@ -112,9 +115,10 @@ class NodePathPass(AnalysisPass[NodePathResult]):
             if node.kind not in (OpKind.INPUT, OpKind.OUTPUT):
                 _path_rule(node)  # refuse before any work
         bind = sample_bindings(graph, parse_bind(self.bind))
+        per_sample = math.log(_static_batch(graph))
         with torch.no_grad():
-            log_paths = _log_paths(graph, bind, scaling="exact", pool="sum")
-            log_dpai = _log_paths(graph, bind, scaling="dpai", pool="model")
+            log_paths = _log_paths(graph, bind, scaling="exact", pool="sum") - per_sample
+            log_dpai = _log_paths(graph, bind, scaling="dpai", pool="model") - per_sample
         try:
             reached = _weight_reachability(graph, bind)
         except (PaicError, NotImplementedError, RuntimeError):
@@ -143,6 +147,15 @@ def sample_bindings(graph: Graph, bind: dict[str, int]) -> dict[str, int]:
     return {name: 1 if name in batch else int(bind.get(name, 1)) for name in symbols}
 
 
+def _static_batch(graph: Graph) -> int:
+    """B when every graph input and output leads with the same static dim B > 1, else 1."""
+    leads = [v.shape[0] if v.shape else None for v in (*graph.inputs, *graph.outputs)]
+    first = leads[0] if leads else None
+    if isinstance(first, int) and first > 1 and all(type(d) is int and d == first for d in leads):
+        return first
+    return 1
+
+
 def _ones_inputs(graph: Graph, it: Any, dtype: Any) -> list[torch.Tensor]:
     import torch
 
@@ -150,7 +163,10 @@ def _ones_inputs(graph: Graph, it: Any, dtype: Any) -> list[torch.Tensor]:
     for v in graph.inputs:
         if v.shape is None:
             raise PaicError(f"node-path: input {v.name!r} has an unknown shape")
-        out.append(torch.ones(it.dims(v.shape), dtype=dtype))
+        dims = it.dims(v.shape)
+        if 0 in dims:
+            raise PaicError(f"node-path: input {v.name!r} has a dimension of size 0 (shape {list(dims)})")
+        out.append(torch.ones(dims, dtype=dtype))
     return out
 
 

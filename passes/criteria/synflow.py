@@ -72,9 +72,9 @@ def _ones_inputs(graph: Graph, am: AnalysisManager, dtype: torch.dtype) -> list[
     tensors = []
     for v in graph.inputs:
         if v.shape is None:
-            raise UsageError(f"synflow: input {v.name!r} has an unknown shape")
+            raise PaicError(f"synflow: input {v.name!r} has an unknown shape")
         if not v.dtype.startswith("float"):
-            raise UsageError(f"synflow: input {v.name!r} is {v.dtype}; SynFlow feeds an all-ones float input")
+            raise PaicError(f"synflow: input {v.name!r} is {v.dtype}; SynFlow feeds an all-ones float input")
         dims = []
         for axis, d in enumerate(v.shape):
             if isinstance(d, int):

@@ -1,0 +1,116 @@
+"""Edge cases of the CLI/API contract: flag checks before any work, global budgets, per-sample path counts."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from pai_compiler import api
+from pai_compiler.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+RESNET = ROOT / "examples" / "models" / "resnet20.onnx"
+
+
+def _mlp(path: Path, batch: int | str | None, sizes: tuple[int, ...] = (6, 5, 4), seed: int = 0) -> Path:
+    """A dense MatMul/Relu chain whose input (and output) leads with ``batch`` (None: no shape at all)."""
+    rng = np.random.default_rng(seed)
+    inits, nodes, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(sizes, sizes[1:])):
+        inits.append(numpy_helper.from_array(rng.standard_normal((a, b)).astype(np.float32), f"W{i}"))
+        nodes.append(helper.make_node("MatMul", [prev, f"W{i}"], [f"h{i}"]))
+        prev = f"h{i}"
+        if i < len(sizes) - 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+            prev = f"r{i}"
+    shape_in = None if batch is None else [batch, sizes[0]]
+    shape_out = None if batch is None else [batch, sizes[-1]]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape_in)],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape_out)], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def _run(*args: str) -> tuple[int, str]:
+    res = CliRunner().invoke(app, list(args))
+    return res.exit_code, res.stderr if res.stderr_bytes is not None else res.output
+
+
+def _no_loading(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the model was loaded before the flags were checked")
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
+        (["-m", "random", "-p", "erk{sparsity=0.9},magnitude{scope=layer}"], "--method and --pipeline"),
+        (["-m", "magnitude", "--align", "4"], "--align applies with --compact only"),
+    ],
+)
+def test_flag_errors_come_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str], needle: str) -> None:
+    monkeypatch.setattr(api, "load_model", _no_loading)
+    out = tmp_path / "o.onnx"
+    args = ["optimize", str(RESNET), "-o", str(out), *extra]
+    if "-p" not in extra:
+        args += ["-s", "0.9"]
+    code, err = _run(*args)
+    assert code == 2 and needle in err, err
+    assert not out.exists()
+
+
+def test_output_format_is_checked_before_pruning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api, "load_model", _no_loading)
+    for out, needle in [("x.pt", "a masked .pt needs a PyTorch model"), ("x.bin", "unknown output format")]:
+        code, err = _run("optimize", str(RESNET), "-s", "0.9", "-m", "magnitude", "-o", str(tmp_path / out))
+        assert code == 2 and needle in err, err
+    code, err = _run("optimize", str(RESNET), "-s", "0.9", "-o", str(tmp_path / "m.onnx"), "--report", str(tmp_path / "m.onnx"))
+    assert code == 2 and "--report" in err and not (tmp_path / "m.onnx").exists(), err
+
+
+def test_global_random_keeps_the_global_budget(tmp_path: Path) -> None:
+    spec = api.build_pipeline(method="random", sparsity=0.93, allocation="global")
+    assert spec == "random{sparsity=0.93,scope=global}"
+    assert api.build_pipeline(method="magnitude", sparsity=0.93, allocation="global") == "magnitude{sparsity=0.93}"
+    result = api.optimize(RESNET, method="random", sparsity=0.93, allocation="global", seed=1)
+    masks = list(result.masks.values())
+    total = sum(m.size for m in masks)
+    assert sum(int(m.sum()) for m in masks) == total - math.floor(0.93 * total)
+    densities = {round(float(m.mean()), 2) for m in masks if m.size > 1000}
+    assert len(densities) > 1  # one global draw: layers differ (a per-layer draw gives them all 7%)
+
+
+def test_exclude_by_node_name_warns_about_nothing(tmp_path: Path) -> None:
+    graph = api.load_model(RESNET)
+    node = next(n.name for p in graph.prunable_params() for n in graph.param_users(p))
+    excluded = api.apply_exclude(graph, [node, "no-such-layer*"])
+    assert len(excluded) == 1
+    warnings = graph.meta["warnings"]
+    assert any("no-such-layer*" in w for w in warnings) and not any(node in w for w in warnings)
+
+
+def test_paths_are_per_sample_whatever_the_static_batch(tmp_path: Path) -> None:
+    from pai_compiler.audit import audit_graph
+
+    # dense 6 -> 5 -> 4: 6 * 5 * 4 = 120 input->output paths per sample
+    for batch in (1, 4, 32, "N"):
+        doc = audit_graph(api.load_model(_mlp(tmp_path / f"b{batch}.onnx", batch)))
+        assert doc["totals"]["log_paths"] == pytest.approx(math.log(120), abs=1e-9), batch
+        assert doc["totals"]["log_paths_dpai"] == pytest.approx(doc["totals"]["log_paths"], abs=1e-9), batch
+
+
+def test_zero_sized_input_and_unknown_shape_are_model_errors(tmp_path: Path) -> None:
+    from pai_compiler.errors import PaicError
+    from pai_compiler.pass_infra import AnalysisManager
+    from pai_compiler.passes.analysis.node_path import NodePathPass
+
+    graph = api.load_model(_mlp(tmp_path / "z.onnx", 0))
+    with pytest.raises(PaicError, match="'x' has a dimension of size 0"):
+        AnalysisManager(graph).get(NodePathPass())
+    code, err = _run("optimize", str(_mlp(tmp_path / "n.onnx", None)), "-s", "0.5", "-m", "synflow", "-o", str(tmp_path / "o.onnx"))
+    assert code == 1 and "unknown shape" in err, err
