@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import sympy
 
-from pai_compiler.frontends._onnx_static import Const, broadcast_shapes, prod, simplify_dim
+from pai_compiler.frontends._onnx_static import Const, broadcast_shapes, is_float_dtype, prod, simplify_dim
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim, OpKind, Value
 
@@ -226,7 +226,7 @@ def _cast_like(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str,
     dtype = like.dtype if isinstance(like, Value) else str(like.array.dtype)
     if isinstance(ins[0], Const):  # a constant cast like an activation stays a constant
         c = ins[0]
-        same_kind = c.array.dtype.kind == np.dtype(dtype).kind == "f"
+        same_kind = is_float_dtype(c.array.dtype) and is_float_dtype(dtype)
         imp.env[node.output[0]] = Const(c.array.astype(dtype), c.origin if same_kind else None, c.perm if same_kind else None, c.broadcast_to)
         return
     x = ins[0]
@@ -465,6 +465,30 @@ def _pad(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any])
     _emit(imp, OpKind.RESHAPE, node, label, [x], [shape], attrs={"op": "pad", "pads": pads})
 
 
+def _gather(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    """Gather: data movement of an activation by constant indices, or an embedding lookup."""
+    if isinstance(ins[0], Const) and not ins[0].symbolic and ins[0].broadcast_to is None and isinstance(ins[1], Value):
+        return _embedding(imp, node, label, ins, attrs)
+    _movement(imp, node, label, ins, attrs)
+
+
+def _embedding(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    """Rows of a constant table picked by dynamic integer indices (``nn.Embedding``): an opaque
+    node over the indices and the table, exactly like the torch frontends' ``nn.Embedding``.
+    The table is a dense, non-prunable constant; the rest of the model lowers and prunes as
+    usual. Shape: ``table.shape[:axis] + indices.shape + table.shape[axis + 1:]``."""
+    table, idx = ins[0], ins[1]
+    axis = int(attrs.get("axis", 0)) % table.array.ndim
+    dims = tuple(int(d) for d in table.array.shape)
+    shape = None if idx.shape is None else (*dims[:axis], *idx.shape, *dims[axis + 1 :])
+    why = "embedding lookup (Gather of a constant table by dynamic indices); the table is kept dense"
+    imp.warnings.append(f"node {label!r} ({node.op_type}) is opaque: {why}")
+    values = [imp.operand_value(table, f"{label}_table"), idx]
+    ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), values, [(node.output[0], shape, str(table.array.dtype))],
+                            attrs={"op_type": node.op_type, "domain": node.domain, "reason": why}, origin=node.name)
+    imp.env[node.output[0]] = ir.outputs[0]
+
+
 def _opaque(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any], reason: str = "") -> None:
     values = [imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins) if x is not None]
     shapes = [imp.inferred_shape(o) if o else None for o in node.output]
@@ -485,7 +509,7 @@ HANDLERS: dict[str, Handler] = {
     "MaxPool": _pool, "AveragePool": _pool, "GlobalAveragePool": _pool, "GlobalMaxPool": _pool,
     "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce,
     "Reshape": _movement, "Flatten": _movement, "Transpose": _movement, "Squeeze": _movement, "Unsqueeze": _movement,
-    "Slice": _movement, "Gather": _movement, "Expand": _movement,
+    "Slice": _movement, "Gather": _gather, "Expand": _movement,
     "Concat": _concat, "Split": _split, "Pad": _pad,
 }
 HANDLERS.update({op: _binary for op in _BINARY})

@@ -19,7 +19,7 @@ import sympy
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim
 
-__all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod"]
+__all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype"]
 
 
 @dataclass
@@ -34,6 +34,20 @@ class Const:
     @property
     def symbolic(self) -> bool:
         return self.array.dtype == object
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    """True for numpy floats and ml_dtypes' (bfloat16, float8_*, ...), which numpy calls kind ``V``."""
+    try:
+        import ml_dtypes  # also registers "bfloat16" etc. as numpy dtype names
+
+        dt = np.dtype(dtype)
+        if np.issubdtype(dt, np.floating):
+            return True
+        ml_dtypes.finfo(dt)
+    except (ImportError, TypeError, ValueError):  # not a float type (or no ml_dtypes, which onnx needs)
+        return False
+    return True
 
 
 def simplify_dim(d: Any) -> Dim:

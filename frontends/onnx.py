@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import sympy
 
-from pai_compiler.frontends._onnx_static import Const, concretize, eval_static
+from pai_compiler.frontends._onnx_static import Const, concretize, eval_static, is_float_dtype
 from pai_compiler.errors import ModelError, PaicError
 from pai_compiler.onnx_wire import invalid_model, open_model
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
@@ -321,7 +321,7 @@ class _Importer:
                 from onnx import helper
 
                 to = helper.tensor_dtype_to_np_dtype(attrs["to"])
-                if not (np.issubdtype(to, np.floating) and np.issubdtype(arr.dtype, np.floating)):
+                if not (is_float_dtype(to) and is_float_dtype(arr.dtype)):
                     self.env[node.output[0]] = Const(arr.astype(to))
                     return True
                 self.env[node.output[0]] = Const(arr.astype(to), first.origin, first.perm)
