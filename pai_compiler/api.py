@@ -211,12 +211,9 @@ def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.Pat
         write_compact_onnx(graph, source, out, pipeline=pipeline)
         return
     if suffix in (".pt", ".pth"):
-        import torch
-
         from pai_compiler.backends.torch_compact import compact_module
-        from pai_compiler.io import atomic_write
+        from pai_compiler.io import save_torch_atomic
 
-        with atomic_write(out) as tmp:
-            torch.save(compact_module(graph), str(tmp))
+        save_torch_atomic(out, compact_module(graph))
         return
     raise UsageError(f"unknown output format {suffix or '(none)'!r} for {out}: use .onnx or .pt")

@@ -373,16 +373,19 @@ def compact(
         masks_from_zeros(graph)
         masked = _totals(graph)
         api.compact_graph(graph, align=align)
+        api.save_compact(graph, model, out)
         doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph),
                "warnings": list(graph.meta.get("warnings", []))}
-        api.save_compact(graph, model, out)
         if report_path is not None:
             from pai_compiler.io import atomic_write
 
             with atomic_write(report_path) as tmp:
                 tmp.write_text(json.dumps(doc, indent=2) + "\n")
         if not quiet:
-            _render_compact(_stdout_console(), doc, str(out))
+            console = _stdout_console()
+            _render_compact(console, doc, str(out))
+            for w in doc["warnings"]:
+                console.print(f"[yellow]warning:[/] {w}")
 
 
 @app.command()

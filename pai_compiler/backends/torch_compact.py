@@ -8,7 +8,9 @@ buffers; each mask becomes a ``<key>_mask`` buffer and the forward uses ``W ⊙ 
 weights get zero gradient and stay pruned. ``forward`` is the IR interpreter's ``real``
 semantics with these tensors, so the module computes exactly what the compact ONNX model
 computes and trains like any module (``.to(device)``, optimizers, ``state_dict``). BatchNorm
-uses its running statistics (the IR's inference semantics) in both modes.
+uses its running statistics (the IR's inference semantics) in both modes. The module is
+self-contained: ``torch.save(module)`` / ``torch.load(..., weights_only=False)`` round-trip it
+(the source ``nn.Module`` of a torch-lowered graph is not kept).
 """
 from __future__ import annotations
 
@@ -58,6 +60,9 @@ class CompactModule(nn.Module):
     def __init__(self, graph: Graph) -> None:
         super().__init__()
         self.graph = graph.clone()
+        # the clone's meta is its own dict; the live source nn.Module (torch frontend) is not
+        # part of the compact module and refuses pickling, so torch.save(module) would fail
+        self.graph.meta.pop("torch_module", None)
         self.keys: dict[str, str] = {}
         self.masked: dict[str, str] = {}
         trainable = _trainable(self.graph)

@@ -24,8 +24,12 @@ with ``align=N`` conv/linear inputs and outputs keep a multiple of N channels wh
 
 Kept weights are tightened too: a kept weight reading a constant channel that stays (coupled
 to a live channel elsewhere, e.g. by a residual add) is folded and masked, and a kept weight
-writing a channel that reaches nothing is masked. The pass runs to a fixpoint (a grouped
-conv left with one group frees its inputs), so running it twice changes nothing.
+writing a channel that reaches nothing is masked. A weight that several nodes use (tied
+weights, a layer applied twice, W and Wᵀ) is a boundary: its channels are pinned, it is never
+masked here and nothing is folded into it (its constant inputs stay), since any change would
+reach its other uses; a shared bias gets a folded constant as an add after the layer. The
+pass runs to a fixpoint (a grouped conv left with one group frees its inputs), so running it
+twice changes nothing.
 
 Exactness: the removed channels of a value are each either constant (their exact
 contribution is folded) or read by nothing that reaches the output, so the compact model
@@ -55,6 +59,7 @@ __all__ = ["DeadNodeElimPass", "channel_liveness", "plan_removal", "RemovalPlan"
 
 _WEIGHTED = (OpKind.CONV, OpKind.LINEAR)
 _MAX_ROUNDS = 16
+_TWO_LAYOUTS = "is used with two layouts"  # the frontends' warning for such a weight
 
 
 # ---- liveness ------------------------------------------------------------------------------
@@ -63,6 +68,10 @@ def _connectivity(node: Node, cs: ChannelSpaces) -> np.ndarray:
     w = node.params["weight"]
     oi = w.to_oi(w.mask_or_ones())
     n_out = oi.shape[0]
+    if cs.track(node.outputs[0]) is not None and n_out != cs.size(node.outputs[0]):
+        # the Param's out/in axes do not describe this use (a weight shared in two layouts,
+        # kept dense by the frontend): every output reads every input
+        return np.ones((cs.size(node.outputs[0]), cs.size(node.inputs[0])), dtype=bool)
     local = oi.reshape(n_out, oi.shape[1], -1).any(axis=2)  # (out, in per group)
     groups = int(node.attrs.get("groups", 1)) if node.kind is OpKind.CONV else 1
     per_out, per_in = n_out // groups, local.shape[1]
@@ -160,6 +169,10 @@ class _Constants:
                 self.batch_symbols |= {s.name for s in v.shape[0].free_symbols}
         self._it: Any = None
         self.error: str | None = None
+        if any(_TWO_LAYOUTS in str(w) for w in graph.meta.get("warnings", [])):
+            # the frontend kept one Param for a weight read in two layouts (W and Wᵀ): the IR
+            # gives both uses the first one's axes, so its values are not the model's
+            self.error = "a weight is used with two layouts: constants are not folded"
 
     def interpreter(self) -> Any:
         if self._it is None and self.error is None:
@@ -257,7 +270,22 @@ class RemovalPlan:
         return not self.keep and not self.dead_rows and not any(f.mask_in is not None and len(f.mask_in) for f in self.folds.values())
 
 
+def _shared_weights(graph: Graph) -> set[str]:
+    """Conv/linear nodes whose weight Param another node uses too (tied or reused weights).
+
+    Such a weight is a boundary: coupling pins the channels it indexes (never sliced), and it
+    is never tightened nor folded into, since masking it for one user would change what every
+    other user computes (possibly in another layout)."""
+    users: dict[int, int] = {}
+    for node in graph.nodes:
+        for pid in {id(p) for p in node.params.values()}:
+            users[pid] = users.get(pid, 0) + 1
+    return {n.name for n in graph.nodes if n.kind in _WEIGHTED and users[id(n.params["weight"])] > 1}
+
+
 def plan_removal(graph: Graph, cs: ChannelSpaces, *, fold: bool = True, align: int = 1) -> RemovalPlan:
+    """Decide which channel atoms go, which constants are folded where, and which kept weights
+    are masked (``dead_rows``, ``Fold.mask_in``); see the module docstring for the rules."""
     fwd, bwd = channel_liveness(graph, cs)
     conns = {n.name: _connectivity(n, cs) for n in graph.nodes if n.kind in _WEIGHTED}
     roots = {name: cs.roots(t.atoms) for name, t in cs.tracks.items()}
@@ -275,6 +303,7 @@ def plan_removal(graph: Graph, cs: ChannelSpaces, *, fold: bool = True, align: i
     together = [cs.roots(s) for s in cs.together]
     aligned = {v.name for n in graph.nodes if n.kind in _WEIGHTED for v in (n.inputs[0], n.outputs[0]) if v.name in roots} if align > 1 else set()
     consts = _Constants(graph)
+    shared = _shared_weights(graph)
     folds: dict[str, Fold] = {}
     changed = True
     while changed:
@@ -309,6 +338,15 @@ def plan_removal(graph: Graph, cs: ChannelSpaces, *, fold: bool = True, align: i
             used = conns[node.name].any(axis=0) if conns[node.name].shape[1] == len(gone) else np.zeros(len(gone), bool)
             removed_const = gone & ~fwd[x]
             kept_const = ~gone & ~fwd[x] & used
+            if node.name in shared:
+                # a folded channel's weights must be masked, which would change the other
+                # users of the weight: constant inputs of a shared weight stay, unfolded
+                if removed_const.any():
+                    for a in roots[x][removed_const].tolist():
+                        keep.add(a)
+                        reasons.setdefault(a, "constant channel read by a shared weight")
+                    changed = True
+                continue
             result = None
             if fold and (removed_const.any() or kept_const.any()):
                 result = _fold_for(node, np.flatnonzero(removed_const | kept_const), consts)
@@ -335,7 +373,7 @@ def plan_removal(graph: Graph, cs: ChannelSpaces, *, fold: bool = True, align: i
     dead_rows = {}
     for node in graph.nodes:
         y = node.outputs[0].name if node.kind in _WEIGHTED else None
-        if y is None or y not in roots:
+        if y is None or y not in roots or node.name in shared:  # a shared weight is never masked here
             continue
         stays = np.array([int(a) not in removed for a in roots[y]], dtype=bool)
         rows = np.flatnonzero(stays & ~bwd[y] & conns[node.name].any(axis=1))
@@ -393,8 +431,12 @@ def _with_params(graph: Graph, node: Node, params: dict[str, Param]) -> Node:
 
 
 def _fold_bias(graph: Graph, node: Node, bias: np.ndarray) -> tuple[str, str]:
-    """Add a per-channel constant to ``node``'s output; return where it went."""
-    if "bias" in node.params:
+    """Add a per-channel constant to ``node``'s output; return where it went.
+
+    A bias (BN mean, add constant) that other nodes use too is left alone: the constant goes
+    to a fresh Param, added after the layer when it already has a (shared) bias."""
+    shared_bias = "bias" in node.params and len(graph.param_users(node.params["bias"])) > 1
+    if "bias" in node.params and not shared_bias:
         p = node.params["bias"]
         graph.set_param_data(p, (p.data + bias / float(node.attrs.get("beta", 1.0))).astype(p.data.dtype))
         return "bias", p.name
@@ -418,6 +460,9 @@ def _fold_bias(graph: Graph, node: Node, bias: np.ndarray) -> tuple[str, str]:
                 graph.set_param_data(c, (c.data + sign * bias.reshape(shape)).astype(c.data.dtype))
                 return "following add constant", c.name
     w = node.params["weight"]
+    if shared_bias:  # a per-channel constant added right after the layer (written as an Add)
+        spatial = w.data.ndim - 2 if node.kind is OpKind.CONV else 0
+        return _bias_map(graph, node, bias.reshape(len(bias), *[1] * spatial))
     p = Param(graph.fresh_name(f"{node.name}.folded_bias"), bias.astype(w.data.dtype), prunable=False, out_axis=0, in_axis=None)
     node = _with_params(graph, node, {**node.params, "bias": p})
     if node.kind is OpKind.LINEAR and "beta" in node.attrs:
