@@ -473,19 +473,21 @@ def _gather(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, An
 
 
 def _embedding(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
-    """Rows of a constant table picked by dynamic integer indices (``nn.Embedding``): an opaque
-    node over the indices and the table, exactly like the torch frontends' ``nn.Embedding``.
-    The table is a dense, non-prunable constant; the rest of the model lowers and prunes as
-    usual. Shape: ``table.shape[:axis] + indices.shape + table.shape[axis + 1:]``."""
+    """Rows of a constant table picked by dynamic integer indices (``nn.Embedding``): an
+    ``opaque`` node with ``op="embedding"`` (which the interpreter evaluates: the lookup, or a
+    path source in paths mode), the indices as its one input and the table as its dense,
+    non-prunable ``table`` Param, exactly as the torch frontends lower ``nn.Embedding``.
+    Shape: ``table.shape[:axis] + indices.shape + table.shape[axis + 1:]``, dtype the table's."""
     table, idx = ins[0], ins[1]
     axis = int(attrs.get("axis", 0)) % table.array.ndim
-    dims = tuple(int(d) for d in table.array.shape)
+    if table.perm is not None and tuple(table.perm) != tuple(range(table.array.ndim)):
+        table = Const(np.asarray(table.array))  # a transposed initializer: its own (anonymous) copy
+    p = imp.param(table, f"{label}_table", prunable=False, in_axis=None)
+    dims = tuple(int(d) for d in p.shape)
     shape = None if idx.shape is None else (*dims[:axis], *idx.shape, *dims[axis + 1 :])
-    why = "embedding lookup (Gather of a constant table by dynamic indices); the table is kept dense"
-    imp.warnings.append(f"node {label!r} ({node.op_type}) is opaque: {why}")
-    values = [imp.operand_value(table, f"{label}_table"), idx]
-    ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), values, [(node.output[0], shape, str(table.array.dtype))],
-                            attrs={"op_type": node.op_type, "domain": node.domain, "reason": why}, origin=node.name)
+    ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), [idx], [(node.output[0], shape, str(p.data.dtype))],
+                            params={"table": p}, attrs={"op": "embedding", "axis": axis, "op_type": node.op_type, "domain": node.domain},
+                            origin=node.name)
     imp.env[node.output[0]] = ir.outputs[0]
 
 

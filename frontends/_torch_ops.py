@@ -46,6 +46,12 @@ def _linear_module(w: Any, n: Any, mod: nn.Linear, x: Value) -> Any:
     return w.lw.linear(n.name, x, TorchConst(mod.weight, f"{n.target}.weight"), _c(mod.bias, f"{n.target}.bias"), w.shape(n), n.target)
 
 
+def _embedding_module(w: Any, n: Any, mod: nn.Embedding, x: Value) -> Any:
+    if mod.max_norm is not None:  # renormalises the looked-up rows of the table in place
+        return w.lw.opaque(n.name, [x], [w.shape(n)], _kind(mod), "embedding with max_norm", dtype=str(mod.weight.dtype).removeprefix("torch."))
+    return w.lw.embedding(n.name, x, TorchConst(mod.weight, f"{n.target}.weight"), w.shape(n), n.target, _kind(mod))
+
+
 def _batch_norm_module(w: Any, n: Any, mod: nn.modules.batchnorm._BatchNorm, x: Value) -> Any:
     if mod.running_mean is None:
         return w.lw.opaque(n.name, [x], [w.shape(n)], _kind(mod), "batch norm without running statistics")
@@ -153,7 +159,7 @@ def _mha_module(w: Any, n: Any, mod: nn.MultiheadAttention, query: Value, key: V
 
 MODULE_RULES: dict[type, Rule] = {
     nn.Conv1d: _conv_module, nn.Conv2d: _conv_module, nn.Conv3d: _conv_module,
-    nn.Linear: _linear_module,
+    nn.Linear: _linear_module, nn.Embedding: _embedding_module,
     nn.BatchNorm1d: _batch_norm_module, nn.BatchNorm2d: _batch_norm_module, nn.BatchNorm3d: _batch_norm_module,
     nn.LayerNorm: _layer_norm_module, nn.GroupNorm: _group_norm_module,
     nn.InstanceNorm1d: _instance_norm_module, nn.InstanceNorm2d: _instance_norm_module, nn.InstanceNorm3d: _instance_norm_module,
@@ -365,6 +371,13 @@ def _f_linear(w: Any, n: Any, input: Value, weight: Any, bias: Any = None) -> An
     return w.lw.linear(n.name, input, weight, bias, w.shape(n), n.name)
 
 
+def _f_embedding(w: Any, n: Any, input: Value, weight: Any, padding_idx: Any = None, max_norm: Any = None,  # noqa: A002
+                 norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> Any:
+    if not isinstance(weight, TorchConst) or weight.broadcast_to is not None or max_norm is not None:
+        return w.lw.opaque(n.name, [input, weight], [w.shape(n)], "embedding", "embedding of an activation table or with max_norm")
+    return w.lw.embedding(n.name, input, weight, w.shape(n), n.name, "embedding")
+
+
 def _f_conv(w: Any, n: Any, input: Value, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,  # noqa: A002
             dilation: Any = 1, groups: int = 1) -> Any:
     if not isinstance(weight, TorchConst) or isinstance(bias, Value):
@@ -469,7 +482,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.avg_pool1d: _f_avg_pool, F.avg_pool2d: _f_avg_pool, F.avg_pool3d: _f_avg_pool,
     F.adaptive_avg_pool1d: _f_adaptive("avg"), F.adaptive_avg_pool2d: _f_adaptive("avg"), F.adaptive_avg_pool3d: _f_adaptive("avg"),
     F.adaptive_max_pool1d: _f_adaptive("max"), F.adaptive_max_pool2d: _f_adaptive("max"), F.adaptive_max_pool3d: _f_adaptive("max"),
-    F.pad: _f_pad, F.scaled_dot_product_attention: _f_sdpa,
+    F.pad: _f_pad, F.scaled_dot_product_attention: _f_sdpa, F.embedding: _f_embedding,
 }
 for _name, _op in UNARY.items():
     for _key in (getattr(torch, _name, None), f"Tensor.{_name}"):

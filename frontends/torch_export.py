@@ -220,6 +220,14 @@ def _linear(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
     return w.lw.linear(n.name, a["input"], a["weight"], _const_or_none(a["bias"]), w.shape(n), w.origin(n))
 
 
+def _embedding(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
+    """``aten.embedding(weight, indices)``: the table's rows picked by the indices."""
+    table, idx = a["weight"], a["indices"]
+    if not isinstance(table, TorchConst) or table.broadcast_to is not None or not isinstance(idx, Value):
+        return w.lw.opaque(n.name, [t for t in (table, idx) if isinstance(t, (Value, TorchConst))], [w.shape(n)], str(n.target), "embedding of an activation table")
+    return w.lw.embedding(n.name, idx, table, w.shape(n), w.origin(n), "embedding")
+
+
 def _addmm(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
     """``beta*self + alpha*(mat1 @ mat2)`` with a constant mat2 (a transposed weight) = linear."""
     x, weight, bias = a["mat1"], a["mat2"], a.get("self")
@@ -440,7 +448,7 @@ def _where(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
 ATEN_RULES: dict[str, Rule] = {
     "eq": _guard, "logical_not": _guard, "any": _guard, "full_like": _full_like, "where": _where,
     "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _conv,
-    "linear": _linear, "addmm": _addmm, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
+    "linear": _linear, "addmm": _addmm, "embedding": _embedding, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
     "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _batch_norm,
     "layer_norm": _layer_norm, "native_layer_norm": _layer_norm, "group_norm": _group_norm, "native_group_norm": _group_norm,
     "gelu": lambda w, n, a: w.lw.pointwise(n.name, a["self"], "gelu", w.origin(n), approximate=a.get("approximate", "none")),

@@ -8,7 +8,8 @@ activations, pooling, Flatten, Dropout, Identity) and functions/methods (add, mu
 reshape, permute, getitem, ...) lower through ``TorchLowering``, the builder that
 ``torch_export`` shares; ``nn.MultiheadAttention`` becomes one ``attention`` node whose
 ``in_proj_weight`` (rows = 3*dim: q, k, v) and ``out_proj.weight`` are prunable (the DPaI
-reference never pruned ``in_proj``: pass ``prune_in_proj=False``). Every Param keeps its
+reference never pruned ``in_proj``: pass ``prune_in_proj=False``); ``nn.Embedding`` and
+``F.embedding`` become an embedding lookup (``TorchLowering.embedding``). Every Param keeps its
 parameter FQN in ``name`` and ``origin``; ``graph.meta["torch_module"]`` holds the module
 (a ``ModuleHandle``, shared by ``Graph.clone`` and never serialised) for the torch backend.
 Unknown operations become ``opaque`` nodes with a warning.
@@ -371,10 +372,22 @@ class TorchLowering:
             return self.pool(label, x, mode, k, k, 0, 1, False, True, shape, origin)
         return self.opaque(label, [x], [shape], origin, f"adaptive {mode} pooling to {out} from {spatial}")
 
-    def opaque(self, label: str, items: Sequence[Any], shapes: Sequence[tuple[Dim, ...] | None], origin: str, why: str) -> Any:
+    def embedding(self, label: str, indices: Value, table: TorchConst, shape: tuple[Dim, ...], origin: str, op_type: str) -> Value:
+        """An embedding lookup ``table[indices]`` (axis 0): an ``opaque`` node with
+        ``op="embedding"`` over the indices and the dense, non-prunable ``table`` Param, the
+        ONNX frontend's lowering of ``Gather(table, indices)``; its dtype is the table's."""
+        p = self.param(table, f"{label}_table", prunable=False, in_axis=None)
+        attrs = {"op": "embedding", "axis": 0, "op_type": op_type, "domain": f"torch.{self.frontend}"}
+        return self.emit(OpKind.OPAQUE, label, [indices], [shape], params={"table": p}, attrs=attrs, origin=origin,
+                         dtype=str(p.data.dtype))[0]
+
+    def opaque(self, label: str, items: Sequence[Any], shapes: Sequence[tuple[Dim, ...] | None], origin: str, why: str,
+               dtype: str | None = None) -> Any:
+        """An operation paic has no rule for; ``dtype`` defaults to the first operand's."""
         values = [self.value(t, f"{label}_{i}") for i, t in enumerate(items) if isinstance(t, (Value, TorchConst))]
         self.warnings.append(f"node {label!r} ({origin}) is opaque: {why}")
-        outs = self.emit(OpKind.OPAQUE, label, values, list(shapes), attrs={"op_type": origin, "domain": f"torch.{self.frontend}", "reason": why}, origin=origin)
+        outs = self.emit(OpKind.OPAQUE, label, values, list(shapes), attrs={"op_type": origin, "domain": f"torch.{self.frontend}", "reason": why},
+                         origin=origin, dtype=dtype)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def finish(self, inputs: Sequence[torch.Tensor] = ()) -> Graph:
@@ -515,18 +528,25 @@ class _FxWalker:
             mod = self.gm.get_submodule(n.target)
             rule = module_rules.get(type(mod))
             if rule is None:
-                return self.lw.opaque(n.name, [a for a in leaves if isinstance(a, Value)], self._shapes(n), type(mod).__name__, f"module {type(mod).__name__} has no paic rule")
+                return self.lw.opaque(n.name, [a for a in leaves if isinstance(a, Value)], self._shapes(n), type(mod).__name__,
+                                      f"module {type(mod).__name__} has no paic rule", dtype=self._dtype(n))
             return rule(self, n, mod, *args, **kwargs)
         key = n.target if n.op == "call_function" else f"Tensor.{n.target}"
         rule = function_rules.get(key)
         if rule is None:
             label = getattr(n.target, "__name__", str(n.target))
-            return self.lw.opaque(n.name, [a for a in leaves if isinstance(a, (Value, TorchConst))], self._shapes(n), label, f"{label} has no paic rule")
+            return self.lw.opaque(n.name, [a for a in leaves if isinstance(a, (Value, TorchConst))], self._shapes(n), label,
+                                  f"{label} has no paic rule", dtype=self._dtype(n))
         return rule(self, n, *args, **kwargs)
 
     def _shapes(self, n: torch.fx.Node) -> list[tuple[Dim, ...]]:
         m = self.metas.get(n.name)
         return [x.shape for x in torch.utils._pytree.tree_leaves(m) if isinstance(x, _Meta)] or [None]  # type: ignore[list-item]
+
+    def _dtype(self, n: torch.fx.Node) -> str | None:
+        """The dtype of the node's first tensor result (None when it has none)."""
+        metas = [x for x in torch.utils._pytree.tree_leaves(self.metas.get(n.name)) if isinstance(x, _Meta)]
+        return metas[0].dtype if metas else None
 
     def static(self, n: torch.fx.Node, args: Any, kwargs: Any) -> Any:
         """Evaluate a node whose operands are all compile-time (params, Python values)."""

@@ -3,7 +3,9 @@
 ``attr`` (dotted names allowed) may be an ``nn.Module`` subclass (instantiated with no
 arguments under ``torch.manual_seed(0)``), a factory function (called with no arguments,
 seeded the same way) or an ``nn.Module`` instance. The file is imported under a private
-module name with its folder on ``sys.path`` (so it can import its neighbours). Every
+module name with its folder on ``sys.path`` (so it can import its neighbours). The example
+input is ``randn(input_shape)``; when that fails on a model with ``nn.Embedding`` layers it is
+integer indices (``randint`` below the smallest table's size) instead. Every
 failure is a one-line ``PaicError``/``ModelError``/``UsageError``.
 """
 from __future__ import annotations
@@ -122,14 +124,19 @@ def load_torch_spec(spec: str, input_shape: str | Sequence[int] | None = None, f
     if shape is None:
         raise UsageError(f"{spec} is a PyTorch model: give its input shape with --input-shape, batch first (e.g. --input-shape 2,3,32,32)")
     module = load_torch_module(spec)
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     if frontend == "fx":
-        from pai_compiler.frontends.torch_fx import lower_fx
-
-        graph = lower_fx(module, example, name=split_spec(spec)[1], prune_in_proj=prune_in_proj)
+        from pai_compiler.frontends.torch_fx import lower_fx as lower
     else:
-        from pai_compiler.frontends.torch_export import lower_export
-
-        graph = lower_export(module, example, name=split_spec(spec)[1], prune_in_proj=prune_in_proj)
+        from pai_compiler.frontends.torch_export import lower_export as lower
+    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    try:
+        graph = lower(module, example, name=split_spec(spec)[1], prune_in_proj=prune_in_proj)
+    except ModelError:
+        # a model that starts with nn.Embedding reads integer indices: retry with valid ones
+        entries = [m.num_embeddings for m in module.modules() if isinstance(m, torch.nn.Embedding)]
+        if not entries:
+            raise
+        example = torch.randint(0, min(entries), shape, generator=torch.Generator().manual_seed(0))
+        graph = lower(module, example, name=split_spec(spec)[1], prune_in_proj=prune_in_proj)
     graph.meta.update(torch_spec=str(spec), input_shape=list(shape))
     return graph

@@ -7,7 +7,9 @@ them to float32 NCHW (``NHWC``/``NHW`` layouts are recognised; integer pixels ar
 255, float pixels are taken as they are) and normalises each channel by the mean and std of
 the *whole* ``x_train`` array unless ``mean``/``std`` are given. ``"random"`` (only when asked
 for) gives N(0, 1) inputs of ``input_shape`` with ``samples_per_class`` labels of every class
-in a seeded random order. Every failure is a
+in a seeded random order. A model whose input only indexes embedding lookups gets integer
+indices instead (``load_index_batch``: uniform in the table for ``"random"``, the file's
+integers as they are). Every failure is a
 one-line :class:`~pai_compiler.errors.UsageError` (bad file, missing key, shape mismatch).
 """
 from __future__ import annotations
@@ -24,14 +26,14 @@ import numpy as np
 
 from pai_compiler.errors import UsageError
 
-__all__ = ["Batch", "load_prune_batch", "load_batch_for", "RANDOM_DATA"]
+__all__ = ["Batch", "load_prune_batch", "load_batch_for", "load_index_batch", "RANDOM_DATA"]
 
 RANDOM_DATA = "random"
 
 
 @dataclass(frozen=True)
 class Batch:
-    """A prune batch: inputs ``x`` (float32, N x C x ...), labels ``y`` (int64, N) and provenance."""
+    """A prune batch: inputs ``x`` (float32, N x C x ...; int64 embedding indices), labels ``y`` (int64, N) and provenance."""
 
     x: np.ndarray
     y: np.ndarray
@@ -215,10 +217,67 @@ def _random_batch(samples_per_class: int, seed: int, input_shape: Sequence[int] 
 
 
 def load_batch_for(graph: Any, source: str | os.PathLike[str], *, samples_per_class: int = 10, seed: int = 0) -> Batch:
-    """:func:`load_prune_batch` checked against an IR graph's first input and output shapes."""
+    """:func:`load_prune_batch` checked against an IR graph's first input and output shapes.
+
+    A model whose first input is integer and only indexes embedding lookups gets an index
+    batch instead (:func:`load_index_batch`).
+    """
     inputs, outputs = graph.inputs, graph.outputs
     shape = inputs[0].shape if inputs else None
     input_shape = tuple(shape[1:]) if shape is not None and all(isinstance(d, int) for d in shape[1:]) else None
     out_shape = outputs[0].shape if outputs else None
     classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
+    vocab = _lookup_entries(inputs[0]) if inputs and not inputs[0].dtype.startswith("float") else None
+    if vocab is not None:
+        return load_index_batch(source, vocab, samples_per_class=samples_per_class, seed=seed, input_shape=input_shape, num_classes=classes)
     return load_prune_batch(source, samples_per_class=samples_per_class, seed=seed, input_shape=input_shape, num_classes=classes)
+
+
+def _lookup_entries(value: Any) -> int | None:
+    """Entries of the smallest table ``value`` indexes, when embedding lookups are its only readers."""
+    uses = list(value.uses)
+    if not uses or any(n.attrs.get("op") != "embedding" or "table" not in n.params or n.inputs[0] is not value for n in uses):
+        return None
+    return min(int(n.params["table"].shape[int(n.attrs.get("axis", 0))]) for n in uses)
+
+
+def load_index_batch(
+    source: str | os.PathLike[str],
+    entries: int,
+    *,
+    samples_per_class: int = 10,
+    seed: int = 0,
+    input_shape: Sequence[int] | None = None,
+    num_classes: int | None = None,
+) -> Batch:
+    """A class-balanced batch of integer indices (int64) for a model that starts with embedding lookups.
+
+    ``"random"``: indices uniform in ``[0, entries)``; a file: ``x_train`` must hold integer
+    indices in ``[-entries, entries)``, taken as they are (no scaling or normalisation).
+    """
+    if isinstance(samples_per_class, bool) or not isinstance(samples_per_class, int) or samples_per_class < 1:
+        raise UsageError(f"--samples must be a positive integer, got {samples_per_class!r}")
+    if str(source) == RANDOM_DATA:
+        if input_shape is None or num_classes is None:
+            raise UsageError("--data random needs the model's input shape and number of classes")
+        rng = np.random.default_rng(seed)
+        n = samples_per_class * int(num_classes)
+        x = rng.integers(0, entries, size=(n, *[int(d) for d in input_shape]), dtype=np.int64)
+        y = rng.permutation(np.repeat(np.arange(int(num_classes), dtype=np.int64), samples_per_class))
+        return Batch(x, y, {"source": RANDOM_DATA, "samples_per_class": samples_per_class, "seed": seed, "classes": int(num_classes)})
+    path = Path(source)
+    x_all, y_all = _load_arrays(path)
+    if x_all.ndim < 1 or y_all.ndim != 1 or x_all.shape[0] != y_all.shape[0]:
+        raise UsageError(f"data file {path}: x_train {x_all.shape} and y_train {y_all.shape} do not match (need N x ... and N)")
+    if not np.issubdtype(x_all.dtype, np.integer) or not np.issubdtype(y_all.dtype, np.integer):
+        raise UsageError(f"data file {path}: the model reads embedding indices; x_train and y_train must hold integers, got {x_all.dtype} and {y_all.dtype}")
+    if input_shape is not None and tuple(int(d) for d in x_all.shape[1:]) != tuple(int(d) for d in input_shape):
+        raise UsageError(f"data file {path}: samples have shape {tuple(x_all.shape[1:])}, the model expects {tuple(input_shape)}")
+    if x_all.size and (int(x_all.min()) < -entries or int(x_all.max()) >= entries):
+        raise UsageError(f"data file {path}: indices run {int(x_all.min())}..{int(x_all.max())}, the embedding table has {entries} entries")
+    if num_classes is not None and y_all.size and (y_all.min() < 0 or y_all.max() >= num_classes):
+        raise UsageError(f"data file {path}: labels run {y_all.min()}..{y_all.max()}, the model has {num_classes} outputs")
+    index = _balanced_indices(y_all, samples_per_class, seed, path)
+    x, y = x_all[index].astype(np.int64), y_all[index].astype(np.int64)
+    meta = {"source": str(path), "samples_per_class": samples_per_class, "seed": seed, "classes": int(np.unique(y).size)}
+    return Batch(np.ascontiguousarray(x), y, meta)

@@ -12,6 +12,15 @@
   ``paths(a*b) = paths(a) + paths(b)``. Every attention weight (query, key, value, output)
   thus carries paths, and a class token (a constant) receives paths through its keys.
 
+Opaque nodes are evaluated only when ``attrs["op"]`` names a rule in ``OPAQUE_RULES`` (see
+:func:`rule_for`); every other opaque node stops the interpreter with a ``PaicError``. The one
+such op is the **embedding lookup** (``op="embedding"``: the rows of a constant, non-prunable
+``table`` Param picked along ``axis`` by a dynamic integer input, ONNX ``Gather`` semantics,
+negative indices included). In ``real`` mode it is the lookup (``lookup="ones"`` makes it
+output ones instead: SynFlow's all-ones input); in ``paths`` mode its output is a *path
+source*, exactly like a float graph input of the output's shape: all ones whatever the
+indices, and nothing flows back into the indices or the table.
+
 ``scaling`` keeps large counts finite: ``"exact"`` stores each value as ``t * exp(s)`` with
 ``t`` renormalised to max 1 after every node (scale detached, so gradients of the log count
 are exact); ``"dpai"`` divides every weighted layer's input by its (non-detached) max and
@@ -29,9 +38,9 @@ import torch
 import torch.nn.functional as F
 
 from pai_compiler.errors import PaicError
-from pai_compiler.ir import Graph, Node, OpKind, Param
+from pai_compiler.ir import Graph, Node, OpKind, Param, Value
 
-__all__ = ["Interpreter", "param_tensor"]
+__all__ = ["Interpreter", "param_tensor", "rule_for", "indexes_lookups_only", "OPAQUE_RULES", "Rule"]
 
 Mode = Literal["real", "paths"]
 
@@ -57,6 +66,7 @@ class Interpreter:
         pool: Literal["sum", "model"] = "sum",
         scaling: Literal["none", "exact", "dpai"] = "none",
         bind: Mapping[str, int] | None = None,
+        lookup: Literal["table", "ones"] = "table",
     ) -> None:
         self.graph = graph
         self.mode = mode
@@ -67,6 +77,7 @@ class Interpreter:
         self.scaling = scaling
         self.user_bind = dict(bind or {})
         self.bind = dict(self.user_bind)
+        self.lookup = lookup  # real mode: "ones" makes every embedding lookup a path source
         self._const_cache: dict[int, torch.Tensor] = {}
         self.log_scale: torch.Tensor | float = 0.0  # of the last output (scaling != none)
         self.values: dict[str, torch.Tensor] = {}
@@ -166,7 +177,7 @@ class Interpreter:
                 if m > 0:
                     args = [args[0] / m, *args[1:]]
                     dpai_log = dpai_log + torch.log(m)
-            rule = (PATH_RULES if self.mode == "paths" else {}).get(node.kind) or RULES.get(node.kind)
+            rule = rule_for(node, self.mode)
             if rule is None:
                 raise PaicError(f"node {node.name!r} ({node.kind.value}{'/' + node.attrs.get('op_type', '') if node.kind is OpKind.OPAQUE else ''}): cannot be evaluated ({self.mode} mode)")
             try:
@@ -590,3 +601,58 @@ def _attention(it: Interpreter, node: Node, args: list[torch.Tensor], *, paths: 
 
 RULES[OpKind.ATTENTION] = _attention
 PATH_RULES[OpKind.ATTENTION] = lambda it, n, a: _attention(it, n, a, paths=True)
+
+
+# ---- opaque operators with a known meaning (attrs["op"]) -----------------------------------
+Rule = Callable[[Interpreter, Node, list[torch.Tensor]], list[torch.Tensor]]
+
+
+def _lookup_shape(node: Node, table: tuple[int, ...], indices: torch.Tensor) -> list[int]:
+    axis = node.attrs.get("axis", 0) % len(table)
+    return [*table[:axis], *indices.shape, *table[axis + 1 :]]
+
+
+def _embedding(it: Interpreter, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``table`` gathered along ``axis`` by the integer indices ``args[0]`` (ONNX Gather: an
+    index ``i < 0`` reads ``i + table.shape[axis]``; for axis 0 this is ``F.embedding``)."""
+    p = node.params["table"]
+    idx = args[0]
+    if it.lookup == "ones":
+        return [torch.ones(_lookup_shape(node, p.shape, idx), dtype=it.dtype, device=it.device)]
+    table = it.weight(p)
+    axis = node.attrs.get("axis", 0) % table.dim()
+    n = table.shape[axis]
+    idx = idx.to(device=table.device, dtype=torch.int64)
+    if idx.numel() and (bool((idx < -n).any()) or bool((idx >= n).any())):
+        raise PaicError(f"node {node.name!r} (embedding): indices run {int(idx.min())}..{int(idx.max())}, the table has {n} entries on axis {axis}")
+    idx = torch.where(idx < 0, idx + n, idx)
+    flat = torch.index_select(table, axis, idx.reshape(-1))
+    return [flat.reshape(_lookup_shape(node, tuple(table.shape), idx))]
+
+
+def _path_embedding(it: Interpreter, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A path source: one path starts at every output element (the indices carry none)."""
+    return [torch.ones(_lookup_shape(node, node.params["table"].shape, args[0]), dtype=it.dtype, device=it.device)]
+
+
+#: ``attrs["op"]`` of an opaque node -> (real rule, paths rule)
+OPAQUE_RULES: dict[str, tuple[Rule, Rule]] = {
+    "embedding": (_embedding, _path_embedding),
+}
+
+
+def rule_for(node: Node, mode: Mode) -> Rule | None:
+    """The interpreter's rule for ``node`` in ``mode`` (None: the node cannot be evaluated).
+
+    ``paths`` mode takes the path rule where one exists and the real rule otherwise; an opaque
+    node has a rule only when ``attrs["op"]`` is a key of ``OPAQUE_RULES``.
+    """
+    if node.kind is OpKind.OPAQUE:
+        pair = OPAQUE_RULES.get(node.attrs.get("op", ""))
+        return None if pair is None else pair[mode == "paths"]
+    return (PATH_RULES if mode == "paths" else {}).get(node.kind) or RULES.get(node.kind)
+
+
+def indexes_lookups_only(value: Value) -> bool:
+    """True when every reader of ``value`` is an embedding lookup (it is only ever indices)."""
+    return bool(value.uses) and all(n.kind is OpKind.OPAQUE and n.attrs.get("op") == "embedding" and n.inputs[0] is value for n in value.uses)

@@ -20,6 +20,7 @@ norm           numel(input): 1 MAC per element (batch and layer norm alike).
 pointwise      numel(out); softmax numel(out); add/mul numel(out).
 pool           windowed: numel(out) · ∏kernel; reduce (global pool, ReduceMean…): numel(in).
 others         input, output, constant, reshape, concat, split: 0.
+embedding      an embedding lookup (opaque, ``op="embedding"``): 0 (data movement).
 opaque         0, with a warning (and so is any node whose output shape is unknown).
 =============  ========================================================================
 
@@ -114,6 +115,8 @@ def _zero(node: Node) -> MacCount:
 
 
 def _opaque(node: Node) -> MacCount:
+    if node.attrs.get("op") == "embedding":  # a table lookup moves data: no multiply-accumulate
+        return MacCount(0)
     op = node.attrs.get("op_type", "?")
     return MacCount(0, (), f"node {node.name!r} is opaque ({op}): its MACs are unknown and counted as 0")
 

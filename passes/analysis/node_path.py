@@ -33,7 +33,11 @@
   or when it is a 1×1 conv whose output reaches an ``add`` through norm/pointwise nodes only
   while its input also feeds another conv.
 
-Opaque nodes have no path semantics: the pass raises a PaicError naming the node.
+* An embedding lookup (an opaque node with ``op="embedding"``) is a path source like a float
+  graph input of its output's shape: every output element starts one path and its integer
+  indices carry none (the ones fed to an integer graph input are never read as indices).
+
+Other opaque nodes have no path semantics: the pass raises a PaicError naming the node.
 """
 from __future__ import annotations
 
@@ -194,11 +198,11 @@ def _logsumexp(terms: list[float]) -> float:
 
 
 def _path_rule(node: Node) -> Any:
-    from pai_compiler.interp import PATH_RULES, RULES
+    from pai_compiler.interp import rule_for
 
-    if node.kind is OpKind.OPAQUE:
+    rule = rule_for(node, "paths")
+    if rule is None and node.kind is OpKind.OPAQUE:
         raise PaicError(f"node-path: node {node.name!r} is opaque ({node.attrs.get('op_type', '?')}): paths through it are undefined")
-    rule = PATH_RULES.get(node.kind) or RULES.get(node.kind)
     if rule is None:
         raise PaicError(f"node-path: node {node.name!r} ({node.kind.value}) has no path rule")
     return rule

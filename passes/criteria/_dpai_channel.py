@@ -194,10 +194,10 @@ class ChannelProgram:
         return None
 
     def _torch_op(self, node: Node) -> None:
-        from pai_compiler.interp import PATH_RULES, RULES
+        from pai_compiler.interp import rule_for
 
-        rule = PATH_RULES.get(node.kind) or RULES.get(node.kind)
-        if rule is None or node.kind in (OpKind.OPAQUE, OpKind.ATTENTION):
+        rule = rule_for(node, "paths")  # an embedding lookup (opaque, op="embedding"): a path source
+        if rule is None or node.kind is OpKind.ATTENTION:
             raise PaicError(f"dpai: node {node.name!r} ({node.kind.value}) has no path-count rule")
         it = self._it
         full = [self._full_slot(v.name) for v in node.inputs]

@@ -84,12 +84,15 @@ def masked_weights(leaves: dict[str, torch.Tensor], masks: dict[str, torch.Tenso
 
 
 def model_io(graph: Graph, owner: str) -> tuple[Value, Value]:
-    """The single float input and the first output of the model, checked for a classifier."""
+    """The single float input (or embedding indices) and the first output of the model, checked for a classifier."""
+    from pai_compiler.interp import indexes_lookups_only
+
     inputs = graph.inputs
     if len(inputs) != 1:
         raise UsageError(f"{owner}: needs a model with one input, this one has {len(inputs)}")
-    if not inputs[0].dtype.startswith("float"):
-        raise UsageError(f"{owner}: the model input {inputs[0].name!r} is {inputs[0].dtype}; a float image/feature input is needed")
+    if not inputs[0].dtype.startswith("float") and not indexes_lookups_only(inputs[0]):
+        raise UsageError(f"{owner}: the model input {inputs[0].name!r} is {inputs[0].dtype}; a float image/feature input "
+                         "(or the integer indices of embedding lookups) is needed")
     output = graph.outputs[0]
     if output.shape is not None and len(output.shape) != 2:
         raise UsageError(f"{owner}: the first output {output.name!r} has rank {len(output.shape)}; cross-entropy needs (batch, classes) logits")
@@ -118,7 +121,8 @@ def prune_batches(graph: Graph, am: AnalysisManager, owner: str, batch_size: int
         raise UsageError(f"{owner}: labels run {int(y.min())}..{int(y.max())}, the model has {classes} outputs")
     device = torch_device(am, owner)
     for start in range(0, x.shape[0], batch_size):
-        xb = torch.as_tensor(x[start : start + batch_size], device=device).to(dtype)
+        xb = torch.as_tensor(x[start : start + batch_size], device=device)
+        xb = xb.to(dtype) if x_value.dtype.startswith("float") else xb.long()  # embedding indices stay integers
         yb = torch.as_tensor(y[start : start + batch_size], device=device).long()
         yield xb, yb
 

@@ -4,7 +4,9 @@ As in Synaptic-Flow (``SynFlow`` + ``prune_loop``): every floating-point paramet
 (prunable weights, biases, norm scales/shifts *and* running statistics, constants) is replaced
 by its absolute value, on a private clone, so signs never reach the user's graph; the network
 runs in eval mode on one all-ones input (batch 1; other symbolic dims from
-``am.context.extra["bind"]``, default 1); R is the sum of all outputs. Each round e = 0..E-1
+``am.context.extra["bind"]``, default 1); R is the sum of all outputs. An embedding lookup is
+an input too: its output is all ones (the interpreter's ``lookup="ones"``), so an integer
+model input that only indexes lookups is accepted (fed zeros) and the table is never read. Each round e = 0..E-1
 scores the live (masked) weights, pruned ones scoring 0, and keeps the top k_e by density
 d_e = d^((e+1)/E) (``schedule=exp``) or 1 - (1 - d)(e+1)/E (``linear``), globally or per layer
 (``scope``), with d = 1 - sparsity, or the kept fraction of an allocation pass's budget; the
@@ -68,13 +70,17 @@ def topk_mask_torch(flat: torch.Tensor, k: int) -> torch.Tensor:
 def _ones_inputs(graph: Graph, am: AnalysisManager, dtype: torch.dtype) -> list[torch.Tensor]:
     import torch
 
+    from pai_compiler.interp import indexes_lookups_only
+
     bind = dict(am.context.extra.get("bind") or {})
     tensors = []
     for v in graph.inputs:
         if v.shape is None:
             raise PaicError(f"synflow: input {v.name!r} has an unknown shape")
-        if not v.dtype.startswith("float"):
-            raise PaicError(f"synflow: input {v.name!r} is {v.dtype}; SynFlow feeds an all-ones float input")
+        indices = not v.dtype.startswith("float")
+        if indices and not indexes_lookups_only(v):
+            raise PaicError(f"synflow: input {v.name!r} is {v.dtype}; SynFlow feeds an all-ones float input "
+                            "(an integer input is accepted only as the indices of embedding lookups)")
         dims = []
         for axis, d in enumerate(v.shape):
             if isinstance(d, int):
@@ -84,7 +90,9 @@ def _ones_inputs(graph: Graph, am: AnalysisManager, dtype: torch.dtype) -> list[
             else:
                 value = sympy.sympify(d).subs({sympy.Symbol(k, integer=True, positive=True): n for k, n in bind.items()})
                 dims.append(int(value) if value.is_Integer else 1)
-        tensors.append(torch.ones(dims, dtype=dtype, device=torch_device(am, "synflow")))
+        device = torch_device(am, "synflow")
+        # indices: any valid ones (0); the interpreter's lookup="ones" makes every lookup output all ones
+        tensors.append(torch.zeros(dims, dtype=torch.int64, device=device) if indices else torch.ones(dims, dtype=dtype, device=device))
     return tensors
 
 
@@ -105,7 +113,7 @@ class _LinearisedNet:
                 net.set_param_data(p, np.abs(p.data))
         by_name = {p.name: p for p in net.params()}
         self.magnitudes = {p.name: torch.as_tensor(np.asarray(by_name[p.name].data), device=device).to(self.dtype) for p in params}
-        self.interp = Interpreter(net, mode="real", dtype=self.dtype, device=device, bind=am.context.extra.get("bind"))
+        self.interp = Interpreter(net, mode="real", dtype=self.dtype, device=device, bind=am.context.extra.get("bind"), lookup="ones")
         self.ones = _ones_inputs(net, am, self.dtype)
 
     def scores(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
