@@ -18,6 +18,7 @@ import numpy as np
 import sympy
 
 from pai_compiler.frontends._onnx_static import Const, concretize, eval_static, is_float_dtype
+from pai_compiler.frontends._params import layout_twin
 from pai_compiler.errors import ModelError, PaicError
 from pai_compiler.onnx_wire import invalid_model, open_model
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
@@ -144,6 +145,7 @@ class _Importer:
         self.env: dict[str, Const | Value] = {}
         self.symbols: dict[str, sympy.Symbol] = {}
         self.params: dict[str, Param] = {}
+        self.twins: dict[str, Param] = {}  # a weight's Params for its other layouts (see _params)
         self.weight_sources: dict[str, str] = {}
         self.warnings: list[str] = self.graph.meta["warnings"]
         self.inferred: dict[str, tuple[Dim, ...]] | None = None
@@ -197,10 +199,7 @@ class _Importer:
             stored_out, stored_in = 0, None
         existing = self.params.get(const.origin)
         if existing is not None:
-            if prunable and existing.prunable and (existing.out_axis, existing.in_axis) != (stored_out, stored_in):
-                self.warnings.append(f"weight {const.origin!r} is used with two layouts; it is kept dense")
-                existing.prunable = False
-            return existing
+            return layout_twin(existing, stored_out, stored_in, self.twins, self.warnings) if prunable else existing
         stored = self.stored[const.origin]
         p = Param(const.origin, stored, prunable=prunable, out_axis=stored_out, in_axis=stored_in, origin=const.origin)
         self.params[const.origin] = p

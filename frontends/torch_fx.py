@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pai_compiler.errors import ModelError
+from pai_compiler.frontends._params import layout_twin
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
 
 __all__ = ["lower_fx", "TorchLowering", "TorchConst", "ModuleHandle", "BATCH", "example_inputs"]
@@ -116,6 +117,7 @@ class TorchLowering:
         self.frontend = frontend
         self.prune_in_proj = prune_in_proj
         self.params: dict[str, Param] = {}
+        self.twins: dict[str, Param] = {}  # a weight's Params for its other layouts (see _params)
         self.warnings: list[str] = self.graph.meta["warnings"]
 
     # ---- values and params -------------------------------------------------------------
@@ -142,10 +144,7 @@ class TorchLowering:
         stored_out, stored_in = (perm[out_axis], perm[in_axis] if in_axis is not None else None) if prunable else (0, None)
         existing = self.params.get(c.fqn)
         if existing is not None:
-            if prunable and existing.prunable and (existing.out_axis, existing.in_axis) != (stored_out, stored_in):
-                self.warnings.append(f"weight {c.fqn!r} is used with two layouts; it is kept dense")
-                existing.prunable = False
-            return existing
+            return layout_twin(existing, stored_out, stored_in, self.twins, self.warnings) if prunable else existing
         p = Param(c.fqn, _numpy(c.tensor), prunable=prunable, out_axis=stored_out, in_axis=stored_in, origin=c.fqn)
         self.params[c.fqn] = p
         return p

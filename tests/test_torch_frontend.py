@@ -545,3 +545,35 @@ def test_prune_api_export_frontend_matches_fx() -> None:
     assert not hasattr(model.conv, "weight_orig")  # prune() leaves the module alone
     with pytest.raises(UsageError):
         pai_compiler.prune("not a module", (2, 3))
+
+
+# ---- a weight read as W and as Wᵀ ----------------------------------------------------------
+class _TiedSquare(nn.Module):
+    """``relu(x Wᵀ) W``: one square weight read in two layouts (tied encoder/decoder)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(6, 6, bias=False)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.enc(x))
+        return self.head(h @ self.enc.weight)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export", "onnx"])
+def test_weight_in_two_layouts_computes_the_model(frontend: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    module = _TiedSquare().eval()
+    if frontend == "onnx":
+        from pai_compiler.zoo.export import export_onnx
+
+        export_onnx(module, (6,), tmp_path / "tied.onnx")
+        graph = load_onnx_model(tmp_path / "tied.onnx")
+    else:
+        graph = (lower_fx if frontend == "fx" else lower_export)(module, torch.randn(2, 6))
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(Interpreter(graph).run([x])[0], module(x), rtol=1e-5, atol=1e-6)
+    assert any("two layouts" in w for w in graph.meta["warnings"])
+    assert len(graph.prunable_params()) == 1  # the head; the tied weight stays dense

@@ -69,6 +69,14 @@ class Param:
         return tuple(int(d) for d in self.data.shape)
 
     @property
+    def storage(self) -> object:
+        """Which stored tensor this is: its ``origin``, or the Param itself when it has none.
+
+        Params of one weight read in two layouts share an origin (``frontends/_params.py``);
+        passes that edit weights treat them as one shared tensor."""
+        return self.origin or self
+
+    @property
     def numel(self) -> int:
         return int(self.data.size)
 

@@ -437,13 +437,13 @@ def channel_spaces(graph: Graph) -> ChannelSpaces:
     b = _Builder(graph)
     for node in graph.nodes:
         COUPLING_RULES.get(node.kind, _pin_all)(node, b)
-    users: dict[int, list[Node]] = {}
+    users: dict[object, list[Node]] = {}
     for node in graph.nodes:
         for p in node.params.values():
-            users.setdefault(id(p), []).append(node)
+            users.setdefault(p.storage, []).append(node)
     for node in graph.nodes:
         for p, _, value in param_slices(node, b.cs):
-            if len(users[id(p)]) > 1:
+            if len(users[p.storage]) > 1:
                 b.cs.pin(value, f"param {p.name!r} is shared by several nodes")
     return b.cs
 

@@ -59,7 +59,6 @@ __all__ = ["DeadNodeElimPass", "channel_liveness", "plan_removal", "RemovalPlan"
 
 _WEIGHTED = (OpKind.CONV, OpKind.LINEAR)
 _MAX_ROUNDS = 16
-_TWO_LAYOUTS = "is used with two layouts"  # the frontends' warning for such a weight
 
 
 # ---- liveness ------------------------------------------------------------------------------
@@ -69,8 +68,8 @@ def _connectivity(node: Node, cs: ChannelSpaces) -> np.ndarray:
     oi = w.to_oi(w.mask_or_ones())
     n_out = oi.shape[0]
     if cs.track(node.outputs[0]) is not None and n_out != cs.size(node.outputs[0]):
-        # the Param's out/in axes do not describe this use (a weight shared in two layouts,
-        # kept dense by the frontend): every output reads every input
+        # the Param's out/in axes do not describe this use (a hand-built graph): every output
+        # reads every input, which is always safe
         return np.ones((cs.size(node.outputs[0]), cs.size(node.inputs[0])), dtype=bool)
     local = oi.reshape(n_out, oi.shape[1], -1).any(axis=2)  # (out, in per group)
     groups = int(node.attrs.get("groups", 1)) if node.kind is OpKind.CONV else 1
@@ -169,10 +168,6 @@ class _Constants:
                 self.batch_symbols |= {s.name for s in v.shape[0].free_symbols}
         self._it: Any = None
         self.error: str | None = None
-        if any(_TWO_LAYOUTS in str(w) for w in graph.meta.get("warnings", [])):
-            # the frontend kept one Param for a weight read in two layouts (W and Wᵀ): the IR
-            # gives both uses the first one's axes, so its values are not the model's
-            self.error = "a weight is used with two layouts: constants are not folded"
 
     def interpreter(self) -> Any:
         if self._it is None and self.error is None:
@@ -276,11 +271,11 @@ def _shared_weights(graph: Graph) -> set[str]:
     Such a weight is a boundary: coupling pins the channels it indexes (never sliced), and it
     is never tightened nor folded into, since masking it for one user would change what every
     other user computes (possibly in another layout)."""
-    users: dict[int, int] = {}
+    users: dict[object, int] = {}
     for node in graph.nodes:
-        for pid in {id(p) for p in node.params.values()}:
-            users[pid] = users.get(pid, 0) + 1
-    return {n.name for n in graph.nodes if n.kind in _WEIGHTED and users[id(n.params["weight"])] > 1}
+        for k in {p.storage for p in node.params.values()}:
+            users[k] = users.get(k, 0) + 1
+    return {n.name for n in graph.nodes if n.kind in _WEIGHTED and users[n.params["weight"].storage] > 1}
 
 
 def plan_removal(graph: Graph, cs: ChannelSpaces, *, fold: bool = True, align: int = 1) -> RemovalPlan:
