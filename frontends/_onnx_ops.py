@@ -467,7 +467,8 @@ def _pad(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any])
 
 def _gather(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
     """Gather: data movement of an activation by constant indices, or an embedding lookup."""
-    if isinstance(ins[0], Const) and not ins[0].symbolic and ins[0].broadcast_to is None and isinstance(ins[1], Value):
+    if (isinstance(ins[0], Const) and not ins[0].symbolic and ins[0].broadcast_to is None and isinstance(ins[1], Value)
+            and is_float_dtype(ins[0].array.dtype) and not ins[1].dtype.startswith(("float", "bfloat", "bool"))):
         return _embedding(imp, node, label, ins, attrs)
     _movement(imp, node, label, ins, attrs)
 

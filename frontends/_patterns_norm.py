@@ -118,8 +118,9 @@ def _match(div: Node) -> tuple[Value, Node, dict[str, object], dict[str, Param],
         return None
     chain = [div, *extra, sqrt, eps_add, var[1], square, *([cast_in] if cast_in else []), sub, mean_node]
     last = div
-    if len(div.outputs[0].uses) == 1 and _float_cast(div.outputs[0].uses[0].outputs[0]) is not None:
-        last = div.outputs[0].uses[0]  # the cast back to the input's dtype
+    user = div.outputs[0].uses[0] if len(div.outputs[0].uses) == 1 else None
+    if user is not None and user.outputs and _float_cast(user.outputs[0]) is not None:
+        last = user  # the cast back to the input's dtype
         chain.insert(0, last)
     normalized = tuple(int(s) for s in x.shape[start:])
     params: dict[str, Param] = {}

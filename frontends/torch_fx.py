@@ -119,6 +119,17 @@ class TorchLowering:
         self.params: dict[str, Param] = {}
         self.twins: dict[str, Param] = {}  # a weight's Params for its other layouts (see _params)
         self.warnings: list[str] = self.graph.meta["warnings"]
+        self._canonical: dict[int, str] | None = None
+
+    def canonical_fqn(self, c: TorchConst) -> str | None:
+        """The first name of ``c``'s tensor in the module: tied weights (``head.weight = emb.weight``)
+        are one Param, whichever module attribute a use goes through."""
+        if self._canonical is None:
+            named = [*self.module.named_parameters(), *self.module.named_buffers()]
+            self._canonical = {}
+            for name, t in named:
+                self._canonical.setdefault(id(t), name)
+        return self._canonical.get(id(c.tensor), c.fqn) if c.fqn is not None else None
 
     # ---- values and params -------------------------------------------------------------
     def emit(self, kind: OpKind, label: str, inputs: Sequence[Value], shapes: Sequence[tuple[Dim, ...] | None], *,
@@ -142,11 +153,12 @@ class TorchLowering:
         if c.fqn is None or (not prunable and perm != tuple(range(c.tensor.dim()))):
             return Param(self.graph.fresh_name(key), _numpy(c.value), prunable=False, out_axis=0, in_axis=None)
         stored_out, stored_in = (perm[out_axis], perm[in_axis] if in_axis is not None else None) if prunable else (0, None)
-        existing = self.params.get(c.fqn)
+        fqn = self.canonical_fqn(c) or c.fqn
+        existing = self.params.get(fqn)
         if existing is not None:
             return layout_twin(existing, stored_out, stored_in, self.twins, self.warnings) if prunable else existing
-        p = Param(c.fqn, _numpy(c.tensor), prunable=prunable, out_axis=stored_out, in_axis=stored_in, origin=c.fqn)
-        self.params[c.fqn] = p
+        p = Param(fqn, _numpy(c.tensor), prunable=prunable, out_axis=stored_out, in_axis=stored_in, origin=fqn)
+        self.params[fqn] = p
         return p
 
     def const(self, x: Any, like: Value | None = None) -> TorchConst:

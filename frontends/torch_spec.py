@@ -131,12 +131,15 @@ def load_torch_spec(spec: str, input_shape: str | Sequence[int] | None = None, f
     example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     try:
         graph = lower(module, example, name=split_spec(spec)[1], prune_in_proj=prune_in_proj)
-    except ModelError:
+    except ModelError as first:
         # a model that starts with nn.Embedding reads integer indices: retry with valid ones
         entries = [m.num_embeddings for m in module.modules() if isinstance(m, torch.nn.Embedding)]
         if not entries:
             raise
         example = torch.randint(0, min(entries), shape, generator=torch.Generator().manual_seed(0))
-        graph = lower(module, example, name=split_spec(spec)[1], prune_in_proj=prune_in_proj)
+        try:
+            graph = lower(module, example, name=split_spec(spec)[1], prune_in_proj=prune_in_proj)
+        except ModelError:
+            raise first from None  # integer indices did not help: the float input's error is the cause
     graph.meta.update(torch_spec=str(spec), input_shape=list(shape))
     return graph

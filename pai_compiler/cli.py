@@ -144,6 +144,8 @@ def optimize(
             raise UsageError("--method and --pipeline exclude each other: name the criterion in the pipeline")
         if align != 1 and not compact:
             raise UsageError("--align applies with --compact only")
+        if align < 1:
+            raise UsageError(f"--align must be a positive integer, got {align}")
         api.check_device(device)
         chosen = method or api.DEFAULT_METHOD
         spec = api.build_pipeline(method=chosen, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)

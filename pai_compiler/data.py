@@ -235,10 +235,11 @@ def load_batch_for(graph: Any, source: str | os.PathLike[str], *, samples_per_cl
 
 def _lookup_entries(value: Any) -> int | None:
     """Entries of the smallest table ``value`` indexes, when embedding lookups are its only readers."""
-    uses = list(value.uses)
-    if not uses or any(n.attrs.get("op") != "embedding" or "table" not in n.params or n.inputs[0] is not value for n in uses):
+    from pai_compiler.interp import indexes_lookups_only
+
+    if not indexes_lookups_only(value):
         return None
-    return min(int(n.params["table"].shape[int(n.attrs.get("axis", 0))]) for n in uses)
+    return min(int(n.params["table"].shape[int(n.attrs.get("axis", 0))]) for n in value.uses)
 
 
 def load_index_batch(

@@ -40,16 +40,27 @@ import torch.nn.functional as F
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Graph, Node, OpKind, Param, Value
 
-__all__ = ["Interpreter", "param_tensor", "rule_for", "indexes_lookups_only", "OPAQUE_RULES", "Rule"]
+__all__ = ["Interpreter", "param_tensor", "torch_ready", "is_float_array", "rule_for", "indexes_lookups_only", "OPAQUE_RULES", "Rule"]
 
 Mode = Literal["real", "paths"]
 
 
+def torch_ready(data: Any) -> np.ndarray:
+    """``data`` as an array torch can take: ml_dtypes floats (bfloat16, float8_*: numpy kind
+    ``V``, which torch rejects) become float32, and read-only views are copied."""
+    data = np.asarray(data)
+    if data.dtype.kind == "V":
+        return data.astype(np.float32)
+    return data if data.flags.writeable else data.copy()
+
+
+def is_float_array(data: Any) -> bool:
+    """True for numpy floats and ml_dtypes' low-precision floats."""
+    return np.asarray(data).dtype.kind in "fV"
+
+
 def param_tensor(p: Param, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
-    data = np.asarray(p.data)
-    if not data.flags.writeable:
-        data = data.copy()
-    return torch.as_tensor(data, device=device).to(dtype)
+    return torch.as_tensor(torch_ready(p.data), device=device).to(dtype)
 
 
 class Interpreter:
@@ -93,7 +104,7 @@ class Interpreter:
             return torch.ones(p.shape, dtype=self.dtype, device=self.device)
         key = id(p)
         if key not in self._const_cache:
-            t = param_tensor(p, self.dtype if np.issubdtype(p.data.dtype, np.floating) else torch.int64, self.device)
+            t = param_tensor(p, self.dtype if is_float_array(p.data) else torch.int64, self.device)
             if p.mask is not None:
                 t = t * torch.as_tensor(p.mask, device=self.device).to(t.dtype)
             self._const_cache[key] = t
@@ -110,7 +121,7 @@ class Interpreter:
     def const(self, p: Param) -> torch.Tensor:
         key = id(p)
         if key not in self._const_cache:
-            dt = self.dtype if np.issubdtype(p.data.dtype, np.floating) else None
+            dt = self.dtype if is_float_array(p.data) else None
             t = param_tensor(p, dt or torch.int64, self.device) if dt else torch.as_tensor(np.asarray(p.data).copy(), device=self.device)
             self._const_cache[key] = t
         return self._const_cache[key]

@@ -277,3 +277,33 @@ def test_low_precision_weight_through_cast_is_pruned(tmp_path: Path, elem: int) 
     np.testing.assert_allclose(ReferenceEvaluator(str(out)).run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
     if elem == TensorProto.BFLOAT16:  # onnxruntime's CPU Cast covers bfloat16
         np.testing.assert_allclose(session(out).run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("elem", [TensorProto.BFLOAT16, TensorProto.FLOAT8E4M3FN])
+def test_low_precision_weight_runs_through_the_interpreter(tmp_path: Path, elem: int) -> None:
+    """The torch-side passes (synflow, the real-mode interpreter, the compact module) take it as float32."""
+    import torch
+
+    from pai_compiler.backends.torch_compact import compact_module
+    from pai_compiler.interp import Interpreter
+
+    model, stored = _cast_matmul(elem)
+    src = tmp_path / "cast.onnx"
+    onnx.save(model, str(src))
+    result = api.optimize(str(src), sparsity=0.5, method="synflow")
+    assert sum(int(m.sum()) for m in result.masks.values()) == 64
+    x = torch.from_numpy(np.random.RandomState(2).randn(3, 16).astype(np.float32))
+    expected = x.numpy() @ np.where(result.masks["Wq"], stored.astype(np.float32), 0)
+    np.testing.assert_allclose(Interpreter(result.graph).run([x])[0].numpy(), expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        np.testing.assert_allclose(compact_module(result.graph)(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_decomposed_layernorm_as_the_graph_output_fuses(tmp_path: Path) -> None:
+    """The norm's last node feeds only the graph output (no affine, no cast after it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16, elementwise_affine=False)).eval()
+    path = _export(model, tmp_path / "ln_out.onnx", "torchscript", 13)
+    graph = load_onnx_model(path)
+    assert "norm/layer" in _ops(graph)
+    _assert_matches_ort(path, graph, np.random.RandomState(0).randn(3, 8).astype(np.float32))

@@ -577,3 +577,36 @@ def test_weight_in_two_layouts_computes_the_model(frontend: str, tmp_path: Path)
         torch.testing.assert_close(Interpreter(graph).run([x])[0], module(x), rtol=1e-5, atol=1e-6)
     assert any("two layouts" in w for w in graph.meta["warnings"])
     assert len(graph.prunable_params()) == 1  # the head; the tied weight stays dense
+    from pai_compiler.backends.torch_compact import compact_module
+
+    compact = compact_module(graph)  # one trainable tensor for both layouts, so training keeps them tied
+    assert len(list(compact.parameters())) == 3  # the tied weight, the head's weight and bias
+    with torch.no_grad():
+        torch.testing.assert_close(compact(x), module(x), rtol=1e-5, atol=1e-6)
+
+
+class _TiedHead(nn.Module):
+    """A language-model-style tie: ``head.weight`` *is* ``emb.weight`` (one nn.Parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.emb(idx))))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_module_level_tied_weights_are_one_param(frontend: str) -> None:
+    torch.manual_seed(0)
+    module = _TiedHead().eval()
+    idx = torch.tensor([[1, 4, 9], [0, 2, 3]])
+    graph = (lower_fx if frontend == "fx" else lower_export)(module, idx)
+    origins = sorted({p.origin for p in graph.params() if p.origin.endswith("weight")})
+    assert len(origins) == 2 and "mix.weight" in origins  # emb.weight and head.weight are one Param
+    assert [p.origin for p in graph.prunable_params()] == ["mix.weight"]  # the tied table stays dense
+    with torch.no_grad():
+        torch.testing.assert_close(Interpreter(graph).run([idx])[0], module(idx), rtol=1e-5, atol=1e-6)

@@ -22,7 +22,7 @@ import numpy as np
 import torch  # a module class needs nn.Module at import time (like pai_compiler.interp)
 from torch import nn
 
-from pai_compiler.interp import Interpreter
+from pai_compiler.interp import Interpreter, is_float_array, torch_ready
 from pai_compiler.ir import Graph, OpKind, Param
 
 __all__ = ["CompactModule", "compact_module"]
@@ -67,15 +67,22 @@ class CompactModule(nn.Module):
         self.masked: dict[str, str] = {}
         trainable = _trainable(self.graph)
         used: set[str] = set()
+        stored: dict[object, tuple[str, tuple[int, ...]]] = {}  # one tensor per stored weight (layout twins share it)
         for p in self.graph.params():
-            if not np.issubdtype(p.data.dtype, np.floating):
+            if not is_float_array(p.data):
+                continue
+            first = stored.get(p.storage)
+            if first is not None and first[1] == p.shape and p.mask is None:
+                self.keys[p.name] = first[0]
                 continue
             key = re.sub(r"\W", "_", p.name).strip("_") or "param"
             while key in used or hasattr(self, key):
                 key += "_"
             used.add(key)
             self.keys[p.name] = key
-            tensor = torch.tensor(np.array(p.data, dtype=np.float32 if p.data.dtype == np.float64 else p.data.dtype))
+            stored.setdefault(p.storage, (key, p.shape))
+            data = torch_ready(p.data)
+            tensor = torch.tensor(data.astype(np.float32) if data.dtype == np.float64 else data)
             if trainable.get(p.name, False):
                 self.register_parameter(key, nn.Parameter(tensor))
             else:

@@ -100,19 +100,18 @@ class _LinearisedNet:
     """The abs-linearised clone, its Interpreter and the all-ones input, built once per run."""
 
     def __init__(self, graph: Graph, am: AnalysisManager, params: list[Param], precision: str) -> None:
-        import torch
 
-        from pai_compiler.interp import Interpreter
+        from pai_compiler.interp import Interpreter, is_float_array, param_tensor, torch_ready
 
         self.precision = precision
         self.dtype = torch_dtype(precision)
         self.device = device = torch_device(am, "synflow")
         net = graph.clone()
         for p in net.params():
-            if np.issubdtype(np.asarray(p.data).dtype, np.floating):
-                net.set_param_data(p, np.abs(p.data))
+            if is_float_array(p.data):
+                net.set_param_data(p, np.abs(torch_ready(p.data)))
         by_name = {p.name: p for p in net.params()}
-        self.magnitudes = {p.name: torch.as_tensor(np.asarray(by_name[p.name].data), device=device).to(self.dtype) for p in params}
+        self.magnitudes = {p.name: param_tensor(by_name[p.name], self.dtype, device) for p in params}
         self.interp = Interpreter(net, mode="real", dtype=self.dtype, device=device, bind=am.context.extra.get("bind"), lookup="ones")
         self.ones = _ones_inputs(net, am, self.dtype)
 

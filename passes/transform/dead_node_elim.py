@@ -265,6 +265,11 @@ class RemovalPlan:
         return not self.keep and not self.dead_rows and not any(f.mask_in is not None and len(f.mask_in) for f in self.folds.values())
 
 
+def _users_of_storage(graph: Graph, param: Param) -> int:
+    """How many nodes read ``param``'s stored tensor (through it or a layout twin)."""
+    return sum(any(p.storage == param.storage for p in n.params.values()) for n in graph.nodes)
+
+
 def _shared_weights(graph: Graph) -> set[str]:
     """Conv/linear nodes whose weight Param another node uses too (tied or reused weights).
 
@@ -430,7 +435,7 @@ def _fold_bias(graph: Graph, node: Node, bias: np.ndarray) -> tuple[str, str]:
 
     A bias (BN mean, add constant) that other nodes use too is left alone: the constant goes
     to a fresh Param, added after the layer when it already has a (shared) bias."""
-    shared_bias = "bias" in node.params and len(graph.param_users(node.params["bias"])) > 1
+    shared_bias = "bias" in node.params and _users_of_storage(graph, node.params["bias"]) > 1
     if "bias" in node.params and not shared_bias:
         p = node.params["bias"]
         graph.set_param_data(p, (p.data + bias / float(node.attrs.get("beta", 1.0))).astype(p.data.dtype))
