@@ -102,6 +102,11 @@ def test_paths_are_per_sample_whatever_the_static_batch(tmp_path: Path) -> None:
         doc = audit_graph(api.load_model(_mlp(tmp_path / f"b{batch}.onnx", batch)))
         assert doc["totals"]["log_paths"] == pytest.approx(math.log(120), abs=1e-9), batch
         assert doc["totals"]["log_paths_dpai"] == pytest.approx(doc["totals"]["log_paths"], abs=1e-9), batch
+    # DPaI's own report counts per sample too
+    final = api.optimize(tmp_path / "b4.onnx", sparsity=0.5, method="dpai", steps=3).graph.meta["dpai"]["final"]
+    assert final["log_paths_exact"] == pytest.approx(audit_graph(api.optimize(tmp_path / "b1.onnx", sparsity=0.5, method="dpai", steps=3).graph)
+                                                     ["totals"]["log_paths"], abs=1e-9)
+    assert final["log_paths"] == pytest.approx(final["log_paths_exact"], abs=1e-5)
 
 
 def test_zero_sized_input_and_unknown_shape_are_model_errors(tmp_path: Path) -> None:

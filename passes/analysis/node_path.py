@@ -55,7 +55,7 @@ from pai_compiler.passes.analysis.flops import parse_bind
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NodePathPass", "NodePathResult", "LayerPaths", "is_shortcut", "sample_bindings"]
+__all__ = ["NodePathPass", "NodePathResult", "LayerPaths", "is_shortcut", "sample_bindings", "static_batch"]
 
 _THROUGH = (OpKind.NORM, OpKind.POINTWISE)
 
@@ -119,7 +119,7 @@ class NodePathPass(AnalysisPass[NodePathResult]):
             if node.kind not in (OpKind.INPUT, OpKind.OUTPUT):
                 _path_rule(node)  # refuse before any work
         bind = sample_bindings(graph, parse_bind(self.bind))
-        per_sample = math.log(_static_batch(graph))
+        per_sample = math.log(static_batch(graph))
         with torch.no_grad():
             log_paths = _log_paths(graph, bind, scaling="exact", pool="sum") - per_sample
             log_dpai = _log_paths(graph, bind, scaling="dpai", pool="model") - per_sample
@@ -151,7 +151,7 @@ def sample_bindings(graph: Graph, bind: dict[str, int]) -> dict[str, int]:
     return {name: 1 if name in batch else int(bind.get(name, 1)) for name in symbols}
 
 
-def _static_batch(graph: Graph) -> int:
+def static_batch(graph: Graph) -> int:
     """B when every graph input and output leads with the same static dim B > 1, else 1."""
     leads = [v.shape[0] if v.shape else None for v in (*graph.inputs, *graph.outputs)]
     first = leads[0] if leads else None

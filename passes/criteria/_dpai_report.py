@@ -13,6 +13,7 @@ Masks come from ``mask_of(layer)``: the layer's bool mask, flat in (out, in, tap
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -65,9 +66,14 @@ class _LazyMasks(_ByLayer):
 
 def reference_metrics(graph: Graph, layout: Layout, mask_of: MaskOf, device: Any, bind: Mapping[str, int]) -> dict[str, Any]:
     """log_paths / nodes / kernels / params (ref convention), log_paths_exact and layer_nodes."""
+    from pai_compiler.passes.analysis.node_path import static_batch
+
+    per_sample = math.log(static_batch(graph))  # per sample, as node-path counts (a fixed batch B > 1 divides)
     stats = _ref(graph, layout, mask_of, device, bind)
     layer_nodes = stats.pop("layer_nodes")
-    return {**stats, "log_paths_exact": finite(_exact(graph, layout, mask_of, device, bind)), "layer_nodes": layer_nodes}
+    if stats["log_paths"] is not None:
+        stats["log_paths"] -= per_sample
+    return {**stats, "log_paths_exact": finite(_exact(graph, layout, mask_of, device, bind) - per_sample), "layer_nodes": layer_nodes}
 
 
 def _ref(graph: Graph, layout: Layout, mask_of: MaskOf, device: Any, bind: Mapping[str, int]) -> dict[str, Any]:
