@@ -330,7 +330,10 @@ def _resolve_reshape(in_shape: tuple[Dim, ...], target: list[Any], allowzero: bo
 
 
 def _movement(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
-    x = _need_value(ins[0], label, "input")
+    if not isinstance(ins[0], Value):  # a constant reshaped/sliced by run-time sizes (a positional table cut to the sequence)
+        data = [x for x in ins if not (isinstance(x, Const) and x.symbolic)]  # the run-time sizes are shape math, not data
+        return _opaque(imp, node, label, data, attrs, reason=f"{node.op_type} of a constant by run-time sizes")
+    x = ins[0]
     op = node.op_type
     s = x.shape
     out_attrs: dict[str, Any] = {"op": op.lower()}

@@ -570,6 +570,12 @@ class _FxWalker:
         if n.op == "call_method" and n.target == "expand" and isinstance(args[0], TorchConst):
             return self.lw.expand(n.name, args[0], self.shape(n), n.name)
         if n.op == "call_function" and n.target is getattr:
+            if isinstance(args[0], TorchConst) and args[1] in ("T", "mT"):  # a transposed weight view
+                c = args[0]
+                rank = c.value.dim()
+                perm = tuple(reversed(range(rank))) if args[1] == "T" else (*range(rank - 2), rank - 1, rank - 2)
+                base = c.perm or tuple(range(rank))
+                return TorchConst(c.tensor, c.fqn, tuple(base[p] for p in perm))
             return getattr(args[0], args[1])
         plain = torch.utils._pytree.tree_map(lambda a: a.value if isinstance(a, TorchConst) else a, (args, kwargs))
         if any(isinstance(a, sympy.Basic) for a in torch.utils._pytree.tree_leaves(plain)) and n.op != "call_function":

@@ -48,8 +48,8 @@ def build_pipeline(
 ) -> str:
     """The pipeline string for the CLI flags (``pipeline`` wins when given)."""
     if pipeline:
-        if sparsity is not None and "sparsity" not in pipeline:
-            raise UsageError("--sparsity is ignored with --pipeline; put it in the pipeline, e.g. 'erk{sparsity=0.95},...'")
+        if sparsity is not None:
+            raise UsageError("--sparsity does not combine with --pipeline; put it in the pipeline, e.g. 'erk{sparsity=0.95},...'")
         return format_pipeline(parse_pipeline(pipeline))
     if sparsity is None:
         raise UsageError("--sparsity is required (e.g. --sparsity 0.95) unless --pipeline is given")

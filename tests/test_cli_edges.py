@@ -51,6 +51,7 @@ def _no_loading(*args: object, **kwargs: object) -> None:
         (["--device", "tpu"], "--device must be cpu, cuda or cuda:N"),
         (["-m", "random", "-p", "erk{sparsity=0.9},magnitude{scope=layer}"], "--method and --pipeline"),
         (["-m", "magnitude", "--align", "4"], "--align applies with --compact only"),
+        (["-p", "erk{sparsity=0.9},magnitude{scope=layer}", "-s", "0.5"], "--sparsity does not combine with --pipeline"),
     ],
 )
 def test_flag_errors_come_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: list[str], needle: str) -> None:
@@ -119,3 +120,45 @@ def test_zero_sized_input_and_unknown_shape_are_model_errors(tmp_path: Path) -> 
         AnalysisManager(graph).get(NodePathPass())
     code, err = _run("optimize", str(_mlp(tmp_path / "n.onnx", None)), "-s", "0.5", "-m", "synflow", "-o", str(tmp_path / "o.onnx"))
     assert code == 1 and "unknown shape" in err, err
+
+
+def test_sliced_positional_table_loads_and_prunes(tmp_path: Path) -> None:
+    """``x + pos[:, :x.shape[1]]`` (GPT/BERT style): the Slice of a constant by a run-time size is opaque, the rest prunes."""
+    import torch
+    from torch import nn
+
+    class Pos(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = nn.Parameter(torch.randn(1, 16, 8))
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x + self.pos[:, : x.shape[1]])
+
+    path = tmp_path / "pos.onnx"
+    torch.onnx.export(Pos().eval(), (torch.randn(2, 5, 8),), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "N", 1: "S"}})
+    result = api.optimize(path, sparsity=0.5, method="magnitude")
+    assert any("Slice" in w and "run-time sizes" in w for w in result.graph.meta["warnings"])
+    out = tmp_path / "pruned.onnx"
+    api.save_model(result, path, out)
+    from pai_compiler.ort import session
+
+    x = np.random.RandomState(0).randn(3, 7, 8).astype(np.float32)
+    assert session(out).run(None, {"x": x})[0].shape == (3, 7, 4)
+
+
+def test_embedding_model_from_python_to_onnx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "emb.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class E(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__()\n        self.e = nn.Embedding(20, 8)\n        self.fc = nn.Linear(8, 3)\n"
+        "    def forward(self, idx):\n        return self.fc(self.e(idx).mean(1))\n")
+    monkeypatch.chdir(tmp_path)
+    code, err = _run("optimize", "emb.py:E", "--input-shape", "2,6", "-s", "0.5", "-m", "magnitude", "-o", "e.onnx", "-q")
+    assert code == 0, err
+    from pai_compiler.ort import session
+
+    sess = session(tmp_path / "e.onnx")
+    assert sess.run(None, {sess.get_inputs()[0].name: np.array([[1, 2, 3, 4, 5, 19]], dtype=np.int64)})[0].shape == (1, 3)

@@ -610,3 +610,46 @@ def test_module_level_tied_weights_are_one_param(frontend: str) -> None:
     assert [p.origin for p in graph.prunable_params()] == ["mix.weight"]  # the tied table stays dense
     with torch.no_grad():
         torch.testing.assert_close(Interpreter(graph).run([idx])[0], module(idx), rtol=1e-5, atol=1e-6)
+
+
+def test_fx_reads_a_weight_through_dot_T() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.W = nn.Parameter(torch.randn(5, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.W.T + x @ self.W.mT
+
+    torch.manual_seed(0)
+    module = M().eval()
+    graph = lower_fx(module, torch.randn(2, 6))
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(Interpreter(graph).run([x])[0], module(x), rtol=1e-5, atol=1e-6)
+    assert [p.origin for p in graph.prunable_params()] == ["W"]
+
+
+def test_tied_linear_weights_are_masked_under_every_name(tmp_path: Path) -> None:
+    import pai_compiler
+    from pai_compiler.backends.torch_backend import masked_state_dict
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(8, 8)
+            self.b = nn.Linear(8, 8)
+            self.b.weight = self.a.weight
+            self.o = nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.o(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Tied()
+    pruned = pai_compiler.prune(model, torch.randn(2, 8), sparsity=0.7, method="magnitude", report=False)
+    state = masked_state_dict(model, pruned.masks)
+    assert torch.equal(state["a.weight"], state["b.weight"]) and 0 < int((state["a.weight"] != 0).sum()) < 64
+    pruned.apply(model)
+    assert torch.equal(model.a.weight, model.b.weight) and model.a.weight_orig is model.b.weight_orig
+    assert torch.equal(model.a.weight, state["a.weight"])

@@ -57,11 +57,25 @@ def _split(model: nn.Module, fqn: str) -> tuple[nn.Module, str]:
     return module, name
 
 
+def with_aliases(model: nn.Module, masks: Mapping[str, Any]) -> dict[str, Any]:
+    """``masks`` extended to every other name of a tied parameter (``b.weight = a.weight``)."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    out = dict(masks)
+    for group in names.values():
+        owner = next((n for n in group if n in masks), None)
+        for alias in group if owner is not None else ():
+            out.setdefault(alias, masks[owner])
+    return out
+
+
 def attach_masks(model: nn.Module, masks: Mapping[str, Any]) -> nn.Module:
-    """Attach ``masks`` (FQN -> bool array/tensor) with ``torch.nn.utils.prune.custom_from_mask``."""
+    """Attach ``masks`` (FQN -> bool array/tensor) with ``torch.nn.utils.prune.custom_from_mask``;
+    every name of a tied parameter gets the mask, so the tie (one ``weight_orig``) holds."""
     from torch.nn.utils import prune
 
-    for fqn, mask in masks.items():
+    for fqn, mask in with_aliases(model, masks).items():
         module, name = _split(model, fqn)
         current = getattr(module, name)
         m = torch.as_tensor(np.asarray(mask) if not isinstance(mask, torch.Tensor) else mask)
@@ -101,7 +115,7 @@ def masked_state_dict(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> di
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_mask")}
     for key in [k for k in state if k.endswith("_orig")]:
         state[key[: -len("_orig")]] = state.pop(key)
-    for fqn, mask in masks.items():
+    for fqn, mask in with_aliases(model, masks).items():
         if fqn not in state:
             raise PaicError(f"mask for {fqn!r}: not in the model's state dict")
         state[fqn] = state[fqn] * mask.to(state[fqn].device, state[fqn].dtype)
@@ -144,6 +158,14 @@ def load_pt(path: str | os.PathLike[str], model: nn.Module, *, attach: bool = Tr
     return model
 
 
+def _index_entries(graph: Any) -> int | None:
+    """The smallest table size when the model's input is embedding indices (else None: floats)."""
+    from pai_compiler.data import lookup_entries
+
+    x = graph.inputs[0] if graph.inputs else None
+    return lookup_entries(x) if x is not None and not x.dtype.startswith("float") else None
+
+
 def write_torch_onnx(result: Any, out: str | os.PathLike[str]) -> None:
     """Export the masked module to ONNX (legacy exporter, dynamic batch), atomically."""
     import onnx
@@ -159,7 +181,7 @@ def write_torch_onnx(result: Any, out: str | os.PathLike[str]) -> None:
     model.load_state_dict(masked_state_dict(model, masks_of(result)))
     with atomic_write(out) as tmp:
         try:
-            export_onnx(model, tuple(shape[1:]), tmp)
+            export_onnx(model, tuple(shape[1:]), tmp, index_entries=_index_entries(graph))
         except Exception as exc:
             raise PaicError(f"torch.onnx.export failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
         proto = onnx.load(str(tmp))

@@ -92,6 +92,7 @@ def export_onnx(
     *,
     dynamo: bool = False,
     opset: int = 18,
+    index_entries: int | None = None,
 ) -> None:
     """Export ``model`` to ONNX at ``path`` with a dynamic batch dimension.
 
@@ -102,13 +103,17 @@ def export_onnx(
         path: destination ``.onnx`` file (written atomically).
         dynamo: use the dynamo-based exporter instead of the legacy one.
         opset: ONNX opset version.
+        index_entries: the input is integer indices below this (an embedding model), not floats.
     """
     destination = Path(path)
     directory = destination.parent
     directory.mkdir(parents=True, exist_ok=True)
 
     generator = torch.Generator().manual_seed(_EXAMPLE_SEED)
-    example = torch.randn((_EXAMPLE_BATCH, *input_shape), generator=generator)
+    if index_entries is None:
+        example = torch.randn((_EXAMPLE_BATCH, *input_shape), generator=generator)
+    else:
+        example = torch.randint(0, index_entries, (_EXAMPLE_BATCH, *input_shape), generator=generator)
 
     was_training = model.training
     model.eval()
