@@ -19,7 +19,7 @@ import sympy
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim
 
-__all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype"]
+__all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype", "float_eps"]
 
 
 @dataclass
@@ -36,18 +36,25 @@ class Const:
         return self.array.dtype == object
 
 
-def is_float_dtype(dtype: Any) -> bool:
-    """True for numpy floats and ml_dtypes' (bfloat16, float8_*, ...), which numpy calls kind ``V``."""
+def float_eps(dtype: Any) -> float | None:
+    """Machine epsilon of a float dtype, numpy's or ml_dtypes' (bfloat16, float8_*, ...: numpy
+    kind ``V``); None for anything that is not a float type."""
     try:
         import ml_dtypes  # also registers "bfloat16" etc. as numpy dtype names
-
+    except ImportError:  # onnx needs ml_dtypes, so this is only a safety net
+        ml_dtypes = None
+    try:
         dt = np.dtype(dtype)
         if np.issubdtype(dt, np.floating):
-            return True
-        ml_dtypes.finfo(dt)
-    except (ImportError, TypeError, ValueError):  # not a float type (or no ml_dtypes, which onnx needs)
-        return False
-    return True
+            return float(np.finfo(dt).eps)
+        return float(ml_dtypes.finfo(dt).eps) if ml_dtypes is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def is_float_dtype(dtype: Any) -> bool:
+    """True for numpy floats and ml_dtypes' low-precision floats."""
+    return float_eps(dtype) is not None
 
 
 def simplify_dim(d: Any) -> Dim:

@@ -24,6 +24,7 @@ import math
 import numpy as np
 
 from pai_compiler.ir import Graph, Node, OpKind, Value
+from pai_compiler.frontends._onnx_static import float_eps
 
 __all__ = ["fuse_patterns", "const_value", "const_close", "pointwise_of", "remove_dead"]
 
@@ -49,18 +50,6 @@ def const_value(n: Node) -> float | None:
         return None
 
 
-def _eps(dtype: np.dtype) -> float:
-    try:
-        return float(np.finfo(dtype).eps)
-    except (TypeError, ValueError):
-        try:
-            import ml_dtypes
-
-            return float(ml_dtypes.finfo(dtype).eps)
-        except (ImportError, TypeError, ValueError):  # not a float type at all
-            return 0.0
-
-
 def const_close(n: Node | None, target: float) -> bool:
     """``n``'s constant equals ``target`` up to the rounding of the constant's own dtype."""
     if n is None:
@@ -68,7 +57,7 @@ def const_close(n: Node | None, target: float) -> bool:
     c = const_value(n)
     if c is None or not math.isfinite(c):
         return False
-    tol = 2 * _eps(n.params["const"].data.dtype) * abs(target) + 1e-12
+    tol = 2 * (float_eps(n.params["const"].data.dtype) or 0.0) * abs(target) + 1e-12
     return abs(c - target) <= max(tol, 2e-7 * abs(target))
 
 
@@ -80,21 +69,28 @@ def _scaled(t: Value, x: Value) -> tuple[Value, float, list[Node]]:
     return t, 2.0, []
 
 
-def _match_erf_gelu(x: Value, t: Value) -> tuple[list[Node], dict[str, object]] | None:
+def _one_plus(t: Value, x: Value, op: str) -> tuple[list[Node], float, Node] | None:
+    """``t`` is ``[0.5 *] (1 + op(...))``, GELU's outer half: (nodes matched, scale, the ``op`` node)."""
     inner, scale, chain = _scaled(t, x)
     add = pointwise_of(inner, "add")
     if add is None or not const_close(add, 1.0):
         return None
-    erf = pointwise_of(add.inputs[0], "erf")
-    if erf is None:
+    f = pointwise_of(add.inputs[0], op)
+    return None if f is None else ([*chain, add], scale, f)
+
+
+def _match_erf_gelu(x: Value, t: Value) -> tuple[list[Node], dict[str, object]] | None:
+    outer = _one_plus(t, x, "erf")
+    if outer is None:
         return None
+    chain, scale, erf = outer
     arg = erf.inputs[0].producer
     if arg is None or arg.kind is not OpKind.POINTWISE or arg.inputs[0] is not x or arg.attrs.get("const_first"):
         return None
     ok = (arg.attrs["op"] == "div" and const_close(arg, math.sqrt(2))) or (arg.attrs["op"] == "mul" and const_close(arg, 1 / math.sqrt(2)))
     if not ok:
         return None
-    return [*chain, add, erf, arg], {"approximate": "none", "scale": scale}
+    return [*chain, erf, arg], {"approximate": "none", "scale": scale}
 
 
 def _is_cube(v: Value, x: Value) -> list[Node] | None:
@@ -113,13 +109,10 @@ def _is_cube(v: Value, x: Value) -> list[Node] | None:
 
 
 def _match_tanh_gelu(x: Value, t: Value) -> tuple[list[Node], dict[str, object]] | None:
-    inner, scale, chain = _scaled(t, x)
-    add1 = pointwise_of(inner, "add")
-    if add1 is None or not const_close(add1, 1.0):
+    outer = _one_plus(t, x, "tanh")
+    if outer is None:
         return None
-    tanh = pointwise_of(add1.inputs[0], "tanh")
-    if tanh is None:
-        return None
+    chain, scale, tanh = outer
     k = pointwise_of(tanh.inputs[0], "mul")
     if k is None or not const_close(k, _SQRT_2_OVER_PI):
         return None
@@ -133,7 +126,7 @@ def _match_tanh_gelu(x: Value, t: Value) -> tuple[list[Node], dict[str, object]]
     cube = _is_cube(c.inputs[0], x)
     if cube is None:
         return None
-    return [*chain, add1, tanh, k, s, c, *cube], {"approximate": "tanh", "scale": scale}
+    return [*chain, tanh, k, s, c, *cube], {"approximate": "tanh", "scale": scale}
 
 
 def _match_gelu(a: Value, t: Value) -> tuple[Value, list[Node], dict[str, object]] | None:

@@ -18,7 +18,7 @@ from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, Instrument, PassManager, PassRecord, RunContext
 from pai_compiler.pipeline import format_pipeline, parse_pipeline
 
-__all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "check_device", "check_output_format", "save_model", "compact_graph", "save_compact"]
+__all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "check_device", "check_output_format", "has_pass", "save_model", "compact_graph", "save_compact"]
 
 DEFAULT_METHOD = "dpai"
 ALLOCATIONS = ("erk", "uniform", "global")
@@ -79,6 +79,11 @@ def _global_scope(method: str) -> str:
     cls = get_pass_class(method)
     fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
     return ",scope=global" if "scope" in fields and fields["scope"].default != "global" else ""
+
+
+def has_pass(pipeline: str, name: str) -> bool:
+    """Whether the pipeline string runs the pass ``name``."""
+    return any(p.name == name for p in parse_pipeline(pipeline))
 
 
 def check_device(device: str) -> None:

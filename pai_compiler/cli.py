@@ -151,7 +151,7 @@ def optimize(
         spec = api.build_pipeline(method=chosen, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)
         is_file = Path(model).exists() or ":" not in model
         out = check_output_path(output, [model] if is_file else [], force=force)
-        api.check_output_format(out, torch_source=not is_file, compact=compact or "dead-node-elim" in spec)
+        api.check_output_format(out, torch_source=not is_file, compact=compact or api.has_pass(spec, "dead-node-elim"))
         report_path = _report_path(report, out, [model] if is_file else [], force=force)
         console = _stdout_console()
         graph = api.load_model(model, **_torch_options(input_shape, frontend))
