@@ -188,7 +188,8 @@ def git_info() -> dict[str, Any]:
             except (OSError, subprocess.SubprocessError):
                 return ""
 
-        _GIT["commit"] = run("rev-parse", "HEAD") or None
+        # PAIC_COMMIT: for a copy of the tree without .git (a rented GPU machine)
+        _GIT["commit"] = run("rev-parse", "HEAD") or os.environ.get("PAIC_COMMIT") or None
         _GIT["dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
     return dict(_GIT)
 
