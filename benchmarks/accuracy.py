@@ -125,13 +125,17 @@ class RunSpec:
     seed: int
     schedule: Schedule
     limit_train: int | None = None
+    #: torch device of the run (``cpu``, ``cuda``, ``cuda:1``); its kind is part of the file name
+    device: str = "cpu"
 
     @property
     def key(self) -> str:
         sp = f"{100 * self.sparsity:g}".replace(".", "p")
         limit = f"_n{self.limit_train}" if self.limit_train else ""
+        kind = self.device.split(":")[0]
+        on = "" if kind == "cpu" else f"_{kind}"  # a GPU run never stands in for (or skips) a CPU run
         return (f"{self.dataset}_{self.model}_{self.method}_sp{sp}_seed{self.seed}_"
-                f"{self.schedule.name}{self.schedule.epochs}ep{limit}")
+                f"{self.schedule.name}{self.schedule.epochs}ep{limit}{on}")
 
     def label(self) -> str:
         return f"{self.model} {self.method} {100 * self.sparsity:g}% seed {self.seed}"
@@ -146,7 +150,7 @@ def available_methods() -> list[str]:
 
 def build_grid(suites: Sequence[Suite], methods: Sequence[str], schedule: str, *, sparsities: Sequence[float] | None = None,
                seeds: Sequence[int] | None = None, epochs: int | None = None, limit_train: int | None = None,
-               slow_seeds: int = 1) -> list[RunSpec]:
+               slow_seeds: int = 1, device: str = "cpu") -> list[RunSpec]:
     """Runs in priority order: suite, then seed, then sparsity, then method; the slow methods (if any)
     come after all the others of their suite, for the first ``slow_seeds`` seeds only."""
     specs: list[RunSpec] = []
@@ -160,7 +164,8 @@ def build_grid(suites: Sequence[Suite], methods: Sequence[str], schedule: str, *
             for seed in seed_group:
                 for sparsity in sp_list:
                     for method in group:
-                        specs.append(RunSpec(suite.dataset, suite.model, method, float(sparsity), int(seed), sched, limit_train))
+                        specs.append(RunSpec(suite.dataset, suite.model, method, float(sparsity), int(seed), sched, limit_train,
+                                                     device))
     return specs
 
 
@@ -188,8 +193,8 @@ def git_info() -> dict[str, Any]:
             except (OSError, subprocess.SubprocessError):
                 return ""
 
-        # PAIC_COMMIT: for a copy of the tree without .git (a rented GPU machine)
-        _GIT["commit"] = run("rev-parse", "HEAD") or os.environ.get("PAIC_COMMIT") or None
+        # PAIC_COMMIT: for a copy of the tree whose .git is missing or stale (a rented GPU machine)
+        _GIT["commit"] = os.environ.get("PAIC_COMMIT") or run("rev-parse", "HEAD") or None
         _GIT["dirty"] = bool(run("status", "--porcelain", "--untracked-files=no"))
     return dict(_GIT)
 
@@ -214,7 +219,7 @@ def result_path(results_dir: Path, spec: RunSpec) -> Path:
     return Path(results_dir) / f"{spec.key}.json"
 
 
-def run_one(spec: RunSpec, results_dir: Path, *, data_dir: Path | None = None, device: str = "cpu", threads: int = 1,
+def run_one(spec: RunSpec, results_dir: Path, *, data_dir: Path | None = None, threads: int = 1,
             progress: bool = False) -> dict[str, Any]:
     """Prune, train and test one configuration; write and return its JSON record."""
     import torch
@@ -225,6 +230,7 @@ def run_one(spec: RunSpec, results_dir: Path, *, data_dir: Path | None = None, d
     from pai_compiler.data import load_prune_batch
     from pai_compiler.training import NORMALISATION, default_data_dir, train
 
+    device = spec.device
     torch.set_num_threads(threads)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     data = _dataset(spec.dataset, data_dir, spec.limit_train)
@@ -325,7 +331,7 @@ def release(lock: Path | None) -> None:
 # --------------------------------------------------------------------------------------------
 # the grid
 
-def run_grid(specs: Sequence[RunSpec], results_dir: Path, *, data_dir: Path | None = None, device: str = "cpu", threads: int = 1,
+def run_grid(specs: Sequence[RunSpec], results_dir: Path, *, data_dir: Path | None = None, threads: int = 1,
              max_minutes: float | None = None, progress: bool = True, console: Any = None) -> dict[str, list[str]]:
     """Run every spec without a result file; returns {"ran", "skipped", "claimed", "failed", "not_started"} keys."""
     from rich.console import Console
@@ -371,7 +377,7 @@ def run_grid(specs: Sequence[RunSpec], results_dir: Path, *, data_dir: Path | No
                 continue
             bar.update(task, description=spec.label())
             try:
-                rec = run_one(spec, results_dir, data_dir=data_dir, device=device, threads=threads)
+                rec = run_one(spec, results_dir, data_dir=data_dir, threads=threads)
             except Exception as exc:  # noqa: BLE001 - keep the grid going, the run is retried next time
                 status["failed"].append(spec.key)
                 console.print(f"[red]FAILED[/red] {spec.key}: {type(exc).__name__}: {exc}")
@@ -429,7 +435,7 @@ def specs_from_args(args: argparse.Namespace) -> list[RunSpec]:
         raise SystemExit(f"--methods: {', '.join(missing)} not registered (available: {', '.join(have)})")
     return build_grid(suites, methods, args.schedule, sparsities=parse_list(args.sparsities, float),
                       seeds=parse_list(args.seeds, int), epochs=args.epochs, limit_train=args.limit_train,
-                      slow_seeds=args.slow_seeds)
+                      slow_seeds=args.slow_seeds, device=args.device)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -446,11 +452,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         est = sum(estimate_seconds(s) for s in todo) / 60
         print(f"{len(specs)} runs: {len(specs) - len(todo)} exist, {len(todo)} to run, ~{est:.0f} min on one contended CPU core")
         return 0
+    from pai_compiler.api import check_device
+    from pai_compiler.errors import PaicError
+
+    try:
+        check_device(args.device)
+    except PaicError as exc:
+        raise SystemExit(str(exc)) from None
     import torch
 
     torch.set_num_threads(args.threads)
     t0 = time.monotonic()
-    status = run_grid(specs, results_dir, data_dir=Path(args.data_dir) if args.data_dir else None, device=args.device,
+    status = run_grid(specs, results_dir, data_dir=Path(args.data_dir) if args.data_dir else None,
                       threads=args.threads, max_minutes=args.max_minutes, progress=not args.no_progress)
     print(f"done in {(time.monotonic() - t0) / 60:.1f} min: ran {len(status['ran'])}, skipped {len(status['skipped'])} existing, "
           f"{len(status['claimed'])} held by another worker, {len(status['failed'])} failed, "

@@ -2,8 +2,8 @@
 
     python benchmarks/accuracy_report.py [--runs docs/results/runs] [--out docs/results]
 
-Cells are (dataset, model, schedule, epochs, sparsity, method): mean +- sample std of the final
-test accuracy over seeds, and n. Runs on a training subset (``limit_train``) are left out.
+Cells are (dataset, model, schedule, epochs, device kind, sparsity, method): mean +- sample std of
+the final test accuracy over seeds, and n. CPU and GPU runs are separate blocks, never pooled. Runs on a training subset (``limit_train``) are left out.
 "What was run / what was not" compares the files with the default grid of ``accuracy.py``
 (short schedule) and lists the missing runs per cell.
 """
@@ -67,14 +67,24 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(finite) if finite else float("nan")
 
 
+def device_kind(run: dict[str, Any]) -> str:
+    return str(run.get("device") or "cpu").split(":")[0]
+
+
 def group(runs: list[dict[str, Any]]) -> dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]]:
-    """(dataset, model, schedule, epochs) -> "sparsity|method" -> runs."""
+    """(dataset, model, schedule, epochs, device kind) -> "sparsity|method" -> runs."""
     blocks: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         if r.get("limit_train"):
             continue
-        blocks[(r["dataset"], r["model"], r["schedule"], r["epochs"])][f"{r['sparsity']!r}|{r['method']}"].append(r)
+        blocks[(r["dataset"], r["model"], r["schedule"], r["epochs"], device_kind(r))][f"{r['sparsity']!r}|{r['method']}"].append(r)
     return blocks
+
+
+def block_title(key: tuple[Any, ...]) -> str:
+    """Short name of a block: 'ResNet-20 (short, 8 ep, cuda)'."""
+    _dataset, model, schedule, epochs, device = key
+    return f"{MODEL_NAMES.get(model, model)} ({schedule}, {epochs} ep, {device})"
 
 
 def method_order(methods: set[str], known: tuple[str, ...]) -> list[str]:
@@ -95,14 +105,16 @@ def render_markdown(runs: list[dict[str, Any]], acc: Any) -> str:
              "Cells are mean ± sample std over seeds (%); n = number of seeds. **Bold** = best mean in the row.", ""]
     if not blocks:
         lines += ["No runs yet.", ""]
-    for (dataset, model, schedule, epochs), cells in sorted(blocks.items()):
+    for (dataset, model, schedule, epochs, device), cells in sorted(blocks.items()):
         any_run = next(iter(cells.values()))[0]
         methods = method_order({k.split("|")[1] for k in cells}, known)
         sparsities = sorted({float(k.split("|")[0]) for k in cells})
         title = f"{DATASET_NAMES.get(dataset, dataset)}, {MODEL_NAMES.get(model, model)}"
-        lines += [f"## {title}: {schedule} schedule, {epochs} epochs", "",
-                  f"Training: {any_run.get('schedule_text', '')}; device {any_run.get('device', '?')}, "
-                  f"{any_run.get('threads', '?')} thread(s).", ""]
+        where = (f"{any_run.get('threads', '?')} CPU thread(s) per run" if device == "cpu"
+                 else any_run.get("host_note", f"device {any_run.get('device')}"))
+        lines += [f"## {title}: {schedule} schedule, {epochs} epochs, on {device}", "",
+                  f"Training: {any_run.get('schedule_text', '')}; {where}; "
+                  f"torch {', '.join(sorted({str(r.get('torch')) for rs in cells.values() for r in rs}))}.", ""]
         lines += ["| sparsity | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
         for sp in sparsities:
             means = {m: _mean([r["test_accuracy"] for r in cells.get(f"{sp!r}|{m}", [])]) for m in methods}
@@ -154,6 +166,13 @@ NOTES = [
     "(`nice -n 19`), so the schedules are short (LeNet-300-100: 5 epochs, LeNet-5-Caffe: 2 epochs, ResNet-20: 8 epochs). "
     "Accuracies are therefore below the published long-training numbers, and small differences between methods "
     "(within about one std) are not meaningful. `--schedule paper` (160 epochs, lr x0.1 at 80/120) is there for GPU owners.",
+    "- **GPU block (ResNet-20 on cuda).** One session had a rented NVIDIA H100 for 30 minutes: the same code, schedule "
+    "and hyperparameters ran the CIFAR-10 short grid for seeds 0, 1 and 2 there (torch 2.11+cu130, 8 runs in parallel "
+    "on the one GPU, about 160 s of training per run). Data order, augmentation and initialisation come from the same "
+    "CPU generators on both devices, so seed 0 on cuda repeats seed 0 on cpu up to floating-point differences; the "
+    "16 seed-0 pairs differ by 0.54 points on average (at most 1.41). CPU and GPU runs are kept in separate tables. "
+    "On that H100 one process trains ResNet-20 at 6.9 s per epoch (test included), so a 160-epoch paper run takes "
+    "about 18 minutes; none was run.",
     "- **Warm-up.** The short schedule warms the learning rate up linearly over the first 200 batches. Without it, "
     "DPaI's LeNet-5-Caffe mask at 99% (seed 0) diverges at lr 0.1: the gradient norm grows from 0.3 at batch 25 to 1e9 at "
     "batch 50 and the loss turns NaN (a likely cause: DPaI keeps fewer, more heavily connected channels than the other "
@@ -169,9 +188,9 @@ NOTES = [
     "and published for CNNs and ViTs on CIFAR/ImageNet-scale data; these MNIST models do not test that regime.",
     "- **AutoSparse** uses the predictor shipped at run time (`pai_compiler/autosparse/default_predictor.npz`); it was "
     "being developed while these runs were made, so its cells may not match the current predictor.",
-    "- **ResNet-20 / CIFAR-10** costs about 43 minutes per 8-epoch run here (two runs in parallel at `nice -n 19` on the "
-    "shared 2-core machine; 0.35 s of CPU per batch of 128), so the grid fills seed-major over several sessions; the "
-    "coverage list above says what ran.",
+    "- **ResNet-20 / CIFAR-10 on cpu** costs 20 to 43 minutes per 8-epoch run here (two runs in parallel at `nice -n 19` "
+    "on the shared 2-core machine; 0.35 s of CPU per batch of 128), so the cpu grid fills seed-major over several "
+    "sessions; the coverage list above says what ran.",
     "",
 ]
 
@@ -179,8 +198,8 @@ NOTES = [
 def render_observations(blocks: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]]) -> list[str]:
     """Where DPaI is (not) the best method of a row, and diverged runs, computed from the cells."""
     wins, losses, diverged = [], [], []
-    for (dataset, model, schedule, epochs), cells in sorted(blocks.items()):
-        title = f"{MODEL_NAMES.get(model, model)} ({schedule}, {epochs} ep)"
+    for key, cells in sorted(blocks.items()):
+        title = block_title(key)
         for key, rs in cells.items():
             for r in rs:
                 loss = r.get("final_train_loss")
@@ -226,23 +245,15 @@ def render_coverage(runs: list[dict[str, Any]], acc: Any) -> list[str]:
     except Exception:  # noqa: BLE001 - registry import problems should not kill the report
         methods = list(acc.KNOWN_METHODS)
     lines = ["## What was run / what was not", "",
-             "Runs present / runs planned per cell of the default grid (`python benchmarks/accuracy.py --suite mnist|cifar`, "
-             "short schedule). Cells with fewer runs than planned were cut by the time budget (`--max-minutes`) "
-             "or failed (see the run log).", ""]
+             "Runs present / runs planned per cell of the default grid (`python benchmarks/accuracy.py --suite mnist|cifar "
+             "[--device cuda]`, short schedule), per device kind that has runs of the suite. Cells with fewer runs than "
+             "planned were cut by the time budget (`--max-minutes`) or failed (see the run log).", ""]
     for suite_name in ("mnist", "cifar"):
-        grid = acc.build_grid(acc.SUITES[suite_name], methods, "short")
-        cells: dict[tuple[str, float], dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
-        for spec in grid:
-            c = cells[(spec.model, spec.sparsity)][spec.method]
-            c[1] += 1
-            c[0] += spec.key in have
-        done = sum(1 for spec in grid if spec.key in have)
-        lines += [f"**{suite_name}**: {done} of {len(grid)} planned runs present.", "",
-                  "| model | sparsity | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
-        for (model, sp), row in cells.items():
-            lines.append(f"| {MODEL_NAMES.get(model, model)} | {100 * sp:g}% | "
-                         + " | ".join(f"{row[m][0]}/{row[m][1]}" if m in row else "—" for m in methods) + " |")
-        lines.append("")
+        models = {(s.dataset, s.model) for s in acc.SUITES[suite_name]}
+        devices = sorted({device_kind(r) for r in runs if (r["dataset"], r["model"]) in models} | {"cpu"})
+        for device in devices:
+            lines += _coverage_table(acc.build_grid(acc.SUITES[suite_name], methods, "short", device=device),
+                                     have, methods, f"{suite_name}, {device}")
     if acc.SLOW_METHODS:
         slow = ", ".join(sorted(acc.SLOW_METHODS))
         lines += [f"The slow method(s) ({slow}) are planned for the first seed of each cell only (`--slow-seeds 1`).", ""]
@@ -252,7 +263,30 @@ def render_coverage(runs: list[dict[str, Any]], acc: Any) -> list[str]:
     if extra:
         lines += ["Runs outside the default grid (other schedules or epochs) are in the tables above: "
                   + "; ".join(f"{d}/{m} {s} {e} ep" for d, m, s, e in extra) + ".", ""]
+    beyond = sum(1 for r in runs if not r.get("limit_train") and r["seed"] not in _planned_seeds(acc, r))
+    if beyond:
+        lines += [f"{beyond} run(s) use seeds beyond the default grid's; the tables above include them (see n).", ""]
     return lines
+
+
+def _planned_seeds(acc: Any, run: dict[str, Any]) -> tuple[int, ...]:
+    return next((s.seeds for g in acc.SUITES.values() for s in g if (s.dataset, s.model) == (run["dataset"], run["model"])), ())
+
+
+def _coverage_table(grid: list[Any], have: set[str], methods: list[str], name: str) -> list[str]:
+    """Done/planned per (model, sparsity) row and method of one grid."""
+    cells: dict[tuple[str, float], dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for spec in grid:
+        c = cells[(spec.model, spec.sparsity)][spec.method]
+        c[1] += 1
+        c[0] += spec.key in have
+    done = sum(1 for spec in grid if spec.key in have)
+    lines = [f"**{name}**: {done} of {len(grid)} planned runs present.", "",
+             "| model | sparsity | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    for (model, sp), row in cells.items():
+        lines.append(f"| {MODEL_NAMES.get(model, model)} | {100 * sp:g}% | "
+                     + " | ".join(f"{row[m][0]}/{row[m][1]}" if m in row else "—" for m in methods) + " |")
+    return lines + [""]
 
 
 def plot(runs: list[dict[str, Any]], acc: Any, out: Path) -> None:
@@ -272,7 +306,7 @@ def plot(runs: list[dict[str, Any]], acc: Any, out: Path) -> None:
     all_methods = method_order({k.split("|")[1] for b in blocks.values() for k in b}, known)
     colors = {m: plt.cm.tab10(i % 10) for i, m in enumerate(all_methods)}
     for ax, key in zip(axes.flat, keys):
-        dataset, model, schedule, epochs = key
+        dataset, model = key[:2]
         cells = blocks[key]
         sparsities = sorted({float(k.split("|")[0]) for k in cells})
         xs_all = [-math.log10(1 - s) for s in sparsities]
@@ -296,7 +330,7 @@ def plot(runs: list[dict[str, Any]], acc: Any, out: Path) -> None:
         ax.set_xticklabels([f"{100 * s:g}%" for s in sparsities])
         ax.set_xlabel("sparsity")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{DATASET_NAMES.get(dataset, dataset)} {MODEL_NAMES.get(model, model)} ({schedule}, {epochs} ep)", fontsize=10)
+        ax.set_title(f"{DATASET_NAMES.get(dataset, dataset)} {block_title(key)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     for ax in list(axes.flat)[len(keys):]:

@@ -87,11 +87,21 @@ def has_pass(pipeline: str, name: str) -> bool:
 
 
 def check_device(device: str) -> None:
-    """``cpu``, ``cuda`` or ``cuda:N``; anything else is a usage error, raised before any work."""
+    """``cpu``, ``cuda`` or ``cuda:N`` of a GPU torch can see; anything else is a usage error, raised before any work."""
     import re
 
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device == "cpu":
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if count == 0:
+        raise UsageError(f"--device {device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
+    if index >= count:
+        raise UsageError(f"--device {device}: torch sees {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
 
 
 def check_output_format(out: str | os.PathLike[str], *, torch_source: bool, compact: bool = False) -> None:

@@ -59,3 +59,30 @@ def test_accuracy_benchmark_smoke(tmp_path: Path, data_dir: Path, monkeypatch: p
     assert [s.seed for s in grid[:8]] == [0] * 8 and [s.seed for s in grid[8:16]] == [1] * 8
     assert [(s.method, s.seed) for s in grid[16:]] == [("npb", 0)] * 4
     assert acc.main(["--dry-run", "--models", "lenet300", "--methods", "random-erk", "--results-dir", str(results)]) == 0
+
+
+def test_gpu_runs_have_their_own_files_and_tables(tmp_path: Path) -> None:
+    acc = _load_benchmark()
+    schedule = acc.make_schedule("short", acc.SUITES["cifar"][0])
+    cpu = acc.RunSpec("cifar10", "resnet20", "dpai", 0.9, 0, schedule)
+    gpu = acc.RunSpec("cifar10", "resnet20", "dpai", 0.9, 0, schedule, device="cuda:1")
+    assert cpu.key == "cifar10_resnet20_dpai_sp90_seed0_short8ep" and gpu.key == cpu.key + "_cuda"
+    assert {s.key for s in acc.build_grid(acc.SUITES["cifar"], ["dpai"], "short", device="cuda")} == {
+        f"cifar10_resnet20_dpai_sp{sp}_seed{seed}_short8ep_cuda" for sp in (90, 99) for seed in (0, 1)}
+
+    spec = importlib.util.spec_from_file_location("paic_bench_accuracy_report", ROOT / "benchmarks" / "accuracy_report.py")
+    assert spec is not None and spec.loader is not None
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    base = {"dataset": "cifar10", "model": "resnet20", "method": "dpai", "sparsity": 0.9, "seed": 0, "epochs": 8,
+            "schedule": "short", "final_train_loss": 0.7, "prune_seconds": 1.0, "train_seconds": 2.0, "density": 0.1}
+    runs = [dict(base, test_accuracy=0.70, device="cpu", _file=cpu.key + ".json"),
+            dict(base, test_accuracy=0.80, device="cuda", _file=gpu.key + ".json"),
+            dict(base, test_accuracy=0.90, device="cuda:0", seed=1, _file="x.json")]
+    blocks = report.group(runs)
+    assert sorted(k[-1] for k in blocks) == ["cpu", "cuda"]  # never pooled across devices
+    assert [r["test_accuracy"] for r in blocks[("cifar10", "resnet20", "short", 8, "cuda")]["0.9|dpai"]] == [0.80, 0.90]
+    text = report.render_markdown(runs, acc)
+    assert "8 epochs, on cpu" in text and "8 epochs, on cuda" in text
+    assert "| 90% | **70.00 (n=1)** |" in text and "| 90% | **85.00 ± 7.07 (n=2)** |" in text
+    assert "**cifar, cpu**: 1 of 32 planned runs present." in text and "**cifar, cuda**: 1 of 32 planned runs present." in text

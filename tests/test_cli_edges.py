@@ -65,6 +65,22 @@ def test_flag_errors_come_before_any_work(tmp_path: Path, monkeypatch: pytest.Mo
     assert not out.exists()
 
 
+def test_cuda_device_is_checked_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(api, "load_model", _no_loading)
+    out = tmp_path / "o.onnx"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code, err = _run("optimize", str(RESNET), "-s", "0.9", "-o", str(out), "--device", "cuda")
+    assert code == 2 and "--device cuda: torch" in err and "sees no CUDA device" in err, err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    code, err = _run("optimize", str(RESNET), "-s", "0.9", "-o", str(out), "--device", "cuda:2")
+    assert code == 2 and "sees 2 CUDA device(s) (cuda:0..cuda:1)" in err, err
+    api.check_device("cuda:1")  # in range: accepted
+    assert not out.exists()
+
+
 def test_output_format_is_checked_before_pruning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(api, "load_model", _no_loading)
     for out, needle in [("x.pt", "a masked .pt needs a PyTorch model"), ("x.bin", "unknown output format")]:
