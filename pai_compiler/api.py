@@ -18,7 +18,7 @@ from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, Instrument, PassManager, PassRecord, RunContext
 from pai_compiler.pipeline import format_pipeline, parse_pipeline
 
-__all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "check_device", "check_output_format", "has_pass", "save_model", "compact_graph", "save_compact"]
+__all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "check_device", "output_suffix", "check_output_format", "has_pass", "save_model", "compact_graph", "save_compact"]
 
 DEFAULT_METHOD = "dpai"
 ALLOCATIONS = ("erk", "uniform", "global")
@@ -104,11 +104,17 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: torch sees {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
 
 
-def check_output_format(out: str | os.PathLike[str], *, torch_source: bool, compact: bool = False) -> None:
-    """Refuse an output the backends can't write, before any work: .onnx or .pt; a masked .pt needs a torch model."""
+def output_suffix(out: str | os.PathLike[str]) -> str:
+    """``.onnx`` or ``.pt`` (``.pth`` reads as ``.pt``); any other suffix is a usage error."""
     suffix = Path(out).suffix.lower()
     if suffix not in (".onnx", ".pt", ".pth"):
         raise UsageError(f"unknown output format {suffix or '(none)'!r} for {out}: use .onnx or .pt")
+    return ".pt" if suffix == ".pth" else suffix
+
+
+def check_output_format(out: str | os.PathLike[str], *, torch_source: bool, compact: bool = False) -> None:
+    """Refuse an output the backends can't write, before any work: .onnx or .pt; a masked .pt needs a torch model."""
+    suffix = output_suffix(out)
     if suffix != ".onnx" and not torch_source and not compact:
         raise UsageError(f"-o {out}: a masked .pt needs a PyTorch model (file.py:attr); write an ONNX model as .onnx "
                          "(or add --compact for a torch module)")
@@ -186,8 +192,7 @@ def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str 
     if result.graph.meta.get("compact"):  # dead-node-elim ran (e.g. in --pipeline): layers changed shape
         save_compact(result.graph, source, out, pipeline=result.pipeline)
         return
-    suffix = Path(out).suffix.lower()
-    if suffix == ".onnx":
+    if output_suffix(out) == ".onnx":
         if result.graph.meta.get("source_format") == "onnx":
             from pai_compiler.backends.onnx_masked import write_masked_onnx
 
@@ -197,12 +202,9 @@ def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str 
 
         write_torch_onnx(result, out)
         return
-    if suffix in (".pt", ".pth"):
-        from pai_compiler.backends.torch_backend import write_pt  # type: ignore[import-not-found]
+    from pai_compiler.backends.torch_backend import write_pt  # type: ignore[import-not-found]
 
-        write_pt(result, source, out)
-        return
-    raise UsageError(f"unknown output format {suffix or '(none)'!r} for {out}: use .onnx or .pt")
+    write_pt(result, source, out)
 
 
 def compact_graph(graph: Graph, *, align: int = 1, instruments: Sequence[Instrument] = ()) -> list[PassRecord]:
@@ -219,16 +221,12 @@ def compact_graph(graph: Graph, *, align: int = 1, instruments: Sequence[Instrum
 
 def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], *, pipeline: str = "") -> None:
     """Write a compacted graph: .onnx rewrites the source ONNX model, .pt saves a torch CompactModule."""
-    suffix = Path(out).suffix.lower()
-    if suffix == ".onnx":
+    if output_suffix(out) == ".onnx":
         from pai_compiler.backends.onnx_compact import write_compact_onnx
 
         write_compact_onnx(graph, source, out, pipeline=pipeline)
         return
-    if suffix in (".pt", ".pth"):
-        from pai_compiler.backends.torch_compact import compact_module
-        from pai_compiler.io import save_torch_atomic
+    from pai_compiler.backends.torch_compact import compact_module
+    from pai_compiler.io import save_torch_atomic
 
-        save_torch_atomic(out, compact_module(graph))
-        return
-    raise UsageError(f"unknown output format {suffix or '(none)'!r} for {out}: use .onnx or .pt")
+    save_torch_atomic(out, compact_module(graph))
