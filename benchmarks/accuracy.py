@@ -8,6 +8,8 @@ method as criterion; SNIP/GraSP get 10 training images per class from
 
 Resumable: every finished run is one JSON file under ``docs/results/runs/``; a rerun skips
 runs whose file exists, and parallel workers on one results folder claim runs with lock files.
+A run on a GPU (``--device cuda``) has its own file (``..._cuda.json``) and its own table, so
+GPU runs never stand in for CPU runs or are pooled with them.
 Runs are ordered seed-major (all methods and sparsities of seed 0 first) so a partial budget
 (``--max-minutes``) still fills every cell once. ``benchmarks/accuracy_report.py`` turns the
 files into ``docs/results/accuracy.md`` and ``accuracy.png``.
