@@ -3,7 +3,8 @@
     python benchmarks/accuracy_report.py [--runs docs/results/runs] [--out docs/results]
 
 Cells are (dataset, model, schedule, epochs, device kind, sparsity, method): mean +- sample std of
-the final test accuracy over seeds, and n. CPU and GPU runs are separate blocks, never pooled. Runs on a training subset (``limit_train``) are left out.
+the final test accuracy over seeds, and n. CPU and GPU runs are separate blocks, never pooled.
+Runs on a training subset (``limit_train``) are left out.
 "What was run / what was not" compares the files with the default grid of ``accuracy.py``
 (short schedule) and lists the missing runs per cell.
 """
@@ -200,7 +201,7 @@ def render_observations(blocks: dict[tuple[Any, ...], dict[str, list[dict[str, A
     wins, losses, diverged = [], [], []
     for key, cells in sorted(blocks.items()):
         title = block_title(key)
-        for key, rs in cells.items():
+        for rs in cells.values():
             for r in rs:
                 loss = r.get("final_train_loss")
                 if loss is None or (isinstance(loss, float) and math.isnan(loss)) or r["test_accuracy"] <= 0.11:
