@@ -166,13 +166,18 @@ def build_grid(suites: Sequence[Suite], methods: Sequence[str], schedule: str, *
             for seed in seed_group:
                 for sparsity in sp_list:
                     for method in group:
-                        specs.append(RunSpec(suite.dataset, suite.model, method, float(sparsity), int(seed), sched, limit_train,
-                                                     device))
+                        specs.append(RunSpec(suite.dataset, suite.model, method, float(sparsity), int(seed), sched,
+                                             limit_train, device=device))
     return specs
 
 
+def suite_of(dataset: str, model: str) -> Suite | None:
+    """The grid block of (dataset, model), if the default grid has one."""
+    return next((s for group in SUITES.values() for s in group if (s.dataset, s.model) == (dataset, model)), None)
+
+
 def estimate_seconds(spec: RunSpec) -> float:
-    suite = next((s for group in SUITES.values() for s in group if s.model == spec.model and s.dataset == spec.dataset), None)
+    suite = suite_of(spec.dataset, spec.model)
     if suite is None:
         return 60.0
     fraction = 1.0

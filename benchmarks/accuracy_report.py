@@ -271,7 +271,8 @@ def render_coverage(runs: list[dict[str, Any]], acc: Any) -> list[str]:
 
 
 def _planned_seeds(acc: Any, run: dict[str, Any]) -> tuple[int, ...]:
-    return next((s.seeds for g in acc.SUITES.values() for s in g if (s.dataset, s.model) == (run["dataset"], run["model"])), ())
+    suite = acc.suite_of(run["dataset"], run["model"])
+    return suite.seeds if suite is not None else ()
 
 
 def _coverage_table(grid: list[Any], have: set[str], methods: list[str], name: str) -> list[str]:
