@@ -3,7 +3,7 @@
 Grid = methods x sparsities x seeds per (dataset, model). Each run: build the zoo model
 (``torch.manual_seed(seed)``), prune it with ``pai_compiler.prune`` (ERK allocation, the
 method as criterion; SNIP/GraSP get 10 training images per class from
-``pai_compiler.data.load_prune_batch``), train it with ``pai_compiler.training.train``
+``pai_compiler.lab.data.load_prune_batch``), train it with ``pai_compiler.lab.training.train``
 (identical hyperparameters for every method), and record the final test accuracy.
 
 Resumable: every finished run is one JSON file under ``docs/results/runs/``; a rerun skips
@@ -213,7 +213,7 @@ _DATA: dict[tuple[str, str, int | None], Any] = {}
 
 
 def _dataset(name: str, data_dir: Path, limit_train: int | None) -> Any:
-    from pai_compiler.training import load_dataset
+    from pai_compiler.lab.training import load_dataset
 
     key = (name, str(data_dir), limit_train)
     if key not in _DATA:
@@ -232,10 +232,10 @@ def run_one(spec: RunSpec, results_dir: Path, *, data_dir: Path | None = None, t
     import torch
 
     import pai_compiler
-    from pai_compiler import zoo
+    from pai_compiler.lab import zoo
     from pai_compiler.api import build_pipeline
-    from pai_compiler.data import load_prune_batch
-    from pai_compiler.training import NORMALISATION, default_data_dir, train
+    from pai_compiler.lab.data import load_prune_batch
+    from pai_compiler.lab.training import NORMALISATION, default_data_dir, train
 
     device = spec.device
     torch.set_num_threads(threads)

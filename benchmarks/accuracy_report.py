@@ -101,7 +101,7 @@ def render_markdown(runs: list[dict[str, Any]], acc: Any) -> str:
              "Protocol: build the zoo model with `torch.manual_seed(seed)`, prune it at initialisation with "
              "`pai_compiler.prune(..., allocation='erk', method=M, seed=seed)` (ERK layer densities for every method, "
              "the method chooses the weights inside each layer; SNIP/GraSP score on 10 training images per class), "
-             "train with `pai_compiler.training.train` with the same hyperparameters for every method, and report the "
+             "train with `pai_compiler.lab.training.train` with the same hyperparameters for every method, and report the "
              "test accuracy after the last epoch (no early stopping, no selection on the test set). "
              "Cells are mean ± sample std over seeds (%); n = number of seeds. **Bold** = best mean in the row.", ""]
     if not blocks:
@@ -182,12 +182,12 @@ NOTES = [
     "- **Allocation.** Every method prunes inside ERK layer densities (`erk{sparsity=s},<method>`), the paic default; "
     "SNIP, GraSP, SynFlow and magnitude therefore run layer-wise here, not with the global top-k of their papers.",
     "- **NPB** solves one integer program per conv layer (HiGHS, blocks as in the reference) and each linear layer as one "
-    "exact whole-layer program (`passes/criteria/_npb_linear.py`). The first NPB runs used the reference's independent "
+    "exact whole-layer program (`passes/criteria/npb/linear.py`). The first NPB runs used the reference's independent "
     "10-row blocks for linear layers: on LeNet-300-100 every block got the same solution, `fc1` read 302 of the 784 pixels "
     "at 95% (121 at 98%) and accuracy collapsed to about 38% at 98% and above. Those runs were deleted and rerun after the fix.",
     "- **DPaI** runs with its defaults (`paths=channel`, 3000 steps, alpha 0.99, beta 0.5, lr 0.005). DPaI was designed "
     "and published for CNNs and ViTs on CIFAR/ImageNet-scale data; these MNIST models do not test that regime.",
-    "- **AutoSparse** uses the predictor shipped at run time (`pai_compiler/autosparse/default_predictor.npz`); it was "
+    "- **AutoSparse** uses the predictor shipped at run time (`passes/criteria/autosparse/default_predictor.npz`); it was "
     "being developed while these runs were made, so its cells may not match the current predictor.",
     "- **ResNet-20 / CIFAR-10 on cpu** costs 20 to 43 minutes per 8-epoch run here (two runs in parallel at `nice -n 19` "
     "on the shared 2-core machine; 0.35 s of CPU per batch of 128), so the cpu grid fills seed-major over several "

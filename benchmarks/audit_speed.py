@@ -58,7 +58,7 @@ def export(name: str, folder: Path) -> Path:
     if not path.exists():
         import torch
 
-        from pai_compiler import zoo
+        from pai_compiler.lab import zoo
 
         torch.manual_seed(0)
         print(f"exporting {name} to {path} ...", flush=True)
@@ -97,7 +97,7 @@ def repeat(cmd: list[str], env: dict[str, str], times: int) -> dict[str, Any]:
 
 def gemm_macs(path: Path) -> tuple[int, int]:
     """(conv + linear + matmul MACs, all MACs) at batch 1, from the flops pass."""
-    from pai_compiler.frontends.onnx import load_onnx_model
+    from pai_compiler.frontends.onnx.reader import load_onnx_model
     from pai_compiler.pass_infra import AnalysisManager
     from pai_compiler.passes.analysis.flops import FlopsPass, evaluate
 

@@ -46,7 +46,7 @@ def model_path(name: str, folder: Path) -> Path:
     bundled = ROOT / "examples" / "models" / f"{name}.onnx"
     if bundled.exists():
         return bundled
-    from pai_compiler import zoo
+    from pai_compiler.lab import zoo
 
     path = folder / f"{name}.onnx"
     if not path.exists():
@@ -101,13 +101,13 @@ def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.
     from pai_compiler.api import compact_graph, optimize, save_model
     from pai_compiler.audit import audit_graph
     from pai_compiler.backends.onnx_compact import write_compact_onnx
-    from pai_compiler.frontends.onnx import load_onnx_model
+    from pai_compiler.frontends.onnx.reader import load_onnx_model
     from pai_compiler.ort import session
 
     graph = load_onnx_model(src)
     batch = None
     if method in ("snip", "grasp"):
-        from pai_compiler.data import load_batch_for
+        from pai_compiler.lab.data import load_batch_for
 
         batch = load_batch_for(graph, DATA, samples_per_class=10, seed=0)
     start = time.perf_counter()

@@ -44,7 +44,7 @@ METRICS = ("log_paths", "nodes", "kernels", "params")
 
 
 def run_one(paths: str, seed: int, steps: int, sparsity: float) -> dict[str, Any]:
-    from pai_compiler.frontends.onnx import load_onnx_model
+    from pai_compiler.frontends.onnx.reader import load_onnx_model
     from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
     from pai_compiler.pipeline import parse_pipeline
 
@@ -59,7 +59,7 @@ def run_one(paths: str, seed: int, steps: int, sparsity: float) -> dict[str, Any
 
 def npb_table(seed: int) -> list[str]:
     """NPB (authors' ResNet-20 run.sh options) at 90 / 99 / 99.68 % vs the reference run."""
-    from pai_compiler.frontends.onnx import load_onnx_model
+    from pai_compiler.frontends.onnx.reader import load_onnx_model
     from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
     from pai_compiler.passes.analysis.node_path import NodePathPass
     from pai_compiler.pipeline import parse_pipeline

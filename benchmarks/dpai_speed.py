@@ -37,8 +37,8 @@ DEFAULT_STEPS = {
 def export(model: str, directory: Path) -> Path:
     import torch
 
-    from pai_compiler import zoo
-    from pai_compiler.zoo.export import export_onnx
+    from pai_compiler.lab import zoo
+    from pai_compiler.lab.zoo.export import export_onnx
 
     path = directory / f"{model}.onnx"
     if not path.exists():
@@ -51,7 +51,7 @@ def run_one(path: Path, mode: str, steps: int, sparsity: float, device: str, thr
     """In the child: run the pass once and measure."""
     import torch
 
-    from pai_compiler.frontends.onnx import load_onnx_model
+    from pai_compiler.frontends.onnx.reader import load_onnx_model
     from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
     from pai_compiler.pipeline import parse_pipeline
 

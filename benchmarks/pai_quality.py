@@ -29,12 +29,12 @@ COLUMNS = ("log_paths", "log_paths_dpai", "effective_nodes", "effective_nodes_np
 def main() -> None:
     import torch
 
-    from pai_compiler import zoo
+    from pai_compiler.lab import zoo
     from pai_compiler.api import load_model, optimize
     from pai_compiler.audit import audit_graph, format_value
-    from pai_compiler.data import load_prune_batch
+    from pai_compiler.lab.data import load_prune_batch
     from pai_compiler.registry import available_passes
-    from pai_compiler.zoo.export import export_onnx
+    from pai_compiler.lab.zoo.export import export_onnx
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet20,vgg19,resnet18")

@@ -40,8 +40,8 @@ def measure(cmd: list[str]) -> dict[str, object]:
 def build_vit(path: Path) -> int:
     import torch
 
-    from pai_compiler import zoo
-    from pai_compiler.zoo.export import export_onnx
+    from pai_compiler.lab import zoo
+    from pai_compiler.lab.zoo.export import export_onnx
 
     if not path.exists():
         torch.manual_seed(0)

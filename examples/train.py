@@ -6,7 +6,7 @@
 
 Data: ``<repo>/../shared/data/{mnist,cifar10}.npz`` (``--data-dir`` or ``$PAIC_DATA_DIR``).
 The loop (SGD momentum 0.9, weight decay 1e-4, step decay x0.1 at 50%/75% of the epochs,
-batch 128, random crop + flip for CIFAR) lives in ``pai_compiler.training``.
+batch 128, random crop + flip for CIFAR) lives in ``pai_compiler.lab.training``.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from pai_compiler import zoo
+from pai_compiler.lab import zoo
 from pai_compiler.errors import PaicError
 from pai_compiler.prune import default_method, prune
-from pai_compiler.training import load_dataset, train
+from pai_compiler.lab.training import load_dataset, train
 
 DEFAULT_MODEL = {"mnist": "lenet300", "cifar10": "resnet20"}
 

@@ -30,10 +30,10 @@ def load_model(spec: str | os.PathLike[str], **kwargs: Any) -> Graph:
     """Lower a model file to the IR (ONNX path; ``file.py:attr`` specs when the torch frontend is present)."""
     text = str(spec)
     if ":" in text and not Path(text).exists() and text.split(":", 1)[0].endswith(".py"):
-        from pai_compiler.frontends.torch_spec import load_torch_spec  # type: ignore[import-not-found]
+        from pai_compiler.frontends.torch.spec import load_torch_spec  # type: ignore[import-not-found]
 
         return load_torch_spec(text, **kwargs)
-    from pai_compiler.frontends.onnx import load_onnx_model
+    from pai_compiler.frontends.onnx.reader import load_onnx_model
 
     return load_onnx_model(text)
 

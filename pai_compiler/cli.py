@@ -157,7 +157,7 @@ def optimize(
         graph = api.load_model(model, **_torch_options(input_shape, frontend))
         batch = None
         if data is not None:
-            from pai_compiler.data import load_batch_for
+            from pai_compiler.lab.data import load_batch_for
 
             batch = load_batch_for(graph, data, samples_per_class=samples, seed=seed)
         before = _totals(graph, paths=not no_paths)
@@ -447,7 +447,7 @@ def autosparse_collect(
 ) -> None:
     """Iterative rewind pruning of MODEL: per-weight init value, init gradient and rounds survived."""
     with guard(debug):
-        from pai_compiler.autosparse.collect import CollectConfig, collect
+        from pai_compiler.lab.autosparse_collect import CollectConfig, collect
         from pai_compiler.io import check_output_path
 
         out = check_output_path(output, [data], force=False)
@@ -484,8 +484,8 @@ def autosparse_train(
 ) -> None:
     """Fit the AutoSparse predictor on LABELS and report its error on a held-out split."""
     with guard(debug):
-        from pai_compiler.autosparse.collect import LabelSet
-        from pai_compiler.autosparse.predictor import train_predictor
+        from pai_compiler.lab.autosparse_collect import LabelSet
+        from pai_compiler.passes.criteria.autosparse.predictor import train_predictor
         from pai_compiler.errors import UsageError
         from pai_compiler.io import check_output_path
 

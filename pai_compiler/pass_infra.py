@@ -41,7 +41,7 @@ class RunContext:
     seed: int = 0
     device: str = "cpu"
     progress: bool = False
-    data: Any = None  # a pai_compiler.data.Batch for data-driven criteria, or None
+    data: Any = None  # a pai_compiler.lab.data.Batch for data-driven criteria, or None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -72,6 +72,7 @@ class PassResult:
 
     modified: bool
     preserved: frozenset[str] | Literal["all"] = frozenset()
+    report: Any = None  # what the pass found or decided (a typed record), kept in its PassRecord
 
 
 class TransformPass(Pass):
@@ -149,6 +150,7 @@ class PassRecord:
     seconds: float
     modified: bool
     result: Any = None  # analysis result, if the pass is an analysis
+    report: Any = None  # a transform's PassResult.report
 
 
 class PassManager:
@@ -205,7 +207,7 @@ class PassManager:
         am.invalidate(result.preserved if result.modified else "all")
         if self.verify_each and result.modified:
             graph.verify()
-        return PassRecord(spec, "transform", time.perf_counter() - start, result.modified)
+        return PassRecord(spec, "transform", time.perf_counter() - start, result.modified, report=result.report)
 
 
 def _wrap(exc: BaseException, spec: str, history: list[str], exit_code: int) -> PassError:

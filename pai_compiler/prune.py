@@ -104,9 +104,9 @@ def prune(
     if not isinstance(model, nn.Module):
         raise UsageError(f"prune() needs a torch.nn.Module, got {type(model).__name__}")
     if frontend == "fx":
-        from pai_compiler.frontends.torch_fx import lower_fx as lower
+        from pai_compiler.frontends.torch.fx import lower_fx as lower
     elif frontend == "export":
-        from pai_compiler.frontends.torch_export import lower_export as lower
+        from pai_compiler.frontends.torch.export import lower_export as lower
     else:
         raise UsageError(f"frontend must be 'fx' or 'export', got {frontend!r}")
     graph = lower(model, example_input, prune_in_proj=prune_in_proj)

@@ -22,13 +22,13 @@ BUILTIN_PASSES: dict[str, str] = {
     # criteria: masks
     "random": "pai_compiler.passes.criteria.random:RandomPass",
     "magnitude": "pai_compiler.passes.criteria.magnitude:MagnitudePass",
-    "dpai": "pai_compiler.passes.criteria.dpai:DpaiPass",
-    "npb": "pai_compiler.passes.criteria.npb:NpbPass",
+    "dpai": "pai_compiler.passes.criteria.dpai.criterion:DpaiPass",
+    "npb": "pai_compiler.passes.criteria.npb.criterion:NpbPass",
     "random-erk": "pai_compiler.passes.criteria.random_erk:RandomErkPass",
     "synflow": "pai_compiler.passes.criteria.synflow:SynflowPass",
     "snip": "pai_compiler.passes.criteria.snip:SnipPass",
     "grasp": "pai_compiler.passes.criteria.grasp:GraspPass",
-    "autosparse": "pai_compiler.passes.criteria.autosparse:AutosparsePass",
+    "autosparse": "pai_compiler.passes.criteria.autosparse.criterion:AutosparsePass",
     # analyses
     "sparsity": "pai_compiler.passes.analysis.sparsity:SparsityPass",
     "node-path": "pai_compiler.passes.analysis.node_path:NodePathPass",

@@ -24,7 +24,6 @@ FOUNDATION = {"errors", "_version"}  # floor 0: leaves every floor may import
 INFRA = {"pass_infra", "pipeline", "registry", "interp", "io", "progress", "memory", "onnx_wire", "ort",
          "__init__"}
 FACES = {"api", "cli", "prune", "audit"}
-LAB = {"zoo", "lab"}
 
 
 @dataclass(frozen=True)
@@ -97,12 +96,11 @@ def floor_of(module: str) -> tuple[int, str]:
         return 4, "frontends"
     if top == "backends":
         return 4, "backends"
-    if top in LAB or module in ("pai_compiler.data", "pai_compiler.training") or module.startswith(
-            "pai_compiler.autosparse.collect"):
+    if top == "lab":
         return 5, "lab"
     if top in FACES:
         return 5, "faces"
-    if top in INFRA or top == "autosparse":
+    if top in INFRA:
         return 2, "infra"
     return 5, "faces"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild pai_compiler/autosparse/default_predictor.npz, the AutoSparse predictor shipped as package data.
+# Rebuild passes/criteria/autosparse/default_predictor.npz, the AutoSparse predictor shipped as package data.
 #
 # Source task: LeNet-5 (zoo:lenet5, init seed 0) on the first 30,000 MNIST training images.
 # Labels: 12 rounds of iterative rewind pruning (1 epoch of SGD lr 0.05 per round, then global
@@ -20,4 +20,4 @@ mkdir -p "$WORK"
 "$PAIC" autosparse collect zoo:lenet5 --data "$DATA" --rounds 12 --rate 0.3 --epochs 1 --lr 0.05 --limit 30000 \
   --seed 0 --threads 1 -o "$WORK/lenet5_mnist_labels.npz" --resume
 "$PAIC" autosparse train "$WORK/lenet5_mnist_labels.npz" --features w,g,wg,abs_w,abs_g,abs_wg,log_numel --standardize layer \
-  --hidden 32,32 --epochs 20 --lr 0.003 --split layer --seed 0 -o pai_compiler/autosparse/default_predictor.npz
+  --hidden 32,32 --epochs 20 --lr 0.003 --split layer --seed 0 -o passes/criteria/autosparse/default_predictor.npz

@@ -6,10 +6,10 @@ import pytest
 
 from pai_compiler.api import optimize
 from pai_compiler.errors import PassError, UsageError
-from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.pass_infra import PassManager
 from pai_compiler.passes.allocation.erk import erk_densities
-from pai_compiler.passes.criteria._base import topk_mask
+from pai_compiler.passes.criteria.base import topk_mask
 from pai_compiler.pipeline import parse_pipeline
 
 # algorithms.md §1.4 (DPaI reference output), ResNet-20 in module order

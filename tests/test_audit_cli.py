@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pai_compiler.audit import audit_graph, render_audit
 from pai_compiler.cli import app
-from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph, OpKind, Param
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 from pai_compiler.api import optimize
-from pai_compiler.autosparse.collect import CollectConfig, LabelSet, collect
-from pai_compiler.autosparse.predictor import Predictor, default_predictor_path, load_predictor, split_groups, train_predictor
+from pai_compiler.lab.autosparse_collect import CollectConfig, LabelSet, collect
+from pai_compiler.passes.criteria.autosparse.predictor import Predictor, default_predictor_path, load_predictor, split_groups, train_predictor
 from pai_compiler.cli import app
 from pai_compiler.errors import PaicError, UsageError
-from pai_compiler.passes.criteria.autosparse import floored_topk
+from pai_compiler.passes.criteria.autosparse.criterion import floored_topk
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = ROOT.parent / "shared" / "data"
@@ -106,7 +106,7 @@ def test_snip_rounds_keep_the_same_counts(tiny: dict[str, Any], tmp_path: Path) 
 
 
 def test_rewind_restores_init_values_exactly(tiny: dict[str, Any], labels: tuple[LabelSet, Path, list[dict[str, Any]]]) -> None:
-    from pai_compiler.autosparse.collect import build_model
+    from pai_compiler.lab.autosparse_collect import build_model
 
     ls, _, seen = labels
     init = build_model(tiny["model"], 0).state_dict()
@@ -161,10 +161,10 @@ def test_cli_collect_zoo_model_and_train(tmp_path: Path, tiny: dict[str, Any], l
 
 def test_pass_gradient_matches_collected_g0(tiny: dict[str, Any], labels: tuple[LabelSet, Path, list[dict[str, Any]]], data_free: Path) -> None:
     """The criterion's g0 (IR interpreter) is the feature the predictor was trained on (nn.Module, eval mode)."""
-    from pai_compiler.data import load_prune_batch
-    from pai_compiler.frontends.torch_spec import load_torch_spec
+    from pai_compiler.lab.data import load_prune_batch
+    from pai_compiler.frontends.torch.spec import load_torch_spec
     from pai_compiler.pass_infra import AnalysisManager, RunContext
-    from pai_compiler.passes.criteria.autosparse import AutosparsePass
+    from pai_compiler.passes.criteria.autosparse.criterion import AutosparsePass
 
     ls = labels[0]
     graph = load_torch_spec(tiny["model"], input_shape=(2, 1, 8, 8))
@@ -250,14 +250,14 @@ def test_criterion_counts_floor_determinism(data_free: Path, labels: tuple[Label
 
 def test_default_predictor_is_package_data_and_prunes_resnet20() -> None:
     path = default_predictor_path()
-    assert path.parent == ROOT / "pai_compiler" / "autosparse" and path.is_file() and path.stat().st_size < 1_000_000
+    assert path.parent == ROOT / "passes" / "criteria" / "autosparse" and path.is_file() and path.stat().st_size < 1_000_000
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    assert "default_predictor.npz" in package_data["pai_compiler.autosparse"]
+    assert "default_predictor.npz" in package_data["pai_compiler.passes.criteria.autosparse"]
     predictor = load_predictor("default")
     assert predictor.meta["heldout"]["mse"] < predictor.meta["heldout"]["baseline_mse"]
     data = None
     if predictor.needs_gradient:
-        from pai_compiler.data import load_prune_batch
+        from pai_compiler.lab.data import load_prune_batch
 
         data = load_prune_batch(DATA_DIR / "cifar10.npz", samples_per_class=10, seed=0, input_shape=(3, 32, 32))
     result = optimize(RESNET20, pipeline="autosparse{sparsity=0.99}", data=data)

@@ -9,7 +9,7 @@ import onnx
 import pytest
 import torch
 
-from pai_compiler import zoo
+from pai_compiler.lab import zoo
 from pai_compiler.api import optimize, save_model
 from pai_compiler.ort import session
 

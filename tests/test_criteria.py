@@ -13,9 +13,9 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
-from pai_compiler.data import Batch, load_batch_for, load_prune_batch
+from pai_compiler.lab.data import Batch, load_batch_for, load_prune_batch
 from pai_compiler.errors import PaicError, UsageError
-from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
@@ -23,7 +23,7 @@ from pai_compiler.passes.criteria.grasp import GraspPass
 from pai_compiler.passes.criteria.snip import SnipPass
 from pai_compiler.passes.criteria.synflow import SynflowPass, schedule_keep, topk_mask_torch
 from pai_compiler.pipeline import parse_pipeline
-from pai_compiler.zoo.export import export_onnx
+from pai_compiler.lab.zoo.export import export_onnx
 
 torch.set_num_threads(1)
 
@@ -309,7 +309,7 @@ def test_schedule_keep_counts() -> None:
 
 
 def test_topk_mask_torch_matches_numpy() -> None:
-    from pai_compiler.passes.criteria._base import topk_mask
+    from pai_compiler.passes.criteria.base import topk_mask
 
     rng = np.random.default_rng(0)
     flat = np.round(rng.random(500), 1)  # many ties

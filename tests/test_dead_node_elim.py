@@ -28,7 +28,7 @@ from pai_compiler.audit import audit_graph
 from pai_compiler.backends.onnx_compact import write_compact_onnx
 from pai_compiler.backends.onnx_masked import write_masked_onnx
 from pai_compiler.backends.torch_compact import compact_module
-from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, OpKind
 from pai_compiler.ort import session
@@ -383,8 +383,8 @@ def test_torch_compact_module_matches_and_trains() -> None:
 @pytest.mark.parametrize("name", ["resnet20", "tiny_vit"])
 def test_torch_frontend_graph_compacts(name: str) -> None:
     """Graphs from torch.fx (fused attention nodes: pinned) compact exactly too."""
-    from pai_compiler import zoo
-    from pai_compiler.frontends.torch_fx import lower_fx
+    from pai_compiler.lab import zoo
+    from pai_compiler.frontends.torch.fx import lower_fx
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)

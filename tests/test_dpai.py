@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from pai_compiler.errors import UsageError
-from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph, OpKind, Param, Value
 from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
 from pai_compiler.passes.analysis.node_path import NodePathPass
-from pai_compiler.passes.criteria._dpai_loop import Adam, PixelStep
-from pai_compiler.passes.criteria._dpai_pixel import PixelObjective, input_bind
-from pai_compiler.passes.criteria._dpai_run import build, initial_scores
-from pai_compiler.passes.criteria._dpai_topk import IncrementalTopK, adam_step_bound, reference_topk
-from pai_compiler.passes.criteria._dpai_update import combine
+from pai_compiler.passes.criteria.dpai.loop import Adam, PixelStep
+from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective, input_bind
+from pai_compiler.passes.criteria.dpai.driver import build, initial_scores
+from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, adam_step_bound, reference_topk
+from pai_compiler.passes.criteria.dpai.step import combine
 from pai_compiler.pipeline import parse_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
@@ -106,9 +106,9 @@ def test_dead_taps_count_zero_in_channel_mode() -> None:
 @pytest.mark.parametrize("name", ["resnet20", "tiny_vit"])
 def test_torch_backend_of_the_channel_tape_matches_numpy(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tape runs in torch on non-CPU devices: check that path here, against the numpy one."""
-    import pai_compiler.passes.criteria._dpai_channel as channel
-    from pai_compiler.passes.criteria._dpai_ops import TorchOps
-    from pai_compiler.passes.criteria._dpai_pixel import value_shapes
+    import pai_compiler.passes.criteria.dpai.channel_program as channel
+    from pai_compiler.passes.criteria.dpai.ops import TorchOps
+    from pai_compiler.passes.criteria.dpai.pixel_paths import value_shapes
 
     g = _model(name)
     layout, topk, update, step, scores = _setup(g, 0.95, seed=2)
@@ -301,8 +301,8 @@ def test_band_state_on_dead_taps_and_whole_layers() -> None:
 
 
 def test_band_holds_the_boundary_and_auto_picks_it_for_short_runs() -> None:
-    from pai_compiler.passes.criteria._dpai_band import BandState, band_fraction, drift_bound
-    from pai_compiler.passes.criteria._dpai_run import choose_state
+    from pai_compiler.passes.criteria.dpai.band import BandState, band_fraction, drift_bound
+    from pai_compiler.passes.criteria.dpai.driver import choose_state
 
     g = _model("vgg_small")
     layout, *_ = _setup(g, 0.9)
@@ -327,7 +327,7 @@ def test_band_holds_the_boundary_and_auto_picks_it_for_short_runs() -> None:
 
 
 def test_memory_check_refuses_with_a_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
-    import pai_compiler.passes.criteria._dpai_run as run
+    import pai_compiler.passes.criteria.dpai.driver as run
     from pai_compiler.errors import PaicError
 
     g = _model("resnet20")

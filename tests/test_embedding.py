@@ -30,11 +30,11 @@ from torch import nn
 
 from pai_compiler import api
 from pai_compiler.audit import audit_graph
-from pai_compiler.data import RANDOM_DATA, load_batch_for
+from pai_compiler.lab.data import RANDOM_DATA, load_batch_for
 from pai_compiler.errors import PaicError
-from pai_compiler.frontends.onnx import load_onnx_model
-from pai_compiler.frontends.torch_export import lower_export
-from pai_compiler.frontends.torch_fx import lower_fx
+from pai_compiler.frontends.onnx.reader import load_onnx_model
+from pai_compiler.frontends.torch.export import lower_export
+from pai_compiler.frontends.torch.fx import lower_fx
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, OpKind
 from pai_compiler.ort import session

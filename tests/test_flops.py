@@ -12,7 +12,7 @@ import pytest
 import sympy
 
 from pai_compiler.errors import UsageError
-from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager
 from pai_compiler.passes.analysis.flops import MAC_RULES, FlopsPass, FlopsResult, evaluate, parse_bind
@@ -48,7 +48,7 @@ def torch_macs(name: str, batch_size: int) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pai_compiler import zoo
+    from pai_compiler.lab import zoo
 
     torch.manual_seed(0)
     model = zoo.build(name).eval()
@@ -68,8 +68,8 @@ def test_gemm_macs_match_flop_counter(name: str, examples_dir: Path) -> None:
 def test_resnet50_macs(tmp_path: Path) -> None:
     import torch
 
-    from pai_compiler import zoo
-    from pai_compiler.zoo.export import export_onnx
+    from pai_compiler.lab import zoo
+    from pai_compiler.lab.zoo.export import export_onnx
 
     torch.manual_seed(0)
     export_onnx(zoo.build("resnet50"), zoo.input_shape("resnet50"), tmp_path / "r50.onnx")
@@ -81,11 +81,11 @@ def test_resnet50_macs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_fused_attention_matches_flop_counter(frontend: str, tmp_path: Path) -> None:
     """The torch frontends keep nn.MultiheadAttention as one ``attention`` node."""
-    pytest.importorskip("pai_compiler.frontends.torch_spec")
+    pytest.importorskip("pai_compiler.frontends.torch.spec")
     from pai_compiler.api import load_model
 
     spec = tmp_path / "models.py"
-    spec.write_text("from pai_compiler import zoo\n\ndef tiny_vit():\n    return zoo.build('tiny_vit')\n")
+    spec.write_text("from pai_compiler.lab import zoo\n\ndef tiny_vit():\n    return zoo.build('tiny_vit')\n")
     g = load_model(f"{spec}:tiny_vit", input_shape="1,3,32,32", frontend=frontend)
     res = flops(g)
     gemm = sum(evaluate(r.dense) for r in res.nodes if r.kind in (*WEIGHTED_MATMULS, "attention"))
@@ -186,7 +186,7 @@ def test_parse_bind() -> None:
 def test_dense_and_nonzero_need_no_torch(examples_dir: Path) -> None:
     code = (
         "import sys\n"
-        "from pai_compiler.frontends.onnx import load_onnx_model\n"
+        "from pai_compiler.frontends.onnx.reader import load_onnx_model\n"
         "from pai_compiler.pass_infra import AnalysisManager\n"
         "from pai_compiler.passes.analysis.flops import FlopsPass\n"
         f"g = load_onnx_model({str(examples_dir / 'resnet20.onnx')!r})\n"

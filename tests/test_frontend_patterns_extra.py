@@ -28,11 +28,11 @@ from torch import nn
 
 from pai_compiler import api
 from pai_compiler.audit import audit_graph
-from pai_compiler.frontends.onnx import import_onnx, load_onnx_model
+from pai_compiler.frontends.onnx.reader import import_onnx, load_onnx_model
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, OpKind
 from pai_compiler.ort import session
-from pai_compiler.zoo.export import export_onnx
+from pai_compiler.lab.zoo.export import export_onnx
 
 PATH_KEYS = ("log_paths", "log_paths_dpai", "effective_params", "effective_nodes", "effective_nodes_npb", "effective_kernels", "total_nodes")
 
@@ -224,7 +224,7 @@ def test_embedding_loads_and_the_rest_prunes(tmp_path: Path, exporter: str) -> N
     (linear,) = g.prunable_params()  # the table stays dense, as with torch.fx
     assert linear.numel == 64 and "e.weight" not in {p.name for p in g.prunable_params()}
 
-    from pai_compiler.frontends.torch_fx import lower_fx
+    from pai_compiler.frontends.torch.fx import lower_fx
 
     fx = lower_fx(_Embed().eval(), (idx,))
     assert [p.name for p in fx.prunable_params()] == ["fc.weight"]

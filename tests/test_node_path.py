@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from pai_compiler.errors import PaicError
-from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph, OpKind, Param, Value
 from pai_compiler.pass_infra import AnalysisManager
 from pai_compiler.passes.analysis.node_path import NodePathPass, NodePathResult
@@ -389,11 +389,11 @@ def test_structural_shortcut_without_a_name() -> None:
 
 def test_fused_attention_agrees_with_the_decomposed_onnx_graph(examples_dir: Any, tmp_path: Any) -> None:
     """Same masks, two lowerings of tiny_vit (fx: one attention node; ONNX: linear+matmul): same answers."""
-    pytest.importorskip("pai_compiler.frontends.torch_spec")
+    pytest.importorskip("pai_compiler.frontends.torch.spec")
     from pai_compiler.api import load_model
 
     spec = tmp_path / "models.py"
-    spec.write_text("from pai_compiler import zoo\n\ndef tiny_vit():\n    return zoo.build('tiny_vit')\n")
+    spec.write_text("from pai_compiler.lab import zoo\n\ndef tiny_vit():\n    return zoo.build('tiny_vit')\n")
     fused = load_model(f"{spec}:tiny_vit", input_shape="1,3,32,32", frontend="fx")
     onnx_graph = load_onnx_model(examples_dir / "tiny_vit.onnx")
     assert any(n.kind is OpKind.ATTENTION for n in fused.nodes)

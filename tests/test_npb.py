@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from pai_compiler.errors import UsageError
-from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
 from pai_compiler.passes.analysis.node_path import NodePathPass
-from pai_compiler.passes.criteria._npb_finetune import PathCounter, fine_tune
-from pai_compiler.passes.criteria._npb_linear import solve_linear
-from pai_compiler.passes.criteria._npb_milp import BlockProblem, max_path_bound, solve_block
+from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
+from pai_compiler.passes.criteria.npb.linear import solve_linear
+from pai_compiler.passes.criteria.npb.milp import BlockProblem, max_path_bound, solve_block
 from pai_compiler.pipeline import parse_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
@@ -144,8 +144,8 @@ def test_mlp_reads_every_input_and_keeps_weights_effective(sparsity: float) -> N
     60 of 300 hidden units were effective, and 6960 of fc1's 9060 weights led nowhere)."""
     import torch
 
-    from pai_compiler import zoo
-    from pai_compiler.frontends.torch_fx import lower_fx
+    from pai_compiler.lab import zoo
+    from pai_compiler.frontends.torch.fx import lower_fx
 
     torch.manual_seed(0)
     g = lower_fx(zoo.build("lenet300"), torch.randn(1, 1, 28, 28))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-from pai_compiler.frontends.onnx import import_onnx, load_onnx_model
+from pai_compiler.frontends.onnx.reader import import_onnx, load_onnx_model
 from pai_compiler.interp import Interpreter
 from pai_compiler.ort import session
 
@@ -42,8 +42,8 @@ def test_examples_lower_and_match_ort(example_model: Path) -> None:
 @pytest.mark.parametrize("name", ["resnet20", "tiny_vit"])
 def test_dynamo_export_lowers_like_legacy(tmp_path: Path, name: str) -> None:
     pytest.importorskip("onnxscript")
-    from pai_compiler import zoo
-    from pai_compiler.zoo.export import export_onnx
+    from pai_compiler.lab import zoo
+    from pai_compiler.lab.zoo.export import export_onnx
 
     torch.manual_seed(0)
     model = zoo.build(name)

@@ -24,10 +24,10 @@ from torch import nn
 from pai_compiler import api, zoo
 from pai_compiler.audit import audit_graph
 from pai_compiler.errors import ModelError, PaicError, UsageError
-from pai_compiler.frontends.onnx import load_onnx_model
-from pai_compiler.frontends.torch_export import lower_export
-from pai_compiler.frontends.torch_fx import BATCH, lower_fx
-from pai_compiler.frontends.torch_spec import load_torch_spec
+from pai_compiler.frontends.onnx.reader import load_onnx_model
+from pai_compiler.frontends.torch.export import lower_export
+from pai_compiler.frontends.torch.fx import BATCH, lower_fx
+from pai_compiler.frontends.torch.spec import load_torch_spec
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, OpKind
 
@@ -157,7 +157,7 @@ def test_dpai_masks_equal_onnx(lowered: Any, name: str) -> None:
 @pytest.mark.parametrize("method", ["synflow", "snip", "grasp"])
 def test_gradient_criteria_through_fused_attention_equal_onnx(lowered: Any, method: str) -> None:
     """Real-mode attention rule under autograd (double backward for GraSP) == the ONNX graph."""
-    from pai_compiler.data import load_batch_for
+    from pai_compiler.lab.data import load_batch_for
 
     masks = {}
     for frontend in ("onnx", "fx"):
@@ -358,7 +358,7 @@ MODELS_PY = textwrap.dedent(
     """
     import torch
     from torch import nn
-    from pai_compiler.zoo.vgg import vgg_small
+    from pai_compiler.lab.zoo.vgg import vgg_small
 
     class Small(nn.Module):
         def __init__(self):
@@ -448,7 +448,7 @@ def _paic(*args: str, cwd: Path) -> _Run:
 
 
 def test_cli_optimize_spec_to_pt_and_onnx(tmp_path: Path) -> None:
-    (tmp_path / "nets.py").write_text("from pai_compiler.zoo.vgg import vgg_small\nclass Net:\n    pass\n")
+    (tmp_path / "nets.py").write_text("from pai_compiler.lab.zoo.vgg import vgg_small\nclass Net:\n    pass\n")
     r = _paic("optimize", "nets.py:vgg_small", "--input-shape", "2,3,32,32", "-o", "pruned.pt", "-s", "0.9", "-m", "magnitude", "-q", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     r = _paic("optimize", "nets.py:vgg_small", "--input-shape", "2,3,32,32", "-o", "again.pt", "-s", "0.9", "-m", "magnitude", "-q", cwd=tmp_path)
@@ -497,7 +497,7 @@ def sympy_batch(graph: Graph) -> Any:
 
 
 def test_cli_audit_accepts_spec(tmp_path: Path) -> None:
-    (tmp_path / "nets.py").write_text("from pai_compiler.zoo.lenet import lenet300\n")
+    (tmp_path / "nets.py").write_text("from pai_compiler.lab.zoo.lenet import lenet300\n")
     r = _paic("audit", "nets.py:lenet300", "--input-shape", "2,1,28,28", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     import json
@@ -566,7 +566,7 @@ def test_weight_in_two_layouts_computes_the_model(frontend: str, tmp_path: Path)
     torch.manual_seed(0)
     module = _TiedSquare().eval()
     if frontend == "onnx":
-        from pai_compiler.zoo.export import export_onnx
+        from pai_compiler.lab.zoo.export import export_onnx
 
         export_onnx(module, (6,), tmp_path / "tied.onnx")
         graph = load_onnx_model(tmp_path / "tied.onnx")

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import pai_compiler
-from pai_compiler import zoo
-from pai_compiler.training import Dataset, load_dataset, masked_nonzero, train
+from pai_compiler.lab import zoo
+from pai_compiler.lab.training import Dataset, load_dataset, masked_nonzero, train
 
 
 def _random_masks(model: nn.Module, density: float = 0.3, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 """Generate the example ONNX models shipped in ``examples/models``.
 
 Builds ``resnet20``, ``vgg_small`` and ``tiny_vit`` from the in-repo zoo
-(``pai_compiler.zoo``) with ``torch.manual_seed(0)`` before each model and
+(``pai_compiler.lab.zoo``) with ``torch.manual_seed(0)`` before each model and
 exports them with the legacy TorchScript ONNX exporter (opset 18, dynamic batch
 dimension ``batch``, initializer names equal to the ``state_dict`` names,
 BatchNormalization nodes kept).  The output is byte-for-byte deterministic.
@@ -25,8 +25,8 @@ if str(_REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-from pai_compiler import zoo  # noqa: E402
-from pai_compiler.zoo.export import export_onnx  # noqa: E402
+from pai_compiler.lab import zoo  # noqa: E402
+from pai_compiler.lab.zoo.export import export_onnx  # noqa: E402
 
 __all__ = ["EXAMPLE_MODELS", "generate", "main"]
 

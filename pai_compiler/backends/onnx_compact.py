@@ -310,7 +310,7 @@ def write_compact_onnx(graph: Graph, source: str | os.PathLike[str], out: str | 
     """Read ``source`` again, rewrite it to the compacted ``graph`` and write ``out`` atomically."""
     import onnx
 
-    from pai_compiler.frontends.onnx import read_onnx
+    from pai_compiler.frontends.onnx.reader import read_onnx
 
     if graph.meta.get("source_format") != "onnx":
         raise PaicError("compact ONNX needs a model imported from ONNX (use the torch compact module otherwise)")

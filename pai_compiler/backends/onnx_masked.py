@@ -142,7 +142,7 @@ def _write_loaded(graph: Graph, source: str | os.PathLike[str], out: str | os.Pa
     """The general path: load the whole source, apply the masks to the proto, save it."""
     import onnx
 
-    from pai_compiler.frontends.onnx import read_onnx
+    from pai_compiler.frontends.onnx.reader import read_onnx
 
     model = masked_model(graph, read_onnx(source), pipeline=pipeline)
     out = Path(out)

@@ -160,7 +160,7 @@ def load_pt(path: str | os.PathLike[str], model: nn.Module, *, attach: bool = Tr
 
 def _index_entries(graph: Any) -> int | None:
     """The smallest table size when the model's input is embedding indices (else None: floats)."""
-    from pai_compiler.data import lookup_entries
+    from pai_compiler.lab.data import lookup_entries
 
     x = graph.inputs[0] if graph.inputs else None
     return lookup_entries(x) if x is not None and not x.dtype.startswith("float") else None
@@ -171,7 +171,7 @@ def write_torch_onnx(result: Any, out: str | os.PathLike[str]) -> None:
     import onnx
 
     from pai_compiler.backends.onnx_masked import set_metadata
-    from pai_compiler.zoo.export import export_onnx
+    from pai_compiler.lab.zoo.export import export_onnx
 
     graph = result.graph
     shape = graph.meta.get("input_shape")

@@ -72,7 +72,7 @@ class Param:
     def storage(self) -> object:
         """Which stored tensor this is: its ``origin``, or the Param itself when it has none.
 
-        Params of one weight read in two layouts share an origin (``frontends/_params.py``);
+        Params of one weight read in two layouts share an origin (``frontends/params.py``);
         passes that edit weights treat them as one shared tensor."""
         return self.origin or self
 

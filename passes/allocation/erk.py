@@ -14,7 +14,7 @@ from typing import ClassVar
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation._base import check_sparsity, record_allocation
+from pai_compiler.passes.allocation.base import check_sparsity, record_allocation
 
 __all__ = ["ErkPass", "erk_densities"]
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager
-from pai_compiler.passes.criteria._base import CriterionPass, LazyScores
+from pai_compiler.passes.criteria.base import CriterionPass, LazyScores
 
 __all__ = ["MagnitudePass"]
 

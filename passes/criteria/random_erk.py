@@ -18,9 +18,9 @@ import numpy as np
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation._base import check_sparsity, record_allocation
+from pai_compiler.passes.allocation.base import check_sparsity, record_allocation
 from pai_compiler.passes.allocation.erk import erk_densities
-from pai_compiler.passes.criteria._base import apply_scores, resolve_keep
+from pai_compiler.passes.criteria.base import apply_scores, resolve_keep
 
 __all__ = ["RandomErkPass"]
 

@@ -4,7 +4,7 @@ As in Synaptic-Flow (``SNIP``): the gradient is taken at the (masked) initial we
 mode (norms use their running statistics), summed over the prune batches (mean cross-entropy
 per batch of ``batch_size`` samples), and the scores are divided by their global sum. Already
 pruned weights count as zero, so their score is 0. The batch comes from ``--data FILE.npz``
-(``am.context.data``, see :mod:`pai_compiler.data`); without it the pass refuses. All tensor
+(``am.context.data``, see :mod:`pai_compiler.lab.data`); without it the pass refuses. All tensor
 work runs on ``--device`` (``am.context.device``).
 
 This module also holds the autograd plumbing that GraSP and SynFlow share: masked leaf
@@ -21,7 +21,7 @@ import numpy as np
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, Param, Value
 from pai_compiler.pass_infra import AnalysisManager
-from pai_compiler.passes.criteria._base import CriterionPass
+from pai_compiler.passes.criteria.base import CriterionPass
 
 if TYPE_CHECKING:
     import torch

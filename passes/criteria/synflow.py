@@ -27,7 +27,7 @@ import sympy
 from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult
-from pai_compiler.passes.criteria._base import CriterionPass, apply_scores, resolve_keep
+from pai_compiler.passes.criteria.base import CriterionPass, apply_scores, resolve_keep
 from pai_compiler.passes.criteria.snip import Precision, to_numpy_scores, torch_device, torch_dtype
 
 if TYPE_CHECKING:

@@ -13,7 +13,7 @@ import numpy as np
 
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager
-from pai_compiler.passes.criteria._base import CriterionPass
+from pai_compiler.passes.criteria.base import CriterionPass
 
 __all__ = ["KernelL1Pass"]
 

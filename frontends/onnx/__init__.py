@@ -1,0 +1,8 @@
+"""ONNX frontend: ``reader`` lowers an ONNX model to the IR (``read_onnx``); ``ops`` maps ONNX ops
+to IR nodes, ``static`` evaluates shape arithmetic at compile time, ``patterns`` and
+``patterns_norm`` fuse exporter idioms (GELU, LayerNorm, …) into single nodes.
+"""
+from __future__ import annotations
+
+from pai_compiler.frontends.onnx.reader import *  # noqa: F403
+from pai_compiler.frontends.onnx.reader import __all__  # noqa: F401

@@ -1,0 +1,532 @@
+"""ONNX op table: lowers each dynamic ONNX node to IR nodes with symbolic output shapes.
+
+One handler per ONNX op family; the table ``HANDLERS`` maps op_type to handler. An op with
+no handler becomes an ``opaque`` node (shape from onnx's inference when it has one) and a
+warning. Shape formulas: conv/pool ``out = floor((in + pad_begin + pad_end - dil*(k-1) - 1)
+/ stride) + 1`` (ceil for ``ceil_mode``), numpy broadcasting for elementwise ops.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import sympy
+
+from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, is_float_dtype, prod, simplify_dim
+from pai_compiler.errors import ModelError
+from pai_compiler.ir import Dim, OpKind, Value
+
+__all__ = ["lower_node", "HANDLERS", "POINTWISE_OPS"]
+
+Handler = Callable[[Any, Any, str, list[Any], dict[str, Any]], None]
+
+POINTWISE_OPS = {
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Gelu", "Erf", "Elu", "Selu", "Celu", "Softplus", "Softsign",
+    "HardSigmoid", "HardSwish", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Identity", "Dropout",
+    "Cast", "Sin", "Cos", "Floor", "Ceil", "Round", "Mish", "ThresholdedRelu", "Sign", "Clip",
+}
+_BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Max": "max", "Min": "min"}
+
+
+def _shape(x: Any) -> tuple[Dim, ...] | None:
+    if isinstance(x, Value):
+        return x.shape
+    return x.broadcast_to or tuple(int(d) for d in x.array.shape)
+
+
+def _emit(imp: Any, kind: OpKind, node: Any, label: str, inputs: list[Value], shapes: list[tuple[Dim, ...] | None], *, params: dict[str, Any] | None = None, attrs: dict[str, Any] | None = None, dtype: str | None = None, only_first: bool = False) -> None:
+    dtype = dtype or (inputs[0].dtype if inputs else "float32")
+    names = list(node.output)[:1] if only_first else list(node.output)
+    outs = [(o, s, dtype) for o, s in zip(names, shapes) if o]
+    ir = imp.graph.add_node(kind, imp.graph.fresh_name(label), inputs, outs, params=params, attrs=attrs, origin=node.name)
+    for v in ir.outputs:
+        imp.env[v.name] = v
+
+
+def _need_value(x: Any, label: str, what: str) -> Value:
+    if not isinstance(x, Value):
+        raise ModelError(f"node {label!r}: {what} must be an activation")
+    return x
+
+
+def _window_out(size: Dim, k: int, stride: int, pb: int, pe: int, dil: int, ceil: bool) -> Dim:
+    num = simplify_dim(sympy.sympify(size) + pb + pe - dil * (k - 1) - 1)
+    if isinstance(num, int):
+        q = -(-num // stride) if ceil else num // stride
+        out = q + 1
+        if ceil and (out - 1) * stride >= (size if isinstance(size, int) else 0) + pb and isinstance(size, int):
+            out -= 1
+        return out
+    f = sympy.ceiling if ceil else sympy.floor
+    return simplify_dim(f(num / stride) + 1)
+
+
+def _resolve_pads(attrs: dict[str, Any], spatial: tuple[Dim, ...], kernel: list[int], strides: list[int], dil: list[int], label: str) -> list[int]:
+    n = len(kernel)
+    auto = attrs.get("auto_pad", "NOTSET")
+    if auto in ("NOTSET", "VALID", "") or auto is None:
+        return list(attrs.get("pads", [0] * 2 * n)) if auto != "VALID" else [0] * 2 * n
+    pads = [0] * 2 * n
+    for i in range(n):
+        if not isinstance(spatial[i], int):
+            raise ModelError(f"node {label!r}: auto_pad={auto} needs static spatial sizes")
+        out = -(-spatial[i] // strides[i])
+        total = max(0, (out - 1) * strides[i] + dil[i] * (kernel[i] - 1) + 1 - spatial[i])
+        small, big = total // 2, total - total // 2
+        pads[i], pads[i + n] = (small, big) if auto == "SAME_UPPER" else (big, small)
+    return pads
+
+
+def _window(attrs: dict[str, Any], x: Value, kernel: list[int], label: str, *, ceil: bool) -> tuple[list[int], list[int], list[int], tuple[Dim, ...] | None]:
+    """strides, dilations, explicit pads and output spatial dims of a conv/pool window."""
+    n = len(kernel)
+    strides = list(attrs.get("strides", [1] * n))
+    dil = list(attrs.get("dilations", [1] * n))
+    spatial = x.shape[2:] if x.shape is not None else tuple([None] * n)
+    pads = _resolve_pads(attrs, spatial, kernel, strides, dil, label)  # type: ignore[arg-type]
+    if x.shape is None:
+        return strides, dil, pads, None
+    return strides, dil, pads, tuple(_window_out(spatial[i], kernel[i], strides[i], pads[i], pads[i + n], dil[i], ceil) for i in range(n))
+
+
+def _conv(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "Conv input")
+    w = ins[1]
+    if not isinstance(w, Const) or w.symbolic:
+        return _opaque(imp, node, label, ins, attrs, reason="Conv with a non-constant weight")
+    if w.array.ndim < 3:
+        raise ModelError(f"Conv weight {w.origin or ''!r} has rank {w.array.ndim}; expected (out, in/groups, *kernel)")
+    kshape = [int(d) for d in w.array.shape[2:]]
+    strides, dil, pads, out_spatial = _window(attrs, x, kshape, label, ceil=False)
+    groups = int(attrs.get("group", 1))
+    out_shape = None if out_spatial is None else (x.shape[0], int(w.array.shape[0]), *out_spatial)  # type: ignore[index]
+    params = {"weight": imp.param(w, "conv_weight", prunable=True, out_axis=0, in_axis=1)}
+    if len(ins) > 2 and ins[2] is not None:
+        params["bias"] = imp.param(ins[2], "conv_bias", prunable=False, out_axis=0, in_axis=None)
+    _emit(imp, OpKind.CONV, node, label, [x], [out_shape], params=params,
+          attrs={"strides": strides, "pads": pads, "dilations": dil, "groups": groups, "kernel_shape": kshape})
+
+
+def _linear_from(imp: Any, node: Any, label: str, x: Value, w: Const, transposed_w: bool, bias: Any, alpha: float, beta: float) -> None:
+    # canonical weight is (out, in); transposed_w means the operand is stored as (in, out)
+    out_axis, in_axis = (1, 0) if transposed_w else (0, 1)
+    out_features = int(w.array.shape[out_axis])
+    in_features = int(w.array.shape[in_axis])
+    if x.shape is not None and isinstance(x.shape[-1], int) and x.shape[-1] != in_features:
+        raise ModelError(f"node {label!r}: input has {x.shape[-1]} features, weight expects {in_features}")
+    params = {"weight": imp.param(w, "linear_weight", prunable=True, out_axis=out_axis, in_axis=in_axis)}
+    attrs: dict[str, Any] = {"in_features": in_features, "out_features": out_features}
+    if alpha != 1.0:
+        attrs["alpha"] = alpha
+    if bias is not None:
+        if isinstance(bias, Const):
+            params["bias"] = imp.param(bias, "linear_bias", prunable=False, out_axis=0, in_axis=None)
+            if beta != 1.0:
+                attrs["beta"] = beta
+        else:
+            raise ModelError(f"node {label!r}: Gemm with a dynamic C input is not supported")
+    shape = None if x.shape is None else (*x.shape[:-1], out_features)
+    _emit(imp, OpKind.LINEAR, node, label, [x], [shape], params=params, attrs=attrs)
+
+
+def _transpose_value(imp: Any, x: Value, perm: list[int], label: str) -> Value:
+    shape = None if x.shape is None else tuple(x.shape[p] for p in perm)
+    ir = imp.graph.add_node(OpKind.RESHAPE, imp.graph.fresh_name(label + "_transA"), [x], [(imp.graph.fresh_name(x.name + "_T"), shape, x.dtype)], attrs={"op": "transpose", "perm": perm})
+    return ir.outputs[0]
+
+
+def _gemm(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    a, b = ins[0], ins[1]
+    c = ins[2] if len(ins) > 2 else None
+    if not isinstance(a, Value) or not isinstance(b, Const) or b.symbolic:
+        return _opaque(imp, node, label, ins, attrs, reason="Gemm without a constant B")
+    if attrs.get("transA", 0):
+        a = _transpose_value(imp, a, [1, 0], label)
+    _linear_from(imp, node, label, a, b, not attrs.get("transB", 0), c, float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0)))
+
+
+def _matmul_shape(a: tuple[Dim, ...] | None, b: tuple[Dim, ...] | None) -> tuple[Dim, ...] | None:
+    if a is None or b is None:
+        return None
+    if len(a) == 1 or len(b) == 1:
+        return None
+    batch = broadcast_shapes(a[:-2], b[:-2])
+    return (*batch, a[-2], b[-1])
+
+
+def _matmul(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    a, b = ins
+    if isinstance(a, Value) and isinstance(b, Const) and not b.symbolic and b.array.ndim == 2:
+        return _linear_from(imp, node, label, a, b, True, None, 1.0, 1.0)
+    va, vb = imp.operand_value(a, label + "_a"), imp.operand_value(b, label + "_b")
+    _emit(imp, OpKind.MATMUL, node, label, [va, vb], [_matmul_shape(va.shape, vb.shape)])
+
+
+def _binary(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    op = _BINARY[node.op_type]
+    dyn = [x for x in ins if isinstance(x, Value)]
+    shapes = [_shape(x) for x in ins]
+    shape = None if any(s is None for s in shapes) else broadcast_shapes(*shapes)  # type: ignore[arg-type]
+    if len(ins) == 2 and len(dyn) == 1:
+        x = dyn[0]
+        const = ins[1] if ins[0] is x else ins[0]
+        if const.broadcast_to is None:
+            p = imp.param(const, f"{op}_const", prunable=False, in_axis=None)
+            _emit(imp, OpKind.POINTWISE, node, label, [x], [shape], params={"const": p},
+                  attrs={"op": op, "const_first": ins[0] is not x})
+            return
+    values = [imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins)]
+    if op in ("add", "sub"):
+        _emit(imp, OpKind.ADD, node, label, values, [shape], attrs={"op": op})
+    else:
+        _emit(imp, OpKind.MUL, node, label, values, [shape], attrs={"op": op})
+
+
+def _sum(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    values = [imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins)]
+    shapes = [v.shape for v in values]
+    shape = None if any(s is None for s in shapes) else broadcast_shapes(*shapes)  # type: ignore[arg-type]
+    if len(values) == 1:
+        _emit(imp, OpKind.POINTWISE, node, label, values, [shape], attrs={"op": "identity"})
+    else:
+        _emit(imp, OpKind.ADD, node, label, values, [shape], attrs={"op": "add"})
+
+
+def _pointwise(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "input")
+    op = node.op_type.lower()
+    out_attrs: dict[str, Any] = {"op": {"dropout": "identity"}.get(op, op)}
+    params = {}
+    for key in ("alpha", "beta", "gamma", "approximate", "lambd"):
+        if key in attrs:
+            out_attrs[key] = attrs[key]
+    dtype = None
+    if node.op_type == "Clip":
+        lo = ins[1] if len(ins) > 1 else None
+        hi = ins[2] if len(ins) > 2 else None
+        if isinstance(lo, Value) or isinstance(hi, Value):
+            return _opaque(imp, node, label, ins, attrs, reason="Clip with dynamic bounds")
+        out_attrs["min"] = float(lo.array) if lo is not None else float(attrs.get("min", -np.inf))
+        out_attrs["max"] = float(hi.array) if hi is not None else float(attrs.get("max", np.inf))
+    if node.op_type == "Cast":
+        from onnx import helper
+
+        dtype = str(np.dtype(helper.tensor_dtype_to_np_dtype(attrs["to"])))
+        out_attrs["to"] = dtype
+    if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] in imp.consumed:
+        mask = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label + "_mask"), [x], [(node.output[1], x.shape, "bool")], attrs={"op_type": "DropoutMask", "domain": ""})
+        imp.env[node.output[1]] = mask.outputs[0]
+    shapes = [x.shape]
+    _emit(imp, OpKind.POINTWISE, node, label, [x], shapes, params=params, attrs=out_attrs, dtype=dtype, only_first=True)
+
+
+def _cast_like(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    like = ins[1]
+    dtype = like.dtype if isinstance(like, Value) else str(like.array.dtype)
+    if isinstance(ins[0], Const):  # a constant cast like an activation stays a constant
+        c = ins[0]
+        same_kind = is_float_dtype(c.array.dtype) and is_float_dtype(dtype)
+        imp.env[node.output[0]] = Const(c.array.astype(dtype), c.origin if same_kind else None, c.perm if same_kind else None, c.broadcast_to)
+        return
+    x = ins[0]
+    _emit(imp, OpKind.POINTWISE, node, label, [x], [x.shape], attrs={"op": "cast", "to": dtype}, dtype=dtype)
+
+
+def _prelu(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "input")
+    if not isinstance(ins[1], Const):
+        return _opaque(imp, node, label, ins, attrs, reason="PRelu with a dynamic slope")
+    p = imp.param(ins[1], "prelu_slope", prunable=False, in_axis=None)
+    _emit(imp, OpKind.POINTWISE, node, label, [x], [x.shape], params={"const": p}, attrs={"op": "prelu"})
+
+
+def _norm(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "input")
+    names = {
+        "BatchNormalization": ("batch", ["scale", "bias", "mean", "var"]),
+        "InstanceNormalization": ("instance", ["scale", "bias"]),
+        "LayerNormalization": ("layer", ["scale", "bias"]),
+        "GroupNormalization": ("group", ["scale", "bias"]),
+    }[node.op_type]
+    params = {}
+    for key, c in zip(names[1], ins[1:]):
+        if c is None:
+            continue
+        if not isinstance(c, Const):
+            return _opaque(imp, node, label, ins, attrs, reason=f"{node.op_type} with dynamic {key}")
+        params[key] = imp.param(c, f"norm_{key}", prunable=False, out_axis=0, in_axis=None)
+    out_attrs: dict[str, Any] = {"type": names[0], "epsilon": float(attrs.get("epsilon", 1e-5))}
+    if node.op_type == "LayerNormalization":
+        out_attrs["axis"] = int(attrs.get("axis", -1))
+    if node.op_type == "GroupNormalization":
+        out_attrs["num_groups"] = int(attrs["num_groups"])
+    used = [o for o in node.output[1:] if o in imp.consumed]
+    if used:
+        raise ModelError(f"node {label!r} ({node.op_type}): training-mode outputs {used} are not supported")
+    _emit(imp, OpKind.NORM, node, label, [x], [x.shape], params=params, attrs=out_attrs, only_first=True)
+
+
+def _lrn(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "input")
+    out_attrs = {"type": "lrn", "epsilon": 0.0, "size": int(attrs["size"]), "alpha": float(attrs.get("alpha", 1e-4)),
+                 "beta": float(attrs.get("beta", 0.75)), "bias": float(attrs.get("bias", 1.0))}
+    _emit(imp, OpKind.NORM, node, label, [x], [x.shape], attrs=out_attrs)
+
+
+def _softmax(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "input")
+    default_axis = -1 if imp.opset.get("", 13) >= 13 else 1
+    _emit(imp, OpKind.SOFTMAX, node, label, [x], [x.shape], attrs={"axis": int(attrs.get("axis", default_axis)), "log": node.op_type == "LogSoftmax"})
+
+
+def _pool(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "input")
+    mode = "max" if "Max" in node.op_type else "avg"
+    if node.op_type.startswith("Global"):
+        shape = None if x.shape is None else (*x.shape[:2], *([1] * (len(x.shape) - 2)))
+        axes = list(range(2, len(x.shape))) if x.shape is not None else [2, 3]
+        _emit(imp, OpKind.POOL, node, label, [x], [shape], attrs={"mode": mode, "reduce": True, "axes": axes, "keepdims": True})
+        return
+    kernel = list(attrs["kernel_shape"])
+    ceil = bool(attrs.get("ceil_mode", 0))
+    strides, dil, pads, out_spatial = _window(attrs, x, kernel, label, ceil=ceil)
+    shape = None if out_spatial is None else (*x.shape[:2], *out_spatial)  # type: ignore[index]
+    out_attrs = {"mode": mode, "reduce": False, "kernel_shape": kernel, "strides": strides, "pads": pads, "dilations": dil, "ceil_mode": ceil}
+    if mode == "avg":
+        out_attrs["count_include_pad"] = bool(attrs.get("count_include_pad", 0))
+    if len(node.output) > 1 and node.output[1] in imp.consumed:
+        raise ModelError(f"node {label!r} (MaxPool): the indices output is not supported")
+    _emit(imp, OpKind.POOL, node, label, [x], [shape], attrs=out_attrs, only_first=True)
+
+
+def _reduce(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "input")
+    if x.shape is None:
+        return _opaque(imp, node, label, ins, attrs, reason="reduction of unknown rank")
+    rank = len(x.shape)
+    axes = attrs.get("axes")
+    if len(ins) > 1 and ins[1] is not None:
+        if not isinstance(ins[1], Const):
+            return _opaque(imp, node, label, ins, attrs, reason="dynamic reduction axes")
+        axes = [int(a) for a in ins[1].array.reshape(-1)]
+    if not axes:
+        if attrs.get("noop_with_empty_axes", 0):
+            return _emit(imp, OpKind.POINTWISE, node, label, [x], [x.shape], attrs={"op": "identity"})
+        axes = list(range(rank))
+    axes = sorted(a % rank for a in axes)
+    keep = bool(attrs.get("keepdims", 1))
+    shape = tuple((1 if i in axes else d) for i, d in enumerate(x.shape) if keep or i not in axes)
+    mode = {"ReduceMean": "avg", "ReduceMax": "max", "ReduceSum": "sum"}[node.op_type]
+    _emit(imp, OpKind.POOL, node, label, [x], [shape], attrs={"mode": mode, "reduce": True, "axes": axes, "keepdims": keep})
+
+
+def _resolve_reshape(in_shape: tuple[Dim, ...], target: list[Any], allowzero: bool) -> tuple[Dim, ...]:
+    dims: list[Any] = [in_shape[i] if (not allowzero and t == 0) else t for i, t in enumerate(target)]
+    if any(d == -1 for d in dims):
+        known = prod([d for d in dims if d != -1])
+        dims[dims.index(-1)] = simplify_dim(sympy.sympify(prod(in_shape)) / sympy.sympify(known))
+    return tuple(simplify_dim(d) for d in dims)
+
+
+def _movement(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    if not isinstance(ins[0], Value):  # a constant reshaped/sliced by run-time sizes (a positional table cut to the sequence)
+        data = [x for x in ins if not (isinstance(x, Const) and x.symbolic)]  # the run-time sizes are shape math, not data
+        return _opaque(imp, node, label, data, attrs, reason=f"{node.op_type} of a constant by run-time sizes")
+    x = ins[0]
+    op = node.op_type
+    s = x.shape
+    out_attrs: dict[str, Any] = {"op": op.lower()}
+    shape: tuple[Dim, ...] | None = None
+
+    def const_ints(i: int, key: str) -> list[int] | None:
+        if len(ins) > i and ins[i] is not None:
+            c = ins[i]
+            if not isinstance(c, Const):
+                raise _Dynamic()
+            return [int(v) if not isinstance(v, sympy.Expr) else v for v in c.array.reshape(-1)]
+        return attrs.get(key)
+
+    try:
+        if op == "Reshape":
+            target = const_ints(1, "shape")
+            shape = _resolve_reshape(s, target, bool(attrs.get("allowzero", 0))) if s is not None else None
+            out_attrs["op"] = "reshape"
+        elif op == "Flatten":
+            axis = int(attrs.get("axis", 1)) % len(s) if s is not None else 1
+            shape = (prod(s[:axis]), prod(s[axis:])) if s is not None else None
+            out_attrs["op"] = "reshape"
+        elif op == "Transpose":
+            perm = list(attrs.get("perm", list(reversed(range(len(s) if s else 0)))))
+            shape = tuple(s[p] for p in perm) if s is not None else None
+            out_attrs["perm"] = perm
+        elif op in ("Squeeze", "Unsqueeze"):
+            axes = const_ints(1, "axes")
+            if s is None:
+                raise _Dynamic()
+            if op == "Squeeze":
+                axes = [a % len(s) for a in axes] if axes else [i for i, d in enumerate(s) if d == 1]
+                shape = tuple(d for i, d in enumerate(s) if i not in axes)
+            else:
+                rank = len(s) + len(axes)
+                axes = sorted(a % rank for a in axes)
+                it = iter(s)
+                shape = tuple(1 if i in axes else next(it) for i in range(rank))
+            out_attrs["op"] = "reshape"
+        elif op == "Slice":
+            starts, ends = const_ints(1, "starts"), const_ints(2, "ends")
+            axes = const_ints(3, "axes") or list(range(len(starts)))
+            steps = const_ints(4, "steps") or [1] * len(starts)
+            if s is None:
+                raise _Dynamic()
+            axes = [a % len(s) for a in axes]
+            shape_l = list(s)
+            for st, en, ax, sp in zip(starts, ends, axes, steps):
+                if not isinstance(s[ax], int):
+                    if st == 0 and sp == 1 and en >= 2**31:  # x[0:] on a symbolic dim: the whole dim
+                        continue
+                    raise _Dynamic()
+                shape_l[ax] = len(range(*slice(st, en, sp).indices(s[ax])))
+            shape = tuple(shape_l)
+            out_attrs.update(starts=starts, ends=ends, axes=axes, steps=steps)
+        elif op == "Gather":
+            idx = ins[1]
+            if not isinstance(idx, Const) or idx.symbolic:
+                raise _Dynamic()
+            axis = int(attrs.get("axis", 0)) % len(s)
+            indices = idx.array.astype(np.int64)
+            shape = (*s[:axis], *indices.shape, *s[axis + 1 :])
+            out_attrs.update(axis=axis, indices=indices.tolist(), indices_shape=list(indices.shape))
+        elif op == "Expand":
+            target = const_ints(1, "shape")
+            shape = broadcast_shapes(s, target)
+            out_attrs["op"] = "expand"
+        elif op == "DepthToSpace" or op == "SpaceToDepth":
+            raise _Dynamic()
+        else:
+            raise _Dynamic()
+    except _Dynamic:
+        return _opaque(imp, node, label, ins, attrs, reason=f"{op} with a dynamic or unsupported argument")
+    if out_attrs["op"] == "reshape":
+        out_attrs["shape"] = list(shape) if shape is not None else None
+    _emit(imp, OpKind.RESHAPE, node, label, [x], [shape], attrs=out_attrs)
+
+
+class _Dynamic(Exception):
+    pass
+
+
+def _concat(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    values = [imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins) if x is not None]
+    axis = int(attrs["axis"])
+    shape = None
+    if all(v.shape is not None for v in values):
+        rank = len(values[0].shape)
+        axis = axis % rank
+        base = list(broadcast_shapes(*[tuple(d for i, d in enumerate(v.shape) if i != axis) for v in values]))
+        base.insert(axis, prod([v.shape[axis] for v in values]) if False else simplify_dim(sum(sympy.sympify(v.shape[axis]) for v in values)))
+        shape = tuple(base)
+    _emit(imp, OpKind.CONCAT, node, label, values, [shape], attrs={"axis": axis})
+
+
+def _split(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "input")
+    if x.shape is None:
+        return _opaque(imp, node, label, ins, attrs, reason="Split of unknown rank")
+    axis = int(attrs.get("axis", 0)) % len(x.shape)
+    sizes = attrs.get("split")
+    if len(ins) > 1 and ins[1] is not None:
+        if not isinstance(ins[1], Const) or ins[1].symbolic:
+            return _opaque(imp, node, label, ins, attrs, reason="Split with dynamic sizes")
+        sizes = [int(v) for v in ins[1].array.reshape(-1)]
+    total = x.shape[axis]
+    if sizes is None:
+        if not isinstance(total, int):
+            return _opaque(imp, node, label, ins, attrs, reason="Split of a symbolic axis")
+        n = len(node.output)
+        chunk = -(-total // n)
+        sizes = [min(chunk, total - i * chunk) for i in range(n)]
+    shapes = [tuple(sz if i == axis else d for i, d in enumerate(x.shape)) for sz in sizes]
+    _emit(imp, OpKind.SPLIT, node, label, [x], shapes, attrs={"axis": axis, "sizes": list(sizes)})
+
+
+def _pad(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "input")
+    mode = attrs.get("mode", "constant")
+    pads = attrs.get("pads")
+    if len(ins) > 1 and ins[1] is not None:
+        if not isinstance(ins[1], Const):
+            return _opaque(imp, node, label, ins, attrs, reason="Pad with dynamic pads")
+        pads = [int(v) for v in ins[1].array.reshape(-1)]
+    value = 0.0
+    if len(ins) > 2 and ins[2] is not None:
+        value = float(np.asarray(ins[2].array).reshape(-1)[0])
+    if mode != "constant" or value != 0.0 or x.shape is None or (len(ins) > 3 and ins[3] is not None):
+        return _opaque(imp, node, label, ins, attrs, reason="Pad other than zero constant padding")
+    n = len(x.shape)
+    shape = tuple(simplify_dim(sympy.sympify(d) + pads[i] + pads[i + n]) for i, d in enumerate(x.shape))
+    _emit(imp, OpKind.RESHAPE, node, label, [x], [shape], attrs={"op": "pad", "pads": pads})
+
+
+def _gather(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    """Gather: data movement of an activation by constant indices, or an embedding lookup."""
+    if (isinstance(ins[0], Const) and not ins[0].symbolic and ins[0].broadcast_to is None and isinstance(ins[1], Value)
+            and is_float_dtype(ins[0].array.dtype) and not ins[1].dtype.startswith(("float", "bfloat", "bool"))):
+        return _embedding(imp, node, label, ins, attrs)
+    _movement(imp, node, label, ins, attrs)
+
+
+def _embedding(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    """Rows of a constant table picked by dynamic integer indices (``nn.Embedding``): an
+    ``opaque`` node with ``op="embedding"`` (which the interpreter evaluates: the lookup, or a
+    path source in paths mode), the indices as its one input and the table as its dense,
+    non-prunable ``table`` Param, exactly as the torch frontends lower ``nn.Embedding``.
+    Shape: ``table.shape[:axis] + indices.shape + table.shape[axis + 1:]``, dtype the table's."""
+    table, idx = ins[0], ins[1]
+    axis = int(attrs.get("axis", 0)) % table.array.ndim
+    if table.perm is not None and tuple(table.perm) != tuple(range(table.array.ndim)):
+        table = Const(np.asarray(table.array))  # a transposed initializer: its own (anonymous) copy
+    p = imp.param(table, f"{label}_table", prunable=False, in_axis=None)
+    dims = tuple(int(d) for d in p.shape)
+    shape = None if idx.shape is None else (*dims[:axis], *idx.shape, *dims[axis + 1 :])
+    ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), [idx], [(node.output[0], shape, str(p.data.dtype))],
+                            params={"table": p}, attrs={"op": "embedding", "axis": axis, "op_type": node.op_type, "domain": node.domain},
+                            origin=node.name)
+    imp.env[node.output[0]] = ir.outputs[0]
+
+
+def _opaque(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any], reason: str = "") -> None:
+    values = [imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins) if x is not None]
+    shapes = [imp.inferred_shape(o) if o else None for o in node.output]
+    why = reason or f"operator {node.op_type} is not in paic's op table"
+    imp.warnings.append(f"node {label!r} ({node.op_type}) is opaque: {why}")
+    dtype = values[0].dtype if values else "float32"
+    outs = [(o, s, dtype) for o, s in zip(node.output, shapes) if o]
+    ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), values, outs,
+                            attrs={"op_type": node.op_type, "domain": node.domain, "reason": why}, origin=node.name)
+    for v in ir.outputs:
+        imp.env[v.name] = v
+
+
+HANDLERS: dict[str, Handler] = {
+    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Sum": _sum, "PRelu": _prelu, "CastLike": _cast_like,
+    "BatchNormalization": _norm, "LayerNormalization": _norm, "InstanceNormalization": _norm, "GroupNormalization": _norm,
+    "LRN": _lrn, "Softmax": _softmax, "LogSoftmax": _softmax,
+    "MaxPool": _pool, "AveragePool": _pool, "GlobalAveragePool": _pool, "GlobalMaxPool": _pool,
+    "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce,
+    "Reshape": _movement, "Flatten": _movement, "Transpose": _movement, "Squeeze": _movement, "Unsqueeze": _movement,
+    "Slice": _movement, "Gather": _gather, "Expand": _movement,
+    "Concat": _concat, "Split": _split, "Pad": _pad,
+}
+HANDLERS.update({op: _binary for op in _BINARY})
+HANDLERS.update({op: _pointwise for op in POINTWISE_OPS})
+
+
+def lower_node(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if handler is None:
+        return _opaque(imp, node, label, ins, attrs)
+    if node.op_type in _BINARY and len(ins) != 2:
+        if node.op_type in ("Max", "Min") or any(x is None for x in ins):
+            return _opaque(imp, node, label, ins, attrs, reason=f"{node.op_type} with {len(ins)} inputs")
+    handler(imp, node, label, ins, attrs)

@@ -1,0 +1,415 @@
+"""ONNX frontend: an ONNX file or ModelProto -> paic IR Graph.
+
+Walks the nodes in topological order. A node whose inputs are all known at compile time is
+evaluated statically (shape subgraphs, folded constants); any other node becomes IR nodes
+through the op table in ``_onnx_ops``. Weights may be initializers, ``Constant`` or
+``ConstantOfShape`` outputs (possibly through Identity/Transpose/Cast); each prunable Param
+remembers where it came from (``graph.meta["weight_sources"]``) so the backend can write the
+mask back. Unknown operators become ``opaque`` nodes and are listed in the warnings.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sympy
+
+from pai_compiler.frontends.onnx.static import Const, concretize, eval_static, is_float_dtype
+from pai_compiler.frontends.params import layout_twin
+from pai_compiler.errors import ModelError, PaicError
+from pai_compiler.onnx_wire import invalid_model, open_model
+from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
+
+__all__ = ["load_onnx_model", "import_onnx", "read_onnx"]
+
+KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview", "ai.onnx.preview.training"}
+
+
+def _check_file(p: Path) -> None:
+    if not p.exists():
+        raise ModelError(f"{p}: no such file")
+    if p.is_dir():
+        raise ModelError(f"{p}: is a directory, expected an .onnx file")
+    if p.stat().st_size == 0:
+        raise ModelError(f"{p}: file is empty")
+
+
+def _check_graph(model: Any, p: Path) -> None:
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise ModelError(f"{p}: not a valid ONNX model (no graph)")
+
+
+def read_onnx(path: str | os.PathLike[str]) -> Any:
+    """Load a whole ModelProto with external data (for rewriting it), every failure a one-line ModelError."""
+    import onnx
+
+    p = Path(path)
+    _check_file(p)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise invalid_model(p, exc) from None
+    _check_graph(model, p)
+    try:
+        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+        if any(uses_external_data(t) for t in model.graph.initializer):
+            load_external_data_for_model(model, str(p.parent))
+    except Exception as exc:  # FileNotFoundError, onnx ValidationError for a missing/odd data file
+        detail = " ".join(str(getattr(exc, "strerror", None) or exc).split())[:200]
+        raise ModelError(f"{p}: missing external data ({detail})") from None
+    return model
+
+
+def load_onnx_model(path: str | os.PathLike[str]) -> Graph:
+    """Read and lower an ONNX file; big and external weights stay memory-mapped (``onnx_wire``)."""
+
+    p = Path(path)
+    _check_file(p)
+    source = open_model(p)
+    _check_graph(source.model, p)
+    graph = import_onnx(source.model, name=p.stem, arrays=source.arrays)
+    graph.meta["source_path"] = str(path)
+    return graph
+
+
+def _tensor_to_array(t: Any) -> np.ndarray:
+    from onnx import helper, numpy_helper
+
+    if t.raw_data and t.data_type in (1, 2, 3, 5, 6, 7, 9, 10, 11, 12, 13):
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
+
+
+def _attrs(node: Any) -> dict[str, Any]:
+    from onnx import helper
+
+    out = {}
+    for a in node.attribute:
+        value = helper.get_attribute_value(a)
+        if a.type == a.TENSOR:
+            value = _tensor_to_array(a.t)
+        elif isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode() for v in value]
+        out[a.name] = value
+    return out
+
+
+def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
+    """Order nodes so each comes after its producers; raise on a cycle or a missing input."""
+    producers = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    order: list[Any] = []
+    state = [0] * len(nodes)  # 0 new, 1 visiting, 2 done
+    for start in range(len(nodes)):
+        if state[start]:
+            continue
+        stack = [(start, 0)]
+        while stack:
+            i, k = stack.pop()
+            if k == 0:
+                if state[i] == 2:
+                    continue
+                state[i] = 1
+            ins = [x for x in nodes[i].input if x]
+            while k < len(ins):
+                src = producers.get(ins[k])
+                if src is None:
+                    if ins[k] not in available:
+                        raise ModelError(f"node {nodes[i].name or nodes[i].op_type!r} ({nodes[i].op_type}): input {ins[k]!r} is neither produced by a node nor an initializer or graph input")
+                    k += 1
+                    continue
+                if state[src] == 1:
+                    raise ModelError(f"graph has a cycle through node {nodes[src].name or nodes[src].op_type!r} ({nodes[src].op_type})")
+                if state[src] == 0:
+                    stack.append((i, k + 1))
+                    stack.append((src, 0))
+                    break
+                k += 1
+            else:
+                state[i] = 2
+                order.append(nodes[i])
+    return order
+
+
+class _Importer:
+    def __init__(self, model: Any, name: str, arrays: Mapping[str, np.ndarray] | None = None) -> None:
+        self.model = model
+        self.arrays = arrays or {}
+        self.graph = Graph(name or model.graph.name or "model")
+        self.env: dict[str, Const | Value] = {}
+        self.symbols: dict[str, sympy.Symbol] = {}
+        self.params: dict[str, Param] = {}
+        self.twins: dict[str, Param] = {}  # a weight's Params for its other layouts (see _params)
+        self.weight_sources: dict[str, str] = {}
+        self.warnings: list[str] = self.graph.meta["warnings"]
+        self.inferred: dict[str, tuple[Dim, ...]] | None = None
+        self.opset = {o.domain or "": o.version for o in model.opset_import}
+
+    # ---- helpers used by op handlers ---------------------------------------------------
+    def symbol(self, name: str) -> sympy.Symbol:
+        if name not in self.symbols:
+            self.symbols[name] = sympy.Symbol(name, integer=True, positive=True)
+        return self.symbols[name]
+
+    def dims_from_type(self, type_proto: Any) -> tuple[Dim, ...] | None:
+        if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+            return None
+        dims: list[Dim] = []
+        for i, d in enumerate(type_proto.tensor_type.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(self.symbol(d.dim_param or f"unk{len(self.symbols)}_{i}"))
+        return tuple(dims)
+
+    def inferred_shape(self, name: str) -> tuple[Dim, ...] | None:
+        """Shape from onnx's own shape inference, used only for opaque nodes."""
+        if self.inferred is None:
+            import onnx
+
+            self.inferred = {}
+            try:
+                inferred = onnx.shape_inference.infer_shapes(self.model)
+                for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+                    dims = self.dims_from_type(vi.type)
+                    if dims is not None:
+                        self.inferred[vi.name] = dims
+            except Exception:  # inference is best effort
+                pass
+        return self.inferred.get(name)
+
+    def param(self, const: Const, key: str, *, prunable: bool, out_axis: int = 0, in_axis: int | None = 1) -> Param:
+        """A Param for a constant operand. A stored weight maps back to its origin tensor."""
+        if const.origin is None or const.symbolic:
+            data = np.asarray(const.array)
+            if data.dtype == object:
+                raise ModelError("a shape-dependent (symbolic) value is used as tensor data, which paic does not support")
+            return Param(self.graph.fresh_name(key), data, prunable=False, out_axis=out_axis, in_axis=in_axis, origin="")
+        perm = const.perm or tuple(range(const.array.ndim))
+        # axes of the stored tensor that become the operand's out/in axes
+        if prunable:
+            stored_out, stored_in = perm[out_axis], (perm[in_axis] if in_axis is not None else None)
+        else:
+            stored_out, stored_in = 0, None
+        existing = self.params.get(const.origin)
+        if existing is not None:
+            return layout_twin(existing, stored_out, stored_in, self.twins, self.warnings) if prunable else existing
+        stored = self.stored[const.origin]
+        p = Param(const.origin, stored, prunable=prunable, out_axis=stored_out, in_axis=stored_in, origin=const.origin)
+        self.params[const.origin] = p
+        return p
+
+    def operand_value(self, x: Const | Value, hint: str) -> Value:
+        """A Value for an operand; constants become CONSTANT nodes."""
+        if isinstance(x, Value):
+            return x
+        shape = x.broadcast_to or tuple(int(d) for d in x.array.shape)
+        p = self.param(x, f"{hint}_const", prunable=False)
+        node = self.graph.add_node(
+            OpKind.CONSTANT,
+            self.graph.fresh_name(f"{hint}_const"),
+            (),
+            [(self.graph.fresh_name(f"{hint}_const_out"), shape, str(p.data.dtype))],
+            params={"value": p},
+            attrs={"broadcast": x.broadcast_to is not None},
+        )
+        return node.outputs[0]
+
+    # ---- main walk ---------------------------------------------------------------------
+    def run(self) -> Graph:
+        g = self.model.graph
+        self.stored: dict[str, np.ndarray] = {}
+        for t in g.initializer:
+            arr = self.arrays[t.name] if t.name in self.arrays else _tensor_to_array(t)
+            self.stored[t.name] = arr
+            self.env[t.name] = Const(arr, origin=t.name)
+            self.weight_sources[t.name] = "initializer"
+        for st in g.sparse_initializer:
+            from onnx import numpy_helper
+
+            name = st.values.name
+            dense = numpy_helper.to_array(st.values)
+            arr = np.zeros(tuple(st.dims), dtype=dense.dtype)
+            idx = numpy_helper.to_array(st.indices)
+            if idx.ndim == 1:
+                arr.reshape(-1)[idx] = dense
+            else:
+                arr[tuple(idx.T)] = dense
+            self.stored[name] = arr
+            self.env[name] = Const(arr, origin=name)
+            self.weight_sources[name] = "sparse_initializer"
+        init_names = set(self.stored)
+        for inp in g.input:
+            if inp.name in init_names:
+                continue
+            shape = self.dims_from_type(inp.type)
+            elem = inp.type.tensor_type.elem_type if inp.type.HasField("tensor_type") else 1
+            node = self.graph.add_node(OpKind.INPUT, self.graph.fresh_name(inp.name), (), [(inp.name, shape, _dtype_name(elem))], origin=inp.name)
+            self.env[inp.name] = node.outputs[0]
+        from pai_compiler.frontends.onnx.ops import lower_node
+
+        self.consumed = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
+        nodes = _toposort(list(g.node), set(self.env))
+        for index, node in enumerate(nodes):
+            if node.domain not in KNOWN_DOMAINS:
+                raise ModelError(f"node {node.name or node.op_type!r} ({node.op_type}): unknown operator domain {node.domain!r}")
+            if node.domain == "" and node.op_type in ("If", "Loop", "Scan") :
+                self.warnings.append(f"control flow node {node.name!r} ({node.op_type}) is opaque")
+            label = node.name or f"{node.op_type}_{index}"
+            try:
+                self._visit(node, index, lower_node)
+            except PaicError as exc:
+                if str(exc).startswith("node "):
+                    raise
+                raise ModelError(f"node {label!r} ({node.op_type}): {exc}") from exc
+            except Exception as exc:  # a construct we do not handle: name the node and op
+                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+                raise ModelError(f"node {label!r} ({node.op_type}): cannot be lowered: {detail}") from exc
+        for out in g.output:
+            x = self.env.get(out.name)
+            if x is None:
+                raise ModelError(f"graph output {out.name!r} is not produced by any node")
+            v = self.operand_value(x, out.name)
+            self.graph.add_node(OpKind.OUTPUT, self.graph.fresh_name(f"output_{out.name}"), (v,), origin=out.name)
+        self.graph.meta.update(
+            symbols=dict(self.symbols),
+            weight_sources={k: v for k, v in self.weight_sources.items() if k in self.params},
+            opset=self.opset,
+            source_format="onnx",
+            ir_version=int(self.model.ir_version),
+        )
+        return self.graph
+
+    def _visit(self, node: Any, index: int, lower_node: Any) -> None:
+        ins: list[Const | Value | None] = []
+        for name in node.input:
+            if not name:
+                ins.append(None)
+                continue
+            ins.append(self.env[name])
+        attrs = _attrs(node)
+        label = node.name or f"{node.op_type}_{index}"
+        if node.op_type == "Constant":
+            value = _constant_value(attrs, label)
+            self.stored[node.output[0]] = value
+            self.env[node.output[0]] = Const(value, origin=node.output[0])
+            self.weight_sources[node.output[0]] = "constant_node"
+            return
+        if node.op_type == "Shape" and isinstance(ins[0], Value) and ins[0].shape is not None:
+            dims = ins[0].shape[attrs.get("start", 0) : attrs.get("end")]
+            self.env[node.output[0]] = Const(concretize(np.array(list(dims), dtype=object)))
+            return
+        if all(x is None or isinstance(x, Const) for x in ins) and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
+            if self._try_static(node, ins, attrs, label):
+                return
+        lower_node(self, node, label, ins, attrs)
+
+    def _try_static(self, node: Any, ins: list[Any], attrs: dict[str, Any], label: str) -> bool:
+        op = node.op_type
+        consts: list[Const | None] = list(ins)
+        first = consts[0] if consts else None
+        if op in ("Identity", "Transpose", "Cast") and first is not None and first.origin is not None and not first.symbolic:
+            arr = first.array
+            if op == "Cast":
+                from onnx import helper
+
+                to = helper.tensor_dtype_to_np_dtype(attrs["to"])
+                if not (is_float_dtype(to) and is_float_dtype(arr.dtype)):
+                    self.env[node.output[0]] = Const(arr.astype(to))
+                    return True
+                self.env[node.output[0]] = Const(arr.astype(to), first.origin, first.perm)
+                return True
+            perm = tuple(range(arr.ndim))
+            if op == "Transpose":
+                perm = tuple(attrs.get("perm", list(reversed(range(arr.ndim)))))
+            base = first.perm or tuple(range(arr.ndim))
+            self.env[node.output[0]] = Const(np.transpose(arr, perm), first.origin, tuple(base[p] for p in perm))
+            return True
+        if op == "ConstantOfShape" and first is not None and not first.symbolic:
+            value = eval_static(op, consts, attrs)
+            assert value is not None
+            self.stored[node.output[0]] = value[0]
+            self.env[node.output[0]] = Const(value[0], origin=node.output[0])
+            self.weight_sources[node.output[0]] = "constant_of_shape"
+            return True
+        if op == "Expand" and first is not None and consts[1] is not None and consts[1].symbolic and not first.symbolic:
+            from pai_compiler.frontends.onnx.static import broadcast_shapes
+
+            target = tuple(d if not isinstance(d, (int, np.integer)) else int(d) for d in consts[1].array.reshape(-1))
+            self.env[node.output[0]] = Const(first.array, first.origin, first.perm, broadcast_shapes(first.array.shape, target))
+            return True
+        if any(c is not None and c.broadcast_to is not None for c in consts):
+            return False
+        result = eval_static(op, consts, attrs)
+        if result is None:
+            if any(c is not None and c.symbolic for c in consts):
+                return False
+            result = _reference_eval(node, consts)
+            if result is None:
+                return False
+        for name, arr in zip(node.output, result):
+            if name:
+                self.env[name] = Const(arr)
+        return True
+
+
+def _constant_value(attrs: dict[str, Any], label: str) -> np.ndarray:
+    for key in ("value", "value_float", "value_int", "value_floats", "value_ints"):
+        if key in attrs:
+            v = attrs[key]
+            if key == "value":
+                return np.asarray(v)
+            dtype = np.float32 if "float" in key else np.int64
+            return np.asarray(v, dtype=dtype)
+    if "sparse_value" in attrs:
+        from onnx import numpy_helper
+
+        sv = attrs["sparse_value"]
+        arr = np.zeros(tuple(sv.dims), dtype=numpy_helper.to_array(sv.values).dtype)
+        arr.reshape(-1)[numpy_helper.to_array(sv.indices).reshape(-1)] = numpy_helper.to_array(sv.values)
+        return arr
+    raise ModelError(f"Constant node {label!r} has no value attribute")
+
+
+def _reference_eval(node: Any, consts: list[Const | None]) -> list[np.ndarray] | None:
+    """Fold an all-constant node with onnx's reference evaluator (numeric inputs only)."""
+    try:
+        from onnx import helper
+        from onnx.reference import ReferenceEvaluator
+
+        names = [f"i{i}" for i in range(len(consts))]
+        inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(c.array.dtype), c.array.shape) for n, c in zip(names, consts) if c is not None]
+        clone = helper.make_node(node.op_type, [n if c is not None else "" for n, c in zip(names, consts)], [f"o{i}" for i in range(len(node.output))], domain=node.domain, **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+        outputs = [helper.make_tensor_value_info(f"o{i}", 0, None) for i in range(len(node.output))]
+        g = helper.make_graph([clone], "fold", inputs, outputs)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid(node.domain, 18 if not node.domain else 1)])
+        feeds = {n: c.array for n, c in zip(names, consts) if c is not None}
+        return [np.asarray(r) for r in ReferenceEvaluator(m).run(None, feeds)]
+    except Exception:
+        return None
+
+
+def _dtype_name(elem_type: int) -> str:
+    from onnx import helper
+
+    try:
+        return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
+    except Exception:
+        return "float32"
+
+
+def import_onnx(model: Any, name: str = "", arrays: Mapping[str, np.ndarray] | None = None) -> Graph:
+    """Lower a loaded ModelProto to the IR; ``arrays`` gives initializer data by name (memory-mapped
+    weights that the proto leaves out), the rest is read from the proto."""
+    graph = _Importer(model, name, arrays).run()
+    from pai_compiler.frontends.onnx.patterns import fuse_patterns
+
+    fuse_patterns(graph)
+    graph.verify()
+    return graph

@@ -1,0 +1,140 @@
+"""Criterion machinery: scores -> masks by top-k, globally or per layer.
+
+A criterion scores every prunable weight (higher = keep). ``scope=global`` keeps the K
+highest scores over all layers, K = N - floor(s*N) (or the allocation's total when an
+allocation pass ran and no sparsity is given); ``scope=layer`` keeps each layer's own count
+from the allocation pass (ERK, uniform) or, with ``sparsity`` given, n_l - floor(s*n_l).
+Ties at the boundary are broken towards the lower flat index, so masks are deterministic.
+"""
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import numpy as np
+
+from pai_compiler.errors import UsageError
+from pai_compiler.ir import Graph, Param
+from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
+from pai_compiler.passes.allocation.base import check_sparsity, keep_count
+
+__all__ = ["CriterionPass", "LazyScores", "topk_mask", "resolve_keep", "apply_scores", "warn_empty_layers"]
+
+Scope = Literal["global", "layer"]
+
+
+def topk_mask(scores: np.ndarray, k: int) -> np.ndarray:
+    """Bool mask of the ``k`` largest entries of flat ``scores``; ties go to lower indices."""
+    flat = np.asarray(scores).reshape(-1)
+    if not np.issubdtype(flat.dtype, np.floating):
+        flat = flat.astype(np.float64)
+    n = flat.size
+    mask = np.zeros(n, dtype=bool)
+    if k <= 0:
+        return mask
+    if k >= n:
+        mask[:] = True
+        return mask
+    if np.isnan(flat).any():
+        flat = np.where(np.isnan(flat), -np.inf, flat)
+    threshold = np.partition(flat, n - k)[n - k]
+    above = flat > threshold
+    mask |= above
+    need = k - int(above.sum())
+    if need > 0:
+        ties = np.flatnonzero(flat == threshold)[:need]
+        mask[ties] = True
+    return mask
+
+
+def resolve_keep(graph: Graph, params: list[Param], sparsity: float | None, scope: Scope, owner: str) -> dict[str, int] | int:
+    """Per-layer keep counts (scope=layer) or one global count (scope=global)."""
+    allocation = graph.meta.get("allocation")
+    if scope == "layer":
+        if sparsity is not None:
+            s = check_sparsity(sparsity, owner)
+            return {p.name: keep_count(p.numel, s) for p in params}
+        if allocation is None:
+            raise UsageError(f"{owner}: scope=layer needs an allocation pass first (e.g. 'erk{{sparsity=0.9}},{owner}') or a sparsity option")
+        missing = [p.name for p in params if p.name not in allocation]
+        if missing:
+            raise UsageError(f"{owner}: no allocation for layer(s) {', '.join(missing[:3])}")
+        return {p.name: int(allocation[p.name]) for p in params}
+    if sparsity is not None:
+        s = check_sparsity(sparsity, owner)
+        return keep_count(sum(p.numel for p in params), s)
+    if allocation is None:
+        raise UsageError(f"{owner}: give a sparsity (e.g. '{owner}{{sparsity=0.9}}') or run an allocation pass first")
+    return int(sum(allocation.get(p.name, p.numel) for p in params))
+
+
+def apply_scores(graph: Graph, params: list[Param], scores: Mapping[str, np.ndarray], keep: dict[str, int] | int) -> None:
+    """Set masks from scores: per layer (dict) or global (int).
+
+    ``scores`` may be a lazy mapping (see ``LazyScores``): per layer, each layer's scores are
+    then computed, used and dropped one at a time, so memory stays near one layer's size.
+    """
+    if isinstance(keep, dict):
+        for p in params:
+            graph.set_mask(p, topk_mask(scores[p.name], keep[p.name]).reshape(p.shape))
+        return
+    flat = np.concatenate([np.asarray(scores[p.name]).reshape(-1) for p in params])
+    mask = topk_mask(flat, keep)
+    offset = 0
+    for p in params:
+        graph.set_mask(p, mask[offset : offset + p.numel].reshape(p.shape))
+        offset += p.numel
+
+
+def warn_empty_layers(graph: Graph, params: list[Param], owner: str) -> None:
+    """Warn (naming them) about layers left with no weight: they cut every path through them."""
+    empty = [p.name for p in params if p.mask is not None and not p.mask.any()]
+    if empty:
+        graph.meta["warnings"].append(f"{owner}: {len(empty)} layer(s) keep no weight and cut the network: {', '.join(empty)}")
+
+
+class LazyScores(Mapping[str, np.ndarray]):
+    """Scores computed on access (never cached): ``fn(param) -> ndarray``."""
+
+    def __init__(self, params: list[Param], fn: Callable[[Param], np.ndarray]) -> None:
+        self._params = {p.name: p for p in params}
+        self._fn = fn
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._fn(self._params[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._params)
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+
+@dataclass(frozen=True)
+class CriterionPass(TransformPass):
+    """Base of scoring criteria. Subclasses implement ``scores``."""
+
+    name: ClassVar[str] = ""
+    sparsity: float | None = None
+    scope: Scope = "global"
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity, self.name)
+        if self.scope not in ("global", "layer"):
+            raise UsageError(f"{self.name}: scope must be 'global' or 'layer', got {self.scope!r}")
+
+    @abstractmethod
+    def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> Mapping[str, np.ndarray]:
+        """Score per prunable weight (same shape as the weight); higher means keep."""
+
+    def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
+        params = graph.prunable_params()
+        if not params:
+            raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
+        keep = resolve_keep(graph, params, self.sparsity, self.scope, self.name)
+        apply_scores(graph, params, self.scores(graph, am, params), keep)
+        warn_empty_layers(graph, params, self.spec())
+        return PassResult(modified=True, preserved=frozenset())

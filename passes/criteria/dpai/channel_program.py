@@ -1,0 +1,297 @@
+"""Channel-level path count: DPaI's R_P with every conv feature map reduced to one value per channel.
+
+A conv activation [1, C, *spatial] is stored as its interior value, a vector [C] ("chan").
+A conv acts through the kernel-level matrix W[o, i] = number of kept live taps of kernel
+(o, i): y = W (x / max x) per group, and dlogP/dM[o, i, t] = dlogP/dW[o, i] for every live
+tap t, so the gradient is computed per kernel and the caller expands it over taps. Taps that
+never read a real input pixel (padding around small maps) are *dead* and count zero, which
+keeps the effective weights, kernels and nodes those of the per-pixel count.
+
+Every other op follows the interpreter's ``paths`` rules (identity for norm/activation/softmax,
+residual adds sum, pooling keeps the model's mean/max, data constants are zero, products
+follow the gate rule paths(a@b) = paths(a)@1 + 1@paths(b)), on the chan vector where that is
+exact and on the materialised tensor otherwise (reshape, matmul, attention...). Attention
+weights therefore get real path gradients: Q, K and V reach the output through the two gated
+matmuls. DPaI's normalisation is kept: each conv/linear input is divided by its max m_l and
+log P = log(sum(out)) + sum_l log m_l. Forward and backward run on a hand-written tape
+(``_dpai_tape``), in numpy on the CPU and in torch on other devices. The prunable weights W are
+slices of one flat kernel-level buffer ``counts`` (gradient: ``grad``) unless ``sources`` gives
+each layer's weight source (band state: ``_dpai_bandstep`` builds W one layer at a time).
+Forward values are dropped after their last reader (no backward reads them) and gradients
+after their producer's backward, so a step holds little beyond what the backward needs.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pai_compiler.errors import PaicError
+from pai_compiler.ir import Graph, Node, OpKind
+from pai_compiler.passes.criteria.dpai.layout import LayerInfo, Layout
+from pai_compiler.passes.criteria.dpai.ops import make_ops
+from pai_compiler.passes.criteria.dpai.geometry import chan_pool_factor, conv_tap_live, reduction
+from pai_compiler.passes.criteria.dpai.tape import Cat, DenseWeight, Expand, Instr, Reshape, Scale, Split, Sum, Transpose, Weighted, WeightSource
+from pai_compiler.passes.criteria.dpai.torch_ops import TorchOp, TorchWeightedOp
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ChannelProgram", "conv_tap_live"]
+
+_IDENTITY = (OpKind.NORM, OpKind.POINTWISE, OpKind.SOFTMAX)
+
+
+class ChannelProgram:
+    """The compiled tape. ``counts`` (kernel-level W) in, ``grad`` (dlogP/dW) and log P out.
+
+    ``sources(layer, uses)``, if given, makes each prunable layer's weight source instead
+    (``counts`` and ``grad`` are then None); ``uses`` is how many tape entries read the layer.
+    """
+
+    def __init__(
+        self, graph: Graph, layout: Layout, shapes: Mapping[str, tuple[int, ...]], device: str | torch.device, bind: Mapping[str, int],
+        sources: Callable[[LayerInfo, int], WeightSource] | None = None,
+    ) -> None:
+        import torch
+
+        from pai_compiler.interp import Interpreter
+
+        self.graph, self.layout, self.shapes = graph, layout, shapes
+        self.ops = make_ops(device)
+        self._it = Interpreter(graph, mode="paths", dtype=torch.float32, device="cpu" if self.ops.name == "numpy" else device, pool="model", bind=bind)
+        self._make_source = sources
+        self._sources: dict[str, WeightSource] = {}
+        self.counts = self.grad = None
+        if sources is None:
+            self.counts = torch.zeros(layout.n_kernels, dtype=torch.float32, device=device)
+            self.grad = torch.zeros(layout.n_kernels, dtype=torch.float32, device=device)
+            self._counts, self._grad = self.ops.wrap(self.counts), self.ops.wrap(self.grad)
+        self._layer_of = {layer.name: layer for layer in layout.layers}
+        self.tape: list[Instr] = []
+        self.logs: list[Any] = []
+        self.consts: dict[int, Any] = {}
+        self.outputs: list[tuple[int, float, tuple[int, ...]]] = []
+        self.slot: dict[str, int] = {}
+        self.stored: dict[int, tuple[int, ...]] = {}  # slot -> stored array shape
+        self.chan: set[int] = set()
+        self._full: dict[str, int] = {}
+        self._compile()
+        # forward values no backward reads: free each after its last reader (outputs are summed after the forward)
+        last = {slot: i for i, instr in enumerate(self.tape) for slot in instr.ins}
+        keep = {slot for slot, _, _ in self.outputs} | set(self.consts)
+        self._dies_after: dict[int, list[int]] = {}
+        for slot, i in last.items():
+            if slot not in keep:
+                self._dies_after.setdefault(i, []).append(slot)
+
+    # ---- compile ---------------------------------------------------------------------------
+    def _new(self, shape: tuple[int, ...], chan: bool = False, name: str | None = None) -> int:
+        slot = len(self.stored)
+        self.stored[slot] = tuple(shape)
+        if chan:
+            self.chan.add(slot)
+        if name is not None:
+            self.slot[name] = slot
+        return slot
+
+    def _full_slot(self, name: str) -> int:
+        """Slot holding ``name`` as its full logical tensor (adds an Expand once for chan values)."""
+        slot = self.slot[name]
+        if slot not in self.chan:
+            return slot
+        if name not in self._full:  # keyed by value: aliases of one slot may differ in spatial size
+            shape = self.shapes[name]
+            self._full[name] = self._new(shape)
+            self.tape.append(Expand(self.ops, slot, self._full[name], shape))
+        return self._full[name]
+
+    def _compile(self) -> None:
+        users: dict[str, list[Node]] = {}
+        for node in self.graph.nodes:
+            if node.kind in (OpKind.CONV, OpKind.LINEAR, OpKind.ATTENTION):
+                for p in node.params.values():
+                    if p.name in self._layer_of:
+                        users.setdefault(p.name, []).append(node)
+        self._last_user = {name: nodes[-1] for name, nodes in users.items()}
+        self._uses = {name: len(nodes) for name, nodes in users.items()}
+        for node in self.graph.nodes:
+            kind, outs = node.kind, node.outputs
+            if kind is OpKind.INPUT:
+                shape = self.shapes[outs[0].name]
+                chan = len(shape) > 2
+                slot = self._new((shape[1],) if chan else shape, chan, outs[0].name)
+                self.consts[slot] = self.ops.ones(self.stored[slot])
+            elif kind is OpKind.CONSTANT:
+                slot = self._new(self.shapes[outs[0].name], name=outs[0].name)
+                self.consts[slot] = self.ops.zeros(self.stored[slot])
+            elif kind is OpKind.OUTPUT:
+                slot = self.slot[node.inputs[0].name]
+                factor = math.prod(self.shapes[node.inputs[0].name][2:]) if slot in self.chan else 1
+                self.outputs.append((slot, float(factor), self.stored[slot]))
+            elif kind in _IDENTITY and self.shapes[node.inputs[0].name] == self.shapes[outs[0].name]:
+                self.slot[outs[0].name] = self.slot[node.inputs[0].name]  # alias: no instruction
+            else:
+                self._compile_node(node)
+
+    def _compile_node(self, node: Node) -> None:
+        kind, ins, outs = node.kind, node.inputs, node.outputs
+        out_shape = self.shapes[outs[0].name] if outs else ()
+        slots = [self.slot[v.name] for v in ins]
+        all_chan = bool(slots) and all(s in self.chan for s in slots)
+        if kind is OpKind.CONV:
+            return self._weighted(node, chan=True)
+        if kind is OpKind.LINEAR:
+            return self._weighted(node, chan=False)
+        if kind is OpKind.ATTENTION:
+            return self._attention(node)
+        if kind in (OpKind.ADD, OpKind.MUL) and all_chan:  # sums; the gate rule makes a*b -> a + b
+            self.tape.append(Sum(self.ops, slots, self._new(self.stored[slots[0]], True, outs[0].name), [None] * len(slots)))
+            return None
+        if kind in (OpKind.ADD, OpKind.MUL):
+            full = [self._full_slot(v.name) for v in ins]
+            self.tape.append(Sum(self.ops, full, self._new(out_shape, name=outs[0].name), [reduction(self.stored[s], out_shape) for s in full]))
+            return None
+        axis = node.attrs.get("axis", 0) % max(len(out_shape), 1)
+        if kind is OpKind.CONCAT:
+            use = slots if all_chan and axis == 1 else [self._full_slot(v.name) for v in ins]
+            ax = 0 if all_chan and axis == 1 else axis
+            shape = (sum(self.stored[s][0] for s in use),) if ax == 0 and all_chan and axis == 1 else out_shape
+            self.tape.append(Cat(self.ops, use, self._new(shape, all_chan and axis == 1, outs[0].name), ax, [self.stored[s][ax] for s in use]))
+            return None
+        if kind is OpKind.SPLIT:
+            chan = all_chan and axis == 1
+            src = slots[0] if chan else self._full_slot(ins[0].name)
+            shapes = [(self.shapes[v.name][1],) if chan else self.shapes[v.name] for v in outs]
+            self.tape.append(Split(self.ops, src, [self._new(s, chan, v.name) for s, v in zip(shapes, outs)], 0 if chan else axis, shapes))
+            return None
+        if kind is OpKind.POOL and all_chan and chan_pool_factor(node, self.shapes[ins[0].name]) is not None:
+            factor = chan_pool_factor(node, self.shapes[ins[0].name])
+            src = slots[0]
+            if factor != 1:
+                src = self._new(self.stored[slots[0]], True)
+                self.tape.append(Scale(self.ops, slots[0], src, factor))  # type: ignore[arg-type]
+            if len(out_shape) > 2:
+                self.slot[outs[0].name] = src
+            else:
+                self.tape.append(Reshape(self.ops, src, self._new(out_shape, name=outs[0].name), self.stored[src], out_shape))
+            return None
+        if kind is OpKind.RESHAPE and node.attrs.get("op") in ("reshape", "transpose"):
+            in_shape = self.shapes[ins[0].name]
+            src = slots[0] if (slots[0] in self.chan and math.prod(in_shape[2:]) == 1) or slots[0] not in self.chan else self._full_slot(ins[0].name)
+            dst = self._new(out_shape, name=outs[0].name)
+            if node.attrs["op"] == "reshape":
+                self.tape.append(Reshape(self.ops, src, dst, self.stored[src], out_shape))
+            elif src in self.chan:  # [C] standing for [1, C, 1, ...]: materialise the 1s first
+                mid = self._new(in_shape)
+                self.tape += [Reshape(self.ops, src, mid, self.stored[src], in_shape), Transpose(self.ops, mid, dst, node.attrs["perm"])]
+            else:
+                self.tape.append(Transpose(self.ops, src, dst, node.attrs["perm"]))
+            return None
+        self._torch_op(node)
+        return None
+
+    def _torch_op(self, node: Node) -> None:
+        from pai_compiler.interp import rule_for
+
+        rule = rule_for(node, "paths")  # an embedding lookup (opaque, op="embedding"): a path source
+        if rule is None or node.kind is OpKind.ATTENTION:
+            raise PaicError(f"dpai: node {node.name!r} ({node.kind.value}) has no path-count rule")
+        it = self._it
+        full = [self._full_slot(v.name) for v in node.inputs]
+        outs = [self._new(self.shapes[v.name], name=v.name) for v in node.outputs]
+        self.tape.append(TorchOp(self.ops, full, outs, lambda args: rule(it, node, args)))
+
+    def _attention(self, node: Node) -> None:
+        """A fused attention node: the interpreter's path rule under autograd (gate rule inside)."""
+        import torch
+
+        from pai_compiler.interp import Interpreter, PATH_RULES
+
+        it = Interpreter(self.graph, mode="paths", dtype=torch.float32, device=self._it.device, pool="model", scaling="dpai", bind=self._it.bind)
+        weights = []
+        for p in node.params.values():
+            layer = self._layer_of.get(p.name)
+            if layer is not None:
+                weights.append((p, self._source(layer), self._last_user.get(p.name) is not node))
+        full = [self._full_slot(v.name) for v in node.inputs]
+        outs = [self._new(self.shapes[v.name], name=v.name) for v in node.outputs]
+        self.tape.append(TorchWeightedOp(self.ops, full, outs, it, node, PATH_RULES[OpKind.ATTENTION], weights, self.logs))
+
+    def _weighted(self, node: Node, chan: bool) -> None:
+        import torch
+
+        p = node.params["weight"]
+        layer = self._layer_of.get(p.name)
+        src = self.slot[node.inputs[0].name]
+        if chan and src not in self.chan:  # a real map (after a reshape): take each channel's interior value, its max
+            spatial = tuple(range(2, len(self.shapes[node.inputs[0].name])))
+            collapsed = self._new((self.shapes[node.inputs[0].name][1],), True)
+            self.tape.append(TorchOp(self.ops, [src], [collapsed], lambda a: [a[0].amax(dim=spatial).reshape(-1)]))
+            src = collapsed
+        elif not chan:
+            src = self._full_slot(node.inputs[0].name)
+        out_ch = p.shape[p.out_axis]
+        in_ch = p.shape[p.in_axis] if p.in_axis is not None else 1
+        if layer is not None:
+            weight = self._source(layer)
+        else:  # a dense, non-prunable weight: every live tap counts
+            live = conv_tap_live(node, self.shapes[node.inputs[0].name], self.shapes[node.outputs[0].name]).sum() if chan else 1
+            w = torch.full((out_ch, in_ch), float(live))
+            weight = DenseWeight(self.ops, self.ops.wrap(w.to(self._it.device) if self.ops.name == "torch" else w), None)
+        groups = int(node.attrs.get("groups", 1)) if chan else 1
+        kind = "full" if not chan else "mv" if groups == 1 else "depthwise" if in_ch == 1 and out_ch == groups else "grouped"
+        shape = (out_ch,) if chan else self.shapes[node.outputs[0].name]
+        dst = self._new(shape, chan, node.outputs[0].name)
+        accumulate_grad = layer is not None and self._last_user.get(p.name) is not node
+        self.tape.append(Weighted(self.ops, src, dst, weight, accumulate_grad, kind, groups, self.logs))
+
+    def _source(self, layer: LayerInfo) -> WeightSource:
+        """The layer's weight source (one per layer, shared by all its uses)."""
+        if layer.name not in self._sources:
+            if self._make_source is not None:
+                self._sources[layer.name] = self._make_source(layer, self._uses.get(layer.name, 1))
+            else:
+                a, b, shape = layer.kernel_offset, layer.kernel_offset + layer.kernels, (layer.out_ch, layer.in_ch)
+                self._sources[layer.name] = DenseWeight(self.ops, self._counts[a:b].reshape(shape), self._grad[a:b].reshape(shape))
+        return self._sources[layer.name]
+
+    # ---- run -------------------------------------------------------------------------------
+    def forward_backward(self) -> torch.Tensor:
+        """Run the tape forward and backward; fills ``grad``; returns log P (0-d tensor)."""
+        import torch
+
+        self.logs.clear()
+        env: list[Any] = [None] * len(self.stored)
+        for slot, value in self.consts.items():
+            env[slot] = value
+        for i, instr in enumerate(self.tape):
+            instr.forward(env)
+            for slot in self._dies_after.get(i, ()):
+                env[slot] = None
+                self.ops.memo.pop(slot, None)
+        self.ops.memo.clear()
+        totals = [env[slot].sum() * factor for slot, factor, _ in self.outputs]
+        total = totals[0]
+        for t in totals[1:]:
+            total = total + t
+        genv: list[Any] = [None] * len(self.stored)
+        if self.ops.name == "numpy":
+            total = float(total)
+            log_p = (math.log(total) if total > 0 else -math.inf) + sum(self.logs)
+            for slot, factor, shape in self.outputs:
+                genv[slot] = np.full(shape, factor / total if total > 0 else 0.0, dtype=np.float32)
+            result = torch.tensor(log_p)
+        else:
+            log_p = total.log() + torch.stack(self.logs).sum() if self.logs else total.log()
+            seed = torch.where(total > 0, 1.0 / total, torch.zeros_like(total))
+            for slot, factor, shape in self.outputs:
+                genv[slot] = (seed * factor).expand(shape)
+            result = log_p
+        for instr in reversed(self.tape):
+            instr.backward(env, genv)
+            for slot in instr.outs:  # read by its producer only
+                genv[slot] = None
+        return result

@@ -1,0 +1,182 @@
+"""DPaI: differentiable pruning at initialisation by path/node/kernel balance (ICLR 2025 code).
+
+Scores S ~ N(0, 1) per prunable weight; mask M_l = per-layer top-k of |S_l| at the
+allocation's keep counts (ERK; boundary ties see ``ties`` below); plain STE through |S|.
+With g = dlogP/dM * sign(S), R_P = log P the all-ones path count through the binary masks,
+and flags E (effective weight), kernel[o, i], node[o] (algorithms.md §1.6):
+
+    S.grad = -[(1-alpha) g + alpha((1-beta) g (1-node[o]) + beta g (1-kernel[o, i]))]
+
+then one Adam step (lr constant, torch defaults); T steps, then the final top-k is the mask.
+Boundary ties (frequent: boundary scores move in lockstep) follow ``ties``: ``sort`` is the
+reference's unstable CPU sort (exact replay, a full sort per tie), ``index`` keeps the lower
+flat index; ``auto`` = sort for ``ref``/``exact``, index for ``channel``. On the CPU the loop
+runs single-threaded (its tensors are small; two threads are slower, much slower when busy).
+
+``paths`` picks R_P: ``channel`` (default, fast: each feature map one value per channel, a conv
+acts through W[o, i] = kept taps of kernel (o, i), kernel-level gradient expanded to taps;
+see ``_dpai_channel``), ``ref`` (per pixel, the reference's float32 max-normalised count,
+skip-weighted on ResNets) or ``exact`` (per pixel, float64 log-space true count, sum pooling).
+Any IR graph works: chains, residual adds, concat, grouped/depthwise conv, pooling, and
+attention, whose Q/K/V/out weights get real path gradients through the interpreter's gate
+rule paths(A@B) = paths(A)@1 + 1@paths(B). The report (``graph.meta["dpai"]``) always gives
+the final mask's per-pixel reference-convention log paths, nodes, kernels and effective params,
+and the ``node-path`` analysis of it (exact log paths, boolean effectiveness).
+
+``state`` picks what is stored per weight (the masks are the same bit for bit): ``full`` keeps
+S, the Adam moments and S.grad for every weight (plus kernel-level buffers); ``band`` (channel
+mode, index ties) only for the entries whose |S0| lies within 2D of their layer's top-k
+boundary, D = sum_t lr * adam_step_bound(t) bounding any score's total movement: the others are
+kept or dropped at every step (``_dpai_band``). ``auto`` takes ``band`` when the bands are
+expected to hold at most a quarter of the weights (tens of steps at lr 0.005). An up-front
+check refuses a run whose measured-per-weight estimate (``_dpai_run.memory_estimate``) exceeds
+MemAvailable.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from pai_compiler.errors import PaicError, UsageError
+from pai_compiler.ir import Graph, Param
+from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
+from pai_compiler.passes.allocation.base import check_sparsity, keep_count
+from pai_compiler.passes.allocation.erk import erk_densities
+from pai_compiler.passes.criteria.base import resolve_keep
+
+__all__ = ["DpaiPass", "PathMode", "TieMode", "StateMode"]
+
+PathMode = Literal["channel", "ref", "exact"]
+TieMode = Literal["auto", "sort", "index"]
+StateMode = Literal["auto", "full", "band"]
+
+
+@dataclass(frozen=True)
+class DpaiPass(TransformPass):
+    """Optimise per-layer masks for paths, nodes and kernels (needs an allocation or ``sparsity``).
+
+    ``state``: auto, full or band (what is stored per weight; the masks do not depend on it).
+    """
+
+    name: ClassVar[str] = "dpai"
+    alpha: float = 0.99
+    beta: float = 0.5
+    lr: float = 0.005
+    steps: int = 3000
+    seed: int | None = None
+    paths: PathMode = "channel"
+    device: str | None = None
+    sparsity: float | None = None
+    ties: TieMode = "auto"
+    state: StateMode = "auto"
+
+    def __post_init__(self) -> None:
+        if self.paths not in ("channel", "ref", "exact"):
+            raise UsageError(f"dpai: paths must be channel, ref or exact, got {self.paths!r}")
+        if self.ties not in ("auto", "sort", "index"):
+            raise UsageError(f"dpai: ties must be auto, sort or index, got {self.ties!r}")
+        if self.state not in ("auto", "full", "band"):
+            raise UsageError(f"dpai: state must be auto, full or band, got {self.state!r}")
+        if self.state == "band" and (self.paths != "channel" or self.ties == "sort"):
+            raise UsageError("dpai: state=band needs paths=channel and index ties (the sort tie rule reads whole layers)")
+        if self.steps < 0:
+            raise UsageError(f"dpai: steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise UsageError(f"dpai: lr must be > 0, got {self.lr}")
+        for label, value in (("alpha", self.alpha), ("beta", self.beta)):
+            if not 0.0 <= value <= 1.0:
+                raise UsageError(f"dpai: {label} must be in [0, 1], got {value}")
+        if self.sparsity is not None:
+            check_sparsity(self.sparsity, self.name)
+
+    def requires(self, graph: Graph) -> None:
+        if self.sparsity is None and "allocation" not in graph.meta:
+            raise UsageError("dpai: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},dpai') or give dpai{sparsity=...} (ERK)")
+
+    def keep_counts(self, graph: Graph, params: list[Param]) -> dict[str, int]:
+        if self.sparsity is not None:
+            densities = erk_densities(params, 1.0 - float(self.sparsity))
+            return {p.name: keep_count(p.numel, 1.0 - densities[p.name]) for p in params}
+        keep = resolve_keep(graph, params, None, "layer", self.name)
+        assert isinstance(keep, dict)
+        return keep
+
+    def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
+        import torch
+
+        from pai_compiler.memory import trim_heap
+        from pai_compiler.passes.criteria.dpai.driver import run_dpai, single_thread
+
+        params = graph.prunable_params()
+        if not params:
+            raise UsageError("dpai: the model has no prunable (conv/linear) weights")
+        device = torch.device(self.device or am.context.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("dpai: device cuda requested but torch sees no CUDA device")
+        keep = self.keep_counts(graph, params)
+        _check_memory(params, keep, self, device.type)
+        seed = am.context.seed if self.seed is None else self.seed
+        with _progress_bar(am.context.progress, self.steps, self.paths) as progress, single_thread(device):
+            report, masks = run_dpai(
+                graph, params, keep, options=self, seed=seed, device=device,
+                bind=am.context.extra.get("bind"), progress=progress,
+            )
+        for p in params:
+            graph.set_mask(p, masks.pop(p.name))
+        del masks
+        report["final"]["node_path"] = _node_path(graph, am)
+        trim_heap()
+        graph.meta["dpai"] = report
+        return PassResult(modified=True, preserved=frozenset())
+
+
+def _node_path(graph: Graph, am: AnalysisManager) -> dict[str, Any]:
+    """The final mask through the ``node-path`` analysis: exact counts, boolean effectiveness."""
+    from pai_compiler.passes.analysis.node_path import NodePathPass
+
+    res = NodePathPass().run(graph, am)
+    totals = {f: sum(getattr(row, f) for row in res.layers) for f in ("effective_nodes", "effective_kernels", "effective_params", "npb_nodes")}
+    return {"log_paths": res.log_paths, "log_paths_dpai": res.log_paths_dpai, **totals}
+
+
+@contextlib.contextmanager
+def _progress_bar(enabled: bool, steps: int, mode: str) -> Iterator[Callable[[int, dict[str, Any] | None], None] | None]:
+    """A rich progress bar on stderr showing live log paths, effective nodes and kernels."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn(f"[bold]dpai[/] ({mode})"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("dpai", total=max(steps, 1), stats="")
+
+        def update(step: int, stats: dict[str, Any] | None) -> None:
+            text = "" if stats is None else f"log P {stats['log_paths']:.2f} · nodes {stats['nodes']} · kernels {stats['kernels']}"
+            bar.update(task, completed=step, stats=text)
+
+        yield update
+
+
+def _check_memory(params: list[Param], keep: dict[str, int], options: DpaiPass, device: str) -> None:
+    """Refuse early, with a clear message, instead of being OOM-killed (CPU only)."""
+    from pai_compiler.passes.criteria.dpai.driver import memory_estimate
+
+    if device != "cpu":
+        return
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if ":" in line}
+    except OSError:
+        return
+    available = info.get("MemAvailable")
+    weights = sum(p.numel for p in params)
+    need, state = memory_estimate(params, keep, options)
+    if available is not None and need > available:
+        raise PaicError(
+            f"dpai: {weights:,} prunable weights need about {need / 2**30:.1f} GiB on the CPU ({state} state, {options.steps} steps), "
+            f"only {available / 2**30:.1f} GiB is available; use fewer steps, --device cuda, exclude layers, or a one-shot method (magnitude, snip)"
+        )

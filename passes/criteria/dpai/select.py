@@ -1,0 +1,214 @@
+"""Per-layer top-k of |score| as the DPaI reference computes it, kept incrementally.
+
+Reference rule: sort |S_l| ascending (``torch.sort``, not stable on CPU) and drop the
+z_l = n_l - k_l first entries. Where the k-th and (k+1)-th largest |S| are equal (common:
+boundary entries move in lockstep) the sort decides which survive. ``ties="sort"`` detects such
+a tie and runs that very sort on the layer; ``ties="index"`` keeps the lower flat indices
+(cheap, deterministic, not the reference's choice).
+
+Incremental selection. A *rebuild* keeps a pool P_l = {e : |S_e| >= t0_l - M} around each
+layer's exact k-th largest value t0_l. If no score moved by more than D since (D sums the
+per-step Adam bounds of :func:`adam_step_bound`), an entry outside P_l has |S| < t0_l - M + D,
+so while D <= t_l - t0_l + M, with t_l the k-th largest inside P_l, every outside entry lies
+strictly below t_l: the top-k and the tie test (which needs only the (k+1)-th largest) can be
+read from the pool. When the bound runs out we first measure the true drift
+max|S - S_rebuild| (one pass, the Adam bound is loose) and only then rebuild: the true k-th
+largest is >= t0_l - D, so only entries >= t0_l - D - M need scanning. The result equals a
+full sort every step, bit for bit. Layers with keep counts within a factor 2 share a padded
+pool and one unsorted ``topk`` per step (``_Bucket``). A rebuild scans one layer at a time (no
+temporary the size of all scores). ``layout`` is anything whose ``layers`` have index, offset,
+numel and keep: a ``Layout``, or a ``BandState`` whose layers are its bands.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from pai_compiler.passes.criteria.dpai.layout import Layout
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["IncrementalTopK", "TieRule", "adam_step_bound", "reference_topk"]
+
+TieRule = Literal["sort", "index"]
+
+
+def adam_step_bound(step: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
+    """Upper bound of |m_hat| / sqrt(v_hat) after ``step`` Adam steps, for any gradients.
+
+    |m_t| <= (1-b1) sum b1^(t-s)|g_s| <= (1-b1)/sqrt(1-b2) * sqrt(sum_{u<t} (b1^2/b2)^u) * sqrt(v_t)
+    (Cauchy-Schwarz), times the bias corrections sqrt(1-b2^t) / (1-b1^t).
+    """
+    r = beta1 * beta1 / beta2
+    geometric = (1.0 - r**step) / (1.0 - r)
+    return (1.0 - beta1) / math.sqrt(1.0 - beta2) * math.sqrt(geometric) * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def reference_topk(abs_scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Kept positions of one layer as the reference computes them (sort ascending, drop z)."""
+    import torch
+
+    order = torch.sort(abs_scores.reshape(-1)).indices
+    return order[abs_scores.numel() - keep :]
+
+
+class _Bucket:
+    """Layers (rows) with similar keep counts: one padded pool and one unsorted ``topk`` per step.
+
+    Row r also gets kmax - k_r trailing +inf fillers, so the kmax+1 largest of every row hold
+    its k_r + 1 largest real values.
+    """
+
+    def __init__(self, rows: list[int], keeps: list[int], device: str | torch.device) -> None:
+        import torch
+
+        self.rows, self.device = rows, device
+        self.keep = torch.as_tensor(keeps, dtype=torch.int64, device=device)
+        self.kmax = max(keeps)
+        cols = torch.arange(self.kmax + 1, device=device).unsqueeze(0)
+        self.fill = torch.where(cols < (self.kmax - self.keep).unsqueeze(1), math.inf, -math.inf)
+        self.width = 0
+        self.t0: torch.Tensor | None = None
+
+    def pack(self, hits: list[torch.Tensor]) -> None:
+        """Padded [rows, width] pool from each row's flat indices (ascending)."""
+        import torch
+
+        self.width = max((int(h.numel()) for h in hits), default=0)
+        self.pool = torch.zeros(len(self.rows), self.width, dtype=torch.int64, device=self.device)
+        self.pad = torch.ones(len(self.rows), self.width, dtype=torch.bool, device=self.device)
+        for i, h in enumerate(hits):
+            self.pool[i, : h.numel()] = h
+            self.pad[i, : h.numel()] = False
+        self.size = sum(int(h.numel()) for h in hits)
+
+    def top(self, scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(pool values, top values, top columns, k-th, (k+1)-th largest) per row."""
+        import torch
+
+        vals = scores.detach()[self.pool].abs_().masked_fill_(self.pad, -math.inf)
+        top_v, top_i = torch.topk(torch.cat([vals, self.fill], 1), self.kmax + 1, dim=1, sorted=False)
+        low = torch.topk(top_v, 2, dim=1, largest=False).values
+        return vals, top_v, top_i, low[:, 1], low[:, 0]
+
+
+class IncrementalTopK:
+    """Selects every layer's kept entries from the flat scores; see the module docstring."""
+
+    def __init__(self, layout: Layout, device: str | torch.device, ties: TieRule = "sort", margin: float = 0.25) -> None:
+        import torch
+
+        self.layout, self.device, self.ties, self.margin = layout, device, ties, float(margin)
+        self.partial = [layer for layer in layout.layers if 0 < layer.keep < layer.numel]
+        dense = [layer for layer in layout.layers if layer.keep == layer.numel]
+        dense_idx = [np.arange(layer.offset, layer.offset + layer.numel) for layer in dense]
+        self.dense_idx = torch.as_tensor(np.concatenate(dense_idx) if dense_idx else np.zeros(0, np.int64), dtype=torch.int64, device=device)
+        # buckets of layers whose keep counts are within a factor 2 (little +inf filling)
+        self.buckets: list[_Bucket] = []
+        by_keep = sorted(range(len(self.partial)), key=lambda r: (self.partial[r].keep, r))
+        while by_keep:
+            first = self.partial[by_keep[0]].keep
+            rows = sorted(r for r in by_keep if self.partial[r].keep <= 2 * first)
+            by_keep = [r for r in by_keep if r not in rows]
+            self.buckets.append(_Bucket(rows, [self.partial[r].keep for r in rows], device))
+        #: kept-entry order: the partial layers bucket by bucket, then the dense layers
+        self.order = [self.partial[r].index for bucket in self.buckets for r in bucket.rows] + [layer.index for layer in dense]
+        self.t0: torch.Tensor | None = None
+        self.drift = 0.0  # bound on any |S| change since the last rebuild
+        self.rebuilds = self.tie_events = self.verifications = 0
+        self.verified = True
+        self.reference: torch.Tensor | None = None
+        self.pool_size = 0
+
+    def moved(self, bound: float) -> None:
+        """Record that no score moved by more than ``bound`` in the last update."""
+        self.drift += bound
+        self.verified = False
+
+    # ---- pools -----------------------------------------------------------------------------
+    def _rebuild(self, scores: torch.Tensor) -> None:
+        """New pools and t0, one layer at a time (no temporaries the size of all scores)."""
+        import torch
+
+        s = scores.detach()
+        if self.t0 is None:
+            kth0 = [torch.kthvalue(s[r.offset : r.offset + r.numel].abs(), r.numel - r.keep + 1).values for r in self.partial]
+            lower = torch.stack(kth0) - self.margin
+        else:
+            lower = self.t0 - (self.drift + self.margin)
+        kth_all = torch.empty(len(self.partial), dtype=s.dtype, device=self.device)
+        for bucket in self.buckets:
+            hits = []
+            for r in bucket.rows:
+                layer = self.partial[r]
+                hits.append(torch.nonzero(s[layer.offset : layer.offset + layer.numel].abs() >= lower[r]).squeeze(1) + layer.offset)
+            bucket.pack(hits)
+            kth = bucket.top(scores)[3]
+            limit = kth - self.margin  # trim to the margin around the new t0
+            bucket.pack([h[s[h].abs() >= limit[i]] for i, h in enumerate(hits)])
+            bucket.t0 = kth
+            kth_all[torch.as_tensor(bucket.rows, device=self.device)] = kth
+        self.t0, self.drift, self.verified = kth_all, 0.0, True
+        self.reference = s.clone()
+        self.pool_size = sum(bucket.size for bucket in self.buckets)
+        self.rebuilds += 1
+
+    # ---- selection -------------------------------------------------------------------------
+    def select(self, scores: torch.Tensor) -> torch.Tensor:
+        """Flat indices of the kept entries (int64, ``self.order`` layout)."""
+        import torch
+
+        if not self.partial:
+            return self.dense_idx
+        if self.t0 is None:
+            self._rebuild(scores)
+        for attempt in range(4):
+            tops = [bucket.top(scores) for bucket in self.buckets]
+            ties = [kth == nxt for _, _, _, kth, nxt in tops]
+            slack = torch.stack([(t[3] - bucket.t0).amin() for t, bucket in zip(tops, self.buckets)]).amin() + self.margin  # type: ignore[operator]
+            ok, any_tie, room = torch.stack([slack >= self.drift, torch.cat(ties).any(), slack]).tolist()
+            if ok:
+                break
+            if attempt == 3:
+                raise FloatingPointError("dpai: scores are not finite; the top-k pool cannot be maintained")
+            if not self.verified:  # the Adam bound is loose: measure the true drift once
+                self.drift = float((scores.detach() - self.reference).abs_().max()) * (1 + 1e-6)  # type: ignore[operator]
+                self.verified = True
+                self.verifications += 1
+                if room >= self.drift:
+                    continue
+            self._rebuild(scores)
+        picks = [self._picks(scores, bucket, top, tie, bool(any_tie)) for bucket, top, tie in zip(self.buckets, tops, ties)]
+        if self.dense_idx.numel():
+            picks.append(self.dense_idx)
+        return torch.cat(picks)
+
+    def _picks(self, scores: torch.Tensor, bucket: _Bucket, top: tuple[torch.Tensor, ...], tie: torch.Tensor, any_tie: bool) -> torch.Tensor:
+        """Kept flat indices of one bucket, row after row."""
+        import torch
+
+        vals, top_v, top_i, kth, _ = top
+        real = top_i < bucket.width
+        chosen = (top_v >= kth.unsqueeze(1)) & real
+        tied = int(tie.sum()) if any_tie else 0
+        if not tied:
+            return bucket.pool.gather(1, torch.where(real, top_i, 0))[chosen]
+        self.tie_events += tied
+        if self.ties == "index":  # pool rows hold ascending flat indices: the first ties win
+            sel = torch.zeros(len(bucket.rows), bucket.width + bucket.kmax + 1, dtype=torch.bool, device=self.device)
+            sel = sel.scatter_(1, top_i, chosen)[:, : bucket.width]
+            above, at = vals > kth.unsqueeze(1), vals == kth.unsqueeze(1)
+            need = bucket.keep - above.sum(1)
+            lowest = above | (at & (torch.cumsum(at, 1) <= need.unsqueeze(1)))
+            return bucket.pool[torch.where(tie.unsqueeze(1), lowest, sel)]
+        rows = []
+        for i, r in enumerate(bucket.rows):
+            layer = self.partial[r]
+            if bool(tie[i]):  # the reference's full sort of the layer decides
+                rows.append(reference_topk(scores.detach()[layer.offset : layer.offset + layer.numel].abs(), layer.keep) + layer.offset)
+            else:
+                rows.append(bucket.pool[i][top_i[i][chosen[i]]])
+        return torch.cat(rows)

@@ -1,0 +1,145 @@
+"""DPaI's effective-weight flags and surrogate score gradient (algorithms.md §1.6) on the flat layout.
+
+With g = sign(S) * dlogP/dM (STE through |S|):
+
+    E[e]        = 1[|g_e| M_e > 0]                    effective weight
+    kernel[o,i] = 1[sum over taps of E > 0]            (linear: the weight itself)
+    node[o]     = 1[sum over (in, taps) of E > 0]      output channel of each layer
+    S.grad      = -[(1-a) g + a((1-b) g (1-node[o]) + b g (1-kernel[o,i]))]
+
+Flags only ever need the kept entries. The update is S.grad = g * c with the per-kernel
+coefficient c = (a(1-b) node[o] - 1) + a b kernel[o,i] (the same expression, regrouped). It is
+applied per kernel where g is constant over taps (channel mode, then expanded with sign(S))
+or per weight (per-pixel modes): one formula, so both agree bit for bit.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pai_compiler.passes.criteria.dpai.layout import Layout
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Kept", "SurrogateUpdate", "combine"]
+
+
+def combine(g: torch.Tensor, not_node: torch.Tensor, not_kernel: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """-[(1-a) g + a((1-b) g(1-node) + b g(1-kernel))], term by term as the reference writes it.
+
+    The reference formula, kept for tests; the loop uses :meth:`SurrogateUpdate.coefficient`.
+    """
+    node_grad = g * not_node
+    kernel_grad = g * not_kernel
+    return -((1 - alpha) * g + alpha * ((1 - beta) * node_grad + beta * kernel_grad))
+
+
+@dataclass
+class Kept:
+    """Per kept entry: its flat index, kernel, node, and (with dead taps) tap liveness."""
+
+    index: torch.Tensor
+    kernel: torch.Tensor
+    node: torch.Tensor
+    live: torch.Tensor | None
+
+
+class SurrogateUpdate:
+    """Index maps and buffers for the flags and the score gradient."""
+
+    def __init__(self, layout: Layout, order: Sequence[int], alpha: float, beta: float, device: str | torch.device) -> None:
+        import torch
+
+        self.layout, self.alpha, self.beta, self.device = layout, float(alpha), float(beta), device
+        host = layout.keep_metadata(order)
+        layer_of = host.pop("layer")
+        small = np.int32 if max(layout.numel, layout.n_kernels, layout.n_nodes) < 2**31 else np.int64  # 4 bytes per kept entry and field
+        meta = {k: torch.as_tensor(v.astype(small), device=device) for k, v in host.items()}
+        self.meta = meta
+        self.kernels_per_node = layout.kernels_per_node(device)
+        self.dtype = torch.float32
+        self.ones = torch.ones(len(meta["offset"]), dtype=self.dtype, device=device)
+        self.live_table: torch.Tensor | None = None
+        if layout.tap_live:
+            table, starts = [], []
+            for layer in layout.layers:
+                starts.append(sum(len(t) for t in table))
+                table.append(layout.tap_live.get(layer.name, np.ones(layer.taps, dtype=bool)).astype(np.float32))
+            self.live_table = torch.as_tensor(np.concatenate(table), device=device)
+            self.live_start = torch.as_tensor(np.asarray(starts, dtype=np.int64)[layer_of], device=device)
+        self.live_segments = {
+            i: torch.as_tensor(seg.live, dtype=self.dtype, device=device).view(1, -1) for i, seg in enumerate(layout.segments) if seg.live is not None
+        }
+
+    def kept(self, keep_idx: torch.Tensor) -> Kept:
+        m = self.meta
+        local = keep_idx - m["offset"]
+        kernel = m["kernel_offset"] + torch_div(local, m["taps"])
+        node = m["node_offset"] + torch_div(local, m["in_taps"])
+        live = None
+        if self.live_table is not None:
+            live = self.live_table[self.live_start + local % m["taps"]]
+        return Kept(keep_idx, kernel, node, live)
+
+    def node_flags(self, effective: torch.Tensor, kept: Kept) -> torch.Tensor:
+        """0/1 per node: an output channel with at least one effective kept weight."""
+        import torch
+
+        nodes = torch.zeros(self.layout.n_nodes, dtype=self.dtype, device=self.device).index_add_(0, kept.node, effective.to(self.dtype))
+        return (nodes > 0).to(self.dtype)
+
+    def kernel_flags(self, effective: torch.Tensor, kept: Kept) -> torch.Tensor:
+        """0/1 per kernel: a kernel with at least one effective kept weight (dense, n_kernels)."""
+        import torch
+
+        kernels = torch.zeros(self.layout.n_kernels, dtype=self.dtype, device=self.device).index_add_(0, kept.kernel, effective.to(self.dtype))
+        return (kernels > 0).to(self.dtype)
+
+    def coefficient(self, nodes: torch.Tensor, kernels: torch.Tensor | None = None, kept: Kept | None = None, kernel_flag: torch.Tensor | None = None) -> torch.Tensor:
+        """c per kernel with S.grad = g * c: (a(1-b) node[o] - 1) + a b kernel[o,i].
+
+        Kernel flags come dense (``kernels``) or per kept entry (``kernel_flag``, equal for
+        every entry of a kernel): only kernels holding kept weights can be effective.
+        """
+        c = (nodes * (self.alpha * (1 - self.beta)) - 1.0).repeat_interleave(self.kernels_per_node, output_size=self.layout.n_kernels)
+        if kernels is not None:
+            return c.add_(kernels, alpha=self.alpha * self.beta)
+        assert kept is not None and kernel_flag is not None
+        c[kept.kernel] = c[kept.kernel] + kernel_flag * (self.alpha * self.beta)
+        return c
+
+    def expand_into(self, out: torch.Tensor, sign: torch.Tensor | None, per_kernel: torch.Tensor) -> None:
+        """out[e] = sign[e] * per_kernel[kernel(e)] * live(e), one broadcast per segment.
+
+        ``sign=None``: ``out`` already holds sign(S) and is scaled in place (the same products).
+        """
+        import torch
+
+        for i, seg in enumerate(self.layout.segments):
+            view = out[seg.start : seg.stop].view(-1, seg.taps)
+            factor = per_kernel[seg.kernel_start : seg.kernel_stop].unsqueeze(1)
+            if sign is None:
+                view.mul_(factor)
+            else:
+                torch.mul(sign[seg.start : seg.stop].view(-1, seg.taps), factor, out=view)
+            if i in self.live_segments:
+                view.mul_(self.live_segments[i])
+
+    def weight_grad_into(self, out: torch.Tensor, g: torch.Tensor, kernels: torch.Tensor, nodes: torch.Tensor) -> None:
+        """out[e] = g[e] * c[kernel(e)], the coefficient broadcast over taps."""
+        import torch
+
+        c = self.coefficient(nodes, kernels).to(g.dtype)
+        for seg in self.layout.segments:
+            gv = g[seg.start : seg.stop].view(-1, seg.taps)
+            out[seg.start : seg.stop].view(-1, seg.taps).copy_(torch.mul(gv, c[seg.kernel_start : seg.kernel_stop].unsqueeze(1)))
+
+
+def torch_div(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    return torch.div(a, b, rounding_mode="floor")
