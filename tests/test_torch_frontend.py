@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pai_compiler import api, zoo
+from pai_compiler import api
+from pai_compiler.lab import zoo
 from pai_compiler.audit import audit_graph
 from pai_compiler.errors import ModelError, PaicError, UsageError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
