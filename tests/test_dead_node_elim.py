@@ -34,18 +34,20 @@ from pai_compiler.ir import Graph, OpKind
 from pai_compiler.ort import session
 from pai_compiler.pass_infra import PassManager
 from pai_compiler.passes.analysis.coupling import channel_spaces
-from pai_compiler.passes.transform.dead_node_elim import DeadNodeElimPass
+from pai_compiler.passes.transform.dead_node_elim import CompactReport, DeadNodeElimPass, compact_report_of
 from pai_compiler.registry import available_passes
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"
 
 
-def compact(graph: Graph, align: int = 1) -> Graph:
+def compact(graph: Graph, align: int = 1) -> tuple[Graph, CompactReport]:
     out = graph.clone()
-    PassManager([DeadNodeElimPass(align=align)]).run(out)
+    version = out.version
+    report = compact_report_of(PassManager([DeadNodeElimPass(align=align)]).run(out))
     out.verify()
-    return out
+    assert report.applied == (out.version != version)
+    return out, report
 
 
 def close(got: np.ndarray, ref: np.ndarray) -> None:
@@ -66,12 +68,12 @@ def layer_macs(graph: Graph) -> dict[str, dict[str, Any]]:
     return {row["name"]: row for row in audit_graph(graph)["layers"]}
 
 
-def check_all(graph: Graph, src: Path, tmp: Path, x: np.ndarray, *, exact_macs: bool, align: int = 1) -> Graph:
-    """Masked vs compact via IR and ORT, MAC rule, idempotence; returns the compact graph."""
-    small = compact(graph, align)
+def check_all(graph: Graph, src: Path, tmp: Path, x: np.ndarray, *, exact_macs: bool, align: int = 1) -> tuple[Graph, CompactReport]:
+    """Masked vs compact via IR and ORT, MAC rule, idempotence; returns the compact graph and its report."""
+    small, report = compact(graph, align)
     close(run_ir(small, x), run_ir(graph, x))
     write_masked_onnx(graph, src, tmp / "masked.onnx")
-    write_compact_onnx(small, src, tmp / "compact.onnx")
+    write_compact_onnx(small, src, tmp / "compact.onnx", report)
     close(run_ort(tmp / "compact.onnx", x), run_ort(tmp / "masked.onnx", x))
     before, after = layer_macs(graph), layer_macs(small)
     for name, row in before.items():
@@ -83,7 +85,8 @@ def check_all(graph: Graph, src: Path, tmp: Path, x: np.ndarray, *, exact_macs: 
     version = small.version
     records = PassManager([DeadNodeElimPass(align=align)]).run(small)
     assert not records[0].modified and small.version == version, "dead-node-elim must be idempotent"
-    return small
+    assert not records[0].report.applied
+    return small, report
 
 
 # ---- example models ---------------------------------------------------------------------------
@@ -104,10 +107,10 @@ def test_example_models_compact_equals_masked(tmp_path: Path, model: str, method
     criterion = method if "{" in method else f"{method}{{scope=layer}}"
     graph = optimize(src, pipeline=f"erk{{sparsity={sparsity}}},{criterion}").graph
     x = np.random.RandomState(0).randn(3, 3, 32, 32).astype(np.float32)
-    small = check_all(graph, src, tmp_path, x, exact_macs=model != "tiny_vit")
-    record = small.meta.get("compact")
+    _, report = check_all(graph, src, tmp_path, x, exact_macs=model != "tiny_vit")
     if sparsity >= 0.99 and model != "tiny_vit":
-        assert record and sum(r["out"][1] for r in record["layers"].values()) < sum(r["out"][0] for r in record["layers"].values())
+        outs = [layer.channels_out for layer in report.layers if layer.channels_out is not None]
+        assert report.applied and sum(after for _, after in outs) < sum(before for before, _ in outs)
 
 
 @pytest.mark.parametrize("name", ["light_squeezenet", "light_inception_v1"])
@@ -117,10 +120,10 @@ def test_onnx_zoo_models_compact(tmp_path: Path, name: str) -> None:
     src = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{name}.onnx"
     graph = optimize(src, sparsity=0.999, method="random").graph
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    small = compact(graph)
+    small, report = compact(graph)
     assert sum(p.numel for p in small.prunable_params()) < 0.1 * sum(p.numel for p in graph.prunable_params())
     write_masked_onnx(graph, src, tmp_path / "masked.onnx")
-    write_compact_onnx(small, src, tmp_path / "compact.onnx")
+    write_compact_onnx(small, src, tmp_path / "compact.onnx", report)
     close(run_ort(tmp_path / "compact.onnx", x), run_ort(tmp_path / "masked.onnx", x))
 
 
@@ -266,7 +269,7 @@ def test_random_graphs_compact_equals_masked(tmp_path: Path, blocks: list[str], 
     x = np.random.default_rng(seed + 1).standard_normal((3, 3, 8, 8)).astype(np.float32)
     # taps of a sparse kernel can make reachability partial over positions: then the channel-level
     # compaction keeps a few weights node-path calls dead (an upper bound, still exact in value)
-    small = check_all(graph, src, tmp_path, x, exact_macs=head == "gap" and whole_kernels, align=align)
+    small, _ = check_all(graph, src, tmp_path, x, exact_macs=head == "gap" and whole_kernels, align=align)
     if align > 1:  # a layer width is a multiple of align unless it kept every channel
         for node in small.nodes:
             if node.kind in (OpKind.CONV, OpKind.LINEAR):
@@ -288,10 +291,9 @@ def test_constant_channel_is_folded_through_bn_and_relu(tmp_path: Path) -> None:
     mask = np.ones(w.shape, dtype=bool)
     mask[0] = False  # output channel 0 of the second conv: bias (or 0) -> BN -> act: a constant
     graph.set_mask(w, mask)
-    small = compact(graph)
+    small, report = compact(graph)
     assert small.node(convs[1].name).params["weight"].shape[0] == w.shape[0] - 1
-    folds = small.meta["compact"]["folds"]
-    assert folds and all(f["constant_channels"] >= 1 for f in folds)
+    assert report.folds and all(f.constant_channels >= 1 for f in report.folds)
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     close(run_ir(small, x), run_ir(graph, x))
 
@@ -321,12 +323,12 @@ def test_padded_consumer_gets_a_bias_map(tmp_path: Path) -> None:
     mask = np.ones(w.shape, dtype=bool)
     mask[1] = False  # channel 1: a nonzero constant map
     graph.set_mask(w, mask)
-    small = compact(graph)
+    small, report = compact(graph)
     assert small.node(conv.name).params["weight"].shape[0] == w.shape[0] - 1
-    assert "bias map" in {f["into"] for f in small.meta["compact"]["folds"]}  # a padded 3x3 conv of a constant varies at the borders
+    assert "bias map" in {f.into for f in report.folds}  # a padded 3x3 conv of a constant varies at the borders
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     close(run_ir(small, x), run_ir(graph, x))
-    write_compact_onnx(small, src, tmp_path / "c.onnx")
+    write_compact_onnx(small, src, tmp_path / "c.onnx", report)
     write_masked_onnx(graph, src, tmp_path / "m.onnx")
     close(run_ort(tmp_path / "c.onnx", x), run_ort(tmp_path / "m.onnx", x))
 
@@ -349,7 +351,7 @@ def test_grouped_conv_keeps_whole_groups(tmp_path: Path) -> None:
     mask = np.ones(w.shape, dtype=bool)
     mask[0] = False  # one output of group 0 dead, the rest of the group alive: the group stays
     graph.set_mask(w, mask)
-    small = compact(graph)
+    small, _ = compact(graph)
     g = small.node(grouped.name)
     assert g.params["weight"].shape[0] % g.attrs["groups"] == 0
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -362,7 +364,7 @@ def test_torch_compact_module_matches_and_trains() -> None:
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         ref = Interpreter(graph).run([x])[0]
-    module = compact_module(compact(graph))
+    module = compact_module(compact(graph)[0])
     with torch.no_grad():
         close(module(x).numpy(), ref.numpy())
     opt = torch.optim.SGD(module.parameters(), lr=0.05)
@@ -389,7 +391,7 @@ def test_torch_frontend_graph_compacts(name: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     graph = optimize(lower_fx(zoo.build(name).eval(), x), sparsity=0.99, method="random").graph
-    small = compact(graph)
+    small, _ = compact(graph)
     assert sum(p.numel for p in small.prunable_params()) < sum(p.numel for p in graph.prunable_params())
     with torch.no_grad():
         close(compact_module(small)(x).numpy(), Interpreter(graph).run([x])[0].numpy())
