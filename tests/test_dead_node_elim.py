@@ -30,11 +30,14 @@ from pai_compiler.backends.onnx_masked import write_masked_onnx
 from pai_compiler.backends.torch_compact import compact_module
 from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.interp import Interpreter
-from pai_compiler.ir import Graph, OpKind
+from pai_compiler.ir import Graph, Node, OpKind
 from pai_compiler.ort import session
-from pai_compiler.pass_infra import PassManager
+from pai_compiler.pass_infra import Fixpoint, PassManager, Sequential
 from pai_compiler.passes.analysis.coupling import channel_spaces
-from pai_compiler.passes.transform.dead_node_elim import CompactReport, DeadNodeElimPass, compact_report_of
+from pai_compiler.errors import PassError
+from pai_compiler.passes.analysis.sparsity import SparsityPass
+from pai_compiler.passes.transform.dead_node_elim import CompactReport, DeadNodeElimPass, FoldRecord, LayerChange, compact_report_of
+from pai_compiler.passes.transform.dead_node_elim import transform as dne_transform
 from pai_compiler.registry import available_passes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -284,18 +287,61 @@ def _graph(blocks: list[str], seed: int, tmp: Path, head: str = "gap") -> tuple[
     return load_onnx_model(src), src
 
 
-def test_constant_channel_is_folded_through_bn_and_relu(tmp_path: Path) -> None:
-    graph, src = _graph(["conv"], 3, tmp_path)
+def _constant_channel(tmp: Path) -> tuple[Graph, Node]:
+    """A random CNN whose second conv's output channel 0 is masked: bias (or 0) -> BN -> act, a constant."""
+    graph, _ = _graph(["conv"], 3, tmp)
     convs = [n for n in graph.nodes if n.kind is OpKind.CONV]
     w = convs[1].params["weight"]
     mask = np.ones(w.shape, dtype=bool)
-    mask[0] = False  # output channel 0 of the second conv: bias (or 0) -> BN -> act: a constant
+    mask[0] = False
     graph.set_mask(w, mask)
+    return graph, convs[1]
+
+
+def test_constant_channel_is_folded_through_bn_and_relu(tmp_path: Path) -> None:
+    graph, conv = _constant_channel(tmp_path)
+    w = conv.params["weight"]
     small, report = compact(graph)
-    assert small.node(convs[1].name).params["weight"].shape[0] == w.shape[0] - 1
+    assert small.node(conv.name).params["weight"].shape[0] == w.shape[0] - 1
     assert report.folds and all(f.constant_channels >= 1 for f in report.folds)
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     close(run_ir(small, x), run_ir(graph, x))
+
+
+def test_report_travels_through_sequential_and_fixpoint(tmp_path: Path) -> None:
+    graph, _ = _constant_channel(tmp_path)
+    _, direct = compact(graph)
+    assert direct.applied and direct.removed_atoms >= 1
+    nested = graph.clone()
+    records = PassManager([Sequential((SparsityPass(), Fixpoint(DeadNodeElimPass(), max_rounds=2)))]).run(nested)
+    assert [r.modified for r in records[0].children[1].children] == [True, False]  # the second round finds nothing
+    assert compact_report_of(records) == direct
+
+
+def test_dead_node_elim_rounds_that_do_not_converge_fail_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    graph, _ = _constant_channel(tmp_path)
+    monkeypatch.setattr(dne_transform, "MAX_ROUNDS", 1)  # the one round allowed still removes channels
+    with pytest.raises(PassError, match="dead-node-elim still changed after 1 rounds: no fixpoint"):
+        PassManager([DeadNodeElimPass()]).run(graph)
+
+
+def test_compact_reports_merge_in_run_order() -> None:
+    first = CompactReport(
+        layers=(LayerChange("w", "fc", "linear", (8, 4), (6, 4), (8, 6), (4, 4)),), folds=(FoldRecord("fc", 1, "bias"),),
+        reshapes=("r",), weights_dropped=3, changed_params=("b", "w"), kept_dead_channels=(("pinned", 2),), removed_atoms=2, rounds=1)
+    second = CompactReport(
+        layers=(LayerChange("w", "fc", "linear", (6, 4), (5, 3), (6, 5), (4, 3)), LayerChange("v", "conv", "conv", (3, 3), (2, 3), (3, 2), None)),
+        folds=(FoldRecord("conv", 2, "bias map"),), splits=("s",), changed_params=("a", "w"), kept_dead_channels=(("aligned", 1),),
+        removed_atoms=1, rounds=1)
+    merged = first.then(second)
+    assert [layer.as_dict() for layer in merged.layers] == [
+        {"name": "w", "node": "fc", "op": "linear", "shape_before": [8, 4], "shape_after": [5, 3], "out": [8, 5], "in": [4, 3]},
+        {"name": "v", "node": "conv", "op": "conv", "shape_before": [3, 3], "shape_after": [2, 3], "out": [3, 2]},
+    ]
+    assert merged.folds == first.folds + second.folds and (merged.reshapes, merged.splits) == (("r",), ("s",))
+    assert merged.changed_params == ("a", "b", "w") and merged.kept_dead_channels == (("aligned", 1),)  # the latest reasons
+    assert (merged.weights_dropped, merged.removed_atoms, merged.rounds) == (3, 3, 2)
+    assert first.then(CompactReport()) is first and CompactReport().then(second) is second and not CompactReport().applied
 
 
 def _padded_chain(tmp: Path) -> tuple[Graph, Path]:
