@@ -118,14 +118,14 @@ def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.
     masked_totals = audit_graph(result.graph, paths=False)["totals"]
     small = result.graph.clone()
     start = time.perf_counter()
-    compact_graph(small)
+    small_report = compact_graph(small)
     dne_s = time.perf_counter() - start
-    write_compact_onnx(small, src, compact, pipeline=result.pipeline)
+    write_compact_onnx(small, src, compact, small_report, pipeline=result.pipeline)
     compact_totals = audit_graph(small, paths=False)["totals"]
     aligned_graph = result.graph.clone()
-    compact_graph(aligned_graph, align=args.align)
+    aligned_report = compact_graph(aligned_graph, align=args.align)
     aligned = folder / f"{name}_{method}_{sparsity}_aligned.onnx"
-    write_compact_onnx(aligned_graph, src, aligned, pipeline=result.pipeline)
+    write_compact_onnx(aligned_graph, src, aligned, aligned_report, pipeline=result.pipeline)
     row: dict[str, Any] = {
         "model": name, "method": method, "sparsity": sparsity, "pipeline": result.pipeline,
         "prune_s": round(prune_s, 2), "dne_s": round(dne_s, 2),

@@ -16,6 +16,7 @@ from typing import Any
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, Instrument, PassManager, PassRecord, RunContext
+from pai_compiler.passes.transform.dead_node_elim import CompactReport, DeadNodeElimPass, compact_report_of
 from pai_compiler.pipeline import format_pipeline, parse_pipeline
 
 __all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "check_device", "output_suffix", "check_output_format", "has_pass", "save_model", "compact_graph", "save_compact"]
@@ -149,6 +150,11 @@ class OptimizeResult:
     excluded: list[str] = field(default_factory=list)
 
     @property
+    def compact_report(self) -> CompactReport:
+        """What the pipeline's dead-node-elim passes did (``applied`` False when none changed the graph)."""
+        return compact_report_of(self.records)
+
+    @property
     def masks(self) -> dict[str, Any]:
         return {p.origin or p.name: p.mask_or_ones() for p in self.graph.prunable_params()}
 
@@ -189,8 +195,9 @@ def optimize(
 
 def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
     """Write the pruned model; the format follows ``out``'s suffix (.onnx, or .pt with the torch backend)."""
-    if result.graph.meta.get("compact"):  # dead-node-elim ran (e.g. in --pipeline): layers changed shape
-        save_compact(result.graph, source, out, pipeline=result.pipeline)
+    report = result.compact_report
+    if report.applied:  # dead-node-elim ran (e.g. in --pipeline): layers changed shape
+        save_compact(result.graph, source, out, report, pipeline=result.pipeline)
         return
     if output_suffix(out) == ".onnx":
         if result.graph.meta.get("source_format") == "onnx":
@@ -207,24 +214,26 @@ def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str 
     write_pt(result, source, out)
 
 
-def compact_graph(graph: Graph, *, align: int = 1, instruments: Sequence[Instrument] = ()) -> list[PassRecord]:
+def compact_graph(graph: Graph, *, align: int = 1, instruments: Sequence[Instrument] = ()) -> CompactReport:
     """Run ``dead-node-elim`` on ``graph`` in place: dead channels removed, function unchanged.
 
     ``align`` > 1 keeps a few dead channels so conv/linear widths stay multiples of it (faster
-    kernels in ONNX Runtime; exact all the same)."""
-    from pai_compiler.passes.transform.dead_node_elim import DeadNodeElimPass
-
+    kernels in ONNX Runtime; exact all the same). Returns what it did; merge it after an
+    earlier report of the same graph with ``earlier.then(report)``."""
     if align < 1:
         raise UsageError(f"--align must be a positive integer, got {align}")
-    return PassManager([DeadNodeElimPass(align=align)], instruments=instruments).run(graph)
+    return compact_report_of(PassManager([DeadNodeElimPass(align=align)], instruments=instruments).run(graph))
 
 
-def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], *, pipeline: str = "") -> None:
-    """Write a compacted graph: .onnx rewrites the source ONNX model, .pt saves a torch CompactModule."""
+def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], report: CompactReport, *, pipeline: str = "") -> None:
+    """Write a compacted graph: .onnx rewrites the source ONNX model, .pt saves a torch CompactModule.
+
+    ``report``: everything dead-node-elim did to ``graph`` since it was read (the ONNX rewrite
+    needs the changed Params, Reshapes and Splits)."""
     if output_suffix(out) == ".onnx":
         from pai_compiler.backends.onnx_compact import write_compact_onnx
 
-        write_compact_onnx(graph, source, out, pipeline=pipeline)
+        write_compact_onnx(graph, source, out, report, pipeline=pipeline)
         return
     from pai_compiler.backends.torch_compact import compact_module
     from pai_compiler.io import save_torch_atomic

@@ -11,11 +11,14 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from pai_compiler._version import __version__
+
+if TYPE_CHECKING:
+    from pai_compiler.passes.transform.dead_node_elim import CompactReport
 
 __all__ = ["app", "main"]
 
@@ -175,9 +178,9 @@ def optimize(
         after = _totals(result.graph, paths=not no_paths)
         compact_doc = None
         if compact:
-            api.compact_graph(result.graph, align=align, instruments=instruments)
-            compact_doc = _compact_summary(after, result.graph)
-            api.save_compact(result.graph, model, out, pipeline=result.pipeline)
+            compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments))
+            compact_doc = _compact_summary(after, result.graph, compacted)
+            api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline)
         else:
             api.save_model(result, model, out)
         doc = _report(result, before, after, model, str(out))
@@ -216,18 +219,17 @@ def _torch_options(input_shape: Optional[str], frontend: str) -> dict[str, Any]:
     return {"input_shape": input_shape, "frontend": frontend}
 
 
-def _compact_summary(masked: dict[str, Any], graph: Any) -> dict[str, Any]:
+def _compact_summary(masked: dict[str, Any], graph: Any, report: CompactReport) -> dict[str, Any]:
     """MACs dense -> nonzero -> compact and parameters before/after dead-node elimination."""
     after = _totals(graph)
-    record = graph.meta.get("compact", {})
     return {
         "params_before": masked["params"], "nonzero_params_before": masked["nonzero_params"],
         "params_after": after["params"], "nonzero_params_after": after["nonzero_params"],
         "macs_dense": masked.get("macs_dense"), "macs_nonzero": masked.get("macs_nonzero"),
         "macs_effective": masked.get("macs_effective"), "macs_compact": after.get("macs_dense"),
         "macs_compact_nonzero": after.get("macs_nonzero"),
-        "layers": [{"name": name, **row} for name, row in record.get("layers", {}).items()],
-        "folds": record.get("folds", []), "kept_dead_channels": record.get("kept_dead_channels", {}),
+        "layers": [layer.as_dict() for layer in report.layers],
+        "folds": [fold.as_dict() for fold in report.folds], "kept_dead_channels": dict(report.kept_dead_channels),
     }
 
 
@@ -374,9 +376,9 @@ def compact(
             raise UsageError("paic compact reads ONNX models; for PyTorch use `paic optimize --compact`")
         masks_from_zeros(graph)
         masked = _totals(graph)
-        api.compact_graph(graph, align=align)
-        api.save_compact(graph, model, out)
-        doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph),
+        compacted = api.compact_graph(graph, align=align)
+        api.save_compact(graph, model, out, compacted)
+        doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph, compacted),
                "warnings": list(graph.meta.get("warnings", []))}
         if report_path is not None:
             from pai_compiler.io import atomic_write

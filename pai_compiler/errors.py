@@ -1,7 +1,16 @@
 """Error types of paic: every user-facing failure is one of these, with a one-line message."""
 from __future__ import annotations
 
-__all__ = ["PaicError", "ModelError", "UsageError", "PassError", "VerificationError"]
+__all__ = [
+    "PaicError",
+    "ModelError",
+    "UsageError",
+    "PassError",
+    "PreconditionError",
+    "PostconditionError",
+    "FixpointError",
+    "VerificationError",
+]
 
 
 class PaicError(Exception):
@@ -31,3 +40,15 @@ class PassError(PaicError):
         super().__init__(message)
         self.pass_name = pass_name
         self.history = history
+
+
+class PreconditionError(PassError):
+    """A transform's ``requires`` does not hold: the graph is not one the pass can run on."""
+
+
+class PostconditionError(PassError):
+    """A transform's ``ensures`` does not hold after it ran: a bug in the pass."""
+
+
+class FixpointError(PaicError):
+    """An iteration that must reach a fixpoint was still changing after its round limit."""

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Graph, Node, OpKind, Param, Value
 
-__all__ = ["Interpreter", "param_tensor", "torch_ready", "is_float_array", "rule_for", "indexes_lookups_only", "OPAQUE_RULES", "Rule"]
+__all__ = ["Interpreter", "conv_forward", "param_tensor", "torch_ready", "is_float_array", "rule_for", "indexes_lookups_only", "OPAQUE_RULES", "Rule"]
 
 Mode = Literal["real", "paths"]
 
@@ -256,7 +256,8 @@ def _pad_spatial(x: torch.Tensor, pads: list[int], value: float = 0.0) -> torch.
     return F.pad(x, flat, value=value)
 
 
-def _conv(it: Interpreter, node: Node, args: list[torch.Tensor], *, bias: bool = True) -> list[torch.Tensor]:
+def conv_forward(it: Interpreter, node: Node, args: list[torch.Tensor], *, bias: bool = True) -> list[torch.Tensor]:
+    """A conv node's real output on ``args[0]`` (masked weights; ``bias=False`` leaves the bias out)."""
     x = _pad_spatial(args[0], node.attrs["pads"])
     w = it.oi_weight(node.params["weight"])
     b = it.weight(node.params["bias"]) if bias and "bias" in node.params else None
@@ -489,7 +490,7 @@ def _add(it: Interpreter, node: Node, args: list[torch.Tensor]) -> list[torch.Te
 
 RULES: dict[OpKind, Callable[[Interpreter, Node, list[torch.Tensor]], list[torch.Tensor]]] = {
     OpKind.CONSTANT: _constant,
-    OpKind.CONV: _conv,
+    OpKind.CONV: conv_forward,
     OpKind.LINEAR: _linear,
     OpKind.MATMUL: lambda it, n, a: [torch.matmul(a[0], a[1])],
     OpKind.ADD: _add,
@@ -530,7 +531,7 @@ def _path_add(it: Interpreter, node: Node, args: list[torch.Tensor]) -> list[tor
 
 PATH_RULES: dict[OpKind, Callable[[Interpreter, Node, list[torch.Tensor]], list[torch.Tensor]]] = {
     OpKind.CONSTANT: lambda it, n, a: [torch.zeros(it.dims(n.outputs[0].shape), dtype=it.dtype, device=it.device)],
-    OpKind.CONV: lambda it, n, a: _conv(it, n, a, bias=False),
+    OpKind.CONV: lambda it, n, a: conv_forward(it, n, a, bias=False),
     OpKind.LINEAR: lambda it, n, a: _linear(it, n, a, bias=False),
     OpKind.ADD: _path_add,
     OpKind.MUL: _path_mul,

@@ -2,20 +2,26 @@
 
 A pass is a frozen dataclass whose fields are its options. Analyses are pure and cached by the
 AnalysisManager, keyed on the pass instance and valid for one ``graph.version``. Transforms
-return ``PassResult(modified, preserved)``; the PassManager invalidates every cached analysis
-not in ``preserved``, verifies the graph after each transform, and wraps failures with the
-pass history ("... in 'magnitude' after ['erk{sparsity=0.9}']").
+return ``PassResult(modified, preserved)``, ``preserved`` naming analysis classes; the
+PassManager invalidates every cached analysis not preserved, checks each transform's contract
+(``requires`` -> PreconditionError; ``ensures``, the graph's verification and an honest
+``modified`` -> PostconditionError) and wraps every failure with the pass history ("pass
+'magnitude' after [erk{sparsity=0.9}]: ..."). ``Sequential`` runs passes in order as one step;
+``Fixpoint`` reruns its body until it reports ``modified=False``, failing loudly (FixpointError)
+when it has not converged within ``max_rounds``; ``iterate_to_fixpoint`` is that loop for
+passes that iterate internally.
 """
 from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, Literal, TypeVar
 
-from pai_compiler.errors import PaicError, PassError
+from pai_compiler.errors import FixpointError, PaicError, PassError, PostconditionError, PreconditionError, UsageError
 from pai_compiler.ir import Graph, to_text
+from pai_compiler.pipeline import format_pass
 
 __all__ = [
     "Pass",
@@ -29,6 +35,10 @@ __all__ = [
     "PrintIRInstrument",
     "PassManager",
     "PassRecord",
+    "Preserved",
+    "Sequential",
+    "Fixpoint",
+    "iterate_to_fixpoint",
 ]
 
 T = TypeVar("T")
@@ -52,8 +62,6 @@ class Pass(ABC):
     kind: ClassVar[str] = ""
 
     def spec(self) -> str:
-        from pai_compiler.pipeline import format_pass
-
         return format_pass(self)
 
 
@@ -66,13 +74,26 @@ class AnalysisPass(Pass, Generic[T]):
     def run(self, graph: Graph, am: AnalysisManager) -> T: ...
 
 
+Preserved = frozenset[type[AnalysisPass[Any]]] | Literal["all"]
+"""The analyses a transform leaves valid: their classes (subclasses included), or "all"."""
+
+
 @dataclass(frozen=True)
 class PassResult:
-    """What a transform did: ``preserved`` names the analyses still valid ("all" or names)."""
+    """What a transform did: ``preserved`` names the analysis classes still valid (or "all")."""
 
     modified: bool
-    preserved: frozenset[str] | Literal["all"] = frozenset()
+    preserved: Preserved = frozenset()
     report: Any = None  # what the pass found or decided (a typed record), kept in its PassRecord
+
+    def __post_init__(self) -> None:
+        if self.preserved == "all":
+            return
+        preserved = frozenset(self.preserved)
+        wrong = [p for p in preserved if not (isinstance(p, type) and issubclass(p, AnalysisPass))]
+        if wrong:
+            raise TypeError(f"PassResult.preserved names AnalysisPass classes or 'all', got {wrong!r}")
+        object.__setattr__(self, "preserved", preserved)
 
 
 class TransformPass(Pass):
@@ -108,10 +129,11 @@ class AnalysisManager:
         self._cache[analysis] = (self.graph.version, result)
         return result
 
-    def invalidate(self, preserved: frozenset[str] | Literal["all"] = frozenset()) -> None:
+    def invalidate(self, preserved: Preserved = frozenset()) -> None:
         """Drop cached results not preserved; re-stamp preserved ones with the current version."""
+        kept = tuple(preserved) if preserved != "all" else (AnalysisPass,)
         for analysis in list(self._cache):
-            if preserved == "all" or analysis.name in preserved:
+            if isinstance(analysis, kept):
                 self._cache[analysis] = (self.graph.version, self._cache[analysis][1])
             else:
                 del self._cache[analysis]
@@ -126,6 +148,8 @@ class Instrument:
 
 
 class TimingInstrument(Instrument):
+    """Collects (spec, seconds) per leaf pass, in run order."""
+
     def __init__(self) -> None:
         self.timings: list[tuple[str, float]] = []
 
@@ -145,16 +169,70 @@ class PrintIRInstrument(Instrument):
 
 @dataclass(frozen=True)
 class PassRecord:
+    """One step of a run; a Sequential's or Fixpoint's step holds its passes' records in order."""
+
     spec: str
     kind: str
     seconds: float
     modified: bool
     result: Any = None  # analysis result, if the pass is an analysis
     report: Any = None  # a transform's PassResult.report
+    children: tuple[PassRecord, ...] = ()
+
+    def leaves(self) -> Iterator[PassRecord]:
+        """The records of the analyses and transforms that ran, depth first, in run order."""
+        if self.kind in ("sequential", "fixpoint"):
+            for child in self.children:
+                yield from child.leaves()
+        else:
+            yield self
+
+
+@dataclass(frozen=True)
+class Sequential(Pass):
+    """A pass made of passes, run in order as one step of a pipeline; modified if any was."""
+
+    name: ClassVar[str] = "sequential"
+    kind: ClassVar[str] = "sequential"
+    passes: tuple[Pass, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "passes", tuple(self.passes))
+
+    def spec(self) -> str:
+        return f"sequential({', '.join(p.spec() for p in self.passes)})"
+
+
+@dataclass(frozen=True)
+class Fixpoint(Pass):
+    """Reruns ``body`` until it reports ``modified=False``; FixpointError after ``max_rounds``."""
+
+    name: ClassVar[str] = "fixpoint"
+    kind: ClassVar[str] = "fixpoint"
+    body: Pass
+    max_rounds: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_rounds < 1:
+            raise UsageError(f"fixpoint: max_rounds must be a positive integer, got {self.max_rounds}")
+
+    def spec(self) -> str:
+        return f"fixpoint({self.body.spec()}, max_rounds={self.max_rounds})"
+
+
+def iterate_to_fixpoint(step: Callable[[], bool], *, max_rounds: int, what: str) -> int:
+    """Call ``step`` until it reports no change; return how many calls changed something.
+
+    Raises FixpointError when the ``max_rounds``-th call still changed something: an iteration
+    that has not converged is never cut off silently."""
+    for rounds in range(max_rounds):
+        if not step():
+            return rounds
+    raise FixpointError(f"{what} still changed after {max_rounds} rounds: no fixpoint")
 
 
 class PassManager:
-    """Runs a sequence of passes over one graph."""
+    """Runs a sequence of passes over one graph (instruments see each leaf pass)."""
 
     def __init__(
         self,
@@ -169,50 +247,81 @@ class PassManager:
 
     def run(self, graph: Graph, am: AnalysisManager | None = None) -> list[PassRecord]:
         am = am or AnalysisManager(graph)
-        history: list[str] = []
-        records: list[PassRecord] = []
-        for pass_ in self.passes:
-            spec = pass_.spec()
-            for inst in self.instruments:
-                inst.before_pass(pass_, graph)
-            start = time.perf_counter()
-            try:
-                record = self._run_one(pass_, spec, graph, am, start)
-            except PassError:
-                raise
-            except PaicError as exc:
-                raise _wrap(exc, spec, history, type(exc).exit_code) from exc
-            except Exception as exc:  # a bug or an unexpected input: keep the history
-                raise _wrap(exc, spec, history, 1) from exc
-            for inst in self.instruments:
-                inst.after_pass(pass_, graph, record.seconds)
-            records.append(record)
-            history.append(spec)
-        return records
+        history: list[str] = []  # the leaf passes run so far, for error messages
+        return [self._step(pass_, graph, am, history) for pass_ in self.passes]
 
-    def _run_one(self, pass_: Pass, spec: str, graph: Graph, am: AnalysisManager, start: float) -> PassRecord:
+    def _step(self, pass_: Pass, graph: Graph, am: AnalysisManager, history: list[str]) -> PassRecord:
+        if isinstance(pass_, Sequential):
+            return self._sequential(pass_, graph, am, history)
+        if isinstance(pass_, Fixpoint):
+            return self._fixpoint(pass_, graph, am, history)
+        spec = pass_.spec()
+        for inst in self.instruments:
+            inst.before_pass(pass_, graph)
+        start = time.perf_counter()
+        try:
+            record = self._run_leaf(pass_, spec, graph, am, history, start)
+        except PassError:
+            raise
+        except Exception as exc:  # a PaicError keeps its exit code; a bug or unexpected input gets 1
+            raise _wrap(exc, spec, history) from exc
+        for inst in self.instruments:
+            inst.after_pass(pass_, graph, record.seconds)
+        history.append(spec)
+        return record
+
+    def _sequential(self, seq: Sequential, graph: Graph, am: AnalysisManager, history: list[str]) -> PassRecord:
+        start = time.perf_counter()
+        children = tuple(self._step(p, graph, am, history) for p in seq.passes)
+        modified = any(c.modified for c in children)
+        return PassRecord(seq.spec(), "sequential", time.perf_counter() - start, modified, children=children)
+
+    def _fixpoint(self, fix: Fixpoint, graph: Graph, am: AnalysisManager, history: list[str]) -> PassRecord:
+        start = time.perf_counter()
+        rounds: list[PassRecord] = []
+
+        def one_round() -> bool:
+            rounds.append(self._step(fix.body, graph, am, history))
+            return rounds[-1].modified
+
+        try:
+            iterate_to_fixpoint(one_round, max_rounds=fix.max_rounds, what=f"'{fix.body.spec()}'")
+        except FixpointError as exc:
+            raise _wrap(exc, fix.spec(), history) from exc
+        modified = any(r.modified for r in rounds)
+        return PassRecord(fix.spec(), "fixpoint", time.perf_counter() - start, modified, children=tuple(rounds))
+
+    def _run_leaf(self, pass_: Pass, spec: str, graph: Graph, am: AnalysisManager, history: list[str], start: float) -> PassRecord:
         if isinstance(pass_, AnalysisPass):
             result = am.get(pass_)
             return PassRecord(spec, "analysis", time.perf_counter() - start, False, result)
         if not isinstance(pass_, TransformPass):
             raise TypeError(f"{type(pass_).__name__} is neither an AnalysisPass nor a TransformPass")
-        pass_.requires(graph)
+        _check(pass_.requires, graph, spec, history, PreconditionError)
         version = graph.version
         result = pass_.run(graph, am)
         if not isinstance(result, PassResult):
             raise TypeError(f"pass {spec!r} returned {type(result).__name__}, expected PassResult")
         if not result.modified and graph.version != version:
-            raise TypeError(f"pass {spec!r} reported modified=False but changed the graph")
-        pass_.ensures(graph)
+            raise _wrap(TypeError(f"pass {spec!r} reported modified=False but changed the graph"), spec, history, PostconditionError)
+        _check(pass_.ensures, graph, spec, history, PostconditionError)
         am.invalidate(result.preserved if result.modified else "all")
         if self.verify_each and result.modified:
-            graph.verify()
+            _check(Graph.verify, graph, spec, history, PostconditionError)
         return PassRecord(spec, "transform", time.perf_counter() - start, result.modified, report=result.report)
 
 
-def _wrap(exc: BaseException, spec: str, history: list[str], exit_code: int) -> PassError:
+def _check(condition: Callable[[Graph], None], graph: Graph, spec: str, history: list[str], error: type[PassError]) -> None:
+    """Run a contract check; any failure becomes ``error`` with the pass history."""
+    try:
+        condition(graph)
+    except Exception as exc:
+        raise _wrap(exc, spec, history, error) from exc
+
+
+def _wrap(exc: BaseException, spec: str, history: list[str], error: type[PassError] = PassError) -> PassError:
     after = f" after [{', '.join(history)}]" if history else ""
     message = str(exc) or type(exc).__name__
-    err = PassError(f"pass '{spec}'{after}: {message}", pass_name=spec, history=tuple(history))
-    err.exit_code = exit_code
+    err = error(f"pass '{spec}'{after}: {message}", pass_name=spec, history=tuple(history))
+    err.exit_code = type(exc).exit_code if isinstance(exc, PaicError) else 1
     return err

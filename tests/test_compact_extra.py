@@ -155,8 +155,7 @@ def test_shared_params_compact_exactly(tmp_path: Path, name: str) -> None:
             onnx.save_model(_model(nodes, _sparsify(inits, prunable, rng, mode), x_shape, out_rank), str(src))
             graph = load_model(src)
             masks_from_zeros(graph)
-            compact_graph(graph)
-            write_compact_onnx(graph, src, out)
+            write_compact_onnx(graph, src, out, compact_graph(graph))
             x = rng.standard_normal([2 if d == "N" else d for d in x_shape]).astype(np.float32)
             _close(_run(out, x), _run(src, x))
 
@@ -169,8 +168,7 @@ def test_shared_weight_is_never_masked_or_folded_into(tmp_path: Path) -> None:
     result = optimize(src, sparsity=0.95, method="synflow")
     write_masked_onnx(result.graph, src, masked)
     graph = result.graph.clone()
-    compact_graph(graph)
-    write_compact_onnx(graph, src, small)
+    write_compact_onnx(graph, src, small, compact_graph(graph))
     x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
     _close(_run(small, x), _run(masked, x))
     with torch.no_grad():
@@ -257,8 +255,7 @@ def test_onnx_model_compact_pt_loads_in_a_fresh_process(tmp_path: Path) -> None:
     masked = tmp_path / "masked.onnx"
     result = optimize(src, sparsity=0.99, method="magnitude")
     write_masked_onnx(result.graph, src, masked)
-    compact_graph(result.graph)
-    save_compact(result.graph, src, tmp_path / "compact.pt")
+    save_compact(result.graph, src, tmp_path / "compact.pt", compact_graph(result.graph))
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     _close(_run_pt_in_fresh_process(tmp_path / "compact.pt", x, tmp_path), _run(masked, x))
 
@@ -286,8 +283,7 @@ def test_compact_of_an_input_failing_the_checker_warns(tmp_path: Path) -> None:
     _close(_run(later, x), _run(masked, x))
     graph = load_model(masked)  # the API records the warning
     masks_from_zeros(graph)
-    compact_graph(graph)
-    write_compact_onnx(graph, masked, tmp_path / "api.onnx")
+    write_compact_onnx(graph, masked, tmp_path / "api.onnx", compact_graph(graph))
     assert any("already fails onnx.checker" in w for w in graph.meta["warnings"])
 
 
@@ -301,8 +297,8 @@ def test_compact_model_breaking_the_checker_is_an_error(tmp_path: Path, monkeypa
         real(model, *args, **kwargs)  # type: ignore[arg-type]
 
     result = optimize(src, sparsity=0.99, method="magnitude")
-    compact_graph(result.graph)
+    report = compact_graph(result.graph)
     monkeypatch.setattr(onnx.checker, "check_model", picky)
     with pytest.raises(PaicError, match="fails onnx.checker: simulated"):
-        write_compact_onnx(result.graph, src, tmp_path / "o.onnx")
+        write_compact_onnx(result.graph, src, tmp_path / "o.onnx", report)
     assert list(tmp_path.iterdir()) == []

@@ -30,22 +30,27 @@ from pai_compiler.backends.onnx_masked import write_masked_onnx
 from pai_compiler.backends.torch_compact import compact_module
 from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.interp import Interpreter
-from pai_compiler.ir import Graph, OpKind
+from pai_compiler.ir import Graph, Node, OpKind
 from pai_compiler.ort import session
-from pai_compiler.pass_infra import PassManager
+from pai_compiler.pass_infra import Fixpoint, PassManager, Sequential
 from pai_compiler.passes.analysis.coupling import channel_spaces
-from pai_compiler.passes.transform.dead_node_elim import DeadNodeElimPass
+from pai_compiler.errors import PassError
+from pai_compiler.passes.analysis.sparsity import SparsityPass
+from pai_compiler.passes.transform.dead_node_elim import CompactReport, DeadNodeElimPass, FoldRecord, LayerChange, compact_report_of
+from pai_compiler.passes.transform.dead_node_elim import transform as dne_transform
 from pai_compiler.registry import available_passes
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"
 
 
-def compact(graph: Graph, align: int = 1) -> Graph:
+def compact(graph: Graph, align: int = 1) -> tuple[Graph, CompactReport]:
     out = graph.clone()
-    PassManager([DeadNodeElimPass(align=align)]).run(out)
+    version = out.version
+    report = compact_report_of(PassManager([DeadNodeElimPass(align=align)]).run(out))
     out.verify()
-    return out
+    assert report.applied == (out.version != version)
+    return out, report
 
 
 def close(got: np.ndarray, ref: np.ndarray) -> None:
@@ -66,12 +71,12 @@ def layer_macs(graph: Graph) -> dict[str, dict[str, Any]]:
     return {row["name"]: row for row in audit_graph(graph)["layers"]}
 
 
-def check_all(graph: Graph, src: Path, tmp: Path, x: np.ndarray, *, exact_macs: bool, align: int = 1) -> Graph:
-    """Masked vs compact via IR and ORT, MAC rule, idempotence; returns the compact graph."""
-    small = compact(graph, align)
+def check_all(graph: Graph, src: Path, tmp: Path, x: np.ndarray, *, exact_macs: bool, align: int = 1) -> tuple[Graph, CompactReport]:
+    """Masked vs compact via IR and ORT, MAC rule, idempotence; returns the compact graph and its report."""
+    small, report = compact(graph, align)
     close(run_ir(small, x), run_ir(graph, x))
     write_masked_onnx(graph, src, tmp / "masked.onnx")
-    write_compact_onnx(small, src, tmp / "compact.onnx")
+    write_compact_onnx(small, src, tmp / "compact.onnx", report)
     close(run_ort(tmp / "compact.onnx", x), run_ort(tmp / "masked.onnx", x))
     before, after = layer_macs(graph), layer_macs(small)
     for name, row in before.items():
@@ -83,7 +88,8 @@ def check_all(graph: Graph, src: Path, tmp: Path, x: np.ndarray, *, exact_macs: 
     version = small.version
     records = PassManager([DeadNodeElimPass(align=align)]).run(small)
     assert not records[0].modified and small.version == version, "dead-node-elim must be idempotent"
-    return small
+    assert not records[0].report.applied
+    return small, report
 
 
 # ---- example models ---------------------------------------------------------------------------
@@ -104,10 +110,10 @@ def test_example_models_compact_equals_masked(tmp_path: Path, model: str, method
     criterion = method if "{" in method else f"{method}{{scope=layer}}"
     graph = optimize(src, pipeline=f"erk{{sparsity={sparsity}}},{criterion}").graph
     x = np.random.RandomState(0).randn(3, 3, 32, 32).astype(np.float32)
-    small = check_all(graph, src, tmp_path, x, exact_macs=model != "tiny_vit")
-    record = small.meta.get("compact")
+    _, report = check_all(graph, src, tmp_path, x, exact_macs=model != "tiny_vit")
     if sparsity >= 0.99 and model != "tiny_vit":
-        assert record and sum(r["out"][1] for r in record["layers"].values()) < sum(r["out"][0] for r in record["layers"].values())
+        outs = [layer.channels_out for layer in report.layers if layer.channels_out is not None]
+        assert report.applied and sum(after for _, after in outs) < sum(before for before, _ in outs)
 
 
 @pytest.mark.parametrize("name", ["light_squeezenet", "light_inception_v1"])
@@ -117,10 +123,10 @@ def test_onnx_zoo_models_compact(tmp_path: Path, name: str) -> None:
     src = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{name}.onnx"
     graph = optimize(src, sparsity=0.999, method="random").graph
     x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    small = compact(graph)
+    small, report = compact(graph)
     assert sum(p.numel for p in small.prunable_params()) < 0.1 * sum(p.numel for p in graph.prunable_params())
     write_masked_onnx(graph, src, tmp_path / "masked.onnx")
-    write_compact_onnx(small, src, tmp_path / "compact.onnx")
+    write_compact_onnx(small, src, tmp_path / "compact.onnx", report)
     close(run_ort(tmp_path / "compact.onnx", x), run_ort(tmp_path / "masked.onnx", x))
 
 
@@ -266,7 +272,7 @@ def test_random_graphs_compact_equals_masked(tmp_path: Path, blocks: list[str], 
     x = np.random.default_rng(seed + 1).standard_normal((3, 3, 8, 8)).astype(np.float32)
     # taps of a sparse kernel can make reachability partial over positions: then the channel-level
     # compaction keeps a few weights node-path calls dead (an upper bound, still exact in value)
-    small = check_all(graph, src, tmp_path, x, exact_macs=head == "gap" and whole_kernels, align=align)
+    small, _ = check_all(graph, src, tmp_path, x, exact_macs=head == "gap" and whole_kernels, align=align)
     if align > 1:  # a layer width is a multiple of align unless it kept every channel
         for node in small.nodes:
             if node.kind in (OpKind.CONV, OpKind.LINEAR):
@@ -281,19 +287,61 @@ def _graph(blocks: list[str], seed: int, tmp: Path, head: str = "gap") -> tuple[
     return load_onnx_model(src), src
 
 
-def test_constant_channel_is_folded_through_bn_and_relu(tmp_path: Path) -> None:
-    graph, src = _graph(["conv"], 3, tmp_path)
+def _constant_channel(tmp: Path) -> tuple[Graph, Node]:
+    """A random CNN whose second conv's output channel 0 is masked: bias (or 0) -> BN -> act, a constant."""
+    graph, _ = _graph(["conv"], 3, tmp)
     convs = [n for n in graph.nodes if n.kind is OpKind.CONV]
     w = convs[1].params["weight"]
     mask = np.ones(w.shape, dtype=bool)
-    mask[0] = False  # output channel 0 of the second conv: bias (or 0) -> BN -> act: a constant
+    mask[0] = False
     graph.set_mask(w, mask)
-    small = compact(graph)
-    assert small.node(convs[1].name).params["weight"].shape[0] == w.shape[0] - 1
-    folds = small.meta["compact"]["folds"]
-    assert folds and all(f["constant_channels"] >= 1 for f in folds)
+    return graph, convs[1]
+
+
+def test_constant_channel_is_folded_through_bn_and_relu(tmp_path: Path) -> None:
+    graph, conv = _constant_channel(tmp_path)
+    w = conv.params["weight"]
+    small, report = compact(graph)
+    assert small.node(conv.name).params["weight"].shape[0] == w.shape[0] - 1
+    assert report.folds and all(f.constant_channels >= 1 for f in report.folds)
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     close(run_ir(small, x), run_ir(graph, x))
+
+
+def test_report_travels_through_sequential_and_fixpoint(tmp_path: Path) -> None:
+    graph, _ = _constant_channel(tmp_path)
+    _, direct = compact(graph)
+    assert direct.applied and direct.removed_atoms >= 1
+    nested = graph.clone()
+    records = PassManager([Sequential((SparsityPass(), Fixpoint(DeadNodeElimPass(), max_rounds=2)))]).run(nested)
+    assert [r.modified for r in records[0].children[1].children] == [True, False]  # the second round finds nothing
+    assert compact_report_of(records) == direct
+
+
+def test_dead_node_elim_rounds_that_do_not_converge_fail_loudly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    graph, _ = _constant_channel(tmp_path)
+    monkeypatch.setattr(dne_transform, "MAX_ROUNDS", 1)  # the one round allowed still removes channels
+    with pytest.raises(PassError, match="dead-node-elim still changed after 1 rounds: no fixpoint"):
+        PassManager([DeadNodeElimPass()]).run(graph)
+
+
+def test_compact_reports_merge_in_run_order() -> None:
+    first = CompactReport(
+        layers=(LayerChange("w", "fc", "linear", (8, 4), (6, 4), (8, 6), (4, 4)),), folds=(FoldRecord("fc", 1, "bias"),),
+        reshapes=("r",), weights_dropped=3, changed_params=("b", "w"), kept_dead_channels=(("pinned", 2),), removed_atoms=2, rounds=1)
+    second = CompactReport(
+        layers=(LayerChange("w", "fc", "linear", (6, 4), (5, 3), (6, 5), (4, 3)), LayerChange("v", "conv", "conv", (3, 3), (2, 3), (3, 2), None)),
+        folds=(FoldRecord("conv", 2, "bias map"),), splits=("s",), changed_params=("a", "w"), kept_dead_channels=(("aligned", 1),),
+        removed_atoms=1, rounds=1)
+    merged = first.then(second)
+    assert [layer.as_dict() for layer in merged.layers] == [
+        {"name": "w", "node": "fc", "op": "linear", "shape_before": [8, 4], "shape_after": [5, 3], "out": [8, 5], "in": [4, 3]},
+        {"name": "v", "node": "conv", "op": "conv", "shape_before": [3, 3], "shape_after": [2, 3], "out": [3, 2]},
+    ]
+    assert merged.folds == first.folds + second.folds and (merged.reshapes, merged.splits) == (("r",), ("s",))
+    assert merged.changed_params == ("a", "b", "w") and merged.kept_dead_channels == (("aligned", 1),)  # the latest reasons
+    assert (merged.weights_dropped, merged.removed_atoms, merged.rounds) == (3, 3, 2)
+    assert first.then(CompactReport()) is first and CompactReport().then(second) is second and not CompactReport().applied
 
 
 def _padded_chain(tmp: Path) -> tuple[Graph, Path]:
@@ -321,12 +369,12 @@ def test_padded_consumer_gets_a_bias_map(tmp_path: Path) -> None:
     mask = np.ones(w.shape, dtype=bool)
     mask[1] = False  # channel 1: a nonzero constant map
     graph.set_mask(w, mask)
-    small = compact(graph)
+    small, report = compact(graph)
     assert small.node(conv.name).params["weight"].shape[0] == w.shape[0] - 1
-    assert "bias map" in {f["into"] for f in small.meta["compact"]["folds"]}  # a padded 3x3 conv of a constant varies at the borders
+    assert "bias map" in {f.into for f in report.folds}  # a padded 3x3 conv of a constant varies at the borders
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
     close(run_ir(small, x), run_ir(graph, x))
-    write_compact_onnx(small, src, tmp_path / "c.onnx")
+    write_compact_onnx(small, src, tmp_path / "c.onnx", report)
     write_masked_onnx(graph, src, tmp_path / "m.onnx")
     close(run_ort(tmp_path / "c.onnx", x), run_ort(tmp_path / "m.onnx", x))
 
@@ -349,7 +397,7 @@ def test_grouped_conv_keeps_whole_groups(tmp_path: Path) -> None:
     mask = np.ones(w.shape, dtype=bool)
     mask[0] = False  # one output of group 0 dead, the rest of the group alive: the group stays
     graph.set_mask(w, mask)
-    small = compact(graph)
+    small, _ = compact(graph)
     g = small.node(grouped.name)
     assert g.params["weight"].shape[0] % g.attrs["groups"] == 0
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -362,7 +410,7 @@ def test_torch_compact_module_matches_and_trains() -> None:
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
         ref = Interpreter(graph).run([x])[0]
-    module = compact_module(compact(graph))
+    module = compact_module(compact(graph)[0])
     with torch.no_grad():
         close(module(x).numpy(), ref.numpy())
     opt = torch.optim.SGD(module.parameters(), lr=0.05)
@@ -389,7 +437,7 @@ def test_torch_frontend_graph_compacts(name: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 32, 32)
     graph = optimize(lower_fx(zoo.build(name).eval(), x), sparsity=0.99, method="random").graph
-    small = compact(graph)
+    small, _ = compact(graph)
     assert sum(p.numel for p in small.prunable_params()) < sum(p.numel for p in graph.prunable_params())
     with torch.no_grad():
         close(compact_module(small)(x).numpy(), Interpreter(graph).run([x])[0].numpy())

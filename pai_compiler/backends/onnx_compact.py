@@ -1,7 +1,8 @@
 """Compact ONNX backend: the source model rewritten to the compacted IR's smaller layers.
 
-After ``dead-node-elim`` the IR holds sliced Params, folded biases and new shapes. The
-source ONNX model is read again and rewritten, node for node:
+After ``dead-node-elim`` the IR holds sliced Params, folded biases and new shapes, and its
+``CompactReport`` names what changed. The source ONNX model is read again and rewritten,
+node for node:
 
 * every weight with an ONNX source (initializer, ``Constant``, ``ConstantOfShape``, sparse
   initializer) gets the IR's data times its mask — the sliced Conv/Gemm/MatMul/BN weights,
@@ -34,6 +35,7 @@ from pai_compiler.backends.onnx_masked import _check_like_source, set_metadata
 from pai_compiler.errors import PaicError
 from pai_compiler.io import atomic_write
 from pai_compiler.ir import Graph, Node, OpKind, Param
+from pai_compiler.passes.transform.dead_node_elim import CompactReport
 
 __all__ = ["compact_model", "write_compact_onnx"]
 
@@ -42,8 +44,9 @@ _NORM_INPUTS = {"scale": 1, "bias": 2, "mean": 3, "var": 4}
 
 
 class _Rewriter:
-    def __init__(self, graph: Graph, model: Any) -> None:
+    def __init__(self, graph: Graph, model: Any, report: CompactReport) -> None:
         self.graph = graph
+        self.report = report
         self.model = model
         self.g = model.graph
         self.inits = {t.name: t for t in self.g.initializer}
@@ -209,9 +212,8 @@ class _Rewriter:
         _set_input(on, 1, self.add_init(f"{on.name or node.name}_split", sizes))
 
     def run(self, pipeline: str) -> Any:
-        record = self.graph.meta.get("compact", {})
-        reshapes, splits = set(record.get("reshapes", [])), set(record.get("splits", []))
-        self.changed = set(record.get("changed_params", []))
+        reshapes, splits = set(self.report.reshapes), set(self.report.splits)
+        self.changed = set(self.report.changed_params)
         for p in self.graph.params():
             if p.origin and p.origin in self.sources:
                 self.write_param(p)
@@ -301,12 +303,14 @@ def _sync_initializer_inputs(g: Any, ir_version: int) -> None:
                 g.input.append(helper.make_tensor_value_info(name, t.data_type, list(t.dims)))
 
 
-def compact_model(graph: Graph, model: Any, *, pipeline: str = "") -> Any:
-    """Rewrite ``model`` (a ModelProto, modified in place and returned) to the compacted ``graph``."""
-    return _Rewriter(graph, model).run(pipeline)
+def compact_model(graph: Graph, model: Any, report: CompactReport, *, pipeline: str = "") -> Any:
+    """Rewrite ``model`` (a ModelProto, modified in place and returned) to the compacted ``graph``.
+
+    ``report``: everything dead-node-elim did to ``graph`` since it was read (merged reports)."""
+    return _Rewriter(graph, model, report).run(pipeline)
 
 
-def write_compact_onnx(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], *, pipeline: str = "", check: bool = True) -> None:
+def write_compact_onnx(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], report: CompactReport, *, pipeline: str = "", check: bool = True) -> None:
     """Read ``source`` again, rewrite it to the compacted ``graph`` and write ``out`` atomically."""
     import onnx
 
@@ -314,7 +318,7 @@ def write_compact_onnx(graph: Graph, source: str | os.PathLike[str], out: str | 
 
     if graph.meta.get("source_format") != "onnx":
         raise PaicError("compact ONNX needs a model imported from ONNX (use the torch compact module otherwise)")
-    model = compact_model(graph, read_onnx(source), pipeline=pipeline)
+    model = compact_model(graph, read_onnx(source), report, pipeline=pipeline)
     out = Path(out)
     large = sum(len(t.raw_data) for t in model.graph.initializer) >= _TWO_GB // 2
     with atomic_write(out) as tmp:
