@@ -41,8 +41,8 @@ def test_builder_residual_block_prints_its_golden_text() -> None:
 def test_builder_shapes_attention_and_strided_conv() -> None:
     g = attention_graph()
     lines = to_text(g).splitlines()
-    assert lines[5] == "  %transpose1: float32[1,8,5] = reshape(%fc2) {op=transpose, perm=[0,2,1]}"
-    assert lines[6] == "  %matmul1: float32[1,5,5] = matmul(%fc1, %transpose1)"
+    assert lines[5] == "  %transpose1: float32[batch,8,5] = reshape(%fc2) {op=transpose, perm=[0,2,1]}"
+    assert lines[6] == "  %matmul1: float32[batch,5,5] = matmul(%fc1, %transpose1)"
     assert g.node("fc2").params["weight"].out_axis == 1  # stored (in, out), as ONNX MatMul keeps it
     b = GraphBuilder()
     y = b.conv(b.input((2, 4, 9, 9)), 6, 3, stride=2, pad=1, dilation=2, groups=2)
