@@ -21,6 +21,9 @@ carry cannot come back, and the parsed graph is a *structural* copy:
   as a float32 zero array of that shape, a string that looks like a number as that number;
   a bare word inside a list is a sympy symbol when it names a dim of the graph, else a string.
 
+The printer does not quote names, so a graph, value or param name with a space, ``", "`` or
+``"; "`` in it, or a string attribute with ``", "`` in it, does not parse back.
+
 Prunable params that share a name are one tied Param (a weight read by several nodes);
 non-prunable params are one copy per use (exporters de-duplicate equal constants by name).
 """
