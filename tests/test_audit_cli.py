@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from pai_compiler.audit import audit_graph, render_audit
 from pai_compiler.cli import app
 from pai_compiler.frontends.onnx.reader import load_onnx_model
-from pai_compiler.ir import Graph, OpKind, Param
+from pai_compiler.ir import Graph, GraphBuilder
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "examples" / "models" / "resnet20.onnx"
@@ -117,16 +117,13 @@ def test_cli_errors_are_one_line(args: list[str], exit_code: int, needle: str) -
 
 
 def chain(zero_last: bool = False, opaque: bool = False) -> Graph:
-    g = Graph("chain")
-    x = g.add_node(OpKind.INPUT, "x", (), [("x", (1, 4), "float32")]).outputs[0]
+    b = GraphBuilder("chain")
     w1 = np.arange(16, dtype=np.float32).reshape(4, 4)  # one zero weight: an already-sparse model
-    h = g.add_node(OpKind.LINEAR, "fc1", [x], [("h", (1, 4), "float32")], params={"weight": Param("fc1.weight", w1, prunable=True)}).outputs[0]
+    h = b.linear(b.input((1, 4)), 4, weight=b.param("fc1.weight", (4, 4), data=w1))
     if opaque:
-        h = g.add_node(OpKind.OPAQUE, "weird", [h], [("w", (1, 4), "float32")], attrs={"op_type": "Weird"}).outputs[0]
+        h = b.opaque([h], (1, 4), "Weird")
     w2 = np.zeros((2, 4), np.float32) if zero_last else np.ones((2, 4), np.float32)
-    y = g.add_node(OpKind.LINEAR, "fc2", [h], [("y", (1, 2), "float32")], params={"weight": Param("fc2.weight", w2, prunable=True)}).outputs[0]
-    g.add_node(OpKind.OUTPUT, "out", [y])
-    return g
+    return b.build(b.linear(h, 2, weight=b.param("fc2.weight", (2, 4), data=w2)))
 
 
 def test_zero_weights_act_as_masks_and_the_graph_is_left_alone() -> None:
@@ -151,5 +148,5 @@ def test_opaque_node_nulls_paths_and_warns() -> None:
     t = doc["totals"]
     assert t["log_paths"] is None and t["effective_nodes"] is None and t["total_nodes"] == 6
     assert t["macs_effective"] == t["macs_nonzero"] == 15 + 8
-    assert any("'weird' is opaque (Weird)" in w and "path analysis skipped" in w for w in doc["warnings"])
+    assert any("'opaque1' is opaque (Weird)" in w and "path analysis skipped" in w for w in doc["warnings"])
     assert any("macs_effective equals macs_nonzero" in w for w in doc["warnings"])

@@ -10,7 +10,7 @@ import torch
 
 from pai_compiler.errors import UsageError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
-from pai_compiler.ir import Graph, OpKind, Param, Value
+from pai_compiler.ir import Graph, GraphBuilder
 from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
 from pai_compiler.passes.analysis.node_path import NodePathPass
 from pai_compiler.passes.criteria.dpai.loop import Adam, PixelStep
@@ -91,10 +91,11 @@ def test_channel_connectivity_equals_per_pixel(name: str, sparsity: float) -> No
 
 def test_dead_taps_count_zero_in_channel_mode() -> None:
     """3x3 convs on 2x2 and 1x1 maps: taps that never read a pixel are dead, as per pixel."""
-    b = _Builder((1, 2, 2, 2))
-    x = b.conv(b.x, 4, 3, stride=2, pad=1)  # 2x2 -> 1x1: only taps (1..2, 1..2) read data
+    b = GraphBuilder("tiny")
+    x0 = b.input((1, 2, 2, 2))
+    x = b.conv(x0, 4, 3, stride=2, pad=1)  # 2x2 -> 1x1: only taps (1..2, 1..2) read data
     x = b.conv(x, 3, 3, pad=1)  # 1x1 -> 1x1: only the centre tap
-    g = b.finish(b.linear(b.flatten(x), 2))
+    g = b.build(b.linear(b.flatten(x), 2))
     layout, topk, update, step, scores = _setup(g, 0.5, seed=1)
     assert sorted(layout.tap_live) == ["conv1.weight", "conv2.weight"]
     kept = update.kept(topk.select(scores))
@@ -158,10 +159,11 @@ def test_update_sign_grows_scores_with_positive_path_gradient() -> None:
 
 # ---- the surrogate on a hand-built graph, against an independent computation ------------------
 def test_surrogate_matches_an_independent_computation() -> None:
-    b = _Builder((1, 2, 5, 5))
-    a = b.conv(b.x, 3, 3, pad=1)
+    b = GraphBuilder("tiny")
+    x0 = b.input((1, 2, 5, 5))
+    a = b.conv(x0, 3, 3, pad=1)
     c = b.conv(b.relu(a), 3, 3, pad=1)
-    g = b.finish(b.linear(b.flatten(b.global_pool(b.add(a, c))), 2))
+    g = b.build(b.linear(b.flatten(b.global_pool(b.add(a, c))), 2))
     layout, topk, update, step, scores = _setup(g, 0.6, seed=5)
     kept = update.kept(topk.select(scores))
     masks = {p: torch.as_tensor(m, dtype=torch.float32) for p, m in layout.masks(kept.index.numpy()).items()}
@@ -217,8 +219,9 @@ def test_surrogate_matches_an_independent_computation() -> None:
 # ---- top-k: exact incremental selection, sort tie-breaking ---------------------------------------
 def test_ties_are_broken_like_the_reference_sort() -> None:
     rng = np.random.default_rng(0)
-    b = _Builder((1, 16, 4, 4))
-    g = b.finish(b.flatten(b.global_pool(b.conv(b.x, 32, 3, pad=1))))
+    b = GraphBuilder("tiny")
+    x0 = b.input((1, 16, 4, 4))
+    g = b.build(b.flatten(b.global_pool(b.conv(x0, 32, 3, pad=1))))
     layout, topk, update, step, _ = _setup(g, 0.7, ties="sort")
     values = rng.choice([0.5, 1.0, 1.5, 2.0], size=layout.numel).astype(np.float32)  # many exact ties
     scores = torch.as_tensor(values * rng.choice([-1, 1], size=layout.numel).astype(np.float32))
@@ -290,10 +293,11 @@ def test_band_state_equals_full_state(name: str, sparsity: float, steps: int) ->
 
 
 def test_band_state_on_dead_taps_and_whole_layers() -> None:
-    b = _Builder((1, 2, 2, 2))
-    x = b.conv(b.x, 4, 3, stride=2, pad=1)
+    b = GraphBuilder("tiny")
+    x0 = b.input((1, 2, 2, 2))
+    x = b.conv(x0, 4, 3, stride=2, pad=1)
     x = b.conv(x, 3, 3, pad=1)
-    g = b.finish(b.linear(b.flatten(x), 2))
+    g = b.build(b.linear(b.flatten(x), 2))
     full, band = (_run(g.clone(), f"dpai{{steps=15,lr=0.05,sparsity=0.5,state={state}}}") for state in ("full", "band"))
     assert band.meta["dpai"]["dead_taps"] == ["conv1.weight", "conv2.weight"]
     assert all(np.array_equal(a, c) for a, c in zip(_masks(full).values(), _masks(band).values()))
@@ -336,47 +340,3 @@ def test_memory_check_refuses_with_a_clear_message(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(run, "memory_estimate", lambda *a: (1 << 60, "full"))
     with pytest.raises(PaicError, match=r"need about .* GiB on the CPU \(full state, 10 steps\), only .* GiB is available"):
         _run(g, "erk{sparsity=0.9},dpai{steps=10}")
-
-
-# ---- a tiny IR builder -----------------------------------------------------------------------
-class _Builder:
-    def __init__(self, shape: tuple[int, ...]) -> None:
-        self.g, self.n = Graph("tiny"), 0
-        self.x = self.g.add_node(OpKind.INPUT, "x", (), [("x", shape, "float32")]).outputs[0]
-
-    def _add(self, kind: OpKind, inputs: list[Value], shape: tuple[int, ...], **kw: Any) -> Value:
-        self.n += 1
-        name = f"{kind.value}{self.n}"
-        return self.g.add_node(kind, name, inputs, [(name + "_out", shape, "float32")], **kw).outputs[0]
-
-    def _param(self, base: str, shape: tuple[int, ...]) -> Param:
-        return Param(f"{base}{sum(1 for p in self.g.params() if p.name.startswith(base)) + 1}.weight", np.ones(shape, np.float32), prunable=True)
-
-    def conv(self, x: Value, cout: int, k: int, *, stride: int = 1, pad: int = 0) -> Value:
-        n, cin, h, w = x.shape  # type: ignore[misc]
-        out = [(s + 2 * pad - k) // stride + 1 for s in (h, w)]
-        attrs = {"strides": [stride] * 2, "pads": [pad] * 4, "dilations": [1, 1], "groups": 1, "kernel_shape": [k, k]}
-        return self._add(OpKind.CONV, [x], (n, cout, *out), params={"weight": self._param("conv", (cout, cin, k, k))}, attrs=attrs)
-
-    def linear(self, x: Value, out: int) -> Value:
-        p = self._param("fc", (out, x.shape[-1]))  # type: ignore[index]
-        return self._add(OpKind.LINEAR, [x], (x.shape[0], out), params={"weight": p}, attrs={"in_features": x.shape[-1], "out_features": out})  # type: ignore[index]
-
-    def relu(self, x: Value) -> Value:
-        return self._add(OpKind.POINTWISE, [x], x.shape, attrs={"op": "relu"})  # type: ignore[arg-type]
-
-    def add(self, a: Value, c: Value) -> Value:
-        return self._add(OpKind.ADD, [a, c], a.shape, attrs={"op": "add"})  # type: ignore[arg-type]
-
-    def global_pool(self, x: Value) -> Value:
-        n, c = x.shape[:2]  # type: ignore[index]
-        return self._add(OpKind.POOL, [x], (n, c, 1, 1), attrs={"mode": "avg", "reduce": True, "axes": [2, 3], "keepdims": True})
-
-    def flatten(self, x: Value) -> Value:
-        shape = (x.shape[0], int(np.prod(x.shape[1:])))  # type: ignore[index]
-        return self._add(OpKind.RESHAPE, [x], shape, attrs={"op": "reshape", "shape": list(shape)})
-
-    def finish(self, out: Value) -> Graph:
-        self.g.add_node(OpKind.OUTPUT, "out", [out])
-        self.g.verify()
-        return self.g

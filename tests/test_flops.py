@@ -13,7 +13,7 @@ import sympy
 
 from pai_compiler.errors import UsageError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
-from pai_compiler.ir import Graph, OpKind, Param
+from pai_compiler.ir import Graph, GraphBuilder, OpKind
 from pai_compiler.pass_infra import AnalysisManager
 from pai_compiler.passes.analysis.flops import MAC_RULES, FlopsPass, FlopsResult, evaluate, parse_bind
 
@@ -102,37 +102,28 @@ def test_tiny_vit_is_symbolic_in_batch(examples_dir: Path) -> None:
 
 def sparse_graph() -> Graph:
     """conv 3->4 (k3, pad 1, stride 2) on batch x 3 x 8 x 8, BN, ReLU, global pool, linear 4->5."""
-    g = Graph("sparse")
-    x = g.add_node(OpKind.INPUT, "x", (), [("x", (batch, 3, 8, 8), "float32")]).outputs[0]
-    w = Param("conv.weight", np.ones((4, 3, 3, 3), np.float32), prunable=True)
-    attrs = {"strides": [2, 2], "pads": [1, 1, 1, 1], "dilations": [1, 1], "groups": 1, "kernel_shape": [3, 3]}
-    y = g.add_node(OpKind.CONV, "conv", [x], [("y", (batch, 4, 4, 4), "float32")], params={"weight": w}, attrs=attrs).outputs[0]
-    n = g.add_node(OpKind.NORM, "bn", [y], [("n", (batch, 4, 4, 4), "float32")], attrs={"type": "batch", "epsilon": 1e-5}).outputs[0]
-    r = g.add_node(OpKind.POINTWISE, "relu", [n], [("r", (batch, 4, 4, 4), "float32")], attrs={"op": "relu"}).outputs[0]
-    p = g.add_node(OpKind.POOL, "gap", [r], [("p", (batch, 4, 1, 1), "float32")], attrs={"mode": "avg", "reduce": True, "axes": [2, 3], "keepdims": True}).outputs[0]
-    f = g.add_node(OpKind.RESHAPE, "flat", [p], [("f", (batch, 4), "float32")], attrs={"op": "reshape", "shape": [batch, 4]}).outputs[0]
-    fc = Param("fc.weight", np.ones((5, 4), np.float32), prunable=True)
-    o = g.add_node(OpKind.LINEAR, "fc", [f], [("o", (batch, 5), "float32")], params={"weight": fc}).outputs[0]
-    g.add_node(OpKind.OUTPUT, "out", [o])
+    b = GraphBuilder("sparse")
+    y = b.conv(b.input((batch, 3, 8, 8)), 4, 3, stride=2, pad=1)
+    o = b.linear(b.flatten(b.global_pool(b.relu(b.batch_norm(y)))), 5)
     mask = np.zeros((4, 3, 3, 3), bool)
     mask[0, :, 1, 1] = True  # 3 taps, all into output channel 0
     mask[3, 0, :, :] = True  # 9 taps into channel 3
-    g.set_mask(w, mask)
+    b.set_mask(y, mask)
     fc_mask = np.zeros((5, 4), bool)
     fc_mask[:, 0] = True  # only channel 0 reaches the output: channel 3 is a dead end
-    g.set_mask(fc, fc_mask)
-    return g
+    b.set_mask(o, fc_mask)
+    return b.build(o)
 
 
 def test_rules_dense_nonzero_effective_on_a_hand_graph() -> None:
     res = flops(sparse_graph(), effective=True)
     expected = {  # (dense, nonzero, effective), per sample; 16 output pixels
-        "conv": (16 * 4 * 3 * 9, 16 * 12, 16 * 3),
-        "bn": (64, 64, 64),
-        "relu": (64, 64, 64),
-        "gap": (64, 64, 64),
-        "flat": (0, 0, 0),
-        "fc": (20, 5, 5),
+        "conv1": (16 * 4 * 3 * 9, 16 * 12, 16 * 3),
+        "bn1": (64, 64, 64),
+        "relu1": (64, 64, 64),
+        "gap1": (64, 64, 64),
+        "flatten1": (0, 0, 0),
+        "fc1": (20, 5, 5),
     }
     for name, (dense, nonzero, effective) in expected.items():
         r = res.node(name)
@@ -142,27 +133,23 @@ def test_rules_dense_nonzero_effective_on_a_hand_graph() -> None:
 
 
 def test_pooling_matmul_and_elementwise_rules() -> None:
-    g = Graph("misc")
-    x = g.add_node(OpKind.INPUT, "x", (), [("x", (2, 3, 6, 6), "float32")]).outputs[0]
-    attrs = {"mode": "max", "reduce": False, "kernel_shape": [3, 3], "strides": [1, 1], "pads": [0] * 4, "dilations": [1, 1]}
-    p = g.add_node(OpKind.POOL, "pool", [x], [("p", (2, 3, 4, 4), "float32")], attrs=attrs).outputs[0]
-    s = g.add_node(OpKind.SOFTMAX, "softmax", [p], [("s", (2, 3, 4, 4), "float32")], attrs={"axis": -1}).outputs[0]
-    m = g.add_node(OpKind.MATMUL, "mm", [s, p], [("m", (2, 3, 4, 4), "float32")]).outputs[0]
-    a = g.add_node(OpKind.ADD, "add", [m, s], [("a", (2, 3, 4, 4), "float32")], attrs={"op": "add"}).outputs[0]
-    c = g.add_node(OpKind.CONCAT, "cat", [a, m], [("c", (2, 6, 4, 4), "float32")], attrs={"axis": 1}).outputs[0]
-    g.add_node(OpKind.OUTPUT, "out", [c])
+    b = GraphBuilder("misc")
+    p = b.pool(b.input((2, 3, 6, 6)), "max", 3, 1)
+    s = b.softmax(p)
+    m = b.matmul(s, p)
+    g = b.build(b.concat(b.add(m, s), m))
     res = flops(g)
     assert {r.node: int(r.dense) for r in res.nodes} == {
-        "x": 0, "pool": 96 * 9, "softmax": 96, "mm": 96 * 4, "add": 96, "cat": 0, "out": 0,
+        "x": 0, "pool1": 96 * 9, "softmax1": 96, "matmul1": 96 * 4, "add1": 96, "concat1": 0, "out": 0,
     }
     assert res.effective is None and all(r.effective is None for r in res.nodes)
 
 
 def test_opaque_counts_zero_and_effective_falls_back() -> None:
     g = sparse_graph()
-    relu = g.node("relu")
-    weird = g.add_node(OpKind.OPAQUE, "weird", [relu.outputs[0]], [("w", (batch, 4, 4, 4), "float32")], attrs={"op_type": "Weird"}, before=g.node("gap"))
-    g.set_input(g.node("gap"), 0, weird.outputs[0])
+    relu = g.node("relu1")
+    weird = g.add_node(OpKind.OPAQUE, "weird", [relu.outputs[0]], [("w", (batch, 4, 4, 4), "float32")], attrs={"op_type": "Weird"}, before=g.node("gap1"))
+    g.set_input(g.node("gap1"), 0, weird.outputs[0])
     g.verify()
     res = flops(g, effective=True)
     assert res.node("weird").dense == 0

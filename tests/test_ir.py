@@ -1,51 +1,47 @@
-"""IR invariants: use-lists, versions, verify(), clone(), the printer."""
+"""IR invariants: use-lists, versions, verify(), clone(), replace_params(), the printer on builder graphs."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from pai_compiler.errors import VerificationError
-from pai_compiler.ir import Graph, OpKind, Param, to_text
+from pai_compiler.ir import Graph, GraphBuilder, OpKind, Param, to_text
 
 
 def small_graph() -> Graph:
-    g = Graph("tiny")
-    x = g.add_node(OpKind.INPUT, "x", (), [("x", (1, 4), "float32")]).outputs[0]
-    w = Param("fc.weight", np.arange(12, dtype=np.float32).reshape(3, 4), prunable=True)
-    y = g.add_node(OpKind.LINEAR, "fc", [x], [("y", (1, 3), "float32")], params={"weight": w}).outputs[0]
-    r = g.add_node(OpKind.POINTWISE, "relu", [y], [("r", (1, 3), "float32")], attrs={"op": "relu"}).outputs[0]
-    g.add_node(OpKind.OUTPUT, "out", [r])
-    return g
+    b = GraphBuilder("tiny")
+    w = b.param("fc1.weight", (3, 4), data=np.arange(12, dtype=np.float32).reshape(3, 4))
+    return b.build(b.relu(b.linear(b.input((1, 4)), 3, weight=w)))
 
 
 def test_use_lists_and_version() -> None:
     g = small_graph()
     g.verify()
-    y = g.value("y")
-    assert [n.name for n in y.uses] == ["relu"]
+    y = g.value("fc1")
+    assert [n.name for n in y.uses] == ["relu1"]
     v0 = g.version
     extra = g.add_node(OpKind.POINTWISE, "neg", [y], [("n", (1, 3), "float32")], attrs={"op": "neg"})
     assert g.version > v0 and extra in y.uses
-    g.replace_all_uses(g.value("r"), extra.outputs[0])
+    g.replace_all_uses(g.value("relu1"), extra.outputs[0])
     g.verify()
-    g.remove_node(g.node("relu"))
+    g.remove_node(g.node("relu1"))
     g.verify()
-    assert [n.name for n in g.nodes] == ["x", "fc", "neg", "out"]
+    assert [n.name for n in g.nodes] == ["x", "fc1", "neg", "out"]
 
 
 def test_remove_used_node_is_refused() -> None:
     g = small_graph()
     with pytest.raises(VerificationError, match="still used"):
-        g.remove_node(g.node("fc"))
+        g.remove_node(g.node("fc1"))
 
 
 def test_verify_catches_broken_invariants() -> None:
     g = small_graph()
-    g.value("y").uses.clear()  # corrupt a use-list behind the graph's back
+    g.value("fc1").uses.clear()  # corrupt a use-list behind the graph's back
     with pytest.raises(VerificationError, match="use-list"):
         g.verify()
     g = small_graph()
-    p = g.node("fc").params["weight"]
+    p = g.node("fc1").params["weight"]
     p._mask = np.ones((2, 2), dtype=bool)
     with pytest.raises(VerificationError, match="mask"):
         g.verify()
@@ -73,9 +69,9 @@ def test_clone_is_independent() -> None:
 
 def test_cycle_detection_in_sort() -> None:
     g = small_graph()
-    relu = g.node("relu")
+    relu = g.node("relu1")
     with pytest.raises(VerificationError, match="cycle"):
-        g.set_input(g.node("fc"), 0, relu.outputs[0])  # fc <- relu <- fc
+        g.set_input(g.node("fc1"), 0, relu.outputs[0])  # fc <- relu <- fc
 
 
 def test_printer_is_stable() -> None:
@@ -84,9 +80,9 @@ def test_printer_is_stable() -> None:
     assert to_text(g) == (
         "graph tiny {\n"
         "  %x: float32[1,4] = input()\n"
-        "  %y: float32[1,3] = linear(%x) [weight: fc.weight[3, 4] kept 3/12]\n"
-        "  %r: float32[1,3] = pointwise(%y) {op=relu}\n"
-        "  output(%r)\n"
+        "  %fc1: float32[1,3] = linear(%x) {in_features=4, out_features=3} [weight: fc1.weight[3, 4] kept 3/12]\n"
+        "  %relu1: float32[1,3] = pointwise(%fc1) {op=relu}\n"
+        "  output(%relu1)\n"
         "}\n"
     )
     assert to_text(g.clone()) == to_text(g)
@@ -97,3 +93,22 @@ def test_param_oi_views_round_trip() -> None:
     oi = p.to_oi(p.data)
     assert oi.shape == (4, 2, 3)
     assert np.array_equal(p.from_oi(oi), p.data)
+
+
+def test_replace_params_checks_and_bumps_version() -> None:
+    g = small_graph()
+    fc = g.node("fc1")
+    old = fc.params["weight"]
+    new = Param("fc1.weight", np.ones((3, 4), np.float32), prunable=True)
+    bias = Param("fc1.bias", np.zeros(3, np.float32))
+    v = g.version
+    g.replace_params(fc, {"weight": new, "bias": bias})
+    assert g.version == v + 1 and fc.params == {"weight": new, "bias": bias}
+    assert g.param_users(old) == [] and g.param_users(new) == [fc]
+    g.verify()
+    bad = Param("bad", np.ones((3, 4), np.float32), prunable=True, in_axis=0)
+    with pytest.raises(VerificationError, match="in_axis equals out_axis"):
+        g.replace_params(fc, {"weight": bad})
+    assert fc.params["weight"] is new and g.version == v + 1  # refused: nothing changed
+    with pytest.raises(VerificationError, match="not in the graph"):
+        g.replace_params(small_graph().node("fc1"), {})

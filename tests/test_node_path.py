@@ -14,86 +14,19 @@ from hypothesis.control import currently_in_test_context
 
 from pai_compiler.errors import PaicError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
-from pai_compiler.ir import Graph, OpKind, Param, Value
+from pai_compiler.ir import Graph, GraphBuilder, OpKind, Value
 from pai_compiler.pass_infra import AnalysisManager
 from pai_compiler.passes.analysis.node_path import NodePathPass, NodePathResult
 
-# ---- building tiny IR graphs by hand -------------------------------------------------------
+# ---- tiny IR graphs through the builder, with random masks ----------------------------------
 
 
-class Builder:
-    def __init__(self, shape: tuple[int, ...], rng: np.random.RandomState) -> None:
-        self.g = Graph("random")
-        self.rng = rng
-        self.count = 0
-        self.x = self.g.add_node(OpKind.INPUT, "x", (), [("x", shape, "float32")]).outputs[0]
-
-    def _name(self, base: str) -> str:
-        self.count += 1
-        return f"{base}{self.count}"
-
-    def _add(self, kind: OpKind, inputs: list[Value], shape: tuple[int, ...], **kw: Any) -> Value:
-        name = self._name(kind.value)
-        return self.g.add_node(kind, name, inputs, [(name + "_out", shape, "float32")], **kw).outputs[0]
-
-    def _param(self, base: str, shape: tuple[int, ...], density: float, out_axis: int = 0) -> Param:
-        p = Param(self._name(base) + ".weight", np.ones(shape, np.float32), prunable=True, out_axis=out_axis, in_axis=1 - out_axis)
-        if density < 1.0:  # set before the node exists; verify() checks it
-            p._mask = self.rng.rand(*shape) < density
-        return p
-
-    def conv(self, x: Value, cout: int, k: int, *, stride: int = 1, pad: int = 0, dil: int = 1, groups: int = 1, density: float = 1.0) -> Value:
-        n, cin, h, w = x.shape  # type: ignore[misc]
-        out = [(s + 2 * pad - dil * (k - 1) - 1) // stride + 1 for s in (h, w)]
-        p = self._param("conv", (cout, cin // groups, k, k), density)
-        attrs = {"strides": [stride] * 2, "pads": [pad] * 4, "dilations": [dil] * 2, "groups": groups, "kernel_shape": [k, k]}
-        return self._add(OpKind.CONV, [x], (n, cout, *out), params={"weight": p}, attrs=attrs)
-
-    def linear(self, x: Value, out: int, density: float = 1.0, param: Param | None = None, transposed: bool = False) -> Value:
-        """A linear layer; ``transposed`` stores its weight as (in, out), as ONNX MatMul does."""
-        assert x.shape is not None
-        shape = (x.shape[-1], out) if transposed else (out, x.shape[-1])
-        p = param or self._param("fc", shape, density, out_axis=int(transposed))
-        n_out = p.shape[p.out_axis]
-        return self._add(OpKind.LINEAR, [x], (*x.shape[:-1], n_out), params={"weight": p}, attrs={"in_features": x.shape[-1], "out_features": n_out})
-
-    def pool(self, x: Value, mode: str, k: int, stride: int) -> Value:
-        n, c, h, w = x.shape  # type: ignore[misc]
-        out = [(s - k) // stride + 1 for s in (h, w)]
-        attrs = {"mode": mode, "reduce": False, "kernel_shape": [k, k], "strides": [stride] * 2, "pads": [0] * 4,
-                 "dilations": [1, 1], "ceil_mode": False, "count_include_pad": False}
-        return self._add(OpKind.POOL, [x], (n, c, *out), attrs=attrs)
-
-    def global_pool(self, x: Value) -> Value:
-        n, c = x.shape[:2]  # type: ignore[index]
-        return self._add(OpKind.POOL, [x], (n, c, 1, 1), attrs={"mode": "avg", "reduce": True, "axes": [2, 3], "keepdims": True})
-
-    def flatten(self, x: Value) -> Value:
-        shape = (x.shape[0], math.prod(x.shape[1:]))  # type: ignore[index]
-        return self._add(OpKind.RESHAPE, [x], shape, attrs={"op": "reshape", "shape": list(shape)})
-
-    def transpose(self, x: Value, perm: list[int]) -> Value:
-        return self._add(OpKind.RESHAPE, [x], tuple(x.shape[p] for p in perm), attrs={"op": "transpose", "perm": perm})  # type: ignore[index]
-
-    def add(self, *xs: Value) -> Value:
-        return self._add(OpKind.ADD, list(xs), xs[0].shape, attrs={"op": "add"})  # type: ignore[arg-type]
-
-    def concat(self, *xs: Value) -> Value:
-        shape = list(xs[0].shape)  # type: ignore[arg-type]
-        shape[1] = sum(x.shape[1] for x in xs)  # type: ignore[index]
-        return self._add(OpKind.CONCAT, list(xs), tuple(shape), attrs={"axis": 1})
-
-    def relu(self, x: Value) -> Value:
-        return self._add(OpKind.POINTWISE, [x], x.shape, attrs={"op": "relu"})  # type: ignore[arg-type]
-
-    def matmul(self, a: Value, b: Value) -> Value:
-        return self._add(OpKind.MATMUL, [a, b], (*a.shape[:-1], b.shape[-1]))  # type: ignore[index]
-
-    def finish(self, *outs: Value) -> Graph:
-        for i, v in enumerate(outs):
-            self.g.add_node(OpKind.OUTPUT, f"out{i}", [v])
-        self.g.verify()
-        return self.g
+def sparse(b: GraphBuilder, y: Value, density: float, rng: np.random.RandomState) -> Value:
+    """Mask the weight of ``y``'s layer at random, keeping each weight with probability ``density``."""
+    if density < 1.0:
+        w = b.weight_of(y)
+        b.set_mask(y, rng.rand(*w.shape) < density)
+    return y
 
 
 # ---- an element-level graph, built independently of the interpreter -----------------------
@@ -254,8 +187,12 @@ def check_against_brute_force(g: Graph) -> None:
 def random_dags(draw: Any) -> Graph:
     rng = np.random.RandomState(draw(st.integers(0, 2**31 - 1)))
     density = lambda: draw(st.sampled_from([0.25, 0.5, 0.8, 1.0]))  # noqa: E731
-    b = Builder((1, draw(st.integers(1, 2)), 4, 4), rng)
-    x = b.x
+    b = GraphBuilder("random")
+    x = b.input((1, draw(st.integers(1, 2)), 4, 4))
+
+    def conv(x: Value, cout: int, k: int, **kw: int) -> Value:
+        return sparse(b, b.conv(x, cout, k, **kw), density(), rng)
+
     for _ in range(draw(st.integers(1, 3))):
         cin = x.shape[1]  # type: ignore[index]
         op = draw(st.sampled_from(["conv", "grouped", "residual", "concat", "pool", "relu"]))
@@ -266,23 +203,23 @@ def random_dags(draw: Any) -> Graph:
             stride = draw(st.integers(1, 2))
             if x.shape[2] + 2 * pad - dil * (k - 1) - 1 < 0:  # type: ignore[index]
                 continue
-            x = b.conv(x, draw(st.integers(1, 3)), k, stride=stride, pad=pad, dil=dil, density=density())
+            x = conv(x, draw(st.integers(1, 3)), k, stride=stride, pad=pad, dilation=dil)
         elif op == "grouped":
-            x = b.conv(x, 2 * cin, 3, pad=1, groups=cin, density=density())
+            x = conv(x, 2 * cin, 3, pad=1, groups=cin)
         elif op == "residual":
-            x = b.add(b.conv(x, cin, 3, pad=1, density=density()), x)
+            x = b.add(conv(x, cin, 3, pad=1), x)
         elif op == "concat":
-            x = b.concat(b.conv(x, 1, 1, density=density()), b.conv(x, 1, 3, pad=1, density=density()))
+            x = b.concat(conv(x, 1, 1), conv(x, 1, 3, pad=1))
         elif op == "pool" and x.shape[2] >= 2:  # type: ignore[index]
             x = b.pool(x, draw(st.sampled_from(["max", "avg"])), 2, draw(st.integers(1, 2)))
         else:
             x = b.relu(x)
     head = draw(st.sampled_from(["none", "flatten", "global"]))
     if head == "flatten":
-        x = b.linear(b.flatten(x), draw(st.integers(1, 3)), density(), transposed=draw(st.booleans()))
+        x = sparse(b, b.linear(b.flatten(x), draw(st.integers(1, 3)), transposed=draw(st.booleans())), density(), rng)
     elif head == "global":
-        x = b.linear(b.flatten(b.global_pool(x)), draw(st.integers(1, 3)), density(), transposed=draw(st.booleans()))
-    return b.finish(x)
+        x = sparse(b, b.linear(b.flatten(b.global_pool(x)), draw(st.integers(1, 3)), transposed=draw(st.booleans())), density(), rng)
+    return b.build(x)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.filter_too_much, HealthCheck.too_slow])
@@ -293,30 +230,32 @@ def test_random_dags_match_brute_force(g: Graph) -> None:
 
 def test_attention_gate_rule_and_two_outputs() -> None:
     rng = np.random.RandomState(3)
-    b = Builder((1, 3, 2), rng)
-    q = b.linear(b.x, 2, 0.6)
-    k = b.linear(b.x, 2, 0.6, transposed=True)
+    b = GraphBuilder()
+    x = b.input((1, 3, 2))
+    q = sparse(b, b.linear(x, 2), 0.6, rng)
+    k = sparse(b, b.linear(x, 2, transposed=True), 0.6, rng)
     scores = b.matmul(q, b.transpose(k, [0, 2, 1]))
-    v = b.linear(b.x, 3, 0.6, transposed=True)
+    v = sparse(b, b.linear(x, 3, transposed=True), 0.6, rng)
     att = b.matmul(b.relu(scores), v)
-    g = b.finish(b.linear(att, 2, 0.5, transposed=True), q)
+    g = b.build(sparse(b, b.linear(att, 2, transposed=True), 0.5, rng), q)
     check_against_brute_force(g)
 
 
 def test_shared_weight_counts_once() -> None:
-    b = Builder((1, 3), np.random.RandomState(0))
-    shared = b._param("tied", (3, 3), 0.5)
-    y = b.linear(b.linear(b.x, 3, param=shared), 3, param=shared)
-    g = b.finish(y)
+    b = GraphBuilder()
+    shared = b.param("tied.weight", (3, 3))
+    y = b.linear(b.linear(b.input((1, 3)), 3, weight=shared), 3, weight=shared)
+    b.graph.set_mask(shared, np.random.RandomState(0).rand(3, 3) < 0.5)
+    g = b.build(y)
     res = analyse(g)
     assert [row.param for row in res.layers] == [shared.name] and len(res.layers[0].nodes) == 2
     check_against_brute_force(g)
 
 
 def test_dead_branch_is_not_effective() -> None:
-    b = Builder((1, 4), np.random.RandomState(0))
-    h = b.linear(b.x, 4)
-    g = b.finish(b.linear(h, 2))
+    b = GraphBuilder()
+    h = b.linear(b.input((1, 4)), 4)
+    g = b.build(b.linear(h, 2))
     last = g.prunable_params()[1]
     g.set_mask(last, np.array([[1, 0, 0, 0], [1, 0, 0, 0]], bool))  # hidden units 1..3 lead nowhere
     res = analyse(g)
@@ -327,12 +266,12 @@ def test_dead_branch_is_not_effective() -> None:
 
 def test_dpai_equals_mean_pool_count_on_a_chain() -> None:
     """On a chain the max-normalisation cancels: log P̃ = log of the mean-pooled ones-forward."""
-    b = Builder((1, 2, 6, 6), np.random.RandomState(1))
-    x = b.conv(b.x, 3, 3, pad=1, density=0.6)
+    b, rng = GraphBuilder(), np.random.RandomState(1)
+    x = sparse(b, b.conv(b.input((1, 2, 6, 6)), 3, 3, pad=1), 0.6, rng)
     x = b.pool(x, "avg", 2, 2)
-    x = b.conv(x, 2, 3, pad=1, density=0.6)
-    x = b.linear(b.flatten(b.global_pool(x)), 2, 0.8)
-    g = b.finish(x)
+    x = sparse(b, b.conv(x, 2, 3, pad=1), 0.6, rng)
+    x = sparse(b, b.linear(b.flatten(b.global_pool(x)), 2), 0.8, rng)
+    g = b.build(x)
     weight = defaultdict(lambda: 1.0)
     weight.update({n.outputs[0].name: 1 / 4 for n in g.nodes if n.kind is OpKind.POOL and not n.attrs["reduce"]})
     weight.update({n.outputs[0].name: 1 / 9 for n in g.nodes if n.kind is OpKind.POOL and n.attrs["reduce"]})
@@ -351,21 +290,21 @@ def test_dpai_equals_mean_pool_count_on_a_chain() -> None:
 
 
 def test_deep_chain_does_not_overflow() -> None:
-    b = Builder((1, 64), np.random.RandomState(0))
-    x = b.x
+    b = GraphBuilder()
+    x = b.input((1, 64))
     for _ in range(200):
         x = b.linear(x, 64)
-    res = analyse(b.finish(x))
+    res = analyse(b.build(x))
     assert math.isfinite(res.log_paths) and res.log_paths == pytest.approx(201 * math.log(64), rel=1e-12)
     assert res.log_paths_dpai == pytest.approx(res.log_paths, rel=1e-12)
     assert res.effective_params == 200 * 64 * 64
 
 
 def test_opaque_node_is_refused_by_name() -> None:
-    b = Builder((1, 3), np.random.RandomState(0))
-    h = b._add(OpKind.OPAQUE, [b.linear(b.x, 3)], (1, 3), attrs={"op_type": "Weird"})
-    g = b.finish(b.linear(h, 2))
-    with pytest.raises(PaicError, match="'opaque3' is opaque \\(Weird\\)"):
+    b = GraphBuilder()
+    h = b.opaque([b.linear(b.input((1, 3)), 3)], (1, 3), "Weird")
+    g = b.build(b.linear(h, 2))
+    with pytest.raises(PaicError, match="'opaque1' is opaque \\(Weird\\)"):
         analyse(g)
 
 
@@ -379,12 +318,13 @@ def test_shortcuts_and_node_conventions_on_resnet20(examples_dir: Any) -> None:
 
 
 def test_structural_shortcut_without_a_name() -> None:
-    b = Builder((1, 2, 4, 4), np.random.RandomState(0))
-    main = b.conv(b.relu(b.conv(b.x, 4, 3, pad=1)), 4, 3, pad=1)
-    proj = b._add(OpKind.NORM, [b.conv(b.x, 4, 1)], (1, 4, 4, 4), attrs={"type": "batch", "epsilon": 1e-5})
-    g = b.finish(b.add(main, proj))
+    b = GraphBuilder()
+    x = b.input((1, 2, 4, 4))
+    main = b.conv(b.relu(b.conv(x, 4, 3, pad=1)), 4, 3, pad=1)
+    proj = b.batch_norm(b.conv(x, 4, 1))
+    g = b.build(b.add(main, proj))
     flags = {r.param: r.shortcut for r in analyse(g).layers}
-    assert [name for name, s in flags.items() if s] == ["conv6.weight"]
+    assert [name for name, s in flags.items() if s] == ["conv3.weight"]
 
 
 def test_fused_attention_agrees_with_the_decomposed_onnx_graph(examples_dir: Any, tmp_path: Any) -> None:

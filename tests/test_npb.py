@@ -9,7 +9,7 @@ import pytest
 
 from pai_compiler.errors import UsageError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
-from pai_compiler.ir import Graph, OpKind, Param
+from pai_compiler.ir import Graph, GraphBuilder, OpKind
 from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
 from pai_compiler.passes.analysis.node_path import NodePathPass
 from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
@@ -89,19 +89,10 @@ def test_same_seed_same_masks_and_option_checks() -> None:
 
 def _chain() -> Graph:
     """x[1,2,4,4] -> conv a (2->3, 3x3) -> conv b (3->2, 3x3) -> global pool -> flatten -> fc (2->2)."""
-    g = Graph("chain")
-    v = g.add_node(OpKind.INPUT, "x", (), [("x", (1, 2, 4, 4), "float32")]).outputs[0]
-    attrs = {"strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1], "groups": 1, "kernel_shape": [3, 3]}
-    for name, cin, cout in (("a", 2, 3), ("b", 3, 2)):
-        p = Param(f"{name}.weight", np.ones((cout, cin, 3, 3), np.float32), prunable=True)
-        v = g.add_node(OpKind.CONV, name, [v], [(f"{name}_out", (1, cout, 4, 4), "float32")], params={"weight": p}, attrs=attrs).outputs[0]
-    v = g.add_node(OpKind.POOL, "pool", [v], [("pool_out", (1, 2, 1, 1), "float32")], attrs={"mode": "avg", "reduce": True, "axes": [2, 3], "keepdims": True}).outputs[0]
-    v = g.add_node(OpKind.RESHAPE, "flat", [v], [("flat_out", (1, 2), "float32")], attrs={"op": "reshape", "shape": [1, 2]}).outputs[0]
-    fc = Param("fc.weight", np.ones((2, 2), np.float32), prunable=True)
-    v = g.add_node(OpKind.LINEAR, "fc", [v], [("fc_out", (1, 2), "float32")], params={"weight": fc}, attrs={"in_features": 2, "out_features": 2}).outputs[0]
-    g.add_node(OpKind.OUTPUT, "out", [v])
-    g.verify()
-    return g
+    b = GraphBuilder("chain")
+    v = b.conv(b.input((1, 2, 4, 4)), 3, 3, pad=1, weight=b.param("a.weight", (3, 2, 3, 3)))
+    v = b.conv(v, 2, 3, pad=1, weight=b.param("b.weight", (2, 3, 3, 3)))
+    return b.build(b.linear(b.flatten(b.global_pool(v)), 2, weight=b.param("fc.weight", (2, 2))))
 
 
 def test_fine_tune_refills_the_most_effective_kernels() -> None:

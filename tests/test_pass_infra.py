@@ -43,7 +43,7 @@ class Noop(TransformPass):
 
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
         if self.lie:  # claims no change but mutates
-            graph.set_attr(graph.node("relu"), "x", 1)
+            graph.set_attr(graph.node("relu1"), "x", 1)
         return PassResult(modified=False)
 
 
@@ -53,7 +53,7 @@ class AddNeg(TransformPass):
     preserve: bool = False
 
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
-        y = graph.value("y")
+        y = graph.value("fc1")
         graph.add_node(OpKind.POINTWISE, graph.fresh_name("neg"), [y], [(graph.fresh_name("n"), y.shape, "float32")], attrs={"op": "neg"})
         return PassResult(modified=True, preserved=frozenset({CountNodes}) if self.preserve else frozenset())
 
@@ -63,7 +63,7 @@ class Breaker(TransformPass):
     name: ClassVar[str] = "breaker"
 
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
-        graph.value("y").uses.clear()
+        graph.value("fc1").uses.clear()
         return PassResult(modified=True)
 
 
@@ -114,7 +114,7 @@ def test_analysis_cache_and_invalidation() -> None:
     PassManager([AddNeg(preserve=True)]).run(g, am)
     assert am.get(CountNodes()) == 5 and am.computed == 2
     # a mutation outside the pass manager changes the version: the cache is stale
-    g.set_attr(g.node("relu"), "k", 1)
+    g.set_attr(g.node("relu1"), "k", 1)
     assert am.get(CountNodes()) == 6 and am.computed == 3
 
 

@@ -297,6 +297,19 @@ class Graph:
         param.data = data
         self._bump()
 
+    def replace_params(self, node: Node, params: Mapping[str, Param]) -> None:
+        """Give ``node`` exactly ``params`` (keys left out are dropped); checked like ``verify``."""
+        if node not in self._nodes:
+            raise VerificationError(f"cannot replace params of {node.name!r}: it is not in the graph")
+        old = node.params
+        node.params = dict(params)
+        try:
+            self._verify_params(node)
+        except VerificationError:
+            node.params = old
+            raise
+        self._bump()
+
     def set_allocation(self, keep: Mapping[str, int], source: str) -> None:
         """Record per-layer keep counts (param name -> kept weights) from an allocation pass."""
         self.meta["allocation"] = dict(keep)
