@@ -8,7 +8,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"
-DATA_DIR = Path(os.environ.get("PAIC_DATA_DIR", ROOT.parent / "shared" / "data"))
+#: The committed samples (tests/data: the first 5,000/1,000 MNIST and 200/50 CIFAR-10 train/test
+#: images of ../shared/data, same keys) unless PAIC_DATA_DIR names the full datasets.
+DATA_DIR = Path(os.environ.get("PAIC_DATA_DIR", ROOT / "tests" / "data"))
 EXAMPLE_MODELS = ["resnet20", "vgg_small", "tiny_vit"]
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -27,8 +27,6 @@ def _load_benchmark():
 
 
 def test_accuracy_benchmark_smoke(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    if not (data_dir / "mnist.npz").is_file():
-        pytest.skip(f"no MNIST at {data_dir}")
     acc = _load_benchmark()
     # LeNet-300-100 at 90 %, random-ERK masks, 2 short epochs on a 5k-image slice, one thread
     schedule = acc.Schedule("smoke", 0.1, 0.9, 1e-4, 64, "cosine", 2)

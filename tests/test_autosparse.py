@@ -19,7 +19,6 @@ from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.passes.criteria.autosparse.criterion import floored_topk
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = ROOT.parent / "shared" / "data"
 RESNET20 = ROOT / "examples" / "models" / "resnet20.onnx"
 DATA_FREE = ("w", "abs_w", "log_fan_in", "log_numel")
 
@@ -139,10 +138,10 @@ def test_resume_equals_uninterrupted(tiny: dict[str, Any], labels: tuple[LabelSe
     assert [{k: h[k] for k in keys} for h in resumed.meta["history"]] == [{k: h[k] for k in keys} for h in ls.meta["history"]]
 
 
-def test_cli_collect_zoo_model_and_train(tmp_path: Path, tiny: dict[str, Any], labels: tuple[LabelSet, Path, list[dict[str, Any]]]) -> None:
+def test_cli_collect_zoo_model_and_train(tmp_path: Path, data_dir: Path, tiny: dict[str, Any], labels: tuple[LabelSet, Path, list[dict[str, Any]]]) -> None:
     runner = CliRunner()
     out = tmp_path / "lenet.npz"
-    res = runner.invoke(app, ["autosparse", "collect", "zoo:lenet5", "--data", str(DATA_DIR / "mnist.npz"), "--rounds", "1", "--rate", "0.5",
+    res = runner.invoke(app, ["autosparse", "collect", "zoo:lenet5", "--data", str(data_dir / "mnist.npz"), "--rounds", "1", "--rate", "0.5",
                               "--limit", "256", "--limit-test", "100", "-o", str(out)])
     assert res.exit_code == 0, res.output
     lenet = LabelSet.load(out)
@@ -248,7 +247,7 @@ def test_criterion_counts_floor_determinism(data_free: Path, labels: tuple[Label
         optimize(RESNET20, pipeline="autosparse{sparsity=0.9,min_density=1.5}")
 
 
-def test_default_predictor_is_package_data_and_prunes_resnet20() -> None:
+def test_default_predictor_is_package_data_and_prunes_resnet20(data_dir: Path) -> None:
     path = default_predictor_path()
     assert path.parent == ROOT / "passes" / "criteria" / "autosparse" and path.is_file() and path.stat().st_size < 1_000_000
     package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
@@ -259,7 +258,7 @@ def test_default_predictor_is_package_data_and_prunes_resnet20() -> None:
     if predictor.needs_gradient:
         from pai_compiler.lab.data import load_prune_batch
 
-        data = load_prune_batch(DATA_DIR / "cifar10.npz", samples_per_class=10, seed=0, input_shape=(3, 32, 32))
+        data = load_prune_batch(data_dir / "cifar10.npz", samples_per_class=10, seed=0, input_shape=(3, 32, 32))
     result = optimize(RESNET20, pipeline="autosparse{sparsity=0.99}", data=data)
     params = result.graph.prunable_params()
     total = sum(p.numel for p in params)
