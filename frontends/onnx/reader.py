@@ -20,57 +20,21 @@ import sympy
 from pai_compiler.frontends.onnx.static import Const, concretize, eval_static, is_float_dtype
 from pai_compiler.frontends.params import layout_twin
 from pai_compiler.errors import ModelError, PaicError
-from pai_compiler.onnx_wire import invalid_model, open_model
+from pai_compiler.onnx_wire import check_has_graph, check_model_file, open_model
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
 
-__all__ = ["load_onnx_model", "import_onnx", "read_onnx"]
+__all__ = ["load_onnx_model", "import_onnx"]
 
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview", "ai.onnx.preview.training"}
-
-
-def _check_file(p: Path) -> None:
-    if not p.exists():
-        raise ModelError(f"{p}: no such file")
-    if p.is_dir():
-        raise ModelError(f"{p}: is a directory, expected an .onnx file")
-    if p.stat().st_size == 0:
-        raise ModelError(f"{p}: file is empty")
-
-
-def _check_graph(model: Any, p: Path) -> None:
-    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
-        raise ModelError(f"{p}: not a valid ONNX model (no graph)")
-
-
-def read_onnx(path: str | os.PathLike[str]) -> Any:
-    """Load a whole ModelProto with external data (for rewriting it), every failure a one-line ModelError."""
-    import onnx
-
-    p = Path(path)
-    _check_file(p)
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise invalid_model(p, exc) from None
-    _check_graph(model, p)
-    try:
-        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-
-        if any(uses_external_data(t) for t in model.graph.initializer):
-            load_external_data_for_model(model, str(p.parent))
-    except Exception as exc:  # FileNotFoundError, onnx ValidationError for a missing/odd data file
-        detail = " ".join(str(getattr(exc, "strerror", None) or exc).split())[:200]
-        raise ModelError(f"{p}: missing external data ({detail})") from None
-    return model
 
 
 def load_onnx_model(path: str | os.PathLike[str]) -> Graph:
     """Read and lower an ONNX file; big and external weights stay memory-mapped (``onnx_wire``)."""
 
     p = Path(path)
-    _check_file(p)
+    check_model_file(p)
     source = open_model(p)
-    _check_graph(source.model, p)
+    check_has_graph(source.model, p)
     graph = import_onnx(source.model, name=p.stem, arrays=source.arrays)
     graph.meta["source_path"] = str(path)
     return graph
