@@ -21,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pai_compiler import api, zoo
+from pai_compiler import api
+from pai_compiler.lab import zoo
 from pai_compiler.audit import audit_graph
 from pai_compiler.backends.torch_onnx import export_onnx
 from pai_compiler.errors import ModelError, PaicError, UsageError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.frontends.torch.export import lower_export
-from pai_compiler.frontends.torch.fx import BATCH, lower_fx
+from pai_compiler.frontends.torch.fx import lower_fx
+from pai_compiler.frontends.torch.operands import BATCH
 from pai_compiler.frontends.torch.spec import load_torch_spec
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, OpKind
