@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import sympy
 
+from pai_compiler.frontends.onnx.ops import lower_node
+from pai_compiler.frontends.onnx.patterns import fuse_patterns
 from pai_compiler.frontends.onnx.static import Const, concretize, eval_static, is_float_dtype
 from pai_compiler.frontends.params import layout_twin
 from pai_compiler.errors import ModelError, PaicError
@@ -188,6 +190,26 @@ class _Importer:
     # ---- main walk ---------------------------------------------------------------------
     def run(self) -> Graph:
         g = self.model.graph
+        self._load_initializers()
+        self._add_inputs()
+        self.consumed = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
+        for index, node in enumerate(_toposort(list(g.node), set(self.env))):
+            self._lower(node, index)
+        self._add_outputs()
+        self.graph.meta.update(
+            symbols=dict(self.symbols),
+            weight_sources={k: v for k, v in self.weight_sources.items() if k in self.params},
+            opset=self.opset,
+            source_format="onnx",
+            ir_version=int(self.model.ir_version),
+        )
+        return self.graph
+
+    def _load_initializers(self) -> None:
+        """Every dense and sparse initializer as a stored constant (memory-mapped arrays where given)."""
+        from onnx import numpy_helper  # heavy: onnx loads when a model is read
+
+        g = self.model.graph
         self.stored: dict[str, np.ndarray] = {}
         for t in g.initializer:
             arr = self.arrays[t.name] if t.name in self.arrays else _tensor_to_array(t)
@@ -195,8 +217,6 @@ class _Importer:
             self.env[t.name] = Const(arr, origin=t.name)
             self.weight_sources[t.name] = "initializer"
         for st in g.sparse_initializer:
-            from onnx import numpy_helper
-
             name = st.values.name
             dense = numpy_helper.to_array(st.values)
             arr = np.zeros(tuple(st.dims), dtype=dense.dtype)
@@ -208,49 +228,44 @@ class _Importer:
             self.stored[name] = arr
             self.env[name] = Const(arr, origin=name)
             self.weight_sources[name] = "sparse_initializer"
-        init_names = set(self.stored)
-        for inp in g.input:
-            if inp.name in init_names:
+
+    def _add_inputs(self) -> None:
+        """An INPUT node for every graph input that is not an initializer."""
+        for inp in self.model.graph.input:
+            if inp.name in self.stored:
                 continue
             shape = self.dims_from_type(inp.type)
             elem = inp.type.tensor_type.elem_type if inp.type.HasField("tensor_type") else 1
             node = self.graph.add_node(OpKind.INPUT, self.graph.fresh_name(inp.name), (), [(inp.name, shape, _dtype_name(elem))], origin=inp.name)
             self.env[inp.name] = node.outputs[0]
-        from pai_compiler.frontends.onnx.ops import lower_node
 
-        self.consumed = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
-        nodes = _toposort(list(g.node), set(self.env))
-        for index, node in enumerate(nodes):
-            if node.domain not in KNOWN_DOMAINS:
-                raise ModelError(f"node {node.name or node.op_type!r} ({node.op_type}): unknown operator domain {node.domain!r}")
-            if node.domain == "" and node.op_type in ("If", "Loop", "Scan") :
-                self.warnings.append(f"control flow node {node.name!r} ({node.op_type}) is opaque")
-            label = node.name or f"{node.op_type}_{index}"
-            try:
-                self._visit(node, index, lower_node)
-            except PaicError as exc:
-                if str(exc).startswith("node "):
-                    raise
-                raise ModelError(f"node {label!r} ({node.op_type}): {exc}") from exc
-            except Exception as exc:  # a construct we do not handle: name the node and op
-                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-                raise ModelError(f"node {label!r} ({node.op_type}): cannot be lowered: {detail}") from exc
-        for out in g.output:
+    def _lower(self, node: Any, index: int) -> None:
+        """Lower one ONNX node; any failure becomes a ModelError naming the node and its op."""
+        if node.domain not in KNOWN_DOMAINS:
+            raise ModelError(f"node {node.name or node.op_type!r} ({node.op_type}): unknown operator domain {node.domain!r}")
+        if node.domain == "" and node.op_type in ("If", "Loop", "Scan"):
+            self.warnings.append(f"control flow node {node.name!r} ({node.op_type}) is opaque")
+        label = node.name or f"{node.op_type}_{index}"
+        try:
+            self._visit(node, index)
+        except PaicError as exc:
+            if str(exc).startswith("node "):
+                raise
+            raise ModelError(f"node {label!r} ({node.op_type}): {exc}") from exc
+        except Exception as exc:  # a construct we do not handle: name the node and op
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise ModelError(f"node {label!r} ({node.op_type}): cannot be lowered: {detail}") from exc
+
+    def _add_outputs(self) -> None:
+        """An OUTPUT node for every graph output (a constant output gets its CONSTANT node)."""
+        for out in self.model.graph.output:
             x = self.env.get(out.name)
             if x is None:
                 raise ModelError(f"graph output {out.name!r} is not produced by any node")
             v = self.operand_value(x, out.name)
             self.graph.add_node(OpKind.OUTPUT, self.graph.fresh_name(f"output_{out.name}"), (v,), origin=out.name)
-        self.graph.meta.update(
-            symbols=dict(self.symbols),
-            weight_sources={k: v for k, v in self.weight_sources.items() if k in self.params},
-            opset=self.opset,
-            source_format="onnx",
-            ir_version=int(self.model.ir_version),
-        )
-        return self.graph
 
-    def _visit(self, node: Any, index: int, lower_node: Any) -> None:
+    def _visit(self, node: Any, index: int) -> None:
         ins: list[Const | Value | None] = []
         for name in node.input:
             if not name:
@@ -372,8 +387,6 @@ def import_onnx(model: Any, name: str = "", arrays: Mapping[str, np.ndarray] | N
     """Lower a loaded ModelProto to the IR; ``arrays`` gives initializer data by name (memory-mapped
     weights that the proto leaves out), the rest is read from the proto."""
     graph = _Importer(model, name, arrays).run()
-    from pai_compiler.frontends.onnx.patterns import fuse_patterns
-
     fuse_patterns(graph)
     graph.verify()
     return graph
