@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pai_compiler.frontends.onnx.movement import MOVEMENT_RULES
+from pai_compiler.frontends.onnx.ops import HANDLERS
 from pai_compiler.interp import OPAQUE_RULES, PATH_RULES, RULES
 from pai_compiler.ir import OpKind
 from pai_compiler.passes.analysis.coupling import COUPLING_RULES, SLICE_RULES
@@ -78,3 +80,9 @@ def test_opaque_nodes_have_rules_by_op_name() -> None:
     """The opaque exemption holds only while OPAQUE_RULES gives (real, paths) pairs."""
     assert OPAQUE_RULES
     assert all(len(pair) == 2 and all(callable(rule) for rule in pair) for pair in OPAQUE_RULES.values())
+
+
+def test_every_onnx_movement_op_has_a_shape_rule() -> None:
+    """The ONNX ops lowered as data movement (Gather: when it is not an embedding lookup) each have a shape rule."""
+    movement_ops = {op for op, handler in HANDLERS.items() if handler.__name__ in ("_movement", "_gather")}
+    assert movement_ops and movement_ops <= set(MOVEMENT_RULES), sorted(movement_ops - set(MOVEMENT_RULES))
