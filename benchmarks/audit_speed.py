@@ -58,11 +58,12 @@ def export(name: str, folder: Path) -> Path:
     if not path.exists():
         import torch
 
+        from pai_compiler.backends.torch_onnx import export_onnx
         from pai_compiler.lab import zoo
 
         torch.manual_seed(0)
         print(f"exporting {name} to {path} ...", flush=True)
-        zoo.export_onnx(zoo.build(name), zoo.input_shape(name), path)
+        export_onnx(zoo.build(name), zoo.input_shape(name), path)
     return path
 
 

@@ -46,6 +46,7 @@ def model_path(name: str, folder: Path) -> Path:
     bundled = ROOT / "examples" / "models" / f"{name}.onnx"
     if bundled.exists():
         return bundled
+    from pai_compiler.backends.torch_onnx import export_onnx
     from pai_compiler.lab import zoo
 
     path = folder / f"{name}.onnx"
@@ -53,7 +54,7 @@ def model_path(name: str, folder: Path) -> Path:
         import torch
 
         torch.manual_seed(0)
-        zoo.export_onnx(zoo.build(name), zoo.input_shape(name), path)
+        export_onnx(zoo.build(name), zoo.input_shape(name), path)
     return path
 
 

@@ -38,7 +38,7 @@ def export(model: str, directory: Path) -> Path:
     import torch
 
     from pai_compiler.lab import zoo
-    from pai_compiler.lab.zoo.export import export_onnx
+    from pai_compiler.backends.torch_onnx import export_onnx
 
     path = directory / f"{model}.onnx"
     if not path.exists():

@@ -34,7 +34,7 @@ def main() -> None:
     from pai_compiler.audit import audit_graph, format_value
     from pai_compiler.lab.data import load_prune_batch
     from pai_compiler.registry import available_passes
-    from pai_compiler.lab.zoo.export import export_onnx
+    from pai_compiler.backends.torch_onnx import export_onnx
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="resnet20,vgg19,resnet18")

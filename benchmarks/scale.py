@@ -41,7 +41,7 @@ def build_vit(path: Path) -> int:
     import torch
 
     from pai_compiler.lab import zoo
-    from pai_compiler.lab.zoo.export import export_onnx
+    from pai_compiler.backends.torch_onnx import export_onnx
 
     if not path.exists():
         torch.manual_seed(0)

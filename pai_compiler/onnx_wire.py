@@ -10,6 +10,8 @@ another file at ``TensorProto.external_data`` (13) ``{location, offset, length}`
   initializer whose ``raw_data`` has at least :data:`STRIP_BYTES` bytes is left out and
   returned instead as a read-only ``np.frombuffer`` view of the mapping (external data is
   mapped the same way). Loading costs the skeleton; weight pages are read on first touch.
+* :func:`load_full_model` loads a whole ``ModelProto`` with its external data, for a writer
+  that rewrites the proto (the masked writer's general path, the compact writer).
 * ``pai_compiler.backends.onnx_stream`` writes a masked copy from these byte ranges.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ import numpy as np
 
 from pai_compiler.errors import ModelError
 
-__all__ = ["STRIP_BYTES", "OnnxFile", "TensorRef", "open_model", "invalid_model", "release_mapped_pages", "fields", "parse_tensor", "string_pairs", "string_entry", "tag", "encode_varint"]
+__all__ = ["STRIP_BYTES", "OnnxFile", "TensorRef", "open_model", "load_full_model", "check_model_file", "check_has_graph", "invalid_model", "release_mapped_pages", "fields", "parse_tensor", "string_pairs", "string_entry", "tag", "encode_varint"]
 
 #: raw_data of at least this many bytes leaves the skeleton (shape constants stay inline)
 STRIP_BYTES = 1 << 14
@@ -255,6 +257,43 @@ def open_model(path: str | os.PathLike[str]) -> OnnxFile:
     except ModelError as exc:
         raise ModelError(f"{p}: {exc}") from None
     return OnnxFile(p, model, arrays, tensors, buf)
+
+
+def check_model_file(path: Path) -> None:
+    """Raise a one-line ModelError unless ``path`` is a non-empty file."""
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{path}: is a directory, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path}: file is empty")
+
+
+def check_has_graph(model: Any, path: Path) -> None:
+    """Raise a one-line ModelError unless ``model`` has a graph with nodes or outputs."""
+    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
+        raise ModelError(f"{path}: not a valid ONNX model (no graph)")
+
+
+def load_full_model(path: str | os.PathLike[str]) -> Any:
+    """Load a whole ModelProto with external data (for rewriting it), every failure a one-line ModelError."""
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
+
+    p = Path(path)
+    check_model_file(p)
+    try:
+        model = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends
+        raise invalid_model(p, exc) from None
+    check_has_graph(model, p)
+    try:
+        if any(uses_external_data(t) for t in model.graph.initializer):
+            load_external_data_for_model(model, str(p.parent))
+    except Exception as exc:  # FileNotFoundError, onnx ValidationError for a missing/odd data file
+        detail = " ".join(str(getattr(exc, "strerror", None) or exc).split())[:200]
+        raise ModelError(f"{p}: missing external data ({detail})") from None
+    return model
 
 
 def invalid_model(path: Path, exc: Exception) -> ModelError:

@@ -23,7 +23,7 @@ from pai_compiler.passes.criteria.grasp import GraspPass
 from pai_compiler.passes.criteria.snip import SnipPass
 from pai_compiler.passes.criteria.synflow import SynflowPass, schedule_keep, topk_mask_torch
 from pai_compiler.pipeline import parse_pipeline
-from pai_compiler.lab.zoo.export import export_onnx
+from pai_compiler.backends.torch_onnx import export_onnx
 
 torch.set_num_threads(1)
 

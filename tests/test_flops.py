@@ -69,7 +69,7 @@ def test_resnet50_macs(tmp_path: Path) -> None:
     import torch
 
     from pai_compiler.lab import zoo
-    from pai_compiler.lab.zoo.export import export_onnx
+    from pai_compiler.backends.torch_onnx import export_onnx
 
     torch.manual_seed(0)
     export_onnx(zoo.build("resnet50"), zoo.input_shape("resnet50"), tmp_path / "r50.onnx")

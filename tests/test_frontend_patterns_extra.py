@@ -32,7 +32,7 @@ from pai_compiler.frontends.onnx.reader import import_onnx, load_onnx_model
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, OpKind
 from pai_compiler.ort import session
-from pai_compiler.lab.zoo.export import export_onnx
+from pai_compiler.backends.torch_onnx import export_onnx
 
 PATH_KEYS = ("log_paths", "log_paths_dpai", "effective_params", "effective_nodes", "effective_nodes_npb", "effective_kernels", "total_nodes")
 

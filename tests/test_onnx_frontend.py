@@ -43,7 +43,7 @@ def test_examples_lower_and_match_ort(example_model: Path) -> None:
 def test_dynamo_export_lowers_like_legacy(tmp_path: Path, name: str) -> None:
     pytest.importorskip("onnxscript")
     from pai_compiler.lab import zoo
-    from pai_compiler.lab.zoo.export import export_onnx
+    from pai_compiler.backends.torch_onnx import export_onnx
 
     torch.manual_seed(0)
     model = zoo.build(name)

@@ -24,10 +24,12 @@ from torch import nn
 from pai_compiler import api
 from pai_compiler.lab import zoo
 from pai_compiler.audit import audit_graph
+from pai_compiler.backends.torch_onnx import export_onnx
 from pai_compiler.errors import ModelError, UsageError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.frontends.torch.export import lower_export
-from pai_compiler.frontends.torch.fx import BATCH, lower_fx
+from pai_compiler.frontends.torch.fx import lower_fx
+from pai_compiler.frontends.torch.operands import BATCH
 from pai_compiler.frontends.torch.spec import load_torch_spec
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, OpKind
@@ -53,7 +55,7 @@ def lowered(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], A
             shape = zoo.input_shape(name)
             if frontend == "onnx":
                 path = tmp_path_factory.mktemp(name) / f"{name}.onnx"
-                zoo.export_onnx(module, shape, path)
+                export_onnx(module, shape, path)
                 graph = load_onnx_model(path)
             else:
                 graph = FRONTENDS[frontend](module, torch.randn(2, *shape))
@@ -559,8 +561,6 @@ def test_weight_in_two_layouts_computes_the_model(frontend: str, tmp_path: Path)
     torch.manual_seed(0)
     module = _TiedSquare().eval()
     if frontend == "onnx":
-        from pai_compiler.lab.zoo.export import export_onnx
-
         export_onnx(module, (6,), tmp_path / "tied.onnx")
         graph = load_onnx_model(tmp_path / "tied.onnx")
     else:

@@ -26,7 +26,7 @@ if str(_REPO_ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from pai_compiler.lab import zoo  # noqa: E402
-from pai_compiler.lab.zoo.export import export_onnx  # noqa: E402
+from pai_compiler.backends.torch_onnx import export_onnx  # noqa: E402
 
 __all__ = ["EXAMPLE_MODELS", "generate", "main"]
 

@@ -1,4 +1,4 @@
-"""ONNX frontend: ``reader`` lowers an ONNX model to the IR (``read_onnx``); ``ops`` maps ONNX ops
+"""ONNX frontend: ``reader`` lowers an ONNX model to the IR (``load_onnx_model``); ``ops`` maps ONNX ops
 to IR nodes, ``static`` evaluates shape arithmetic at compile time, ``patterns`` and
 ``patterns_norm`` fuse exporter idioms (GELU, LayerNorm, …) into single nodes.
 """

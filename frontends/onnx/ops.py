@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import sympy
 
+from pai_compiler.frontends.onnx.movement import DynamicArgument, Movement, movement_shape
 from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, is_float_dtype, prod, simplify_dim
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim, OpKind, Value
@@ -321,99 +322,17 @@ def _reduce(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, An
     _emit(imp, OpKind.POOL, node, label, [x], [shape], attrs={"mode": mode, "reduce": True, "axes": axes, "keepdims": keep})
 
 
-def _resolve_reshape(in_shape: tuple[Dim, ...], target: list[Any], allowzero: bool) -> tuple[Dim, ...]:
-    dims: list[Any] = [in_shape[i] if (not allowzero and t == 0) else t for i, t in enumerate(target)]
-    if any(d == -1 for d in dims):
-        known = prod([d for d in dims if d != -1])
-        dims[dims.index(-1)] = simplify_dim(sympy.sympify(prod(in_shape)) / sympy.sympify(known))
-    return tuple(simplify_dim(d) for d in dims)
-
-
 def _movement(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    """Data movement of an activation: one RESHAPE node (``movement``'s rules), opaque when an argument is dynamic."""
     if not isinstance(ins[0], Value):  # a constant reshaped/sliced by run-time sizes (a positional table cut to the sequence)
         data = [x for x in ins if not (isinstance(x, Const) and x.symbolic)]  # the run-time sizes are shape math, not data
         return _opaque(imp, node, label, data, attrs, reason=f"{node.op_type} of a constant by run-time sizes")
     x = ins[0]
-    op = node.op_type
-    s = x.shape
-    out_attrs: dict[str, Any] = {"op": op.lower()}
-    shape: tuple[Dim, ...] | None = None
-
-    def const_ints(i: int, key: str) -> list[int] | None:
-        if len(ins) > i and ins[i] is not None:
-            c = ins[i]
-            if not isinstance(c, Const):
-                raise _Dynamic()
-            return [int(v) if not isinstance(v, sympy.Expr) else v for v in c.array.reshape(-1)]
-        return attrs.get(key)
-
     try:
-        if op == "Reshape":
-            target = const_ints(1, "shape")
-            shape = _resolve_reshape(s, target, bool(attrs.get("allowzero", 0))) if s is not None else None
-            out_attrs["op"] = "reshape"
-        elif op == "Flatten":
-            axis = int(attrs.get("axis", 1)) % len(s) if s is not None else 1
-            shape = (prod(s[:axis]), prod(s[axis:])) if s is not None else None
-            out_attrs["op"] = "reshape"
-        elif op == "Transpose":
-            perm = list(attrs.get("perm", list(reversed(range(len(s) if s else 0)))))
-            shape = tuple(s[p] for p in perm) if s is not None else None
-            out_attrs["perm"] = perm
-        elif op in ("Squeeze", "Unsqueeze"):
-            axes = const_ints(1, "axes")
-            if s is None:
-                raise _Dynamic()
-            if op == "Squeeze":
-                axes = [a % len(s) for a in axes] if axes else [i for i, d in enumerate(s) if d == 1]
-                shape = tuple(d for i, d in enumerate(s) if i not in axes)
-            else:
-                rank = len(s) + len(axes)
-                axes = sorted(a % rank for a in axes)
-                it = iter(s)
-                shape = tuple(1 if i in axes else next(it) for i in range(rank))
-            out_attrs["op"] = "reshape"
-        elif op == "Slice":
-            starts, ends = const_ints(1, "starts"), const_ints(2, "ends")
-            axes = const_ints(3, "axes") or list(range(len(starts)))
-            steps = const_ints(4, "steps") or [1] * len(starts)
-            if s is None:
-                raise _Dynamic()
-            axes = [a % len(s) for a in axes]
-            shape_l = list(s)
-            for st, en, ax, sp in zip(starts, ends, axes, steps):
-                if not isinstance(s[ax], int):
-                    if st == 0 and sp == 1 and en >= 2**31:  # x[0:] on a symbolic dim: the whole dim
-                        continue
-                    raise _Dynamic()
-                shape_l[ax] = len(range(*slice(st, en, sp).indices(s[ax])))
-            shape = tuple(shape_l)
-            out_attrs.update(starts=starts, ends=ends, axes=axes, steps=steps)
-        elif op == "Gather":
-            idx = ins[1]
-            if not isinstance(idx, Const) or idx.symbolic:
-                raise _Dynamic()
-            axis = int(attrs.get("axis", 0)) % len(s)
-            indices = idx.array.astype(np.int64)
-            shape = (*s[:axis], *indices.shape, *s[axis + 1 :])
-            out_attrs.update(axis=axis, indices=indices.tolist(), indices_shape=list(indices.shape))
-        elif op == "Expand":
-            target = const_ints(1, "shape")
-            shape = broadcast_shapes(s, target)
-            out_attrs["op"] = "expand"
-        elif op == "DepthToSpace" or op == "SpaceToDepth":
-            raise _Dynamic()
-        else:
-            raise _Dynamic()
-    except _Dynamic:
-        return _opaque(imp, node, label, ins, attrs, reason=f"{op} with a dynamic or unsupported argument")
-    if out_attrs["op"] == "reshape":
-        out_attrs["shape"] = list(shape) if shape is not None else None
+        shape, out_attrs = movement_shape(node.op_type, Movement(x.shape, ins, attrs))
+    except DynamicArgument:
+        return _opaque(imp, node, label, ins, attrs, reason=f"{node.op_type} with a dynamic or unsupported argument")
     _emit(imp, OpKind.RESHAPE, node, label, [x], [shape], attrs=out_attrs)
-
-
-class _Dynamic(Exception):
-    pass
 
 
 def _concat(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:

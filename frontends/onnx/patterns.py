@@ -15,50 +15,19 @@ the same value ``x``; anything else is left untouched.
 * SiLU ``x * sigmoid(x)`` -> ``silu``; Mish ``x * tanh(softplus(x))`` -> ``mish``;
   HardSwish ``x * HardSigmoid(x; alpha=1/6, beta=0.5)`` -> ``hardswish``.
 * LayerNorm spelled with ReduceMean/Sub/Pow/Sqrt/Div (opset < 17) -> ``norm{type=layer}``,
-  see ``_patterns_norm``.
+  see ``patterns_norm``. The matchers both use live in ``pattern_match``.
 """
 from __future__ import annotations
 
 import math
 
-import numpy as np
-
+from pai_compiler.frontends.onnx.pattern_match import const_close, pointwise_of, remove_dead
+from pai_compiler.frontends.onnx.patterns_norm import fuse_layer_norms
 from pai_compiler.ir import Graph, Node, OpKind, Value
-from pai_compiler.frontends.onnx.static import float_eps
 
-__all__ = ["fuse_patterns", "const_value", "const_close", "pointwise_of", "remove_dead"]
+__all__ = ["fuse_patterns"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def pointwise_of(v: Value, op: str) -> Node | None:
-    """The pointwise ``op`` node producing ``v``, if that is what produces it."""
-    n = v.producer
-    if n is not None and n.kind is OpKind.POINTWISE and n.attrs.get("op") == op:
-        return n
-    return None
-
-
-def const_value(n: Node) -> float | None:
-    """The single value of a pointwise node's constant operand (None unless it has one)."""
-    p = n.params.get("const")
-    if p is None or p.data.size != 1:
-        return None
-    try:
-        return float(np.asarray(p.data).reshape(-1)[0])
-    except (TypeError, ValueError):
-        return None
-
-
-def const_close(n: Node | None, target: float) -> bool:
-    """``n``'s constant equals ``target`` up to the rounding of the constant's own dtype."""
-    if n is None:
-        return False
-    c = const_value(n)
-    if c is None or not math.isfinite(c):
-        return False
-    tol = 2 * (float_eps(n.params["const"].data.dtype) or 0.0) * abs(target) + 1e-12
-    return abs(c - target) <= max(tol, 2e-7 * abs(target))
 
 
 def _scaled(t: Value, x: Value) -> tuple[Value, float, list[Node]]:
@@ -163,22 +132,6 @@ def _match_unary(x: Value, t: Value) -> tuple[str, list[Node], dict[str, object]
     return None
 
 
-def remove_dead(graph: Graph, chain: list[Node]) -> list[Node]:
-    """Remove the pattern's nodes that nothing uses any more; return them. A node still used
-    outside the pattern stays (and so do its producers)."""
-    pending, removed = list(dict.fromkeys(chain)), []
-    progress = True
-    while pending and progress:
-        progress = False
-        for n in list(pending):
-            if all(not v.uses for v in n.outputs):
-                graph.remove_node(n)
-                pending.remove(n)
-                removed.append(n)
-                progress = True
-    return removed
-
-
 def _replace(graph: Graph, mul: Node, x: Value, op: str, attrs: dict[str, object], chain: list[Node]) -> list[Node]:
     out = mul.outputs[0]
     attrs = dict(attrs)
@@ -200,8 +153,6 @@ def _replace(graph: Graph, mul: Node, x: Value, op: str, attrs: dict[str, object
 
 def fuse_patterns(graph: Graph) -> int:
     """Fuse activations and LayerNorms spelled out of primitives; return how many were fused."""
-    from pai_compiler.frontends.onnx.patterns_norm import fuse_layer_norms  # it uses this module's matchers
-
     fused = fuse_layer_norms(graph)
     removed: set[int] = set()
     for mul in graph.nodes:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 
-from pai_compiler.frontends.onnx.patterns import const_close, const_value, pointwise_of, remove_dead
+from pai_compiler.frontends.onnx.pattern_match import const_close, const_value, pointwise_of, remove_dead
 from pai_compiler.ir import Graph, Node, OpKind, Param, Value
 
 __all__ = ["fuse_layer_norms"]

@@ -17,60 +17,26 @@ from typing import Any
 import numpy as np
 import sympy
 
+from pai_compiler.frontends.onnx.ops import lower_node
+from pai_compiler.frontends.onnx.patterns import fuse_patterns
 from pai_compiler.frontends.onnx.static import Const, concretize, eval_static, is_float_dtype
 from pai_compiler.frontends.params import layout_twin
 from pai_compiler.errors import ModelError, PaicError
-from pai_compiler.onnx_wire import invalid_model, open_model
+from pai_compiler.onnx_wire import check_has_graph, check_model_file, open_model
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
 
-__all__ = ["load_onnx_model", "import_onnx", "read_onnx"]
+__all__ = ["load_onnx_model", "import_onnx"]
 
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview", "ai.onnx.preview.training"}
-
-
-def _check_file(p: Path) -> None:
-    if not p.exists():
-        raise ModelError(f"{p}: no such file")
-    if p.is_dir():
-        raise ModelError(f"{p}: is a directory, expected an .onnx file")
-    if p.stat().st_size == 0:
-        raise ModelError(f"{p}: file is empty")
-
-
-def _check_graph(model: Any, p: Path) -> None:
-    if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
-        raise ModelError(f"{p}: not a valid ONNX model (no graph)")
-
-
-def read_onnx(path: str | os.PathLike[str]) -> Any:
-    """Load a whole ModelProto with external data (for rewriting it), every failure a one-line ModelError."""
-    import onnx
-
-    p = Path(path)
-    _check_file(p)
-    try:
-        model = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise invalid_model(p, exc) from None
-    _check_graph(model, p)
-    try:
-        from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-
-        if any(uses_external_data(t) for t in model.graph.initializer):
-            load_external_data_for_model(model, str(p.parent))
-    except Exception as exc:  # FileNotFoundError, onnx ValidationError for a missing/odd data file
-        detail = " ".join(str(getattr(exc, "strerror", None) or exc).split())[:200]
-        raise ModelError(f"{p}: missing external data ({detail})") from None
-    return model
 
 
 def load_onnx_model(path: str | os.PathLike[str]) -> Graph:
     """Read and lower an ONNX file; big and external weights stay memory-mapped (``onnx_wire``)."""
 
     p = Path(path)
-    _check_file(p)
+    check_model_file(p)
     source = open_model(p)
-    _check_graph(source.model, p)
+    check_has_graph(source.model, p)
     graph = import_onnx(source.model, name=p.stem, arrays=source.arrays)
     graph.meta["source_path"] = str(path)
     return graph
@@ -224,6 +190,26 @@ class _Importer:
     # ---- main walk ---------------------------------------------------------------------
     def run(self) -> Graph:
         g = self.model.graph
+        self._load_initializers()
+        self._add_inputs()
+        self.consumed = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
+        for index, node in enumerate(_toposort(list(g.node), set(self.env))):
+            self._lower(node, index)
+        self._add_outputs()
+        self.graph.meta.update(
+            symbols=dict(self.symbols),
+            weight_sources={k: v for k, v in self.weight_sources.items() if k in self.params},
+            opset=self.opset,
+            source_format="onnx",
+            ir_version=int(self.model.ir_version),
+        )
+        return self.graph
+
+    def _load_initializers(self) -> None:
+        """Every dense and sparse initializer as a stored constant (memory-mapped arrays where given)."""
+        from onnx import numpy_helper  # heavy: onnx loads when a model is read
+
+        g = self.model.graph
         self.stored: dict[str, np.ndarray] = {}
         for t in g.initializer:
             arr = self.arrays[t.name] if t.name in self.arrays else _tensor_to_array(t)
@@ -231,8 +217,6 @@ class _Importer:
             self.env[t.name] = Const(arr, origin=t.name)
             self.weight_sources[t.name] = "initializer"
         for st in g.sparse_initializer:
-            from onnx import numpy_helper
-
             name = st.values.name
             dense = numpy_helper.to_array(st.values)
             arr = np.zeros(tuple(st.dims), dtype=dense.dtype)
@@ -244,49 +228,44 @@ class _Importer:
             self.stored[name] = arr
             self.env[name] = Const(arr, origin=name)
             self.weight_sources[name] = "sparse_initializer"
-        init_names = set(self.stored)
-        for inp in g.input:
-            if inp.name in init_names:
+
+    def _add_inputs(self) -> None:
+        """An INPUT node for every graph input that is not an initializer."""
+        for inp in self.model.graph.input:
+            if inp.name in self.stored:
                 continue
             shape = self.dims_from_type(inp.type)
             elem = inp.type.tensor_type.elem_type if inp.type.HasField("tensor_type") else 1
             node = self.graph.add_node(OpKind.INPUT, self.graph.fresh_name(inp.name), (), [(inp.name, shape, _dtype_name(elem))], origin=inp.name)
             self.env[inp.name] = node.outputs[0]
-        from pai_compiler.frontends.onnx.ops import lower_node
 
-        self.consumed = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
-        nodes = _toposort(list(g.node), set(self.env))
-        for index, node in enumerate(nodes):
-            if node.domain not in KNOWN_DOMAINS:
-                raise ModelError(f"node {node.name or node.op_type!r} ({node.op_type}): unknown operator domain {node.domain!r}")
-            if node.domain == "" and node.op_type in ("If", "Loop", "Scan") :
-                self.warnings.append(f"control flow node {node.name!r} ({node.op_type}) is opaque")
-            label = node.name or f"{node.op_type}_{index}"
-            try:
-                self._visit(node, index, lower_node)
-            except PaicError as exc:
-                if str(exc).startswith("node "):
-                    raise
-                raise ModelError(f"node {label!r} ({node.op_type}): {exc}") from exc
-            except Exception as exc:  # a construct we do not handle: name the node and op
-                detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
-                raise ModelError(f"node {label!r} ({node.op_type}): cannot be lowered: {detail}") from exc
-        for out in g.output:
+    def _lower(self, node: Any, index: int) -> None:
+        """Lower one ONNX node; any failure becomes a ModelError naming the node and its op."""
+        if node.domain not in KNOWN_DOMAINS:
+            raise ModelError(f"node {node.name or node.op_type!r} ({node.op_type}): unknown operator domain {node.domain!r}")
+        if node.domain == "" and node.op_type in ("If", "Loop", "Scan"):
+            self.warnings.append(f"control flow node {node.name!r} ({node.op_type}) is opaque")
+        label = node.name or f"{node.op_type}_{index}"
+        try:
+            self._visit(node, index)
+        except PaicError as exc:
+            if str(exc).startswith("node "):
+                raise
+            raise ModelError(f"node {label!r} ({node.op_type}): {exc}") from exc
+        except Exception as exc:  # a construct we do not handle: name the node and op
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
+            raise ModelError(f"node {label!r} ({node.op_type}): cannot be lowered: {detail}") from exc
+
+    def _add_outputs(self) -> None:
+        """An OUTPUT node for every graph output (a constant output gets its CONSTANT node)."""
+        for out in self.model.graph.output:
             x = self.env.get(out.name)
             if x is None:
                 raise ModelError(f"graph output {out.name!r} is not produced by any node")
             v = self.operand_value(x, out.name)
             self.graph.add_node(OpKind.OUTPUT, self.graph.fresh_name(f"output_{out.name}"), (v,), origin=out.name)
-        self.graph.meta.update(
-            symbols=dict(self.symbols),
-            weight_sources={k: v for k, v in self.weight_sources.items() if k in self.params},
-            opset=self.opset,
-            source_format="onnx",
-            ir_version=int(self.model.ir_version),
-        )
-        return self.graph
 
-    def _visit(self, node: Any, index: int, lower_node: Any) -> None:
+    def _visit(self, node: Any, index: int) -> None:
         ins: list[Const | Value | None] = []
         for name in node.input:
             if not name:
@@ -408,8 +387,6 @@ def import_onnx(model: Any, name: str = "", arrays: Mapping[str, np.ndarray] | N
     """Lower a loaded ModelProto to the IR; ``arrays`` gives initializer data by name (memory-mapped
     weights that the proto leaves out), the rest is read from the proto."""
     graph = _Importer(model, name, arrays).run()
-    from pai_compiler.frontends.onnx.patterns import fuse_patterns
-
     fuse_patterns(graph)
     graph.verify()
     return graph

@@ -1,5 +1,6 @@
 """PyTorch frontends: torch.fx (``fx``) and torch.export (``export``) lower an nn.Module to the IR;
-``ops`` maps aten/torch calls to IR nodes; ``spec`` loads ``file.py:attr`` specs. Importing this
+``ops`` maps aten/torch calls to IR nodes through ``lowering`` (the shared IR builder) and
+``operands`` (constants, the module handle, example inputs); ``spec`` loads ``file.py:attr`` specs. Importing this
 package does not import torch.
 """
 from __future__ import annotations

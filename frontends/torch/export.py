@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from pai_compiler.errors import ModelError
-from pai_compiler.frontends.torch.fx import BATCH, TorchConst, TorchLowering, _perm_of, example_inputs
+from pai_compiler.frontends.torch.lowering import TorchLowering
+from pai_compiler.frontends.torch.operands import BATCH, TorchConst, example_inputs, perm_of
 from pai_compiler.ir import Dim, Graph, Value
 
 __all__ = ["lower_export", "ATEN_RULES"]
@@ -176,7 +177,7 @@ class _ExportWalker:
                 return args[0]  # core ATen spells x @ W as bmm(view(expand(x)), view(expand(W^T)))
             if packet in ("t", "permute", "transpose", "numpy_T") and isinstance(args[0], TorchConst) and args[0].broadcast_to is None:
                 c = args[0]
-                perm = _perm_of({"numpy_T": "t"}.get(packet, packet), c.value.dim(), args[1:])
+                perm = perm_of({"numpy_T": "t"}.get(packet, packet), c.value.dim(), args[1:])
                 base = c.perm or tuple(range(c.value.dim()))
                 return TorchConst(c.tensor, c.fqn, tuple(base[p] for p in perm))
             return self.static(n, args, kwargs)
@@ -298,7 +299,7 @@ def _permute(kind: str) -> Rule:
     def rule(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
         x = a["self"]
         rest = [a[k] for k in ("dim0", "dim1", "dims") if a.get(k) is not None]
-        return w.lw.transpose(n.name, x, _perm_of(kind, len(x.shape), rest), w.origin(n))
+        return w.lw.transpose(n.name, x, perm_of(kind, len(x.shape), rest), w.origin(n))
     return rule
 
 

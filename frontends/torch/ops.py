@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pai_compiler.errors import ModelError
-from pai_compiler.frontends.torch.fx import AttentionWeights, TorchConst, _perm_of
+from pai_compiler.frontends.torch.operands import AttentionWeights, TorchConst, perm_of
 from pai_compiler.ir import Value
 
 __all__ = ["MODULE_RULES", "FUNCTION_RULES", "UNARY"]
@@ -246,7 +246,7 @@ def _reshape(w: Any, n: Any, x: Value, *args: Any, **kwargs: Any) -> Any:
 def _permute_method(kind: str) -> Rule:
     def rule(w: Any, n: Any, x: Value, *args: Any, **kwargs: Any) -> Any:
         rest = list(args) + [kwargs[k] for k in ("dim0", "dim1", "dims") if k in kwargs]
-        return w.lw.transpose(n.name, x, _perm_of(kind, len(x.shape), rest), n.name)
+        return w.lw.transpose(n.name, x, perm_of(kind, len(x.shape), rest), n.name)
     return rule
 
 

@@ -35,6 +35,7 @@ from pai_compiler.backends.onnx_masked import _check_like_source, set_metadata
 from pai_compiler.errors import PaicError
 from pai_compiler.io import atomic_write
 from pai_compiler.ir import Graph, Node, OpKind, Param
+from pai_compiler.onnx_wire import load_full_model
 from pai_compiler.passes.transform.dead_node_elim import CompactReport
 
 __all__ = ["compact_model", "write_compact_onnx"]
@@ -314,11 +315,9 @@ def write_compact_onnx(graph: Graph, source: str | os.PathLike[str], out: str | 
     """Read ``source`` again, rewrite it to the compacted ``graph`` and write ``out`` atomically."""
     import onnx
 
-    from pai_compiler.frontends.onnx.reader import read_onnx
-
     if graph.meta.get("source_format") != "onnx":
         raise PaicError("compact ONNX needs a model imported from ONNX (use the torch compact module otherwise)")
-    model = compact_model(graph, read_onnx(source), report, pipeline=pipeline)
+    model = compact_model(graph, load_full_model(source), report, pipeline=pipeline)
     out = Path(out)
     large = sum(len(t.raw_data) for t in model.graph.initializer) >= _TWO_GB // 2
     with atomic_write(out) as tmp:

@@ -23,9 +23,11 @@ from typing import Any
 import numpy as np
 
 from pai_compiler._version import __version__
+from pai_compiler.backends.onnx_stream import write_masked
 from pai_compiler.errors import PaicError
 from pai_compiler.io import atomic_write
 from pai_compiler.ir import Graph, Param
+from pai_compiler.onnx_wire import load_full_model, open_model
 
 __all__ = ["masked_model", "write_masked_onnx", "set_metadata"]
 
@@ -103,9 +105,6 @@ def write_masked_onnx(graph: Graph, source: str | os.PathLike[str], out: str | o
     When every masked weight is an initializer with raw or external data (the usual case) the
     file is streamed (``onnx_stream.write_masked``: one tensor in memory, external data kept
     external in ``<out>.data``); otherwise the source is loaded, edited and saved."""
-    from pai_compiler.backends.onnx_stream import write_masked
-    from pai_compiler.onnx_wire import open_model
-
     params = {p.origin: p for p in graph.prunable_params() if p.mask is not None and p.origin}
     wire = open_model(source)
     if _streamable(graph, wire, params):
@@ -142,9 +141,7 @@ def _write_loaded(graph: Graph, source: str | os.PathLike[str], out: str | os.Pa
     """The general path: load the whole source, apply the masks to the proto, save it."""
     import onnx
 
-    from pai_compiler.frontends.onnx.reader import read_onnx
-
-    model = masked_model(graph, read_onnx(source), pipeline=pipeline)
+    model = masked_model(graph, load_full_model(source), pipeline=pipeline)
     out = Path(out)
     large = model.ByteSize() > _TWO_GB if _estimate_small(model) else True
     with atomic_write(out) as tmp:
@@ -191,8 +188,6 @@ def _external_skeleton(written: Path, data: Path | None, final: str) -> Iterator
     The temp files are renamed into the folder for the check and back afterwards (onnx refuses
     hard and symbolic links as external data)."""
     import onnx
-
-    from pai_compiler.onnx_wire import open_model
 
     folder = Path(tempfile.mkdtemp(prefix=".paic-check-", dir=written.parent))
     moves = [(written, folder / final)] + ([(data, folder / (final + ".data"))] if data is not None else [])

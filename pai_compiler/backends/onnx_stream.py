@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
@@ -91,6 +92,78 @@ def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
         length -= done
 
 
+@dataclass
+class _ExternalLayout:
+    """Where the external tensors go in ``<output>.data``: its pieces and each tensor's new (offset, length)."""
+
+    data_name: str
+    pieces: list[Piece] = field(default_factory=list)
+    locations: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+def _external_layout(source: OnnxFile, files: list[Path], masked: Mapping[str, Callable[[], np.ndarray]], data_name: str) -> _ExternalLayout:
+    """Lay out the data file tensor by tensor, in file order; ``files`` gains each source data file."""
+    layout = _ExternalLayout(data_name)
+    offset = 0
+    for ref in source.tensors.values():
+        if not ref.is_external:
+            continue
+        info = ref.external or {}
+        length = int(source.arrays[ref.name].nbytes)  # open_model checked it against the file
+        align = 4096 if length >= 1 << 16 else 64
+        pad = -offset % align
+        if pad:
+            layout.pieces.append(b"\0" * pad)
+            offset += pad
+        location = (source.path.parent / info["location"]).resolve()
+        if location not in files:
+            files.append(location)
+        layout.pieces.append((length, masked[ref.name]) if ref.name in masked else (files.index(location), int(info.get("offset", 0) or 0), length))
+        layout.locations[ref.name] = (offset, length)
+        offset += length
+    return layout
+
+
+def _tensor_pieces(buf: Any, ref: TensorRef, masked: Mapping[str, Callable[[], np.ndarray]], layout: _ExternalLayout) -> list[Piece]:
+    """One initializer's ``TensorProto``: re-encoded with its new data location, or its raw bytes masked."""
+    assert ref.span is not None
+    start, end = ref.span
+    if ref.name in layout.locations:
+        pos, length = layout.locations[ref.name]
+        kept = b"".join(bytes(buf[b:e]) for n, _, b, _, e in fields(buf, start, end) if n not in (T_EXTERNAL, T_LOCATION))
+        entries = b"".join(string_entry(T_EXTERNAL, k, v) for k, v in (("location", layout.data_name), ("offset", str(pos)), ("length", str(length))))
+        return [kept + entries + encode_varint(T_LOCATION << 3) + encode_varint(EXTERNAL)]
+    if ref.name in masked:
+        if ref.raw is None:
+            raise PaicError(f"cannot stream weight {ref.name!r}: it has no raw_data")
+        rs, re_ = ref.raw
+        return [(0, start, rs - start), (re_ - rs, masked[ref.name]), (0, re_, end - re_)]
+    return [(0, start, end - start)]
+
+
+def _model_pieces(source: OnnxFile, masked: Mapping[str, Callable[[], np.ndarray]], metadata: Mapping[str, str], layout: _ExternalLayout) -> list[Piece]:
+    """The model file: the source's fields, the changed initializers re-framed, ``metadata`` appended anew."""
+    buf = source.buffer
+    by_start = {ref.span[0]: ref for ref in source.tensors.values() if ref.span is not None}
+    pieces: list[Piece] = []
+    for number, wtype, begin, vs, ve in fields(buf, 0, len(buf)):
+        if number == METADATA and wtype == 2 and dict(string_pairs(buf, vs, ve)).get("key") in metadata:
+            continue
+        if number != GRAPH or wtype != 2:
+            pieces.append((0, begin, ve - begin))
+            continue
+        body: list[Piece] = []
+        for gnum, gtype, gbegin, gvs, gve in fields(buf, vs, ve):
+            ref = by_start.get(gvs) if gnum == INITIALIZER and gtype == 2 else None
+            if ref is None or (ref.name not in masked and ref.name not in layout.locations):
+                body.append((0, gbegin, gve - gbegin))
+                continue
+            inner = _tensor_pieces(buf, ref, masked, layout)
+            body += [tag(INITIALIZER, sum(map(_length, inner))), *inner]
+        pieces += [tag(GRAPH, sum(map(_length, body))), *body]
+    return pieces + [string_entry(METADATA, k, v) for k, v in metadata.items()]
+
+
 def write_masked(
     source: OnnxFile,
     out: str | os.PathLike[str],
@@ -103,68 +176,16 @@ def write_masked(
 
     Every masked name must be a graph initializer with raw or external data of the same size.
     ``check(model_tmp, data_tmp)`` runs on the temp files before they replace ``out``."""
-    buf, files = source.buffer, [source.path]
+    files = [source.path]
     out = Path(out)
-    external = [ref for ref in source.tensors.values() if ref.is_external]
-    data_pieces: list[Piece] = []
-    new_locations: dict[str, tuple[int, int]] = {}
-    offset = 0
-    for ref in external:  # file order: the data file is rebuilt tensor by tensor
-        info = ref.external or {}
-        length = int(source.arrays[ref.name].nbytes)  # open_model checked it against the file
-        align = 4096 if length >= 1 << 16 else 64
-        pad = -offset % align
-        if pad:
-            data_pieces.append(b"\0" * pad)
-            offset += pad
-        location = (source.path.parent / info["location"]).resolve()
-        if location not in files:
-            files.append(location)
-        data_pieces.append((length, masked[ref.name]) if ref.name in masked else (files.index(location), int(info.get("offset", 0) or 0), length))
-        new_locations[ref.name] = (offset, length)
-        offset += length
-    data_name = out.name + ".data"
-
-    def tensor_pieces(ref: TensorRef) -> list[Piece]:
-        assert ref.span is not None
-        start, end = ref.span
-        if ref.name in new_locations:
-            pos, length = new_locations[ref.name]
-            kept = b"".join(bytes(buf[b:e]) for n, _, b, _, e in fields(buf, start, end) if n not in (T_EXTERNAL, T_LOCATION))
-            entries = b"".join(string_entry(T_EXTERNAL, k, v) for k, v in (("location", data_name), ("offset", str(pos)), ("length", str(length))))
-            return [kept + entries + encode_varint(T_LOCATION << 3) + encode_varint(EXTERNAL)]
-        if ref.name in masked:
-            if ref.raw is None:
-                raise PaicError(f"cannot stream weight {ref.name!r}: it has no raw_data")
-            rs, re_ = ref.raw
-            return [(0, start, rs - start), (re_ - rs, masked[ref.name]), (0, re_, end - re_)]
-        return [(0, start, end - start)]
-
-    missing = set(masked) - {r.name for r in source.tensors.values() if r.raw is not None or r.name in new_locations}
+    layout = _external_layout(source, files, masked, out.name + ".data")
+    missing = set(masked) - {r.name for r in source.tensors.values() if r.raw is not None or r.name in layout.locations}
     if missing:
         raise PaicError(f"cannot stream weight(s) {', '.join(sorted(missing)[:3])}: not stored as raw or external initializer data")
-    by_start = {ref.span[0]: ref for ref in source.tensors.values() if ref.span is not None}
-    pieces: list[Piece] = []
-    for number, wtype, begin, vs, ve in fields(buf, 0, len(buf)):
-        if number == METADATA and wtype == 2 and dict(string_pairs(buf, vs, ve)).get("key") in metadata:
-            continue
-        if number != GRAPH or wtype != 2:
-            pieces.append((0, begin, ve - begin))
-            continue
-        body: list[Piece] = []
-        for gnum, gtype, gbegin, gvs, gve in fields(buf, vs, ve):
-            ref = by_start.get(gvs) if gnum == INITIALIZER and gtype == 2 else None
-            if ref is None or (ref.name not in masked and ref.name not in new_locations):
-                body.append((0, gbegin, gve - gbegin))
-                continue
-            inner = tensor_pieces(ref)
-            body += [tag(INITIALIZER, sum(map(_length, inner))), *inner]
-        pieces += [tag(GRAPH, sum(map(_length, body))), *body]
-    pieces += [string_entry(METADATA, k, v) for k, v in metadata.items()]
-    pieces, data_pieces = _coalesce(pieces), _coalesce(data_pieces)
+    pieces, data_pieces = _coalesce(_model_pieces(source, masked, metadata, layout)), _coalesce(layout.pieces)
     with atomic_write(out) as tmp_model:
-        if external:
-            with atomic_write(out.with_name(data_name)) as tmp_data:
+        if layout.locations:
+            with atomic_write(out.with_name(layout.data_name)) as tmp_data:
                 with open(tmp_data, "wb") as fh:
                     _write(fh, data_pieces, files)
                 with open(tmp_model, "wb") as fh:

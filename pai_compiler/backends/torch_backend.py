@@ -25,6 +25,9 @@ import torch
 from torch import nn
 
 from pai_compiler._version import __version__
+from pai_compiler.backends.onnx_masked import set_metadata
+from pai_compiler.backends.index_inputs import input_index_entries
+from pai_compiler.backends.torch_onnx import export_onnx
 from pai_compiler.errors import PaicError
 from pai_compiler.io import atomic_write, save_torch_atomic
 
@@ -158,20 +161,9 @@ def load_pt(path: str | os.PathLike[str], model: nn.Module, *, attach: bool = Tr
     return model
 
 
-def _index_entries(graph: Any) -> int | None:
-    """The smallest table size when the model's input is embedding indices (else None: floats)."""
-    from pai_compiler.lab.data import lookup_entries
-
-    x = graph.inputs[0] if graph.inputs else None
-    return lookup_entries(x) if x is not None and not x.dtype.startswith("float") else None
-
-
 def write_torch_onnx(result: Any, out: str | os.PathLike[str]) -> None:
     """Export the masked module to ONNX (legacy exporter, dynamic batch), atomically."""
     import onnx
-
-    from pai_compiler.backends.onnx_masked import set_metadata
-    from pai_compiler.lab.zoo.export import export_onnx
 
     graph = result.graph
     shape = graph.meta.get("input_shape")
@@ -181,7 +173,7 @@ def write_torch_onnx(result: Any, out: str | os.PathLike[str]) -> None:
     model.load_state_dict(masked_state_dict(model, masks_of(result)))
     with atomic_write(out) as tmp:
         try:
-            export_onnx(model, tuple(shape[1:]), tmp, index_entries=_index_entries(graph))
+            export_onnx(model, tuple(shape[1:]), tmp, index_entries=input_index_entries(graph))
         except Exception as exc:
             raise PaicError(f"torch.onnx.export failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
         proto = onnx.load(str(tmp))

@@ -27,8 +27,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pai_compiler.passes.criteria.autosparse.predictor import LayerInfo
+from pai_compiler._version import __version__
 from pai_compiler.errors import UsageError
+from pai_compiler.frontends.torch.spec import load_torch_module
+from pai_compiler.io import open_npz, save_npz_atomic
+from pai_compiler.lab import zoo
+from pai_compiler.lab.data import load_prune_batch
+from pai_compiler.passes.criteria.autosparse.predictor import LayerInfo
+from pai_compiler.passes.criteria.base import topk_mask
 from pai_compiler.progress import progress_bar
 
 if TYPE_CHECKING:
@@ -97,8 +103,6 @@ class LabelSet:
         return self.survived.astype(np.float64) / max(1, self.rounds_done)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        from pai_compiler.io import save_npz_atomic
-
         arrays = {
             "format": np.array(LABELS_FORMAT), "w0": self.w0, "g0": self.g0, "survived": self.survived, "layer": self.layer,
             "rounds_done": np.array(self.rounds_done),
@@ -113,8 +117,6 @@ class LabelSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> LabelSet:
-        from pai_compiler.io import open_npz
-
         with open_npz(path, fmt=LABELS_FORMAT, what="AutoSparse labels file", hint="write one with `paic autosparse collect`") as z:
             layers = [LayerInfo(str(n), str(k), tuple(int(d) for d in str(s).split("x")), int(fi), int(fo))
                       for n, k, s, fi, fo in zip(z["layer_names"], z["layer_kinds"], z["layer_shapes"], z["layer_fan_in"], z["layer_fan_out"])]
@@ -125,8 +127,6 @@ def build_model(spec: str, seed: int) -> nn.Module:
     """``zoo:NAME`` (or a bare zoo name) seeded with ``seed``, or a ``file.py:attr`` spec (paic's own seed 0)."""
     import torch
 
-    from pai_compiler.lab import zoo
-
     name = spec[4:] if spec.startswith("zoo:") else spec
     if spec.startswith("zoo:") or (name in zoo.MODELS and not Path(spec).exists()):
         if name not in zoo.MODELS:
@@ -136,8 +136,6 @@ def build_model(spec: str, seed: int) -> nn.Module:
             return zoo.build(name)
     if ":" not in spec:
         raise UsageError(f"MODEL must be zoo:NAME or file.py:attr, got {spec!r}")
-    from pai_compiler.frontends.torch.spec import load_torch_module
-
     return load_torch_module(spec)
 
 
@@ -181,10 +179,10 @@ def _prune_gradients(model: nn.Module, weights: list[torch.Tensor], batch: Any, 
 def _train_round(model: nn.Module, weights: list[torch.Tensor], masks: list[torch.Tensor], data: Any, cfg: CollectConfig,
                  round_index: int, device: torch.device, advance: Callable[[float], None]) -> float:
     """Train the masked model for ``cfg.epochs``; returns the last epoch's mean loss."""
-    import torch
+    import torch  # heavy: torch (and the training module, which imports it) load only when training
     import torch.nn.functional as F
 
-    from pai_compiler.lab.training import _prepare
+    from pai_compiler.lab.training import prepare_batch
 
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, round_index]).generate_state(1)[0]))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -196,7 +194,7 @@ def _train_round(model: nn.Module, weights: list[torch.Tensor], masks: list[torc
         loss_sum, seen = 0.0, 0
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
-            x = _prepare(data.x_train[idx], data, device, data.augment, generator)
+            x = prepare_batch(data.x_train[idx], data, device, data.augment, generator)
             y = data.y_train[idx].to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
@@ -217,33 +215,27 @@ def _train_round(model: nn.Module, weights: list[torch.Tensor], masks: list[torc
 
 def _survivors(scores: np.ndarray, alive: np.ndarray, rate: float) -> np.ndarray:
     """Keep n_alive - floor(rate * n_alive) of the alive weights with the highest scores."""
-    from pai_compiler.passes.criteria.base import topk_mask
-
     n_alive = int(alive.sum())
     keep = n_alive - int(math.floor(rate * n_alive))
     return topk_mask(np.where(alive, scores.astype(np.float64), -np.inf), keep)
 
 
-def collect(cfg: CollectConfig, out: str | os.PathLike[str], *, resume: bool = False, progress: bool = True, console: Any = None,
-            on_round: Callable[[int, nn.Module, LabelSet], None] | None = None) -> LabelSet:
-    """Run (or continue) iterative rewind pruning and write the labels file after every round."""
-    import torch
+def _masks_of(alive: np.ndarray, weights: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """The survivors as one mask per weight, already applied to the weights (zeroing the pruned ones)."""
+    import torch  # heavy: loaded only when collecting
 
-    from pai_compiler.lab.data import load_prune_batch
-    from pai_compiler.lab.training import evaluate, load_dataset
+    sizes = [int(w.numel()) for w in weights]
+    masks = [torch.as_tensor(m.reshape(w.shape), device=device).to(w.dtype) for m, w in zip(np.split(alive, np.cumsum(sizes)[:-1]), weights)]
+    with torch.no_grad():
+        for w, m in zip(weights, masks):
+            w.mul_(m)
+    return masks
 
-    cfg.check()
-    out = Path(out)
-    device = torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda requested but torch sees no CUDA device")
-    model = build_model(cfg.model, cfg.seed).to(device)
-    layers = prunable_layers(model)
-    infos, weights = [info for info, _ in layers], [w for _, w in layers]
-    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+def _start_labels(cfg: CollectConfig, out: Path, resume: bool, model: nn.Module, weights: list[torch.Tensor],
+                  infos: list[LayerInfo], batch: Any, device: torch.device) -> LabelSet:
+    """The labels file to continue (checked against ``cfg`` and the init weights), or a fresh one with w0 and g0."""
     w0 = _flat(weights)
-    data = load_dataset(cfg.data, limit_train=cfg.limit, limit_test=cfg.limit_test)
-    batch = load_prune_batch(cfg.data, samples_per_class=cfg.samples, seed=cfg.seed, input_shape=data.input_shape)
     if resume and out.is_file():
         labels = LabelSet.load(out)
         mismatch = [k for k in _RESUME_KEYS if labels.meta.get("config", {}).get(k) != asdict(cfg)[k]]
@@ -251,59 +243,101 @@ def collect(cfg: CollectConfig, out: str | os.PathLike[str], *, resume: bool = F
             raise UsageError(f"--resume: {out} was collected with different settings ({', '.join(mismatch)}); use the same flags or a new -o")
         if not np.array_equal(labels.w0, w0):
             raise UsageError(f"--resume: the init weights of {cfg.model} (seed {cfg.seed}) differ from those stored in {out}")
-    else:
-        if out.exists() and not resume:
-            raise UsageError(f"{out} exists: pass --resume to continue it, or choose another -o")
-        g0 = _flat(_prune_gradients(model, weights, batch, device))
-        layer_ids = np.concatenate([np.full(info.numel, i, dtype=np.int32) for i, info in enumerate(infos)])
-        labels = LabelSet(w0, g0, np.zeros(w0.size, dtype=np.int16), layer_ids, infos, 0, {"history": [], "seconds": 0.0})
-    from pai_compiler._version import __version__
+        return labels
+    if out.exists() and not resume:
+        raise UsageError(f"{out} exists: pass --resume to continue it, or choose another -o")
+    g0 = _flat(_prune_gradients(model, weights, batch, device))
+    layer_ids = np.concatenate([np.full(info.numel, i, dtype=np.int32) for i, info in enumerate(infos)])
+    return LabelSet(w0, g0, np.zeros(w0.size, dtype=np.int16), layer_ids, infos, 0, {"history": [], "seconds": 0.0})
+@dataclass
+class _Rounds:
+    """What every pruning round of one :func:`collect` call shares, and the survivors so far."""
 
+    cfg: CollectConfig
+    out: Path
+    model: nn.Module
+    weights: list[torch.Tensor]
+    init_state: dict[str, torch.Tensor]
+    data: Any
+    batch: Any
+    device: torch.device
+    labels: LabelSet
+    alive: np.ndarray
+    masks: list[torch.Tensor]
+
+
+def _prune_round(rounds: _Rounds, r: int, advance: Callable[[float], None]) -> dict[str, Any]:
+    """Train, score, prune, rewind and save round ``r``; returns its history row."""
+    from pai_compiler.lab.training import evaluate  # heavy: imports torch
+
+    cfg, model, weights, device = rounds.cfg, rounds.model, rounds.weights, rounds.device
+    start = time.perf_counter()
+    density = float(rounds.alive.mean())
+    loss = _train_round(model, weights, rounds.masks, rounds.data, cfg, r, device, advance)
+    accuracy = evaluate(model, rounds.data, device)
+    if cfg.prune_by == "snip":
+        scores = _flat([(g * w).abs() for g, w in zip(_prune_gradients(model, weights, rounds.batch, device), weights)])
+    else:
+        scores = np.abs(_flat(weights))
+    rounds.alive = _survivors(scores, rounds.alive, cfg.rate)
+    rounds.labels.survived[rounds.alive] += 1
+    rounds.labels.rounds_done = r
+    model.load_state_dict(rounds.init_state)  # rewind everything to init, then mask
+    rounds.masks = _masks_of(rounds.alive, weights, device)
+    seconds = time.perf_counter() - start
+    row = {"round": r, "trained_density": density, "test_accuracy": accuracy, "train_loss": loss,
+           "density_after": float(rounds.alive.mean()), "seconds": round(seconds, 2)}
+    meta = rounds.labels.meta
+    meta["history"] = [h for h in meta["history"] if h["round"] < r] + [row]
+    meta["seconds"] = round(float(meta.get("seconds", 0.0)) + seconds, 2)
+    rounds.labels.save(rounds.out)
+    return row
+
+
+def _setup(cfg: CollectConfig, out: Path, resume: bool) -> _Rounds:
+    """Build the seeded model, load the data and the labels to continue, mask the current survivors."""
+    import torch  # heavy: loaded only when collecting
+
+    from pai_compiler.lab.training import load_dataset  # heavy: imports torch
+
+    cfg.check()
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda requested but torch sees no CUDA device")
+    model = build_model(cfg.model, cfg.seed).to(device)
+    layers = prunable_layers(model)
+    infos, weights = [info for info, _ in layers], [w for _, w in layers]
+    init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    data = load_dataset(cfg.data, limit_train=cfg.limit, limit_test=cfg.limit_test)
+    batch = load_prune_batch(cfg.data, samples_per_class=cfg.samples, seed=cfg.seed, input_shape=data.input_shape)
+    labels = _start_labels(cfg, out, resume, model, weights, infos, batch, device)
     labels.meta.update(config=asdict(cfg) | {"rounds": max(cfg.rounds, labels.rounds_done)}, paic_version=__version__, input_shape=list(data.input_shape))
-    sizes = [info.numel for info in infos]
     alive = labels.survived == labels.rounds_done
-    masks = [torch.as_tensor(m.reshape(w.shape), device=device).to(w.dtype) for m, w in zip(np.split(alive, np.cumsum(sizes)[:-1]), weights)]
-    with torch.no_grad():
-        for w, m in zip(weights, masks):
-            w.mul_(m)
-    todo = list(range(labels.rounds_done + 1, cfg.rounds + 1))
-    steps = cfg.epochs * math.ceil(len(data.y_train) / cfg.batch_size)
+    return _Rounds(cfg, out, model, weights, init_state, data, batch, device, labels, alive, _masks_of(alive, weights, device))
+
+
+def collect(cfg: CollectConfig, out: str | os.PathLike[str], *, resume: bool = False, progress: bool = True, console: Any = None,
+            on_round: Callable[[int, nn.Module, LabelSet], None] | None = None) -> LabelSet:
+    """Run (or continue) iterative rewind pruning and write the labels file after every round."""
+    rounds = _setup(cfg, Path(out), resume)
+    todo = list(range(rounds.labels.rounds_done + 1, cfg.rounds + 1))
+    steps = cfg.epochs * math.ceil(len(rounds.data.y_train) / cfg.batch_size)
     bar = progress_bar(progress, console)
     with bar:
         task = bar.add_task("iterative pruning", total=len(todo) * steps) if progress else None
         for r in todo:
-            start = time.perf_counter()
-            density = float(alive.mean())
+            density = float(rounds.alive.mean())
 
             def advance(loss: float, r: int = r, density: float = density) -> None:
                 if task is not None:
                     bar.update(task, advance=1, description=f"round {r}/{cfg.rounds} density {100 * density:.2f}% loss {loss:.3f}")
 
-            loss = _train_round(model, weights, masks, data, cfg, r, device, advance)
-            accuracy = evaluate(model, data, device)
-            if cfg.prune_by == "snip":
-                scores = _flat([(g * w).abs() for g, w in zip(_prune_gradients(model, weights, batch, device), weights)])
-            else:
-                scores = np.abs(_flat(weights))
-            alive = _survivors(scores, alive, cfg.rate)
-            labels.survived[alive] += 1
-            labels.rounds_done = r
-            model.load_state_dict(init_state)  # rewind everything to init, then mask
-            masks = [torch.as_tensor(m.reshape(w.shape), device=device).to(w.dtype) for m, w in zip(np.split(alive, np.cumsum(sizes)[:-1]), weights)]
-            with torch.no_grad():
-                for w, m in zip(weights, masks):
-                    w.mul_(m)
-            seconds = time.perf_counter() - start
-            row = {"round": r, "trained_density": density, "test_accuracy": accuracy, "train_loss": loss,
-                   "density_after": float(alive.mean()), "seconds": round(seconds, 2)}
-            labels.meta["history"] = [h for h in labels.meta["history"] if h["round"] < r] + [row]
-            labels.meta["seconds"] = round(float(labels.meta.get("seconds", 0.0)) + seconds, 2)
-            labels.save(out)
+            row = _prune_round(rounds, r, advance)
             if progress and console is not None:
-                console.print(f"round {r}/{cfg.rounds}: density {100 * density:.2f}% -> test {100 * accuracy:.2f}%; "
-                              f"kept {100 * row['density_after']:.2f}% ({seconds:.0f} s)")
+                console.print(f"round {r}/{cfg.rounds}: density {100 * density:.2f}% -> test {100 * row['test_accuracy']:.2f}%; "
+                              f"kept {100 * row['density_after']:.2f}% ({row['seconds']:.0f} s)")
             if on_round is not None:
-                on_round(r, model, labels)
+                on_round(r, rounds.model, rounds.labels)
     if not todo:
-        labels.save(out)
-    return labels
+        rounds.labels.save(rounds.out)
+    return rounds.labels

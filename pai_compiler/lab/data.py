@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from pai_compiler.backends.index_inputs import input_index_entries
 from pai_compiler.errors import UsageError
 
-__all__ = ["Batch", "load_prune_batch", "load_batch_for", "load_index_batch", "lookup_entries", "RANDOM_DATA"]
+__all__ = ["Batch", "load_prune_batch", "load_batch_for", "load_index_batch", "RANDOM_DATA"]
 
 RANDOM_DATA = "random"
 
@@ -227,19 +228,10 @@ def load_batch_for(graph: Any, source: str | os.PathLike[str], *, samples_per_cl
     input_shape = tuple(shape[1:]) if shape is not None and all(isinstance(d, int) for d in shape[1:]) else None
     out_shape = outputs[0].shape if outputs else None
     classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
-    vocab = lookup_entries(inputs[0]) if inputs and not inputs[0].dtype.startswith("float") else None
+    vocab = input_index_entries(graph)
     if vocab is not None:
         return load_index_batch(source, vocab, samples_per_class=samples_per_class, seed=seed, input_shape=input_shape, num_classes=classes)
     return load_prune_batch(source, samples_per_class=samples_per_class, seed=seed, input_shape=input_shape, num_classes=classes)
-
-
-def lookup_entries(value: Any) -> int | None:
-    """Entries of the smallest table ``value`` indexes, when embedding lookups are its only readers."""
-    from pai_compiler.interp import indexes_lookups_only
-
-    if not indexes_lookups_only(value):
-        return None
-    return min(int(n.params["table"].shape[int(n.attrs.get("axis", 0))]) for n in value.uses)
 
 
 def load_index_batch(

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from pai_compiler.backends.torch_backend import attach_masks
 from pai_compiler.errors import PaicError
 from pai_compiler.progress import progress_bar
 
-__all__ = ["Dataset", "default_data_dir", "load_dataset", "train", "evaluate", "masked_nonzero", "NORMALISATION"]
+__all__ = ["Dataset", "default_data_dir", "load_dataset", "train", "evaluate", "masked_nonzero", "prepare_batch", "NORMALISATION"]
 
 #: per-channel (mean, std) of the training set, pixels in [0, 1]
 NORMALISATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -91,7 +93,8 @@ def load_dataset(name: str, data_dir: str | os.PathLike[str] | None = None, *, l
                    mean, std, augment=key.startswith("cifar") if augment is None else augment)
 
 
-def _prepare(x: torch.Tensor, data: Dataset, device: torch.device, augment: bool, generator: torch.Generator | None) -> torch.Tensor:
+def prepare_batch(x: torch.Tensor, data: Dataset, device: torch.device, augment: bool, generator: torch.Generator | None) -> torch.Tensor:
+    """Pixels on ``device`` normalised to (x / 255 - mean) / std; ``augment``: random crop (pad 4) and flip."""
     x = x.to(device, non_blocking=True)
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
@@ -127,7 +130,7 @@ def evaluate(model: nn.Module, data: Dataset, device: str | torch.device = "cpu"
     model.eval()
     correct = 0
     for start in range(0, len(data.y_test), batch_size):
-        x = _prepare(data.x_test[start : start + batch_size], data, device, False, None)
+        x = prepare_batch(data.x_test[start : start + batch_size], data, device, False, None)
         y = data.y_test[start : start + batch_size].to(device)
         correct += int((model(x).argmax(1) == y).sum())
     model.train(was_training)
@@ -140,6 +143,104 @@ def _distributed() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, schedule: str, epochs: int, steps_per_epoch: int,
+               milestones: Sequence[int] | None, gamma: float, warmup_steps: int) -> Any:
+    """Step decay at ``milestones`` (stepped per epoch) or warm-up then cosine (stepped per batch)."""
+    if schedule not in ("step", "cosine"):
+        raise PaicError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
+    if warmup_steps and schedule != "cosine":
+        raise PaicError("warmup_steps needs schedule='cosine'")
+    if schedule == "cosine":
+        warm = max(0, int(warmup_steps))
+        decay = max(1, epochs * steps_per_epoch - warm)
+
+        def factor(t: int) -> float:
+            if t < warm:
+                return (t + 1) / (warm + 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min(t - warm, decay) / decay))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if milestones is None:
+        milestones = [int(epochs * 0.5), int(epochs * 0.75)]
+    return torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted({m for m in milestones if 0 < m < epochs}), gamma)
+
+
+@dataclass
+class _TrainingRun:
+    """What every epoch of one :func:`train` call shares, and the batches taken so far."""
+
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    per_batch: bool
+    data: Dataset
+    device: torch.device
+    generator: torch.Generator
+    batch_size: int
+    rank: int
+    world: int
+    epochs: int
+    steps_per_epoch: int
+    max_steps: int | None
+    bar: Any
+    task: Any = None
+    step: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def out_of_steps(self) -> bool:
+        return self.max_steps is not None and self.step >= self.max_steps
+
+
+def _train_epoch(run: _TrainingRun, epoch: int) -> tuple[float, int, int]:
+    """One pass over this rank's shard of a fresh permutation: (summed loss, correct, samples seen)."""
+    run.net.train()
+    data = run.data
+    order = torch.randperm(len(data.y_train), generator=run.generator)[run.rank :: run.world]
+    loss_sum, correct, seen = 0.0, 0, 0
+    for b in range(0, len(order), run.batch_size):
+        idx = order[b : b + run.batch_size]
+        x = prepare_batch(data.x_train[idx], data, run.device, data.augment, run.generator)
+        y = data.y_train[idx].to(run.device)
+        run.optimizer.zero_grad(set_to_none=True)
+        out = run.net(x)
+        loss = F.cross_entropy(out, y)
+        loss.backward()
+        run.optimizer.step()
+        if run.per_batch:
+            run.scheduler.step()
+        loss_sum += loss.item() * len(idx)
+        correct += int((out.argmax(1) == y).sum())
+        seen += len(idx)
+        run.step += 1
+        if run.task is not None:
+            run.bar.update(run.task, advance=1, description=f"epoch {epoch}/{run.epochs} loss {loss_sum / seen:.3f}")
+        if run.out_of_steps:
+            break
+    return loss_sum, correct, seen
+
+
+def _run_epochs(run: _TrainingRun, model: nn.Module, progress: bool) -> None:
+    """Train epoch after epoch, evaluating after each, until ``epochs`` or ``max_steps``."""
+    with run.bar:
+        run.task = run.bar.add_task("train", total=run.epochs * run.steps_per_epoch)
+        for epoch in range(1, run.epochs + 1):
+            start = time.perf_counter()
+            lr_now = run.optimizer.param_groups[0]["lr"]
+            loss_sum, correct, seen = _train_epoch(run, epoch)
+            if not run.per_batch:
+                run.scheduler.step()
+            test_acc = evaluate(model, run.data, run.device)
+            row = {"epoch": epoch, "lr": lr_now, "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
+                   "test_accuracy": test_acc, "seconds": time.perf_counter() - start}
+            run.history.append(row)
+            if run.rank == 0 and progress:
+                run.bar.console.print(f"epoch {epoch:3d}  lr {lr_now:.4g}  loss {row['train_loss']:.4f}  "
+                                      f"train {100 * row['train_accuracy']:.2f}%  test {100 * test_acc:.2f}%  ({row['seconds']:.1f} s)")
+            if run.out_of_steps:
+                break
 
 
 def train(
@@ -170,10 +271,6 @@ def train(
     Returns ``{"history": [{epoch, lr, train_loss, train_accuracy, test_accuracy, seconds}],
     "test_accuracy", "best_test_accuracy", "masked_nonzero", "train_samples", "seconds"}``.
     """
-    from torch.nn.parallel import DistributedDataParallel
-
-    from pai_compiler.backends.torch_backend import attach_masks
-
     if threads:
         torch.set_num_threads(int(threads))
     device = torch.device(device)
@@ -188,67 +285,11 @@ def train(
     generator = torch.Generator().manual_seed(seed)
     n = len(data.y_train)
     steps_per_epoch = math.ceil(math.ceil(n / world) / batch_size)
-    if schedule not in ("step", "cosine"):
-        raise PaicError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
-    per_batch = schedule == "cosine"
-    if warmup_steps and not per_batch:
-        raise PaicError("warmup_steps needs schedule='cosine'")
-    if per_batch:
-        warm = max(0, int(warmup_steps))
-        decay = max(1, epochs * steps_per_epoch - warm)
-
-        def factor(t: int) -> float:
-            if t < warm:
-                return (t + 1) / (warm + 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min(t - warm, decay) / decay))
-
-        scheduler: Any = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    else:
-        if milestones is None:
-            milestones = [int(epochs * 0.5), int(epochs * 0.75)]
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, sorted({m for m in milestones if 0 < m < epochs}), gamma)
-    history: list[dict[str, Any]] = []
+    scheduler = _scheduler(optimizer, schedule, epochs, steps_per_epoch, milestones, gamma, warmup_steps)
     start_all = time.perf_counter()
-    bar = progress_bar(progress and rank == 0)
-    step = 0
-    with bar:
-        task = bar.add_task("train", total=epochs * steps_per_epoch)
-        for epoch in range(1, epochs + 1):
-            net.train()
-            start = time.perf_counter()
-            lr_now = optimizer.param_groups[0]["lr"]
-            order = torch.randperm(n, generator=generator)[rank::world]
-            loss_sum, correct, seen = 0.0, 0, 0
-            for b in range(0, len(order), batch_size):
-                idx = order[b : b + batch_size]
-                x = _prepare(data.x_train[idx], data, device, data.augment, generator)
-                y = data.y_train[idx].to(device)
-                optimizer.zero_grad(set_to_none=True)
-                out = net(x)
-                loss = F.cross_entropy(out, y)
-                loss.backward()
-                optimizer.step()
-                if per_batch:
-                    scheduler.step()
-                loss_sum += loss.item() * len(idx)
-                correct += int((out.argmax(1) == y).sum())
-                seen += len(idx)
-                step += 1
-                if task is not None:
-                    bar.update(task, advance=1, description=f"epoch {epoch}/{epochs} loss {loss_sum / seen:.3f}")
-                if max_steps is not None and step >= max_steps:
-                    break
-            if not per_batch:
-                scheduler.step()
-            test_acc = evaluate(model, data, device)
-            row = {"epoch": epoch, "lr": lr_now, "train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen),
-                   "test_accuracy": test_acc, "seconds": time.perf_counter() - start}
-            history.append(row)
-            if rank == 0 and progress:
-                bar.console.print(f"epoch {epoch:3d}  lr {lr_now:.4g}  loss {row['train_loss']:.4f}  "
-                                  f"train {100 * row['train_accuracy']:.2f}%  test {100 * test_acc:.2f}%  ({row['seconds']:.1f} s)")
-            if max_steps is not None and step >= max_steps:
-                break
-    accs = [h["test_accuracy"] for h in history]
-    return {"history": history, "test_accuracy": accs[-1] if accs else None, "best_test_accuracy": max(accs) if accs else None,
+    run = _TrainingRun(net, optimizer, scheduler, schedule == "cosine", data, device, generator, batch_size, rank, world,
+                       epochs, steps_per_epoch, max_steps, progress_bar(progress and rank == 0))
+    _run_epochs(run, model, progress)
+    accs = [h["test_accuracy"] for h in run.history]
+    return {"history": run.history, "test_accuracy": accs[-1] if accs else None, "best_test_accuracy": max(accs) if accs else None,
             "masked_nonzero": masked_nonzero(model), "train_samples": n, "seconds": time.perf_counter() - start_all}

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
 
-    from .export import export_onnx
     from .lenet import lenet5, lenet300
     from .resnet import resnet18, resnet20, resnet50
     from .vgg import vgg19, vgg_small
@@ -45,7 +44,6 @@ __all__ = [
     "MODELS",
     "build",
     "input_shape",
-    "export_onnx",
     "resnet20",
     "resnet18",
     "resnet50",
@@ -71,12 +69,7 @@ MODELS: dict[str, tuple[str, str, tuple[int, ...]]] = {
     "lenet5": ("lenet", "lenet5", (1, 28, 28)),
 }
 
-_SUBMODULES: frozenset[str] = frozenset({"resnet", "vgg", "vit", "lenet", "export"})
-
-#: Lazily resolved attributes that are not model factories.
-_EXTRA_ATTRS: dict[str, tuple[str, str]] = {
-    "export_onnx": ("export", "export_onnx"),
-}
+_SUBMODULES: frozenset[str] = frozenset({"resnet", "vgg", "vit", "lenet"})
 
 
 def _import_submodule(name: str) -> ModuleType:
@@ -112,14 +105,10 @@ def __getattr__(name: str) -> Any:
         module = _import_submodule(name)
         globals()[name] = module
         return module
-    target: tuple[str, str] | None = None
-    if name in MODELS:
-        target = MODELS[name][:2]
-    elif name in _EXTRA_ATTRS:
-        target = _EXTRA_ATTRS[name]
-    if target is None:
+    if name not in MODELS:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(_import_submodule(target[0]), target[1])
+    module_name, factory_name, _ = MODELS[name]
+    value = getattr(_import_submodule(module_name), factory_name)
     globals()[name] = value
     return value
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,44 +261,16 @@ def evaluate_predictor(predictor: Predictor, labelsets: Sequence[Any], groups: S
     }
 
 
-def train_predictor(
-    labelsets: Sequence[Any],
-    *,
-    features: Sequence[str] = DEFAULT_FEATURES,
-    standardize: str = "layer",
-    hidden: Sequence[int] = (32, 32),
-    epochs: int = 20,
-    lr: float = 3e-3,
-    batch_size: int = 1024,
-    max_per_layer: int | None = 50_000,
-    split: str = "auto",
-    seed: int = 0,
-    sources: Sequence[str] = (),
-    on_epoch: Any = None,
-) -> tuple[Predictor, dict[str, Any]]:
-    """Fit the MLP on the training groups and report its error on the held-out groups."""
-    import time
-
-    import torch
+def _fit_mlp(x: np.ndarray, y: np.ndarray, widths: Sequence[int], *, epochs: int, lr: float, batch_size: int, seed: int,
+             on_epoch: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Adam + cosine schedule on the mean squared error of sigmoid(mlp(x)) vs y; the layers' (W, b)."""
+    import torch  # heavy: torch loads only when a predictor is trained
     from torch import nn
 
-    features = tuple(features)
-    Predictor(features, standardize, np.zeros(len(features), np.float32), np.ones(len(features), np.float32),
-              [(np.zeros((1, len(features)), np.float32), np.zeros(1, np.float32))])  # validates the spec early
-    if epochs < 1 or batch_size < 1 or lr <= 0 or any(h < 1 for h in hidden):
-        raise UsageError("--epochs, --batch-size, --hidden and --lr must be positive")
-    start = time.perf_counter()
-    train_groups, held_groups = split_groups(labelsets, split)
-    rng = np.random.default_rng(seed)
-    x, y = _gather(labelsets, train_groups, features, standardize, max_per_layer, rng)
-    mean = x.mean(0).astype(np.float32)
-    std = x.std(0).astype(np.float32)
-    std[~(std > 1e-8)] = 1.0  # constant columns (a layer feature over one layer) pass through as 0
-    xt = torch.as_tensor((x - mean) / std, dtype=torch.float32)
+    xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        widths = [len(features), *hidden]
         mods: list[nn.Module] = []
         for a, b in zip(widths[:-1], widths[1:]):
             mods += [nn.Linear(a, b), nn.ReLU()]
@@ -319,7 +292,49 @@ def train_predictor(
             if on_epoch is not None:
                 on_epoch(epoch + 1, total / xt.shape[0])
     linears = [m for m in net if isinstance(m, nn.Linear)]
-    layers = [(m.weight.detach().numpy().astype(np.float32).copy(), m.bias.detach().numpy().astype(np.float32).copy()) for m in linears]
+    return [(m.weight.detach().numpy().astype(np.float32).copy(), m.bias.detach().numpy().astype(np.float32).copy()) for m in linears]
+
+
+def _sources_report(files: Sequence[str], labelsets: Sequence[Any]) -> list[dict[str, Any]]:
+    """Each labels file's settings (model and data by file name only), rounds and history without timings."""
+    out = []
+    for name, ls in zip(files, labelsets):
+        config = ls.meta.get("config", {})
+        out.append({"file": name, "config": {k: v for k, v in config.items() if k not in ("model", "data")} | {
+                        "model": Path(str(config.get("model", ""))).name, "data": Path(str(config.get("data", ""))).name},
+                    "rounds_done": ls.rounds_done, "history": [{k: v for k, v in h.items() if k != "seconds"} for h in ls.meta.get("history", [])]})
+    return out
+
+
+def train_predictor(
+    labelsets: Sequence[Any],
+    *,
+    features: Sequence[str] = DEFAULT_FEATURES,
+    standardize: str = "layer",
+    hidden: Sequence[int] = (32, 32),
+    epochs: int = 20,
+    lr: float = 3e-3,
+    batch_size: int = 1024,
+    max_per_layer: int | None = 50_000,
+    split: str = "auto",
+    seed: int = 0,
+    sources: Sequence[str] = (),
+    on_epoch: Any = None,
+) -> tuple[Predictor, dict[str, Any]]:
+    """Fit the MLP on the training groups and report its error on the held-out groups."""
+    features = tuple(features)
+    Predictor(features, standardize, np.zeros(len(features), np.float32), np.ones(len(features), np.float32),
+              [(np.zeros((1, len(features)), np.float32), np.zeros(1, np.float32))])  # validates the spec early
+    if epochs < 1 or batch_size < 1 or lr <= 0 or any(h < 1 for h in hidden):
+        raise UsageError("--epochs, --batch-size, --hidden and --lr must be positive")
+    start = time.perf_counter()
+    train_groups, held_groups = split_groups(labelsets, split)
+    rng = np.random.default_rng(seed)
+    x, y = _gather(labelsets, train_groups, features, standardize, max_per_layer, rng)
+    mean = x.mean(0).astype(np.float32)
+    std = x.std(0).astype(np.float32)
+    std[~(std > 1e-8)] = 1.0  # constant columns (a layer feature over one layer) pass through as 0
+    layers = _fit_mlp((x - mean) / std, y, [len(features), *hidden], epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, on_epoch=on_epoch)
     predictor = Predictor(features, standardize, mean, std, layers)
     baseline = float(y.mean())
     split_name = "file" if split == "auto" and len(labelsets) > 1 else ("layer" if split == "auto" else split)
@@ -332,10 +347,7 @@ def train_predictor(
         "train_samples": int(y.size), "heldout": held, "train": {k: v for k, v in train_fit.items() if k != "layers"},
         "settings": {"features": list(features), "standardize": standardize, "hidden": list(hidden), "epochs": epochs, "lr": lr,
                      "batch_size": batch_size, "max_per_layer": max_per_layer, "seed": seed},
-        "sources": [{"file": name, "config": {k: v for k, v in ls.meta.get("config", {}).items() if k not in ("model", "data")} | {
-                        "model": Path(str(ls.meta.get("config", {}).get("model", ""))).name, "data": Path(str(ls.meta.get("config", {}).get("data", ""))).name},
-                     "rounds_done": ls.rounds_done, "history": [{k: v for k, v in h.items() if k != "seconds"} for h in ls.meta.get("history", [])]}
-                    for name, ls in zip(files, labelsets)],
+        "sources": _sources_report(files, labelsets),
     }
     predictor.meta = report  # no timings or absolute paths: the same labels give the same file, byte for byte
     return predictor, report | {"seconds": round(time.perf_counter() - start, 2)}

@@ -39,9 +39,7 @@ from pai_compiler.passes.criteria.dpai.torch_ops import TorchOp, TorchWeightedOp
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ChannelProgram", "conv_tap_live"]
-
-_IDENTITY = (OpKind.NORM, OpKind.POINTWISE, OpKind.SOFTMAX)
+__all__ = ["ChannelProgram", "CHANNEL_RULES", "conv_tap_live"]
 
 
 class ChannelProgram:
@@ -55,9 +53,9 @@ class ChannelProgram:
         self, graph: Graph, layout: Layout, shapes: Mapping[str, tuple[int, ...]], device: str | torch.device, bind: Mapping[str, int],
         sources: Callable[[LayerInfo, int], WeightSource] | None = None,
     ) -> None:
-        import torch
+        import torch  # heavy: torch loads when a program is built, not when dpai is imported
 
-        from pai_compiler.interp import Interpreter
+        from pai_compiler.interp import Interpreter  # heavy: interp imports torch
 
         self.graph, self.layout, self.shapes = graph, layout, shapes
         self.ops = make_ops(device)
@@ -118,83 +116,10 @@ class ChannelProgram:
         self._last_user = {name: nodes[-1] for name, nodes in users.items()}
         self._uses = {name: len(nodes) for name, nodes in users.items()}
         for node in self.graph.nodes:
-            kind, outs = node.kind, node.outputs
-            if kind is OpKind.INPUT:
-                shape = self.shapes[outs[0].name]
-                chan = len(shape) > 2
-                slot = self._new((shape[1],) if chan else shape, chan, outs[0].name)
-                self.consts[slot] = self.ops.ones(self.stored[slot])
-            elif kind is OpKind.CONSTANT:
-                slot = self._new(self.shapes[outs[0].name], name=outs[0].name)
-                self.consts[slot] = self.ops.zeros(self.stored[slot])
-            elif kind is OpKind.OUTPUT:
-                slot = self.slot[node.inputs[0].name]
-                factor = math.prod(self.shapes[node.inputs[0].name][2:]) if slot in self.chan else 1
-                self.outputs.append((slot, float(factor), self.stored[slot]))
-            elif kind in _IDENTITY and self.shapes[node.inputs[0].name] == self.shapes[outs[0].name]:
-                self.slot[outs[0].name] = self.slot[node.inputs[0].name]  # alias: no instruction
-            else:
-                self._compile_node(node)
-
-    def _compile_node(self, node: Node) -> None:
-        kind, ins, outs = node.kind, node.inputs, node.outputs
-        out_shape = self.shapes[outs[0].name] if outs else ()
-        slots = [self.slot[v.name] for v in ins]
-        all_chan = bool(slots) and all(s in self.chan for s in slots)
-        if kind is OpKind.CONV:
-            return self._weighted(node, chan=True)
-        if kind is OpKind.LINEAR:
-            return self._weighted(node, chan=False)
-        if kind is OpKind.ATTENTION:
-            return self._attention(node)
-        if kind in (OpKind.ADD, OpKind.MUL) and all_chan:  # sums; the gate rule makes a*b -> a + b
-            self.tape.append(Sum(self.ops, slots, self._new(self.stored[slots[0]], True, outs[0].name), [None] * len(slots)))
-            return None
-        if kind in (OpKind.ADD, OpKind.MUL):
-            full = [self._full_slot(v.name) for v in ins]
-            self.tape.append(Sum(self.ops, full, self._new(out_shape, name=outs[0].name), [reduction(self.stored[s], out_shape) for s in full]))
-            return None
-        axis = node.attrs.get("axis", 0) % max(len(out_shape), 1)
-        if kind is OpKind.CONCAT:
-            use = slots if all_chan and axis == 1 else [self._full_slot(v.name) for v in ins]
-            ax = 0 if all_chan and axis == 1 else axis
-            shape = (sum(self.stored[s][0] for s in use),) if ax == 0 and all_chan and axis == 1 else out_shape
-            self.tape.append(Cat(self.ops, use, self._new(shape, all_chan and axis == 1, outs[0].name), ax, [self.stored[s][ax] for s in use]))
-            return None
-        if kind is OpKind.SPLIT:
-            chan = all_chan and axis == 1
-            src = slots[0] if chan else self._full_slot(ins[0].name)
-            shapes = [(self.shapes[v.name][1],) if chan else self.shapes[v.name] for v in outs]
-            self.tape.append(Split(self.ops, src, [self._new(s, chan, v.name) for s, v in zip(shapes, outs)], 0 if chan else axis, shapes))
-            return None
-        if kind is OpKind.POOL and all_chan and chan_pool_factor(node, self.shapes[ins[0].name]) is not None:
-            factor = chan_pool_factor(node, self.shapes[ins[0].name])
-            src = slots[0]
-            if factor != 1:
-                src = self._new(self.stored[slots[0]], True)
-                self.tape.append(Scale(self.ops, slots[0], src, factor))  # type: ignore[arg-type]
-            if len(out_shape) > 2:
-                self.slot[outs[0].name] = src
-            else:
-                self.tape.append(Reshape(self.ops, src, self._new(out_shape, name=outs[0].name), self.stored[src], out_shape))
-            return None
-        if kind is OpKind.RESHAPE and node.attrs.get("op") in ("reshape", "transpose"):
-            in_shape = self.shapes[ins[0].name]
-            src = slots[0] if (slots[0] in self.chan and math.prod(in_shape[2:]) == 1) or slots[0] not in self.chan else self._full_slot(ins[0].name)
-            dst = self._new(out_shape, name=outs[0].name)
-            if node.attrs["op"] == "reshape":
-                self.tape.append(Reshape(self.ops, src, dst, self.stored[src], out_shape))
-            elif src in self.chan:  # [C] standing for [1, C, 1, ...]: materialise the 1s first
-                mid = self._new(in_shape)
-                self.tape += [Reshape(self.ops, src, mid, self.stored[src], in_shape), Transpose(self.ops, mid, dst, node.attrs["perm"])]
-            else:
-                self.tape.append(Transpose(self.ops, src, dst, node.attrs["perm"]))
-            return None
-        self._torch_op(node)
-        return None
+            CHANNEL_RULES[node.kind](self, node)
 
     def _torch_op(self, node: Node) -> None:
-        from pai_compiler.interp import rule_for
+        from pai_compiler.interp import rule_for  # heavy: interp imports torch
 
         rule = rule_for(node, "paths")  # an embedding lookup (opaque, op="embedding"): a path source
         if rule is None or node.kind is OpKind.ATTENTION:
@@ -206,9 +131,9 @@ class ChannelProgram:
 
     def _attention(self, node: Node) -> None:
         """A fused attention node: the interpreter's path rule under autograd (gate rule inside)."""
-        import torch
+        import torch  # heavy: torch loads when a program is built, not when dpai is imported
 
-        from pai_compiler.interp import Interpreter, PATH_RULES
+        from pai_compiler.interp import Interpreter, PATH_RULES  # heavy: interp imports torch
 
         it = Interpreter(self.graph, mode="paths", dtype=torch.float32, device=self._it.device, pool="model", scaling="dpai", bind=self._it.bind)
         weights = []
@@ -221,7 +146,7 @@ class ChannelProgram:
         self.tape.append(TorchWeightedOp(self.ops, full, outs, it, node, PATH_RULES[OpKind.ATTENTION], weights, self.logs))
 
     def _weighted(self, node: Node, chan: bool) -> None:
-        import torch
+        import torch  # heavy: torch loads when a program is built, not when dpai is imported
 
         p = node.params["weight"]
         layer = self._layer_of.get(p.name)
@@ -261,7 +186,7 @@ class ChannelProgram:
     # ---- run -------------------------------------------------------------------------------
     def forward_backward(self) -> torch.Tensor:
         """Run the tape forward and backward; fills ``grad``; returns log P (0-d tensor)."""
-        import torch
+        import torch  # heavy: torch loads when a program is built, not when dpai is imported
 
         self.logs.clear()
         env: list[Any] = [None] * len(self.stored)
@@ -295,3 +220,138 @@ class ChannelProgram:
             for slot in instr.outs:  # read by its producer only
                 genv[slot] = None
         return result
+
+
+# ---- the compile rules, one per op kind ------------------------------------------------------
+ChannelRule = Callable[[ChannelProgram, Node], None]
+
+
+def _input(cp: ChannelProgram, node: Node) -> None:
+    """A model input: all ones, one value per channel for a feature map."""
+    name = node.outputs[0].name
+    shape = cp.shapes[name]
+    chan = len(shape) > 2
+    slot = cp._new((shape[1],) if chan else shape, chan, name)
+    cp.consts[slot] = cp.ops.ones(cp.stored[slot])
+
+
+def _constant(cp: ChannelProgram, node: Node) -> None:
+    """A data constant carries no path: zeros."""
+    slot = cp._new(cp.shapes[node.outputs[0].name], name=node.outputs[0].name)
+    cp.consts[slot] = cp.ops.zeros(cp.stored[slot])
+
+
+def _output(cp: ChannelProgram, node: Node) -> None:
+    """A model output is summed after the forward (a chan value stands for every pixel of its map)."""
+    name = node.inputs[0].name
+    slot = cp.slot[name]
+    factor = math.prod(cp.shapes[name][2:]) if slot in cp.chan else 1
+    cp.outputs.append((slot, float(factor), cp.stored[slot]))
+
+
+def _identity_or_rule(cp: ChannelProgram, node: Node) -> None:
+    """Norm, activation, softmax: an alias when the shape is kept, else the interpreter's path rule."""
+    if cp.shapes[node.inputs[0].name] == cp.shapes[node.outputs[0].name]:
+        cp.slot[node.outputs[0].name] = cp.slot[node.inputs[0].name]  # alias: no instruction
+    else:
+        cp._torch_op(node)
+
+
+def _all_chan(cp: ChannelProgram, node: Node) -> bool:
+    slots = [cp.slot[v.name] for v in node.inputs]
+    return bool(slots) and all(s in cp.chan for s in slots)
+
+
+def _sum(cp: ChannelProgram, node: Node) -> None:
+    """Residual adds sum; the gate rule makes a*b -> a + b (on chan vectors where all operands are)."""
+    ins, out = node.inputs, node.outputs[0].name
+    if _all_chan(cp, node):
+        slots = [cp.slot[v.name] for v in ins]
+        cp.tape.append(Sum(cp.ops, slots, cp._new(cp.stored[slots[0]], True, out), [None] * len(slots)))
+        return
+    out_shape = cp.shapes[out]
+    full = [cp._full_slot(v.name) for v in ins]
+    cp.tape.append(Sum(cp.ops, full, cp._new(out_shape, name=out), [reduction(cp.stored[s], out_shape) for s in full]))
+
+
+def _axis(cp: ChannelProgram, node: Node) -> int:
+    out_shape = cp.shapes[node.outputs[0].name] if node.outputs else ()
+    return int(node.attrs.get("axis", 0)) % max(len(out_shape), 1)
+
+
+def _concat(cp: ChannelProgram, node: Node) -> None:
+    """Concatenation along channels stays on chan vectors; any other axis on the full tensors."""
+    axis, ins, out = _axis(cp, node), node.inputs, node.outputs[0].name
+    on_chan = _all_chan(cp, node) and axis == 1
+    use = [cp.slot[v.name] for v in ins] if on_chan else [cp._full_slot(v.name) for v in ins]
+    ax = 0 if on_chan else axis
+    shape = (sum(cp.stored[s][0] for s in use),) if on_chan else cp.shapes[out]
+    cp.tape.append(Cat(cp.ops, use, cp._new(shape, on_chan, out), ax, [cp.stored[s][ax] for s in use]))
+
+
+def _split(cp: ChannelProgram, node: Node) -> None:
+    """A split along channels stays on chan vectors; any other axis on the full tensor."""
+    axis, ins, outs = _axis(cp, node), node.inputs, node.outputs
+    chan = _all_chan(cp, node) and axis == 1
+    src = cp.slot[ins[0].name] if chan else cp._full_slot(ins[0].name)
+    shapes = [(cp.shapes[v.name][1],) if chan else cp.shapes[v.name] for v in outs]
+    cp.tape.append(Split(cp.ops, src, [cp._new(s, chan, v.name) for s, v in zip(shapes, outs)], 0 if chan else axis, shapes))
+
+
+def _pool(cp: ChannelProgram, node: Node) -> None:
+    """Pooling a chan vector scales it by the window's factor; otherwise the interpreter's path rule."""
+    in_name, out = node.inputs[0].name, node.outputs[0].name
+    factor = chan_pool_factor(node, cp.shapes[in_name]) if _all_chan(cp, node) else None
+    if factor is None:
+        cp._torch_op(node)
+        return
+    out_shape = cp.shapes[out]
+    src = cp.slot[in_name]
+    if factor != 1:
+        scaled = cp._new(cp.stored[src], True)
+        cp.tape.append(Scale(cp.ops, src, scaled, factor))
+        src = scaled
+    if len(out_shape) > 2:
+        cp.slot[out] = src
+    else:
+        cp.tape.append(Reshape(cp.ops, src, cp._new(out_shape, name=out), cp.stored[src], out_shape))
+
+
+def _reshape(cp: ChannelProgram, node: Node) -> None:
+    """Reshape and transpose move the values (a chan vector is materialised when it must be); other data movement: the path rule."""
+    if node.attrs.get("op") not in ("reshape", "transpose"):
+        cp._torch_op(node)
+        return
+    in_name, out = node.inputs[0].name, node.outputs[0].name
+    in_shape, out_shape, slot = cp.shapes[in_name], cp.shapes[out], cp.slot[in_name]
+    src = slot if slot not in cp.chan or math.prod(in_shape[2:]) == 1 else cp._full_slot(in_name)
+    dst = cp._new(out_shape, name=out)
+    if node.attrs["op"] == "reshape":
+        cp.tape.append(Reshape(cp.ops, src, dst, cp.stored[src], out_shape))
+    elif src in cp.chan:  # [C] standing for [1, C, 1, ...]: materialise the 1s first
+        mid = cp._new(in_shape)
+        cp.tape += [Reshape(cp.ops, src, mid, cp.stored[src], in_shape), Transpose(cp.ops, mid, dst, node.attrs["perm"])]
+    else:
+        cp.tape.append(Transpose(cp.ops, src, dst, node.attrs["perm"]))
+
+
+#: how each op kind compiles to tape instructions
+CHANNEL_RULES: dict[OpKind, ChannelRule] = {
+    OpKind.INPUT: _input,
+    OpKind.OUTPUT: _output,
+    OpKind.CONSTANT: _constant,
+    OpKind.CONV: lambda cp, node: cp._weighted(node, chan=True),
+    OpKind.LINEAR: lambda cp, node: cp._weighted(node, chan=False),
+    OpKind.ATTENTION: lambda cp, node: cp._attention(node),
+    OpKind.MATMUL: lambda cp, node: cp._torch_op(node),
+    OpKind.ADD: _sum,
+    OpKind.MUL: _sum,
+    OpKind.CONCAT: _concat,
+    OpKind.SPLIT: _split,
+    OpKind.NORM: _identity_or_rule,
+    OpKind.POINTWISE: _identity_or_rule,
+    OpKind.SOFTMAX: _identity_or_rule,
+    OpKind.POOL: _pool,
+    OpKind.RESHAPE: _reshape,
+    OpKind.OPAQUE: lambda cp, node: cp._torch_op(node),
+}

@@ -1,4 +1,4 @@
-"""ONNX export helper for zoo models.
+"""Export a torch module to ONNX with a dynamic batch dimension (legacy or dynamo exporter), atomically.
 
 :func:`export_onnx` exports a model in eval mode with a dynamic batch
 dimension (named ``"batch"``) on the single input ``"input"`` and the single
@@ -85,6 +85,53 @@ def _strip_initializer_inputs(path: str) -> None:
     onnx.save(proto, path)
 
 
+def _example_input(input_shape: tuple[int, ...], index_entries: int | None) -> torch.Tensor:
+    """A seeded example batch to trace with: N(0, 1) floats, or indices below ``index_entries``."""
+    generator = torch.Generator().manual_seed(_EXAMPLE_SEED)
+    if index_entries is None:
+        return torch.randn((_EXAMPLE_BATCH, *input_shape), generator=generator)
+    return torch.randint(0, index_entries, (_EXAMPLE_BATCH, *input_shape), generator=generator)
+
+
+def _run_exporter(model: nn.Module, example: torch.Tensor, path: str, *, dynamo: bool, opset: int) -> None:
+    """One ``torch.onnx.export`` call with paic's names and dynamic batch, quietly."""
+    with _quiet(), _mha_fastpath_disabled():
+        if dynamo:
+            torch.onnx.export(
+                model,
+                (example,),
+                path,
+                dynamo=True,
+                optimize=False,
+                external_data=False,
+                verbose=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_shapes=({0: torch.export.Dim(BATCH_DIM_NAME)},),
+            )
+        else:
+            torch.onnx.export(
+                model,
+                (example,),
+                path,
+                dynamo=False,
+                verbose=False,
+                do_constant_folding=False,
+                training=torch.onnx.TrainingMode.EVAL,
+                # Without this the exporter de-duplicates initializers by
+                # value in eval mode (e.g. all BN weights that are still 1),
+                # dropping state_dict names; see _strip_initializer_inputs.
+                keep_initializers_as_inputs=True,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: BATCH_DIM_NAME}, OUTPUT_NAME: {0: BATCH_DIM_NAME}},
+            )
+    if not dynamo:
+        _strip_initializer_inputs(path)
+
+
 def export_onnx(
     model: nn.Module,
     input_shape: tuple[int, ...],
@@ -108,53 +155,13 @@ def export_onnx(
     destination = Path(path)
     directory = destination.parent
     directory.mkdir(parents=True, exist_ok=True)
-
-    generator = torch.Generator().manual_seed(_EXAMPLE_SEED)
-    if index_entries is None:
-        example = torch.randn((_EXAMPLE_BATCH, *input_shape), generator=generator)
-    else:
-        example = torch.randint(0, index_entries, (_EXAMPLE_BATCH, *input_shape), generator=generator)
-
+    example = _example_input(input_shape, index_entries)
     was_training = model.training
     model.eval()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        with _quiet(), _mha_fastpath_disabled():
-            if dynamo:
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    tmp_name,
-                    dynamo=True,
-                    optimize=False,
-                    external_data=False,
-                    verbose=False,
-                    opset_version=opset,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_shapes=({0: torch.export.Dim(BATCH_DIM_NAME)},),
-                )
-            else:
-                torch.onnx.export(
-                    model,
-                    (example,),
-                    tmp_name,
-                    dynamo=False,
-                    verbose=False,
-                    do_constant_folding=False,
-                    training=torch.onnx.TrainingMode.EVAL,
-                    # Without this the exporter de-duplicates initializers by
-                    # value in eval mode (e.g. all BN weights that are still 1),
-                    # dropping state_dict names; see _strip_initializer_inputs.
-                    keep_initializers_as_inputs=True,
-                    opset_version=opset,
-                    input_names=[INPUT_NAME],
-                    output_names=[OUTPUT_NAME],
-                    dynamic_axes={INPUT_NAME: {0: BATCH_DIM_NAME}, OUTPUT_NAME: {0: BATCH_DIM_NAME}},
-                )
-        if not dynamo:
-            _strip_initializer_inputs(tmp_name)
+        _run_exporter(model, example, tmp_name, dynamo=dynamo, opset=opset)
         os.chmod(tmp_name, 0o644)
         os.replace(tmp_name, destination)
     except BaseException:
