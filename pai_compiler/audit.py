@@ -19,7 +19,8 @@ import numpy as np
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Graph, Node, Param
 from pai_compiler.pass_infra import AnalysisManager
-from pai_compiler.passes.analysis.flops import EFFECTIVE_FALLBACK, FlopsPass, FlopsResult, evaluate, parse_bind
+from pai_compiler.passes.analysis.bindings import parse_bind
+from pai_compiler.passes.analysis.flops import EFFECTIVE_FALLBACK, FlopsPass, FlopsResult, evaluate
 
 __all__ = ["audit_graph", "masks_from_zeros", "render_audit", "plot_audit", "format_value", "TOTAL_KEYS", "LAYER_KEYS"]
 

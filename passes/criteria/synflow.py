@@ -121,7 +121,7 @@ class _LinearisedNet:
 
         leaves = {n: (w * masks[n].to(self.dtype)).requires_grad_(True) for n, w in self.magnitudes.items()}
         self.interp.weights = leaves
-        total = sum(o.sum() for o in self.interp.run(self.ones) if o.is_floating_point())
+        total = sum(o.sum() for o in self.interp.run(self.ones).outputs if o.is_floating_point())
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
             return {n: torch.zeros_like(leaf) for n, leaf in leaves.items()}
         if not torch.isfinite(total):

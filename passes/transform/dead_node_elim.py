@@ -45,6 +45,7 @@ one MAC per element. ``graph.meta["compact"]`` records per-layer channel counts.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -167,6 +168,7 @@ class _Constants:
             if v.shape and isinstance(v.shape[0], sympy.Basic):
                 self.batch_symbols |= {s.name for s in v.shape[0].free_symbols}
         self._it: Any = None
+        self.values: Mapping[str, Any] = {}  # every value of the zero-input run
         self.error: str | None = None
 
     def interpreter(self) -> Any:
@@ -188,7 +190,7 @@ class _Constants:
                     dtype = torch.float64 if "float" in v.dtype else torch.int64
                     feeds.append(torch.zeros(it.dims(v.shape or ()), dtype=dtype))
                 with torch.no_grad():
-                    it.run(feeds)
+                    self.values = it.run(feeds).values
                 self._it = it
             except Exception as exc:  # opaque node, unbound dim...: no folding possible
                 self.error = f"{type(exc).__name__}: {exc}"
@@ -209,7 +211,7 @@ def _contribution(node: Node, channels: np.ndarray, consts: _Constants) -> tuple
     it = consts.interpreter()
     if it is None:
         return None
-    x = it.values[node.inputs[0].name]
+    x = consts.values[node.inputs[0].name]
     axis = 1 if node.kind is OpKind.CONV else x.dim() - 1
     index = torch.as_tensor(channels, dtype=torch.long)
     only = torch.zeros_like(x)
