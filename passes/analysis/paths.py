@@ -44,7 +44,11 @@ class PathCount:
 
 
 def ones_inputs(graph: Graph, bind: Mapping[str, int], dtype: torch.dtype, device: str | torch.device = "cpu") -> list[torch.Tensor]:
-    """All-ones tensors of the graph's input shapes at ``bind`` (path sources: one path starts at each element)."""
+    """All-ones ``dtype`` tensors of the graph's input shapes at ``bind``: one path starts at each element.
+
+    Path counting and SynFlow feed these; an integer input that only indexes embedding lookups
+    gets float ones too (a lookup is a path source, or outputs ones, whatever its indices).
+    """
     import torch  # heavy optional dependency: only path counting needs it
 
     from pai_compiler.interp import bound_dims  # imports torch
@@ -52,10 +56,10 @@ def ones_inputs(graph: Graph, bind: Mapping[str, int], dtype: torch.dtype, devic
     out = []
     for v in graph.inputs:
         if v.shape is None:
-            raise PaicError(f"path count: input {v.name!r} has an unknown shape")
+            raise PaicError(f"all-ones input: input {v.name!r} has an unknown shape")
         dims = bound_dims(v.shape, bind)
         if 0 in dims:
-            raise PaicError(f"path count: input {v.name!r} has a dimension of size 0 (shape {list(dims)})")
+            raise PaicError(f"all-ones input: input {v.name!r} has a dimension of size 0 (shape {list(dims)})")
         out.append(torch.ones(dims, dtype=dtype, device=device))
     return out
 
