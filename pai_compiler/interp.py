@@ -47,7 +47,7 @@ from pai_compiler.interp_rules import (
 from pai_compiler.ir import Graph, Node, OpKind, Param, Value
 
 __all__ = [
-    "Interpreter", "InterpResult", "NodeEvaluation", "bound_dims", "evaluate_node", "param_tensor", "torch_ready",
+    "Interpreter", "InterpResult", "NodeEvaluation", "bound_dims", "param_tensor", "torch_ready",
     "is_float_array", "rule_for", "indexes_lookups_only", "RULES", "PATH_RULES", "OPAQUE_RULES", "Rule",
 ]
 
@@ -288,11 +288,6 @@ class Interpreter:
         ref = max(scales, key=lambda s: float(s))
         aligned = [a if float(s) == float(ref) else a * torch.exp(torch.as_tensor(s - ref, dtype=a.dtype)) for a, s in zip(args, scales)]
         return aligned, ref
-
-
-def evaluate_node(it: Interpreter, node: Node, args: list[torch.Tensor]) -> NodeEvaluation:
-    """``it.evaluate(node, args)`` as a function of the interpreter (a rule-shaped callable)."""
-    return it.evaluate(node, args)
 
 
 def _last_uses(nodes: list[Node]) -> dict[int, list[str]]:

@@ -208,7 +208,7 @@ class ChannelProgram:
         """A fused attention node: the interpreter's path rule under autograd (gate rule inside)."""
         import torch
 
-        from pai_compiler.interp import Interpreter, evaluate_node
+        from pai_compiler.interp import Interpreter
 
         it = Interpreter(self.graph, mode="paths", dtype=torch.float32, device=self._it.device, pool="model", scaling="dpai", bind=self._it.bind)
         weights = []
@@ -218,7 +218,7 @@ class ChannelProgram:
                 weights.append((p, self._source(layer), self._last_user.get(p.name) is not node))
         full = [self._full_slot(v.name) for v in node.inputs]
         outs = [self._new(self.shapes[v.name], name=v.name) for v in node.outputs]
-        self.tape.append(TorchWeightedOp(self.ops, full, outs, it, node, evaluate_node, weights, self.logs))
+        self.tape.append(TorchWeightedOp(self.ops, full, outs, it, node, Interpreter.evaluate, weights, self.logs))
 
     def _weighted(self, node: Node, chan: bool) -> None:
         import torch
