@@ -113,7 +113,7 @@ class NodePathPass(AnalysisPass[NodePathResult]):
     bind: str = ""
 
     def run(self, graph: Graph, am: AnalysisManager) -> NodePathResult:
-        import torch
+        import torch  # heavy optional dependency
 
         for node in graph.nodes:
             if node.kind not in (OpKind.INPUT, OpKind.OUTPUT):
@@ -201,7 +201,7 @@ def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None) 
 def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any], graph_inputs: set[str],
               params: dict[str, Param], reached: dict[str, np.ndarray], backward: dict[str, Any], dtype: Any) -> None:
     """Re-run ``node`` with autograd; add its input cotangents to ``backward``, OR its weight grads > 0 into ``reached``."""
-    import torch
+    import torch  # heavy optional dependency
 
     args = [_unpack(forward[v.name], dtype) for v in node.inputs]
     args = [a if v.name in graph_inputs or not a.is_floating_point() else a.requires_grad_() for v, a in zip(node.inputs, args)]
@@ -229,7 +229,7 @@ def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any
 
 def _unpack(t: torch.Tensor, dtype: Any) -> torch.Tensor:
     """A stored indicator as a 0/1 operand (booleans become ``dtype``; others pass through)."""
-    import torch
+    import torch  # heavy optional dependency
 
     return t.to(dtype, memory_format=torch.contiguous_format) if t.dtype == torch.bool else t
 
@@ -241,7 +241,7 @@ def _indicator_dtype() -> Any:
     is computed as exactly 0 and a true count ≥ 1 stays positive (≥ 1 - 2⁻⁸) whatever the
     rounding or summation order; ``sign`` is therefore the exact reachability indicator.
     """
-    import torch
+    import torch  # heavy optional dependency
 
     try:
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

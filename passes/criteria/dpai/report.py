@@ -124,7 +124,7 @@ class _Leaves(_ByLayer):
         self.hook: Callable[[LayerInfo], Callable[[Any], None]] | None = None
 
     def __getitem__(self, name: str) -> Any:
-        import torch
+        import torch  # heavy optional dependency
 
         layer = self.layers[name]
         leaf = self.made[layer.index]
@@ -150,7 +150,7 @@ class _Leaves(_ByLayer):
         return t if index is None else (index, t.shape, t.stride(), t.storage_offset())
 
     def unpack(self, packed: Any) -> Any:
-        import torch
+        import torch  # heavy optional dependency
 
         if not isinstance(packed, tuple):
             return packed
@@ -159,7 +159,7 @@ class _Leaves(_ByLayer):
 
 
 def _strided() -> Any:
-    import torch
+    import torch  # heavy optional dependency
 
     return torch.strided
 
