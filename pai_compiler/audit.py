@@ -19,7 +19,9 @@ import numpy as np
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Graph, Node, Param
 from pai_compiler.pass_infra import AnalysisManager
-from pai_compiler.passes.analysis.flops import EFFECTIVE_FALLBACK, FlopsPass, FlopsResult, evaluate, parse_bind
+from pai_compiler.passes.analysis.bindings import parse_bind
+from pai_compiler.passes.analysis.flops import EFFECTIVE_FALLBACK, FlopsPass, FlopsResult, evaluate
+from pai_compiler.passes.analysis.node_path import NodePathPass
 
 __all__ = ["audit_graph", "masks_from_zeros", "render_audit", "plot_audit", "format_value", "TOTAL_KEYS", "LAYER_KEYS"]
 
@@ -75,8 +77,6 @@ def _audit(graph: Graph, values: dict[str, int], paths: bool, warnings: list[str
     am = AnalysisManager(graph)
     node_path = None
     if paths:
-        from pai_compiler.passes.analysis.node_path import NodePathPass
-
         try:
             node_path = am.get(NodePathPass(bind=bind_text))
         except PaicError as exc:

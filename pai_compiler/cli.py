@@ -337,7 +337,7 @@ def audit(
         from pai_compiler import api
         from pai_compiler.audit import audit_graph, plot_audit, render_audit
         from pai_compiler.io import check_output_path
-        from pai_compiler.passes.analysis.flops import parse_bind
+        from pai_compiler.passes.analysis.bindings import parse_bind
 
         values = parse_bind(bind)
         is_file = Path(model).exists() or ":" not in model

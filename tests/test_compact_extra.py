@@ -172,8 +172,8 @@ def test_shared_weight_is_never_masked_or_folded_into(tmp_path: Path) -> None:
     x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
     _close(_run(small, x), _run(masked, x))
     with torch.no_grad():
-        ref = Interpreter(result.graph).run([torch.from_numpy(x)])[0].numpy()
-        _close(Interpreter(graph).run([torch.from_numpy(x)])[0].numpy(), ref)
+        ref = Interpreter(result.graph).run([torch.from_numpy(x)]).outputs[0].numpy()
+        _close(Interpreter(graph).run([torch.from_numpy(x)]).outputs[0].numpy(), ref)
     w_masked = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(masked)).graph.initializer}
     w_small = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(small)).graph.initializer}
     assert set(w_small) == {"W"} and np.array_equal(w_small["W"], w_masked["W"])

@@ -352,7 +352,7 @@ def test_synflow_resnet20_999_keeps_a_path(examples_dir: Path) -> None:
     params = graph.prunable_params()
     assert sum(p.kept() for p in params) == 270_896 - math.floor(0.999 * 270_896)
     assert params[0].kept() >= 1 and params[-1].kept() >= 1
-    out = Interpreter(graph, mode="paths", dtype=torch.float64, scaling="exact").run([torch.ones(1, 3, 32, 32, dtype=torch.float64)])
+    out = Interpreter(graph, mode="paths", dtype=torch.float64, scaling="exact").run([torch.ones(1, 3, 32, 32, dtype=torch.float64)]).outputs
     assert float(out[0].sum()) > 0
 
 
@@ -360,7 +360,7 @@ def test_synflow_chain_999_no_layer_collapse(examples_dir: Path) -> None:
     """On a chain (every layer is a cut) at 99.9 %, 20 rounds: every layer keeps a weight; one-shot magnitude does not."""
     graph = _run(load_onnx_model(examples_dir / "vgg_small.onnx"), "synflow{sparsity=0.999,iterations=20}")
     assert all(p.kept() >= 1 for p in graph.prunable_params())
-    out = Interpreter(graph, mode="paths", dtype=torch.float64, scaling="exact").run([torch.ones(1, 3, 32, 32, dtype=torch.float64)])
+    out = Interpreter(graph, mode="paths", dtype=torch.float64, scaling="exact").run([torch.ones(1, 3, 32, 32, dtype=torch.float64)]).outputs
     assert float(out[0].sum()) > 0
     magnitude = _run(load_onnx_model(examples_dir / "vgg_small.onnx"), "magnitude{sparsity=0.999}")
     assert any(p.kept() == 0 for p in magnitude.prunable_params())

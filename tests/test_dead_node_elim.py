@@ -59,7 +59,7 @@ def close(got: np.ndarray, ref: np.ndarray) -> None:
 
 def run_ir(graph: Graph, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        return Interpreter(graph).run([torch.from_numpy(x)])[0].numpy()
+        return Interpreter(graph).run([torch.from_numpy(x)]).outputs[0].numpy()
 
 
 def run_ort(path: Path, x: np.ndarray) -> np.ndarray:
@@ -409,7 +409,7 @@ def test_torch_compact_module_matches_and_trains() -> None:
     graph = optimize(EXAMPLES / "resnet20.onnx", sparsity=0.99, method="random").graph
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
-        ref = Interpreter(graph).run([x])[0]
+        ref = Interpreter(graph).run([x]).outputs[0]
     module = compact_module(compact(graph)[0])
     with torch.no_grad():
         close(module(x).numpy(), ref.numpy())
@@ -440,7 +440,7 @@ def test_torch_frontend_graph_compacts(name: str) -> None:
     small, _ = compact(graph)
     assert sum(p.numel for p in small.prunable_params()) < sum(p.numel for p in graph.prunable_params())
     with torch.no_grad():
-        close(compact_module(small)(x).numpy(), Interpreter(graph).run([x])[0].numpy())
+        close(compact_module(small)(x).numpy(), Interpreter(graph).run([x]).outputs[0].numpy())
 
 
 def test_cli_compact_and_optimize_compact(tmp_path: Path) -> None:

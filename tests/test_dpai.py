@@ -14,7 +14,8 @@ from pai_compiler.ir import Graph, GraphBuilder
 from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
 from pai_compiler.passes.analysis.node_path import NodePathPass
 from pai_compiler.passes.criteria.dpai.loop import Adam, PixelStep
-from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective, input_bind
+from pai_compiler.passes.analysis.bindings import sample_bindings
+from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective
 from pai_compiler.passes.criteria.dpai.driver import build, initial_scores
 from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, adam_step_bound, reference_topk
 from pai_compiler.passes.criteria.dpai.step import combine
@@ -39,7 +40,7 @@ def _masks(graph: Graph) -> dict[str, np.ndarray]:
 
 def _setup(graph: Graph, sparsity: float, paths: str = "channel", seed: int = 0, ties: str = "auto") -> tuple[Any, ...]:
     _run(graph, f"erk{{sparsity={sparsity}}}")
-    layout, topk, update, step = build(graph, graph.prunable_params(), graph.meta["allocation"], paths, 0.99, 0.5, "cpu", input_bind(graph), ties)
+    layout, topk, update, step = build(graph, graph.prunable_params(), graph.meta["allocation"], paths, 0.99, 0.5, "cpu", sample_bindings(graph), ties)
     return layout, topk, update, step, initial_scores(layout, seed, "cpu")
 
 
@@ -78,7 +79,7 @@ def test_channel_connectivity_equals_per_pixel(name: str, sparsity: float) -> No
     layout, topk, update, step, scores = _setup(g, sparsity, seed=3)
     kept = update.kept(topk.select(scores))
     chan = step(scores, kept, None).read()
-    pixel = PixelStep(PixelObjective(g, layout, "ref", "cpu", input_bind(g)), update)(torch.ones(layout.numel), kept, None).read()
+    pixel = PixelStep(PixelObjective(g, layout, "ref", "cpu", sample_bindings(g)), update)(torch.ones(layout.numel), kept, None).read()
     assert (chan["nodes"], chan["kernels"], chan["params"]) == (pixel["nodes"], pixel["kernels"], pixel["params"])
     if sparsity < 0.99:  # no dead ends: DPaI's convention equals the exact, boolean one
         masks = layout.masks(kept.index.numpy())
@@ -100,7 +101,7 @@ def test_dead_taps_count_zero_in_channel_mode() -> None:
     assert sorted(layout.tap_live) == ["conv1.weight", "conv2.weight"]
     kept = update.kept(topk.select(scores))
     chan = step(scores, kept, None).read()
-    pixel = PixelStep(PixelObjective(g, layout, "exact", "cpu", input_bind(g)), update)(torch.ones(layout.numel), kept, None).read()
+    pixel = PixelStep(PixelObjective(g, layout, "exact", "cpu", sample_bindings(g)), update)(torch.ones(layout.numel), kept, None).read()
     assert (chan["nodes"], chan["kernels"], chan["params"]) == (pixel["nodes"], pixel["kernels"], pixel["params"])
 
 
@@ -115,7 +116,7 @@ def test_torch_backend_of_the_channel_tape_matches_numpy(name: str, monkeypatch:
     layout, topk, update, step, scores = _setup(g, 0.95, seed=2)
     kept = update.kept(topk.select(scores))
     monkeypatch.setattr(channel, "make_ops", lambda device: TorchOps(device))
-    other = channel.ChannelProgram(g, layout, value_shapes(g, input_bind(g), "cpu"), "cpu", input_bind(g))
+    other = channel.ChannelProgram(g, layout, value_shapes(g, sample_bindings(g), "cpu"), "cpu", sample_bindings(g))
     for program in (step.program, other):
         program.counts.zero_()
         program.counts.index_add_(0, kept.kernel, update.ones)
@@ -141,7 +142,7 @@ def test_update_sign_grows_scores_with_positive_path_gradient() -> None:
     g = _model("resnet20")
     layout, topk, update, step, scores = _setup(g, 0.99, paths="ref")
     kept = update.kept(topk.select(scores))
-    objective = PixelObjective(g, layout, "ref", "cpu", input_bind(g))
+    objective = PixelObjective(g, layout, "ref", "cpu", sample_bindings(g))
     objective.set_mask(kept.index)
     _, dmask = objective.log_paths()
     assert dmask is not None
@@ -210,7 +211,7 @@ def test_surrogate_matches_an_independent_computation() -> None:
         s = y1 + torch.nn.functional.conv2d(norm(y1), w[k2], padding=1)
         return torch.log((norm(s.mean((2, 3))) @ w[k3].t()).sum()) + sum(logs)
 
-    for log_p_of, fn in ((channel_log_p, step), (pixel_log_p, PixelStep(PixelObjective(g, layout, "ref", "cpu", input_bind(g)), update))):
+    for log_p_of, fn in ((channel_log_p, step), (pixel_log_p, PixelStep(PixelObjective(g, layout, "ref", "cpu", sample_bindings(g)), update))):
         grad = torch.zeros_like(scores.detach())
         fn(scores, kept, grad)  # every weight here is (out, in, taps) already: flat order = natural order
         np.testing.assert_allclose(grad.numpy(), expected(log_p_of), rtol=2e-5, atol=1e-7)

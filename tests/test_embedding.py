@@ -197,7 +197,7 @@ def test_real_mode_is_onnx_gather(tmp_path: Path, axis: int) -> None:
     node = _lookup(g)
     assert node.attrs == {"op": "embedding", "axis": axis % 3, "op_type": "Gather", "domain": ""}
     want = session(path).run(None, {"idx": idx})[0]
-    got = Interpreter(g).run([torch.from_numpy(idx)])[0].numpy()
+    got = Interpreter(g).run([torch.from_numpy(idx)]).outputs[0].numpy()
     assert got.shape == want.shape and np.allclose(got, want)
     with pytest.raises(PaicError, match="indices run"):
         Interpreter(g).run([torch.tensor([[0, n]])])
@@ -208,14 +208,13 @@ def test_real_mode_matches_torch_and_paths_mode_is_a_path_source() -> None:
     g = lower_fx(model, (_example(),))
     idx = torch.randint(0, VOCAB, (5, SEQ), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        assert torch.allclose(Interpreter(g).run([idx])[0], model(idx), atol=1e-6)
+        assert torch.allclose(Interpreter(g).run([idx]).outputs[0], model(idx), atol=1e-6)
     it = Interpreter(g, mode="paths", dtype=torch.float64)
-    it.run([idx])
-    lookup = it.values[_lookup(g).outputs[0].name]
+    lookup = it.run([idx]).values[_lookup(g).outputs[0].name]
     assert lookup.dtype == torch.float64 and lookup.shape == (5, SEQ, DIM) and bool((lookup == 1).all())
-    other = Interpreter(g, mode="paths", dtype=torch.float64).run([torch.ones(5, SEQ)])[0]  # indices are never read
-    assert torch.equal(other, it.run([idx])[0])
-    ones = Interpreter(g, lookup="ones").run([idx])  # SynFlow's lookup: all ones in real mode
+    other = Interpreter(g, mode="paths", dtype=torch.float64).run([torch.ones(5, SEQ)]).outputs[0]  # indices are never read
+    assert torch.equal(other, it.run([idx]).outputs[0])
+    ones = Interpreter(g, lookup="ones").run([idx]).outputs  # SynFlow's lookup: all ones in real mode
     with torch.no_grad():
         assert torch.allclose(ones[0], model.fc2(torch.relu(model.fc1(torch.ones(5, DIM)))), atol=1e-6)
 
@@ -306,7 +305,7 @@ def test_methods_prune_and_the_written_model_matches_the_interpreter(tmp_path: P
     assert np.array_equal(weights["e.weight"], EmbFlat().e.weight.detach().numpy())  # the table is written as it was
     feed = np.random.RandomState(4).randint(-VOCAB, VOCAB, (3, SEQ)).astype(np.int64)
     want = session(out).run(None, {"idx": feed})[0]
-    got = Interpreter(result.graph).run([torch.from_numpy(feed)])[0].numpy()
+    got = Interpreter(result.graph).run([torch.from_numpy(feed)]).outputs[0].numpy()
     assert np.allclose(got, want, atol=1e-5)
     doc = audit_graph(result.graph)
     assert doc["totals"]["log_paths"] is not None and not doc["warnings"]

@@ -15,7 +15,8 @@ from pai_compiler.errors import UsageError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph, GraphBuilder, OpKind
 from pai_compiler.pass_infra import AnalysisManager
-from pai_compiler.passes.analysis.flops import MAC_RULES, FlopsPass, FlopsResult, evaluate, parse_bind
+from pai_compiler.passes.analysis.bindings import parse_bind
+from pai_compiler.passes.analysis.flops import MAC_RULES, FlopsPass, FlopsResult, evaluate
 
 WEIGHTED_MATMULS = ("conv", "linear", "matmul")
 batch = sympy.Symbol("batch", integer=True, positive=True)

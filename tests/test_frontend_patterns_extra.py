@@ -65,7 +65,7 @@ def _export(model: nn.Module, path: Path, exporter: str, opset: int) -> Path:
 def _assert_matches_ort(path: Path, graph: Graph, x: np.ndarray, tol: float = 1e-5) -> None:
     sess = session(path)
     ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    out = Interpreter(graph).run([torch.from_numpy(x)])[0].detach().numpy()
+    out = Interpreter(graph).run([torch.from_numpy(x)]).outputs[0].detach().numpy()
     assert out.shape == ref.shape
     np.testing.assert_allclose(out.astype(np.float32), ref.astype(np.float32), rtol=tol, atol=tol * max(1.0, float(np.abs(ref).max())))
 
@@ -294,7 +294,7 @@ def test_low_precision_weight_runs_through_the_interpreter(tmp_path: Path, elem:
     assert sum(int(m.sum()) for m in result.masks.values()) == 64
     x = torch.from_numpy(np.random.RandomState(2).randn(3, 16).astype(np.float32))
     expected = x.numpy() @ np.where(result.masks["Wq"], stored.astype(np.float32), 0)
-    np.testing.assert_allclose(Interpreter(result.graph).run([x])[0].numpy(), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(Interpreter(result.graph).run([x]).outputs[0].numpy(), expected, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         np.testing.assert_allclose(compact_module(result.graph)(x).numpy(), expected, rtol=1e-5, atol=1e-5)
 

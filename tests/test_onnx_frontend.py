@@ -22,7 +22,7 @@ EXPECTED_PRUNABLE = {"resnet20": (22, 270_896), "vgg_small": (7, 39_728), "tiny_
 def assert_matches_ort(model: onnx.ModelProto | Path, graph, x: np.ndarray) -> None:  # type: ignore[no-untyped-def]
     sess = session(model)
     ref = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    out = Interpreter(graph).run([torch.from_numpy(x)])[0].detach().numpy()
+    out = Interpreter(graph).run([torch.from_numpy(x)]).outputs[0].detach().numpy()
     assert out.shape == ref.shape
     scale = max(1.0, float(np.abs(ref).max()))
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * scale)

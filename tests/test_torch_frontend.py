@@ -111,7 +111,7 @@ def test_interpreter_matches_eager(lowered: Any, name: str, frontend: str) -> No
     module.eval()
     with torch.no_grad():
         expected = module(x)
-        (got,) = Interpreter(graph).run([x])
+        (got,) = Interpreter(graph).run([x]).outputs
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert graph.meta["warnings"] == []
     assert graph.inputs[0].shape == (BATCH, *zoo.input_shape(name))
@@ -237,8 +237,8 @@ def test_cross_attention_separate_projections(batch_first: bool) -> None:
     assert {k for k, p in node.params.items() if p.prunable} == {"q_proj_weight", "k_proj_weight", "v_proj_weight", "out_proj_weight"}
     x3, m3 = torch.randn(3, 5, 8), torch.randn(3, 7, 12)
     with torch.no_grad():
-        torch.testing.assert_close(Interpreter(graph).run([x3, m3])[0], module(x3, m3), rtol=1e-5, atol=1e-5)
-    paths = Interpreter(graph, mode="paths", dtype=torch.float64).run([torch.ones(1, 5, 8), torch.ones(1, 7, 12)])[0]
+        torch.testing.assert_close(Interpreter(graph).run([x3, m3]).outputs[0], module(x3, m3), rtol=1e-5, atol=1e-5)
+    paths = Interpreter(graph, mode="paths", dtype=torch.float64).run([torch.ones(1, 5, 8), torch.ones(1, 7, 12)]).outputs[0]
     assert torch.all(paths > 0)
 
 
@@ -249,8 +249,8 @@ def test_attention_path_rule_matches_decomposed_gate_rule() -> None:
     for g in (fx_graph, ex_graph):
         api.optimize(g, pipeline="erk{sparsity=0.8},random", seed=3)
     ones = torch.ones(1, 3, 32, 32, dtype=torch.float64)
-    a = Interpreter(fx_graph, mode="paths", dtype=torch.float64, scaling="exact").run([ones])[0]
-    b = Interpreter(ex_graph, mode="paths", dtype=torch.float64, scaling="exact").run([ones])[0]
+    a = Interpreter(fx_graph, mode="paths", dtype=torch.float64, scaling="exact").run([ones]).outputs[0]
+    b = Interpreter(ex_graph, mode="paths", dtype=torch.float64, scaling="exact").run([ones]).outputs[0]
     torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
 
 
@@ -302,7 +302,7 @@ def test_many_ops_match_eager(frontend: str) -> None:
     assert (proj.out_axis, proj.in_axis) == (1, 0)  # x @ W: W is stored (in, out)
     x = torch.randn(5, 3, 13, 13)
     with torch.no_grad():
-        torch.testing.assert_close(Interpreter(graph).run([x])[0], module(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(Interpreter(graph).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-5)
 
 
 def test_decomposed_core_aten_matches_eager() -> None:
@@ -312,7 +312,7 @@ def test_decomposed_core_aten_matches_eager() -> None:
     assert graph.meta["warnings"] == []
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        torch.testing.assert_close(Interpreter(graph).run([x])[0], module(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(Interpreter(graph).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-5)
     assert [p.name for p in graph.prunable_params()][:3] == ["patch_embed.weight", "blocks.0.attn.in_proj_weight", "blocks.0.attn.out_proj.weight"]
 
 
@@ -523,7 +523,7 @@ def test_prune_api_masks_report_and_apply() -> None:
     model.eval()
     graph = result.graph
     with torch.no_grad():
-        torch.testing.assert_close(Interpreter(graph).run([x])[0], model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(Interpreter(graph).run([x]).outputs[0], model(x), rtol=1e-5, atol=1e-5)
     from torch.nn.utils import prune as torch_prune
 
     torch_prune.remove(attn, "in_proj_weight")
@@ -567,7 +567,7 @@ def test_weight_in_two_layouts_computes_the_model(frontend: str, tmp_path: Path)
         graph = (lower_fx if frontend == "fx" else lower_export)(module, torch.randn(2, 6))
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(Interpreter(graph).run([x])[0], module(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(Interpreter(graph).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
     assert any("two layouts" in w for w in graph.meta["warnings"])
     assert len(graph.prunable_params()) == 1  # the head; the tied weight stays dense
     from pai_compiler.backends.torch_compact import compact_module
@@ -602,7 +602,7 @@ def test_module_level_tied_weights_are_one_param(frontend: str) -> None:
     assert len(origins) == 2 and "mix.weight" in origins  # emb.weight and head.weight are one Param
     assert [p.origin for p in graph.prunable_params()] == ["mix.weight"]  # the tied table stays dense
     with torch.no_grad():
-        torch.testing.assert_close(Interpreter(graph).run([idx])[0], module(idx), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(Interpreter(graph).run([idx]).outputs[0], module(idx), rtol=1e-5, atol=1e-6)
 
 
 def test_fx_reads_a_weight_through_dot_T() -> None:
@@ -619,7 +619,7 @@ def test_fx_reads_a_weight_through_dot_T() -> None:
     graph = lower_fx(module, torch.randn(2, 6))
     x = torch.randn(3, 6)
     with torch.no_grad():
-        torch.testing.assert_close(Interpreter(graph).run([x])[0], module(x), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(Interpreter(graph).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
     assert [p.origin for p in graph.prunable_params()] == ["W"]
 
 

@@ -106,7 +106,7 @@ class CompactModule(nn.Module):
         ref = next(iter(weights.values()), None)
         dtype = ref.dtype if ref is not None else torch.float32
         device = ref.device if ref is not None else (inputs[0].device if inputs else "cpu")
-        outs = _TensorInterpreter(self.graph, mode="real", dtype=dtype, device=device, weights=weights).run(list(inputs))
+        outs = _TensorInterpreter(self.graph, mode="real", dtype=dtype, device=device, weights=weights).run(list(inputs)).outputs
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def export_masks(self) -> Mapping[str, torch.Tensor]:

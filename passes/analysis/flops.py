@@ -38,11 +38,12 @@ from typing import ClassVar, NamedTuple
 
 import sympy
 
-from pai_compiler.errors import PaicError, UsageError
+from pai_compiler.errors import PaicError
 from pai_compiler.ir import Dim, Graph, Node, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, AnalysisPass
+from pai_compiler.passes.analysis.node_path import NodePathPass
 
-__all__ = ["FlopsPass", "FlopsResult", "NodeMacs", "MacCount", "MAC_RULES", "parse_bind", "evaluate", "EFFECTIVE_FALLBACK"]
+__all__ = ["FlopsPass", "FlopsResult", "NodeMacs", "MacCount", "MAC_RULES", "evaluate", "EFFECTIVE_FALLBACK"]
 
 EFFECTIVE_FALLBACK = "flops: effective MACs equal nonzero MACs"
 
@@ -191,25 +192,6 @@ def _evaluate(expr: sympy.Expr, bind: tuple[tuple[str, int], ...]) -> int:
     return int(value)
 
 
-def parse_bind(text: str | Mapping[str, int] | None) -> dict[str, int]:
-    """``"batch=32,seq=197"`` -> ``{"batch": 32, "seq": 197}`` (a mapping passes through)."""
-    if text is None:
-        return {}
-    if isinstance(text, Mapping):
-        return {str(k): int(v) for k, v in text.items()}
-    out: dict[str, int] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        name, eq, raw = item.partition("=")
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if not eq or not name.strip().isidentifier() or value < 1:
-            raise UsageError(f"bad binding {item!r}: expected NAME=POSITIVE_INT, e.g. batch=32,seq=197")
-        out[name.strip()] = value
-    return out
-
-
 def _sym(x: Dim) -> sympy.Expr:
     return sympy.Integer(x) if isinstance(x, int) else x
 
@@ -248,8 +230,6 @@ class FlopsPass(AnalysisPass[FlopsResult]):
         return FlopsResult(tuple(records), total("dense"), total("nonzero"), total("effective") if counts is not None else None, tuple(warnings))
 
     def _effective_counts(self, graph: Graph, am: AnalysisManager, warnings: list[str]) -> dict[str, int]:
-        from pai_compiler.passes.analysis.node_path import NodePathPass
-
         try:
             paths = am.get(NodePathPass(bind=self.bind))
         except PaicError as exc:

@@ -1,18 +1,17 @@
 """Effective paths, weights, nodes and kernels: log P = log Σ_out ones-forward(M), per sample.
 
 * ``log_paths`` — natural log of the exact number of input-element -> output-element paths
-  through kept weights: the interpreter's ``paths`` semantics (conv/linear with the binary
-  mask as weight and no bias, norms/activations/softmax as identity, constants as zero),
-  pooling as a **sum**, float64 with exact per-value log scaling (no overflow), summed over
-  every output element; ``-inf`` when no path survives. One sample: the leading (batch) dim
-  of every graph input is 1; other symbolic dims come from ``bind`` (default 1). A model
+  through kept weights (:func:`~pai_compiler.passes.analysis.paths.count_paths`, ``exact``
+  convention: pooling as a **sum**, float64, log-space scaling), summed over every output
+  element; ``-inf`` when no path survives. One sample (:func:`sample_bindings`: the leading
+  dim of every graph input is 1, other symbols come from ``bind``, default 1). A model
   exported with a fixed batch B > 1 (every input and output leads with the same static B) is
   run as is and both counts are divided by B: the B all-ones samples are identical and
   independent, so the total is exactly B times one sample's.
-* ``log_paths_dpai`` — the DPaI reference quantity (algorithms.md §1.5):
+* ``log_paths_dpai`` — the DPaI reference quantity (``ref`` convention, algorithms.md §1.5):
   ``log Σ_out f(1) + Σ_l log max(x_l)`` with each weighted layer's input divided by its max
-  and pooling as the model's own mean/max (float64). Exact on chains, skip-weighted on
-  residual nets.
+  and pooling as the model's own mean/max (here in float64). Exact on chains, skip-weighted
+  on residual nets.
 * A kept weight is **effective** iff it lies on ≥1 input->output path. This is decided with
   booleans only, never with small float gradients: a forward reachability sweep (the path rule
   of each node on 0/1 indicators, re-thresholded after every node), a backward sweep (the
@@ -50,12 +49,13 @@ import numpy as np
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Graph, Node, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, AnalysisPass
-from pai_compiler.passes.analysis.flops import parse_bind
+from pai_compiler.passes.analysis.bindings import parse_bind, sample_bindings, static_batch
+from pai_compiler.passes.analysis.paths import Convention, count_paths, ones_inputs
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["NodePathPass", "NodePathResult", "LayerPaths", "is_shortcut", "sample_bindings", "static_batch"]
+__all__ = ["NodePathPass", "NodePathResult", "LayerPaths", "is_shortcut"]
 
 _THROUGH = (OpKind.NORM, OpKind.POINTWISE)
 
@@ -113,7 +113,7 @@ class NodePathPass(AnalysisPass[NodePathResult]):
     bind: str = ""
 
     def run(self, graph: Graph, am: AnalysisManager) -> NodePathResult:
-        import torch
+        import torch  # heavy optional dependency
 
         for node in graph.nodes:
             if node.kind not in (OpKind.INPUT, OpKind.OUTPUT):
@@ -121,8 +121,8 @@ class NodePathPass(AnalysisPass[NodePathResult]):
         bind = sample_bindings(graph, parse_bind(self.bind))
         per_sample = math.log(static_batch(graph))
         with torch.no_grad():
-            log_paths = _log_paths(graph, bind, scaling="exact", pool="sum") - per_sample
-            log_dpai = _log_paths(graph, bind, scaling="dpai", pool="model") - per_sample
+            log_paths = _log_paths(graph, bind, "exact") - per_sample
+            log_dpai = _log_paths(graph, bind, "ref") - per_sample
         try:
             reached = _weight_reachability(graph, bind)
         except (PaicError, NotImplementedError, RuntimeError):
@@ -135,70 +135,16 @@ class NodePathPass(AnalysisPass[NodePathResult]):
         return NodePathResult.from_layers(log_paths, log_dpai, tuple(rows))
 
 
-def sample_bindings(graph: Graph, bind: dict[str, int]) -> dict[str, int]:
-    """Every symbol bound (default 1); the leading dim of each input is forced to 1 (one sample)."""
-    import sympy
+def _log_paths(graph: Graph, bind: dict[str, int], convention: Convention) -> float:
+    """One float64 ones-forward; each layer's 0/1 operand is built when it runs and every value is
+    freed after its last use, so memory stays at one layer plus live activations."""
+    import torch  # heavy optional dependency: only the path analysis needs it
 
-    symbols: set[str] = {str(s) for s in graph.meta.get("symbols", {})}
-    batch: set[str] = set()
-    for v in graph.inputs:
-        for i, d in enumerate(v.shape or ()):
-            if isinstance(d, sympy.Basic):
-                names = {s.name for s in d.free_symbols}
-                symbols |= names
-                if i == 0:
-                    batch |= names
-    return {name: 1 if name in batch else int(bind.get(name, 1)) for name in symbols}
-
-
-def static_batch(graph: Graph) -> int:
-    """B when every graph input and output leads with the same static dim B > 1, else 1."""
-    leads = [v.shape[0] if v.shape else None for v in (*graph.inputs, *graph.outputs)]
-    first = leads[0] if leads else None
-    if isinstance(first, int) and first > 1 and all(type(d) is int and d == first for d in leads):
-        return first
-    return 1
-
-
-def _ones_inputs(graph: Graph, it: Any, dtype: Any) -> list[torch.Tensor]:
-    import torch
-
-    out = []
-    for v in graph.inputs:
-        if v.shape is None:
-            raise PaicError(f"node-path: input {v.name!r} has an unknown shape")
-        dims = it.dims(v.shape)
-        if 0 in dims:
-            raise PaicError(f"node-path: input {v.name!r} has a dimension of size 0 (shape {list(dims)})")
-        out.append(torch.ones(dims, dtype=dtype))
-    return out
-
-
-def _log_paths(graph: Graph, bind: dict[str, int], *, scaling: str, pool: str) -> float:
-    """One ones-forward in float64; each layer's 0/1 operand is built when it runs and every
-    value is freed after its last use, so memory stays at one layer plus live activations."""
-    import torch
-
-    from pai_compiler.interp import Interpreter
-
-    it = Interpreter(graph, mode="paths", dtype=torch.float64, pool=pool, scaling=scaling, bind=bind)  # type: ignore[arg-type]
-    outs = it.run(_ones_inputs(graph, it, torch.float64), keep_values=False)
-    if scaling == "exact":
-        terms = [math.log(s) + float(scale) for t, scale in zip(outs, it.out_log_scales) if (s := float(t.sum())) > 0]
-        return _logsumexp(terms)
-    total = sum(float(t.sum()) for t in outs)
-    return math.log(total) + float(it.log_scale) if total > 0 else -math.inf
-
-
-def _logsumexp(terms: list[float]) -> float:
-    if not terms:
-        return -math.inf
-    top = max(terms)
-    return top + math.log(sum(math.exp(t - top) for t in terms))
+    return float(count_paths(graph, convention, bind, dtype=torch.float64, keep_values=False).log_paths)
 
 
 def _path_rule(node: Node) -> Any:
-    from pai_compiler.interp import rule_for
+    from pai_compiler.interp import rule_for  # imports torch
 
     rule = rule_for(node, "paths")
     if rule is None and node.kind is OpKind.OPAQUE:
@@ -216,15 +162,15 @@ def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None) 
     autograd on its inputs and its weights' 0/1 operands, thresholds the weight gradients to
     booleans at once, and frees every indicator and cotangent after its last use.
     """
-    import torch
+    import torch  # heavy optional dependency: only the path analysis needs it
 
-    from pai_compiler.interp import Interpreter
+    from pai_compiler.interp import Interpreter  # imports torch
 
     dtype = dtype or _indicator_dtype()
     params = {p.name: p for p, _ in _prunable_layers(graph)}
     it = Interpreter(graph, mode="paths", dtype=dtype, pool="sum", bind=bind)
     inputs = [v.name for v in graph.inputs]
-    forward: dict[str, torch.Tensor] = dict(zip(inputs, _ones_inputs(graph, it, dtype)))
+    forward: dict[str, torch.Tensor] = dict(zip(inputs, ones_inputs(graph, bind, dtype)))
     nodes = [n for n in graph.nodes if n.kind not in (OpKind.INPUT, OpKind.OUTPUT)]
     first_use: dict[str, int] = {}
     # NNPACK's Winograd/FFT convolutions would mix signs; direct/GEMM kernels keep 0 exact
@@ -255,7 +201,7 @@ def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None) 
 def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any], graph_inputs: set[str],
               params: dict[str, Param], reached: dict[str, np.ndarray], backward: dict[str, Any], dtype: Any) -> None:
     """Re-run ``node`` with autograd; add its input cotangents to ``backward``, OR its weight grads > 0 into ``reached``."""
-    import torch
+    import torch  # heavy optional dependency
 
     args = [_unpack(forward[v.name], dtype) for v in node.inputs]
     args = [a if v.name in graph_inputs or not a.is_floating_point() else a.requires_grad_() for v, a in zip(node.inputs, args)]
@@ -283,7 +229,7 @@ def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any
 
 def _unpack(t: torch.Tensor, dtype: Any) -> torch.Tensor:
     """A stored indicator as a 0/1 operand (booleans become ``dtype``; others pass through)."""
-    import torch
+    import torch  # heavy optional dependency
 
     return t.to(dtype, memory_format=torch.contiguous_format) if t.dtype == torch.bool else t
 
@@ -295,7 +241,7 @@ def _indicator_dtype() -> Any:
     is computed as exactly 0 and a true count ≥ 1 stays positive (≥ 1 - 2⁻⁸) whatever the
     rounding or summation order; ``sign`` is therefore the exact reachability indicator.
     """
-    import torch
+    import torch  # heavy optional dependency
 
     try:
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()

@@ -66,7 +66,7 @@ class GraspPass(CriterionPass):
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             it = interpreter(graph, am, dtype)  # fresh per chunk: the batch size binds symbolic dims
             it.weights = masked_weights(leaves, masks)
-            return F.cross_entropy(it.run([x])[0] / self.temperature, y)
+            return F.cross_entropy(it.run([x]).outputs[0] / self.temperature, y)
 
         stopped = [torch.zeros_like(t) for t in inputs]
         for x, y in batches:

@@ -172,7 +172,7 @@ class SnipPass(CriterionPass):
         for x, y in batches:
             it = interpreter(graph, am, dtype)  # fresh per chunk: the batch size binds symbolic dims
             it.weights = masked_weights(leaves, masks)
-            logits = it.run([x])[0]
+            logits = it.run([x]).outputs[0]
             F.cross_entropy(logits, y).backward()
         raw = {name: (leaf.grad * leaf.detach()).abs() if leaf.grad is not None else torch.zeros_like(leaf) for name, leaf in leaves.items()}
         total = sum(t.sum() for t in raw.values())

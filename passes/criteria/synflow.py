@@ -6,7 +6,7 @@ by its absolute value, on a private clone, so signs never reach the user's graph
 runs in eval mode on one all-ones input (batch 1; other symbolic dims from
 ``am.context.extra["bind"]``, default 1); R is the sum of all outputs. An embedding lookup is
 an input too: its output is all ones (the interpreter's ``lookup="ones"``), so an integer
-model input that only indexes lookups is accepted (fed zeros) and the table is never read. Each round e = 0..E-1
+model input that only indexes lookups is accepted (fed ones, never read) and the table is never read. Each round e = 0..E-1
 scores the live (masked) weights, pruned ones scoring 0, and keeps the top k_e by density
 d_e = d^((e+1)/E) (``schedule=exp``) or 1 - (1 - d)(e+1)/E (``linear``), globally or per layer
 (``scope``), with d = 1 - sparsity, or the kept fraction of an allocation pass's budget; the
@@ -22,11 +22,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 import numpy as np
-import sympy
 
 from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult
+from pai_compiler.passes.analysis.bindings import sample_bindings
+from pai_compiler.passes.analysis.paths import ones_inputs
 from pai_compiler.passes.criteria.base import CriterionPass, apply_scores, resolve_keep
 from pai_compiler.passes.criteria.snip import Precision, to_numpy_scores, torch_device, torch_dtype
 
@@ -67,33 +68,14 @@ def topk_mask_torch(flat: torch.Tensor, k: int) -> torch.Tensor:
     return above | (ties & (torch.cumsum(ties.to(torch.int64), 0) <= need))
 
 
-def _ones_inputs(graph: Graph, am: AnalysisManager, dtype: torch.dtype) -> list[torch.Tensor]:
-    import torch
+def _check_inputs(graph: Graph) -> None:
+    """SynFlow feeds all-ones float inputs: an integer input is accepted only as lookup indices."""
+    from pai_compiler.interp import indexes_lookups_only  # imports torch
 
-    from pai_compiler.interp import indexes_lookups_only
-
-    bind = dict(am.context.extra.get("bind") or {})
-    tensors = []
     for v in graph.inputs:
-        if v.shape is None:
-            raise PaicError(f"synflow: input {v.name!r} has an unknown shape")
-        indices = not v.dtype.startswith("float")
-        if indices and not indexes_lookups_only(v):
+        if not v.dtype.startswith("float") and not indexes_lookups_only(v):
             raise PaicError(f"synflow: input {v.name!r} is {v.dtype}; SynFlow feeds an all-ones float input "
                             "(an integer input is accepted only as the indices of embedding lookups)")
-        dims = []
-        for axis, d in enumerate(v.shape):
-            if isinstance(d, int):
-                dims.append(d)
-            elif axis == 0:
-                dims.append(1)  # the batch: one sample
-            else:
-                value = sympy.sympify(d).subs({sympy.Symbol(k, integer=True, positive=True): n for k, n in bind.items()})
-                dims.append(int(value) if value.is_Integer else 1)
-        device = torch_device(am, "synflow")
-        # indices: any valid ones (0); the interpreter's lookup="ones" makes every lookup output all ones
-        tensors.append(torch.zeros(dims, dtype=torch.int64, device=device) if indices else torch.ones(dims, dtype=dtype, device=device))
-    return tensors
 
 
 class _LinearisedNet:
@@ -112,8 +94,11 @@ class _LinearisedNet:
                 net.set_param_data(p, np.abs(torch_ready(p.data)))
         by_name = {p.name: p for p in net.params()}
         self.magnitudes = {p.name: param_tensor(by_name[p.name], self.dtype, device) for p in params}
-        self.interp = Interpreter(net, mode="real", dtype=self.dtype, device=device, bind=am.context.extra.get("bind"), lookup="ones")
-        self.ones = _ones_inputs(net, am, self.dtype)
+        bind = sample_bindings(net, am.context.extra.get("bind"))
+        self.interp = Interpreter(net, mode="real", dtype=self.dtype, device=device, bind=bind, lookup="ones")
+        _check_inputs(net)
+        # lookup="ones": every lookup outputs ones, so the (float) ones fed as its indices are never read
+        self.ones = ones_inputs(net, bind, self.dtype, device)
 
     def scores(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """|theta ⊙ dR/dtheta| at ``masks`` (pruned weights 0), divided by the round's maximum."""
@@ -121,7 +106,7 @@ class _LinearisedNet:
 
         leaves = {n: (w * masks[n].to(self.dtype)).requires_grad_(True) for n, w in self.magnitudes.items()}
         self.interp.weights = leaves
-        total = sum(o.sum() for o in self.interp.run(self.ones) if o.is_floating_point())
+        total = sum(o.sum() for o in self.interp.run(self.ones).outputs if o.is_floating_point())
         if not isinstance(total, torch.Tensor) or not total.requires_grad:
             return {n: torch.zeros_like(leaf) for n, leaf in leaves.items()}
         if not torch.isfinite(total):

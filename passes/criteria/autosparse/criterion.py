@@ -95,7 +95,7 @@ class AutosparsePass(CriterionPass):
         for x, y in batches:
             it = interpreter(graph, am, dtype)
             it.weights = masked_weights(leaves, masks)
-            F.cross_entropy(it.run([x])[0], y).backward()
+            F.cross_entropy(it.run([x]).outputs[0], y).backward()
         return {name: (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach().double().cpu().numpy() for name, leaf in leaves.items()}
 
     def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> Mapping[str, np.ndarray]:

@@ -133,7 +133,7 @@ class ChannelProgram:
         """A fused attention node: the interpreter's path rule under autograd (gate rule inside)."""
         import torch  # heavy: torch loads when a program is built, not when dpai is imported
 
-        from pai_compiler.interp import Interpreter, PATH_RULES  # heavy: interp imports torch
+        from pai_compiler.interp import Interpreter  # heavy: interp imports torch
 
         it = Interpreter(self.graph, mode="paths", dtype=torch.float32, device=self._it.device, pool="model", scaling="dpai", bind=self._it.bind)
         weights = []
@@ -143,7 +143,7 @@ class ChannelProgram:
                 weights.append((p, self._source(layer), self._last_user.get(p.name) is not node))
         full = [self._full_slot(v.name) for v in node.inputs]
         outs = [self._new(self.shapes[v.name], name=v.name) for v in node.outputs]
-        self.tape.append(TorchWeightedOp(self.ops, full, outs, it, node, PATH_RULES[OpKind.ATTENTION], weights, self.logs))
+        self.tape.append(TorchWeightedOp(self.ops, full, outs, it, node, Interpreter.evaluate, weights, self.logs))
 
     def _weighted(self, node: Node, chan: bool) -> None:
         import torch  # heavy: torch loads when a program is built, not when dpai is imported

@@ -24,13 +24,14 @@ import numpy as np
 
 from pai_compiler.ir import Graph, Param
 from pai_compiler.memory import trim_heap
+from pai_compiler.passes.analysis.bindings import sample_bindings
 from pai_compiler.passes.criteria.dpai.band import BandState, band_fraction, drift_bound
 from pai_compiler.passes.criteria.dpai.band_step import BandStep
 from pai_compiler.passes.criteria.dpai.channel_program import ChannelProgram
 from pai_compiler.passes.criteria.dpai.geometry import dead_taps
 from pai_compiler.passes.criteria.dpai.layout import LayerInfo, Layout
 from pai_compiler.passes.criteria.dpai.loop import ChannelStep, PixelStep, optimise
-from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective, input_bind, value_shapes
+from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective, value_shapes
 from pai_compiler.passes.criteria.dpai.report import MaskOf, reference_metrics
 from pai_compiler.passes.criteria.dpai.select import IncrementalTopK
 from pai_compiler.passes.criteria.dpai.step import SurrogateUpdate
@@ -132,7 +133,7 @@ def run_dpai(
     import torch
 
     start = time.perf_counter()
-    full_bind = input_bind(graph, bind)
+    full_bind = sample_bindings(graph, bind)
     state = choose_state(getattr(options, "state", "auto"), options.paths, options.ties, [(p.numel, keep[p.name]) for p in params], options.steps, options.lr)
     fn = _band if state == "band" else _full
     layout, result, initial, final, masks, tracked, setup = fn(graph, params, keep, options, seed, device, full_bind, progress, start)

@@ -1,4 +1,4 @@
-"""Per-pixel path counts for DPaI through the torch interpreter (mode="paths", masks as weights).
+"""DPaI's per-pixel objective: log P and dlogP/dM over the flat mask, through ``analysis.paths``.
 
 * ``ref``: the reference's R_P: all-ones input, pooling as in the model (mean/max), float32,
   each conv/linear input divided by its max, log P~ = log(sum(out)) + sum_l log m_l
@@ -14,65 +14,31 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import sympy
 
-from pai_compiler.errors import PaicError
 from pai_compiler.ir import Graph, Node
+from pai_compiler.passes.analysis.paths import Convention, count_paths, path_gradients
 from pai_compiler.passes.criteria.dpai.layout import Layout
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Convention", "PixelObjective", "input_bind", "path_inputs", "value_shapes", "finite", "layer_counts"]
-
-Convention = Literal["ref", "exact"]
-
-
-def input_bind(graph: Graph, extra: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Bind every free symbol of the input shapes to 1 (batch), unless ``extra`` says otherwise."""
-    bind: dict[str, int] = {}
-    for v in graph.inputs:
-        for d in v.shape or ():
-            if not isinstance(d, int):
-                for sym in sympy.sympify(d).free_symbols:
-                    bind.setdefault(str(sym), 1)
-    bind.update(extra or {})
-    return bind
-
-
-def path_inputs(graph: Graph, bind: Mapping[str, int], dtype: torch.dtype, device: str | torch.device) -> list[torch.Tensor]:
-    """All-ones inputs of the model's input shapes (batch 1)."""
-    import torch
-
-    from pai_compiler.interp import Interpreter
-
-    it = Interpreter(graph, mode="paths", bind=bind)
-    out = []
-    for v in graph.inputs:
-        if v.shape is None:
-            raise PaicError(f"dpai: input {v.name!r} has an unknown shape")
-        out.append(torch.ones(it.dims(v.shape), dtype=dtype, device=device))
-    return out
+__all__ = ["PixelObjective", "value_shapes", "finite", "layer_counts"]
 
 
 def value_shapes(graph: Graph, bind: Mapping[str, int], device: str | torch.device) -> dict[str, tuple[int, ...]]:
     """Concrete shape of every value, from one per-pixel path forward (no gradient)."""
-    import torch
+    import torch  # heavy optional dependency: only DPaI's objective needs it
 
-    from pai_compiler.interp import Interpreter
+    from pai_compiler.interp import bound_dims  # imports torch
 
-    shapes: dict[str, tuple[int, ...]] = {}
-    it = Interpreter(graph, mode="paths", device=device, bind=bind, pool="model", scaling="dpai")
-    inputs = path_inputs(graph, bind, torch.float32, device)
-    for v, t in zip(graph.inputs, inputs):
-        shapes[v.name] = tuple(t.shape)
+    shapes: dict[str, tuple[int, ...]] = {v.name: tuple(bound_dims(v.shape or (), bind)) for v in graph.inputs}
 
     def record(node: Node, outs: list[torch.Tensor]) -> None:
         for v, t in zip(node.outputs, outs):
             shapes[v.name] = tuple(int(s) for s in t.shape)
 
     with torch.no_grad():
-        it.run(inputs, on_node=record, keep_values=False)
+        count_paths(graph, "ref", bind, device=device, keep_values=False, on_node=record)
     return shapes
 
 
@@ -80,15 +46,14 @@ class PixelObjective:
     """log P and dlogP/dM for flat 0/1 masks, per pixel, in the ``ref`` or ``exact`` convention."""
 
     def __init__(self, graph: Graph, layout: Layout, convention: Convention, device: str | torch.device, bind: Mapping[str, int]) -> None:
-        import torch
+        import torch  # heavy optional dependency: only DPaI's objective needs it
 
         self.graph, self.layout, self.convention, self.device, self.bind = graph, layout, convention, device, dict(bind)
         self.dtype = torch.float32 if convention == "ref" else torch.float64
         self.mask = torch.zeros(layout.numel, dtype=self.dtype, device=device)
-        self.inputs = path_inputs(graph, bind, self.dtype, device)
 
     def set_mask(self, keep_idx: torch.Tensor) -> None:
-        import torch
+        import torch  # heavy optional dependency: only DPaI's objective needs it
 
         with torch.no_grad():
             self.mask.zero_()
@@ -96,30 +61,16 @@ class PixelObjective:
 
     def log_paths(self, grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log P as a 0-d tensor, dlogP/dM over the flat layout or None)."""
-        import torch
-
-        from pai_compiler.interp import Interpreter
+        import torch  # heavy optional dependency: only DPaI's objective needs it
 
         leaf = self.mask.detach().requires_grad_(grad)
         weights = {layer.name: self.layout.natural(leaf, layer) for layer in self.layout.layers}
-        ref = self.convention == "ref"
-        it = Interpreter(
-            self.graph, mode="paths", dtype=self.dtype, device=self.device, weights=weights,
-            pool="model" if ref else "sum", scaling="dpai" if ref else "exact", bind=self.bind,
-        )
         with torch.set_grad_enabled(grad):
-            outs = it.run(self.inputs)
-            if ref:
-                log_p = torch.log(sum(o.sum() for o in outs)) + it.log_scale  # type: ignore[arg-type]
-            else:
-                terms = [torch.log(o.sum()) + torch.as_tensor(s, dtype=self.dtype, device=self.device) for o, s in zip(outs, it.out_log_scales)]
-                log_p = torch.logsumexp(torch.stack(terms), 0)
+            log_p = count_paths(self.graph, self.convention, self.bind, dtype=self.dtype, device=self.device, weights=weights).log_paths
         if not grad:
             return log_p.detach(), None
-        if not log_p.requires_grad:  # nothing prunable reaches the output
-            return log_p.detach(), torch.zeros_like(self.mask)
-        (dmask,) = torch.autograd.grad(log_p, leaf)
-        return log_p.detach(), dmask
+        (dmask,) = path_gradients(log_p, [leaf])  # None: nothing prunable reaches the output
+        return log_p.detach(), torch.zeros_like(self.mask) if dmask is None else dmask
 
 
 def finite(x: Any) -> float | None:

@@ -1,12 +1,12 @@
 """The report's per-pixel measurement of one mask, holding as little per weight as it can.
 
-* ``ref`` (DPaI's convention, as ``PixelObjective(..., "ref")``): all-ones input, float32, model
+* ``ref`` (DPaI's convention, ``count_paths(..., "ref")``): all-ones input, float32, model
   pooling, each conv/linear input divided by its max m_l, log P~ = log(sum(out)) + sum_l log m_l.
   With G = dlogP~/dM by autograd, a kept weight is effective if G != 0; a kernel or node counts
   if it holds an effective weight. The float32 masks are the autograd leaves (the graph keeps
   them: 4 bytes per weight); each layer's G is reduced to its flags as soon as autograd has
   accumulated it, then dropped.
-* ``exact`` (as ``PixelObjective(..., "exact")``): float64, sum pooling, log space, no gradient;
+* ``exact`` (``count_paths(..., "exact")``): float64, sum pooling, log space, no gradient;
   each layer's float64 mask is built when the interpreter asks for it and freed after use.
 
 Masks come from ``mask_of(layer)``: the layer's bool mask, flat in (out, in, taps) order.
@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pai_compiler.ir import Graph
+from pai_compiler.passes.analysis.bindings import static_batch
+from pai_compiler.passes.analysis.paths import count_paths
 from pai_compiler.passes.criteria.dpai.layout import LayerInfo, Layout
-from pai_compiler.passes.criteria.dpai.pixel_paths import finite, path_inputs
+from pai_compiler.passes.criteria.dpai.pixel_paths import finite
 
 if TYPE_CHECKING:
     import torch
@@ -66,8 +68,6 @@ class _LazyMasks(_ByLayer):
 
 def reference_metrics(graph: Graph, layout: Layout, mask_of: MaskOf, device: Any, bind: Mapping[str, int]) -> dict[str, Any]:
     """log_paths / nodes / kernels / params (ref convention), log_paths_exact and layer_nodes."""
-    from pai_compiler.passes.analysis.node_path import static_batch
-
     per_sample = math.log(static_batch(graph))  # per sample, as node-path counts (a fixed batch B > 1 divides)
     stats = _ref(graph, layout, mask_of, device, bind)
     layer_nodes = stats.pop("layer_nodes")
@@ -77,9 +77,7 @@ def reference_metrics(graph: Graph, layout: Layout, mask_of: MaskOf, device: Any
 
 
 def _ref(graph: Graph, layout: Layout, mask_of: MaskOf, device: Any, bind: Mapping[str, int]) -> dict[str, Any]:
-    import torch
-
-    from pai_compiler.interp import Interpreter
+    import torch  # heavy optional dependency: only DPaI's report needs it
 
     n = len(layout.layers)
     nodes, kernels, params = [0] * n, [0] * n, [0] * n
@@ -97,12 +95,8 @@ def _ref(graph: Graph, layout: Layout, mask_of: MaskOf, device: Any, bind: Mappi
         return hook
 
     leaves.hook = reduce
-    it = Interpreter(graph, mode="paths", dtype=torch.float32, device=device, pool="model", scaling="dpai", bind=bind)
-    it.weights = leaves  # type: ignore[assignment]
     with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(leaves.pack, leaves.unpack):
-        outs = it.run(path_inputs(graph, bind, torch.float32, device), keep_values=False, on_node=leaves.done)
-        log_p = torch.log(sum(o.sum() for o in outs)) + it.log_scale  # type: ignore[arg-type]
-    del outs, it
+        log_p = count_paths(graph, "ref", bind, device=device, weights=leaves, keep_values=False, on_node=leaves.done).log_paths
     if log_p.requires_grad:
         with torch.autograd.graph.saved_tensors_hooks(leaves.pack, leaves.unpack):
             torch.autograd.backward(log_p, inputs=[leaf for leaf in leaves.made if leaf is not None])
@@ -130,7 +124,7 @@ class _Leaves(_ByLayer):
         self.hook: Callable[[LayerInfo], Callable[[Any], None]] | None = None
 
     def __getitem__(self, name: str) -> Any:
-        import torch
+        import torch  # heavy optional dependency
 
         layer = self.layers[name]
         leaf = self.made[layer.index]
@@ -156,7 +150,7 @@ class _Leaves(_ByLayer):
         return t if index is None else (index, t.shape, t.stride(), t.storage_offset())
 
     def unpack(self, packed: Any) -> Any:
-        import torch
+        import torch  # heavy optional dependency
 
         if not isinstance(packed, tuple):
             return packed
@@ -165,19 +159,13 @@ class _Leaves(_ByLayer):
 
 
 def _strided() -> Any:
-    import torch
+    import torch  # heavy optional dependency
 
     return torch.strided
 
 
 def _exact(graph: Graph, layout: Layout, mask_of: MaskOf, device: Any, bind: Mapping[str, int]) -> float:
-    import torch
+    import torch  # heavy optional dependency: only DPaI's report needs it
 
-    from pai_compiler.interp import Interpreter
-
-    it = Interpreter(graph, mode="paths", dtype=torch.float64, device=device, pool="sum", scaling="exact", bind=bind)
-    it.weights = _LazyMasks(layout, mask_of, torch.float64)  # type: ignore[assignment]
     with torch.no_grad():
-        outs = it.run(path_inputs(graph, bind, torch.float64, device), keep_values=False)
-        terms = [torch.log(o.sum()) + torch.as_tensor(s, dtype=torch.float64, device=device) for o, s in zip(outs, it.out_log_scales)]
-        return float(torch.logsumexp(torch.stack(terms), 0))
+        return float(count_paths(graph, "exact", bind, device=device, weights=_LazyMasks(layout, mask_of, torch.float64), keep_values=False).log_paths)

@@ -70,12 +70,12 @@ class TorchWeightedOp(Instr):
     """A weighted node without a hand-written rule (fused attention): its interpreter rule under autograd.
 
     As the interpreter does with ``scaling="dpai"``: the first input is divided by its max and
-    the log of that max, plus any ``rule_log_scale`` the rule reports, enters log P. The
+    the log of that max, plus any ``log_scale`` the node's evaluation reports, enters log P. The
     kernel-level weights (``(param, source, accumulate)``) are fed to the rule as
     differentiable tensors, so dlogP/dW reaches each layer's source.
     """
 
-    def __init__(self, ops: Ops, ins: Sequence[int], outs: Sequence[int], it: Any, node: Any, rule: Callable[..., list[Any]], weights: Sequence[tuple[Any, WeightSource, bool]], logs: list[Any]) -> None:
+    def __init__(self, ops: Ops, ins: Sequence[int], outs: Sequence[int], it: Any, node: Any, rule: Callable[..., Any], weights: Sequence[tuple[Any, WeightSource, bool]], logs: list[Any]) -> None:
         super().__init__(ops, ins, outs)
         self.it, self.node, self.rule, self.weights, self.logs = it, node, rule, list(weights), logs
         self.saved: Any = None
@@ -101,10 +101,10 @@ class TorchWeightedOp(Instr):
                 m = first.max()
                 first = first / m
                 log_term = log_term + m.log()
-            outs = self.rule(self.it, self.node, [first, *args[1:]])
-            extra = self.it.__dict__.pop("rule_log_scale", None)
-            if extra is not None:
-                log_term = log_term + extra
+            evaluation = self.rule(self.it, self.node, [first, *args[1:]])
+            outs = evaluation.outputs
+            if evaluation.log_scale is not None:
+                log_term = log_term + evaluation.log_scale
         self.saved = (args, leaves, arrays, outs, log_term)
         self.logs.append(self.ops.wrap(log_term) if self.ops.name == "torch" else float(log_term))
         for slot, t in zip(self.outs, outs):

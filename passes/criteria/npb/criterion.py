@@ -35,6 +35,8 @@ from pai_compiler.ir import Graph, Node, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.passes.allocation.base import check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
+from pai_compiler.passes.analysis.bindings import sample_bindings
+from pai_compiler.passes.analysis.node_path import is_shortcut
 from pai_compiler.passes.criteria.base import resolve_keep
 from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
 from pai_compiler.passes.criteria.npb.linear import solve_linear
@@ -74,9 +76,6 @@ class NpbPass(TransformPass):
             raise UsageError("npb: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},npb') or give npb{sparsity=...} (ERK)")
 
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
-        from pai_compiler.passes.analysis.node_path import is_shortcut
-        from pai_compiler.passes.criteria.dpai.pixel_paths import input_bind
-
         params = graph.prunable_params()
         if not params:
             raise UsageError("npb: the model has no prunable (conv/linear) weights")
@@ -90,7 +89,7 @@ class NpbPass(TransformPass):
         seed = am.context.seed if self.seed is None else self.seed
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
-        counter = PathCounter(graph, params, input_bind(graph, am.context.extra.get("bind")))
+        counter = PathCounter(graph, params, sample_bindings(graph, am.context.extra.get("bind")))
         masks = {p.name: np.zeros(p.shape, dtype=bool) for p in params}
         first_user = {p.name: graph.param_users(p)[0] for p in params}
         order: dict[int, list[Param]] = {}

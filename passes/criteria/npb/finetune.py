@@ -1,7 +1,7 @@
 """NPB's fix-up pass (``fine_tune_mask``, algorithms.md §2.1 item 6) and its path-mass helpers.
 
-Exact path counts come from the interpreter (``paths`` mode, float64, sum pooling, no bias,
-log-space scaling). With P = number of input->output paths, dlogP/dM_e > 0 exactly when a
+Exact path counts come from ``analysis.paths`` (``exact`` convention: float64, sum pooling, no
+bias, log-space scaling). With P = number of input->output paths, dlogP/dM_e > 0 exactly when a
 kept entry e lies on a path (it is *effective*). Conv layer by conv layer, in graph order:
 drop the ineffective kept weights and re-spend their count plus the carry on whole kernels
 (shortcuts: whole input columns), those with the most effective weights first; whatever is
@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pai_compiler.ir import Graph, Node, OpKind, Param
+from pai_compiler.passes.analysis.paths import PathCount, count_paths, path_gradients
 
 if TYPE_CHECKING:
     import torch
@@ -32,48 +33,39 @@ class PathCounter:
     """Exact float64 path forward/backward over the graph with masks given as numpy bools."""
 
     def __init__(self, graph: Graph, params: list[Param], bind: Mapping[str, int]) -> None:
-        import torch
-
-        from pai_compiler.passes.criteria.dpai.pixel_paths import path_inputs
-
         self.graph, self.params, self.bind = graph, params, dict(bind)
-        self.inputs = path_inputs(graph, self.bind, torch.float64, "cpu")
 
-    def _run(self, masks: Mapping[str, np.ndarray], grad: bool) -> tuple[Any, dict[str, torch.Tensor], Any]:
-        import torch
-
-        from pai_compiler.interp import Interpreter
+    def _count(self, masks: Mapping[str, np.ndarray], grad: bool) -> tuple[PathCount, dict[str, torch.Tensor]]:
+        import torch  # heavy optional dependency: only the path counts need it
 
         leaves = {p.name: torch.as_tensor(masks[p.name], dtype=torch.float64).requires_grad_(grad) for p in self.params}
-        it = Interpreter(self.graph, mode="paths", dtype=torch.float64, weights=leaves, pool="sum", scaling="exact", bind=self.bind)
         with torch.set_grad_enabled(grad):
-            outs = it.run(self.inputs)
-            terms = [torch.log(o.sum()) + torch.as_tensor(s, dtype=torch.float64) for o, s in zip(outs, it.out_log_scales)]
-            log_p = torch.logsumexp(torch.stack(terms), 0)
-        return log_p, leaves, it
+            count = count_paths(self.graph, "exact", self.bind, weights=leaves)
+        return count, leaves
 
     def input_mass(self, masks: Mapping[str, np.ndarray], node: Node, channel_axis: int, param: Param | None = None) -> np.ndarray:
         """Relative path mass per channel of the input ``param`` reads in ``node`` (summed over every
         other axis): the node's input, except for a fused attention node's ``out_proj``, which reads
-        the attention output (left by the interpreter in ``inner_values``)."""
-        import torch
+        the attention output (the run's ``inner_values``)."""
+        import torch  # heavy optional dependency: only the path counts need it
 
         with torch.no_grad():
-            _, _, it = self._run(masks, grad=False)
-        x = it.values[node.inputs[0].name].detach()
+            run = self._count(masks, grad=False)[0].run
+        x = run.values[node.inputs[0].name].detach()
         if node.kind is OpKind.ATTENTION and param is not None and param is node.params.get("out_proj_weight"):
-            x = it.__dict__["inner_values"][f"{node.name}/out_proj_input"].detach()
+            x = run.inner_values[f"{node.name}/out_proj_input"].detach()
         axis = channel_axis % x.dim()
         return x.sum(dim=[a for a in range(x.dim()) if a != axis]).numpy().astype(np.float64)
 
     def gradient(self, masks: Mapping[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
         """(log P, dlogP/dM per param); an empty network gives zeros."""
-        import torch
+        import torch  # heavy optional dependency: only the path counts need it
 
-        log_p, leaves, _ = self._run(masks, grad=True)
-        if not torch.isfinite(log_p) or not log_p.requires_grad:
+        count, leaves = self._count(masks, grad=True)
+        log_p = count.log_paths
+        if not torch.isfinite(log_p):
             return float(log_p.detach()), {name: np.zeros(t.shape) for name, t in leaves.items()}
-        grads = torch.autograd.grad(log_p, list(leaves.values()), allow_unused=True)
+        grads = path_gradients(log_p, list(leaves.values()))
         return float(log_p.detach()), {name: (np.zeros(t.shape) if g is None else g.numpy()) for (name, t), g in zip(leaves.items(), grads)}
 
 

@@ -8,6 +8,7 @@ constant vary at the borders) -> a constant map added right after the layer (``b
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ class ZeroInputValues:
             if v.shape and isinstance(v.shape[0], sympy.Basic):
                 self.batch_symbols |= {s.name for s in v.shape[0].free_symbols}
         self._it: Any = None
+        self.values: Mapping[str, Any] = {}  # every value of the zero-input run
         self.error: str | None = None
 
     def interpreter(self) -> Any:
@@ -60,7 +62,7 @@ class ZeroInputValues:
                     dtype = torch.float64 if "float" in v.dtype else torch.int64
                     feeds.append(torch.zeros(it.dims(v.shape or ()), dtype=dtype))
                 with torch.no_grad():
-                    it.run(feeds)
+                    self.values = it.run(feeds).values
                 self._it = it
             except Exception as exc:  # opaque node, unbound dim...: no folding possible
                 self.error = f"{type(exc).__name__}: {exc}"
@@ -90,7 +92,7 @@ def _contribution(node: Node, channels: np.ndarray, values: ZeroInputValues) -> 
     it = values.interpreter()
     if it is None:
         return None
-    x = it.values[node.inputs[0].name]
+    x = consts.values[node.inputs[0].name]
     axis = 1 if node.kind is OpKind.CONV else x.dim() - 1
     index = torch.as_tensor(channels, dtype=torch.long)
     only = torch.zeros_like(x)
