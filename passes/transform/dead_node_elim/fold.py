@@ -92,7 +92,7 @@ def _contribution(node: Node, channels: np.ndarray, values: ZeroInputValues) -> 
     it = values.interpreter()
     if it is None:
         return None
-    x = consts.values[node.inputs[0].name]
+    x = values.values[node.inputs[0].name]
     axis = 1 if node.kind is OpKind.CONV else x.dim() - 1
     index = torch.as_tensor(channels, dtype=torch.long)
     only = torch.zeros_like(x)
