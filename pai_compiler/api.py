@@ -16,6 +16,7 @@ from typing import Any
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, Instrument, PassManager, PassRecord, RunContext
+from pai_compiler.passes.allocation.base import Allocation
 from pai_compiler.pipeline import format_pipeline, parse_pipeline
 
 __all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "check_device", "output_suffix", "check_output_format", "has_pass", "save_model", "compact_graph", "save_compact"]
@@ -147,6 +148,7 @@ class OptimizeResult:
     pipeline: str
     records: list[PassRecord]
     excluded: list[str] = field(default_factory=list)
+    allocation: Allocation | None = None  # the per-layer keep counts an allocation pass provided, if one ran
 
     @property
     def masks(self) -> dict[str, Any]:
@@ -184,7 +186,7 @@ def optimize(
     if unmasked and len(unmasked) == len(graph.prunable_params()):
         raise UsageError(f"pipeline '{spec}' produced no masks: add a criterion (e.g. ',magnitude{{scope=layer}}')")
     graph.meta["pipeline"] = spec
-    return OptimizeResult(graph, spec, records, excluded)
+    return OptimizeResult(graph, spec, records, excluded, am.provided(Allocation))
 
 
 def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:

@@ -38,8 +38,8 @@ def _masks(graph: Graph) -> dict[str, np.ndarray]:
 
 
 def _setup(graph: Graph, sparsity: float, paths: str = "channel", seed: int = 0, ties: str = "auto") -> tuple[Any, ...]:
-    _run(graph, f"erk{{sparsity={sparsity}}}")
-    layout, topk, update, step = build(graph, graph.prunable_params(), graph.meta["allocation"], paths, 0.99, 0.5, "cpu", input_bind(graph), ties)
+    allocation = PassManager(parse_pipeline(f"erk{{sparsity={sparsity}}}")).run(graph)[0].report
+    layout, topk, update, step = build(graph, graph.prunable_params(), dict(allocation.keep), paths, 0.99, 0.5, "cpu", input_bind(graph), ties)
     return layout, topk, update, step, initial_scores(layout, seed, "cpu")
 
 

@@ -11,6 +11,7 @@ from pai_compiler.errors import UsageError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
+from pai_compiler.passes.allocation.base import Allocation
 from pai_compiler.passes.analysis.node_path import NodePathPass
 from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
 from pai_compiler.passes.criteria.npb.linear import solve_linear
@@ -55,7 +56,7 @@ def test_resnet_like_budgets_valid_masks_and_record() -> None:
     am = AnalysisManager(g, RunContext(seed=0))
     PassManager(parse_pipeline("erk{sparsity=0.99},npb{chunk_above=256,chunk=16}")).run(g, am)
     report = g.meta["npb"]
-    alloc = g.meta["allocation"]
+    alloc = am.provided(Allocation).keep
     for row in report["layers"]:  # each program spends its budget (blocks: ceil per block)
         assert alloc[row["layer"]] <= row["kept"] <= alloc[row["layer"]] + row["blocks"]
     assert any(row["blocks"] > 1 for row in report["layers"])

@@ -3,11 +3,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, Param
+from pai_compiler.pass_infra import AnalysisManager
 
-__all__ = ["check_sparsity", "keep_count", "record_allocation"]
+__all__ = ["Allocation", "check_sparsity", "keep_count", "allocate", "provide_allocation"]
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """Per-layer keep counts (param name -> kept weights) and the pass spec that decided them."""
+
+    keep: Mapping[str, int]
+    source: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", MappingProxyType(dict(self.keep)))
+
+    def total(self) -> int:
+        return sum(self.keep.values())
 
 
 def check_sparsity(sparsity: float | None, owner: str) -> float:
@@ -25,11 +42,19 @@ def keep_count(numel: int, layer_sparsity: float) -> int:
     return numel - int(math.floor(layer_sparsity * numel))
 
 
-def record_allocation(graph: Graph, densities: Mapping[str, float], params: list[Param], source: str) -> None:
+def allocate(graph: Graph, densities: Mapping[str, float], params: list[Param], source: str) -> Allocation:
+    """Keep counts from per-layer densities; warns about layers left with no weight."""
     keep = {p.name: keep_count(p.numel, 1.0 - densities[p.name]) for p in params}
     empty = [name for name, k in keep.items() if k == 0]
     if empty:
         graph.meta["warnings"].append(
             f"{source}: {len(empty)} layer(s) keep no weight at this sparsity and are cut off: {', '.join(empty)}"
         )
-    graph.set_allocation(keep, source)
+    return Allocation(keep, source)
+
+
+def provide_allocation(graph: Graph, am: AnalysisManager, densities: Mapping[str, float], params: list[Param], source: str) -> Allocation:
+    """``allocate`` and hand the result to the passes that follow (``am.provided(Allocation)``)."""
+    allocation = allocate(graph, densities, params, source)
+    am.provide(allocation)
+    return allocation

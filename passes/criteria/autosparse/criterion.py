@@ -113,7 +113,7 @@ class AutosparsePass(CriterionPass):
         params = graph.prunable_params()
         if not params:
             raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
-        keep = resolve_keep(graph, params, self.sparsity, self.scope, self.name)
+        keep = resolve_keep(am, params, self.sparsity, self.scope, self.name)
         scores = self.scores(graph, am, params)
         if isinstance(keep, dict):
             apply_scores(graph, params, scores, keep)

@@ -33,7 +33,7 @@ import numpy as np
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, Node, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation.base import check_sparsity, keep_count
+from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.criteria.base import resolve_keep
 from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
@@ -69,10 +69,6 @@ class NpbPass(TransformPass):
         if self.sparsity is not None:
             check_sparsity(self.sparsity, self.name)
 
-    def requires(self, graph: Graph) -> None:
-        if self.sparsity is None and "allocation" not in graph.meta:
-            raise UsageError("npb: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},npb') or give npb{sparsity=...} (ERK)")
-
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
         from pai_compiler.passes.analysis.node_path import is_shortcut
         from pai_compiler.passes.criteria.dpai.pixel_paths import input_bind
@@ -83,8 +79,10 @@ class NpbPass(TransformPass):
         if self.sparsity is not None:
             dens = erk_densities(params, 1.0 - float(self.sparsity))
             keep = {p.name: keep_count(p.numel, 1.0 - dens[p.name]) for p in params}
+        elif am.provided(Allocation) is None:
+            raise UsageError("npb: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},npb') or give npb{sparsity=...} (ERK)")
         else:
-            resolved = resolve_keep(graph, params, None, "layer", self.name)
+            resolved = resolve_keep(am, params, None, "layer", self.name)
             assert isinstance(resolved, dict)
             keep = resolved
         seed = am.context.seed if self.seed is None else self.seed
