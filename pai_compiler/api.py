@@ -11,7 +11,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
@@ -20,6 +20,8 @@ from pai_compiler.passes.allocation.base import Allocation
 from pai_compiler.pipeline import format_pipeline, parse_pipeline
 
 __all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "check_device", "output_suffix", "check_output_format", "has_pass", "save_model", "compact_graph", "save_compact"]
+
+ReportT = TypeVar("ReportT")
 
 DEFAULT_METHOD = "dpai"
 ALLOCATIONS = ("erk", "uniform", "global")
@@ -149,6 +151,11 @@ class OptimizeResult:
     records: list[PassRecord]
     excluded: list[str] = field(default_factory=list)
     allocation: Allocation | None = None  # the per-layer keep counts an allocation pass provided, if one ran
+
+    def report_of(self, kind: type[ReportT]) -> ReportT | None:
+        """The report of type ``kind`` the last pass that gave one left in its record (e.g. ``DpaiReport``), or None."""
+        reports = [r.report for r in self.records if isinstance(r.report, kind)]
+        return reports[-1] if reports else None
 
     @property
     def masks(self) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from pai_compiler import api
 from pai_compiler.cli import app
+from pai_compiler.passes.criteria.dpai.outcome import DpaiReport
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "examples" / "models" / "resnet20.onnx"
@@ -120,7 +121,9 @@ def test_paths_are_per_sample_whatever_the_static_batch(tmp_path: Path) -> None:
         assert doc["totals"]["log_paths"] == pytest.approx(math.log(120), abs=1e-9), batch
         assert doc["totals"]["log_paths_dpai"] == pytest.approx(doc["totals"]["log_paths"], abs=1e-9), batch
     # DPaI's own report counts per sample too
-    final = api.optimize(tmp_path / "b4.onnx", sparsity=0.5, method="dpai", steps=3).graph.meta["dpai"]["final"]
+    report = api.optimize(tmp_path / "b4.onnx", sparsity=0.5, method="dpai", steps=3).report_of(DpaiReport)
+    assert report is not None
+    final = report.final
     assert final["log_paths_exact"] == pytest.approx(audit_graph(api.optimize(tmp_path / "b1.onnx", sparsity=0.5, method="dpai", steps=3).graph)
                                                      ["totals"]["log_paths"], abs=1e-9)
     assert final["log_paths"] == pytest.approx(final["log_paths_exact"], abs=1e-5)

@@ -19,7 +19,7 @@ see ``_dpai_channel``), ``ref`` (per pixel, the reference's float32 max-normalis
 skip-weighted on ResNets) or ``exact`` (per pixel, float64 log-space true count, sum pooling).
 Any IR graph works: chains, residual adds, concat, grouped/depthwise conv, pooling, and
 attention, whose Q/K/V/out weights get real path gradients through the interpreter's gate
-rule paths(A@B) = paths(A)@1 + 1@paths(B). The report (``graph.meta["dpai"]``) always gives
+rule paths(A@B) = paths(A)@1 + 1@paths(B). The report (a ``DpaiReport``, in the pass record) always gives
 the final mask's per-pixel reference-convention log paths, nodes, kernels and effective params,
 and the ``node-path`` analysis of it (exact log paths, boolean effectiveness).
 
@@ -45,6 +45,7 @@ from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.criteria.base import resolve_keep
+from pai_compiler.passes.criteria.dpai.outcome import DpaiReport
 
 __all__ = ["DpaiPass", "PathMode", "TieMode", "StateMode"]
 
@@ -127,8 +128,7 @@ class DpaiPass(TransformPass):
         del masks
         report["final"]["node_path"] = _node_path(graph, am)
         trim_heap()
-        graph.meta["dpai"] = report
-        return PassResult(modified=True, preserved=frozenset())
+        return PassResult(modified=True, preserved=frozenset(), report=DpaiReport(**report))
 
 
 def _node_path(graph: Graph, am: AnalysisManager) -> dict[str, Any]:

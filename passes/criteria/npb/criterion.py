@@ -40,7 +40,21 @@ from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
 from pai_compiler.passes.criteria.npb.linear import solve_linear
 from pai_compiler.passes.criteria.npb.milp import BlockProblem, ceil_budget, solve_block
 
-__all__ = ["NpbPass"]
+__all__ = ["NpbPass", "NpbReport"]
+
+
+@dataclass(frozen=True)
+class NpbReport:
+    """The ``PassResult.report`` of ``npb``: timings, kept vs allocated weights, one row per layer."""
+
+    seconds: float
+    milp_seconds: float
+    solve_seconds: float
+    seed: int
+    kept: int
+    allocated: int
+    layers: list[dict[str, Any]]
+    finetune: dict[str, Any] | None
 
 SHORTCUT_BETA = 0.001
 
@@ -112,17 +126,17 @@ class NpbPass(TransformPass):
         seconds = time.perf_counter() - start
         for p in params:
             graph.set_mask(p, masks[p.name])
-        graph.meta["npb"] = {
-            "seconds": seconds,
-            "milp_seconds": milp_seconds,
-            "solve_seconds": sum(r["solve_seconds"] for r in rows),
-            "seed": seed,
-            "kept": int(sum(np.count_nonzero(m) for m in masks.values())),
-            "allocated": int(sum(keep.values())),
-            "layers": rows,
-            "finetune": tuned,
-        }
-        return PassResult(modified=True, preserved=frozenset())
+        report = NpbReport(
+            seconds=seconds,
+            milp_seconds=milp_seconds,
+            solve_seconds=sum(r["solve_seconds"] for r in rows),
+            seed=seed,
+            kept=int(sum(np.count_nonzero(m) for m in masks.values())),
+            allocated=int(sum(keep.values())),
+            layers=rows,
+            finetune=tuned,
+        )
+        return PassResult(modified=True, preserved=frozenset(), report=report)
 
     def _layer(self, counter: PathCounter, masks: dict[str, np.ndarray], node: Node, p: Param, keep: int, max_p: int, shortcut: bool, rng: np.random.Generator) -> dict[str, Any]:
         """Decide one layer's mask (in ``masks``); returns its report row."""
