@@ -134,26 +134,14 @@ def optimize(
     """Prune MODEL before training and write a masked model."""
     with guard(debug):
         from pai_compiler import api
-        from pai_compiler.errors import UsageError
         from pai_compiler.io import check_output_path
         from pai_compiler.memory import release_all
-        from pai_compiler.pass_infra import PrintIRInstrument, TimingInstrument
 
-        sparsity_value = _parse_float_flag("--sparsity", sparsity)
-        if method is not None and pipeline is not None:
-            raise UsageError("--method and --pipeline exclude each other: name the criterion in the pipeline")
-        if align != 1 and not compact:
-            raise UsageError("--align applies with --compact only")
-        if align < 1:
-            raise UsageError(f"--align must be a positive integer, got {align}")
-        api.check_device(device)
-        chosen = method or api.DEFAULT_METHOD
-        spec = api.build_pipeline(method=chosen, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)
+        passes = _optimize_passes(sparsity, method, allocation, pipeline, steps, compact=compact, align=align, device=device)
         is_file = Path(model).exists() or ":" not in model
         out = check_output_path(output, [model] if is_file else [], force=force)
-        api.check_output_format(out, torch_source=not is_file, compact=compact or api.has_pass(spec, "dead-node-elim"))
+        api.check_output_format(out, torch_source=not is_file, compact=compact or api.has_pass(passes, "dead-node-elim"))
         report_path = _report_path(report, out, [model] if is_file else [], force=force)
-        console = _stdout_console()
         graph = api.load_model(model, **_torch_options(input_shape, frontend))
         batch = None
         if data is not None:
@@ -161,37 +149,74 @@ def optimize(
 
             batch = load_batch_for(graph, data, samples_per_class=samples, seed=seed)
         before = _totals(graph, paths=not no_paths)
-        instruments: list[Any] = []
-        timer = TimingInstrument()
-        if timing:
-            instruments.append(timer)
-        if print_ir_after_all:
-            instruments.append(PrintIRInstrument(sys.stderr))
+        timer, instruments = _instruments(timing, print_ir_after_all)
         result = api.optimize(
-            graph, pipeline=spec, seed=seed, exclude=exclude or (), device=device,
+            graph, passes=passes, seed=seed, exclude=exclude or (), device=device,
             data=batch, progress=not quiet and sys.stderr.isatty(), instruments=instruments,
         )
         release_all()  # the criterion may have read every weight (magnitude) or allocated a lot
         after = _totals(result.graph, paths=not no_paths)
-        compact_doc = None
-        if compact:
-            api.compact_graph(result.graph, align=align, instruments=instruments)
-            compact_doc = _compact_summary(after, result.graph)
-            api.save_compact(result.graph, model, out, pipeline=result.pipeline)
-        else:
-            api.save_model(result, model, out)
+        compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align, instruments=instruments)
         doc = _report(result, before, after, model, str(out))
         if compact_doc is not None:
             doc["compact"] = compact_doc
-        if report_path is not None:
-            from pai_compiler.io import atomic_write
-
-            with atomic_write(report_path) as tmp:
-                tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        _write_report(report_path, doc)
         if not quiet:
+            console = _stdout_console()
             _render_optimize(console, result, before, after, str(out), timer.timings if timing else [])
             if compact_doc is not None:
                 _render_compact(console, compact_doc, str(out), layers=False)
+
+
+def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation: str, pipeline: Optional[str], steps: Optional[int],
+                     *, compact: bool, align: int, device: str) -> list[Any]:
+    """The flags' usage checks, before any work, and the passes they build (pipeline text parsed once)."""
+    from pai_compiler import api
+    from pai_compiler.errors import UsageError
+
+    sparsity_value = _parse_float_flag("--sparsity", sparsity)
+    if method is not None and pipeline is not None:
+        raise UsageError("--method and --pipeline exclude each other: name the criterion in the pipeline")
+    if align != 1 and not compact:
+        raise UsageError("--align applies with --compact only")
+    api.check_align(align)
+    api.check_device(device)
+    return api.build_passes(method=method or api.DEFAULT_METHOD, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)
+
+
+def _save_optimized(result: Any, model: str, out: Path, after: dict[str, Any], *, compact: bool, align: int,
+                    instruments: list[Any]) -> Optional[dict[str, Any]]:
+    """Write the masked model, or with ``--compact`` the compacted one; returns the compaction summary (or None)."""
+    from pai_compiler import api
+
+    if not compact:
+        api.save_model(result, model, out)
+        return None
+    api.compact_graph(result.graph, align=align, instruments=instruments)
+    compact_doc = _compact_summary(after, result.graph)
+    api.save_compact(result.graph, model, out, pipeline=result.pipeline)
+    return compact_doc
+
+
+def _instruments(timing: bool, print_ir_after_all: bool) -> tuple[Any, list[Any]]:
+    """The timing instrument (always made, listed with ``--timing``) and the instruments to run."""
+    from pai_compiler.pass_infra import PrintIRInstrument, TimingInstrument
+
+    timer = TimingInstrument()
+    instruments: list[Any] = [timer] if timing else []
+    if print_ir_after_all:
+        instruments.append(PrintIRInstrument(sys.stderr))
+    return timer, instruments
+
+
+def _write_report(report_path: Optional[Path], doc: dict[str, Any]) -> None:
+    """Write the JSON report atomically (nothing without ``--report``)."""
+    if report_path is None:
+        return
+    from pai_compiler.io import atomic_write
+
+    with atomic_write(report_path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def _report_path(report: Optional[str], out: Path, inputs: list[str], *, force: bool) -> Optional[Path]:
@@ -378,11 +403,7 @@ def compact(
         api.save_compact(graph, model, out)
         doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph),
                "warnings": list(graph.meta.get("warnings", []))}
-        if report_path is not None:
-            from pai_compiler.io import atomic_write
-
-            with atomic_write(report_path) as tmp:
-                tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        _write_report(report_path, doc)
         if not quiet:
             console = _stdout_console()
             _render_compact(console, doc, str(out))

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from pai_compiler import api
 from pai_compiler.cli import app
 from pai_compiler.passes.criteria.dpai.outcome import DpaiReport
+from pai_compiler.pipeline import format_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "examples" / "models" / "resnet20.onnx"
@@ -92,9 +93,9 @@ def test_output_format_is_checked_before_pruning(tmp_path: Path, monkeypatch: py
 
 
 def test_global_random_keeps_the_global_budget(tmp_path: Path) -> None:
-    spec = api.build_pipeline(method="random", sparsity=0.93, allocation="global")
+    spec = format_pipeline(api.build_passes(method="random", sparsity=0.93, allocation="global"))
     assert spec == "random{sparsity=0.93,scope=global}"
-    assert api.build_pipeline(method="magnitude", sparsity=0.93, allocation="global") == "magnitude{sparsity=0.93}"
+    assert format_pipeline(api.build_passes(method="magnitude", sparsity=0.93, allocation="global")) == "magnitude{sparsity=0.93}"
     result = api.optimize(RESNET, method="random", sparsity=0.93, allocation="global", seed=1)
     masks = list(result.masks.values())
     total = sum(m.size for m in masks)
