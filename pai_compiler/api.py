@@ -22,7 +22,7 @@ from pai_compiler.passes.transform.dead_node_elim import DeadNodeElimPass
 from pai_compiler.pipeline import format_pipeline, make_pass, parse_pipeline, pass_options
 from pai_compiler.registry import get_pass_class
 
-__all__ = ["load_model", "build_passes", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "check_device", "check_align",
+__all__ = ["load_model", "build_passes", "optimize", "OptimizeResult", "apply_exclude", "Exclusion", "DEFAULT_METHOD", "check_device", "check_align",
            "output_suffix", "check_output_format", "has_pass", "save_model", "compact_graph", "save_compact"]
 
 ReportT = TypeVar("ReportT")
@@ -124,9 +124,17 @@ def check_output_format(out: str | os.PathLike[str], *, torch_source: bool, comp
         raise UsageError(f"-o {out}: --compact writes a PyTorch model as .pt (the compact ONNX writer rewrites an ONNX source)")
 
 
-def apply_exclude(graph: Graph, patterns: Sequence[str]) -> list[str]:
-    """Keep layers whose weight name matches any glob dense (not prunable); return their names."""
-    excluded = []
+@dataclass(frozen=True)
+class Exclusion:
+    """What ``--exclude`` did: the layers kept dense and a warning per pattern that matched none."""
+
+    layers: list[str]
+    warnings: list[str]
+
+
+def apply_exclude(graph: Graph, patterns: Sequence[str]) -> Exclusion:
+    """Keep layers whose weight name matches any glob dense (not prunable)."""
+    excluded: list[str] = []
     matched: set[str] = set()
     for p in graph.prunable_params():
         names = [n for n in (p.name, p.origin, *[u.name for u in graph.param_users(p)]) if n]
@@ -138,9 +146,8 @@ def apply_exclude(graph: Graph, patterns: Sequence[str]) -> list[str]:
     if patterns and not excluded:
         raise UsageError(f"--exclude {', '.join(patterns)} matches no prunable layer")
     unmatched = [pat for pat in patterns if pat not in matched]
-    if unmatched:
-        graph.meta["warnings"].append(f"--exclude pattern(s) {', '.join(unmatched)} matched no prunable layer")
-    return excluded
+    warnings = [f"--exclude pattern(s) {', '.join(unmatched)} matched no prunable layer"] if unmatched else []
+    return Exclusion(excluded, warnings)
 
 
 @dataclass
@@ -150,6 +157,7 @@ class OptimizeResult:
     records: list[PassRecord]
     excluded: list[str] = field(default_factory=list)
     allocation: Allocation | None = None  # the per-layer keep counts an allocation pass provided, if one ran
+    warnings: list[str] = field(default_factory=list)  # the frontend's, --exclude's and the passes', in that order
 
     def report_of(self, kind: type[ReportT]) -> ReportT | None:
         """The report of type ``kind`` the last pass that gave one left in its record (e.g. ``DpaiReport``), or None."""
@@ -191,16 +199,17 @@ def optimize(
         passes = build_passes(method=method, sparsity=sparsity, allocation=allocation, pipeline=pipeline, steps=steps)
     passes = list(passes)
     graph = model if isinstance(model, Graph) else load_model(model)
-    excluded = apply_exclude(graph, exclude)
+    exclusion = apply_exclude(graph, exclude)
+    warnings = [*graph.meta["warnings"], *exclusion.warnings]  # the frontend's (from lowering the model), then --exclude's
     if not graph.prunable_params():
-        graph.meta["warnings"].append("the model has no prunable (conv/linear) weights: nothing to prune, written unchanged")
-        return OptimizeResult(graph, passes, [], excluded)
+        warnings.append("the model has no prunable (conv/linear) weights: nothing to prune, written unchanged")
+        return OptimizeResult(graph, passes, [], exclusion.layers, warnings=warnings)
     am = AnalysisManager(graph, RunContext(seed=seed, device=device, progress=progress, data=data))
     records = PassManager(passes, instruments=instruments).run(graph, am)
     unmasked = [p.name for p in graph.prunable_params() if p.mask is None]
     if unmasked and len(unmasked) == len(graph.prunable_params()):
         raise UsageError(f"pipeline '{format_pipeline(passes)}' produced no masks: add a criterion (e.g. ',magnitude{{scope=layer}}')")
-    return OptimizeResult(graph, passes, records, excluded, am.provided(Allocation))
+    return OptimizeResult(graph, passes, records, exclusion.layers, am.provided(Allocation), [*warnings, *am.warnings])
 
 
 def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:

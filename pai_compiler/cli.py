@@ -156,14 +156,16 @@ def optimize(
         )
         release_all()  # the criterion may have read every weight (magnitude) or allocated a lot
         after = _totals(result.graph, paths=not no_paths)
+        loaded = len(result.graph.meta["warnings"])
         compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align, instruments=instruments)
-        doc = _report(result, before, after, model, str(out))
+        warnings = [*dict.fromkeys(result.warnings), *result.graph.meta["warnings"][loaded:]]  # then the backend's, from writing
+        doc = _report(result, before, after, model, str(out), warnings)
         if compact_doc is not None:
             doc["compact"] = compact_doc
         _write_report(report_path, doc)
         if not quiet:
             console = _stdout_console()
-            _render_optimize(console, result, before, after, str(out), timer.timings if timing else [])
+            _render_optimize(console, result, before, after, str(out), timer.timings if timing else [], warnings)
             if compact_doc is not None:
                 _render_compact(console, compact_doc, str(out), layers=False)
 
@@ -281,7 +283,6 @@ def _totals(graph: Any, paths: bool = True) -> dict[str, Any]:
 
     doc = audit_graph(graph, paths=paths)
     release_all()  # the audit read every weight and allocated; what comes next needs memory, not those pages
-    graph.meta["warnings"] = list(dict.fromkeys(graph.meta.get("warnings", [])))
     return dict(doc["totals"])
 
 
@@ -295,7 +296,7 @@ def _layer_rows(graph: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _report(result: Any, before: dict[str, Any], after: dict[str, Any], model: str, out: str) -> dict[str, Any]:
+def _report(result: Any, before: dict[str, Any], after: dict[str, Any], model: str, out: str, warnings: list[str]) -> dict[str, Any]:
     return {
         "model": model,
         "output": out,
@@ -306,11 +307,12 @@ def _report(result: Any, before: dict[str, Any], after: dict[str, Any], model: s
         "before": before,
         "after": after,
         "layers": _layer_rows(result.graph),
-        "warnings": list(result.graph.meta.get("warnings", [])),
+        "warnings": warnings,
     }
 
 
-def _render_optimize(console: Any, result: Any, before: dict[str, Any], after: dict[str, Any], out: str, timings: list[tuple[str, float]]) -> None:
+def _render_optimize(console: Any, result: Any, before: dict[str, Any], after: dict[str, Any], out: str, timings: list[tuple[str, float]],
+                     warnings: list[str]) -> None:
     from rich.table import Table
 
     table = Table(title=f"paic optimize — {result.pipeline}", title_justify="left")
@@ -328,7 +330,7 @@ def _render_optimize(console: Any, result: Any, before: dict[str, Any], after: d
     console.print(totals)
     for name, seconds in timings:
         console.print(f"  {seconds:8.3f} s  {name}")
-    for w in result.graph.meta.get("warnings", []):
+    for w in warnings:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(f"kept {after['nonzero_params']:,} of {after['params']:,} prunable weights "
                   f"({100 * after['density']:.2f}%) -> wrote {out}")
@@ -399,10 +401,11 @@ def compact(
             raise UsageError("paic compact reads ONNX models; for PyTorch use `paic optimize --compact`")
         masks_from_zeros(graph)
         masked = _totals(graph)
+        loaded = len(graph.meta["warnings"])
         api.compact_graph(graph, align=align)
         api.save_compact(graph, model, out)
-        doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph),
-               "warnings": list(graph.meta.get("warnings", []))}
+        warnings = [*dict.fromkeys(graph.meta["warnings"][:loaded]), *graph.meta["warnings"][loaded:]]  # the frontend's, then the backend's
+        doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph), "warnings": warnings}
         _write_report(report_path, doc)
         if not quiet:
             console = _stdout_console()

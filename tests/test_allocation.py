@@ -94,10 +94,13 @@ def test_random_is_deterministic_and_seeded(resnet20) -> None:  # type: ignore[n
 
 def test_empty_layer_warning(resnet20) -> None:  # type: ignore[no-untyped-def]
     g = resnet20.clone()
-    PassManager(parse_pipeline("random{scope=global,sparsity=0.9999}")).run(g)
+    am = AnalysisManager(g)
+    PassManager(parse_pipeline("random{scope=global,sparsity=0.9999}")).run(g, am)
     empty = [p.name for p in g.prunable_params() if p.kept() == 0]
     assert empty, "a global budget of 28 weights must empty some layer"
-    assert any("keep no weight" in w and empty[0] in w for w in g.meta["warnings"])
+    assert any("keep no weight" in w and empty[0] in w for w in am.warnings) and g.meta["warnings"] == []
+    result = optimize(resnet20.clone(), pipeline="random{scope=global,sparsity=0.9999}")
+    assert result.warnings == am.warnings
 
 
 def test_sparsity_flag_validation() -> None:

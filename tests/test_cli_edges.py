@@ -107,9 +107,9 @@ def test_global_random_keeps_the_global_budget(tmp_path: Path) -> None:
 def test_exclude_by_node_name_warns_about_nothing(tmp_path: Path) -> None:
     graph = api.load_model(RESNET)
     node = next(n.name for p in graph.prunable_params() for n in graph.param_users(p))
-    excluded = api.apply_exclude(graph, [node, "no-such-layer*"])
-    assert len(excluded) == 1
-    warnings = graph.meta["warnings"]
+    exclusion = api.apply_exclude(graph, [node, "no-such-layer*"])
+    assert len(exclusion.layers) == 1
+    warnings = exclusion.warnings
     assert any("no-such-layer*" in w for w in warnings) and not any(node in w for w in warnings)
 
 
@@ -160,7 +160,7 @@ def test_sliced_positional_table_loads_and_prunes(tmp_path: Path) -> None:
     torch.onnx.export(Pos().eval(), (torch.randn(2, 5, 8),), str(path), dynamo=False, opset_version=17, input_names=["x"],
                       dynamic_axes={"x": {0: "N", 1: "S"}})
     result = api.optimize(path, sparsity=0.5, method="magnitude")
-    assert any("Slice" in w and "run-time sizes" in w for w in result.graph.meta["warnings"])
+    assert any("Slice" in w and "run-time sizes" in w for w in result.warnings)
     out = tmp_path / "pruned.onnx"
     api.save_model(result, path, out)
     from pai_compiler.ort import session

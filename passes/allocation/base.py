@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from pai_compiler.errors import UsageError
-from pai_compiler.ir import Graph, Param
+from pai_compiler.ir import Param
 from pai_compiler.pass_infra import AnalysisManager
 
-__all__ = ["Allocation", "check_sparsity", "keep_count", "allocate", "provide_allocation"]
+__all__ = ["Allocation", "check_sparsity", "keep_count", "provide_allocation"]
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,14 @@ def keep_count(numel: int, layer_sparsity: float) -> int:
     return numel - int(math.floor(layer_sparsity * numel))
 
 
-def allocate(graph: Graph, densities: Mapping[str, float], params: list[Param], source: str) -> Allocation:
-    """Keep counts from per-layer densities; warns about layers left with no weight."""
+def provide_allocation(am: AnalysisManager, densities: Mapping[str, float], params: list[Param], source: str) -> Allocation:
+    """Keep counts from per-layer densities, handed to the passes that follow (``am.provided(Allocation)``).
+
+    Warns about layers left with no weight."""
     keep = {p.name: keep_count(p.numel, 1.0 - densities[p.name]) for p in params}
     empty = [name for name, k in keep.items() if k == 0]
     if empty:
-        graph.meta["warnings"].append(
-            f"{source}: {len(empty)} layer(s) keep no weight at this sparsity and are cut off: {', '.join(empty)}"
-        )
-    return Allocation(keep, source)
-
-
-def provide_allocation(graph: Graph, am: AnalysisManager, densities: Mapping[str, float], params: list[Param], source: str) -> Allocation:
-    """``allocate`` and hand the result to the passes that follow (``am.provided(Allocation)``)."""
-    allocation = allocate(graph, densities, params, source)
+        am.warn(f"{source}: {len(empty)} layer(s) keep no weight at this sparsity and are cut off: {', '.join(empty)}")
+    allocation = Allocation(keep, source)
     am.provide(allocation)
     return allocation

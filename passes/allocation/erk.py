@@ -53,5 +53,5 @@ class ErkPass(TransformPass):
         if not params:
             raise UsageError("erk: the model has no prunable (conv/linear) weights")
         densities = erk_densities(params, 1.0 - float(self.sparsity), self.power)  # type: ignore[arg-type]
-        allocation = provide_allocation(graph, am, densities, params, self.spec())
+        allocation = provide_allocation(am, densities, params, self.spec())
         return PassResult(modified=False, report=allocation)

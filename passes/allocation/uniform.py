@@ -27,5 +27,5 @@ class UniformPass(TransformPass):
         if not params:
             raise UsageError("uniform: the model has no prunable (conv/linear) weights")
         density = 1.0 - float(self.sparsity)  # type: ignore[arg-type]
-        allocation = provide_allocation(graph, am, {p.name: density for p in params}, params, self.spec())
+        allocation = provide_allocation(am, {p.name: density for p in params}, params, self.spec())
         return PassResult(modified=False, report=allocation)

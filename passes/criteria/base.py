@@ -90,11 +90,11 @@ def apply_scores(graph: Graph, params: list[Param], scores: Mapping[str, np.ndar
         offset += p.numel
 
 
-def warn_empty_layers(graph: Graph, params: list[Param], owner: str) -> None:
+def warn_empty_layers(am: AnalysisManager, params: list[Param], owner: str) -> None:
     """Warn (naming them) about layers left with no weight: they cut every path through them."""
     empty = [p.name for p in params if p.mask is not None and not p.mask.any()]
     if empty:
-        graph.meta["warnings"].append(f"{owner}: {len(empty)} layer(s) keep no weight and cut the network: {', '.join(empty)}")
+        am.warn(f"{owner}: {len(empty)} layer(s) keep no weight and cut the network: {', '.join(empty)}")
 
 
 class LazyScores(Mapping[str, np.ndarray]):
@@ -138,5 +138,5 @@ class CriterionPass(TransformPass):
             raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
         keep = resolve_keep(am, params, self.sparsity, self.scope, self.name)
         apply_scores(graph, params, self.scores(graph, am, params), keep)
-        warn_empty_layers(graph, params, self.spec())
+        warn_empty_layers(am, params, self.spec())
         return PassResult(modified=True, preserved=frozenset())

@@ -42,7 +42,7 @@ class RandomErkPass(TransformPass):
         if not params:
             raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
         if self.sparsity is not None:
-            provide_allocation(graph, am, erk_densities(params, 1.0 - float(self.sparsity)), params, self.spec())
+            provide_allocation(am, erk_densities(params, 1.0 - float(self.sparsity)), params, self.spec())
         elif am.provided(Allocation) is None:
             raise UsageError(f"{self.name}: give a sparsity, e.g. '{self.name}{{sparsity=0.9}}'")
         keep = resolve_keep(am, params, None, "layer", self.name)
