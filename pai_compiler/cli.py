@@ -11,11 +11,15 @@ import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
 from pai_compiler._version import __version__
+
+if TYPE_CHECKING:  # the commands import these when they run, so `paic --help` stays fast
+    from pai_compiler.api import OptimizeResult
+    from pai_compiler.pass_infra import Pass
 
 __all__ = ["app", "main"]
 
@@ -156,9 +160,10 @@ def optimize(
         )
         release_all()  # the criterion may have read every weight (magnitude) or allocated a lot
         after = _totals(result.graph, paths=not no_paths)
-        loaded = len(result.graph.meta["warnings"])
+        unsaved = len(result.graph.meta["warnings"])
         compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align, instruments=instruments)
-        warnings = [*dict.fromkeys(result.warnings), *result.graph.meta["warnings"][loaded:]]  # then the backend's, from writing
+        # the run's warnings, then those the backend noted on the graph while writing
+        warnings = [*dict.fromkeys(result.warnings), *result.graph.meta["warnings"][unsaved:]]
         doc = _report(result, before, after, model, str(out), warnings)
         if compact_doc is not None:
             doc["compact"] = compact_doc
@@ -171,7 +176,7 @@ def optimize(
 
 
 def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation: str, pipeline: Optional[str], steps: Optional[int],
-                     *, compact: bool, align: int, device: str) -> list[Any]:
+                     *, compact: bool, align: int, device: str) -> list[Pass]:
     """The flags' usage checks, before any work, and the passes they build (pipeline text parsed once)."""
     from pai_compiler import api
     from pai_compiler.errors import UsageError
@@ -186,7 +191,7 @@ def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation:
     return api.build_passes(method=method or api.DEFAULT_METHOD, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)
 
 
-def _save_optimized(result: Any, model: str, out: Path, after: dict[str, Any], *, compact: bool, align: int,
+def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[str, Any], *, compact: bool, align: int,
                     instruments: list[Any]) -> Optional[dict[str, Any]]:
     """Write the masked model, or with ``--compact`` the compacted one; returns the compaction summary (or None)."""
     from pai_compiler import api
@@ -401,10 +406,11 @@ def compact(
             raise UsageError("paic compact reads ONNX models; for PyTorch use `paic optimize --compact`")
         masks_from_zeros(graph)
         masked = _totals(graph)
-        loaded = len(graph.meta["warnings"])
+        unsaved = len(graph.meta["warnings"])
         api.compact_graph(graph, align=align)
         api.save_compact(graph, model, out)
-        warnings = [*dict.fromkeys(graph.meta["warnings"][:loaded]), *graph.meta["warnings"][loaded:]]  # the frontend's, then the backend's
+        # the frontend's warnings, then those the backend noted on the graph while writing
+        warnings = [*dict.fromkeys(graph.meta["warnings"][:unsaved]), *graph.meta["warnings"][unsaved:]]
         doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph), "warnings": warnings}
         _write_report(report_path, doc)
         if not quiet:
