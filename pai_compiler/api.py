@@ -7,6 +7,7 @@ global budget instead (``magnitude{sparsity=0.95}``), as the SNIP/GraSP/SynFlow 
 from __future__ import annotations
 
 import fnmatch
+import numbers
 import os
 import re
 from collections.abc import Sequence
@@ -64,6 +65,8 @@ def build_passes(
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
     if steps is not None and method != "dpai":
         raise UsageError("--steps applies to --method dpai only")
+    if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
+        sparsity = float(sparsity)  # a numpy float prints as np.float64(...) in the pipeline text; the pass checks the range
     if allocation == "global":
         if method in _LAYERWISE_ONLY:
             raise UsageError(f"--method {method} needs a per-layer allocation (--allocation erk or uniform)")
