@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pai_compiler.backends.onnx_masked import write_masked_onnx
 from pai_compiler.errors import UsageError
+from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, Instrument, Pass, PassManager, PassRecord, RunContext
 from pai_compiler.passes.allocation.base import Allocation
@@ -38,11 +40,9 @@ def load_model(spec: str | os.PathLike[str], **kwargs: Any) -> Graph:
     """Lower a model file to the IR (ONNX path; ``file.py:attr`` specs when the torch frontend is present)."""
     text = str(spec)
     if ":" in text and not Path(text).exists() and text.split(":", 1)[0].endswith(".py"):
-        from pai_compiler.frontends.torch.spec import load_torch_spec  # type: ignore[import-not-found]
+        from pai_compiler.frontends.torch.spec import load_torch_spec  # type: ignore[import-not-found]  # torch: heavy, optional
 
         return load_torch_spec(text, **kwargs)
-    from pai_compiler.frontends.onnx.reader import load_onnx_model
-
     return load_onnx_model(text)
 
 
@@ -222,15 +222,13 @@ def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str 
         return
     if output_suffix(out) == ".onnx":
         if result.graph.meta.get("source_format") == "onnx":
-            from pai_compiler.backends.onnx_masked import write_masked_onnx
-
             write_masked_onnx(result.graph, source, out, pipeline=result.pipeline)
             return
-        from pai_compiler.backends.torch_backend import write_torch_onnx  # type: ignore[import-not-found]
+        from pai_compiler.backends.torch_backend import write_torch_onnx  # type: ignore[import-not-found]  # torch: heavy, optional
 
         write_torch_onnx(result, out)
         return
-    from pai_compiler.backends.torch_backend import write_pt  # type: ignore[import-not-found]
+    from pai_compiler.backends.torch_backend import write_pt  # type: ignore[import-not-found]  # torch: heavy, optional
 
     write_pt(result, source, out)
 
