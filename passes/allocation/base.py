@@ -1,4 +1,7 @@
-"""Shared machinery of allocation passes: per-layer keep count = numel - floor(s_l * numel)."""
+"""Shared machinery of allocation passes: per-layer keep count = numel - floor(s_l * numel).
+
+An allocation pass hands its ``Allocation`` to the passes after it through the AnalysisManager
+(``am.provided(Allocation)``) and keeps it as its report; it is never graph state."""
 from __future__ import annotations
 
 import math
@@ -20,11 +23,8 @@ class Allocation:
     keep: Mapping[str, int]
     source: str
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # read-only: the passes after the allocation share it
         object.__setattr__(self, "keep", MappingProxyType(dict(self.keep)))
-
-    def total(self) -> int:
-        return sum(self.keep.values())
 
 
 def check_sparsity(sparsity: float | None, owner: str) -> float:

@@ -42,6 +42,8 @@ from pai_compiler.passes.criteria.npb.milp import BlockProblem, ceil_budget, sol
 
 __all__ = ["NpbPass", "NpbReport"]
 
+SHORTCUT_BETA = 0.001
+
 
 @dataclass(frozen=True)
 class NpbReport:
@@ -55,8 +57,6 @@ class NpbReport:
     allocated: int
     layers: list[dict[str, Any]]
     finetune: dict[str, Any] | None
-
-SHORTCUT_BETA = 0.001
 
 
 @dataclass(frozen=True)
