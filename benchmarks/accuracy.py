@@ -233,7 +233,8 @@ def run_one(spec: RunSpec, results_dir: Path, *, data_dir: Path | None = None, t
 
     import pai_compiler
     from pai_compiler.lab import zoo
-    from pai_compiler.api import build_pipeline
+    from pai_compiler.api import build_passes
+    from pai_compiler.pipeline import format_pipeline
     from pai_compiler.lab.data import load_prune_batch
     from pai_compiler.lab.training import NORMALISATION, default_data_dir, train
 
@@ -272,7 +273,7 @@ def run_one(spec: RunSpec, results_dir: Path, *, data_dir: Path | None = None, t
         "final_train_accuracy": hist[-1]["train_accuracy"] if hist else None,
         "prune_seconds": prune_seconds, "train_seconds": out["seconds"], "threads": threads, "device": device,
         "commit": git["commit"], "commit_dirty": git["dirty"], "paic_version": pai_compiler.__version__,
-        "pipeline": build_pipeline(method=spec.method, sparsity=spec.sparsity, allocation="erk"), "allocation": "erk",
+        "pipeline": format_pipeline(build_passes(method=spec.method, sparsity=spec.sparsity, allocation="erk")), "allocation": "erk",
         "density": density,
         "masked_nonzero": out["masked_nonzero"], "train_samples": out["train_samples"], "test_samples": int(len(data.y_test)),
         "limit_train": spec.limit_train,

@@ -5,7 +5,7 @@ steps; algorithms.md §6 / §4.3) goes from the ERK-random mask (log P~ 43.64, 7
 2492 kernels, 2612 effective params) to log P~ 72.43, 272 nodes, 1492 kernels, 2685 params
 (exact log paths 32.90 -> 58.57). We run ``erk{sparsity=0.99},dpai{paths=...,seed=s}`` on the
 bundled ResNet-20 and measure both masks per pixel in the reference convention
-(``graph.meta["dpai"]``). Pass: mean nodes and kernels within +-10 % of the reference.
+(the ``DpaiReport`` in the pass record). Pass: mean nodes and kernels within +-10 % of the reference.
 
     python benchmarks/dpai_faithful.py                       # paths ref and channel, seeds 0 1 2
     python benchmarks/dpai_faithful.py --paths channel --seeds 0 1 2 3 4 --json out.json
@@ -51,8 +51,8 @@ def run_one(paths: str, seed: int, steps: int, sparsity: float) -> dict[str, Any
     graph = load_onnx_model(MODEL)
     pipeline = parse_pipeline(f"erk{{sparsity={sparsity}}},dpai{{paths={paths},seed={seed},steps={steps}}}")
     start = time.perf_counter()
-    PassManager(pipeline).run(graph, AnalysisManager(graph, RunContext(seed=seed)))
-    report = dict(graph.meta["dpai"])
+    records = PassManager(pipeline).run(graph, AnalysisManager(graph, RunContext(seed=seed)))
+    report = records[-1].report.as_dict()
     report["wall"] = time.perf_counter() - start
     return report
 
@@ -70,13 +70,13 @@ def npb_table(seed: int) -> list[str]:
         graph = load_onnx_model(MODEL)
         am = AnalysisManager(graph, RunContext(seed=seed))
         start = time.perf_counter()
-        PassManager(parse_pipeline(f"erk{{sparsity={sparsity}}},npb")).run(graph, am)
+        records = PassManager(parse_pipeline(f"erk{{sparsity={sparsity}}},npb")).run(graph, am)
         wall = time.perf_counter() - start
         res = am.get(NodePathPass())
         stats = [sum(getattr(r, f) for r in res.layers) for f in ("effective_nodes", "effective_kernels", "effective_params", "npb_nodes")]
-        meta = graph.meta["npb"]
+        npb = records[-1].report
         label = f"{100 * float(sparsity):.2f} %"
-        lines.append(f"{'ours ' + label:22s} {wall:7.1f} {meta['solve_seconds']:7.1f} {meta['kept']:6d} {res.log_paths:12.3f} {stats[0]:6d} {stats[1]:8d} {stats[2]:7d} {stats[3]:9d}")
+        lines.append(f"{'ours ' + label:22s} {wall:7.1f} {npb.solve_seconds:7.1f} {npb.kept:6d} {res.log_paths:12.3f} {stats[0]:6d} {stats[1]:8d} {stats[2]:7d} {stats[3]:9d}")
         lines.append(f"{'reference ' + label:22s} {ref[5]:7.1f} {'':>7s} {ref[3]:6d} {ref[0]:12.3f} {ref[1]:6d} {ref[2]:8d} {ref[3]:7d} {ref[4]:9d}")
     return lines
 

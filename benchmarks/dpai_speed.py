@@ -62,12 +62,12 @@ def run_one(path: Path, mode: str, steps: int, sparsity: float, device: str, thr
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     spec = f"erk{{sparsity={sparsity}}},dpai{{steps={steps},paths={mode},device={device}}}"
-    PassManager(parse_pipeline(spec)).run(graph, AnalysisManager(graph, RunContext(seed=0, device=device)))
+    records = PassManager(parse_pipeline(spec)).run(graph, AnalysisManager(graph, RunContext(seed=0, device=device)))
     total = time.perf_counter() - start
-    report = graph.meta["dpai"]
+    report = records[-1].report
     out = {
-        "steps": steps, "loop_s": report["seconds"], "ms_per_step": report["ms_per_step"], "total_s": total,
-        "threads": report["threads"], "final": report["final"], "topk": report["topk"],
+        "steps": steps, "loop_s": report.seconds, "ms_per_step": report.ms_per_step, "total_s": total,
+        "threads": report.threads, "final": report.final, "topk": report.topk,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "base_rss_mb": base_rss,
         "params": sum(p.numel for p in graph.prunable_params()),
     }

@@ -1,25 +1,34 @@
-"""Python API: load a model, build a pipeline from flags, run it, write the result.
+"""Python API: load a model, build the passes from flags, run them, write the result.
 
-``optimize()`` is what ``paic optimize`` runs: pipeline = allocation + criterion, e.g.
+``optimize()`` is what ``paic optimize`` runs: passes = allocation + criterion, e.g.
 ``erk{sparsity=0.95},magnitude{scope=layer}``; ``--allocation global`` gives the criterion a
 global budget instead (``magnitude{sparsity=0.95}``), as the SNIP/GraSP/SynFlow papers do.
 """
 from __future__ import annotations
 
 import fnmatch
+import numbers
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pai_compiler.backends.onnx_masked import write_masked_onnx
 from pai_compiler.errors import UsageError
+from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph
-from pai_compiler.pass_infra import AnalysisManager, Instrument, PassManager, PassRecord, RunContext
+from pai_compiler.pass_infra import AnalysisManager, Instrument, Pass, PassManager, PassRecord, RunContext
+from pai_compiler.passes.allocation.base import Allocation
 from pai_compiler.passes.transform.dead_node_elim import CompactReport, DeadNodeElimPass, compact_report_of
-from pai_compiler.pipeline import format_pipeline, parse_pipeline
+from pai_compiler.pipeline import format_pipeline, make_pass, parse_pipeline, pass_options
+from pai_compiler.registry import get_pass_class
 
-__all__ = ["load_model", "build_pipeline", "optimize", "OptimizeResult", "apply_exclude", "DEFAULT_METHOD", "check_device", "output_suffix", "check_output_format", "has_pass", "save_model", "compact_graph", "save_compact"]
+__all__ = ["load_model", "build_passes", "optimize", "OptimizeResult", "apply_exclude", "Exclusion", "DEFAULT_METHOD", "check_device", "check_align",
+           "output_suffix", "check_output_format", "has_pass", "save_model", "compact_graph", "save_compact"]
+
+ReportT = TypeVar("ReportT")
 
 DEFAULT_METHOD = "dpai"
 ALLOCATIONS = ("erk", "uniform", "global")
@@ -31,71 +40,61 @@ def load_model(spec: str | os.PathLike[str], **kwargs: Any) -> Graph:
     """Lower a model file to the IR (ONNX path; ``file.py:attr`` specs when the torch frontend is present)."""
     text = str(spec)
     if ":" in text and not Path(text).exists() and text.split(":", 1)[0].endswith(".py"):
-        from pai_compiler.frontends.torch.spec import load_torch_spec  # type: ignore[import-not-found]
+        from pai_compiler.frontends.torch.spec import load_torch_spec  # type: ignore[import-not-found]  # torch: heavy, optional
 
         return load_torch_spec(text, **kwargs)
-    from pai_compiler.frontends.onnx.reader import load_onnx_model
-
     return load_onnx_model(text)
 
 
-def build_pipeline(
+def build_passes(
     *,
     method: str = DEFAULT_METHOD,
     sparsity: float | None = None,
     allocation: str = "erk",
     pipeline: str | None = None,
     steps: int | None = None,
-) -> str:
-    """The pipeline string for the CLI flags (``pipeline`` wins when given)."""
+) -> list[Pass]:
+    """The passes for the CLI flags: ``pipeline`` text parsed (once), else an allocation and a criterion built directly."""
     if pipeline:
         if sparsity is not None:
             raise UsageError("--sparsity does not combine with --pipeline; put it in the pipeline, e.g. 'erk{sparsity=0.95},...'")
-        return format_pipeline(parse_pipeline(pipeline))
+        return parse_pipeline(pipeline)
     if sparsity is None:
         raise UsageError("--sparsity is required (e.g. --sparsity 0.95) unless --pipeline is given")
     if allocation not in ALLOCATIONS:
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
-    opts = f"steps={steps}" if steps is not None else ""
     if steps is not None and method != "dpai":
         raise UsageError("--steps applies to --method dpai only")
+    if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
+        sparsity = float(sparsity)  # a numpy float prints as np.float64(...) in the pipeline text; the pass checks the range
     if allocation == "global":
         if method in _LAYERWISE_ONLY:
             raise UsageError(f"--method {method} needs a per-layer allocation (--allocation erk or uniform)")
-        text = f"{method}{{sparsity={sparsity!r}{_global_scope(method)}}}"
-    else:
-        criterion = method if method in _LAYERWISE_ONLY else f"{method}{{scope=layer}}"
-        if opts:
-            criterion = f"{method}{{{opts}}}"
-        text = f"{allocation}{{sparsity={sparsity!r}}},{criterion}"
-    return format_pipeline(parse_pipeline(text))
+        return [make_pass(method, sparsity=sparsity, **_global_scope(method))]
+    budget = make_pass(allocation, sparsity=sparsity)
+    if steps is not None:
+        return [budget, make_pass(method, steps=steps)]
+    return [budget, make_pass(method) if method in _LAYERWISE_ONLY else make_pass(method, scope="layer")]
 
 
-def _global_scope(method: str) -> str:
-    """``,scope=global`` for a criterion whose scope defaults to per-layer (``random``), else nothing."""
-    import dataclasses
-
-    from pai_compiler.registry import get_pass_class
-
-    cls = get_pass_class(method)
-    fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
-    return ",scope=global" if "scope" in fields and fields["scope"].default != "global" else ""
+def _global_scope(method: str) -> dict[str, str]:
+    """``scope=global`` for a criterion that has a scope option (``random`` defaults to per-layer), else nothing."""
+    has_scope = any(option == "scope" for option, _, _ in pass_options(get_pass_class(method)))
+    return {"scope": "global"} if has_scope else {}
 
 
-def has_pass(pipeline: str, name: str) -> bool:
-    """Whether the pipeline string runs the pass ``name``."""
-    return any(p.name == name for p in parse_pipeline(pipeline))
+def has_pass(passes: Sequence[Pass], name: str) -> bool:
+    """Whether ``passes`` run the pass ``name``."""
+    return any(p.name == name for p in passes)
 
 
 def check_device(device: str) -> None:
     """``cpu``, ``cuda`` or ``cuda:N`` of a GPU torch can see; anything else is a usage error, raised before any work."""
-    import re
-
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
         raise UsageError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
     if device == "cpu":
         return
-    import torch
+    import torch  # heavy optional dependency: only for a GPU device
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     index = int(device.split(":")[1]) if ":" in device else 0
@@ -103,6 +102,11 @@ def check_device(device: str) -> None:
         raise UsageError(f"--device {device}: torch {torch.__version__} sees no CUDA device; use --device cpu")
     if index >= count:
         raise UsageError(f"--device {device}: torch sees {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+
+
+def check_align(align: int) -> None:
+    """``--align``: checked by the dead-node-elim pass it configures, before any work."""
+    DeadNodeElimPass(align=align)
 
 
 def output_suffix(out: str | os.PathLike[str]) -> str:
@@ -123,9 +127,17 @@ def check_output_format(out: str | os.PathLike[str], *, torch_source: bool, comp
         raise UsageError(f"-o {out}: --compact writes a PyTorch model as .pt (the compact ONNX writer rewrites an ONNX source)")
 
 
-def apply_exclude(graph: Graph, patterns: Sequence[str]) -> list[str]:
-    """Keep layers whose weight name matches any glob dense (not prunable); return their names."""
-    excluded = []
+@dataclass(frozen=True)
+class Exclusion:
+    """What ``--exclude`` did: the layers kept dense and a warning per pattern that matched none."""
+
+    layers: list[str]
+    warnings: list[str]
+
+
+def apply_exclude(graph: Graph, patterns: Sequence[str]) -> Exclusion:
+    """Keep layers whose weight name matches any glob dense (not prunable)."""
+    excluded: list[str] = []
     matched: set[str] = set()
     for p in graph.prunable_params():
         names = [n for n in (p.name, p.origin, *[u.name for u in graph.param_users(p)]) if n]
@@ -137,17 +149,28 @@ def apply_exclude(graph: Graph, patterns: Sequence[str]) -> list[str]:
     if patterns and not excluded:
         raise UsageError(f"--exclude {', '.join(patterns)} matches no prunable layer")
     unmatched = [pat for pat in patterns if pat not in matched]
-    if unmatched:
-        graph.meta["warnings"].append(f"--exclude pattern(s) {', '.join(unmatched)} matched no prunable layer")
-    return excluded
+    warnings = [f"--exclude pattern(s) {', '.join(unmatched)} matched no prunable layer"] if unmatched else []
+    return Exclusion(excluded, warnings)
 
 
 @dataclass
 class OptimizeResult:
     graph: Graph
-    pipeline: str
+    passes: list[Pass]
     records: list[PassRecord]
     excluded: list[str] = field(default_factory=list)
+    allocation: Allocation | None = None  # the per-layer keep counts an allocation pass provided, if one ran
+    warnings: list[str] = field(default_factory=list)  # the frontend's, --exclude's and the passes', in that order
+
+    def report_of(self, kind: type[ReportT]) -> ReportT | None:
+        """The report of type ``kind`` the last pass that gave one left in its record (e.g. ``DpaiReport``), or None."""
+        reports = [r.report for r in self.records if isinstance(r.report, kind)]
+        return reports[-1] if reports else None
+
+    @property
+    def pipeline(self) -> str:
+        """The passes as pipeline text (``erk{sparsity=0.95},dpai``), as reports and model metadata give it."""
+        return format_pipeline(self.passes)
 
     @property
     def compact_report(self) -> CompactReport:
@@ -166,6 +189,7 @@ def optimize(
     method: str = DEFAULT_METHOD,
     allocation: str = "erk",
     pipeline: str | None = None,
+    passes: Sequence[Pass] | None = None,
     seed: int = 0,
     steps: int | None = None,
     exclude: Sequence[str] = (),
@@ -174,23 +198,26 @@ def optimize(
     progress: bool = False,
     instruments: Sequence[Instrument] = (),
 ) -> OptimizeResult:
-    """Prune ``model`` (a path or an IR Graph, which is modified) and return the result."""
+    """Prune ``model`` (a path or an IR Graph, which is modified) and return the result.
+
+    ``passes`` (built by the caller, e.g. with :func:`build_passes`) replaces the flags
+    sparsity/method/allocation/pipeline/steps."""
     check_device(device)
-    spec = build_pipeline(method=method, sparsity=sparsity, allocation=allocation, pipeline=pipeline, steps=steps)
+    if passes is None:
+        passes = build_passes(method=method, sparsity=sparsity, allocation=allocation, pipeline=pipeline, steps=steps)
+    passes = list(passes)
     graph = model if isinstance(model, Graph) else load_model(model)
-    excluded = apply_exclude(graph, exclude)
+    exclusion = apply_exclude(graph, exclude)
+    warnings = [*graph.meta["warnings"], *exclusion.warnings]  # the frontend's (from lowering the model), then --exclude's
     if not graph.prunable_params():
-        graph.meta["warnings"].append("the model has no prunable (conv/linear) weights: nothing to prune, written unchanged")
-        graph.meta["pipeline"] = spec
-        return OptimizeResult(graph, spec, [], excluded)
-    context = RunContext(seed=seed, device=device, progress=progress, data=data)
-    am = AnalysisManager(graph, context)
-    records = PassManager(parse_pipeline(spec), instruments=instruments).run(graph, am)
+        warnings.append("the model has no prunable (conv/linear) weights: nothing to prune, written unchanged")
+        return OptimizeResult(graph, passes, [], exclusion.layers, warnings=warnings)
+    am = AnalysisManager(graph, RunContext(seed=seed, device=device, progress=progress, data=data))
+    records = PassManager(passes, instruments=instruments).run(graph, am)
     unmasked = [p.name for p in graph.prunable_params() if p.mask is None]
     if unmasked and len(unmasked) == len(graph.prunable_params()):
-        raise UsageError(f"pipeline '{spec}' produced no masks: add a criterion (e.g. ',magnitude{{scope=layer}}')")
-    graph.meta["pipeline"] = spec
-    return OptimizeResult(graph, spec, records, excluded)
+        raise UsageError(f"pipeline '{format_pipeline(passes)}' produced no masks: add a criterion (e.g. ',magnitude{{scope=layer}}')")
+    return OptimizeResult(graph, passes, records, exclusion.layers, am.provided(Allocation), [*warnings, *am.warnings])
 
 
 def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str | os.PathLike[str]) -> None:
@@ -201,15 +228,13 @@ def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str 
         return
     if output_suffix(out) == ".onnx":
         if result.graph.meta.get("source_format") == "onnx":
-            from pai_compiler.backends.onnx_masked import write_masked_onnx
-
             write_masked_onnx(result.graph, source, out, pipeline=result.pipeline)
             return
-        from pai_compiler.backends.torch_backend import write_torch_onnx  # type: ignore[import-not-found]
+        from pai_compiler.backends.torch_backend import write_torch_onnx  # type: ignore[import-not-found]  # torch: heavy, optional
 
         write_torch_onnx(result, out)
         return
-    from pai_compiler.backends.torch_backend import write_pt  # type: ignore[import-not-found]
+    from pai_compiler.backends.torch_backend import write_pt  # type: ignore[import-not-found]  # torch: heavy, optional
 
     write_pt(result, source, out)
 

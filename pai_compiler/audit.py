@@ -11,6 +11,7 @@ path) is reported as null with a warning, so the document stays strict JSON.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,14 @@ def _layer_params(node: Node) -> list[Param]:
     return [p for p in node.params.values() if p.prunable]
 
 
-def audit_graph(graph: Graph, *, bind: str | dict[str, int] | None = None, paths: bool = True) -> dict[str, Any]:
-    """The audit document of ``graph``; masks taken from zero weights are removed again afterwards."""
+def audit_graph(graph: Graph, *, bind: str | dict[str, int] | None = None, paths: bool = True,
+                run_warnings: Sequence[str] | None = None) -> dict[str, Any]:
+    """The audit document of ``graph``; masks taken from zero weights are removed again afterwards.
+
+    ``run_warnings`` (those of the run that made ``graph``; default: the frontend's, from
+    lowering the model) open the document's list of warnings."""
     values = parse_bind(bind)
-    warnings: list[str] = list(graph.meta.get("warnings", []))
+    warnings: list[str] = list(graph.meta.get("warnings", []) if run_warnings is None else run_warnings)
     symbols = {str(s) for s in graph.meta.get("symbols", {})}
     unknown = sorted(set(values) - symbols)
     if unknown:

@@ -17,7 +17,9 @@ import typer
 
 from pai_compiler._version import __version__
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the commands import these when they run, so `paic --help` stays fast
+    from pai_compiler.api import OptimizeResult
+    from pai_compiler.pass_infra import Pass
     from pai_compiler.passes.transform.dead_node_elim import CompactReport
 
 __all__ = ["app", "main"]
@@ -137,26 +139,14 @@ def optimize(
     """Prune MODEL before training and write a masked model."""
     with guard(debug):
         from pai_compiler import api
-        from pai_compiler.errors import UsageError
         from pai_compiler.io import check_output_path
         from pai_compiler.memory import release_all
-        from pai_compiler.pass_infra import PrintIRInstrument, TimingInstrument
 
-        sparsity_value = _parse_float_flag("--sparsity", sparsity)
-        if method is not None and pipeline is not None:
-            raise UsageError("--method and --pipeline exclude each other: name the criterion in the pipeline")
-        if align != 1 and not compact:
-            raise UsageError("--align applies with --compact only")
-        if align < 1:
-            raise UsageError(f"--align must be a positive integer, got {align}")
-        api.check_device(device)
-        chosen = method or api.DEFAULT_METHOD
-        spec = api.build_pipeline(method=chosen, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)
+        passes = _optimize_passes(sparsity, method, allocation, pipeline, steps, compact=compact, align=align, device=device)
         is_file = Path(model).exists() or ":" not in model
         out = check_output_path(output, [model] if is_file else [], force=force)
-        api.check_output_format(out, torch_source=not is_file, compact=compact or api.has_pass(spec, "dead-node-elim"))
+        api.check_output_format(out, torch_source=not is_file, compact=compact or api.has_pass(passes, "dead-node-elim"))
         report_path = _report_path(report, out, [model] if is_file else [], force=force)
-        console = _stdout_console()
         graph = api.load_model(model, **_torch_options(input_shape, frontend))
         batch = None
         if data is not None:
@@ -164,37 +154,77 @@ def optimize(
 
             batch = load_batch_for(graph, data, samples_per_class=samples, seed=seed)
         before = _totals(graph, paths=not no_paths)
-        instruments: list[Any] = []
-        timer = TimingInstrument()
-        if timing:
-            instruments.append(timer)
-        if print_ir_after_all:
-            instruments.append(PrintIRInstrument(sys.stderr))
+        timer, instruments = _instruments(timing, print_ir_after_all)
         result = api.optimize(
-            graph, pipeline=spec, seed=seed, exclude=exclude or (), device=device,
+            graph, passes=passes, seed=seed, exclude=exclude or (), device=device,
             data=batch, progress=not quiet and sys.stderr.isatty(), instruments=instruments,
         )
         release_all()  # the criterion may have read every weight (magnitude) or allocated a lot
         after = _totals(result.graph, paths=not no_paths)
-        compact_doc = None
-        if compact:
-            compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments))
-            compact_doc = _compact_summary(after, result.graph, compacted)
-            api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline)
-        else:
-            api.save_model(result, model, out)
-        doc = _report(result, before, after, model, str(out))
+        unsaved = len(result.graph.meta["warnings"])
+        compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align, instruments=instruments)
+        # the run's warnings, then those the backend noted on the graph while writing
+        warnings = [*dict.fromkeys(result.warnings), *result.graph.meta["warnings"][unsaved:]]
+        doc = _report(result, before, after, model, str(out), warnings)
         if compact_doc is not None:
             doc["compact"] = compact_doc
-        if report_path is not None:
-            from pai_compiler.io import atomic_write
-
-            with atomic_write(report_path) as tmp:
-                tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        _write_report(report_path, doc)
         if not quiet:
-            _render_optimize(console, result, before, after, str(out), timer.timings if timing else [])
+            console = _stdout_console()
+            _render_optimize(console, result, before, after, str(out), timer.timings if timing else [], warnings)
             if compact_doc is not None:
                 _render_compact(console, compact_doc, str(out), layers=False)
+
+
+def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation: str, pipeline: Optional[str], steps: Optional[int],
+                     *, compact: bool, align: int, device: str) -> list[Pass]:
+    """The flags' usage checks, before any work, and the passes they build (pipeline text parsed once)."""
+    from pai_compiler import api
+    from pai_compiler.errors import UsageError
+
+    sparsity_value = _parse_float_flag("--sparsity", sparsity)
+    if method is not None and pipeline is not None:
+        raise UsageError("--method and --pipeline exclude each other: name the criterion in the pipeline")
+    if align != 1 and not compact:
+        raise UsageError("--align applies with --compact only")
+    api.check_align(align)
+    api.check_device(device)
+    return api.build_passes(method=method or api.DEFAULT_METHOD, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)
+
+
+def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[str, Any], *, compact: bool, align: int,
+                    instruments: list[Any]) -> Optional[dict[str, Any]]:
+    """Write the masked model, or with ``--compact`` the compacted one; returns the compaction summary (or None)."""
+    from pai_compiler import api
+
+    if not compact:
+        api.save_model(result, model, out)
+        return None
+    compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments))
+    compact_doc = _compact_summary(after, result.graph, compacted)
+    api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline)
+    return compact_doc
+
+
+def _instruments(timing: bool, print_ir_after_all: bool) -> tuple[Any, list[Any]]:
+    """The timing instrument (always made, listed with ``--timing``) and the instruments to run."""
+    from pai_compiler.pass_infra import PrintIRInstrument, TimingInstrument
+
+    timer = TimingInstrument()
+    instruments: list[Any] = [timer] if timing else []
+    if print_ir_after_all:
+        instruments.append(PrintIRInstrument(sys.stderr))
+    return timer, instruments
+
+
+def _write_report(report_path: Optional[Path], doc: dict[str, Any]) -> None:
+    """Write the JSON report atomically (nothing without ``--report``)."""
+    if report_path is None:
+        return
+    from pai_compiler.io import atomic_write
+
+    with atomic_write(report_path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def _report_path(report: Optional[str], out: Path, inputs: list[str], *, force: bool) -> Optional[Path]:
@@ -258,7 +288,6 @@ def _totals(graph: Any, paths: bool = True) -> dict[str, Any]:
 
     doc = audit_graph(graph, paths=paths)
     release_all()  # the audit read every weight and allocated; what comes next needs memory, not those pages
-    graph.meta["warnings"] = list(dict.fromkeys(graph.meta.get("warnings", [])))
     return dict(doc["totals"])
 
 
@@ -272,7 +301,7 @@ def _layer_rows(graph: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def _report(result: Any, before: dict[str, Any], after: dict[str, Any], model: str, out: str) -> dict[str, Any]:
+def _report(result: Any, before: dict[str, Any], after: dict[str, Any], model: str, out: str, warnings: list[str]) -> dict[str, Any]:
     return {
         "model": model,
         "output": out,
@@ -283,11 +312,12 @@ def _report(result: Any, before: dict[str, Any], after: dict[str, Any], model: s
         "before": before,
         "after": after,
         "layers": _layer_rows(result.graph),
-        "warnings": list(result.graph.meta.get("warnings", [])),
+        "warnings": warnings,
     }
 
 
-def _render_optimize(console: Any, result: Any, before: dict[str, Any], after: dict[str, Any], out: str, timings: list[tuple[str, float]]) -> None:
+def _render_optimize(console: Any, result: Any, before: dict[str, Any], after: dict[str, Any], out: str, timings: list[tuple[str, float]],
+                     warnings: list[str]) -> None:
     from rich.table import Table
 
     table = Table(title=f"paic optimize — {result.pipeline}", title_justify="left")
@@ -305,7 +335,7 @@ def _render_optimize(console: Any, result: Any, before: dict[str, Any], after: d
     console.print(totals)
     for name, seconds in timings:
         console.print(f"  {seconds:8.3f} s  {name}")
-    for w in result.graph.meta.get("warnings", []):
+    for w in warnings:
         console.print(f"[yellow]warning:[/] {w}")
     console.print(f"kept {after['nonzero_params']:,} of {after['params']:,} prunable weights "
                   f"({100 * after['density']:.2f}%) -> wrote {out}")
@@ -376,15 +406,14 @@ def compact(
             raise UsageError("paic compact reads ONNX models; for PyTorch use `paic optimize --compact`")
         masks_from_zeros(graph)
         masked = _totals(graph)
+        unsaved = len(graph.meta["warnings"])
         compacted = api.compact_graph(graph, align=align)
         api.save_compact(graph, model, out, compacted)
+        # the frontend's warnings, then those the backend noted on the graph while writing
+        warnings = [*dict.fromkeys(graph.meta["warnings"][:unsaved]), *graph.meta["warnings"][unsaved:]]
         doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph, compacted),
-               "warnings": list(graph.meta.get("warnings", []))}
-        if report_path is not None:
-            from pai_compiler.io import atomic_write
-
-            with atomic_write(report_path) as tmp:
-                tmp.write_text(json.dumps(doc, indent=2) + "\n")
+               "warnings": warnings}
+        _write_report(report_path, doc)
         if not quiet:
             console = _stdout_console()
             _render_compact(console, doc, str(out))

@@ -112,13 +112,33 @@ class TransformPass(Pass):
 
 
 class AnalysisManager:
-    """Computes analyses on demand and caches them per (pass instance, graph version)."""
+    """Computes analyses on demand and caches them per (pass instance, graph version).
+
+    It also holds the typed results that transforms hand to the passes after them (e.g. an
+    allocation's keep counts): one value per type, the latest wins, kept until the run ends;
+    and the run's warnings (``warn``), in the order the passes gave them.
+    """
 
     def __init__(self, graph: Graph, context: RunContext | None = None) -> None:
         self.graph = graph
         self.context = context or RunContext()
         self._cache: dict[AnalysisPass[Any], tuple[int, Any]] = {}
+        self._provided: dict[type, Any] = {}
+        self.warnings: list[str] = []
         self.computed = 0  # how many times an analysis actually ran (for tests and timing)
+
+    def warn(self, message: str) -> None:
+        """Record a warning for the user (the faces print it and put it in the report)."""
+        self.warnings.append(message)
+
+    def provide(self, value: object) -> None:
+        """Hand ``value`` to the passes that follow, keyed by its type (replacing an earlier one)."""
+        self._provided[type(value)] = value
+
+    def provided(self, kind: type[T]) -> T | None:
+        """The latest value of type ``kind`` a pass provided in this run, or None."""
+        value = self._provided.get(kind)
+        return value if isinstance(value, kind) else None
 
     def get(self, analysis: AnalysisPass[T]) -> T:
         hit = self._cache.get(analysis)

@@ -12,11 +12,13 @@ import dataclasses
 import math
 import re
 import typing
+from collections.abc import Sequence
 from typing import Any
 
 from pai_compiler.errors import UsageError
+from pai_compiler.registry import get_pass_class
 
-__all__ = ["parse_pipeline", "format_pipeline", "format_pass", "build_pass", "pass_options"]
+__all__ = ["parse_pipeline", "format_pipeline", "format_pass", "build_pass", "make_pass", "pass_options"]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
 
@@ -63,90 +65,121 @@ def _coerce(raw: str, typ: Any, where: str) -> Any:
     return raw
 
 
-def build_pass(name: str, options: dict[str, str]) -> Any:
-    """Instantiate the registered pass ``name`` from string options."""
-    from pai_compiler.registry import get_pass_class
-
+def make_pass(name: str, **options: Any) -> Any:
+    """Instantiate the registered pass ``name`` with typed options; the pass validates their values."""
     cls = get_pass_class(name)
-    known = {n: t for n, t, _ in pass_options(cls)}
-    kwargs = {}
-    for key, raw in options.items():
+    known = [option for option, _, _ in pass_options(cls)]
+    for key in options:
         if key not in known:
             raise UsageError(f"unknown option {key!r} for pass {name!r} (options: {', '.join(known) or 'none'})")
-        kwargs[key] = _coerce(raw, known[key], f"{name}.{key}")
     try:
-        return cls(**kwargs)
+        return cls(**options)
     except UsageError:
         raise
     except (TypeError, ValueError) as exc:
         raise UsageError(f"pass {name!r}: {exc}") from None
 
 
+def build_pass(name: str, options: dict[str, str]) -> Any:
+    """Instantiate the registered pass ``name`` from string options (as typed in a pipeline)."""
+    known = {option: typ for option, typ, _ in pass_options(get_pass_class(name))}
+    typed: dict[str, Any] = {}
+    for key, raw in options.items():
+        if key not in known:
+            raise UsageError(f"unknown option {key!r} for pass {name!r} (options: {', '.join(known) or 'none'})")
+        typed[key] = _coerce(raw, known[key], f"{name}.{key}")
+    return make_pass(name, **typed)
+
+
 def parse_pipeline(text: str) -> list[Any]:
     """Parse a pipeline string into pass instances."""
-    passes: list[Any] = []
-    pos, n = 0, len(text)
+    return _PipelineParser(text).passes()
 
-    def skip_ws() -> None:
-        nonlocal pos
-        while pos < n and text[pos].isspace():
-            pos += 1
 
-    skip_ws()
-    if pos >= n:
-        raise UsageError("empty pipeline")
-    while True:
-        skip_ws()
-        m = _NAME.match(text, pos)
-        if not m:
-            raise UsageError(f"expected a pass name at position {pos}: {text[pos:pos + 20]!r}")
-        name, pos = m.group(0), m.end()
+class _PipelineParser:
+    """A cursor over pipeline text; each method consumes one grammar rule."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+
+    def passes(self) -> list[Any]:
+        self.skip_space()
+        if self.at_end():
+            raise UsageError("empty pipeline")
+        passes: list[Any] = []
+        while True:
+            self.skip_space()
+            name = self.name("a pass name")
+            self.skip_space()
+            options = self.options(name) if self.peek() == "{" else {}
+            passes.append(build_pass(name, options))
+            self.skip_space()
+            if self.at_end():
+                return passes
+            if self.peek() != ",":
+                raise UsageError(f"expected ',' between passes at position {self.pos}: {self.excerpt()!r}")
+            self.pos += 1
+
+    def options(self, name: str) -> dict[str, str]:
+        """``{key=value, ...}`` after the pass ``name`` (the cursor is on the ``{``)."""
+        self.pos += 1
         options: dict[str, str] = {}
-        skip_ws()
-        if pos < n and text[pos] == "{":
-            pos += 1
-            while True:
-                skip_ws()
-                if pos < n and text[pos] == "}":
-                    pos += 1
-                    break
-                km = _NAME.match(text, pos)
-                if not km:
-                    raise UsageError(f"expected an option name in {name!r} at position {pos}: {text[pos:pos + 20]!r}")
-                key, pos = km.group(0), km.end()
-                skip_ws()
-                if pos >= n or text[pos] != "=":
-                    raise UsageError(f"expected '=' after option {key!r} of {name!r} at position {pos}")
-                pos += 1
-                skip_ws()
-                if pos < n and text[pos] == '"':
-                    end = text.find('"', pos + 1)
-                    if end < 0:
-                        raise UsageError(f"unterminated quoted value for {name}.{key} at position {pos}")
-                    value, pos = text[pos + 1 : end], end + 1
-                else:
-                    start = pos
-                    while pos < n and text[pos] not in ",}":
-                        pos += 1
-                    value = text[start:pos].strip()
-                if key in options:
-                    raise UsageError(f"option {key!r} given twice for {name!r}")
-                options[key] = value
-                skip_ws()
-                if pos < n and text[pos] == ",":
-                    pos += 1
-                elif pos < n and text[pos] == "}":
-                    pos += 1
-                    break
-                else:
-                    raise UsageError(f"expected ',' or '}}' in options of {name!r} at position {pos}")
-        passes.append(build_pass(name, options))
-        skip_ws()
-        if pos >= n:
-            return passes
-        if text[pos] != ",":
-            raise UsageError(f"expected ',' between passes at position {pos}: {text[pos:pos + 20]!r}")
-        pos += 1
+        while True:
+            self.skip_space()
+            if self.peek() == "}":  # also after a trailing comma: {a=1,}
+                self.pos += 1
+                return options
+            key = self.name(f"an option name in {name!r}")
+            self.skip_space()
+            if self.peek() != "=":
+                raise UsageError(f"expected '=' after option {key!r} of {name!r} at position {self.pos}")
+            self.pos += 1
+            self.skip_space()
+            value = self.value(name, key)
+            if key in options:
+                raise UsageError(f"option {key!r} given twice for {name!r}")
+            options[key] = value
+            self.skip_space()
+            separator = self.peek()
+            if separator not in (",", "}"):
+                raise UsageError(f"expected ',' or '}}' in options of {name!r} at position {self.pos}")
+            self.pos += 1
+            if separator == "}":
+                return options
+
+    def value(self, name: str, key: str) -> str:
+        """A quoted value (may hold commas and braces) or the text up to the next ``,`` or ``}``."""
+        if self.peek() == '"':
+            end = self.text.find('"', self.pos + 1)
+            if end < 0:
+                raise UsageError(f"unterminated quoted value for {name}.{key} at position {self.pos}")
+            value, self.pos = self.text[self.pos + 1 : end], end + 1
+            return value
+        start = self.pos
+        while not self.at_end() and self.text[self.pos] not in ",}":
+            self.pos += 1
+        return self.text[start : self.pos].strip()
+
+    def name(self, what: str) -> str:
+        match = _NAME.match(self.text, self.pos)
+        if not match:
+            raise UsageError(f"expected {what} at position {self.pos}: {self.excerpt()!r}")
+        self.pos = match.end()
+        return match.group(0)
+
+    def skip_space(self) -> None:
+        while not self.at_end() and self.text[self.pos].isspace():
+            self.pos += 1
+
+    def peek(self) -> str:
+        return "" if self.at_end() else self.text[self.pos]
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def excerpt(self) -> str:
+        return self.text[self.pos : self.pos + 20]
 
 
 def _format_value(value: Any) -> str:
@@ -157,6 +190,7 @@ def _format_value(value: Any) -> str:
 
 
 def format_pass(pass_: Any) -> str:
+    """``name{option=value,...}`` with the options that differ from their defaults, in field order."""
     opts = []
     for name, _, default in pass_options(type(pass_)):
         value = getattr(pass_, name)
@@ -165,5 +199,5 @@ def format_pass(pass_: Any) -> str:
     return type(pass_).name + ("{" + ",".join(opts) + "}" if opts else "")
 
 
-def format_pipeline(passes: list[Any]) -> str:
+def format_pipeline(passes: Sequence[Any]) -> str:
     return ",".join(format_pass(p) for p in passes)

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pai_compiler.api import OptimizeResult, optimize, save_model
+from pai_compiler.audit import audit_graph
 from pai_compiler.errors import UsageError
 
 __all__ = ["prune", "PruneResult", "default_method"]
@@ -56,21 +58,12 @@ class PruneResult:
 
     def save(self, out: str | os.PathLike[str]) -> None:
         """Write ``.pt`` (state_dict, masks, meta) or a masked ``.onnx``."""
-        from pai_compiler.api import save_model
-
         save_model(self.optimized, self.graph.meta.get("torch_spec", "<nn.Module>"), out)
 
 
-def _report(graph: Any) -> dict[str, Any]:
-    try:
-        from pai_compiler.audit import audit_graph
-    except ImportError:
-        params = graph.prunable_params()
-        total = sum(p.numel for p in params)
-        kept = sum(p.kept() for p in params)
-        return {"model": graph.name, "totals": {"params": total, "nonzero_params": kept, "density": kept / total if total else 1.0},
-                "layers": [], "warnings": list(graph.meta.get("warnings", []))}
-    return audit_graph(graph)
+def _report(result: OptimizeResult) -> dict[str, Any]:
+    """The audit document of the pruned graph, with the run's warnings."""
+    return audit_graph(result.graph, run_warnings=result.warnings)
 
 
 def prune(
@@ -98,7 +91,6 @@ def prune(
     """
     from torch import nn
 
-    from pai_compiler.api import optimize
     from pai_compiler.backends.torch_backend import masks_of
 
     if not isinstance(model, nn.Module):
@@ -114,7 +106,7 @@ def prune(
         graph, sparsity=None if pipeline else sparsity, method=method or default_method(), allocation=allocation,
         pipeline=pipeline, seed=seed, steps=steps, exclude=exclude, device=device, data=data,
     )
-    doc = _report(result.graph) if report else {}
+    doc = _report(result) if report else {}
     return PruneResult(masks_of(result), doc, result.pipeline, result)
 
 

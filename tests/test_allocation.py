@@ -7,7 +7,8 @@ import pytest
 from pai_compiler.api import optimize
 from pai_compiler.errors import PassError, UsageError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
-from pai_compiler.pass_infra import PassManager
+from pai_compiler.pass_infra import AnalysisManager, PassManager
+from pai_compiler.passes.allocation.base import Allocation
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.criteria.base import topk_mask
 from pai_compiler.pipeline import parse_pipeline
@@ -39,6 +40,22 @@ def test_erk_keep_counts_match_reference_at_99(resnet20) -> None:  # type: ignor
     kept = [p.kept() for p in g.prunable_params()]
     assert kept == [42] + [63] * 6 + [89, 115, 83] + [115] * 4 + [168, 220, 161] + [220] * 4 + [122]
     assert sum(kept) == 2718
+
+
+def test_allocation_is_a_typed_result_not_graph_state(resnet20) -> None:  # type: ignore[no-untyped-def]
+    g = resnet20.clone()
+    am = AnalysisManager(g)
+    version = g.version
+    records = PassManager(parse_pipeline("uniform{sparsity=0.5}")).run(g, am)
+    allocation = am.provided(Allocation)
+    assert allocation is records[0].report and allocation.source == "uniform{sparsity=0.5}"
+    assert dict(allocation.keep) == {p.name: p.numel - p.numel // 2 for p in g.prunable_params()}
+    assert g.version == version and "allocation" not in g.meta and not records[0].modified
+    with pytest.raises(TypeError):
+        allocation.keep["x"] = 1  # type: ignore[index]
+    PassManager(parse_pipeline("erk{sparsity=0.9}")).run(g, am)  # a later allocation replaces the earlier one
+    assert am.provided(Allocation).source == "erk{sparsity=0.9}"  # type: ignore[union-attr]
+    assert AnalysisManager(g).provided(Allocation) is None
 
 
 def test_uniform_and_global_budgets(resnet20) -> None:  # type: ignore[no-untyped-def]
@@ -77,10 +94,13 @@ def test_random_is_deterministic_and_seeded(resnet20) -> None:  # type: ignore[n
 
 def test_empty_layer_warning(resnet20) -> None:  # type: ignore[no-untyped-def]
     g = resnet20.clone()
-    PassManager(parse_pipeline("random{scope=global,sparsity=0.9999}")).run(g)
+    am = AnalysisManager(g)
+    PassManager(parse_pipeline("random{scope=global,sparsity=0.9999}")).run(g, am)
     empty = [p.name for p in g.prunable_params() if p.kept() == 0]
     assert empty, "a global budget of 28 weights must empty some layer"
-    assert any("keep no weight" in w and empty[0] in w for w in g.meta["warnings"])
+    assert any("keep no weight" in w and empty[0] in w for w in am.warnings) and g.meta["warnings"] == []
+    result = optimize(resnet20.clone(), pipeline="random{scope=global,sparsity=0.9999}")
+    assert result.warnings == am.warnings
 
 
 def test_sparsity_flag_validation() -> None:

@@ -235,8 +235,9 @@ def test_criterion_counts_floor_determinism(data_free: Path, labels: tuple[Label
     assert all(p.kept() >= max(1, math.ceil(0.003 * p.numel)) for p in params)
     second = optimize(RESNET20, pipeline=spec)
     assert all(np.array_equal(p.mask, q.mask) for p, q in zip(params, second.graph.prunable_params()))
-    layer = optimize(RESNET20, pipeline=f"erk{{sparsity=0.9}},autosparse{{scope=layer,predictor={data_free}}}").graph
-    assert layer.meta["allocation"] == {p.name: p.kept() for p in layer.prunable_params()}
+    layered = optimize(RESNET20, pipeline=f"erk{{sparsity=0.9}},autosparse{{scope=layer,predictor={data_free}}}")
+    assert layered.allocation is not None
+    assert dict(layered.allocation.keep) == {p.name: p.kept() for p in layered.graph.prunable_params()}
     predictor, _ = train_predictor([labels[0]], epochs=1)
     needs_g = tmp_path / "g.npz"
     predictor.save(needs_g)

@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from pai_compiler import api
 from pai_compiler.cli import app
+from pai_compiler.passes.criteria.dpai.outcome import DpaiReport
+from pai_compiler.pipeline import format_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 RESNET = ROOT / "examples" / "models" / "resnet20.onnx"
@@ -91,9 +93,9 @@ def test_output_format_is_checked_before_pruning(tmp_path: Path, monkeypatch: py
 
 
 def test_global_random_keeps_the_global_budget(tmp_path: Path) -> None:
-    spec = api.build_pipeline(method="random", sparsity=0.93, allocation="global")
+    spec = format_pipeline(api.build_passes(method="random", sparsity=0.93, allocation="global"))
     assert spec == "random{sparsity=0.93,scope=global}"
-    assert api.build_pipeline(method="magnitude", sparsity=0.93, allocation="global") == "magnitude{sparsity=0.93}"
+    assert format_pipeline(api.build_passes(method="magnitude", sparsity=0.93, allocation="global")) == "magnitude{sparsity=0.93}"
     result = api.optimize(RESNET, method="random", sparsity=0.93, allocation="global", seed=1)
     masks = list(result.masks.values())
     total = sum(m.size for m in masks)
@@ -105,9 +107,9 @@ def test_global_random_keeps_the_global_budget(tmp_path: Path) -> None:
 def test_exclude_by_node_name_warns_about_nothing(tmp_path: Path) -> None:
     graph = api.load_model(RESNET)
     node = next(n.name for p in graph.prunable_params() for n in graph.param_users(p))
-    excluded = api.apply_exclude(graph, [node, "no-such-layer*"])
-    assert len(excluded) == 1
-    warnings = graph.meta["warnings"]
+    exclusion = api.apply_exclude(graph, [node, "no-such-layer*"])
+    assert len(exclusion.layers) == 1
+    warnings = exclusion.warnings
     assert any("no-such-layer*" in w for w in warnings) and not any(node in w for w in warnings)
 
 
@@ -120,7 +122,9 @@ def test_paths_are_per_sample_whatever_the_static_batch(tmp_path: Path) -> None:
         assert doc["totals"]["log_paths"] == pytest.approx(math.log(120), abs=1e-9), batch
         assert doc["totals"]["log_paths_dpai"] == pytest.approx(doc["totals"]["log_paths"], abs=1e-9), batch
     # DPaI's own report counts per sample too
-    final = api.optimize(tmp_path / "b4.onnx", sparsity=0.5, method="dpai", steps=3).graph.meta["dpai"]["final"]
+    report = api.optimize(tmp_path / "b4.onnx", sparsity=0.5, method="dpai", steps=3).report_of(DpaiReport)
+    assert report is not None
+    final = report.final
     assert final["log_paths_exact"] == pytest.approx(audit_graph(api.optimize(tmp_path / "b1.onnx", sparsity=0.5, method="dpai", steps=3).graph)
                                                      ["totals"]["log_paths"], abs=1e-9)
     assert final["log_paths"] == pytest.approx(final["log_paths_exact"], abs=1e-5)
@@ -156,7 +160,7 @@ def test_sliced_positional_table_loads_and_prunes(tmp_path: Path) -> None:
     torch.onnx.export(Pos().eval(), (torch.randn(2, 5, 8),), str(path), dynamo=False, opset_version=17, input_names=["x"],
                       dynamic_axes={"x": {0: "N", 1: "S"}})
     result = api.optimize(path, sparsity=0.5, method="magnitude")
-    assert any("Slice" in w and "run-time sizes" in w for w in result.graph.meta["warnings"])
+    assert any("Slice" in w and "run-time sizes" in w for w in result.warnings)
     out = tmp_path / "pruned.onnx"
     api.save_model(result, path, out)
     from pai_compiler.ort import session

@@ -19,6 +19,7 @@ from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
+from pai_compiler.passes.allocation.base import Allocation
 from pai_compiler.passes.criteria.grasp import GraspPass
 from pai_compiler.passes.criteria.snip import SnipPass
 from pai_compiler.passes.criteria.synflow import SynflowPass, schedule_keep, topk_mask_torch
@@ -320,8 +321,11 @@ def test_topk_mask_torch_matches_numpy() -> None:
 
 def test_synflow_composes_with_erk(tiny) -> None:  # type: ignore[no-untyped-def]
     _, path, _, _ = tiny["conv"]
-    graph = _run(load_onnx_model(path), "erk{sparsity=0.8},synflow{scope=layer,iterations=5}")
-    assert [p.kept() for p in graph.prunable_params()] == [graph.meta["allocation"][p.name] for p in graph.prunable_params()]
+    graph = load_onnx_model(path)
+    records = PassManager(parse_pipeline("erk{sparsity=0.8},synflow{scope=layer,iterations=5}")).run(graph)
+    allocation = records[0].report
+    assert isinstance(allocation, Allocation) and allocation.source == "erk{sparsity=0.8}"
+    assert [p.kept() for p in graph.prunable_params()] == [allocation.keep[p.name] for p in graph.prunable_params()]
 
 
 def test_synflow_never_leaks_signs(tiny) -> None:  # type: ignore[no-untyped-def]

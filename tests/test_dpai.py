@@ -15,6 +15,7 @@ from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
 from pai_compiler.passes.analysis.node_path import NodePathPass
 from pai_compiler.passes.criteria.dpai.loop import Adam, PixelStep
 from pai_compiler.passes.analysis.bindings import sample_bindings
+from pai_compiler.passes.criteria.dpai.outcome import DpaiReport
 from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective
 from pai_compiler.passes.criteria.dpai.driver import build, initial_scores
 from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, adam_step_bound, reference_topk
@@ -30,8 +31,16 @@ def _model(name: str) -> Graph:
 
 
 def _run(graph: Graph, pipeline: str, seed: int = 0) -> Graph:
-    PassManager(parse_pipeline(pipeline)).run(graph, AnalysisManager(graph, RunContext(seed=seed)))
+    _run_dpai(graph, pipeline, seed)
     return graph
+
+
+def _run_dpai(graph: Graph, pipeline: str, seed: int = 0) -> DpaiReport:
+    """Run ``pipeline`` on ``graph``; the report of its last pass, a dpai."""
+    records = PassManager(parse_pipeline(pipeline)).run(graph, AnalysisManager(graph, RunContext(seed=seed)))
+    report = records[-1].report
+    assert isinstance(report, DpaiReport)
+    return report
 
 
 def _masks(graph: Graph) -> dict[str, np.ndarray]:
@@ -39,17 +48,17 @@ def _masks(graph: Graph) -> dict[str, np.ndarray]:
 
 
 def _setup(graph: Graph, sparsity: float, paths: str = "channel", seed: int = 0, ties: str = "auto") -> tuple[Any, ...]:
-    _run(graph, f"erk{{sparsity={sparsity}}}")
-    layout, topk, update, step = build(graph, graph.prunable_params(), graph.meta["allocation"], paths, 0.99, 0.5, "cpu", sample_bindings(graph), ties)
+    allocation = PassManager(parse_pipeline(f"erk{{sparsity={sparsity}}}")).run(graph)[0].report
+    layout, topk, update, step = build(graph, graph.prunable_params(), dict(allocation.keep), paths, 0.99, 0.5, "cpu", sample_bindings(graph), ties)
     return layout, topk, update, step, initial_scores(layout, seed, "cpu")
 
 
 # ---- budgets, determinism, options ------------------------------------------------------------
 def test_keep_counts_are_exact_per_layer() -> None:
-    g = _run(_model("resnet20"), "erk{sparsity=0.99},dpai{steps=40}")
+    g = _model("resnet20")
+    report = _run_dpai(g, "erk{sparsity=0.99},dpai{steps=40}")
     assert [p.kept() for p in g.prunable_params()] == RESNET20_KEEP_99
-    report = g.meta["dpai"]
-    assert report["kept"] == 2718 and report["steps"] == 40 and len(report["trajectory"]) == 2
+    assert report.kept == 2718 and report.steps == 40 and len(report.trajectory) == 2
     # dpai{sparsity=...} means ERK without a separate allocation pass
     g2 = _run(_model("resnet20"), "dpai{steps=0,sparsity=0.99}")
     assert [p.kept() for p in g2.prunable_params()] == RESNET20_KEEP_99
@@ -129,12 +138,12 @@ def test_torch_backend_of_the_channel_tape_matches_numpy(name: str, monkeypatch:
 @pytest.mark.parametrize("name", ["resnet20", "vgg_small", "tiny_vit"])
 def test_few_steps_move_mask_and_raise_log_paths(name: str) -> None:
     before = _masks(_run(_model(name), "erk{sparsity=0.95},dpai{steps=0}"))
-    g = _run(_model(name), "erk{sparsity=0.95},dpai{steps=30,lr=0.05}")
+    g = _model(name)
+    report = _run_dpai(g, "erk{sparsity=0.95},dpai{steps=30,lr=0.05}")
     after = _masks(g)
     assert sum(int((before[k] != after[k]).sum()) for k in before) > 0
-    report = g.meta["dpai"]
-    assert report["final"]["log_paths"] > report["initial"]["log_paths"]
-    assert report["objective"]["final"]["log_paths"] > report["objective"]["initial"]["log_paths"]
+    assert report.final["log_paths"] > report.initial["log_paths"]
+    assert report.objective["final"]["log_paths"] > report.objective["initial"]["log_paths"]
 
 
 def test_update_sign_grows_scores_with_positive_path_gradient() -> None:
@@ -278,19 +287,21 @@ def test_adam_bound_holds_and_fused_adam_matches_torch() -> None:
 
 
 # ---- band state: only the scores that can cross a boundary, same masks as the full state ---------
-def _report_core(graph: Graph) -> dict[str, Any]:
+def _report_core(report: DpaiReport) -> dict[str, Any]:
     drop = ("seconds", "ms_per_step", "setup_seconds", "topk", "state", "tracked")
-    return {k: v for k, v in graph.meta["dpai"].items() if k not in drop}
+    return {k: v for k, v in report.as_dict().items() if k not in drop}
 
 
 @pytest.mark.parametrize("name,sparsity,steps", [("resnet20", 0.99, 60), ("resnet20", 0.9, 10), ("vgg_small", 0.5, 10), ("tiny_vit", 0.9, 25)])
 def test_band_state_equals_full_state(name: str, sparsity: float, steps: int) -> None:
-    full, band = (_run(_model(name), f"erk{{sparsity={sparsity}}},dpai{{steps={steps},state={state}}}", seed=2) for state in ("full", "band"))
-    assert full.meta["dpai"]["state"] == "full" and band.meta["dpai"]["state"] == "band"
-    assert band.meta["dpai"]["tracked"] < full.meta["dpai"]["tracked"]
+    full, band = _model(name), _model(name)
+    full_report, band_report = (_run_dpai(g, f"erk{{sparsity={sparsity}}},dpai{{steps={steps},state={state}}}", seed=2)
+                                for g, state in ((full, "full"), (band, "band")))
+    assert full_report.state == "full" and band_report.state == "band"
+    assert band_report.tracked < full_report.tracked
     first, second = _masks(full), _masks(band)
     assert all(np.array_equal(first[k], second[k]) for k in first)
-    assert _report_core(full) == _report_core(band)
+    assert _report_core(full_report) == _report_core(band_report)
 
 
 def test_band_state_on_dead_taps_and_whole_layers() -> None:
@@ -299,10 +310,11 @@ def test_band_state_on_dead_taps_and_whole_layers() -> None:
     x = b.conv(x0, 4, 3, stride=2, pad=1)
     x = b.conv(x, 3, 3, pad=1)
     g = b.build(b.linear(b.flatten(x), 2))
-    full, band = (_run(g.clone(), f"dpai{{steps=15,lr=0.05,sparsity=0.5,state={state}}}") for state in ("full", "band"))
-    assert band.meta["dpai"]["dead_taps"] == ["conv1.weight", "conv2.weight"]
+    full, band = g.clone(), g.clone()
+    full_report, band_report = (_run_dpai(graph, f"dpai{{steps=15,lr=0.05,sparsity=0.5,state={state}}}") for graph, state in ((full, "full"), (band, "band")))
+    assert band_report.dead_taps == ["conv1.weight", "conv2.weight"]
     assert all(np.array_equal(a, c) for a, c in zip(_masks(full).values(), _masks(band).values()))
-    assert _report_core(full) == _report_core(band)
+    assert _report_core(full_report) == _report_core(band_report)
 
 
 def test_band_holds_the_boundary_and_auto_picks_it_for_short_runs() -> None:

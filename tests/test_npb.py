@@ -11,7 +11,9 @@ from pai_compiler.errors import UsageError
 from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph, GraphBuilder, OpKind
 from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
+from pai_compiler.passes.allocation.base import Allocation
 from pai_compiler.passes.analysis.node_path import NodePathPass
+from pai_compiler.passes.criteria.npb.criterion import NpbReport
 from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
 from pai_compiler.passes.criteria.npb.linear import solve_linear
 from pai_compiler.passes.criteria.npb.milp import BlockProblem, max_path_bound, solve_block
@@ -53,17 +55,18 @@ def test_max_path_bound_keeps_the_reference_quirk() -> None:
 def test_resnet_like_budgets_valid_masks_and_record() -> None:
     g = load_onnx_model(EXAMPLES / "vgg_small.onnx")
     am = AnalysisManager(g, RunContext(seed=0))
-    PassManager(parse_pipeline("erk{sparsity=0.99},npb{chunk_above=256,chunk=16}")).run(g, am)
-    report = g.meta["npb"]
-    alloc = g.meta["allocation"]
-    for row in report["layers"]:  # each program spends its budget (blocks: ceil per block)
+    records = PassManager(parse_pipeline("erk{sparsity=0.99},npb{chunk_above=256,chunk=16}")).run(g, am)
+    report = records[-1].report
+    assert isinstance(report, NpbReport)
+    alloc = am.provided(Allocation).keep
+    for row in report.layers:  # each program spends its budget (blocks: ceil per block)
         assert alloc[row["layer"]] <= row["kept"] <= alloc[row["layer"]] + row["blocks"]
-    assert any(row["blocks"] > 1 for row in report["layers"])
+    assert any(row["blocks"] > 1 for row in report.layers)
     for p in g.prunable_params():
         assert p.mask is not None and p.mask.dtype == bool and p.mask.shape == p.shape
     kept = sum(p.kept() for p in g.prunable_params())
-    assert kept == report["kept"] and abs(kept - report["allocated"]) <= 0.1 * report["allocated"]
-    assert report["seconds"] > 0 and report["solve_seconds"] > 0
+    assert kept == report.kept and abs(kept - report.allocated) <= 0.1 * report.allocated
+    assert report.seconds > 0 and report.solve_seconds > 0
     paths = am.get(NodePathPass())
     convs = {p.name for p in g.prunable_params() if g.param_users(p)[0].kind is OpKind.CONV}
     for row in paths.layers:  # after the fix-up every kept conv weight lies on a path
@@ -140,11 +143,11 @@ def test_mlp_reads_every_input_and_keeps_weights_effective(sparsity: float) -> N
 
     torch.manual_seed(0)
     g = lower_fx(zoo.build("lenet300"), torch.randn(1, 1, 28, 28))
-    PassManager(parse_pipeline(f"erk{{sparsity={sparsity}}},npb")).run(g, am := AnalysisManager(g, RunContext(seed=0)))
+    records = PassManager(parse_pipeline(f"erk{{sparsity={sparsity}}},npb")).run(g, am := AnalysisManager(g, RunContext(seed=0)))
     fc1 = g.prunable_params()[0].mask
     assert fc1.shape == (300, 784) and fc1.any(axis=0).sum() >= 0.9 * 784
     paths = am.get(NodePathPass())
     kept = sum(p.kept() for p in g.prunable_params())
-    assert paths.effective_params == kept and kept >= 0.85 * g.meta["npb"]["allocated"]
+    assert paths.effective_params == kept and kept >= 0.85 * records[-1].report.allocated
     if sparsity == 0.95:  # the ERK budget covers every input and hidden unit: as many effective nodes as random ERK
         assert paths.effective_nodes == paths.total_nodes == 410 and fc1.any(axis=1).all()

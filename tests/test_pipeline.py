@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
+from pai_compiler.api import build_passes
 from pai_compiler.errors import UsageError
 from pai_compiler.pipeline import format_pipeline, parse_pipeline
 
@@ -51,3 +53,37 @@ def test_errors_name_the_bad_token(text: str, needle: str) -> None:
     with pytest.raises(UsageError) as info:
         parse_pipeline(text)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("flags", "text"),
+    [
+        ({"method": "dpai", "sparsity": 0.95}, "erk{sparsity=0.95},dpai"),
+        ({"method": "dpai", "sparsity": 0.99, "steps": 40}, "erk{sparsity=0.99},dpai{steps=40}"),
+        ({"method": "magnitude", "sparsity": 0.9, "allocation": "uniform"}, "uniform{sparsity=0.9},magnitude{scope=layer}"),
+        ({"method": "random-erk", "sparsity": 0.99}, "erk{sparsity=0.99},random-erk"),
+        ({"method": "npb", "sparsity": 0.9}, "erk{sparsity=0.9},npb"),
+        ({"method": "random", "sparsity": 0.93, "allocation": "global"}, "random{sparsity=0.93,scope=global}"),
+        ({"method": "synflow", "sparsity": 0.9, "allocation": "global"}, "synflow{sparsity=0.9}"),
+        ({"pipeline": "erk{sparsity=0.9},snip{scope=layer}"}, "erk{sparsity=0.9},snip{scope=layer}"),
+    ],
+)
+def test_flags_build_pass_instances(flags: dict[str, object], text: str) -> None:
+    passes = build_passes(**flags)  # type: ignore[arg-type]
+    assert format_pipeline(passes) == text
+    assert passes == parse_pipeline(text)  # the same frozen instances the pipeline text gives
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        ({"method": "dpai", "sparsity": 0.9, "allocation": "global"}, "needs a per-layer allocation"),
+        ({"method": "magnitude", "sparsity": 0.9, "steps": 3}, "--steps applies to --method dpai only"),
+        ({"method": "magnitude", "sparsity": 0.9, "pipeline": "magnitude{sparsity=0.9}"}, "does not combine"),
+        ({"method": "sparsity", "sparsity": 0.9}, "unknown option 'scope' for pass 'sparsity'"),
+        ({"method": "magnitude", "sparsity": 1.5}, "erk: sparsity must be in (0, 1)"),
+    ],
+)
+def test_flags_are_checked_once_by_the_passes_they_build(flags: dict[str, object], needle: str) -> None:
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        build_passes(**flags)  # type: ignore[arg-type]

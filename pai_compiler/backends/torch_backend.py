@@ -132,7 +132,7 @@ def write_pt(result: Any, source_spec: str | os.PathLike[str], out: str | os.Pat
     masks = masks_of(result)
     meta = {
         "paic_version": __version__,
-        "pipeline": getattr(result, "pipeline", graph.meta.get("pipeline", "")),
+        "pipeline": result.pipeline,
         "model": str(source_spec),
         "input_shape": graph.meta.get("input_shape"),
         "frontend": graph.meta.get("frontend"),

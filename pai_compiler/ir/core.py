@@ -310,12 +310,6 @@ class Graph:
             raise
         self._bump()
 
-    def set_allocation(self, keep: Mapping[str, int], source: str) -> None:
-        """Record per-layer keep counts (param name -> kept weights) from an allocation pass."""
-        self.meta["allocation"] = dict(keep)
-        self.meta["allocation_source"] = source
-        self._bump()
-
     def set_prunable(self, param: Param, prunable: bool) -> None:
         param.prunable = prunable
         if not prunable:

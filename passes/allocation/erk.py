@@ -14,7 +14,7 @@ from typing import ClassVar
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation.base import check_sparsity, record_allocation
+from pai_compiler.passes.allocation.base import check_sparsity, provide_allocation
 
 __all__ = ["ErkPass", "erk_densities"]
 
@@ -53,5 +53,5 @@ class ErkPass(TransformPass):
         if not params:
             raise UsageError("erk: the model has no prunable (conv/linear) weights")
         densities = erk_densities(params, 1.0 - float(self.sparsity), self.power)  # type: ignore[arg-type]
-        record_allocation(graph, densities, params, self.spec())
-        return PassResult(modified=True, preserved="all")
+        allocation = provide_allocation(am, densities, params, self.spec())
+        return PassResult(modified=False, report=allocation)

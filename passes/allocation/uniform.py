@@ -7,7 +7,7 @@ from typing import ClassVar
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation.base import check_sparsity, record_allocation
+from pai_compiler.passes.allocation.base import check_sparsity, provide_allocation
 
 __all__ = ["UniformPass"]
 
@@ -27,5 +27,5 @@ class UniformPass(TransformPass):
         if not params:
             raise UsageError("uniform: the model has no prunable (conv/linear) weights")
         density = 1.0 - float(self.sparsity)  # type: ignore[arg-type]
-        record_allocation(graph, {p.name: density for p in params}, params, self.spec())
-        return PassResult(modified=True, preserved="all")
+        allocation = provide_allocation(am, {p.name: density for p in params}, params, self.spec())
+        return PassResult(modified=False, report=allocation)

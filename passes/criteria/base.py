@@ -18,7 +18,7 @@ import numpy as np
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation.base import check_sparsity, keep_count
+from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
 
 __all__ = ["CriterionPass", "LazyScores", "topk_mask", "resolve_keep", "apply_scores", "warn_empty_layers"]
 
@@ -49,9 +49,11 @@ def topk_mask(scores: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
-def resolve_keep(graph: Graph, params: list[Param], sparsity: float | None, scope: Scope, owner: str) -> dict[str, int] | int:
-    """Per-layer keep counts (scope=layer) or one global count (scope=global)."""
-    allocation = graph.meta.get("allocation")
+def resolve_keep(am: AnalysisManager, params: list[Param], sparsity: float | None, scope: Scope, owner: str) -> dict[str, int] | int:
+    """Per-layer keep counts (scope=layer) or one global count (scope=global); without a
+    sparsity they come from the allocation an earlier pass provided to ``am``."""
+    provided = am.provided(Allocation)
+    allocation = None if provided is None else provided.keep
     if scope == "layer":
         if sparsity is not None:
             s = check_sparsity(sparsity, owner)
@@ -88,11 +90,11 @@ def apply_scores(graph: Graph, params: list[Param], scores: Mapping[str, np.ndar
         offset += p.numel
 
 
-def warn_empty_layers(graph: Graph, params: list[Param], owner: str) -> None:
+def warn_empty_layers(am: AnalysisManager, params: list[Param], owner: str) -> None:
     """Warn (naming them) about layers left with no weight: they cut every path through them."""
     empty = [p.name for p in params if p.mask is not None and not p.mask.any()]
     if empty:
-        graph.meta["warnings"].append(f"{owner}: {len(empty)} layer(s) keep no weight and cut the network: {', '.join(empty)}")
+        am.warn(f"{owner}: {len(empty)} layer(s) keep no weight and cut the network: {', '.join(empty)}")
 
 
 class LazyScores(Mapping[str, np.ndarray]):
@@ -134,7 +136,7 @@ class CriterionPass(TransformPass):
         params = graph.prunable_params()
         if not params:
             raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
-        keep = resolve_keep(graph, params, self.sparsity, self.scope, self.name)
+        keep = resolve_keep(am, params, self.sparsity, self.scope, self.name)
         apply_scores(graph, params, self.scores(graph, am, params), keep)
-        warn_empty_layers(graph, params, self.spec())
+        warn_empty_layers(am, params, self.spec())
         return PassResult(modified=True, preserved=frozenset())

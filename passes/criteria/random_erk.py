@@ -1,8 +1,8 @@
 """Random-ERK criterion: layer l keeps exactly n_l - floor((1 - rho_l^ERK) n_l) weights chosen at random.
 
 One pass for ``erk{sparsity=s},random{scope=layer}``: the kernel-aware ERK densities of
-:mod:`~pai_compiler.passes.allocation.erk` become per-layer keep counts (recorded as the
-graph's allocation), then each layer keeps the top-k of uniform scores drawn from
+:mod:`~pai_compiler.passes.allocation.erk` become per-layer keep counts (provided as the
+run's ``Allocation``), then each layer keeps the top-k of uniform scores drawn from
 ``numpy.random.default_rng([seed, i])`` for the i-th prunable layer, the same RNG scheme as
 ``random``, so both pipelines give bit-identical masks. Unlike NPB's Bernoulli ``Random_ERK``
 the counts are exact (as DPaI's ``--ablation random``). Without ``sparsity`` it uses the
@@ -18,7 +18,7 @@ import numpy as np
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation.base import check_sparsity, record_allocation
+from pai_compiler.passes.allocation.base import Allocation, check_sparsity, provide_allocation
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.criteria.base import apply_scores, resolve_keep
 
@@ -42,10 +42,10 @@ class RandomErkPass(TransformPass):
         if not params:
             raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
         if self.sparsity is not None:
-            record_allocation(graph, erk_densities(params, 1.0 - float(self.sparsity)), params, self.spec())
-        elif graph.meta.get("allocation") is None:
+            provide_allocation(am, erk_densities(params, 1.0 - float(self.sparsity)), params, self.spec())
+        elif am.provided(Allocation) is None:
             raise UsageError(f"{self.name}: give a sparsity, e.g. '{self.name}{{sparsity=0.9}}'")
-        keep = resolve_keep(graph, params, None, "layer", self.name)
+        keep = resolve_keep(am, params, None, "layer", self.name)
         seed = am.context.seed if self.seed is None else self.seed
         scores = {p.name: np.random.default_rng([seed, i]).random(p.shape) for i, p in enumerate(params)}
         apply_scores(graph, params, scores, keep)

@@ -171,7 +171,7 @@ class SynflowPass(CriterionPass):
         params = graph.prunable_params()
         if not params:
             raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
-        keep = resolve_keep(graph, params, self.sparsity, self.scope, self.name)
+        keep = resolve_keep(am, params, self.sparsity, self.scope, self.name)
         scores = self._iterate(graph, am, params, keep, self.iterations)
         apply_scores(graph, params, to_numpy_scores(scores), keep)
         return PassResult(modified=True, preserved=frozenset())

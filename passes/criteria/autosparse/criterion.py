@@ -113,18 +113,18 @@ class AutosparsePass(CriterionPass):
         params = graph.prunable_params()
         if not params:
             raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
-        keep = resolve_keep(graph, params, self.sparsity, self.scope, self.name)
+        keep = resolve_keep(am, params, self.sparsity, self.scope, self.name)
         scores = self.scores(graph, am, params)
         if isinstance(keep, dict):
             apply_scores(graph, params, scores, keep)
         else:
             floors = [min(p.numel, max(1, math.ceil(self.min_density * p.numel))) for p in params]
             if sum(floors) > keep:
-                graph.meta["warnings"].append(f"{self.spec()}: the per-layer floors ({sum(floors):,} weights) exceed the budget "
-                                              f"({keep:,}); only one weight per layer is guaranteed")
+                am.warn(f"{self.spec()}: the per-layer floors ({sum(floors):,} weights) exceed the budget "
+                        f"({keep:,}); only one weight per layer is guaranteed")
                 floors = [1] * len(params) if len(params) <= keep else [0] * len(params)
             masks = floored_topk([scores[p.name] for p in params], keep, floors)
             for p, m in zip(params, masks):
                 graph.set_mask(p, m.reshape(p.shape))
-        warn_empty_layers(graph, params, self.spec())
+        warn_empty_layers(am, params, self.spec())
         return PassResult(modified=True, preserved=frozenset())

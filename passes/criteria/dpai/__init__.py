@@ -5,10 +5,12 @@ Modules by role: ``criterion`` (the pass and its options), ``driver`` (one run: 
 report), ``layout`` (flat score layout), ``select`` (top-k with ties), ``step`` (the Adam update),
 ``loop`` (the steps), ``band``/``band_step`` (the boundary-band state), ``channel_program``,
 ``tape``, ``ops``, ``torch_ops`` (the channel-mode path program and its gradient),
-``pixel_paths`` (per-pixel reference and exact path counts), ``geometry``, ``report``.
+``pixel_paths`` (per-pixel reference and exact path counts), ``geometry``, ``report`` (measuring
+a mask), ``outcome`` (``DpaiReport``, what a run reports).
 """
 from __future__ import annotations
 
 from pai_compiler.passes.criteria.dpai.criterion import DpaiPass, PathMode, StateMode, TieMode
+from pai_compiler.passes.criteria.dpai.outcome import DpaiReport
 
-__all__ = ["DpaiPass", "PathMode", "TieMode", "StateMode"]
+__all__ = ["DpaiPass", "DpaiReport", "PathMode", "TieMode", "StateMode"]

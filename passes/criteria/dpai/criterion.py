@@ -19,7 +19,7 @@ see ``_dpai_channel``), ``ref`` (per pixel, the reference's float32 max-normalis
 skip-weighted on ResNets) or ``exact`` (per pixel, float64 log-space true count, sum pooling).
 Any IR graph works: chains, residual adds, concat, grouped/depthwise conv, pooling, and
 attention, whose Q/K/V/out weights get real path gradients through the interpreter's gate
-rule paths(A@B) = paths(A)@1 + 1@paths(B). The report (``graph.meta["dpai"]``) always gives
+rule paths(A@B) = paths(A)@1 + 1@paths(B). The report (a ``DpaiReport``, in the pass record) always gives
 the final mask's per-pixel reference-convention log paths, nodes, kernels and effective params,
 and the ``node-path`` analysis of it (exact log paths, boolean effectiveness).
 
@@ -42,9 +42,10 @@ from typing import Any, ClassVar, Literal
 from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation.base import check_sparsity, keep_count
+from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.criteria.base import resolve_keep
+from pai_compiler.passes.criteria.dpai.outcome import DpaiReport
 
 __all__ = ["DpaiPass", "PathMode", "TieMode", "StateMode"]
 
@@ -91,15 +92,14 @@ class DpaiPass(TransformPass):
         if self.sparsity is not None:
             check_sparsity(self.sparsity, self.name)
 
-    def requires(self, graph: Graph) -> None:
-        if self.sparsity is None and "allocation" not in graph.meta:
-            raise UsageError("dpai: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},dpai') or give dpai{sparsity=...} (ERK)")
-
-    def keep_counts(self, graph: Graph, params: list[Param]) -> dict[str, int]:
+    def keep_counts(self, am: AnalysisManager, params: list[Param]) -> dict[str, int]:
+        """ERK counts for ``sparsity``, else the allocation an earlier pass provided."""
         if self.sparsity is not None:
             densities = erk_densities(params, 1.0 - float(self.sparsity))
             return {p.name: keep_count(p.numel, 1.0 - densities[p.name]) for p in params}
-        keep = resolve_keep(graph, params, None, "layer", self.name)
+        if am.provided(Allocation) is None:
+            raise UsageError("dpai: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},dpai') or give dpai{sparsity=...} (ERK)")
+        keep = resolve_keep(am, params, None, "layer", self.name)
         assert isinstance(keep, dict)
         return keep
 
@@ -112,10 +112,10 @@ class DpaiPass(TransformPass):
         params = graph.prunable_params()
         if not params:
             raise UsageError("dpai: the model has no prunable (conv/linear) weights")
+        keep = self.keep_counts(am, params)
         device = torch.device(self.device or am.context.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("dpai: device cuda requested but torch sees no CUDA device")
-        keep = self.keep_counts(graph, params)
         _check_memory(params, keep, self, device.type)
         seed = am.context.seed if self.seed is None else self.seed
         with _progress_bar(am.context.progress, self.steps, self.paths) as progress, single_thread(device):
@@ -128,8 +128,7 @@ class DpaiPass(TransformPass):
         del masks
         report["final"]["node_path"] = _node_path(graph, am)
         trim_heap()
-        graph.meta["dpai"] = report
-        return PassResult(modified=True, preserved=frozenset())
+        return PassResult(modified=True, preserved=frozenset(), report=DpaiReport(**report))
 
 
 def _node_path(graph: Graph, am: AnalysisManager) -> dict[str, Any]:

@@ -5,6 +5,6 @@ Modules by role: ``criterion`` (the pass), ``linear`` and ``milp`` (the per-laye
 """
 from __future__ import annotations
 
-from pai_compiler.passes.criteria.npb.criterion import NpbPass
+from pai_compiler.passes.criteria.npb.criterion import NpbPass, NpbReport
 
-__all__ = ["NpbPass"]
+__all__ = ["NpbPass", "NpbReport"]

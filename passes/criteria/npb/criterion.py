@@ -33,7 +33,7 @@ import numpy as np
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, Node, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation.base import check_sparsity, keep_count
+from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.analysis.bindings import sample_bindings
 from pai_compiler.passes.analysis.node_path import is_shortcut
@@ -42,9 +42,23 @@ from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
 from pai_compiler.passes.criteria.npb.linear import solve_linear
 from pai_compiler.passes.criteria.npb.milp import BlockProblem, ceil_budget, solve_block
 
-__all__ = ["NpbPass"]
+__all__ = ["NpbPass", "NpbReport"]
 
 SHORTCUT_BETA = 0.001
+
+
+@dataclass(frozen=True)
+class NpbReport:
+    """The ``PassResult.report`` of ``npb``: timings, kept vs allocated weights, one row per layer."""
+
+    seconds: float
+    milp_seconds: float
+    solve_seconds: float
+    seed: int
+    kept: int
+    allocated: int
+    layers: list[dict[str, Any]]
+    finetune: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -71,10 +85,6 @@ class NpbPass(TransformPass):
         if self.sparsity is not None:
             check_sparsity(self.sparsity, self.name)
 
-    def requires(self, graph: Graph) -> None:
-        if self.sparsity is None and "allocation" not in graph.meta:
-            raise UsageError("npb: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},npb') or give npb{sparsity=...} (ERK)")
-
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
         params = graph.prunable_params()
         if not params:
@@ -82,8 +92,10 @@ class NpbPass(TransformPass):
         if self.sparsity is not None:
             dens = erk_densities(params, 1.0 - float(self.sparsity))
             keep = {p.name: keep_count(p.numel, 1.0 - dens[p.name]) for p in params}
+        elif am.provided(Allocation) is None:
+            raise UsageError("npb: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},npb') or give npb{sparsity=...} (ERK)")
         else:
-            resolved = resolve_keep(graph, params, None, "layer", self.name)
+            resolved = resolve_keep(am, params, None, "layer", self.name)
             assert isinstance(resolved, dict)
             keep = resolved
         seed = am.context.seed if self.seed is None else self.seed
@@ -113,17 +125,17 @@ class NpbPass(TransformPass):
         seconds = time.perf_counter() - start
         for p in params:
             graph.set_mask(p, masks[p.name])
-        graph.meta["npb"] = {
-            "seconds": seconds,
-            "milp_seconds": milp_seconds,
-            "solve_seconds": sum(r["solve_seconds"] for r in rows),
-            "seed": seed,
-            "kept": int(sum(np.count_nonzero(m) for m in masks.values())),
-            "allocated": int(sum(keep.values())),
-            "layers": rows,
-            "finetune": tuned,
-        }
-        return PassResult(modified=True, preserved=frozenset())
+        report = NpbReport(
+            seconds=seconds,
+            milp_seconds=milp_seconds,
+            solve_seconds=sum(r["solve_seconds"] for r in rows),
+            seed=seed,
+            kept=int(sum(np.count_nonzero(m) for m in masks.values())),
+            allocated=int(sum(keep.values())),
+            layers=rows,
+            finetune=tuned,
+        )
+        return PassResult(modified=True, preserved=frozenset(), report=report)
 
     def _layer(self, counter: PathCounter, masks: dict[str, np.ndarray], node: Node, p: Param, keep: int, max_p: int, shortcut: bool, rng: np.random.Generator) -> dict[str, Any]:
         """Decide one layer's mask (in ``masks``); returns its report row."""
