@@ -101,8 +101,9 @@ class TransformPass(Pass):
 
     kind: ClassVar[str] = "transform"
 
-    def requires(self, graph: Graph) -> None:
-        """Pre-condition; raise a PaicError with a clear message when it does not hold."""
+    def requires(self, graph: Graph, am: AnalysisManager) -> None:
+        """Pre-condition (on the graph and what earlier passes provided, e.g. an ``Allocation``);
+        raise a PaicError with a clear message when it does not hold."""
 
     @abstractmethod
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult: ...
@@ -317,7 +318,7 @@ class PassManager:
             return PassRecord(spec, "analysis", time.perf_counter() - start, False, result)
         if not isinstance(pass_, TransformPass):
             raise TypeError(f"{type(pass_).__name__} is neither an AnalysisPass nor a TransformPass")
-        _check(pass_.requires, graph, spec, history, PreconditionError)
+        _check(lambda g: pass_.requires(g, am), graph, spec, history, PreconditionError)
         version = graph.version
         result = pass_.run(graph, am)
         if not isinstance(result, PassResult):

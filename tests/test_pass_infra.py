@@ -91,7 +91,7 @@ class Contract(TransformPass):
     fail_requires: bool = False
     fail_ensures: bool = False
 
-    def requires(self, graph: Graph) -> None:
+    def requires(self, graph: Graph, am: AnalysisManager) -> None:
         if self.fail_requires:
             raise UsageError("contract: needs a miracle")
 

@@ -92,13 +92,15 @@ class DpaiPass(TransformPass):
         if self.sparsity is not None:
             check_sparsity(self.sparsity, self.name)
 
+    def requires(self, graph: Graph, am: AnalysisManager) -> None:
+        if self.sparsity is None and am.provided(Allocation) is None:
+            raise UsageError("dpai: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},dpai') or give dpai{sparsity=...} (ERK)")
+
     def keep_counts(self, am: AnalysisManager, params: list[Param]) -> dict[str, int]:
         """ERK counts for ``sparsity``, else the allocation an earlier pass provided."""
         if self.sparsity is not None:
             densities = erk_densities(params, 1.0 - float(self.sparsity))
             return {p.name: keep_count(p.numel, 1.0 - densities[p.name]) for p in params}
-        if am.provided(Allocation) is None:
-            raise UsageError("dpai: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},dpai') or give dpai{sparsity=...} (ERK)")
         keep = resolve_keep(am, params, None, "layer", self.name)
         assert isinstance(keep, dict)
         return keep

@@ -85,6 +85,10 @@ class NpbPass(TransformPass):
         if self.sparsity is not None:
             check_sparsity(self.sparsity, self.name)
 
+    def requires(self, graph: Graph, am: AnalysisManager) -> None:
+        if self.sparsity is None and am.provided(Allocation) is None:
+            raise UsageError("npb: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},npb') or give npb{sparsity=...} (ERK)")
+
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
         params = graph.prunable_params()
         if not params:
@@ -92,8 +96,6 @@ class NpbPass(TransformPass):
         if self.sparsity is not None:
             dens = erk_densities(params, 1.0 - float(self.sparsity))
             keep = {p.name: keep_count(p.numel, 1.0 - dens[p.name]) for p in params}
-        elif am.provided(Allocation) is None:
-            raise UsageError("npb: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},npb') or give npb{sparsity=...} (ERK)")
         else:
             resolved = resolve_keep(am, params, None, "layer", self.name)
             assert isinstance(resolved, dict)
