@@ -29,8 +29,11 @@ from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.interp import Interpreter, is_float_array, rule_for, torch_ready
 from pai_compiler.ir import Graph, Node, OpKind, Param
 
-__all__ = ["SparseModule", "build_sparse_module", "choose_kernels", "choose_memory_format", "sparse_kernel", "LayerTiming", "SparseExecReport", "EXACT"]
+__all__ = ["SparseModule", "build_sparse_module", "choose_kernels", "choose_memory_format", "sparse_kernel", "LayerTiming", "SparseExecReport", "EXACT", "POLICIES"]
 
+#: auto: the faster per layer, never slower as a model; sparse: every layer with a sparse form
+#: (exactness tests, experiments); dense: none (the compact model in torch)
+POLICIES = ("auto", "sparse", "dense")
 #: the largest relative error a sparse kernel may have against the dense layer
 EXACT = 1e-5
 
@@ -206,7 +209,7 @@ def _default_layouts(device: str) -> tuple[str, ...]:
 
 
 def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *, device: str, repeats: int,
-                  warmup: int, margin: float, layouts: Sequence[str]) -> tuple[LayerTiming, Kernel | None]:
+                  warmup: int, margin: float, layouts: Sequence[str], policy: str) -> tuple[LayerTiming, Kernel | None]:
     """Time ``node`` dense against its sparse kernels on ``args``; the row and the winning kernel."""
     it = _ModuleInterpreter(module.graph, weights=module.tensors())
     weight = it.oi_weight(node.params["weight"])
@@ -228,7 +231,9 @@ def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *,
         if relative_error(kernel(args[0]), reference) <= EXACT:
             sparse_ms[layout] = times[layout]
     best = min(sparse_ms, key=sparse_ms.__getitem__, default=None)
-    if best is not None and sparse_ms[best] < margin * times["dense"]:
+    if best is not None and policy == "sparse":
+        choice, reason = best, f"policy sparse ({times['dense'] / sparse_ms[best]:.2f}x)"
+    elif best is not None and policy == "auto" and sparse_ms[best] < margin * times["dense"]:
         choice, reason = best, f"{best} {times['dense'] / sparse_ms[best]:.2f}x faster than dense"
     elif best is not None:
         choice, reason = "dense", f"{best} not faster than dense ({times['dense'] / sparse_ms[best]:.2f}x)"
@@ -259,7 +264,7 @@ def choose_memory_format(module: SparseModule, inputs: list[torch.Tensor], *, de
 
 
 def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, device: str, threads: int, repeats: int,
-                   warmup: int, margin: float, layouts: Sequence[str] | None = None) -> SparseExecReport:
+                   warmup: int, margin: float, layouts: Sequence[str] | None = None, policy: str = "auto") -> SparseExecReport:
     """Install the faster kernel per layer in ``module``; dense everywhere unless the whole model gains."""
     report = SparseExecReport(device=str(device), batch=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1,
                               threads=threads, repeats=repeats, warmup=warmup)
@@ -268,7 +273,7 @@ def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, device: 
 
     def measure(node: Node, args: list[torch.Tensor]) -> None:
         row, kernel = _layer_timing(module, node, args, device=device, repeats=repeats, warmup=warmup, margin=margin,
-                                    layouts=layouts or _default_layouts(device))
+                                    layouts=layouts or _default_layouts(device), policy=policy)
         report.layers.append(row)
         if kernel is not None:
             chosen[node.name] = kernel
@@ -287,7 +292,7 @@ def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, device: 
     times = time_alternating({"dense": lambda: dense_module.run(inputs), "chosen": lambda: module.run(inputs)},
                              repeats=repeats, warmup=warmup, device=device)
     report.model_dense_ms, report.model_chosen_ms = round(times["dense"], 4), round(times["chosen"], 4)
-    if times["chosen"] >= margin * times["dense"]:
+    if policy == "auto" and times["chosen"] >= margin * times["dense"]:
         for name in chosen:
             module.install(name, None)
         report.fallback = f"the sparse choice ran {times['chosen']:.3f} ms against {times['dense']:.3f} ms dense: every layer dense"
@@ -312,11 +317,13 @@ class _DenseView:
 
 
 def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, device: str = "cpu", repeats: int = 5,
-                        warmup: int = 2, margin: float = 0.95, layouts: Sequence[str] | None = None,
+                        warmup: int = 2, margin: float = 0.95, layouts: Sequence[str] | None = None, policy: str = "auto",
                         inputs: Sequence[torch.Tensor] | None = None, seed: int = 0) -> tuple[SparseModule, SparseExecReport]:
     """A ``SparseModule`` for ``graph`` with per-layer kernels chosen by timing on the target shape."""
     if threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {threads}")
+    if policy not in POLICIES:
+        raise UsageError(f"sparse-execution policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -324,7 +331,7 @@ def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, devic
         feed = list(inputs) if inputs is not None else example_inputs(graph, batch=batch, device=device, seed=seed)
         with torch.no_grad():
             report = choose_kernels(module, feed, device=device, threads=threads, repeats=repeats, warmup=warmup,
-                                    margin=margin, layouts=layouts)
+                                    margin=margin, layouts=layouts, policy=policy)
     finally:
         torch.set_num_threads(previous)
     module.drop_unused_weights()
