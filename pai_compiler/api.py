@@ -229,7 +229,7 @@ def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.Pat
 
         write_compact_onnx(graph, source, out, pipeline=pipeline)
         return None
-    from pai_compiler.backends.torch_sparse import build_sparse_module
+    from pai_compiler.backends.sparse_select import build_sparse_module
     from pai_compiler.io import save_torch_atomic
 
     module, report = build_sparse_module(graph, batch=batch, threads=threads, device=device)

@@ -18,7 +18,7 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from pai_compiler import api
-from pai_compiler.backends.torch_sparse import build_sparse_module
+from pai_compiler.backends.sparse_select import build_sparse_module
 from pai_compiler.bench import AGREE_REL, bench_models
 from pai_compiler.cli import app
 from pai_compiler.errors import ModelError, UsageError

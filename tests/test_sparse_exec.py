@@ -29,10 +29,11 @@ from typer.testing import CliRunner
 
 from pai_compiler import api
 from pai_compiler.audit import masks_from_zeros
-from pai_compiler.backends import torch_sparse
-from pai_compiler.backends.sparse_kernels import SparseConv2d, SparseLinear
+from pai_compiler.backends import sparse_select
+from pai_compiler.backends.sparse_kernels import GATHERS, SparseConv2d, SparseLinear
 from pai_compiler.backends.sparse_timing import relative_error
-from pai_compiler.backends.torch_sparse import SparseModule, build_sparse_module
+from pai_compiler.backends.sparse_select import build_sparse_module
+from pai_compiler.backends.torch_sparse import SparseModule
 from pai_compiler.cli import app
 from pai_compiler.interp import Interpreter
 from pai_compiler.ort import session
@@ -53,16 +54,21 @@ def _sparse(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor:
     ([1, 1, 1, 1], [1, 1], [1, 1], 3), ([0, 1, 2, 1], [2, 1], [1, 2], 3), ([0, 0, 0, 0], [1, 1], [1, 1], 1),
     ([2, 2, 2, 2], [2, 2], [2, 2], 5),
 ])
-def test_sparse_conv_kernel_equals_conv2d(pads: list[int], strides: list[int], dilations: list[int], kernel: int) -> None:
+@pytest.mark.parametrize("gather", GATHERS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sparse_conv_kernel_equals_conv2d(pads: list[int], strides: list[int], dilations: list[int], kernel: int, gather: str,
+                                          batch: int) -> None:
     weight = _sparse((12, 8, kernel, kernel), 0.1, seed=kernel)
     bias = torch.randn(12)
-    x = torch.randn(3, 8, 11, 9)
+    x = torch.randn(batch, 8, 11, 9)
     ref = F.conv2d(F.pad(x, [pads[1], pads[3], pads[0], pads[2]]), weight, bias, stride=strides, dilation=dilations)
-    got = SparseConv2d(weight, bias, pads, strides, dilations)(x)
-    assert got.shape == ref.shape
-    assert relative_error(got, ref) <= 1e-5
-    assert relative_error(SparseConv2d(weight, None, pads, strides, dilations)(x.contiguous(memory_format=torch.channels_last)),
-                          ref - bias.reshape(1, -1, 1, 1)) <= 1e-5
+    conv = SparseConv2d(weight, bias, pads, strides, dilations, gather=gather)
+    for _ in range(2):  # the second call reads the cached offset table
+        got = conv(x)
+        assert got.shape == ref.shape and relative_error(got, ref) <= 1e-5
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert relative_error(SparseConv2d(weight, None, pads, strides, dilations, gather=gather)(nhwc), ref - bias.reshape(1, -1, 1, 1)) <= 1e-5
+    assert relative_error(_reloaded(conv)(x), ref) <= 1e-5 and not _reloaded(conv)._index_cache
 
 
 def test_sparse_kernels_use_only_the_read_taps() -> None:
@@ -121,7 +127,7 @@ def test_wide_model_all_sparse_equals_masked_onnxruntime(tmp_path: Path) -> None
     api.compact_graph(graph)
     module, report = build_sparse_module(graph, batch=2, repeats=1, warmup=0, policy="sparse")
     assert {row.kind for row in report.layers} == {"conv", "linear"}
-    assert all(row.choice == "csr" for row in report.layers), [row.reason for row in report.layers]
+    assert all(row.choice.startswith("csr") for row in report.layers), [row.reason for row in report.layers]
     x = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
     sess = session(path, threads=1)
     ref = torch.from_numpy(sess.run(None, {"x": x})[0])
@@ -159,7 +165,7 @@ def _fixed_times(per_layer: Mapping[str, float], model: Mapping[str, float]) -> 
 @pytest.mark.parametrize("model_times,fallback", [({"dense": 10.0, "chosen": 5.0}, False), ({"dense": 10.0, "chosen": 12.0}, True)])
 def test_auto_choice_keeps_faster_kernels_and_never_a_slower_model(monkeypatch: pytest.MonkeyPatch, model_times: dict[str, float],
                                                                    fallback: bool) -> None:
-    monkeypatch.setattr(torch_sparse, "time_alternating", _fixed_times({"dense": 2.0, "csr": 1.0}, model_times))
+    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_times({"dense": 2.0, "csr": 1.0, "csr/copy": 1.0, "csr/index": 1.5}, model_times))
     graph = api.load_model(EXAMPLES / "vgg_small.onnx")
     api.optimize(graph, sparsity=0.9, method="magnitude")
     api.compact_graph(graph)
@@ -169,13 +175,13 @@ def test_auto_choice_keeps_faster_kernels_and_never_a_slower_model(monkeypatch: 
     assert bool(doc["fallback"]) is fallback
     assert doc["model_chosen_ms"] <= doc["model_dense_ms"]
     chosen = {row["choice"] for row in doc["layers"]}
-    assert chosen == ({"dense"} if fallback else {"csr"})
+    assert chosen == ({"dense"} if fallback else {"csr", "csr/copy"})  # the fastest exact kernel per layer
     assert len(module.kernel_of) == (0 if fallback else len(doc["layers"]))
     assert doc["max_relative_error"] <= 1e-5
 
 
 def test_auto_choice_keeps_a_slower_sparse_layer_dense(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(torch_sparse, "time_alternating", _fixed_times({"dense": 1.0, "csr": 3.0}, {}))
+    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_times({"dense": 1.0, "csr": 3.0, "csr/copy": 3.0, "csr/index": 2.0}, {}))
     graph = api.load_model(EXAMPLES / "resnet20.onnx")
     api.optimize(graph, sparsity=0.95, method="random-erk")
     api.compact_graph(graph)

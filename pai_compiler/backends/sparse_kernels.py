@@ -12,15 +12,20 @@ buffers only, so a model holding them pickles (``torch.save``) and moves (``.to(
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch  # a module class needs nn.Module at import time (like pai_compiler.interp)
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SparseConv2d", "SparseLinear", "dense_conv", "pad_spatial", "SPARSE_LAYOUTS"]
+__all__ = ["SparseConv2d", "SparseLinear", "dense_conv", "pad_spatial", "layout_fits", "SPARSE_LAYOUTS", "GATHERS", "INDEX_LIMIT"]
 
 #: layouts a kernel can hold its weight in; ``bsr`` needs widths divisible by its block
 SPARSE_LAYOUTS = ("csr", "bsr")
+#: how a sparse conv reads its used taps (see SparseConv2d)
+GATHERS = ("index", "copy")
+#: most entries of a cached tap-offset table (int64: 16 MiB); a bigger gather copies instead
+INDEX_LIMIT = 1 << 21
 BSR_BLOCK = 16
 
 
@@ -65,42 +70,81 @@ def layout_fits(layout: str, rows: int, cols: int) -> bool:
 
 
 class SparseConv2d(nn.Module):
-    """A groups=1 2-D convolution as ``W_used (sparse) @ used taps of the padded input``."""
+    """A groups=1 2-D convolution as ``W_used (sparse) @ used taps of the padded input``.
+
+    ``gather`` picks how the used taps are read: ``index`` (one flat ``index_select`` with an
+    offset table cached per input shape, up to ``INDEX_LIMIT`` entries; fast on small maps) or
+    ``copy`` (the whole im2col view copied, then the used rows; fast on big maps)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pads: list[int], strides: list[int],
-                 dilations: list[int], layout: str = "csr") -> None:
+                 dilations: list[int], layout: str = "csr", gather: str = "index") -> None:
         super().__init__()
         if weight.dim() != 4:
             raise ValueError(f"SparseConv2d needs a 4-d weight, got shape {tuple(weight.shape)}")
-        used = (weight != 0).any(0).nonzero()
-        if used.shape[0] == 0:
-            raise ValueError("SparseConv2d: the weight has no nonzero entry")
+        if gather not in GATHERS:
+            raise ValueError(f"unknown gather {gather!r} (expected one of {GATHERS})")
         self.out_channels, self.in_channels, self.kh, self.kw = (int(d) for d in weight.shape)
-        self.pads, self.strides, self.dilations = list(pads), list(strides), list(dilations)
-        self.register_buffer("tap_channel", used[:, 0].contiguous())
-        self.register_buffer("tap_row", used[:, 1].contiguous())
-        self.register_buffer("tap_col", used[:, 2].contiguous())
-        kept = weight[:, used[:, 0], used[:, 1], used[:, 2]].contiguous()
+        rows = (weight != 0).any(0).reshape(-1).nonzero().reshape(-1)  # im2col row c*kh*kw + i*kw + j
+        if rows.numel() == 0:
+            raise ValueError("SparseConv2d: the weight has no nonzero entry")
+        self.pads, self.strides, self.dilations, self.gather = list(pads), list(strides), list(dilations), gather
+        self.all_taps = rows.numel() == self.in_channels * self.kh * self.kw
+        self.register_buffer("tap_rows", rows.contiguous())
+        kept = weight.reshape(self.out_channels, -1)[:, rows].contiguous()
         self.register_buffer("weight", _sparse_matrix(kept, layout))
         self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1, 1).clone())
+        self._index_cache: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_index_cache"] = {}  # rebuilt on first use: shape-specific and possibly large
+        return state
 
     @property
     def used_taps(self) -> int:
-        return int(self.tap_channel.shape[0])
+        return int(self.tap_rows.shape[0])
+
+    def _flat_index(self, padded: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+        key = (tuple(padded.shape), tuple(padded.stride()), out_h, out_w, padded.device)
+        index = self._index_cache.get(key)
+        if index is None:
+            sn, sc, sy, sx = padded.stride()
+            (sh, sw), (dh, dw) = self.strides, self.dilations
+            rows, taps = self.tap_rows, self.kh * self.kw
+            offsets = (rows // taps) * sc + ((rows // self.kw) % self.kh) * dh * sy + (rows % self.kw) * dw * sx
+            device = rows.device
+            base = (torch.arange(padded.shape[0], device=device)[:, None, None] * sn
+                    + torch.arange(out_h, device=device)[None, :, None] * sh * sy
+                    + torch.arange(out_w, device=device)[None, None, :] * sw * sx).reshape(-1)
+            index = self._index_cache[key] = (offsets[:, None] + base[None, :]).reshape(-1)
+        return index
+
+    def _taps(self, padded: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+        batch, channels = padded.shape[:2]
+        positions = batch * out_h * out_w
+        if self.gather == "index" and self.used_taps * positions <= INDEX_LIMIT:
+            flat = padded.as_strided((padded.numel(),), (1,))  # padded is dense (contiguous or channels_last)
+            return flat.index_select(0, self._flat_index(padded, out_h, out_w)).view(self.used_taps, positions)
+        sn, sc, sy, sx = padded.stride()
+        (sh, sw), (dh, dw) = self.strides, self.dilations
+        # (channel, kh, kw, batch, out_h, out_w) view of every im2col entry
+        windows = padded.as_strided((channels, self.kh, self.kw, batch, out_h, out_w), (sc, sy * dh, sx * dw, sn, sy * sh, sx * sw))
+        rows = windows.reshape(channels * self.kh * self.kw, positions)
+        return rows if self.all_taps else rows.index_select(0, self.tap_rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padded = pad_spatial(x, self.pads).contiguous()
-        batch, channels, height, width = padded.shape
+        padded = pad_spatial(x, self.pads)
+        if not (padded.is_contiguous() or padded.is_contiguous(memory_format=torch.channels_last)):
+            padded = padded.contiguous()
+        batch, _, height, width = padded.shape
         (sh, sw), (dh, dw) = self.strides, self.dilations
         out_h = (height - dh * (self.kh - 1) - 1) // sh + 1
         out_w = (width - dw * (self.kw - 1) - 1) // sw + 1
-        sn, sc, sy, sx = padded.stride()
-        # (channel, kh, kw, batch, out_h, out_w) view of every im2col entry, then only the used taps
-        windows = padded.as_strided((channels, self.kh, self.kw, batch, out_h, out_w), (sc, sy * dh, sx * dw, sn, sy * sh, sx * sw))
-        taps = windows[self.tap_channel, self.tap_row, self.tap_col].reshape(self.used_taps, -1)
-        y = _sparse_times(self.weight, taps)
+        y = _sparse_times(self.weight, self._taps(padded, out_h, out_w))
         if self.bias is not None:
             y = y + self.bias
+        if batch == 1:
+            return y.reshape(1, self.out_channels, out_h, out_w)
         return y.reshape(self.out_channels, batch, out_h, out_w).transpose(0, 1).contiguous()
 
 

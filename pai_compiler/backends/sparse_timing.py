@@ -35,9 +35,9 @@ class LayerTiming:
     density: float  # nonzero weights / weights of the (compact) layer
     columns_used: int  # im2col taps (conv) or input features (linear) some kept weight reads
     columns: int
-    choice: str  # dense | csr | bsr
+    choice: str  # dense, or the sparse kernel: csr | bsr (linear), csr/index | csr/copy | bsr/... (conv: layout/gather)
     dense_ms: float
-    sparse_ms: dict[str, float]  # layout -> median ms (empty: no sparse form)
+    sparse_ms: dict[str, float]  # sparse kernel -> median ms (exact ones only; empty: no sparse form)
     reason: str
 
 
