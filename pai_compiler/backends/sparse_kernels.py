@@ -18,7 +18,7 @@ import torch  # a module class needs nn.Module at import time (like pai_compiler
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SparseConv2d", "SparseLinear", "dense_conv", "pad_spatial", "layout_fits", "SPARSE_LAYOUTS", "GATHERS", "INDEX_LIMIT"]
+__all__ = ["SparseConv2d", "SparseLinear", "PackedConv2d", "dense_conv", "pad_spatial", "layout_fits", "SPARSE_LAYOUTS", "GATHERS", "INDEX_LIMIT"]
 
 #: layouts a kernel can hold its weight in; ``bsr`` needs widths divisible by its block
 SPARSE_LAYOUTS = ("csr", "bsr")
@@ -180,3 +180,41 @@ class SparseLinear(nn.Module):
         if self.bias is not None:
             y = y + self.beta * self.bias
         return y.contiguous().reshape(*lead, self.out_features)
+
+
+def _onednn_ready(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class PackedConv2d(nn.Module):
+    """The dense 2-D conv (+ an optional fused ReLU) on CPU through oneDNN with the weight
+    reordered once per input shape (``torch.ops.mkldnn._convolution_pointwise``, what inductor
+    emits); elsewhere ``F.conv2d``. The packed weight is a cache, rebuilt after unpickling."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pads: list[int], strides: list[int],
+                 dilations: list[int], groups: int, relu: bool = False) -> None:
+        super().__init__()
+        if weight.dim() != 4:
+            raise ValueError(f"PackedConv2d needs a 4-d weight, got shape {tuple(weight.shape)}")
+        self.pads, self.strides, self.dilations, self.groups, self.relu = list(pads), list(strides), list(dilations), groups, relu
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1).clone())
+        self._packed: dict[tuple[Any, ...], torch.Tensor] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_packed"] = {}  # an opaque oneDNN tensor: not picklable, rebuilt on first use
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        symmetric = self.pads[:2] == self.pads[2:]
+        if symmetric and _onednn_ready(x):
+            key = (tuple(x.shape), self.weight.data_ptr())
+            packed = self._packed.get(key)
+            if packed is None:
+                packed = self._packed[key] = torch.ops.mkldnn._reorder_convolution_weight(
+                    self.weight, self.pads[:2], self.strides, self.dilations, self.groups, list(x.shape))
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, self.bias, self.pads[:2], self.strides, self.dilations,
+                                                           self.groups, "relu" if self.relu else "none", [], "")
+        y = dense_conv(x, self.weight, self.bias, self.pads, self.strides, self.dilations, self.groups)
+        return F.relu(y) if self.relu else y

@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pai_compiler.backends.sparse_fusion import fuse_for_inference
 from pai_compiler.backends.sparse_kernels import GATHERS, layout_fits
 from pai_compiler.backends.sparse_timing import LayerTiming, SparseExecReport, example_inputs, relative_error, time_alternating
 from pai_compiler.backends.torch_sparse import Kernel, SparseModule, sparse_kernel
 from pai_compiler.errors import PaicError, UsageError
+from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, Node, OpKind
 
 __all__ = ["build_sparse_module", "choose_kernels", "choose_memory_format", "EXACT", "POLICIES"]
@@ -56,12 +58,18 @@ def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *,
                 kernels[f"{layout}/{gather}" if node.kind is OpKind.CONV else layout] = kernel.to(weight.device)
     dense_run = lambda: module.evaluate(it, node, args)  # noqa: E731 (a closure over this layer's operands)
     candidates: dict[str, Callable[[], Any]] = {"dense": dense_run}
-    candidates.update({layout: (lambda k=k: k(args[0])) for layout, k in kernels.items()})
+    relu = node.name in module.fused_relu  # the dense kernel applies it: so must the sparse one
+
+    def sparse_run(kernel: Kernel) -> torch.Tensor:
+        out = kernel(args[0])
+        return torch.relu_(out) if relu else out
+
+    candidates.update({name: (lambda k=k: sparse_run(k)) for name, k in kernels.items()})
     times = time_alternating(candidates, repeats=repeats, warmup=warmup, device=device)
     reference = dense_run()[0]
     sparse_ms: dict[str, float] = {}
     for layout, kernel in kernels.items():
-        if relative_error(kernel(args[0]), reference) <= EXACT:
+        if relative_error(sparse_run(kernel), reference) <= EXACT:
             sparse_ms[layout] = times[layout]
     best = min(sparse_ms, key=sparse_ms.__getitem__, default=None)
     if best is not None and policy == "sparse":
@@ -96,7 +104,7 @@ def choose_memory_format(module: SparseModule, inputs: list[torch.Tensor], *, de
     return best, {k: round(v, 4) for k, v in times.items()}
 
 
-def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, device: str, threads: int, repeats: int,
+def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, reference: list[torch.Tensor], device: str, threads: int, repeats: int,
                    warmup: int, margin: float, layouts: Sequence[str] | None = None, policy: str = "auto") -> SparseExecReport:
     """Install the faster kernel per layer in ``module``; dense everywhere unless the whole model gains."""
     report = SparseExecReport(device=str(device), batch=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1,
@@ -115,9 +123,10 @@ def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, device: 
     for name, kernel in chosen.items():
         module.install(name, kernel)
     sparse_out = module.run(inputs)
-    report.max_relative_error = max((relative_error(g, r) for g, r in zip(sparse_out, dense_out) if g.is_floating_point()), default=0.0)
+    report.max_relative_error = max((relative_error(got, ref) for outs in (sparse_out, dense_out) for got, ref in zip(outs, reference)
+                                     if got.is_floating_point()), default=0.0)
     if report.max_relative_error > EXACT:
-        raise PaicError(f"sparse execution differs from the dense model (max relative error {report.max_relative_error:.2e})")
+        raise PaicError(f"sparse execution differs from the masked model (max relative error {report.max_relative_error:.2e})")
     if not chosen:
         report.model_dense_ms = report.model_chosen_ms = time_alternating({"dense": lambda: module.run(inputs)}, repeats=repeats, warmup=warmup, device=device)["dense"]
         return report
@@ -161,11 +170,13 @@ def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, devic
     torch.set_num_threads(threads)
     try:
         module = SparseModule(graph)
-        module.fold_batch_norms()
+        fuse_for_inference(module)
         module = module.to(device).eval()
         feed = list(inputs) if inputs is not None else example_inputs(graph, batch=batch, device=device, seed=seed)
+        with torch.no_grad():  # the IR's own semantics: what every fusion and kernel must reproduce
+            reference = Interpreter(graph, device=device).run(feed, keep_values=False)
         with torch.no_grad():
-            report = choose_kernels(module, feed, device=device, threads=threads, repeats=repeats, warmup=warmup,
+            report = choose_kernels(module, feed, reference=reference, device=device, threads=threads, repeats=repeats, warmup=warmup,
                                     margin=margin, layouts=layouts, policy=policy)
     finally:
         torch.set_num_threads(previous)

@@ -3,8 +3,9 @@
 ``SparseModule(graph)`` holds every float Param masked once (``W * M``) as a buffer and runs the
 graph node by node like the IR interpreter (``real`` mode); ``install(node, kernel)`` makes a
 conv/linear node run a :mod:`~pai_compiler.backends.sparse_kernels` kernel instead of its dense
-layer, ``fold_batch_norms()`` folds each inference BatchNorm into the conv it alone reads
-(exact per-channel rescaling), ``set_memory_format`` holds 4-d tensors channels_last. Which
+layer (``dense=True``: a packed dense layer, see :mod:`~pai_compiler.backends.sparse_fusion`,
+which also folds BatchNorms and ReLUs into convs), ``set_memory_format`` holds 4-d tensors
+channels_last. Which
 kernel each layer gets is measured in :mod:`~pai_compiler.backends.sparse_select`. The module
 is for inference (weights are buffers; train the ``CompactModule``), pickles whole
 (``torch.save`` / ``torch.load(..., weights_only=False)``) and moves with ``.to(device)``.
@@ -83,6 +84,8 @@ class SparseModule(nn.Module):
         self.memory_format = "contiguous"  # or channels_last: 4-d activations and weights NHWC
         self.folded_bias: dict[str, str] = {}  # conv node -> buffer of its bias with a BatchNorm folded in
         self.passthrough: set[str] = set()  # nodes folded into their producer
+        self.fused_relu: set[str] = set()  # conv nodes whose output goes through ReLU (its node a passthrough)
+        self.dense_of: dict[str, str] = {}  # node name -> key of its packed dense kernel in self.kernels
 
     def set_memory_format(self, memory_format: str) -> None:
         """Hold 4-d weights (and run 4-d inputs) ``contiguous`` or ``channels_last`` (same values)."""
@@ -93,65 +96,42 @@ class SparseModule(nn.Module):
                 setattr(self, key, tensor.contiguous(memory_format=layout))
         self.memory_format = memory_format
 
-    def install(self, node_name: str, kernel: Kernel | None) -> None:
-        """Run ``node_name`` on ``kernel`` (None: back to the dense layer)."""
-        key = self.kernel_of.pop(node_name, None)
+    def install(self, node_name: str, kernel: Kernel | None, *, dense: bool = False) -> None:
+        """Run ``node_name`` on the sparse ``kernel`` (None: back to the dense layer); with
+        ``dense=True`` make ``kernel`` the node's dense layer instead."""
+        table = self.dense_of if dense else self.kernel_of
+        key = table.pop(node_name, None)
         if key is not None:
             del self.kernels[key]
         if kernel is not None:
             key = _safe_key(node_name, set(self.kernels.keys()))
             self.kernels[key] = kernel
-            self.kernel_of[node_name] = key
+            table[node_name] = key
 
-    def fold_batch_norms(self) -> int:
-        """Fold each inference BatchNorm that alone reads a conv's output into that conv (exact:
-        ``W' = W * g / sqrt(v + eps)`` per output channel, ``b' = (b - m) * g / sqrt(v + eps) + beta``;
-        zeros stay zeros); the norm then passes its input through. Returns the number folded."""
-        readers: dict[str, int] = {}
+    def add_buffer(self, name: str, tensor: torch.Tensor) -> str:
+        """Register ``tensor`` under a fresh key derived from ``name``; returns the key."""
+        key = _safe_key(name, set(self.keys.values()) | set(self.folded_bias.values()) | set(self._buffers))
+        self.register_buffer(key, tensor)
+        return key
+
+    def readers(self) -> dict[str, int]:
+        """Param name -> the number of nodes reading it."""
+        counts: dict[str, int] = {}
         for node in self.graph.nodes:
             for p in node.params.values():
-                readers[p.name] = readers.get(p.name, 0) + 1
-        outputs = {v.name for v in self.graph.inputs} | {v.name for v in self.graph.outputs}
-        folded = 0
-        for conv in self.graph.nodes:
-            if conv.kind is not OpKind.CONV or len(conv.outputs) != 1 or conv.outputs[0].name in outputs:
-                continue
-            uses = list(conv.outputs[0].uses)
-            norm = uses[0] if len(uses) == 1 else None
-            if norm is None or norm.kind is not OpKind.NORM or norm.attrs.get("type") != "batch" or norm.inputs[0] is not conv.outputs[0]:
-                continue
-            weight_param = conv.params["weight"]
-            owned = [conv.params.get("bias"), weight_param]
-            if any(p is not None and (readers.get(p.name) != 1 or p.name not in self.keys) for p in owned):
-                continue
-            if weight_param.out_axis != 0 or not all(p.name in self.keys for p in norm.params.values()):
-                continue
-            stats = {role: getattr(self, self.keys[p.name]) for role, p in norm.params.items()}
-            factor = (stats["scale"] if "scale" in stats else 1.0) / torch.sqrt(stats["var"] + norm.attrs.get("epsilon", 0.0))
-            weight = getattr(self, self.keys[weight_param.name])
-            setattr(self, self.keys[weight_param.name], weight * factor.reshape(-1, *[1] * (weight.dim() - 1)))
-            old_bias = getattr(self, self.keys[conv.params["bias"].name]) if "bias" in conv.params else torch.zeros_like(factor)
-            new_bias = (old_bias - stats["mean"]) * factor + (stats["bias"] if "bias" in stats else 0.0)
-            key = _safe_key(f"{conv.name}_folded_bias", set(self.keys.values()) | set(self.folded_bias.values()))
-            self.register_buffer(key, new_bias.contiguous())
-            self.folded_bias[conv.name] = key
-            self.passthrough.add(norm.name)
-            folded += 1
-        return folded
+                counts[p.name] = counts.get(p.name, 0) + 1
+        return counts
 
     def drop_unused_weights(self) -> None:
         """Free the dense copies of weights that only sparse kernels read (smaller file)."""
-        readers: dict[str, int] = {}
-        for node in self.graph.nodes:
-            for p in node.params.values():
-                readers[p.name] = readers.get(p.name, 0) + 1
-        for node_name in self.kernel_of:
+        readers = self.readers()
+        for node_name in [*self.kernel_of, *self.dense_of]:
             node = self.graph.node(node_name)
             for role in ("weight", "bias"):
                 p = node.params.get(role)
                 if p is not None and readers.get(p.name) == 1 and p.name in self.keys:
                     delattr(self, self.keys.pop(p.name))
-            if node_name in self.folded_bias:
+            if node_name in self.folded_bias and (node_name in self.dense_of or node_name in self.kernel_of):
                 delattr(self, self.folded_bias.pop(node_name))
         for node_name in self.passthrough:
             for p in self.graph.node(node_name).params.values():
@@ -203,9 +183,13 @@ class SparseModule(nn.Module):
     def evaluate(self, it: Interpreter, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
         key = self.kernel_of.get(node.name)
         if key is not None:
-            return [self.kernels[key](args[0])]
+            out = self.kernels[key](args[0])
+            return [torch.relu_(out) if node.name in self.fused_relu else out]
         if node.name in self.passthrough:
             return [args[0]]
+        key = self.dense_of.get(node.name)
+        if key is not None:  # the packed dense conv, its ReLU fused
+            return [self.kernels[key](args[0])]
         if node.kind is OpKind.CONV:
             a = node.attrs
             bias = self.conv_bias(it, node)
