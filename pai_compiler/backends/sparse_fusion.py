@@ -4,19 +4,20 @@
   it, ``W' = W * g / sqrt(v + eps)`` per output channel, ``b' = (b - m) * g / sqrt(v + eps) + beta``
   (zeros stay zeros, so the sparsity is unchanged); the norm node passes its input through.
 * ``fuse_relus``: a ReLU that alone reads a conv's (folded) output is applied by the conv.
-* ``pack_convs``: every 2-d conv runs a :class:`~pai_compiler.backends.sparse_kernels.PackedConv2d`
-  as its dense layer (weight reordered once for oneDNN, ReLU fused).
+* ``pack_layers``: every 2-d conv runs a :class:`~pai_compiler.backends.sparse_kernels.PackedConv2d`
+  as its dense layer (weight reordered once for oneDNN, ReLU fused), every linear a
+  ``DenseLinear`` (weight contiguous (out, in): no transpose copy per call).
 All three are exact up to float rounding (checked by ``sparse_select`` against the IR semantics).
 """
 from __future__ import annotations
 
 import torch
 
-from pai_compiler.backends.sparse_kernels import PackedConv2d
-from pai_compiler.backends.torch_sparse import SparseModule
+from pai_compiler.backends.sparse_kernels import DenseLinear, PackedConv2d
+from pai_compiler.backends.torch_sparse import Kernel, SparseModule
 from pai_compiler.ir import Node, OpKind
 
-__all__ = ["fold_batch_norms", "fuse_relus", "pack_convs", "fuse_for_inference"]
+__all__ = ["fold_batch_norms", "fuse_relus", "pack_layers", "fuse_for_inference"]
 
 
 def _sole_reader(module: SparseModule, node: Node) -> Node | None:
@@ -70,21 +71,29 @@ def fuse_relus(module: SparseModule) -> int:
     return fused
 
 
-def pack_convs(module: SparseModule) -> int:
-    """Give every 2-d conv node a packed dense kernel; returns how many."""
+def pack_layers(module: SparseModule) -> int:
+    """Give every 2-d conv a packed dense kernel and every 2-d linear a contiguous one; returns how many."""
     it = module.interpreter()
     packed = 0
-    for conv in module.graph.nodes:
-        if conv.kind is not OpKind.CONV or len(conv.params["weight"].shape) != 4 or conv.params["weight"].name not in module.keys:
+    for node in module.graph.nodes:
+        weight = node.params.get("weight")
+        if node.kind not in (OpKind.CONV, OpKind.LINEAR) or weight is None or weight.name not in module.keys:
             continue
-        a = conv.attrs
-        kernel = PackedConv2d(it.oi_weight(conv.params["weight"]), module.conv_bias(it, conv), a["pads"], a["strides"],
-                              a["dilations"], a["groups"], relu=conv.name in module.fused_relu)
-        module.install(conv.name, kernel, dense=True)
+        a = node.attrs
+        kernel: Kernel
+        if node.kind is OpKind.CONV and len(weight.shape) == 4:
+            kernel = PackedConv2d(it.oi_weight(weight), module.conv_bias(it, node), a["pads"], a["strides"], a["dilations"],
+                                  a["groups"], relu=node.name in module.fused_relu)
+        elif node.kind is OpKind.LINEAR and len(weight.shape) == 2:
+            bias = it.weight(node.params["bias"]) if "bias" in node.params else None
+            kernel = DenseLinear(it.oi_weight(weight), bias, alpha=a.get("alpha", 1.0), beta=a.get("beta", 1.0))
+        else:
+            continue
+        module.install(node.name, kernel, dense=True)
         packed += 1
     return packed
 
 
 def fuse_for_inference(module: SparseModule) -> dict[str, int]:
     """All three fusions, in order; the counts by kind."""
-    return {"batch_norms_folded": fold_batch_norms(module), "relus_fused": fuse_relus(module), "convs_packed": pack_convs(module)}
+    return {"batch_norms_folded": fold_batch_norms(module), "relus_fused": fuse_relus(module), "layers_packed": pack_layers(module)}

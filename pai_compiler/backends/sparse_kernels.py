@@ -18,7 +18,7 @@ import torch  # a module class needs nn.Module at import time (like pai_compiler
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SparseConv2d", "SparseLinear", "PackedConv2d", "dense_conv", "pad_spatial", "layout_fits", "SPARSE_LAYOUTS", "GATHERS", "INDEX_LIMIT"]
+__all__ = ["SparseConv2d", "SparseLinear", "PackedConv2d", "DenseLinear", "dense_conv", "pad_spatial", "layout_fits", "SPARSE_LAYOUTS", "GATHERS", "INDEX_LIMIT"]
 
 #: layouts a kernel can hold its weight in; ``bsr`` needs widths divisible by its block
 SPARSE_LAYOUTS = ("csr", "bsr")
@@ -218,3 +218,23 @@ class PackedConv2d(nn.Module):
                                                            self.groups, "relu" if self.relu else "none", [], "")
         y = dense_conv(x, self.weight, self.bias, self.pads, self.strides, self.dilations, self.groups)
         return F.relu(y) if self.relu else y
+
+
+class DenseLinear(nn.Module):
+    """``alpha * x W^T + beta * b`` with W held contiguous (out, in): no per-call transpose copy."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, alpha: float = 1.0, beta: float = 1.0) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"DenseLinear needs a 2-d weight, got shape {tuple(weight.shape)}")
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.register_buffer("weight", weight.detach().contiguous().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.alpha == 1.0 and self.beta == 1.0:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight)
+        if self.alpha != 1.0:
+            y = y * self.alpha
+        return y if self.bias is None else y + self.beta * self.bias
