@@ -12,6 +12,7 @@ intra-op threads, ``torch.set_num_threads``), the models run alternating, median
 
     python benchmarks/sparse_speed.py --models resnet20 --methods random-erk --sparsities 0.99 --batches 1 --runs 3
     python benchmarks/sparse_speed.py --json /tmp/sparse_speed.json --out docs/sparse_speed.md
+    python benchmarks/sparse_speed.py --cases vgg19:random-erk:0.99 bert:magnitude:0.95 --batches 1 16
 
 Writes a markdown table to ``--out`` with the command and the machine (its load included).
 """
@@ -137,6 +138,28 @@ def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.
     return rows
 
 
+def odd_widths(runs: int) -> list[dict[str, Any]]:
+    """Dense torch conv/linear at an odd compacted width against the aligned one (same layer otherwise)."""
+    from pai_compiler.backends.sparse_timing import time_alternating
+
+    cases = [("conv3x3 32x32 b32", 29, 32), ("conv3x3 32x32 b32", 31, 32), ("conv3x3 16x16 b32", 61, 64),
+             ("conv3x3 8x8 b32", 125, 128), ("conv3x3 4x4 b32", 509, 512), ("linear b64", 383, 384), ("linear b64", 1021, 1024)]
+    rows = []
+    for label, odd, aligned in cases:
+        spatial = int(label.split()[1].split("x")[0]) if label.startswith("conv") else 0
+        calls = {}
+        for width in (odd, aligned):
+            if spatial:
+                x, w = torch.randn(32, width, spatial, spatial), torch.randn(width, width, 3, 3)
+                calls[str(width)] = lambda x=x, w=w: torch.nn.functional.conv2d(x, w, padding=1)
+            else:
+                x, w = torch.randn(64, width), torch.randn(width, width)
+                calls[str(width)] = lambda x=x, w=w: torch.nn.functional.linear(x, w)
+        times = time_alternating(calls, repeats=runs, warmup=2)
+        rows.append({"layer": label, "odd": odd, "aligned": aligned, "odd_ms": times[str(odd)], "aligned_ms": times[str(aligned)]})
+    return rows
+
+
 def machine() -> dict[str, str]:
     import onnxruntime
 
@@ -149,7 +172,8 @@ def machine() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg())}
 
 
-def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, str], command: str, load_start: str) -> str:
+def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, str], command: str, load_start: str,
+             widths: list[dict[str, Any]]) -> str:
     lines = [
         "# Sparse execution: dense ORT vs masked ORT vs compact ORT vs sparse-execution torch", "",
         f"Command: `{command}`  ",
@@ -171,6 +195,12 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[st
         lines.append(f"| {r['model']} | {r['method']} | {100 * r['sparsity']:.0f}% | {r['batch']} | {x:.2f} | "
                      f"{x / r['masked_ort_ms']:.2f}× | {x / r['compact_ort_ms']:.2f}× | {r['sparse_torch_ms']:.2f} | "
                      f"**{x / r['sparse_torch_ms']:.2f}×** | {r['sparse_layers']}/{r['layers']} | {r['memory_format']} |")
+    lines += ["", "## Odd compacted widths in torch (dense, 1 thread)", "",
+              "Same layer at an odd width and at the next multiple of 4/8 (ms, medians of alternating runs; odd/aligned > 1 "
+              "would mean the odd width loses and padding would pay):", "",
+              "| layer | odd | aligned | odd ms | aligned ms | odd / aligned |", "|---|---|---|---|---|---|"]
+    lines += [f"| {w['layer']} | {w['odd']} | {w['aligned']} | {w['odd_ms']:.3f} | {w['aligned_ms']:.3f} | "
+              f"{w['odd_ms'] / w['aligned_ms']:.2f} |" for w in widths]
     return "\n".join(lines) + "\n"
 
 
@@ -184,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--select-repeats", type=int, default=3)
     parser.add_argument("--dpai-steps", type=int, default=20)
+    parser.add_argument("--cases", nargs="+", default=None, metavar="MODEL:METHOD:SPARSITY",
+                        help="exactly these rows instead of the models x methods x sparsities grid")
     parser.add_argument("--out", default=str(ROOT / "docs" / "sparse_speed.md"))
     parser.add_argument("--json", default=None)
     parser.add_argument("--from-json", default=None, help="re-render the markdown from a previous --json file")
@@ -194,24 +226,24 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.from_json).read_text())
         for key in ("runs", "warmup", "select_repeats"):
             setattr(args, key, saved["args"][key])
-        text = markdown(saved["rows"], args, saved["machine"], saved["command"], saved["load_start"])
+        text = markdown(saved["rows"], args, saved["machine"], saved["command"], saved["load_start"], saved["widths"])
     else:
         torch.set_num_threads(1)
         load_start = " ".join(f"{v:.1f}" for v in os.getloadavg())
         command = "python benchmarks/sparse_speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
         rows: list[dict[str, Any]] = []
+        cases = [tuple(c.split(":")) for c in args.cases] if args.cases else [
+            (name, method, str(sparsity)) for name in args.models for sparsity in args.sparsities for method in args.methods]
         with tempfile.TemporaryDirectory() as tmp:
-            for name in args.models:
-                src = model_path(name, Path(tmp))
-                for sparsity in args.sparsities:
-                    for method in args.methods:
-                        rows += run_case(name, src, method, sparsity, args, Path(tmp))
+            for name, method, sparsity in cases:
+                rows += run_case(name, model_path(name, Path(tmp)), method, float(sparsity), args, Path(tmp))
+        widths = odd_widths(args.runs)
         info = machine()
         if args.json:
             with atomic_write(args.json) as out:
                 out.write_text(json.dumps({"args": vars(args), "rows": rows, "machine": info, "command": command,
-                                           "load_start": load_start}, indent=2) + "\n")
-        text = markdown(rows, args, info, command, load_start)
+                                           "load_start": load_start, "widths": widths}, indent=2) + "\n")
+        text = markdown(rows, args, info, command, load_start, widths)
     with atomic_write(args.out) as out:
         out.write_text(text)
     print(text)
