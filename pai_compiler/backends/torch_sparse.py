@@ -34,7 +34,7 @@ LayerHook = Callable[[Node, list[torch.Tensor]], None]
 class _ModuleInterpreter(Interpreter):
     """The real-mode interpreter reading every Param from the module's (pre-masked) tensors."""
 
-    shape_memo: dict[tuple[str, tuple[tuple[str, int], ...]], list[int]] = {}  # symbolic shape -> ints (sympy is slow)
+    shape_memo: dict[tuple[int, tuple[tuple[str, int], ...]], tuple[Any, list[int]]] = {}  # set per module: sympy is slow
 
     def const(self, p: Param) -> torch.Tensor:
         if p.name in self.weights:
@@ -42,11 +42,11 @@ class _ModuleInterpreter(Interpreter):
         return super().const(p)
 
     def dims(self, shape: Any) -> list[int]:
-        key = (repr(tuple(shape)), tuple(sorted(self.bind.items())))
+        key = (id(shape), tuple(sorted(self.bind.items())))
         found = self.shape_memo.get(key)
-        if found is None:
-            found = self.shape_memo[key] = super().dims(shape)
-        return list(found)
+        if found is None or found[0] is not shape:  # the memo holds the shape, so its id is not reused
+            found = self.shape_memo[key] = (shape, super().dims(shape))
+        return list(found[1])
 
 
 def _masked_tensor(p: Param) -> torch.Tensor:
@@ -86,6 +86,9 @@ class SparseModule(nn.Module):
         self.passthrough: set[str] = set()  # nodes folded into their producer
         self.fused_relu: set[str] = set()  # conv nodes whose output goes through ReLU (its node a passthrough)
         self.dense_of: dict[str, str] = {}  # node name -> key of its packed dense kernel in self.kernels
+        self._rules: dict[str, Any] = {}  # node name -> interpreter rule, looked up once
+        self._shape_memo: dict[Any, Any] = {}
+        self._symbolic: list[tuple[int, int, str]] | None = None
 
     def set_memory_format(self, memory_format: str) -> None:
         """Hold 4-d weights (and run 4-d inputs) ``contiguous`` or ``channels_last`` (same values)."""
@@ -157,7 +160,8 @@ class SparseModule(nn.Module):
         ref = next(iter(weights.values()), None)
         device = ref.device if ref is not None else (inputs[0].device if inputs else "cpu")
         it = _ModuleInterpreter(self.graph, mode="real", dtype=torch.float32, device=device, weights=weights)
-        it.bind = _bindings(self.graph, inputs)
+        it.bind = self._bindings(inputs)
+        it.shape_memo = self._shape_memo
         env: dict[str, torch.Tensor] = {}
         feed = {v.name: t for v, t in zip(self.graph.inputs, inputs)}
         outputs: list[torch.Tensor] = []
@@ -194,26 +198,32 @@ class SparseModule(nn.Module):
             a = node.attrs
             bias = self.conv_bias(it, node)
             return [dense_conv(args[0], it.oi_weight(node.params["weight"]), bias, a["pads"], a["strides"], a["dilations"], a["groups"])]
-        rule = rule_for(node, "real")
+        rule = self._rules.get(node.name)
+        if rule is None:
+            rule = self._rules[node.name] = rule_for(node, "real")
         if rule is None:
             raise PaicError(f"node {node.name!r} ({node.kind.value}): cannot be evaluated in torch")
         return rule(it, node, args)
 
+    def _bindings(self, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+        """Symbolic input dims bound to this run's sizes (where they are is found once)."""
+        if self._symbolic is None:
+            self._symbolic = [(i, axis, d.name if isinstance(d, sympy.Symbol) else d) for i, v in enumerate(self.graph.inputs)
+                              for axis, d in enumerate(v.shape or ()) if isinstance(d, (sympy.Symbol, str))]
+        bind: dict[str, int] = {}
+        for index, axis, name in self._symbolic:
+            if index < len(inputs) and axis < inputs[index].dim():
+                bind.setdefault(name, int(inputs[index].shape[axis]))
+        return bind
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_rules={}, _shape_memo={}, _symbolic=None)  # per-process caches (rules may be lambdas)
+        return state
+
     def forward(self, *inputs: torch.Tensor) -> Any:
         outs = self.run(list(inputs))
         return outs[0] if len(outs) == 1 else tuple(outs)
-
-
-def _bindings(graph: Graph, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
-    """Symbolic input dims bound to this run's sizes."""
-    bind: dict[str, int] = {}
-    for v, t in zip(graph.inputs, inputs):
-        for d, size in zip(v.shape or (), t.shape):
-            if isinstance(d, sympy.Symbol):
-                bind.setdefault(d.name, int(size))
-            elif isinstance(d, str):
-                bind.setdefault(d, int(size))
-    return bind
 
 
 def sparse_kernel(module: SparseModule, node: Node, layout: str, gather: str = "index") -> Kernel | None:
