@@ -72,7 +72,9 @@ def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *,
         if relative_error(sparse_run(kernel), reference) <= EXACT:
             sparse_ms[layout] = times[layout]
     best = min(sparse_ms, key=sparse_ms.__getitem__, default=None)
-    if best is not None and policy == "sparse":
+    if policy == "dense":
+        choice, reason = "dense", "policy dense"
+    elif best is not None and policy == "sparse":
         choice, reason = best, f"policy sparse ({times['dense'] / sparse_ms[best]:.2f}x)"
     elif best is not None and policy == "auto" and sparse_ms[best] < margin * times["dense"]:
         choice, reason = best, f"{best} {times['dense'] / sparse_ms[best]:.2f}x faster than dense"
