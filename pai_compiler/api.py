@@ -250,8 +250,11 @@ def compact_graph(graph: Graph, *, align: int = 1, instruments: Sequence[Instrum
     return compact_report_of(PassManager([DeadNodeElimPass(align=align)], instruments=instruments).run(graph))
 
 
-def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], report: CompactReport, *, pipeline: str = "") -> None:
-    """Write a compacted graph: .onnx rewrites the source ONNX model, .pt saves a torch CompactModule.
+def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], report: CompactReport, *,
+                 pipeline: str = "", batch: int = 1, threads: int = 1, device: str = "cpu") -> dict[str, Any] | None:
+    """Write a compacted graph: .onnx rewrites the source ONNX model; .pt saves a torch SparseModule
+    whose conv/linear layers run dense or sparse, whichever was faster at ``batch``/``threads`` on
+    ``device`` (returns that choice, the ``sparse_exec`` report block; None for .onnx).
 
     ``report``: everything dead-node-elim did to ``graph`` since it was read (the ONNX rewrite
     needs the changed Params, Reshapes and Splits)."""
@@ -259,8 +262,10 @@ def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.Pat
         from pai_compiler.backends.onnx_compact import write_compact_onnx
 
         write_compact_onnx(graph, source, out, report, pipeline=pipeline)
-        return
-    from pai_compiler.backends.torch_compact import compact_module
+        return None
+    from pai_compiler.backends.sparse_select import build_sparse_module
     from pai_compiler.io import save_torch_atomic
 
-    save_torch_atomic(out, compact_module(graph))
+    module, choice = build_sparse_module(graph, batch=batch, threads=threads, device=device)
+    save_torch_atomic(out, module)
+    return choice.to_dict()

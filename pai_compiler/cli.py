@@ -1,4 +1,4 @@
-"""The ``paic`` command line (typer): optimize, audit, passes.
+"""The ``paic`` command line (typer): optimize, audit, compact, bench, passes.
 
 Exit codes: 0 ok, 1 model/processing error (one line on stderr, no traceback unless
 ``--debug``), 2 usage error. Heavy modules (torch, onnx, onnxruntime) are imported inside the
@@ -202,7 +202,9 @@ def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[s
         return None
     compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments))
     compact_doc = _compact_summary(after, result.graph, compacted)
-    api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline)
+    sparse_doc = api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline)
+    if sparse_doc is not None:
+        compact_doc["sparse_exec"] = sparse_doc
     return compact_doc
 
 
@@ -387,11 +389,15 @@ def compact(
     output: Annotated[str, typer.Option("-o", "--output", help="Output compact model (.onnx, or .pt for a torch module).")],
     report: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report here.")] = None,
     align: Annotated[int, typer.Option("--align", help="Keep layer widths multiples of N (faster ORT kernels; still exact).")] = 1,
+    batch: Annotated[Optional[int], typer.Option("--batch", help="With -o X.pt: the batch size each layer's dense/sparse kernel is timed at (default 1).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="With -o X.pt: torch threads for that timing (default 1).")] = None,
+    device: Annotated[str, typer.Option("--device", help="With -o X.pt: cpu or cuda (where the module will run).")] = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
-    """Remove the dead channels of an already-sparse ONNX MODEL and write the compact model."""
+    """Remove the dead channels of an already-sparse ONNX MODEL and write the compact model
+    (.pt: a torch module running each conv/linear dense or sparse, whichever is faster)."""
     with guard(debug):
         from pai_compiler import api
         from pai_compiler.audit import masks_from_zeros
@@ -400,6 +406,12 @@ def compact(
 
         out = check_output_path(output, [model], force=force)
         api.check_output_format(out, torch_source=False, compact=True)
+        if api.output_suffix(out) != ".pt" and (batch is not None or threads is not None or device != "cpu"):
+            raise UsageError("--batch, --threads and --device time the kernels of a torch output: use -o FAST.pt")
+        for flag, value in (("--batch", batch), ("--threads", threads)):
+            if value is not None and value < 1:
+                raise UsageError(f"{flag} must be a positive integer, got {value}")
+        api.check_device(device)
         report_path = _report_path(report, out, [model], force=force)
         graph = api.load_model(model)
         if graph.meta.get("source_format") != "onnx":
@@ -408,17 +420,45 @@ def compact(
         masked = _totals(graph)
         unsaved = len(graph.meta["warnings"])
         compacted = api.compact_graph(graph, align=align)
-        api.save_compact(graph, model, out, compacted)
+        sparse_doc = api.save_compact(graph, model, out, compacted, batch=batch or 1, threads=threads or 1, device=device)
         # the frontend's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(graph.meta["warnings"][:unsaved]), *graph.meta["warnings"][unsaved:]]
         doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph, compacted),
                "warnings": warnings}
+        if sparse_doc is not None:
+            doc["sparse_exec"] = sparse_doc
         _write_report(report_path, doc)
         if not quiet:
             console = _stdout_console()
             _render_compact(console, doc, str(out))
+            if sparse_doc is not None:
+                from pai_compiler.bench import render_sparse_exec
+
+                render_sparse_exec(console, sparse_doc)
             for w in doc["warnings"]:
                 console.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def bench(
+    models: Annotated[list[str], typer.Argument(help="Models to time: .onnx (onnxruntime) and .pt (a pickled torch module); the first is the baseline.")],
+    batch: Annotated[Optional[int], typer.Option("--batch", help="Batch size bound to a symbolic first dim (default 1).")] = None,
+    threads: Annotated[int, typer.Option("--threads", help="Intra-op threads (onnxruntime session, torch.set_num_threads).")] = 1,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Full shape of the first input, batch first, e.g. 1,3,32,32.")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", help="Timed rounds (the median is reported).")] = 10,
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs of each model first.")] = 3,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
+) -> None:
+    """Median latency of each MODEL on one input, speed-up against the first, and output agreement."""
+    with guard(debug):
+        from pai_compiler.bench import bench_models, render_bench
+
+        doc = bench_models(models, batch=batch, threads=threads, input_shape=input_shape, repeats=repeats, warmup=warmup).to_dict()
+        if json_output:
+            sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        else:
+            render_bench(_stdout_console(), doc)
 
 
 @app.command()

@@ -2,7 +2,7 @@
 
 Floors (DESIGN.md), lowest first: ir (1); infra (2: pass_infra, pipeline, registry, interp,
 interp_rules, io, errors, progress, memory, onnx_wire, ort, _version); passes (3); frontends and backends
-(4, never each other); faces (5: api, cli, prune, audit) and the lab (5: zoo, data,
+(4, never each other); faces (5: api, cli, prune, audit, bench) and the lab (5: zoo, data,
 training, autosparse label collection). Every ``import`` statement of every module counts,
 module-level and function-local. Run ``python scripts/import_graph.py`` for the summary;
 ``tests/test_floors.py`` asserts the counts are zero.
@@ -23,7 +23,7 @@ PACKAGE_DIRS = {"pai_compiler": ROOT / "pai_compiler", "pai_compiler.passes": RO
 FOUNDATION = {"errors", "_version"}  # floor 0: leaves every floor may import
 INFRA = {"pass_infra", "pipeline", "registry", "interp", "interp_rules", "io", "progress", "memory", "onnx_wire", "ort",
          "__init__"}
-FACES = {"api", "cli", "prune", "audit"}
+FACES = {"api", "cli", "prune", "audit", "bench"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,186 @@
+"""Choosing each layer's kernel by measurement: ``t_dense`` vs ``t_sparse`` medians on the target shape.
+
+``build_sparse_module(graph)`` makes a :class:`~pai_compiler.backends.torch_sparse.SparseModule`
+(BatchNorms folded into their convs), picks the faster memory format of the dense model
+(contiguous or channels_last), then times every groups=1 2-D conv and every linear layer dense
+against its sparse kernels (CSR — on CUDA also BSR — with the conv taps read by index or by
+copy) on the activations the layer really sees at ``batch`` with ``threads`` threads:
+medians of ``repeats`` alternating runs after ``warmup`` runs. ``policy="auto"`` keeps a sparse
+kernel only when ``t_sparse < margin * t_dense`` and its output equals the dense one (max
+relative error ``<= EXACT``); then the whole model is timed both ways, alternating, and if the
+choice is not faster every layer goes back to dense — the auto choice is never slower than the
+compact dense model. ``policy="sparse"`` installs every exact sparse kernel (tests,
+experiments), ``policy="dense"`` none.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from pai_compiler.backends.sparse_fusion import fuse_for_inference
+from pai_compiler.backends.sparse_kernels import GATHERS, layout_fits
+from pai_compiler.backends.sparse_timing import LayerTiming, SparseExecReport, example_inputs, relative_error, time_alternating
+from pai_compiler.backends.torch_sparse import Kernel, SparseModule, sparse_kernel
+from pai_compiler.errors import PaicError, UsageError
+from pai_compiler.interp import Interpreter
+from pai_compiler.ir import Graph, Node, OpKind
+
+__all__ = ["build_sparse_module", "choose_kernels", "choose_memory_format", "EXACT", "POLICIES"]
+
+#: auto: the faster per layer, never slower as a model; sparse: every layer with a sparse form
+#: (exactness tests, experiments); dense: none (the compact model in torch)
+POLICIES = ("auto", "sparse", "dense")
+#: the largest relative error a sparse kernel may have against the dense layer
+EXACT = 1e-5
+
+
+def _default_layouts(device: str) -> tuple[str, ...]:
+    return ("csr", "bsr") if str(device).startswith("cuda") else ("csr",)
+
+
+def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *, device: str, repeats: int,
+                  warmup: int, margin: float, layouts: Sequence[str], policy: str) -> tuple[LayerTiming, Kernel | None]:
+    """Time ``node`` dense against its sparse kernels on ``args``; the row and the winning kernel."""
+    it = module.interpreter()
+    weight = it.oi_weight(node.params["weight"])
+    columns = weight.shape[1] * int(np.prod(weight.shape[2:])) if weight.dim() > 1 else 1
+    used = int((weight != 0).reshape(weight.shape[0], -1).any(0).sum()) if weight.dim() > 1 else 0
+    kernels: dict[str, Kernel] = {}
+    for layout in layouts:
+        for gather in GATHERS if node.kind is OpKind.CONV else GATHERS[:1]:
+            kernel = sparse_kernel(module, node, layout, gather) if layout_fits(layout, weight.shape[0], used) else None
+            if kernel is not None:
+                kernels[f"{layout}/{gather}" if node.kind is OpKind.CONV else layout] = kernel.to(weight.device)
+    dense_run = lambda: module.evaluate(it, node, args)  # noqa: E731 (a closure over this layer's operands)
+    candidates: dict[str, Callable[[], Any]] = {"dense": dense_run}
+    relu = node.name in module.fused_relu  # the dense kernel applies it: so must the sparse one
+
+    def sparse_run(kernel: Kernel) -> torch.Tensor:
+        out = kernel(args[0])
+        return torch.relu_(out) if relu else out
+
+    candidates.update({name: (lambda k=k: sparse_run(k)) for name, k in kernels.items()})
+    times = time_alternating(candidates, repeats=repeats, warmup=warmup, device=device)
+    reference = dense_run()[0]
+    sparse_ms: dict[str, float] = {}
+    for layout, kernel in kernels.items():
+        if relative_error(sparse_run(kernel), reference) <= EXACT:
+            sparse_ms[layout] = times[layout]
+    best = min(sparse_ms, key=sparse_ms.__getitem__, default=None)
+    if policy == "dense":
+        choice, reason = "dense", "policy dense"
+    elif best is not None and policy == "sparse":
+        choice, reason = best, f"policy sparse ({times['dense'] / sparse_ms[best]:.2f}x)"
+    elif best is not None and policy == "auto" and sparse_ms[best] < margin * times["dense"]:
+        choice, reason = best, f"{best} {times['dense'] / sparse_ms[best]:.2f}x faster than dense"
+    elif best is not None:
+        choice, reason = "dense", f"{best} not faster than dense ({times['dense'] / sparse_ms[best]:.2f}x)"
+    else:
+        choice, reason = "dense", "no sparse form (grouped, not 2-d, or empty)" if not kernels else "sparse output not exact"
+    density = float((weight != 0).sum()) / max(1, weight.numel())
+    row = LayerTiming(node=node.name, kind=node.kind.value, weight_shape=tuple(int(d) for d in weight.shape),
+                      density=round(density, 6), columns_used=used, columns=int(columns), choice=choice,
+                      dense_ms=round(times["dense"], 4), sparse_ms={k: round(v, 4) for k, v in sparse_ms.items()}, reason=reason)
+    return row, kernels.get(choice)
+
+
+def choose_memory_format(module: SparseModule, inputs: list[torch.Tensor], *, device: str, repeats: int,
+                         warmup: int) -> tuple[str, dict[str, float]]:
+    """Set ``module`` (dense) to the faster of contiguous / channels_last; both medians in ms.
+
+    A model without 4-d convolutions stays contiguous (nothing to measure)."""
+    if not any(n.kind is OpKind.CONV and len(n.params["weight"].shape) == 4 for n in module.graph.nodes):
+        return "contiguous", {}
+    nhwc = copy.deepcopy(module)
+    nhwc.set_memory_format("channels_last")
+    times = time_alternating({"contiguous": lambda: module.run(inputs), "channels_last": lambda: nhwc.run(inputs)},
+                             repeats=repeats, warmup=warmup, device=device)
+    del nhwc
+    best = min(times, key=times.__getitem__)
+    module.set_memory_format(best)
+    return best, {k: round(v, 4) for k, v in times.items()}
+
+
+def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, reference: list[torch.Tensor], device: str, threads: int, repeats: int,
+                   warmup: int, margin: float, layouts: Sequence[str] | None = None, policy: str = "auto") -> SparseExecReport:
+    """Install the faster kernel per layer in ``module``; dense everywhere unless the whole model gains."""
+    report = SparseExecReport(device=str(device), batch=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1,
+                              threads=threads, repeats=repeats, warmup=warmup)
+    chosen: dict[str, Kernel] = {}
+    report.memory_format, report.memory_format_ms = choose_memory_format(module, inputs, device=device, repeats=repeats, warmup=warmup)
+
+    def measure(node: Node, args: list[torch.Tensor]) -> None:
+        row, kernel = _layer_timing(module, node, args, device=device, repeats=repeats, warmup=warmup, margin=margin,
+                                    layouts=layouts or _default_layouts(device), policy=policy)
+        report.layers.append(row)
+        if kernel is not None:
+            chosen[node.name] = kernel
+
+    dense_out = module.run(inputs, on_layer=measure)
+    for name, kernel in chosen.items():
+        module.install(name, kernel)
+    sparse_out = module.run(inputs)
+    report.max_relative_error = max((relative_error(got, ref) for outs in (sparse_out, dense_out) for got, ref in zip(outs, reference)
+                                     if got.is_floating_point()), default=0.0)
+    if report.max_relative_error > EXACT:
+        raise PaicError(f"sparse execution differs from the masked model (max relative error {report.max_relative_error:.2e})")
+    if not chosen:
+        report.model_dense_ms = report.model_chosen_ms = time_alternating({"dense": lambda: module.run(inputs)}, repeats=repeats, warmup=warmup, device=device)["dense"]
+        return report
+    dense_module = _DenseView(module)
+    times = time_alternating({"dense": lambda: dense_module.run(inputs), "chosen": lambda: module.run(inputs)},
+                             repeats=repeats, warmup=warmup, device=device)
+    report.model_dense_ms, report.model_chosen_ms = round(times["dense"], 4), round(times["chosen"], 4)
+    if policy == "auto" and times["chosen"] >= margin * times["dense"]:
+        for name in chosen:
+            module.install(name, None)
+        report.fallback = f"the sparse choice ran {times['chosen']:.3f} ms against {times['dense']:.3f} ms dense: every layer dense"
+        report.model_chosen_ms = report.model_dense_ms
+        report.layers = [replace(row, choice="dense", reason=row.reason + "; model-level fallback") for row in report.layers]
+    return report
+
+
+class _DenseView:
+    """Runs a ``SparseModule`` with every layer dense (its kernels ignored), for the model-level check."""
+
+    def __init__(self, module: SparseModule) -> None:
+        self.module = module
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        saved = self.module.kernel_of
+        self.module.kernel_of = {}
+        try:
+            return self.module.run(inputs)
+        finally:
+            self.module.kernel_of = saved
+
+
+def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, device: str = "cpu", repeats: int = 5,
+                        warmup: int = 2, margin: float = 0.95, layouts: Sequence[str] | None = None, policy: str = "auto",
+                        inputs: Sequence[torch.Tensor] | None = None, seed: int = 0) -> tuple[SparseModule, SparseExecReport]:
+    """A ``SparseModule`` for ``graph`` with per-layer kernels chosen by timing on the target shape."""
+    if threads < 1:
+        raise UsageError(f"--threads must be a positive integer, got {threads}")
+    if policy not in POLICIES:
+        raise UsageError(f"sparse-execution policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        module = SparseModule(graph)
+        fuse_for_inference(module)
+        module = module.to(device).eval()
+        feed = list(inputs) if inputs is not None else example_inputs(graph, batch=batch, device=device, seed=seed)
+        with torch.no_grad():  # the IR's own semantics: what every fusion and kernel must reproduce
+            reference = Interpreter(graph, device=device).run(feed, keep_values=False)
+        with torch.no_grad():
+            report = choose_kernels(module, feed, reference=reference, device=device, threads=threads, repeats=repeats, warmup=warmup,
+                                    margin=margin, layouts=layouts, policy=policy)
+    finally:
+        torch.set_num_threads(previous)
+    module.drop_unused_weights()
+    return module, report

@@ -1,0 +1,138 @@
+"""Timing and report types of sparse execution: alternating medians, example inputs, the JSON schema.
+
+``time_alternating(candidates)`` runs every candidate ``warmup`` times, then ``repeats`` rounds
+in alternating order (forward, then reversed: drift on a shared machine hits all alike) and
+returns each candidate's median wall time in ms. ``relative_error(got, ref) =
+max|got - ref| / max(max|ref|, tiny)``, the exactness measure of every sparse kernel.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sympy
+import torch
+
+from pai_compiler.errors import UsageError
+from pai_compiler.ir import Graph
+
+__all__ = ["LayerTiming", "SparseExecReport", "time_alternating", "relative_error", "example_inputs", "synchronizer"]
+
+#: the report's schema version (its keys are stable)
+SCHEMA = 1
+
+
+@dataclass(frozen=True)
+class LayerTiming:
+    """One conv/linear layer: its sparsity, the candidates' medians and the choice."""
+
+    node: str
+    kind: str  # conv | linear
+    weight_shape: tuple[int, ...]
+    density: float  # nonzero weights / weights of the (compact) layer
+    columns_used: int  # im2col taps (conv) or input features (linear) some kept weight reads
+    columns: int
+    choice: str  # dense, or the sparse kernel: csr | bsr (linear), csr/index | csr/copy | bsr/... (conv: layout/gather)
+    dense_ms: float
+    sparse_ms: dict[str, float]  # sparse kernel -> median ms (exact ones only; empty: no sparse form)
+    reason: str
+
+
+@dataclass
+class SparseExecReport:
+    """What ``build_sparse_module`` measured and chose (``to_dict`` is the ``--report`` block)."""
+
+    device: str
+    batch: int
+    threads: int
+    repeats: int
+    warmup: int
+    layers: list[LayerTiming] = field(default_factory=list)
+    model_dense_ms: float = 0.0
+    model_chosen_ms: float = 0.0
+    fallback: str = ""  # why every layer went back to dense, if it did
+    memory_format: str = "contiguous"  # of 4-d activations and weights: contiguous | channels_last
+    memory_format_ms: dict[str, float] = field(default_factory=dict)  # dense model median per format
+    max_relative_error: float = 0.0
+
+    @property
+    def sparse_layers(self) -> int:
+        return sum(1 for row in self.layers if row.choice != "dense")
+
+    @property
+    def speedup(self) -> float:
+        return self.model_dense_ms / self.model_chosen_ms if self.model_chosen_ms > 0 else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["layers"] = [{**asdict(row), "weight_shape": list(row.weight_shape)} for row in self.layers]
+        doc.update(schema=SCHEMA, sparse_layers=self.sparse_layers, speedup=round(self.speedup, 4))
+        return doc
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """Wait for queued device work (CUDA) before reading the clock; a no-op on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def time_alternating(candidates: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int,
+                     device: str = "cpu") -> dict[str, float]:
+    """Median ms of each candidate over ``repeats`` alternating rounds after ``warmup`` runs."""
+    sync = synchronizer(device)
+    names = list(candidates)
+    for _ in range(warmup):
+        for name in names:
+            candidates[name]()
+    sync()
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(max(1, repeats)):
+        for name in names if round_index % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            candidates[name]()
+            sync()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
+
+
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """``max|got - ref| / max|ref|`` (0 for two empty tensors)."""
+    if ref.numel() == 0:
+        return 0.0
+    scale = max(float(ref.abs().max()), 1e-30)
+    return float((got.double() - ref.double()).abs().max()) / scale
+
+
+def _concrete_shape(name: str, shape: Sequence[Any], batch: int) -> list[int]:
+    dims: list[int] = []
+    for index, d in enumerate(shape):
+        if isinstance(d, int):
+            dims.append(d)
+        elif index == 0:
+            dims.append(batch)
+        else:
+            symbol = d.name if isinstance(d, sympy.Symbol) else str(d)
+            raise UsageError(f"input {name!r} has the symbolic dim {symbol!r} besides the batch; export the model "
+                             "with fixed shapes (only the first dim is bound, by --batch)")
+    return dims
+
+
+def example_inputs(graph: Graph, *, batch: int, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
+    """Random float inputs (zeros for integer inputs: valid indices) of ``graph``'s shapes, batch bound."""
+    if batch < 1:
+        raise UsageError(f"--batch must be a positive integer, got {batch}")
+    generator = torch.Generator().manual_seed(seed)
+    feed: list[torch.Tensor] = []
+    for v in graph.inputs:
+        if v.shape is None:
+            raise UsageError(f"input {v.name!r} has no known shape; export the model with fixed input shapes")
+        dims = _concrete_shape(v.name, v.shape, batch)
+        if v.dtype.startswith("float"):
+            feed.append(torch.randn(dims, generator=generator).to(device))
+        else:
+            feed.append(torch.zeros(dims, dtype=torch.int64, device=device))
+    return feed

@@ -1,0 +1,244 @@
+"""Sparse-execution torch module: the IR's real semantics, each conv/linear dense or on a sparse kernel.
+
+``SparseModule(graph)`` holds every float Param masked once (``W * M``) as a buffer and runs the
+graph node by node like the IR interpreter (``real`` mode); ``install(node, kernel)`` makes a
+conv/linear node run a :mod:`~pai_compiler.backends.sparse_kernels` kernel instead of its dense
+layer (``dense=True``: a packed dense layer, see :mod:`~pai_compiler.backends.sparse_fusion`,
+which also folds BatchNorms and ReLUs into convs), ``set_memory_format`` holds 4-d tensors
+channels_last. Which
+kernel each layer gets is measured in :mod:`~pai_compiler.backends.sparse_select`. The module
+is for inference (weights are buffers; train the ``CompactModule``), pickles whole
+(``torch.save`` / ``torch.load(..., weights_only=False)``) and moves with ``.to(device)``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import sympy
+import torch  # a module class needs nn.Module at import time (like pai_compiler.interp)
+from torch import nn
+
+from pai_compiler.backends.sparse_kernels import SparseConv2d, SparseLinear, dense_conv
+from pai_compiler.errors import PaicError
+from pai_compiler.interp import Interpreter, is_float_array, rule_for, torch_ready
+from pai_compiler.ir import Graph, Node, OpKind, Param
+
+__all__ = ["SparseModule", "sparse_kernel", "Kernel"]
+
+Kernel = nn.Module
+LayerHook = Callable[[Node, list[torch.Tensor]], None]
+
+
+class _ModuleInterpreter(Interpreter):
+    """The real-mode interpreter reading every Param from the module's (pre-masked) tensors."""
+
+    shape_memo: dict[tuple[int, tuple[tuple[str, int], ...]], tuple[Any, list[int]]] = {}  # set per module: sympy is slow
+
+    def const(self, p: Param) -> torch.Tensor:
+        if p.name in self.weights:
+            return self.weights[p.name]
+        return super().const(p)
+
+    def dims(self, shape: Any) -> list[int]:
+        key = (id(shape), tuple(sorted(self.bind.items())))
+        found = self.shape_memo.get(key)
+        if found is None or found[0] is not shape:  # the memo holds the shape, so its id is not reused
+            found = self.shape_memo[key] = (shape, super().dims(shape))
+        return list(found[1])
+
+
+def _masked_tensor(p: Param) -> torch.Tensor:
+    data = torch_ready(p.data)
+    tensor = torch.tensor(data.astype(np.float32) if data.dtype == np.float64 else data)
+    if p.mask is not None:
+        tensor = tensor * torch.from_numpy(np.asarray(p.mask)).to(tensor.dtype)
+    return tensor
+
+
+def _safe_key(name: str, used: set[str]) -> str:
+    key = "".join(ch if ch.isalnum() else "_" for ch in name).strip("_") or "t"
+    key = f"t_{key}"
+    while key in used:
+        key += "_"
+    used.add(key)
+    return key
+
+
+class SparseModule(nn.Module):
+    """Runs ``graph`` with pre-masked weights; nodes named in ``kernels`` run their sparse kernel."""
+
+    def __init__(self, graph: Graph) -> None:
+        super().__init__()
+        self.graph = graph.clone()
+        self.graph.meta.pop("torch_module", None)  # a live source module refuses pickling
+        self.keys: dict[str, str] = {}
+        used: set[str] = set()
+        for p in self.graph.params():
+            if is_float_array(p.data):
+                self.keys[p.name] = _safe_key(p.name, used)
+                self.register_buffer(self.keys[p.name], _masked_tensor(p))
+        self.kernels = nn.ModuleDict()
+        self.kernel_of: dict[str, str] = {}  # node name -> key in self.kernels
+        self.memory_format = "contiguous"  # or channels_last: 4-d activations and weights NHWC
+        self.folded_bias: dict[str, str] = {}  # conv node -> buffer of its bias with a BatchNorm folded in
+        self.passthrough: set[str] = set()  # nodes folded into their producer
+        self.fused_relu: set[str] = set()  # conv nodes whose output goes through ReLU (its node a passthrough)
+        self.dense_of: dict[str, str] = {}  # node name -> key of its packed dense kernel in self.kernels
+        self._rules: dict[str, Any] = {}  # node name -> interpreter rule, looked up once
+        self._shape_memo: dict[Any, Any] = {}
+        self._symbolic: list[tuple[int, int, str]] | None = None
+
+    def set_memory_format(self, memory_format: str) -> None:
+        """Hold 4-d weights (and run 4-d inputs) ``contiguous`` or ``channels_last`` (same values)."""
+        layout = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}[memory_format]
+        for key in self.keys.values():
+            tensor = getattr(self, key)
+            if tensor.dim() == 4 and tensor.layout == torch.strided:
+                setattr(self, key, tensor.contiguous(memory_format=layout))
+        self.memory_format = memory_format
+
+    def install(self, node_name: str, kernel: Kernel | None, *, dense: bool = False) -> None:
+        """Run ``node_name`` on the sparse ``kernel`` (None: back to the dense layer); with
+        ``dense=True`` make ``kernel`` the node's dense layer instead."""
+        table = self.dense_of if dense else self.kernel_of
+        key = table.pop(node_name, None)
+        if key is not None:
+            del self.kernels[key]
+        if kernel is not None:
+            key = _safe_key(node_name, set(self.kernels.keys()))
+            self.kernels[key] = kernel
+            table[node_name] = key
+
+    def add_buffer(self, name: str, tensor: torch.Tensor) -> str:
+        """Register ``tensor`` under a fresh key derived from ``name``; returns the key."""
+        key = _safe_key(name, set(self.keys.values()) | set(self.folded_bias.values()) | set(self._buffers))
+        self.register_buffer(key, tensor)
+        return key
+
+    def readers(self) -> dict[str, int]:
+        """Param name -> the number of nodes reading it."""
+        counts: dict[str, int] = {}
+        for node in self.graph.nodes:
+            for p in node.params.values():
+                counts[p.name] = counts.get(p.name, 0) + 1
+        return counts
+
+    def drop_unused_weights(self) -> None:
+        """Free the dense copies of weights that only sparse kernels read (smaller file)."""
+        readers = self.readers()
+        for node_name in [*self.kernel_of, *self.dense_of]:
+            node = self.graph.node(node_name)
+            for role in ("weight", "bias"):
+                p = node.params.get(role)
+                if p is not None and readers.get(p.name) == 1 and p.name in self.keys:
+                    delattr(self, self.keys.pop(p.name))
+            if node_name in self.folded_bias and (node_name in self.dense_of or node_name in self.kernel_of):
+                delattr(self, self.folded_bias.pop(node_name))
+        for node_name in self.passthrough:
+            for p in self.graph.node(node_name).params.values():
+                if readers.get(p.name) == 1 and p.name in self.keys:
+                    delattr(self, self.keys.pop(p.name))
+
+    def conv_bias(self, it: Interpreter, node: Node) -> torch.Tensor | None:
+        """The bias a conv node adds (its BatchNorm folded in, if one was)."""
+        if node.name in self.folded_bias:
+            return getattr(self, self.folded_bias[node.name])
+        return it.weight(node.params["bias"]) if "bias" in node.params else None
+
+    def interpreter(self) -> Interpreter:
+        """A real-mode interpreter reading this module's (pre-masked, folded) tensors."""
+        return _ModuleInterpreter(self.graph, weights=self.tensors())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, key) for name, key in self.keys.items()}
+
+    def run(self, inputs: Sequence[torch.Tensor], on_layer: LayerHook | None = None) -> list[torch.Tensor]:
+        """Evaluate the graph; ``on_layer(node, args)`` sees the inputs of every conv/linear node."""
+        weights = self.tensors()
+        ref = next(iter(weights.values()), None)
+        device = ref.device if ref is not None else (inputs[0].device if inputs else "cpu")
+        it = _ModuleInterpreter(self.graph, mode="real", dtype=torch.float32, device=device, weights=weights)
+        it.bind = self._bindings(inputs)
+        it.shape_memo = self._shape_memo
+        env: dict[str, torch.Tensor] = {}
+        feed = {v.name: t for v, t in zip(self.graph.inputs, inputs)}
+        outputs: list[torch.Tensor] = []
+        for node in self.graph.nodes:
+            if node.kind is OpKind.INPUT:
+                t = feed[node.outputs[0].name].to(device)
+                if t.is_floating_point():
+                    t = t.float()
+                    if self.memory_format == "channels_last" and t.dim() == 4:
+                        t = t.contiguous(memory_format=torch.channels_last)
+                env[node.outputs[0].name] = t
+                continue
+            if node.kind is OpKind.OUTPUT:
+                outputs.append(env[node.inputs[0].name])
+                continue
+            args = [env[v.name] for v in node.inputs]
+            if on_layer is not None and node.kind in (OpKind.CONV, OpKind.LINEAR):
+                on_layer(node, args)
+            for v, t in zip(node.outputs, self.evaluate(it, node, args)):
+                env[v.name] = t
+        return outputs
+
+    def evaluate(self, it: Interpreter, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = self.kernel_of.get(node.name)
+        if key is not None:
+            out = self.kernels[key](args[0])
+            return [torch.relu_(out) if node.name in self.fused_relu else out]
+        if node.name in self.passthrough:
+            return [args[0]]
+        key = self.dense_of.get(node.name)
+        if key is not None:  # the packed dense conv, its ReLU fused
+            return [self.kernels[key](args[0])]
+        if node.kind is OpKind.CONV:
+            a = node.attrs
+            bias = self.conv_bias(it, node)
+            return [dense_conv(args[0], it.oi_weight(node.params["weight"]), bias, a["pads"], a["strides"], a["dilations"], a["groups"])]
+        rule = self._rules.get(node.name)
+        if rule is None:
+            rule = self._rules[node.name] = rule_for(node, "real")
+        if rule is None:
+            raise PaicError(f"node {node.name!r} ({node.kind.value}): cannot be evaluated in torch")
+        return rule(it, node, args)
+
+    def _bindings(self, inputs: Sequence[torch.Tensor]) -> dict[str, int]:
+        """Symbolic input dims bound to this run's sizes (where they are is found once)."""
+        if self._symbolic is None:
+            self._symbolic = [(i, axis, d.name if isinstance(d, sympy.Symbol) else d) for i, v in enumerate(self.graph.inputs)
+                              for axis, d in enumerate(v.shape or ()) if isinstance(d, (sympy.Symbol, str))]
+        bind: dict[str, int] = {}
+        for index, axis, name in self._symbolic:
+            if index < len(inputs) and axis < inputs[index].dim():
+                bind.setdefault(name, int(inputs[index].shape[axis]))
+        return bind
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_rules={}, _shape_memo={}, _symbolic=None)  # per-process caches (rules may be lambdas)
+        return state
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        outs = self.run(list(inputs))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def sparse_kernel(module: SparseModule, node: Node, layout: str, gather: str = "index") -> Kernel | None:
+    """The sparse kernel for ``node`` in ``layout`` (conv: reading its taps by ``gather``), or None
+    where no sparse form applies."""
+    it = module.interpreter()
+    weight = it.oi_weight(node.params["weight"])
+    bias = module.conv_bias(it, node) if node.kind is OpKind.CONV else (it.weight(node.params["bias"]) if "bias" in node.params else None)
+    if not bool((weight != 0).any()):
+        return None
+    a = node.attrs
+    if node.kind is OpKind.CONV:
+        if weight.dim() != 4 or a["groups"] != 1:
+            return None
+        return SparseConv2d(weight, bias, a["pads"], a["strides"], a["dilations"], layout=layout, gather=gather)
+    if weight.dim() != 2:
+        return None
+    return SparseLinear(weight, bias, alpha=a.get("alpha", 1.0), beta=a.get("beta", 1.0), layout=layout)

@@ -1,0 +1,245 @@
+"""Sparse execution (``paic compact -o FAST.pt``): exact outputs, the report's schema, never slower.
+
+* The kernels (CSR over the used im2col taps; linear over the used input features) equal
+  ``F.conv2d`` / ``F.linear`` on strided, dilated, asymmetrically padded and 1×1 convolutions.
+* With every eligible layer forced sparse (``policy="sparse"``) the module equals the masked
+  model — onnxruntime on a hand-made wide model, the IR interpreter on the example models —
+  to a max relative error of 1e-5, and it pickles.
+* ``policy="auto"`` keeps a sparse kernel only when its measured median beats the dense one,
+  and falls back to all-dense when the whole model is not faster (checked with fixed timings,
+  never with wall-clock assertions).
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn.functional as F
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from pai_compiler import api
+from pai_compiler.audit import masks_from_zeros
+from pai_compiler.backends import sparse_select
+from pai_compiler.backends.sparse_kernels import GATHERS, SparseConv2d, SparseLinear
+from pai_compiler.backends.sparse_timing import relative_error
+from pai_compiler.backends.sparse_select import build_sparse_module
+from pai_compiler.backends.torch_sparse import SparseModule
+from pai_compiler.cli import app
+from pai_compiler.interp import Interpreter
+from pai_compiler.ort import session
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples" / "models"
+LAYER_KEYS = {"node", "kind", "weight_shape", "density", "columns_used", "columns", "choice", "dense_ms", "sparse_ms", "reason"}
+REPORT_KEYS = {"schema", "device", "batch", "threads", "repeats", "warmup", "layers", "model_dense_ms", "model_chosen_ms",
+               "fallback", "memory_format", "memory_format_ms", "max_relative_error", "sparse_layers", "speedup"}
+
+
+def _sparse(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=generator) * (torch.rand(shape, generator=generator) < density)
+
+
+@pytest.mark.parametrize("pads,strides,dilations,kernel", [
+    ([1, 1, 1, 1], [1, 1], [1, 1], 3), ([0, 1, 2, 1], [2, 1], [1, 2], 3), ([0, 0, 0, 0], [1, 1], [1, 1], 1),
+    ([2, 2, 2, 2], [2, 2], [2, 2], 5),
+])
+@pytest.mark.parametrize("gather", GATHERS)
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sparse_conv_kernel_equals_conv2d(pads: list[int], strides: list[int], dilations: list[int], kernel: int, gather: str,
+                                          batch: int) -> None:
+    weight = _sparse((12, 8, kernel, kernel), 0.1, seed=kernel)
+    bias = torch.randn(12)
+    x = torch.randn(batch, 8, 11, 9)
+    ref = F.conv2d(F.pad(x, [pads[1], pads[3], pads[0], pads[2]]), weight, bias, stride=strides, dilation=dilations)
+    conv = SparseConv2d(weight, bias, pads, strides, dilations, gather=gather)
+    for _ in range(2):  # the second call reads the cached offset table
+        got = conv(x)
+        assert got.shape == ref.shape and relative_error(got, ref) <= 1e-5
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert relative_error(SparseConv2d(weight, None, pads, strides, dilations, gather=gather)(nhwc), ref - bias.reshape(1, -1, 1, 1)) <= 1e-5
+    assert relative_error(_reloaded(conv)(x), ref) <= 1e-5 and not _reloaded(conv)._index_cache
+
+
+def test_sparse_kernels_use_only_the_read_taps() -> None:
+    weight = torch.zeros(4, 6, 3, 3)
+    weight[0, 2, 1, 1] = 1.5
+    weight[3, 5, 0, 2] = -2.0
+    assert SparseConv2d(weight, None, [1, 1, 1, 1], [1, 1], [1, 1]).used_taps == 2
+    linear = torch.zeros(5, 7)
+    linear[1, 3] = linear[4, 3] = linear[2, 6] = 1.0
+    assert SparseLinear(linear, None).used_columns == 2
+
+
+def test_sparse_linear_kernel_equals_linear() -> None:
+    weight = _sparse((24, 40), 0.05, seed=1)
+    weight[:, 0] = 0.0  # an unread input feature
+    bias = torch.randn(24)
+    x = torch.randn(2, 5, 40)
+    got = SparseLinear(weight, bias, alpha=0.5, beta=2.0)(x)
+    assert relative_error(got, 0.5 * F.linear(x, weight) + 2.0 * bias) <= 1e-5
+
+
+def _wide_model(rng: np.random.Generator, density: float) -> onnx.ModelProto:
+    """conv 3->32, conv 32->96 (3×3), conv 96->96 (1×1), pool, gemm 96->128, relu, gemm 128->10; zeros = pruned."""
+    def zeros(shape: tuple[int, ...], keep: float) -> np.ndarray:
+        return (rng.standard_normal(shape) * (rng.random(shape) < keep)).astype(np.float32)
+
+    inits = {"w1": zeros((32, 3, 3, 3), 0.5), "b1": zeros((32,), 1.0), "w2": zeros((96, 32, 3, 3), density),
+             "w3": zeros((96, 96, 1, 1), density), "b3": zeros((96,), 1.0), "w4": zeros((128, 96), density),
+             "b4": zeros((128,), 1.0), "w5": zeros((10, 128), density)}
+    node = helper.make_node
+    nodes = [node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]), node("Relu", ["c1"], ["r1"]),
+             node("Conv", ["r1", "w2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]), node("Relu", ["c2"], ["r2"]),
+             node("Conv", ["r2", "w3", "b3"], ["c3"]), node("GlobalAveragePool", ["c3"], ["p"]),
+             node("Flatten", ["p"], ["f"]), node("Gemm", ["f", "w4", "b4"], ["g"], transB=1),
+             node("Relu", ["g"], ["r4"]), node("Gemm", ["r4", "w5"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "wide", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _reloaded(module: torch.nn.Module) -> torch.nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_wide_model_all_sparse_equals_masked_onnxruntime(tmp_path: Path) -> None:
+    path = tmp_path / "wide.onnx"
+    onnx.save(_wide_model(np.random.default_rng(0), density=0.05), path)
+    graph = api.load_model(path)
+    masks_from_zeros(graph)
+    api.compact_graph(graph)
+    module, report = build_sparse_module(graph, batch=2, repeats=1, warmup=0, policy="sparse")
+    assert {row.kind for row in report.layers} == {"conv", "linear"}
+    assert all(row.choice.startswith("csr") for row in report.layers), [row.reason for row in report.layers]
+    x = np.random.default_rng(1).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    sess = session(path, threads=1)
+    ref = torch.from_numpy(sess.run(None, {"x": x})[0])
+    with torch.no_grad():
+        got = _reloaded(module)(torch.from_numpy(x))
+    assert relative_error(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["resnet20", "vgg_small", "tiny_vit"])
+def test_example_models_all_sparse_equal_the_masked_interpreter(name: str) -> None:
+    graph = api.load_model(EXAMPLES / f"{name}.onnx")
+    api.optimize(graph, sparsity=0.95, method="random-erk")
+    masked = graph.clone()
+    api.compact_graph(graph)
+    module, report = build_sparse_module(graph, batch=1, repeats=1, warmup=0, policy="sparse")
+    assert report.sparse_layers > 0
+    shape = [2, *[d for d in masked.inputs[0].shape[1:]]]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = Interpreter(masked).run([x])[0]
+        got = module(x)
+    assert relative_error(got, ref) <= 1e-5
+
+
+def _fixed_times(per_layer: Mapping[str, float], model: Mapping[str, float]) -> Callable[..., dict[str, float]]:
+    """A stand-in for time_alternating: layer candidates get ``per_layer``, the whole-model check ``model``."""
+    def fake(candidates: Mapping[str, Any], **_: Any) -> dict[str, float]:
+        for run in candidates.values():
+            run()
+        table = model if "chosen" in candidates else per_layer
+        return {name: table.get(name, 1.0) for name in candidates}
+    return fake
+
+
+@pytest.mark.parametrize("model_times,fallback", [({"dense": 10.0, "chosen": 5.0}, False), ({"dense": 10.0, "chosen": 12.0}, True)])
+def test_auto_choice_keeps_faster_kernels_and_never_a_slower_model(monkeypatch: pytest.MonkeyPatch, model_times: dict[str, float],
+                                                                   fallback: bool) -> None:
+    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_times({"dense": 2.0, "csr": 1.0, "csr/copy": 1.0, "csr/index": 1.5}, model_times))
+    graph = api.load_model(EXAMPLES / "vgg_small.onnx")
+    api.optimize(graph, sparsity=0.9, method="magnitude")
+    api.compact_graph(graph)
+    module, report = build_sparse_module(graph, batch=1, repeats=1, warmup=0)
+    doc = json.loads(json.dumps(report.to_dict()))
+    assert set(doc) == REPORT_KEYS and all(set(row) == LAYER_KEYS for row in doc["layers"])
+    assert bool(doc["fallback"]) is fallback
+    assert doc["model_chosen_ms"] <= doc["model_dense_ms"]
+    chosen = {row["choice"] for row in doc["layers"]}
+    assert chosen == ({"dense"} if fallback else {"csr", "csr/copy"})  # the fastest exact kernel per layer
+    assert len(module.kernel_of) == (0 if fallback else len(doc["layers"]))
+    assert doc["max_relative_error"] <= 1e-5
+
+
+def test_auto_choice_keeps_a_slower_sparse_layer_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_times({"dense": 1.0, "csr": 3.0, "csr/copy": 3.0, "csr/index": 2.0}, {}))
+    graph = api.load_model(EXAMPLES / "resnet20.onnx")
+    api.optimize(graph, sparsity=0.95, method="random-erk")
+    api.compact_graph(graph)
+    module, report = build_sparse_module(graph, batch=1, repeats=1, warmup=0)
+    assert report.layers and all(row.choice == "dense" and "not faster" in row.reason for row in report.layers)
+    assert not module.kernel_of and report.speedup == 1.0
+
+
+def test_policy_dense_module_equals_compact_and_rejects_unknown_policy() -> None:
+    graph = api.load_model(EXAMPLES / "resnet20.onnx")
+    api.optimize(graph, sparsity=0.9, method="magnitude")
+    api.compact_graph(graph)
+    module, _ = build_sparse_module(graph, repeats=1, warmup=0, policy="dense")
+    assert isinstance(module, SparseModule) and not module.kernel_of
+    with pytest.raises(Exception, match="policy must be one of"):
+        build_sparse_module(graph, policy="fastest")
+
+
+def _paic(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pai_compiler.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_compact_pt_writes_the_sparse_module_and_its_report(tmp_path: Path) -> None:
+    onnx.save(_wide_model(np.random.default_rng(2), density=0.02), tmp_path / "wide.onnx")
+    run = _paic("compact", "wide.onnx", "-o", "fast.pt", "--report", "r.json", "--batch", "2", "--threads", "1", "-q", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    doc = json.loads((tmp_path / "r.json").read_text())["sparse_exec"]
+    assert set(doc) == REPORT_KEYS and doc["batch"] == 2 and doc["threads"] == 1 and doc["device"] == "cpu"
+    assert len(doc["layers"]) == 5 and doc["model_chosen_ms"] <= doc["model_dense_ms"]
+    module = torch.load(tmp_path / "fast.pt", weights_only=False)
+    x = np.random.default_rng(4).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    ref = session(tmp_path / "wide.onnx", threads=1).run(None, {"x": x})[0]
+    with torch.no_grad():
+        assert relative_error(module(torch.from_numpy(x)), torch.from_numpy(ref)) <= 1e-5
+
+
+@pytest.mark.parametrize("args,needle", [
+    (("-o", "small.onnx", "--batch", "2"), "use -o FAST.pt"),
+    (("-o", "fast.pt", "--batch", "0"), "--batch must be a positive integer"),
+    (("-o", "fast.pt", "--threads", "0"), "--threads must be a positive integer"),
+])
+def test_cli_compact_flag_errors(tmp_path: Path, args: tuple[str, ...], needle: str) -> None:
+    onnx.save(_wide_model(np.random.default_rng(2), density=0.1), tmp_path / "wide.onnx")
+    out = [str(tmp_path / a) if a.endswith((".pt", ".onnx")) else a for a in args]
+    run = CliRunner().invoke(app, ["compact", str(tmp_path / "wide.onnx"), *out])  # in-process: a usage error is fast
+    assert run.exit_code == 2 and needle in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda)")
+@pytest.mark.parametrize("policy", ["sparse", "auto"])
+def test_cuda_choice_is_exact(tmp_path: Path, policy: str) -> None:
+    onnx.save(_wide_model(np.random.default_rng(5), density=0.05), tmp_path / "wide.onnx")
+    graph = api.load_model(tmp_path / "wide.onnx")
+    masks_from_zeros(graph)
+    api.compact_graph(graph)
+    module, report = build_sparse_module(graph, batch=4, device="cuda", repeats=3, warmup=1, policy=policy)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        got = _reloaded(module)(x.cuda()).cpu()
+    assert report.device == "cuda" and report.model_chosen_ms <= report.model_dense_ms
+    assert relative_error(got, Interpreter(graph).run([x])[0]) <= 1e-5
