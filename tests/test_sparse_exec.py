@@ -147,7 +147,7 @@ def test_example_models_all_sparse_equal_the_masked_interpreter(name: str) -> No
     shape = [2, *[d for d in masked.inputs[0].shape[1:]]]
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        ref = Interpreter(masked).run([x])[0]
+        ref = Interpreter(masked).run([x]).outputs[0]
         got = module(x)
     assert relative_error(got, ref) <= 1e-5
 
@@ -242,4 +242,4 @@ def test_cuda_choice_is_exact(tmp_path: Path, policy: str) -> None:
     with torch.no_grad():
         got = _reloaded(module)(x.cuda()).cpu()
     assert report.device == "cuda" and report.model_chosen_ms <= report.model_dense_ms
-    assert relative_error(got, Interpreter(graph).run([x])[0]) <= 1e-5
+    assert relative_error(got, Interpreter(graph).run([x]).outputs[0]) <= 1e-5

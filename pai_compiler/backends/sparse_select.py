@@ -176,7 +176,7 @@ def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, devic
         module = module.to(device).eval()
         feed = list(inputs) if inputs is not None else example_inputs(graph, batch=batch, device=device, seed=seed)
         with torch.no_grad():  # the IR's own semantics: what every fusion and kernel must reproduce
-            reference = Interpreter(graph, device=device).run(feed, keep_values=False)
+            reference = Interpreter(graph, device=device).run(feed, keep_values=False).outputs
         with torch.no_grad():
             report = choose_kernels(module, feed, reference=reference, device=device, threads=threads, repeats=repeats, warmup=warmup,
                                     margin=margin, layouts=layouts, policy=policy)
