@@ -14,7 +14,7 @@ from typing import ClassVar
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation.base import check_sparsity, provide_allocation
+from pai_compiler.passes.allocation.base import allocation_sparsity, provide_allocation
 
 __all__ = ["ErkPass", "erk_densities"]
 
@@ -45,13 +45,16 @@ class ErkPass(TransformPass):
     sparsity: float | None = None
     power: float = 1.0
 
+    pattern: str | None = None  # "N:M": keep N of every M weights along the input axis (e.g. 2:4)
+
     def __post_init__(self) -> None:
-        check_sparsity(self.sparsity, self.name)
+        allocation_sparsity(self.sparsity, self.pattern, self.name)
 
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
         params = graph.prunable_params()
         if not params:
             raise UsageError("erk: the model has no prunable (conv/linear) weights")
-        densities = erk_densities(params, 1.0 - float(self.sparsity), self.power)  # type: ignore[arg-type]
-        allocation = provide_allocation(am, densities, params, self.spec())
+        sparsity = allocation_sparsity(self.sparsity, self.pattern, self.name)
+        densities = erk_densities(params, 1.0 - sparsity, self.power)
+        allocation = provide_allocation(am, densities, params, self.spec(), self.pattern)
         return PassResult(modified=False, report=allocation)

@@ -7,7 +7,7 @@ from typing import ClassVar
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation.base import check_sparsity, provide_allocation
+from pai_compiler.passes.allocation.base import allocation_sparsity, provide_allocation
 
 __all__ = ["UniformPass"]
 
@@ -19,13 +19,15 @@ class UniformPass(TransformPass):
     name: ClassVar[str] = "uniform"
     sparsity: float | None = None
 
+    pattern: str | None = None  # "N:M": keep N of every M weights along the input axis (e.g. 2:4)
+
     def __post_init__(self) -> None:
-        check_sparsity(self.sparsity, self.name)
+        allocation_sparsity(self.sparsity, self.pattern, self.name)
 
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
         params = graph.prunable_params()
         if not params:
             raise UsageError("uniform: the model has no prunable (conv/linear) weights")
-        density = 1.0 - float(self.sparsity)  # type: ignore[arg-type]
-        allocation = provide_allocation(am, {p.name: density for p in params}, params, self.spec())
+        density = 1.0 - allocation_sparsity(self.sparsity, self.pattern, self.name)
+        allocation = provide_allocation(am, {p.name: density for p in params}, params, self.spec(), self.pattern)
         return PassResult(modified=False, report=allocation)

@@ -5,6 +5,8 @@ highest scores over all layers, K = N - floor(s*N) (or the allocation's total wh
 allocation pass ran and no sparsity is given); ``scope=layer`` keeps each layer's own count
 from the allocation pass (ERK, uniform) or, with ``sparsity`` given, n_l - floor(s*n_l).
 Ties at the boundary are broken towards the lower flat index, so masks are deterministic.
+A layer the allocation gave an N:M pattern keeps the N highest scores of every M along its
+input axis whatever the scope (``allocation/pattern.py``); a global budget is shared by the rest.
 """
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
+from pai_compiler.passes.allocation.pattern import NMPattern, nm_mask
 
-__all__ = ["CriterionPass", "LazyScores", "topk_mask", "resolve_keep", "apply_scores", "warn_empty_layers"]
+__all__ = ["CriterionPass", "LazyScores", "topk_mask", "resolve_keep", "apply_scores", "allocation_patterns", "warn_empty_layers"]
 
 Scope = Literal["global", "layer"]
 
@@ -72,20 +75,35 @@ def resolve_keep(am: AnalysisManager, params: list[Param], sparsity: float | Non
     return int(sum(allocation.get(p.name, p.numel) for p in params))
 
 
-def apply_scores(graph: Graph, params: list[Param], scores: Mapping[str, np.ndarray], keep: dict[str, int] | int) -> None:
-    """Set masks from scores: per layer (dict) or global (int).
+def allocation_patterns(am: AnalysisManager) -> Mapping[str, NMPattern]:
+    """The N:M pattern of each patterned layer in the provided allocation (empty if none)."""
+    provided = am.provided(Allocation)
+    return {} if provided is None else provided.patterns
+
+
+def apply_scores(graph: Graph, params: list[Param], scores: Mapping[str, np.ndarray], keep: dict[str, int] | int,
+                 patterns: Mapping[str, NMPattern] | None = None) -> None:
+    """Set masks from scores: per layer (dict) or global (int); patterned layers keep N of every M.
 
     ``scores`` may be a lazy mapping (see ``LazyScores``): per layer, each layer's scores are
     then computed, used and dropped one at a time, so memory stays near one layer's size.
     """
+    patterns = patterns or {}
+    for p in params:
+        if p.name in patterns:
+            graph.set_mask(p, nm_mask(scores[p.name], p, patterns[p.name]))
+    rest = [p for p in params if p.name not in patterns]
     if isinstance(keep, dict):
-        for p in params:
+        for p in rest:
             graph.set_mask(p, topk_mask(scores[p.name], keep[p.name]).reshape(p.shape))
         return
-    flat = np.concatenate([np.asarray(scores[p.name]).reshape(-1) for p in params])
-    mask = topk_mask(flat, keep)
+    if not rest:
+        return
+    budget = keep - sum(p.kept() for p in params if p.name in patterns)
+    flat = np.concatenate([np.asarray(scores[p.name]).reshape(-1) for p in rest])
+    mask = topk_mask(flat, budget)
     offset = 0
-    for p in params:
+    for p in rest:
         graph.set_mask(p, mask[offset : offset + p.numel].reshape(p.shape))
         offset += p.numel
 
@@ -137,6 +155,6 @@ class CriterionPass(TransformPass):
         if not params:
             raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
         keep = resolve_keep(am, params, self.sparsity, self.scope, self.name)
-        apply_scores(graph, params, self.scores(graph, am, params), keep)
+        apply_scores(graph, params, self.scores(graph, am, params), keep, allocation_patterns(am))
         warn_empty_layers(am, params, self.spec())
         return PassResult(modified=True, preserved=frozenset())

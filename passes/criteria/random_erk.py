@@ -20,7 +20,7 @@ from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.passes.allocation.base import Allocation, check_sparsity, provide_allocation
 from pai_compiler.passes.allocation.erk import erk_densities
-from pai_compiler.passes.criteria.base import apply_scores, resolve_keep
+from pai_compiler.passes.criteria.base import allocation_patterns, apply_scores, resolve_keep
 
 __all__ = ["RandomErkPass"]
 
@@ -48,5 +48,5 @@ class RandomErkPass(TransformPass):
         keep = resolve_keep(am, params, None, "layer", self.name)
         seed = am.context.seed if self.seed is None else self.seed
         scores = {p.name: np.random.default_rng([seed, i]).random(p.shape) for i, p in enumerate(params)}
-        apply_scores(graph, params, scores, keep)
+        apply_scores(graph, params, scores, keep, allocation_patterns(am))
         return PassResult(modified=True, preserved=frozenset())

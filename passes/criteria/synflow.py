@@ -28,7 +28,7 @@ from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult
 from pai_compiler.passes.analysis.bindings import sample_bindings
 from pai_compiler.passes.analysis.paths import ones_inputs
-from pai_compiler.passes.criteria.base import CriterionPass, apply_scores, resolve_keep
+from pai_compiler.passes.criteria.base import CriterionPass, allocation_patterns, apply_scores, resolve_keep
 from pai_compiler.passes.criteria.snip import Precision, to_numpy_scores, torch_device, torch_dtype
 
 if TYPE_CHECKING:
@@ -173,5 +173,5 @@ class SynflowPass(CriterionPass):
             raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
         keep = resolve_keep(am, params, self.sparsity, self.scope, self.name)
         scores = self._iterate(graph, am, params, keep, self.iterations)
-        apply_scores(graph, params, to_numpy_scores(scores), keep)
+        apply_scores(graph, params, to_numpy_scores(scores), keep, allocation_patterns(am))  # the last round picks N of M
         return PassResult(modified=True, preserved=frozenset())

@@ -23,7 +23,7 @@ import numpy as np
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult
-from pai_compiler.passes.criteria.base import CriterionPass, apply_scores, resolve_keep, topk_mask, warn_empty_layers
+from pai_compiler.passes.criteria.base import CriterionPass, allocation_patterns, apply_scores, resolve_keep, topk_mask, warn_empty_layers
 from pai_compiler.passes.criteria.snip import check_batch_size
 
 if TYPE_CHECKING:
@@ -115,8 +115,9 @@ class AutosparsePass(CriterionPass):
             raise UsageError(f"{self.name}: the model has no prunable (conv/linear) weights")
         keep = resolve_keep(am, params, self.sparsity, self.scope, self.name)
         scores = self.scores(graph, am, params)
-        if isinstance(keep, dict):
-            apply_scores(graph, params, scores, keep)
+        patterns = allocation_patterns(am)
+        if isinstance(keep, dict) or patterns:
+            apply_scores(graph, params, scores, keep, patterns)
         else:
             floors = [min(p.numel, max(1, math.ceil(self.min_density * p.numel))) for p in params]
             if sum(floors) > keep:

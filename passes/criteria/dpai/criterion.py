@@ -93,7 +93,11 @@ class DpaiPass(TransformPass):
             check_sparsity(self.sparsity, self.name)
 
     def requires(self, graph: Graph, am: AnalysisManager) -> None:
-        if self.sparsity is None and am.provided(Allocation) is None:
+        provided = am.provided(Allocation)
+        if provided is not None and provided.patterns:
+            raise UsageError(f"dpai: the N:M pattern of '{provided.source}' is chosen by the scoring criteria (magnitude, snip, "
+                             "grasp, synflow, random, random-erk, autosparse); dpai's own per-layer top-k cannot hold it yet")
+        if self.sparsity is None and provided is None:
             raise UsageError("dpai: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},dpai') or give dpai{sparsity=...} (ERK)")
 
     def keep_counts(self, am: AnalysisManager, params: list[Param]) -> dict[str, int]:

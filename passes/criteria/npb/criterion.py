@@ -86,7 +86,11 @@ class NpbPass(TransformPass):
             check_sparsity(self.sparsity, self.name)
 
     def requires(self, graph: Graph, am: AnalysisManager) -> None:
-        if self.sparsity is None and am.provided(Allocation) is None:
+        provided = am.provided(Allocation)
+        if provided is not None and provided.patterns:
+            raise UsageError(f"npb: the N:M pattern of '{provided.source}' is chosen by the scoring criteria (magnitude, snip, "
+                             "grasp, synflow, random, random-erk, autosparse); npb's own per-layer top-k cannot hold it yet")
+        if self.sparsity is None and provided is None:
             raise UsageError("npb: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},npb') or give npb{sparsity=...} (ERK)")
 
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
