@@ -245,8 +245,6 @@ def compact_graph(graph: Graph, *, align: int = 1, instruments: Sequence[Instrum
     ``align`` > 1 keeps a few dead channels so conv/linear widths stay multiples of it (faster
     kernels in ONNX Runtime; exact all the same). Returns what it did; merge it after an
     earlier report of the same graph with ``earlier.then(report)``."""
-    if align < 1:
-        raise UsageError(f"--align must be a positive integer, got {align}")
     return compact_report_of(PassManager([DeadNodeElimPass(align=align)], instruments=instruments).run(graph))
 
 
