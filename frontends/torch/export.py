@@ -14,6 +14,7 @@ becomes ``mul(scale), transpose, matmul, softmax, matmul`` (the ONNX exporter's 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import warnings
 from collections.abc import Callable, Iterator
@@ -25,7 +26,7 @@ from torch import nn
 
 from pai_compiler.errors import ModelError
 from pai_compiler.frontends.torch.lowering import TorchLowering
-from pai_compiler.frontends.torch.operands import BATCH, TorchConst, example_inputs, perm_of
+from pai_compiler.frontends.torch.operands import BATCH, Example, TorchConst, fold_at_batch, normalize_example, perm_of
 from pai_compiler.ir import Dim, Graph, Value
 
 __all__ = ["lower_export", "ATEN_RULES"]
@@ -49,30 +50,52 @@ def _export_context() -> Iterator[None]:
 
 
 def lower_export(module: nn.Module, example: Any, *, name: str | None = None, prune_in_proj: bool = True,
-                 decompose: bool = False) -> Graph:
+                 decompose: bool = False, prune_tied: bool = False) -> Graph:
     """Export ``module`` with torch.export (dynamic batch) and lower the ATen graph.
 
+    ``example`` is a tensor, a tuple (positional inputs), a dict (keyword inputs) or a shape;
     ``decompose=True`` lowers the core-ATen form (``ep.run_decompositions()``) instead.
     """
-    inputs = example_inputs(example)
-    inputs = tuple(t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() and t.shape[0] == 1 else t for t in inputs)
+    call = normalize_example(example)
+    wide = call.mapped(lambda t: t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() and t.shape[0] == 1 else t)
+    keywords: dict[str, Any] = dict(wide.keywords)
+    if _accepts(module, "use_cache") and "use_cache" not in keywords:
+        keywords["use_cache"] = False  # a key/value cache is an output object, not part of the model's function
     was_training = module.training
     module.eval()
     try:
         batch = torch.export.Dim("batch")
         try:
             with _export_context():
-                ep = torch.export.export(module, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False)
+                ep = torch.export.export(module, wide.positional, kwargs=keywords, dynamic_shapes=_dynamic_shapes(module, wide, keywords, batch),
+                                         strict=False)
                 if decompose:
                     ep = ep.run_decompositions()
         except Exception as exc:
             msg = " ".join(str(exc).split())[:300]
-            raise ModelError(f"torch.export cannot export {type(module).__name__}: {type(exc).__name__}: {msg} (try --frontend fx)") from None
-        lowering = TorchLowering(module, name or type(module).__name__, "export", prune_in_proj=prune_in_proj)
-        _ExportWalker(lowering, ep, module).run()
-        return lowering.finish(example_inputs(example))
+            raise ModelError(f"torch.export cannot export {type(module).__name__}: {type(exc).__name__}: {msg}") from exc
+        lowering = TorchLowering(module, name or type(module).__name__, "export", prune_in_proj=prune_in_proj, prune_tied=prune_tied)
+        _ExportWalker(lowering, ep, module, wide.batch).run()
+        return lowering.finish(call.tensors)
     finally:
         module.train(was_training)
+
+
+def _accepts(module: nn.Module, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _dynamic_shapes(module: nn.Module, call: Example, keywords: dict[str, Any], batch: Any) -> Any:
+    """Dim 0 of every tensor input is the batch: a tuple for positional calls, else a dict by argument name."""
+    if not keywords:
+        return tuple({0: batch} if t.dim() else None for t in call.positional)
+    names = list(inspect.signature(module.forward).parameters)
+    spec: dict[str, Any] = {names[i]: ({0: batch} if t.dim() else None) for i, t in enumerate(call.positional)}
+    spec.update({k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() else None) for k, v in keywords.items()})
+    return spec
 
 
 def _bind(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -91,8 +114,8 @@ def _bind(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[st
 
 
 class _ExportWalker:
-    def __init__(self, lw: TorchLowering, ep: Any, module: nn.Module) -> None:
-        self.lw, self.ep, self.module = lw, ep, module
+    def __init__(self, lw: TorchLowering, ep: Any, module: nn.Module, example_batch: int) -> None:
+        self.lw, self.ep, self.module, self.example_batch = lw, ep, module, example_batch
         self.env: dict[str, Any] = {}
         self.symbols: dict[sympy.Symbol, Any] = {}
 
@@ -142,9 +165,10 @@ class _ExportWalker:
             if n.op == "placeholder":
                 spec = specs[n.name]
                 if spec.kind == InputKind.USER_INPUT:
-                    val = n.meta["val"]
+                    val = n.meta.get("val")
                     if not isinstance(val, torch.Tensor):
-                        raise ModelError(f"input {n.name!r}: only tensor inputs are supported")
+                        self.env[n.name] = val  # a Python constant argument (use_cache=False), specialised by export
+                        continue
                     if val.dim() and isinstance(val.shape[0], torch.SymInt):
                         self.symbols[sympy.sympify(val.shape[0].node.expr)] = BATCH
                     shape = self.shape(n)
@@ -153,6 +177,8 @@ class _ExportWalker:
                     self.env[n.name] = TorchConst(self._tensor(spec.target).detach(), spec.target)
             elif n.op == "output":
                 for leaf in torch.utils._pytree.tree_leaves(self.load(n.args[0])):
+                    if leaf is None:
+                        continue  # an absent optional output
                     self.lw.add_output(leaf, outputs)
                     outputs += 1
             elif n.op == "call_function":
@@ -175,7 +201,7 @@ class _ExportWalker:
                 return self.lw.expand(n.name, args[0], self.shape(n), self.origin(n))
             if packet in ("view", "reshape", "_unsafe_view") and isinstance(args[0], TorchConst) and args[0].broadcast_to == self.shape(n):
                 return args[0]  # core ATen spells x @ W as bmm(view(expand(x)), view(expand(W^T)))
-            if packet in ("t", "permute", "transpose", "numpy_T") and isinstance(args[0], TorchConst) and args[0].broadcast_to is None:
+            if packet in ("t", "permute", "transpose", "numpy_T") and isinstance(args[0], TorchConst) and args[0].broadcast_to is None and args[0].varies_at_batch is None:
                 c = args[0]
                 perm = perm_of({"numpy_T": "t"}.get(packet, packet), c.value.dim(), args[1:])
                 base = c.perm or tuple(range(c.value.dim()))
@@ -191,12 +217,14 @@ class _ExportWalker:
         return [s] if isinstance(s, tuple) else (list(s) if s else [None])
 
     def static(self, n: torch.fx.Node, args: Any, kwargs: Any) -> Any:
-        plain = torch.utils._pytree.tree_map(lambda a: a.value if isinstance(a, TorchConst) else a, (args, kwargs))
-        symbolic = any(isinstance(a, sympy.Basic) for a in torch.utils._pytree.tree_leaves(plain))
+        """Evaluate a node whose operands are all compile-time; batch-dependent ones at the example batch."""
+        plain = torch.utils._pytree.tree_map(lambda a: a.value if isinstance(a, TorchConst) and a.broadcast_to is None and a.varies_at_batch is None else a, (args, kwargs))
+        leaves = torch.utils._pytree.tree_leaves(plain)
+        symbolic = any(isinstance(a, sympy.Basic) for a in leaves)
         if symbolic and not isinstance(n.target, torch._ops.OpOverload):
             return n.target(*plain[0], **plain[1])  # size arithmetic (operator.mul on the batch)
-        if symbolic or any(isinstance(a, TorchConst) and a.broadcast_to is not None for a in torch.utils._pytree.tree_leaves(args)):
-            raise ModelError(f"{n.name}: a batch-dependent constant ({n.target}) is not supported")
+        if symbolic or any(isinstance(a, TorchConst) for a in leaves):
+            return fold_at_batch(n.name, n.target, plain, self.example_batch, self.meta_shape(n.meta.get("val")))
         try:
             result = n.target(*plain[0], **plain[1])
         except Exception as exc:
@@ -267,6 +295,44 @@ def _unary(op: str, **fixed: Any) -> Rule:
 
 def _alias(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
     return a.get("self", a.get("input"))
+
+
+def _nothing(w: _ExportWalker, n: Any, a: dict[str, Any]) -> None:
+    """A runtime check (``_assert_tensor_metadata``): no value, no semantics at compile time."""
+    return None
+
+
+def _dropout_pair(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
+    """``native_dropout`` in eval mode: the input and an unused mask."""
+    return (a["input"], None)
+
+
+def _index(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
+    """``x[arange(batch)[:, None, ...], idx]``: each sample's own row picked by constant ``idx`` = a gather on axis 1.
+
+    (The attention-mask builders of Hugging Face models index a padding mask this way.)
+    """
+    x, indices = a["self"], list(a["indices"])
+    shape = w.shape(n)
+    if isinstance(x, Value) and len(indices) == 2 and all(isinstance(i, TorchConst) for i in indices):
+        rows, cols = indices[0], indices[1]
+        rows_t = rows.value if rows.broadcast_to is None else rows.value.expand(tuple(int(d.subs(BATCH, w.example_batch)) if isinstance(d, sympy.Basic) else d for d in rows.broadcast_to))
+        cols_t = cols.value
+        per_sample = torch.arange(rows_t.shape[0]).reshape(-1, *([1] * (rows_t.dim() - 1))) if rows_t.dim() else None
+        if (per_sample is not None and rows_t.shape[0] == w.example_batch and torch.equal(rows_t, per_sample.expand_as(rows_t))
+                and cols.broadcast_to is None and cols_t.dim() == rows_t.dim() and cols_t.shape[0] == 1 and all(s == 1 for s in rows_t.shape[1:])):
+            return w.lw.gather(n.name, x, 1, cols_t[0].long(), shape, w.origin(n))
+    items = [x, *[i for i in indices if isinstance(i, (Value, TorchConst))]]
+    return w.lw.opaque(n.name, items, [shape], str(n.target), "advanced indexing other than a per-sample gather")
+
+
+def _logical_and(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
+    """``a & b`` on boolean masks; an all-true constant operand only broadcasts the other."""
+    first, second = a["self"], a["other"]
+    for x, other in ((first, second), (second, first)):
+        if isinstance(x, Value) and isinstance(other, TorchConst) and bool(other.value.all()):
+            return w.lw.expand(n.name, x, w.shape(n), w.origin(n))
+    return w.lw.binary(n.name, "mul", first, second, w.shape(n), w.origin(n))
 
 
 def _to_copy(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
@@ -379,9 +445,10 @@ def _softmax(log: bool) -> Rule:
 
 
 def _sdpa(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    if a.get("attn_mask") is not None or a.get("is_causal") or a.get("enable_gqa"):
-        return w.lw.opaque(n.name, [a["query"], a["key"], a["value"]], [w.shape(n)], str(n.target), "masked/causal/grouped attention")
-    return w.lw.sdpa(n.name, a["query"], a["key"], a["value"], w.shape(n), w.origin(n), scale=a.get("scale"))
+    if a.get("enable_gqa"):
+        return w.lw.opaque(n.name, [a["query"], a["key"], a["value"]], [w.shape(n)], str(n.target), "grouped-query attention")
+    return w.lw.sdpa(n.name, a["query"], a["key"], a["value"], w.shape(n), w.origin(n), scale=a.get("scale"),
+                     mask=a.get("attn_mask"), causal=bool(a.get("is_causal")))
 
 
 def _pad(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
@@ -455,8 +522,10 @@ ATEN_RULES: dict[str, Rule] = {
     "gelu": lambda w, n, a: w.lw.pointwise(n.name, a["self"], "gelu", w.origin(n), approximate=a.get("approximate", "none")),
     "hardtanh": _clamp, "clamp": _clamp, "clip": _clamp, "leaky_relu": _leaky_relu, "elu": _elu, "softplus": _softplus,
     "hardsigmoid": _unary("hardsigmoid", alpha=1.0 / 6.0, beta=0.5),
-    "dropout": _alias, "clone": _alias, "contiguous": _alias, "alias": _alias, "detach": _alias, "lift_fresh_copy": _alias,
-    "_to_copy": _to_copy, "to": _to_copy,
+    "dropout": _alias, "dropout_": _alias, "feature_dropout": _alias, "alpha_dropout": _alias, "native_dropout": _dropout_pair,
+    "_assert_tensor_metadata": _nothing, "_assert_scalar": _nothing, "_assert_async": _nothing, "clone": _alias, "contiguous": _alias, "alias": _alias, "detach": _alias, "lift_fresh_copy": _alias,
+    "_to_copy": _to_copy, "to": _to_copy, "index": _index, "__and__": _logical_and, "bitwise_and": _logical_and,
+    "logical_and": _logical_and,
     "add": _binary("add"), "add_": _binary("add"), "sub": _binary("sub"), "rsub": _binary("sub", swap=True),
     "mul": _binary("mul"), "div": _binary("div"), "pow": _binary("pow"), "maximum": _binary("max"), "minimum": _binary("min"),
     "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape, "unflatten": _reshape,
