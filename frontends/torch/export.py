@@ -539,6 +539,7 @@ ATEN_RULES: dict[str, Rule] = {
     "adaptive_avg_pool1d": _adaptive("avg"), "adaptive_avg_pool2d": _adaptive("avg"), "_adaptive_avg_pool2d": _adaptive("avg"),
     "adaptive_avg_pool3d": _adaptive("avg"), "mean": _reduce("avg"), "sum": _reduce("sum"), "amax": _reduce("max"),
     "softmax": _softmax(False), "_softmax": _softmax(False), "log_softmax": _softmax(True), "_log_softmax": _softmax(True),
+    "rsqrt": lambda w, n, a: w.lw.binary(n.name, "pow", a["self"], -0.5, w.shape(n), w.origin(n)),  # RMSNorm's 1/sqrt
     "scaled_dot_product_attention": _sdpa, "constant_pad_nd": _pad, "pad": _pad, "sym_size": _sym_size,
 }
 for _op in ("relu", "relu_", "sigmoid", "tanh", "silu", "silu_", "mish", "hardswish", "selu", "exp", "log", "sqrt", "neg",
