@@ -31,7 +31,9 @@ from pai_compiler.frontends.torch.operands import BATCH, Example, TorchConst, dt
 from pai_compiler.frontends.torch.ops import FUNCTION_RULES, MODULE_RULES
 from pai_compiler.ir import Dim, Graph, Value
 
-__all__ = ["lower_fx"]
+__all__ = ["lower_fx", "EXPORT_HINT"]
+
+EXPORT_HINT = " (try --frontend export)"  # torch.export handles data-dependent Python that fx cannot trace
 
 
 class _Tracer(torch.fx.Tracer):
@@ -98,7 +100,7 @@ def lower_fx(module: nn.Module, example: Any, *, name: str | None = None, prune_
             graph = _Tracer().trace(module, concrete_args=concrete or None)
         except Exception as exc:
             msg = " ".join(str(exc).split())[:300]
-            raise ModelError(f"torch.fx cannot trace {type(module).__name__}: {type(exc).__name__}: {msg}") from exc
+            raise ModelError(f"torch.fx cannot trace {type(module).__name__}: {type(exc).__name__}: {msg}{EXPORT_HINT}") from exc
         gm = torch.fx.GraphModule(module, graph)
         try:
             run1, run2 = _record(gm, tuple(feed)), _record(gm, tuple(feed2))

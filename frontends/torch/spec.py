@@ -187,7 +187,7 @@ def lower_module(module: Any, example: Any, frontend: str = "auto", **options: A
     its warnings with fx's reason, and a double failure reports both.
     """
     from pai_compiler.frontends.torch.export import lower_export
-    from pai_compiler.frontends.torch.fx import lower_fx
+    from pai_compiler.frontends.torch.fx import EXPORT_HINT, lower_fx
 
     check_frontend(frontend)
     if frontend == "export":
@@ -196,8 +196,8 @@ def lower_module(module: Any, example: Any, frontend: str = "auto", **options: A
         return lower_fx(module, example, **options)
     except ModelError as fx_error:
         if frontend == "fx":
-            raise ModelError(f"{fx_error} (--frontend auto also tries torch.export)") from fx_error
-        fx_reason = str(fx_error)
+            raise
+        fx_reason = str(fx_error).removesuffix(EXPORT_HINT)
     try:
         graph = lower_export(module, example, **options)
     except ModelError as export_error:
