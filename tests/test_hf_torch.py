@@ -244,3 +244,27 @@ def test_failed_integer_retry_reports_its_own_error(tmp_path: Path) -> None:
     """))
     with pytest.raises(ModelError, match="integer attempt broke"):
         pai_compiler.api.load_model(f"{spec}:IndexedTwice", input_shape="2,5")
+
+
+class HeadFirst(nn.Module):
+    """The tied weight is read by the linear layer before the embedding lookup (the other order)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.proj = nn.Linear(16, VOCAB, bias=False)
+        self.proj.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.proj(x), self.embed(ids)
+
+
+@pytest.mark.parametrize("lower", [lower_fx, lower_export], ids=["fx", "export"])
+def test_tie_decision_does_not_depend_on_which_use_comes_first(lower: Any) -> None:
+    example = (torch.randn(2, 16), _tokens(2)["input_ids"])
+    graph = lower(_built(HeadFirst), example)
+    assert graph.prunable_params() == [] and any(w.startswith("tied weights embed.weight = proj.weight") for w in graph.meta["warnings"])
+    tied = lower(_built(HeadFirst), example, prune_tied=True)
+    assert [p.origin for p in tied.prunable_params()] == ["embed.weight"]
+    tables = [n.params["table"] for n in tied.nodes if n.attrs.get("op") == "embedding"]
+    assert len(tables) == 1 and not tables[0].prunable and tables[0].origin == "embed.weight"
