@@ -43,6 +43,10 @@ def load_model(spec: str | os.PathLike[str], **kwargs: Any) -> Graph:
         from pai_compiler.frontends.torch.spec import load_torch_spec  # type: ignore[import-not-found]  # torch: heavy, optional
 
         return load_torch_spec(text, **kwargs)
+    for option, flag, default in (("input_shape", "--input-shape", None), ("frontend", "--frontend", "auto"), ("prune_tied", "--prune-tied", False)):
+        if kwargs.get(option, default) not in (default, None):
+            raise UsageError(f"{flag} applies to PyTorch models (file.py:attr); {text} is read as an ONNX model, "
+                             f"whose inputs and weights come from the file: drop {flag}")
     return load_onnx_model(text)
 
 

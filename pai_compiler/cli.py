@@ -124,8 +124,9 @@ def optimize(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     data: Annotated[Optional[str], typer.Option("--data", help="Prune data for snip/grasp: an .npz with x_train/y_train (e.g. cifar10.npz), or 'random'.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Samples per class taken from --data.")] = 10,
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape of a PyTorch model, batch first, e.g. 2,3,32,32.")] = None,
-    frontend: Annotated[str, typer.Option("--frontend", help="PyTorch frontend: fx (torch.fx) or export (torch.export).")] = "fx",
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Example input of a PyTorch model, batch first: 2,3,32,32 (positional) or NAME=2,24:int64 (keyword; repeatable; :DTYPE, default float32).")] = None,
+    frontend: Annotated[str, typer.Option("--frontend", help="PyTorch frontend: auto (torch.fx, then torch.export if fx fails), fx or export.")] = "auto",
+    prune_tied: Annotated[bool, typer.Option("--prune-tied", help="Prune a weight tied to an embedding table (an LM head); by default it stays dense, with a warning.")] = False,
     report: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report here.")] = None,
     compact: Annotated[bool, typer.Option("--compact", help="Remove dead channels (dead-node-elim) and write the smaller model instead of the masked one.")] = False,
     align: Annotated[int, typer.Option("--align", help="With --compact: keep layer widths multiples of N (faster ORT kernels; still exact).")] = 1,
@@ -147,7 +148,7 @@ def optimize(
         out = check_output_path(output, [model] if is_file else [], force=force)
         api.check_output_format(out, torch_source=not is_file, compact=compact or api.has_pass(passes, "dead-node-elim"))
         report_path = _report_path(report, out, [model] if is_file else [], force=force)
-        graph = api.load_model(model, **_torch_options(input_shape, frontend))
+        graph = api.load_model(model, **_torch_options(input_shape, frontend, prune_tied=prune_tied))
         batch = None
         if data is not None:
             from pai_compiler.lab.data import load_batch_for
@@ -242,13 +243,13 @@ def _report_path(report: Optional[str], out: Path, inputs: list[str], *, force: 
     return path
 
 
-def _torch_options(input_shape: Optional[str], frontend: str) -> dict[str, Any]:
-    """load_model options for a file.py:attr spec (an ONNX file ignores them)."""
+def _torch_options(input_shape: Optional[list[str]], frontend: str, *, prune_tied: bool = False) -> dict[str, Any]:
+    """load_model options for a file.py:attr spec (an ONNX model refuses the torch-only ones)."""
     from pai_compiler.errors import UsageError
 
-    if frontend not in ("fx", "export"):
-        raise UsageError(f"--frontend must be fx or export, got {frontend!r}")
-    return {"input_shape": input_shape, "frontend": frontend}
+    if frontend not in ("auto", "fx", "export"):
+        raise UsageError(f"--frontend must be auto, fx or export, got {frontend!r}")
+    return {"input_shape": input_shape or None, "frontend": frontend, "prune_tied": prune_tied}
 
 
 def _compact_summary(masked: dict[str, Any], graph: Any, report: CompactReport) -> dict[str, Any]:
@@ -315,6 +316,7 @@ def _report(result: Any, before: dict[str, Any], after: dict[str, Any], model: s
         "after": after,
         "layers": _layer_rows(result.graph),
         "warnings": warnings,
+        **({"frontend": result.graph.meta.get("frontend")} if result.graph.meta.get("source_format") == "torch" else {}),
     }
 
 
@@ -339,6 +341,8 @@ def _render_optimize(console: Any, result: Any, before: dict[str, Any], after: d
         console.print(f"  {seconds:8.3f} s  {name}")
     for w in warnings:
         console.print(f"[yellow]warning:[/] {w}")
+    if result.graph.meta.get("source_format") == "torch":
+        console.print(f"lowered with torch.{result.graph.meta.get('frontend')}")
     console.print(f"kept {after['nonzero_params']:,} of {after['params']:,} prunable weights "
                   f"({100 * after['density']:.2f}%) -> wrote {out}")
 
@@ -360,8 +364,8 @@ def audit(
     bind: Annotated[Optional[str], typer.Option("--bind", help="Bind symbolic dims for the MAC counts, e.g. batch=32,seq=197 (unbound: 1).")] = None,
     plot: Annotated[Optional[str], typer.Option("--plot", help="Write a PNG of per-layer density and effective nodes (needs matplotlib).")] = None,
     no_paths: Annotated[bool, typer.Option("--no-paths", help="Sparsity and MACs only: skip the path analysis (fast, no torch).")] = False,
-    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Example input shape of a PyTorch model, batch first, e.g. 2,3,32,32.")] = None,
-    frontend: Annotated[str, typer.Option("--frontend", help="PyTorch frontend: fx (torch.fx) or export (torch.export).")] = "fx",
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Example input of a PyTorch model, batch first: 2,3,32,32 (positional) or NAME=2,24:int64 (keyword; repeatable; :DTYPE, default float32).")] = None,
+    frontend: Annotated[str, typer.Option("--frontend", help="PyTorch frontend: auto (torch.fx, then torch.export if fx fails), fx or export.")] = "auto",
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Report sparsity, MACs (dense/nonzero/effective) and effective paths/nodes of MODEL."""

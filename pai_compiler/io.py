@@ -53,7 +53,7 @@ def check_output_path(out: str | os.PathLike[str], inputs: list[str | os.PathLik
             same = False
         if same or out_p.resolve() == Path(inp).resolve():
             if not force:
-                raise PaicError(f"output {out_p} is the input file; refusing to overwrite it (use --force)")
+                raise UsageError(f"output {out_p} is the input file; refusing to overwrite it (use --force)")
     if out_p.is_dir():
         raise PaicError(f"output {out_p} is a directory")
     parent = out_p.parent if str(out_p.parent) else Path(".")

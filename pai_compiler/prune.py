@@ -1,10 +1,12 @@
 """Python API: prune an ``nn.Module`` at initialisation and attach the masks the torch way.
 
     result = pai_compiler.prune(model, torch.randn(2, 3, 32, 32), sparsity=0.95)
+    result = pai_compiler.prune(bert, {"input_ids": ids, "attention_mask": mask})  # a dict: keyword inputs
     result.apply(model)          # weight -> weight_orig + weight_mask (torch.nn.utils.prune)
     train(model)                 # pruned weights stay exactly 0 (SGD, momentum, wd, DDP)
 
-The module is lowered by the fx (default) or torch.export frontend, the pipeline
+The module is lowered by torch.fx, or torch.export where fx fails (``frontend="auto"``; ``"fx"`` or
+``"export"`` force one; ``result.graph.meta["frontend"]`` names the one used), the pipeline
 (allocation + criterion, as ``paic optimize`` builds it) runs on the IR, and the masks come
 back keyed by parameter FQN. ``result.report`` is the ``paic audit --json`` document of the
 pruned graph.
@@ -76,32 +78,34 @@ def prune(
     device: str = "cpu",
     pipeline: str | None = None,
     *,
-    frontend: str = "fx",
+    frontend: str = "auto",
     steps: int | None = None,
     exclude: Sequence[str] = (),
     prune_in_proj: bool = True,
+    prune_tied: bool = False,
     data: Any = None,
     report: bool = True,
 ) -> PruneResult:
-    """Prune ``model`` (not modified) before training; ``example_input`` is a tensor, tuple or shape.
+    """Prune ``model`` (not modified) before training.
 
-    ``method`` defaults to :func:`default_method`; ``pipeline`` (e.g.
-    ``"erk{sparsity=0.9},dpai{steps=100}"``) replaces sparsity/method/allocation.
-    ``prune_in_proj=False`` keeps ``nn.MultiheadAttention.in_proj_weight`` dense (DPaI reference).
+    ``example_input`` is a tensor or tuple (positional inputs), a dict (keyword inputs, e.g.
+    ``{"input_ids": ids, "attention_mask": mask}``) or a shape; every tensor in the model's output
+    (a tensor, tuple, dict or ``ModelOutput``) is a graph output. ``method`` defaults to
+    :func:`default_method`; ``pipeline`` (e.g. ``"erk{sparsity=0.9},dpai{steps=100}"``) replaces
+    sparsity/method/allocation. ``prune_in_proj=False`` keeps ``nn.MultiheadAttention.in_proj_weight``
+    dense (DPaI reference); ``prune_tied=True`` prunes a weight tied to an embedding table (an LM
+    head, which then zeroes the same table entries) instead of keeping it dense with a warning.
     """
     from torch import nn
 
     from pai_compiler.backends.torch_backend import masks_of
+    from pai_compiler.frontends.torch.spec import lower_module
 
     if not isinstance(model, nn.Module):
         raise UsageError(f"prune() needs a torch.nn.Module, got {type(model).__name__}")
-    if frontend == "fx":
-        from pai_compiler.frontends.torch.fx import lower_fx as lower
-    elif frontend == "export":
-        from pai_compiler.frontends.torch.export import lower_export as lower
-    else:
-        raise UsageError(f"frontend must be 'fx' or 'export', got {frontend!r}")
-    graph = lower(model, example_input, prune_in_proj=prune_in_proj)
+    if frontend not in ("auto", "fx", "export"):
+        raise UsageError(f"frontend must be 'auto', 'fx' or 'export', got {frontend!r}")
+    graph = lower_module(model, example_input, frontend, prune_in_proj=prune_in_proj, prune_tied=prune_tied)
     result = optimize(
         graph, sparsity=None if pipeline else sparsity, method=method or default_method(), allocation=allocation,
         pipeline=pipeline, seed=seed, steps=steps, exclude=exclude, device=device, data=data,

@@ -101,7 +101,7 @@ def test_output_equal_to_input_is_refused(tmp_path: Path) -> None:
     model.write_bytes(RESNET.read_bytes())
     before = sha(model)
     res = paic("optimize", str(model), "--sparsity", "0.9", "-o", str(model), "-m", "magnitude")
-    assert res.returncode == 1 and "--force" in res.stderr and sha(model) == before
+    assert res.returncode == 2 and "--force" in res.stderr and sha(model) == before
     res = paic("optimize", str(model), "--sparsity", "0.9", "-o", str(model), "--force", "-m", "magnitude")
     assert res.returncode == 0 and sha(model) != before
 

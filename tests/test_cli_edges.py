@@ -182,3 +182,28 @@ def test_embedding_model_from_python_to_onnx(tmp_path: Path, monkeypatch: pytest
 
     sess = session(tmp_path / "e.onnx")
     assert sess.run(None, {sess.get_inputs()[0].name: np.array([[1, 2, 3, 4, 5, 19]], dtype=np.int64)})[0].shape == (1, 3)
+
+
+@pytest.mark.parametrize("flag", [["--input-shape", "2,3,32,32"], ["--frontend", "export"], ["--prune-tied"]])
+def test_torch_only_flags_on_an_onnx_model_are_usage_errors(tmp_path: Path, flag: list[str]) -> None:
+    code, err = _run("optimize", str(RESNET), "-o", str(tmp_path / "o.onnx"), "-m", "magnitude", "--sparsity", "0.9", *flag)
+    assert code == 2 and flag[0] in err and "ONNX" in err
+
+
+def test_overwriting_the_input_is_a_usage_error(tmp_path: Path) -> None:
+    model = _mlp(tmp_path / "m.onnx", 2)
+    before = model.read_bytes()
+    code, err = _run("optimize", str(model), "-o", str(model), "-m", "magnitude", "--sparsity", "0.9")
+    assert code == 2 and "--force" in err and model.read_bytes() == before
+
+
+def test_torch_shape_error_keeps_its_cause_and_suggests_no_impossible_frontend(tmp_path: Path) -> None:
+    spec = tmp_path / "m.py"
+    spec.write_text("from torch import nn\n\ndef net():\n    return nn.Sequential(nn.Linear(5, 3))\n")
+    for frontend in ("auto", "fx", "export"):
+        code, err = _run("audit", f"{spec}:net", "--input-shape", "2,4", "--frontend", frontend)
+        assert code == 1 and "(try --frontend fx)" not in err, (frontend, err)
+    with pytest.raises(Exception) as info:
+        api.load_model(f"{spec}:net", input_shape="2,4", frontend="export")
+    assert isinstance(info.value.__cause__, Exception)  # the shape error itself, shown by --debug
+    assert "4" in str(info.value.__cause__) or "shape" in str(info.value.__cause__).lower()

@@ -646,3 +646,61 @@ def test_tied_linear_weights_are_masked_under_every_name(tmp_path: Path) -> None
     pruned.apply(model)
     assert torch.equal(model.a.weight, model.b.weight) and model.a.weight_orig is model.b.weight_orig
     assert torch.equal(model.a.weight, state["a.weight"])
+
+
+class _PositionalTokens(nn.Module):
+    """Token + position embeddings with position ids built from the input's sizes (batch-dependent ``expand``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(20, 6)
+        self.positions = nn.Embedding(8, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1]).unsqueeze(0).expand(ids.shape[0], -1)
+        return self.head(self.tokens(ids) + self.positions(positions))
+
+
+@pytest.mark.parametrize("lower", [lower_fx, lower_export], ids=["fx", "export"])
+def test_batch_sized_constants_fold_at_trace_time(lower: Any) -> None:
+    torch.manual_seed(0)
+    module = _PositionalTokens().eval()
+    graph = lower(module, torch.randint(0, 20, (2, 5)))
+    assert not [n for n in graph.nodes if n.kind is OpKind.OPAQUE and n.attrs.get("op") != "embedding"]
+    for batch in (1, 4):  # folded once, right at every batch
+        ids = torch.randint(0, 20, (batch, 5))
+        torch.testing.assert_close(Interpreter(graph).run([ids]).outputs[0], module(ids), rtol=1e-5, atol=1e-6)
+
+
+class _PerSampleConstant(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.arange(x.shape[0]).unsqueeze(1).float()
+
+
+@pytest.mark.parametrize("lower", [lower_fx, lower_export], ids=["fx", "export"])
+def test_constant_that_varies_per_sample_is_refused_by_name(lower: Any) -> None:
+    with pytest.raises(ModelError, match="differs per sample"):
+        lower(_PerSampleConstant(), torch.randn(3, 4))
+
+
+def test_keyword_inputs_and_dict_outputs_through_both_frontends() -> None:
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None, shift: float = 1.0) -> dict[str, Any]:
+            y = self.fc(x) + shift
+            return {"y": y if scale is None else y * scale, "unused": None, "pair": (x, y)}
+
+    module = Named().eval()
+    example = {"x": torch.randn(2, 4), "scale": torch.rand(2, 3)}
+    for lower in (lower_fx, lower_export):
+        graph = lower(module, example)
+        assert [v.name for v in graph.inputs] == ["x", "scale"]
+        got = Interpreter(graph).run(list(example.values())).outputs
+        expected = module(**example)
+        assert len(got) == 3
+        for g, e in zip(got, (expected["y"], expected["pair"][0], expected["pair"][1])):
+            torch.testing.assert_close(g, e)

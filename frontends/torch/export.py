@@ -9,14 +9,20 @@ transposed weight, ``_native_batch_norm_legit_no_training``, ``max_pool2d_with_i
 lower through the ``TorchLowering`` builder shared with the fx frontend. An
 ``nn.MultiheadAttention`` arrives decomposed: its ``in_proj_weight`` is an ordinary
 ``linear`` (prunable unless ``prune_in_proj=False``) and ``scaled_dot_product_attention``
-becomes ``mul(scale), transpose, matmul, softmax, matmul`` (the ONNX exporter's spelling).
+becomes ``mul(scale), transpose, matmul, softmax, matmul`` (the ONNX exporter's spelling), with an
+attention or causal mask added before the softmax. The example may be keyword inputs (a dict);
+a model that takes ``use_cache`` is exported with ``use_cache=False`` (a key/value cache is an
+output object, not the model's function). Constants whose size is the batch (position ids
+expanded over it, ``arange(batch)`` in mask builders) are evaluated at the example batch
+(``operands.fold_at_batch``). The per-op rules live in ``aten``.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 import operator
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import sympy
@@ -24,13 +30,12 @@ import torch
 from torch import nn
 
 from pai_compiler.errors import ModelError
+from pai_compiler.frontends.torch.aten import ATEN_RULES, SafeSoftmaxGuard, Zeros
 from pai_compiler.frontends.torch.lowering import TorchLowering
-from pai_compiler.frontends.torch.operands import BATCH, TorchConst, example_inputs, perm_of
+from pai_compiler.frontends.torch.operands import BATCH, Example, TorchConst, fold_at_batch, normalize_example, perm_of
 from pai_compiler.ir import Dim, Graph, Value
 
 __all__ = ["lower_export", "ATEN_RULES"]
-
-Rule = Callable[..., Any]
 
 
 @contextlib.contextmanager
@@ -49,30 +54,52 @@ def _export_context() -> Iterator[None]:
 
 
 def lower_export(module: nn.Module, example: Any, *, name: str | None = None, prune_in_proj: bool = True,
-                 decompose: bool = False) -> Graph:
+                 decompose: bool = False, prune_tied: bool = False) -> Graph:
     """Export ``module`` with torch.export (dynamic batch) and lower the ATen graph.
 
+    ``example`` is a tensor, a tuple (positional inputs), a dict (keyword inputs) or a shape;
     ``decompose=True`` lowers the core-ATen form (``ep.run_decompositions()``) instead.
     """
-    inputs = example_inputs(example)
-    inputs = tuple(t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() and t.shape[0] == 1 else t for t in inputs)
+    call = normalize_example(example)
+    wide = call.mapped(lambda t: t.repeat(2, *([1] * (t.dim() - 1))) if t.dim() and t.shape[0] == 1 else t)
+    keywords: dict[str, Any] = dict(wide.keywords)
+    if _accepts(module, "use_cache") and "use_cache" not in keywords:
+        keywords["use_cache"] = False  # a key/value cache is an output object, not part of the model's function
     was_training = module.training
     module.eval()
     try:
         batch = torch.export.Dim("batch")
         try:
             with _export_context():
-                ep = torch.export.export(module, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs), strict=False)
+                ep = torch.export.export(module, wide.positional, kwargs=keywords, dynamic_shapes=_dynamic_shapes(module, wide, keywords, batch),
+                                         strict=False)
                 if decompose:
                     ep = ep.run_decompositions()
         except Exception as exc:
             msg = " ".join(str(exc).split())[:300]
-            raise ModelError(f"torch.export cannot export {type(module).__name__}: {type(exc).__name__}: {msg} (try --frontend fx)") from None
-        lowering = TorchLowering(module, name or type(module).__name__, "export", prune_in_proj=prune_in_proj)
-        _ExportWalker(lowering, ep, module).run()
-        return lowering.finish(example_inputs(example))
+            raise ModelError(f"torch.export cannot export {type(module).__name__}: {type(exc).__name__}: {msg}") from exc
+        lowering = TorchLowering(module, name or type(module).__name__, "export", prune_in_proj=prune_in_proj, prune_tied=prune_tied)
+        _ExportWalker(lowering, ep, module, wide.batch).run()
+        return lowering.finish(call.tensors)
     finally:
         module.train(was_training)
+
+
+def _accepts(module: nn.Module, argument: str) -> bool:
+    try:
+        return argument in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _dynamic_shapes(module: nn.Module, call: Example, keywords: dict[str, Any], batch: Any) -> Any:
+    """Dim 0 of every tensor input is the batch: a tuple for positional calls, else a dict by argument name."""
+    if not keywords:
+        return tuple({0: batch} if t.dim() else None for t in call.positional)
+    names = list(inspect.signature(module.forward).parameters)
+    spec: dict[str, Any] = {names[i]: ({0: batch} if t.dim() else None) for i, t in enumerate(call.positional)}
+    spec.update({k: ({0: batch} if isinstance(v, torch.Tensor) and v.dim() else None) for k, v in keywords.items()})
+    return spec
 
 
 def _bind(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -91,8 +118,8 @@ def _bind(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[st
 
 
 class _ExportWalker:
-    def __init__(self, lw: TorchLowering, ep: Any, module: nn.Module) -> None:
-        self.lw, self.ep, self.module = lw, ep, module
+    def __init__(self, lw: TorchLowering, ep: Any, module: nn.Module, example_batch: int) -> None:
+        self.lw, self.ep, self.module, self.example_batch = lw, ep, module, example_batch
         self.env: dict[str, Any] = {}
         self.symbols: dict[sympy.Symbol, Any] = {}
 
@@ -142,9 +169,10 @@ class _ExportWalker:
             if n.op == "placeholder":
                 spec = specs[n.name]
                 if spec.kind == InputKind.USER_INPUT:
-                    val = n.meta["val"]
+                    val = n.meta.get("val")
                     if not isinstance(val, torch.Tensor):
-                        raise ModelError(f"input {n.name!r}: only tensor inputs are supported")
+                        self.env[n.name] = val  # a Python constant argument (use_cache=False), specialised by export
+                        continue
                     if val.dim() and isinstance(val.shape[0], torch.SymInt):
                         self.symbols[sympy.sympify(val.shape[0].node.expr)] = BATCH
                     shape = self.shape(n)
@@ -153,6 +181,8 @@ class _ExportWalker:
                     self.env[n.name] = TorchConst(self._tensor(spec.target).detach(), spec.target)
             elif n.op == "output":
                 for leaf in torch.utils._pytree.tree_leaves(self.load(n.args[0])):
+                    if leaf is None:
+                        continue  # an absent optional output
                     self.lw.add_output(leaf, outputs)
                     outputs += 1
             elif n.op == "call_function":
@@ -166,7 +196,7 @@ class _ExportWalker:
     def visit(self, n: torch.fx.Node) -> Any:
         args, kwargs = self.load(n.args), self.load(n.kwargs)
         leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-        has_value = any(isinstance(a, (Value, _SafeSoftmaxGuard, _Zeros)) for a in leaves)
+        has_value = any(isinstance(a, (Value, SafeSoftmaxGuard, Zeros)) for a in leaves)
         if n.target is operator.getitem:
             return args[0][args[1]]
         packet = str(getattr(n.target, "_overloadpacket", n.target)).removeprefix("aten.")
@@ -175,7 +205,7 @@ class _ExportWalker:
                 return self.lw.expand(n.name, args[0], self.shape(n), self.origin(n))
             if packet in ("view", "reshape", "_unsafe_view") and isinstance(args[0], TorchConst) and args[0].broadcast_to == self.shape(n):
                 return args[0]  # core ATen spells x @ W as bmm(view(expand(x)), view(expand(W^T)))
-            if packet in ("t", "permute", "transpose", "numpy_T") and isinstance(args[0], TorchConst) and args[0].broadcast_to is None:
+            if packet in ("t", "permute", "transpose", "numpy_T") and isinstance(args[0], TorchConst) and args[0].broadcast_to is None and args[0].varies_at_batch is None:
                 c = args[0]
                 perm = perm_of({"numpy_T": "t"}.get(packet, packet), c.value.dim(), args[1:])
                 base = c.perm or tuple(range(c.value.dim()))
@@ -191,287 +221,16 @@ class _ExportWalker:
         return [s] if isinstance(s, tuple) else (list(s) if s else [None])
 
     def static(self, n: torch.fx.Node, args: Any, kwargs: Any) -> Any:
-        plain = torch.utils._pytree.tree_map(lambda a: a.value if isinstance(a, TorchConst) else a, (args, kwargs))
-        symbolic = any(isinstance(a, sympy.Basic) for a in torch.utils._pytree.tree_leaves(plain))
+        """Evaluate a node whose operands are all compile-time; batch-dependent ones at the example batch."""
+        plain = torch.utils._pytree.tree_map(lambda a: a.value if isinstance(a, TorchConst) and a.broadcast_to is None and a.varies_at_batch is None else a, (args, kwargs))
+        leaves = torch.utils._pytree.tree_leaves(plain)
+        symbolic = any(isinstance(a, sympy.Basic) for a in leaves)
         if symbolic and not isinstance(n.target, torch._ops.OpOverload):
             return n.target(*plain[0], **plain[1])  # size arithmetic (operator.mul on the batch)
-        if symbolic or any(isinstance(a, TorchConst) and a.broadcast_to is not None for a in torch.utils._pytree.tree_leaves(args)):
-            raise ModelError(f"{n.name}: a batch-dependent constant ({n.target}) is not supported")
+        if symbolic or any(isinstance(a, TorchConst) for a in leaves):
+            return fold_at_batch(n.name, n.target, plain, self.example_batch, self.meta_shape(n.meta.get("val")))
         try:
             result = n.target(*plain[0], **plain[1])
         except Exception as exc:
             raise ModelError(f"{n.name}: cannot evaluate {n.target} on constants ({type(exc).__name__}: {exc})") from None
         return TorchConst(result.detach()) if isinstance(result, torch.Tensor) else result
-
-
-# ---- ATen rules: rule(walker, node, bound-arguments) ---------------------------------------
-def _const_or_none(x: Any) -> TorchConst | None:
-    return x if isinstance(x, TorchConst) else None
-
-
-def _conv(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    if a.get("transposed") or not isinstance(a["weight"], TorchConst) or isinstance(a["bias"], Value):
-        return w.lw.opaque(n.name, [a["input"], a["weight"]], [w.shape(n)], str(n.target), "transposed convolution or activation weight")
-    return w.lw.conv(n.name, a["input"], a["weight"], _const_or_none(a["bias"]), a["stride"], a["padding"], a["dilation"], a["groups"], w.shape(n), w.origin(n))
-
-
-def _linear(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    if not isinstance(a["weight"], TorchConst) or isinstance(a["bias"], Value):
-        return w.lw.opaque(n.name, [a["input"], a["weight"]], [w.shape(n)], "linear", "linear with an activation weight")
-    return w.lw.linear(n.name, a["input"], a["weight"], _const_or_none(a["bias"]), w.shape(n), w.origin(n))
-
-
-def _embedding(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    """``aten.embedding(weight, indices)``: the table's rows picked by the indices."""
-    table, idx = a["weight"], a["indices"]
-    if not isinstance(table, TorchConst) or table.broadcast_to is not None or not isinstance(idx, Value):
-        return w.lw.opaque(n.name, [t for t in (table, idx) if isinstance(t, (Value, TorchConst))], [w.shape(n)], str(n.target), "embedding of an activation table")
-    return w.lw.embedding(n.name, idx, table, w.shape(n), w.origin(n), "embedding")
-
-
-def _addmm(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    """``beta*self + alpha*(mat1 @ mat2)`` with a constant mat2 (a transposed weight) = linear."""
-    x, weight, bias = a["mat1"], a["mat2"], a.get("self")
-    if not isinstance(x, Value) or not isinstance(weight, TorchConst) or isinstance(bias, Value) or a.get("beta", 1) != 1 or a.get("alpha", 1) != 1:
-        return w.lw.opaque(n.name, [t for t in (bias, x, weight) if t is not None], [w.shape(n)], str(n.target), "addmm that is not a linear layer")
-    return w.lw.linear(n.name, x, weight, _const_or_none(bias), w.shape(n), w.origin(n), transposed=True)
-
-
-def _matmul(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    first, second = a.get("self"), a.get("mat2", a.get("other"))
-    return w.lw.matmul(n.name, first, second, w.shape(n), w.origin(n))
-
-
-def _batch_norm(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    if a.get("training") or not isinstance(a["running_mean"], TorchConst):
-        return w.lw.opaque(n.name, [a["input"]], [w.shape(n)], str(n.target), "batch norm in training mode")
-    consts = {"scale": a["weight"], "bias": a["bias"], "mean": a["running_mean"], "var": a["running_var"]}
-    out = w.lw.norm(n.name, a["input"], "batch", consts, a["eps"], w.origin(n))
-    return out if "legit" not in str(n.target) else (out, None, None)
-
-
-def _layer_norm(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    out = w.lw.norm(n.name, a["input"], "layer", {"scale": a["weight"], "bias": a["bias"]}, a["eps"], w.origin(n), axis=-len(a["normalized_shape"]))
-    return (out, None, None) if "native" in str(n.target) else out
-
-
-def _group_norm(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    groups = a.get("num_groups", a.get("group"))
-    out = w.lw.norm(n.name, a["input"], "group", {"scale": a["weight"], "bias": a["bias"]}, a["eps"], w.origin(n), num_groups=int(groups))
-    return (out, None, None) if "native" in str(n.target) else out
-
-
-def _unary(op: str, **fixed: Any) -> Rule:
-    return lambda w, n, a: w.lw.pointwise(n.name, a["self"], op, w.origin(n), **fixed)
-
-
-def _alias(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    return a.get("self", a.get("input"))
-
-
-def _to_copy(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    x = a["self"]
-    dtype = str(n.meta["val"].dtype).removeprefix("torch.")
-    return x if dtype == x.dtype else w.lw.pointwise(n.name, x, "cast", w.origin(n), to=dtype)
-
-
-def _binary(op: str, swap: bool = False) -> Rule:
-    def rule(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-        if a.get("rounding_mode") is not None:
-            return w.lw.opaque(n.name, [a["self"], a["other"]], [w.shape(n)], str(n.target), "integer division")
-        x, other = a["self"], a.get("other", a.get("exponent"))
-        alpha = a.get("alpha", 1)
-        if alpha not in (None, 1):
-            if isinstance(other, Value):
-                other = w.lw.binary(f"{n.name}_alpha", "mul", other, float(alpha), other.shape, w.origin(n))
-            else:
-                other = TorchConst(w.lw.const(other).value * alpha)
-        first, second = (other, x) if swap else (x, other)
-        return w.lw.binary(n.name, op, first, second, w.shape(n), w.origin(n))
-    return rule
-
-
-def _reshape(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    return w.lw.reshape(n.name, a["self"], w.shape(n), w.origin(n))
-
-
-def _permute(kind: str) -> Rule:
-    def rule(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-        x = a["self"]
-        rest = [a[k] for k in ("dim0", "dim1", "dims") if a.get(k) is not None]
-        return w.lw.transpose(n.name, x, perm_of(kind, len(x.shape), rest), w.origin(n))
-    return rule
-
-
-def _expand(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    return w.lw.expand(n.name, a["self"], w.shape(n), w.origin(n))
-
-
-def _select(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    return w.lw.select(n.name, a["self"], a["dim"], a["index"], w.origin(n))
-
-
-def _slice(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    x, step = a["self"], a.get("step") or 1
-    if any(isinstance(v, sympy.Basic) for v in (a.get("start"), a.get("end"))):
-        return w.lw.opaque(n.name, [x], [w.shape(n)], str(n.target), "slicing with a batch-dependent bound")
-    return w.lw.slice(n.name, x, a["dim"], a.get("start"), a.get("end"), step, w.shape(n), w.origin(n))
-
-
-def _cat(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    return w.lw.concat(n.name, list(a["tensors"]), a.get("dim") or 0, w.shape(n), w.origin(n))
-
-
-def _stack(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    out = w.shape(n)
-    dim = int(a.get("dim") or 0) % len(out)
-    parts = []
-    for i, t in enumerate(a["tensors"]):
-        v = w.lw.value(t, f"{n.name}_{i}")
-        parts.append(w.lw.reshape(f"{n.name}_unsqueeze", v, (*v.shape[:dim], 1, *v.shape[dim:]), w.origin(n)))
-    return w.lw.concat(n.name, parts, dim, out, w.origin(n))
-
-
-def _split(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    x = a["self"]
-    shapes = w.meta_shape(n.meta["val"])
-    unbind = "unbind" in str(n.target)
-    axis = int(a.get("dim") or 0) % len(x.shape)
-    parts_shapes = [(*s[:axis], 1, *s[axis:]) for s in shapes] if unbind else list(shapes)
-    sizes = [s[axis] for s in parts_shapes]
-    if not all(isinstance(s, int) for s in sizes):
-        return w.lw.opaque(n.name, [x], list(shapes), str(n.target), "splitting a batch-sized axis")
-    parts = w.lw.split(n.name, x, sizes, axis, parts_shapes, w.origin(n))
-    if unbind:
-        parts = [w.lw.reshape(f"{n.name}_squeeze", p, s, w.origin(n)) for p, s in zip(parts, shapes)]
-    return tuple(parts)
-
-
-def _pool(mode: str) -> Rule:
-    def rule(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-        x = a["self"]
-        if a.get("divisor_override"):
-            return w.lw.opaque(n.name, [x], [w.shape(n)], str(n.target), "average pooling with divisor_override")
-        shape = w.meta_shape(n.meta["val"])
-        out_shape = shape[0] if isinstance(shape, list) else shape
-        out = w.lw.pool(n.name, x, mode, a["kernel_size"], a.get("stride"), a.get("padding") or 0, a.get("dilation") or 1,
-                        bool(a.get("ceil_mode")), bool(a.get("count_include_pad", True)), out_shape, w.origin(n))
-        return (out, None) if "with_indices" in str(n.target) else out
-    return rule
-
-
-def _adaptive(mode: str) -> Rule:
-    def rule(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-        return w.lw.adaptive_pool(n.name, a["self"], mode, a["output_size"], w.shape(n), w.origin(n))
-    return rule
-
-
-def _reduce(mode: str) -> Rule:
-    def rule(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-        dim = a.get("dim")
-        axes = None if dim is None else ([dim] if isinstance(dim, int) else list(dim))
-        return w.lw.reduce(n.name, a["self"], mode, axes, bool(a.get("keepdim")), w.shape(n), w.origin(n))
-    return rule
-
-
-def _softmax(log: bool) -> Rule:
-    return lambda w, n, a: w.lw.softmax(n.name, a["self"], a["dim"], w.origin(n), log=log)
-
-
-def _sdpa(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    if a.get("attn_mask") is not None or a.get("is_causal") or a.get("enable_gqa"):
-        return w.lw.opaque(n.name, [a["query"], a["key"], a["value"]], [w.shape(n)], str(n.target), "masked/causal/grouped attention")
-    return w.lw.sdpa(n.name, a["query"], a["key"], a["value"], w.shape(n), w.origin(n), scale=a.get("scale"))
-
-
-def _pad(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    if a.get("mode", "constant") != "constant" or a.get("value") not in (None, 0, 0.0):
-        return w.lw.opaque(n.name, [a["self"]], [w.shape(n)], str(n.target), "non-zero or non-constant padding")
-    return w.lw.pad(n.name, a["self"], a["pad"], w.shape(n), w.origin(n))
-
-
-def _sym_size(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    return a["self"].shape[a["dim"]]
-
-
-def _clamp(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    lo, hi = a.get("min", a.get("min_val")), a.get("max", a.get("max_val"))
-    if isinstance(lo, (Value, TorchConst)) or isinstance(hi, (Value, TorchConst)):
-        return w.lw.opaque(n.name, [a["self"]], [w.shape(n)], str(n.target), "clamp with tensor bounds")
-    return w.lw.pointwise(n.name, a["self"], "clip", w.origin(n), min=float("-inf") if lo is None else float(lo), max=float("inf") if hi is None else float(hi))
-
-
-def _leaky_relu(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    return w.lw.pointwise(n.name, a["self"], "leakyrelu", w.origin(n), alpha=float(a["negative_slope"]))
-
-
-def _elu(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    if a.get("scale", 1) != 1 or a.get("input_scale", 1) != 1:
-        return w.lw.pointwise(n.name, a["self"], "selu", w.origin(n))
-    return w.lw.pointwise(n.name, a["self"], "elu", w.origin(n), alpha=float(a["alpha"]))
-
-
-def _softplus(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    if a.get("beta", 1) != 1 or a.get("threshold", 20) != 20:
-        return w.lw.opaque(n.name, [a["self"]], [w.shape(n)], str(n.target), "softplus with non-default beta/threshold")
-    return w.lw.pointwise(n.name, a["self"], "softplus", w.origin(n))
-
-
-class _SafeSoftmaxGuard:
-    """Core ATen's "safe softmax" guard ``all(x == -inf)`` (and its negations)."""
-
-
-class _Zeros:
-    """``full_like(x, 0)``: the fill value of the safe-softmax guard."""
-
-
-def _guard(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    x = a["self"]
-    if isinstance(x, _SafeSoftmaxGuard) or (str(n.target).startswith("aten.eq") and a.get("other") == float("-inf")):
-        return _SafeSoftmaxGuard()
-    return w.lw.opaque(n.name, [x] if isinstance(x, Value) else [], [w.shape(n)], str(n.target), "boolean tensor op")
-
-
-def _full_like(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    if a.get("fill_value") == 0:
-        return _Zeros()
-    return w.lw.opaque(n.name, [], [w.shape(n)], str(n.target), "full_like of an activation")
-
-
-def _where(w: _ExportWalker, n: Any, a: dict[str, Any]) -> Any:
-    """``where(all(x == -inf), 0, softmax(x))`` is ``softmax(x)`` for finite scores."""
-    if isinstance(a.get("condition"), _SafeSoftmaxGuard) and isinstance(a.get("self"), _Zeros) and isinstance(a.get("other"), Value):
-        return a["other"]
-    items = [t for t in (a.get("condition"), a.get("self"), a.get("other")) if isinstance(t, (Value, TorchConst))]
-    return w.lw.opaque(n.name, items, [w.shape(n)], str(n.target), "where on activations")
-
-
-ATEN_RULES: dict[str, Rule] = {
-    "eq": _guard, "logical_not": _guard, "any": _guard, "full_like": _full_like, "where": _where,
-    "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _conv,
-    "linear": _linear, "addmm": _addmm, "embedding": _embedding, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
-    "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _batch_norm,
-    "layer_norm": _layer_norm, "native_layer_norm": _layer_norm, "group_norm": _group_norm, "native_group_norm": _group_norm,
-    "gelu": lambda w, n, a: w.lw.pointwise(n.name, a["self"], "gelu", w.origin(n), approximate=a.get("approximate", "none")),
-    "hardtanh": _clamp, "clamp": _clamp, "clip": _clamp, "leaky_relu": _leaky_relu, "elu": _elu, "softplus": _softplus,
-    "hardsigmoid": _unary("hardsigmoid", alpha=1.0 / 6.0, beta=0.5),
-    "dropout": _alias, "clone": _alias, "contiguous": _alias, "alias": _alias, "detach": _alias, "lift_fresh_copy": _alias,
-    "_to_copy": _to_copy, "to": _to_copy,
-    "add": _binary("add"), "add_": _binary("add"), "sub": _binary("sub"), "rsub": _binary("sub", swap=True),
-    "mul": _binary("mul"), "div": _binary("div"), "pow": _binary("pow"), "maximum": _binary("max"), "minimum": _binary("min"),
-    "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape, "unflatten": _reshape,
-    "squeeze": _reshape, "unsqueeze": _reshape, "view_as": _reshape, "reshape_as": _reshape,
-    "permute": _permute("permute"), "transpose": _permute("transpose"), "t": _permute("t"), "numpy_T": _permute("t"),
-    "expand": _expand, "expand_as": _expand, "stack": _stack, "relu6": _unary("clip", min=0.0, max=6.0), "select": _select, "slice": _slice, "cat": _cat, "concat": _cat,
-    "split": _split, "split_with_sizes": _split, "chunk": _split, "unbind": _split,
-    "max_pool1d": _pool("max"), "max_pool2d": _pool("max"), "max_pool3d": _pool("max"),
-    "max_pool2d_with_indices": _pool("max"), "max_pool3d_with_indices": _pool("max"),
-    "avg_pool1d": _pool("avg"), "avg_pool2d": _pool("avg"), "avg_pool3d": _pool("avg"),
-    "adaptive_avg_pool1d": _adaptive("avg"), "adaptive_avg_pool2d": _adaptive("avg"), "_adaptive_avg_pool2d": _adaptive("avg"),
-    "adaptive_avg_pool3d": _adaptive("avg"), "mean": _reduce("avg"), "sum": _reduce("sum"), "amax": _reduce("max"),
-    "softmax": _softmax(False), "_softmax": _softmax(False), "log_softmax": _softmax(True), "_log_softmax": _softmax(True),
-    "scaled_dot_product_attention": _sdpa, "constant_pad_nd": _pad, "pad": _pad, "sym_size": _sym_size,
-}
-for _op in ("relu", "relu_", "sigmoid", "tanh", "silu", "silu_", "mish", "hardswish", "selu", "exp", "log", "sqrt", "neg",
-            "abs", "erf", "sin", "cos", "reciprocal", "sign", "floor", "ceil", "round", "softsign"):
-    ATEN_RULES.setdefault(_op, _unary(_op.rstrip("_")))

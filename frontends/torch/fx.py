@@ -17,6 +17,7 @@ Unknown operations become ``opaque`` nodes with a warning.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 from typing import Any
 
@@ -26,11 +27,13 @@ from torch import nn
 
 from pai_compiler.errors import ModelError
 from pai_compiler.frontends.torch.lowering import TorchLowering
-from pai_compiler.frontends.torch.operands import BATCH, TorchConst, dtype_name, example_inputs, perm_of
+from pai_compiler.frontends.torch.operands import BATCH, Example, TorchConst, dtype_name, fold_at_batch, normalize_example, perm_of
 from pai_compiler.frontends.torch.ops import FUNCTION_RULES, MODULE_RULES
 from pai_compiler.ir import Dim, Graph, Value
 
-__all__ = ["lower_fx"]
+__all__ = ["lower_fx", "EXPORT_HINT"]
+
+EXPORT_HINT = " (try --frontend export)"  # torch.export handles data-dependent Python that fx cannot trace
 
 
 class _Tracer(torch.fx.Tracer):
@@ -79,40 +82,69 @@ def _fit(a: Any, b: Any, b1: int, b2: int, where: str) -> Any:
     return a
 
 
-def lower_fx(module: nn.Module, example: Any, *, name: str | None = None, prune_in_proj: bool = True) -> Graph:
-    """Trace ``module`` with torch.fx and lower it; ``example`` is a tensor, tuple or shape.
+def lower_fx(module: nn.Module, example: Any, *, name: str | None = None, prune_in_proj: bool = True, prune_tied: bool = False) -> Graph:
+    """Trace ``module`` with torch.fx and lower it; ``example`` is a tensor, tuple, dict (keyword inputs) or shape.
 
-    Dim 0 of every input is the batch (symbolic in the IR); the module is evaluated in eval
-    mode and its training flag restored.
+    Dim 0 of every input is the batch (symbolic in the IR); arguments the example does not give
+    keep their defaults (traced as constants); the module is evaluated in eval mode and its
+    training flag restored.
     """
-    inputs = example_inputs(example)
-    b1 = int(inputs[0].shape[0]) if inputs[0].dim() else 1
-    inputs2 = tuple(torch.cat([t, t[:1]], 0) if t.dim() else t for t in inputs)
+    call = normalize_example(example)
+    feed, concrete = _feed(module, call)
+    b1 = call.batch
+    feed2 = [torch.cat([t, t[:1]], 0) if isinstance(t, torch.Tensor) and t.dim() else t for t in feed]
     was_training = module.training
     module.eval()
     try:
         try:
-            graph = _Tracer().trace(module)
+            graph = _Tracer().trace(module, concrete_args=concrete or None)
         except Exception as exc:
             msg = " ".join(str(exc).split())[:300]
-            raise ModelError(f"torch.fx cannot trace {type(module).__name__}: {type(exc).__name__}: {msg} (try --frontend export)") from None
+            raise ModelError(f"torch.fx cannot trace {type(module).__name__}: {type(exc).__name__}: {msg}{EXPORT_HINT}") from exc
         gm = torch.fx.GraphModule(module, graph)
         try:
-            run1, run2 = _record(gm, inputs), _record(gm, inputs2)
+            run1, run2 = _record(gm, tuple(feed)), _record(gm, tuple(feed2))
         except Exception as exc:
             msg = " ".join(str(exc).split())[:300]
-            raise ModelError(f"{type(module).__name__} fails on the example input: {type(exc).__name__}: {msg}") from None
+            raise ModelError(f"{type(module).__name__} fails on the example input: {type(exc).__name__}: {msg}") from exc
         metas = {k: _fit(run1[k], run2[k], b1, b1 + 1, k) for k in run1}
-        lowering = TorchLowering(module, name or type(module).__name__, "fx", prune_in_proj=prune_in_proj)
-        _FxWalker(lowering, gm, metas).run()
-        return lowering.finish(inputs)
+        lowering = TorchLowering(module, name or type(module).__name__, "fx", prune_in_proj=prune_in_proj, prune_tied=prune_tied)
+        _FxWalker(lowering, gm, metas, b1).run()
+        return lowering.finish(call.tensors)
     finally:
         module.train(was_training)
 
 
+def _feed(module: nn.Module, call: Example) -> tuple[list[Any], dict[str, Any]]:
+    """The traced forward's arguments in signature order, and the defaults of those the example leaves out."""
+    try:
+        params = [p for p in inspect.signature(module.forward).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    if not call.keywords and len(params) <= len(call.positional):
+        return list(call.positional), {}
+    names = [p.name for p in params]
+    unknown = [k for k in call.keywords if k not in names]
+    if unknown:
+        raise ModelError(f"example input {unknown[0]!r}: {type(module).__name__}.forward has no such argument (it takes {', '.join(names)})")
+    feed: list[Any] = []
+    concrete: dict[str, Any] = {}
+    for i, p in enumerate(params):
+        if i < len(call.positional):
+            feed.append(call.positional[i])
+        elif p.name in call.keywords:
+            feed.append(call.keywords[p.name])
+        elif p.default is not p.empty:
+            feed.append(p.default)
+            concrete[p.name] = p.default
+        else:
+            raise ModelError(f"{type(module).__name__}.forward needs argument {p.name!r}: give it in the example input")
+    return feed, concrete
+
+
 class _FxWalker:
-    def __init__(self, lw: TorchLowering, gm: torch.fx.GraphModule, metas: dict[str, Any]) -> None:
-        self.lw, self.gm, self.metas = lw, gm, metas
+    def __init__(self, lw: TorchLowering, gm: torch.fx.GraphModule, metas: dict[str, Any], example_batch: int) -> None:
+        self.lw, self.gm, self.metas, self.example_batch = lw, gm, metas, example_batch
         self.env: dict[str, Any] = {}
 
     def shape(self, n: torch.fx.Node) -> tuple[Dim, ...]:
@@ -129,14 +161,15 @@ class _FxWalker:
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
                 m = self.metas.get(n.name)
-                if not isinstance(m, _Meta):
-                    raise ModelError(f"input {n.name!r}: only tensor inputs are supported")
-                self.env[n.name] = self.lw.add_input(n.name, m.shape, m.dtype)
+                # a non-tensor argument is a default the example left out, traced as a constant
+                self.env[n.name] = self.lw.add_input(n.name, m.shape, m.dtype) if isinstance(m, _Meta) else m
             elif n.op == "get_attr":
                 t = _get_attr(self.gm, n.target)
                 self.env[n.name] = TorchConst(t, n.target) if isinstance(t, torch.Tensor) else t
             elif n.op == "output":
                 for leaf in torch.utils._pytree.tree_leaves(self.load(n.args[0])):
+                    if leaf is None:
+                        continue  # an absent optional output (ModelOutput fields, None in a tuple)
                     self.lw.add_output(leaf, outputs)
                     outputs += 1
             else:
@@ -190,11 +223,11 @@ class _FxWalker:
                 base = c.perm or tuple(range(rank))
                 return TorchConst(c.tensor, c.fqn, tuple(base[p] for p in perm))
             return getattr(args[0], args[1])
-        plain = torch.utils._pytree.tree_map(lambda a: a.value if isinstance(a, TorchConst) else a, (args, kwargs))
-        if any(isinstance(a, sympy.Basic) for a in torch.utils._pytree.tree_leaves(plain)) and n.op != "call_function":
-            raise ModelError(f"{n.name}: a batch-dependent size is used on a constant ({n.target})")
-        if any(isinstance(a, TorchConst) and a.broadcast_to is not None for a in torch.utils._pytree.tree_leaves((args, kwargs))):
-            raise ModelError(f"{n.name}: an expanded constant is used by {n.target}")
+        plain = torch.utils._pytree.tree_map(lambda a: a.value if isinstance(a, TorchConst) and a.broadcast_to is None and a.varies_at_batch is None else a, (args, kwargs))
+        leaves = torch.utils._pytree.tree_leaves(plain)
+        size_arithmetic = n.op == "call_function" and getattr(n.target, "__module__", None) in ("_operator", "operator", "builtins")
+        if any(isinstance(a, TorchConst) for a in leaves) or (any(isinstance(a, sympy.Basic) for a in leaves) and not size_arithmetic):
+            return fold_at_batch(n.name, self._callable(n), plain, self.example_batch, self._meta_shape(n))
         try:
             if n.op == "call_function":
                 result = n.target(*plain[0], **plain[1])
@@ -205,6 +238,18 @@ class _FxWalker:
         except Exception as exc:
             raise ModelError(f"{n.name}: cannot evaluate {n.target} on constants ({type(exc).__name__}: {exc})") from None
         return TorchConst(result.detach()) if isinstance(result, torch.Tensor) else result
+
+
+    def _callable(self, n: torch.fx.Node) -> Any:
+        if n.op == "call_function":
+            return n.target
+        if n.op == "call_method":
+            return lambda obj, *a, **k: getattr(obj, n.target)(*a, **k)
+        return self.gm.get_submodule(n.target)
+
+    def _meta_shape(self, n: torch.fx.Node) -> Any:
+        m = self.metas.get(n.name)
+        return m.shape if isinstance(m, _Meta) else None
 
 
 def _get_attr(root: nn.Module, target: str) -> Any:

@@ -38,25 +38,31 @@ def _ints(value: Any, n: int) -> list[int]:
 class TorchLowering:
     """IR builder shared by the fx and torch.export frontends (one method per op family)."""
 
-    def __init__(self, module: nn.Module, name: str, frontend: str, *, prune_in_proj: bool = True) -> None:
+    def __init__(self, module: nn.Module, name: str, frontend: str, *, prune_in_proj: bool = True, prune_tied: bool = False) -> None:
         self.module = module
         self.graph = Graph(name)
         self.frontend = frontend
         self.prune_in_proj = prune_in_proj
+        self.prune_tied = prune_tied
+        self.tables: dict[str, Param] = {}  # weights read as embedding tables, by canonical FQN
         self.params: dict[str, Param] = {}
         self.twins: dict[str, Param] = {}  # a weight's Params for its other layouts (see _params)
         self.warnings: list[str] = self.graph.meta["warnings"]
         self._canonical: dict[int, str] | None = None
+        self._aliases: dict[str, str] = {}
 
     def canonical_fqn(self, c: TorchConst) -> str | None:
         """The first name of ``c``'s tensor in the module: tied weights (``head.weight = emb.weight``)
         are one Param, whichever module attribute a use goes through."""
         if self._canonical is None:
-            named = [*self.module.named_parameters(), *self.module.named_buffers()]
-            self._canonical = {}
+            self._canonical, self._aliases = {}, {}
+            named = [*self.module.named_parameters(remove_duplicate=False), *self.module.named_buffers(remove_duplicate=False)]
             for name, t in named:
-                self._canonical.setdefault(id(t), name)
-        return self._canonical.get(id(c.tensor), c.fqn) if c.fqn is not None else None
+                self._aliases[name] = self._canonical.setdefault(id(t), name)
+        if c.fqn is None:
+            return None
+        # by identity first; a detached copy (torch.export's lifted parameters) by its name
+        return self._canonical.get(id(c.tensor)) or self._aliases.get(c.fqn, c.fqn)
 
     # ---- values and params -------------------------------------------------------------
     def emit(self, kind: OpKind, label: str, inputs: Sequence[Value], shapes: Sequence[tuple[Dim, ...] | None], *,
@@ -76,17 +82,61 @@ class TorchLowering:
 
     def param(self, c: TorchConst, key: str, *, prunable: bool, out_axis: int = 0, in_axis: int | None = 1) -> Param:
         """A Param for a constant operand; a parameter/buffer maps back to its FQN."""
+        if c.varies_at_batch is not None:
+            raise ModelError(f"{key}: a constant that differs per sample (e.g. arange over the batch, evaluated at batch "
+                             f"{c.varies_at_batch}) feeds the model's computation; paic cannot express it as a weight or constant")
         perm = c.perm or tuple(range(c.tensor.dim()))
         if c.fqn is None or (not prunable and perm != tuple(range(c.tensor.dim()))):
             return Param(self.graph.fresh_name(key), _numpy(c.value), prunable=False, out_axis=0, in_axis=None)
         stored_out, stored_in = (perm[out_axis], perm[in_axis] if in_axis is not None else None) if prunable else (0, None)
         fqn = self.canonical_fqn(c) or c.fqn
         existing = self.params.get(fqn)
+        if prunable and fqn in self.tables:
+            return self._tied_weight(fqn, c, stored_out, stored_in, key)
         if existing is not None:
             return layout_twin(existing, stored_out, stored_in, self.twins, self.warnings) if prunable else existing
         p = Param(fqn, _numpy(c.tensor), prunable=prunable, out_axis=stored_out, in_axis=stored_in, origin=fqn)
         self.params[fqn] = p
         return p
+
+    def table_param(self, c: TorchConst, key: str) -> Param:
+        """The dense Param of an embedding table; a table tied to a prunable weight follows the tie decision."""
+        fqn = self.canonical_fqn(c) or c.fqn
+        if c.fqn is None or c.perm is not None or fqn is None:
+            return self.param(c, key, prunable=False, in_axis=None)
+        if fqn in self.tables:
+            return self.tables[fqn]
+        existing = self.params.get(fqn)
+        if existing is not None and existing.prunable:  # a weight layer read it first
+            self._tie_warning(fqn)
+            if not self.prune_tied:
+                existing.prunable = False
+            table = Param(f"{fqn}.table", existing.data, prunable=False, out_axis=0, in_axis=None, origin=fqn)
+        else:
+            table = existing or Param(fqn, _numpy(c.tensor), prunable=False, out_axis=0, in_axis=None, origin=fqn)
+            self.params.setdefault(fqn, table)
+        self.tables[fqn] = table
+        return table
+
+    def _tied_weight(self, fqn: str, c: TorchConst, out_axis: int, in_axis: int | None, key: str) -> Param:
+        """A weight layer reading an embedding table (a tied LM head): dense unless ``prune_tied``."""
+        self._tie_warning(fqn)
+        twin_key = f"{fqn}@weight{out_axis},{in_axis}"
+        if twin_key not in self.twins:
+            self.twins[twin_key] = Param(f"{fqn}.weight{len(self.twins) + 1}", self.tables[fqn].data, prunable=self.prune_tied,
+                                         out_axis=out_axis, in_axis=in_axis, origin=fqn)
+        return self.twins[twin_key]
+
+    def _tie_warning(self, fqn: str) -> None:
+        target = dict(self.module.named_parameters()).get(fqn)
+        names = [n for n, t in self.module.named_parameters(remove_duplicate=False) if t is target] if target is not None else [fqn]
+        pair = " = ".join(dict.fromkeys(names))
+        if self.prune_tied:
+            message = f"tied weights {pair}: an embedding table read by a weight layer; pruned as that layer's weight (prune_tied), which zeroes the same entries of the embedding"
+        else:
+            message = f"tied weights {pair}: an embedding table read by a weight layer; kept dense (prune it with --prune-tied / prune_tied=True)"
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     def const(self, x: Any, like: Value | None = None) -> TorchConst:
         if isinstance(x, TorchConst):
@@ -212,8 +262,12 @@ class TorchLowering:
         return self.emit(OpKind.SOFTMAX, label, [x], [x.shape], attrs={"axis": int(axis), "log": log}, origin=origin)[0]
 
     def sdpa(self, label: str, q: Value, k: Value, v: Value, shape: tuple[Dim, ...], origin: str, *,
-             scale: float | None = None) -> Value:
-        """``softmax(q k^T * scale) v`` as mul, transpose, matmul, softmax, matmul (the ONNX spelling)."""
+             scale: float | None = None, mask: Any = None, causal: bool = False) -> Value:
+        """``softmax(q k^T * scale + mask) v`` as mul, transpose, matmul, (add,) softmax, matmul (the ONNX spelling).
+
+        A boolean ``mask`` (True = attend) adds ``0``/``-max`` and a float one is added as is;
+        ``causal`` adds the lower-triangular mask; an all-attend constant mask is dropped.
+        """
         head = q.shape[-1] if q.shape is not None else None
         if scale is None:
             if not isinstance(head, int):
@@ -225,8 +279,37 @@ class TorchLowering:
         kt = self.transpose(f"{label}_kT", k, perm, origin)
         s_shape = (*q.shape[:-1], k.shape[-2])
         scores = self.emit(OpKind.MATMUL, f"{label}_qk", [qs, kt], [s_shape], origin=origin)[0]
+        if causal:
+            rows, cols = s_shape[-2], s_shape[-1]
+            if not isinstance(rows, int) or not isinstance(cols, int):
+                return self.opaque(label, [q, k, v], [shape], origin, "causal attention over a batch-sized sequence")
+            mask = torch.ones(rows, cols, dtype=torch.bool).tril() if mask is None else None
+            if mask is None:
+                return self.opaque(label, [q, k, v], [shape], origin, "causal attention with an explicit mask")
+            mask = TorchConst(mask)
+        if mask is not None:
+            scores = self._attention_mask(label, scores, mask, origin)
         probs = self.softmax(f"{label}_softmax", scores, -1, origin)
         return self.emit(OpKind.MATMUL, f"{label}_av", [probs, v], [shape], origin=origin)[0]
+
+    def _attention_mask(self, label: str, scores: Value, mask: Any, origin: str) -> Value:
+        """``scores + mask`` with a boolean mask turned additive (``0`` where True, ``-max`` where False)."""
+        lowest = float(torch.finfo(torch.float32).min)
+        if isinstance(mask, TorchConst):
+            t = mask.value
+            additive = torch.where(t, 0.0, lowest) if t.dtype == torch.bool else t.float()
+            if not bool((additive != 0).any()):
+                return scores  # every key attended: the mask changes nothing
+            return self.binary(f"{label}_mask", "add", scores, TorchConst(additive), scores.shape, origin)
+        if not isinstance(mask, Value):
+            raise ModelError(f"{label}: attention mask of type {type(mask).__name__} is not supported")
+        if mask.dtype == "bool":  # True * max - max = 0, False * max - max = -max (bool * float is float)
+            highest = TorchConst(torch.tensor(-lowest, dtype=torch.float32))
+            scale = self.param(highest, f"{label}_mask_scale", prunable=False, in_axis=None)
+            scaled = self.emit(OpKind.POINTWISE, f"{label}_mask_scaled", [mask], [mask.shape], params={"const": scale},
+                               attrs={"op": "mul", "const_first": False}, origin=origin, dtype="float32")[0]
+            mask = self.binary(f"{label}_mask_bias", "sub", scaled, highest, mask.shape, origin)
+        return self.binary(f"{label}_mask", "add", scores, mask, scores.shape, origin)
 
     # ---- data movement -----------------------------------------------------------------
     def reshape(self, label: str, x: Value, shape: tuple[Dim, ...], origin: str) -> Value:
@@ -263,6 +346,11 @@ class TorchLowering:
         axis %= len(x.shape)
         shape = tuple(d for i, d in enumerate(x.shape) if i != axis)
         attrs = {"op": "gather", "axis": axis, "indices": int(index), "indices_shape": []}
+        return self.emit(OpKind.RESHAPE, label, [x], [shape], attrs=attrs, origin=origin)[0]
+
+    def gather(self, label: str, x: Value, axis: int, indices: torch.Tensor, shape: tuple[Dim, ...], origin: str) -> Value:
+        """``x`` indexed along ``axis`` by constant ``indices`` (ONNX ``Gather``: the indices' axes replace ``axis``)."""
+        attrs = {"op": "gather", "axis": int(axis) % len(x.shape), "indices": indices.reshape(-1).tolist(), "indices_shape": list(indices.shape)}
         return self.emit(OpKind.RESHAPE, label, [x], [shape], attrs=attrs, origin=origin)[0]
 
     def pad(self, label: str, x: Value, pad: Sequence[int], shape: tuple[Dim, ...], origin: str) -> Value:
@@ -314,7 +402,7 @@ class TorchLowering:
         """An embedding lookup ``table[indices]`` (axis 0): an ``opaque`` node with
         ``op="embedding"`` over the indices and the dense, non-prunable ``table`` Param, the
         ONNX frontend's lowering of ``Gather(table, indices)``; its dtype is the table's."""
-        p = self.param(table, f"{label}_table", prunable=False, in_axis=None)
+        p = self.table_param(table, f"{label}_table")
         attrs = {"op": "embedding", "axis": 0, "op_type": op_type, "domain": f"torch.{self.frontend}"}
         return self.emit(OpKind.OPAQUE, label, [indices], [shape], params={"table": p}, attrs=attrs, origin=origin,
                          dtype=str(p.data.dtype))[0]

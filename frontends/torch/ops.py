@@ -429,9 +429,9 @@ def _f_pad(w: Any, n: Any, input: Value, pad: Any, mode: str = "constant", value
 
 def _f_sdpa(w: Any, n: Any, query: Value, key: Value, value: Value, attn_mask: Any = None, dropout_p: float = 0.0,
             is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> Any:
-    if attn_mask is not None or is_causal or enable_gqa:
-        return w.lw.opaque(n.name, [query, key, value], [w.shape(n)], "scaled_dot_product_attention", "masked/causal/grouped attention")
-    return w.lw.sdpa(n.name, query, key, value, w.shape(n), n.name, scale=scale)
+    if enable_gqa:
+        return w.lw.opaque(n.name, [query, key, value], [w.shape(n)], "scaled_dot_product_attention", "grouped-query attention")
+    return w.lw.sdpa(n.name, query, key, value, w.shape(n), n.name, scale=scale, mask=attn_mask, causal=bool(is_causal))
 
 
 UNARY = {

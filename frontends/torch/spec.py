@@ -15,15 +15,19 @@ import importlib.util
 import inspect
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from pai_compiler.errors import ModelError, UsageError
 from pai_compiler.ir import Graph
 
-__all__ = ["load_torch_spec", "load_torch_module", "parse_input_shape", "split_spec", "FRONTENDS"]
+__all__ = ["load_torch_spec", "load_torch_module", "lower_module", "parse_input_shape", "parse_input_specs", "split_spec",
+           "InputSpec", "FRONTENDS"]
 
-FRONTENDS = ("fx", "export")
+FRONTENDS = ("auto", "fx", "export")
 
 
 def split_spec(spec: str) -> tuple[Path, str]:
@@ -32,6 +36,15 @@ def split_spec(spec: str) -> tuple[Path, str]:
     if not sep or not path.endswith(".py") or not attr:
         raise UsageError(f"model spec {spec!r} must look like file.py:attr (e.g. my_models.py:ResNet20)")
     return Path(path), attr
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One example input from ``--input-shape``: its argument name (None = positional), shape and dtype."""
+
+    name: str | None
+    shape: tuple[int, ...]
+    dtype: str | None  # None: float32, retried as embedding indices when floats fail
 
 
 def parse_input_shape(value: str | Sequence[int] | None) -> tuple[int, ...] | None:
@@ -44,12 +57,39 @@ def parse_input_shape(value: str | Sequence[int] | None) -> tuple[int, ...] | No
         try:
             dims = tuple(int(p) for p in parts)
         except ValueError:
-            raise UsageError(f"--input-shape must be comma-separated integers such as 2,3,32,32, got {value!r}") from None
+            raise UsageError(f"--input-shape must be comma-separated integers such as 2,3,32,32 or NAME=2,24:int64, got {value!r}") from None
     else:
         dims = tuple(int(d) for d in value)
     if not dims or any(d <= 0 for d in dims):
         raise UsageError(f"--input-shape must be positive integers with the batch first (e.g. 2,3,32,32), got {value!r}")
     return dims
+
+
+def parse_input_specs(values: str | Sequence[str] | Sequence[int] | None) -> list[InputSpec]:
+    """``--input-shape`` values -> InputSpecs: ``2,3,32,32`` (positional, float32) or
+    ``NAME=2,24:int64`` (a keyword argument; ``:DTYPE`` on either form, default float32)."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    if all(isinstance(v, int) for v in values):
+        return [InputSpec(None, parse_input_shape(values) or (), None)]  # type: ignore[arg-type]
+    specs: list[InputSpec] = []
+    for text in values:
+        text = str(text).strip()
+        name, _, rest = text.rpartition("=")
+        shape_text, _, dtype = rest.partition(":")
+        if name and not name.isidentifier():
+            raise UsageError(f"--input-shape {text!r}: {name!r} is not an argument name (use NAME=2,24:int64)")
+        if dtype and not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise UsageError(f"--input-shape {text!r}: unknown dtype {dtype!r} (use e.g. float32, int64, bool)")
+        if specs and specs[-1].name is not None and not name:
+            raise UsageError(f"--input-shape {text!r}: positional shapes come before NAME=... ones")
+        specs.append(InputSpec(name or None, parse_input_shape(shape_text) or (), dtype or None))
+    names = [s.name for s in specs if s.name]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--input-shape names an argument twice ({', '.join(sorted(n for n in set(names) if names.count(n) > 1))})")
+    return specs
 
 
 def _import_file(path: Path) -> Any:
@@ -82,7 +122,6 @@ def _import_file(path: Path) -> Any:
 
 def load_torch_module(spec: str) -> Any:
     """Import ``file.py:attr`` and return the ``nn.Module`` it names (built if needed)."""
-    import torch
     from torch import nn
 
     path, attr = split_spec(spec)
@@ -113,33 +152,88 @@ def load_torch_module(spec: str) -> Any:
     return built
 
 
-def load_torch_spec(spec: str, input_shape: str | Sequence[int] | None = None, frontend: str = "fx", *,
-                    prune_in_proj: bool = True, **_: Any) -> Graph:
-    """Lower ``file.py:attr`` with the fx (default) or torch.export frontend at ``input_shape``."""
-    import torch
+def load_torch_spec(spec: str, input_shape: str | Sequence[str] | Sequence[int] | None = None, frontend: str = "auto", *,
+                    prune_in_proj: bool = True, prune_tied: bool = False, **_: Any) -> Graph:
+    """Lower ``file.py:attr`` at the ``--input-shape`` example (see :func:`parse_input_specs`) with ``frontend``."""
+    specs = parse_input_specs(input_shape)
+    if not specs:
+        raise UsageError(f"{spec} is a PyTorch model: give its input shape with --input-shape, batch first "
+                         "(e.g. --input-shape 2,3,32,32, or --input-shape input_ids=2,24:int64 per named input)")
+    check_frontend(frontend)
+    module = load_torch_module(spec)
+    name = split_spec(spec)[1]
+    options = {"name": name, "prune_in_proj": prune_in_proj, "prune_tied": prune_tied}
+    try:
+        graph = lower_module(module, _example(module, specs, integer=False), frontend, **options)
+    except ModelError:
+        # a model that starts with nn.Embedding reads integer indices: retry with valid ones
+        if any(s.dtype is not None for s in specs) or _index_bound(module) is None:
+            raise
+        graph = lower_module(module, _example(module, specs, integer=True), frontend, **options)  # its own error, if any
+    graph.meta.update(torch_spec=str(spec), input_shape=list(specs[0].shape))
+    return graph
 
+
+def check_frontend(frontend: str) -> None:
+    """Usage error unless ``frontend`` is auto, fx or export."""
     if frontend not in FRONTENDS:
         raise UsageError(f"--frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
-    shape = parse_input_shape(input_shape)
-    if shape is None:
-        raise UsageError(f"{spec} is a PyTorch model: give its input shape with --input-shape, batch first (e.g. --input-shape 2,3,32,32)")
-    module = load_torch_module(spec)
-    if frontend == "fx":
-        from pai_compiler.frontends.torch.fx import lower_fx as lower
-    else:
-        from pai_compiler.frontends.torch.export import lower_export as lower
-    example = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+
+
+def lower_module(module: Any, example: Any, frontend: str = "auto", **options: Any) -> Graph:
+    """Lower an ``nn.Module`` with torch.fx, torch.export, or (``auto``) fx and then export if fx fails.
+
+    The graph's ``meta["frontend"]`` names the one used; under ``auto`` a fallback is noted in
+    its warnings with fx's reason, and a double failure reports both.
+    """
+    from pai_compiler.frontends.torch.export import lower_export
+    from pai_compiler.frontends.torch.fx import EXPORT_HINT, lower_fx
+
+    check_frontend(frontend)
+    if frontend == "export":
+        return lower_export(module, example, **options)
     try:
-        graph = lower(module, example, name=split_spec(spec)[1], prune_in_proj=prune_in_proj)
-    except ModelError as first:
-        # a model that starts with nn.Embedding reads integer indices: retry with valid ones
-        entries = [m.num_embeddings for m in module.modules() if isinstance(m, torch.nn.Embedding)]
-        if not entries:
+        return lower_fx(module, example, **options)
+    except ModelError as fx_error:
+        if frontend == "fx":
             raise
-        example = torch.randint(0, min(entries), shape, generator=torch.Generator().manual_seed(0))
-        try:
-            graph = lower(module, example, name=split_spec(spec)[1], prune_in_proj=prune_in_proj)
-        except ModelError:
-            raise first from None  # integer indices did not help: the float input's error is the cause
-    graph.meta.update(torch_spec=str(spec), input_shape=list(shape))
+        fx_reason = str(fx_error).removesuffix(EXPORT_HINT)
+    try:
+        graph = lower_export(module, example, **options)
+    except ModelError as export_error:
+        raise ModelError(f"neither frontend lowers {type(module).__name__}: torch.fx: {fx_reason}; torch.export: {export_error}") from export_error
+    graph.meta["warnings"].insert(0, f"lowered with torch.export (--frontend auto; torch.fx failed: {fx_reason})")
     return graph
+
+
+def _index_bound(module: Any) -> int | None:
+    """The smallest ``nn.Embedding`` table size: integer example inputs stay below it (None: no embedding)."""
+    sizes = [m.num_embeddings for m in module.modules() if isinstance(m, torch.nn.Embedding)]
+    return min(sizes) if sizes else None
+
+
+def _example(module: Any, specs: list[InputSpec], *, integer: bool) -> Any:
+    """Seeded example tensors: N(0, 1) floats, valid embedding indices for integer dtypes, all-true bools."""
+    generator = torch.Generator().manual_seed(0)
+    bound = _index_bound(module) or 2
+
+    def tensor(s: InputSpec) -> torch.Tensor:
+        dtype = getattr(torch, s.dtype) if s.dtype else (torch.int64 if integer else torch.float32)
+        if dtype == torch.bool:
+            return torch.ones(s.shape, dtype=torch.bool)
+        if dtype.is_floating_point or dtype.is_complex:
+            return torch.randn(s.shape, generator=generator).to(dtype)
+        return torch.randint(0, bound, s.shape, generator=generator).to(dtype)
+
+    positional = tuple(tensor(s) for s in specs if s.name is None)
+    named = {s.name: tensor(s) for s in specs if s.name is not None}
+    if named:
+        return {**dict(zip(_positional_names(module, len(positional)), positional)), **named}
+    return positional[0] if len(positional) == 1 else positional
+
+
+def _positional_names(module: Any, count: int) -> list[str]:
+    names = [p.name for p in inspect.signature(module.forward).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(names) < count:
+        raise UsageError(f"--input-shape gives {count} positional inputs; {type(module).__name__}.forward takes {len(names)}")
+    return names[:count]

@@ -1,5 +1,8 @@
 """SNIP criterion: score = |theta ⊙ dL/dtheta| / sum(|theta ⊙ dL/dtheta|), L = cross-entropy on the prune batch.
 
+Per-token logits (batch, tokens, classes) of a sequence model score every token against its
+sample's label.
+
 As in Synaptic-Flow (``SNIP``): the gradient is taken at the (masked) initial weights, in eval
 mode (norms use their running statistics), summed over the prune batches (mean cross-entropy
 per batch of ``batch_size`` samples), and the scores are divided by their global sum. Already
@@ -30,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SnipPass", "Precision", "torch_device", "torch_dtype", "masked_leaves", "masked_weights",
-    "prune_batches", "model_io", "interpreter", "to_numpy_scores", "check_batch_size", "check_precision",
+    "prune_batches", "model_io", "classification_loss", "interpreter", "to_numpy_scores", "check_batch_size", "check_precision",
 ]
 
 Precision = Literal["float32", "float64"]
@@ -94,9 +97,19 @@ def model_io(graph: Graph, owner: str) -> tuple[Value, Value]:
         raise UsageError(f"{owner}: the model input {inputs[0].name!r} is {inputs[0].dtype}; a float image/feature input "
                          "(or the integer indices of embedding lookups) is needed")
     output = graph.outputs[0]
-    if output.shape is not None and len(output.shape) != 2:
-        raise UsageError(f"{owner}: the first output {output.name!r} has rank {len(output.shape)}; cross-entropy needs (batch, classes) logits")
+    if output.shape is not None and len(output.shape) not in (2, 3):
+        raise UsageError(f"{owner}: the first output {output.name!r} has rank {len(output.shape)}; cross-entropy needs (batch, classes) "
+                         "or per-token (batch, tokens, classes) logits")
     return inputs[0], output
+
+
+def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; per-token logits (batch, tokens, classes) score every token against its sample's label."""
+    import torch.nn.functional as F
+
+    if logits.dim() == 3:
+        return F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1]))
+    return F.cross_entropy(logits, labels)
 
 
 def prune_batches(graph: Graph, am: AnalysisManager, owner: str, batch_size: int, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -164,7 +177,6 @@ class SnipPass(CriterionPass):
 
     def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> dict[str, np.ndarray]:
         import torch
-        import torch.nn.functional as F
 
         dtype = torch_dtype(self.precision)
         batches = list(prune_batches(graph, am, self.name, self.batch_size, dtype))
@@ -173,7 +185,7 @@ class SnipPass(CriterionPass):
             it = interpreter(graph, am, dtype)  # fresh per chunk: the batch size binds symbolic dims
             it.weights = masked_weights(leaves, masks)
             logits = it.run([x]).outputs[0]
-            F.cross_entropy(logits, y).backward()
+            classification_loss(logits, y).backward()
         raw = {name: (leaf.grad * leaf.detach()).abs() if leaf.grad is not None else torch.zeros_like(leaf) for name, leaf in leaves.items()}
         total = sum(t.sum() for t in raw.values())
         if float(total) > 0:
