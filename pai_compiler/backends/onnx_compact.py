@@ -54,6 +54,8 @@ class _Rewriter:
         self.producers = {o: n for n in self.g.node for o in n.output if o}
         self.names = {n.name for n in self.g.node} | set(self.inits) | {o for n in self.g.node for o in n.output} | {i.name for i in self.g.input}
         self.sources: dict[str, str] = graph.meta.get("weight_sources", {})
+        self.uses: dict[str, tuple[int, int, tuple[int, ...] | None]] = graph.meta.get("constant_uses", {})
+        self.by_index = list(self.g.node)  # before any insertion: constant_uses index the source's nodes
         self.changed: set[str] = set()
 
     def fresh(self, base: str) -> str:
@@ -104,6 +106,19 @@ class _Rewriter:
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(array), f"{p.origin}_value")))
         else:
             raise PaicError(f"compact ONNX: cannot write weight {p.origin!r} (unknown source {kind!r})")
+
+    def write_use(self, p: Param) -> None:
+        """A per-use copy of a shared constant: when it changed, its consumer reads a fresh
+        initializer (in the consumer's axis order); the shared original stays for the others."""
+        array = p.data if p.mask is None else np.where(p.mask, p.data, 0).astype(p.data.dtype)
+        current = self._static(p.origin)
+        if current is not None and current.shape == array.shape and np.array_equal(current, array):
+            return
+        node_index, input_index, perm = self.uses[p.name]
+        on = self.by_index[node_index]
+        if perm is not None:
+            array = np.transpose(array, perm)
+        _set_input(on, input_index, self.add_init(f"{p.origin}_{on.name or on.op_type}", array))
 
     # ---- per-node rewrites -----------------------------------------------------------------
     def rename_output(self, onnx_node: Any, name: str) -> str:
@@ -215,9 +230,16 @@ class _Rewriter:
     def run(self, pipeline: str) -> Any:
         reshapes, splits = set(self.report.reshapes), set(self.report.splits)
         self.changed = set(self.report.changed_params)
-        for p in self.graph.params():
+        params = self.graph.params()
+        per_origin: dict[str, int] = {}
+        for p in params:
+            per_origin[p.origin] = per_origin.get(p.origin, 0) + 1
+        for p in params:
             if p.origin and p.origin in self.sources:
-                self.write_param(p)
+                if per_origin[p.origin] > 1 and p.name in self.uses:  # one use of a shared constant
+                    self.write_use(p)
+                else:
+                    self.write_param(p)
         for node in self.graph.nodes:
             on = self.onnx_node(node)
             if node.kind in (OpKind.CONV, OpKind.LINEAR):

@@ -1,0 +1,111 @@
+"""Compaction on every exporter's output: the same net, exported differently, compacts the same.
+
+Exporters de-duplicate equal constants (the legacy TorchScript exporter stores equal BN
+statistics, zeros and biases once and reads them through Identity nodes): such a constant is
+one copy per use, so it no longer pins the channels it touches, while a genuinely tied weight
+stays a tie. Each case prunes whole conv output rows (the lowest-L1 60 % of every conv, a rule
+that gives the same rows whatever the exporter, since BN folding scales rows uniformly at
+init), compacts, and checks: onnxruntime outputs of compact vs masked model (max rel error
+1e-5), a real parameter reduction, and the same per-layer channel counts for every exporter.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from pai_compiler.api import compact_graph
+from pai_compiler.backends.onnx_compact import write_compact_onnx
+from pai_compiler.backends.onnx_masked import write_masked_onnx
+from pai_compiler.frontends.onnx.reader import load_onnx_model
+from pai_compiler.ir import Graph, OpKind
+from pai_compiler.lab import zoo
+from pai_compiler.ort import session
+from pai_compiler.passes.transform.dead_node_elim import CompactReport
+
+EXPORTERS = ["legacy-nofold", "legacy-fold", "dynamo"]
+
+
+def export(module: torch.nn.Module, x: torch.Tensor, path: Path, exporter: str) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            torch.onnx.export(module, (x,), str(path), dynamo=True, opset_version=18, verbose=False)
+        else:
+            torch.onnx.export(module, (x,), str(path), dynamo=False, opset_version=17,
+                              do_constant_folding=exporter == "legacy-fold")
+    return path
+
+
+def prune_rows(graph: Graph, fraction: float = 0.6) -> None:
+    """Zero the lowest-L1 ``fraction`` of every conv's output rows (whole dead channels)."""
+    for node in graph.nodes:
+        if node.kind is not OpKind.CONV:
+            continue
+        w = node.params["weight"]
+        norms = np.abs(w.data).reshape(w.shape[0], -1).sum(axis=1)
+        dead = np.argsort(norms, kind="stable")[: int(fraction * w.shape[0])]
+        mask = np.ones(w.shape, dtype=bool)
+        mask[dead] = False
+        graph.set_mask(w, mask)
+
+
+def run(path: Path, x: np.ndarray) -> np.ndarray:
+    sess = session(path, threads=1)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def max_rel_error(got: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+
+
+def compact_and_compare(src: Path, tmp: Path, x: np.ndarray) -> tuple[Graph, Graph, CompactReport]:
+    """(masked graph, compact graph, report); asserts ORT(compact) == ORT(masked)."""
+    graph = load_onnx_model(src)
+    prune_rows(graph)
+    small = graph.clone()
+    report = compact_graph(small)
+    write_masked_onnx(graph, src, tmp / "masked.onnx")
+    write_compact_onnx(small, src, tmp / "compact.onnx", report)
+    onnx.checker.check_model(str(tmp / "compact.onnx"), full_check=True)
+    assert max_rel_error(run(tmp / "compact.onnx", x), run(tmp / "masked.onnx", x)) <= 1e-5
+    return graph, small, report
+
+
+def params(graph: Graph) -> int:
+    return sum(p.numel for p in graph.params())
+
+
+@pytest.fixture(scope="module")
+def resnet20_exports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    torch.manual_seed(0)
+    model = zoo.build("resnet20", num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    tmp = tmp_path_factory.mktemp("exports")
+    return {e: export(model, x, tmp / f"{e}.onnx", e) for e in EXPORTERS}
+
+
+def test_resnet20_every_exporter_compacts_the_same(resnet20_exports: dict[str, Path], tmp_path: Path) -> None:
+    x = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    channels: dict[str, list[tuple[int, int]]] = {}
+    for exporter, src in resnet20_exports.items():
+        (tmp_path / exporter).mkdir()
+        graph, small, report = compact_and_compare(src, tmp_path / exporter, x)
+        assert params(small) < 0.6 * params(graph), exporter
+        channels[exporter] = sorted(layer.channels_out for layer in report.layers if layer.op == "conv")  # type: ignore[misc]
+        assert dict(report.kept_dead_channels).get("param", 0) == 0
+    assert channels["legacy-nofold"] == channels["legacy-fold"] == channels["dynamo"]
+
+
+def test_legacy_export_shares_constants_through_identity(resnet20_exports: dict[str, Path]) -> None:
+    """The regression's premise: the legacy exporter does de-duplicate, and the IR splits the copies."""
+    model = onnx.load(str(resnet20_exports["legacy-nofold"]))
+    assert any(n.op_type == "Identity" for n in model.graph.node)
+    graph = load_onnx_model(resnet20_exports["legacy-nofold"])
+    copies = [p for p in graph.params() if p.per_use_copy]
+    assert copies and all(not p.prunable for p in copies)
+    assert len({p.storage for p in graph.params()}) == len(graph.params())
