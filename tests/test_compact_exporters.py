@@ -18,13 +18,15 @@ import onnx
 import pytest
 import torch
 
-from pai_compiler.api import compact_graph
+from pai_compiler.api import compact_graph, optimize
 from pai_compiler.backends.onnx_compact import write_compact_onnx
 from pai_compiler.backends.onnx_masked import write_masked_onnx
 from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.ir import Graph, OpKind
 from pai_compiler.lab import zoo
 from pai_compiler.ort import session
+from pai_compiler.pass_infra import AnalysisManager
+from pai_compiler.passes.analysis.flops import FlopsPass, evaluate
 from pai_compiler.passes.transform.dead_node_elim import CompactReport
 
 EXPORTERS = ["legacy-nofold", "legacy-fold", "dynamo"]
@@ -109,3 +111,45 @@ def test_legacy_export_shares_constants_through_identity(resnet20_exports: dict[
     copies = [p for p in graph.params() if p.per_use_copy]
     assert copies and all(not p.prunable for p in copies)
     assert len({p.storage for p in graph.params()}) == len(graph.params())
+
+
+# ---- effective MACs (audit) vs the compact model's nonzero MACs ----------------------------
+def macs(graph: Graph, *, effective: bool) -> tuple[int, dict[str, int]]:
+    """Total MACs (effective or nonzero, batch 1) and the conv/linear nodes' own."""
+    result = AnalysisManager(graph).get(FlopsPass(effective=effective))
+    column = "effective" if effective else "nonzero"
+    layers = {n.node: evaluate(getattr(n, column)) for n in result.nodes if n.kind in ("conv", "linear")}
+    return evaluate(getattr(result, column)), layers
+
+
+def assert_compact_macs_bound(graph: Graph) -> None:
+    """flops' documented bound: compact nonzero MACs ≥ effective MACs, in total and per layer."""
+    small = graph.clone()
+    compact_graph(small)
+    effective, effective_layers = macs(graph, effective=True)
+    compact, compact_layers = macs(small, effective=False)
+    assert compact >= effective
+    for name, count in effective_layers.items():
+        assert compact_layers[name] >= count, name
+    nonzero, _ = macs(graph, effective=False)
+    assert effective < nonzero  # the dead channels' norm/activation MACs are not effective
+
+
+@pytest.mark.parametrize("model", ["resnet20", "vgg_small", "tiny_vit"])
+def test_effective_macs_bound_example_models(examples_dir: Path, model: str) -> None:
+    graph = optimize(examples_dir / f"{model}.onnx", pipeline="erk{sparsity=0.99},magnitude{scope=layer}").graph
+    prune_rows(graph, fraction=0.5)  # dead channels on top of the unstructured masks
+    for p in graph.prunable_params():
+        if p.mask is not None and p.data.ndim == 4:
+            graph.set_mask(p, p.mask & (np.abs(p.data) > np.quantile(np.abs(p.data), 0.5)))
+    assert_compact_macs_bound(graph)
+
+
+def test_effective_macs_bound_resnet50(tmp_path: Path) -> None:
+    """The regression: ONNX ResNet-50 with dead channels compacted to fewer nonzero MACs than the
+    audit's effective count, which counted dead channels' BN/ReLU/Add MACs as effective."""
+    torch.manual_seed(0)
+    src = export(zoo.build("resnet50", num_classes=10).eval(), torch.randn(1, 3, 32, 32), tmp_path / "r50.onnx", "legacy-fold")
+    graph = load_onnx_model(src)
+    prune_rows(graph, fraction=0.8)
+    assert_compact_macs_bound(graph)
