@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from pai_compiler.api import compact_graph, optimize
+from pai_compiler.audit import masks_from_zeros
 from pai_compiler.backends.onnx_compact import write_compact_onnx
 from pai_compiler.backends.onnx_masked import write_masked_onnx
 from pai_compiler.frontends.onnx.reader import load_onnx_model
@@ -153,3 +154,42 @@ def test_effective_macs_bound_resnet50(tmp_path: Path) -> None:
     graph = load_onnx_model(src)
     prune_rows(graph, fraction=0.8)
     assert_compact_macs_bound(graph)
+
+
+# ---- paic compact --explain ------------------------------------------------------------------
+def split_channels_model(path: Path) -> Path:
+    """Conv 4->8 whose first 4 output rows are zero (dead), then a Reshape splitting the channels."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    w[:4] = 0
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["y"], name="split_heads")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 16])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1, 2, 4, 16], np.int64), "shape")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_compact_explain_names_what_kept_dead_channels(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pai_compiler.cli import app
+
+    src = split_channels_model(tmp_path / "m.onnx")
+    graph = load_onnx_model(src)
+    masks_from_zeros(graph)
+    report = compact_graph(graph)
+    assert not report.applied  # nothing could go: the report still says why
+    assert dict(report.kept_dead_channels) == {"reshape splits or merges the channel dim": 4}
+    assert [name for name, _ in report.kept_dead_sources] == ["reshape 'split_heads': reshape splits or merges the channel dim"]
+    runner = CliRunner()
+    res = runner.invoke(app, ["compact", str(src), "-o", str(tmp_path / "c.onnx"), "--explain"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "reshape splits or merges the channel dim" in res.output and "split_heads" in res.output
+    res = runner.invoke(app, ["compact", str(src), "-o", str(tmp_path / "c2.onnx")], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "--explain" in res.output

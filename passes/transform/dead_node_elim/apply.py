@@ -53,7 +53,7 @@ def apply_plan(graph: Graph, cs: ChannelSpaces, plan: RemovalPlan) -> CompactRep
     return CompactReport(
         layers=_layer_changes(graph, log), folds=tuple(log.folds), reshapes=tuple(log.reshapes), splits=tuple(log.splits),
         weights_dropped=log.weights_dropped, changed_params=tuple(sorted(set(log.changed_params))),
-        kept_dead_channels=tuple(plan.kept_dead.items()), removed_atoms=len(plan.removed), rounds=1,
+        kept_dead_channels=tuple(plan.kept_dead.items()), kept_dead_sources=tuple(plan.kept_dead_sources.items()), removed_atoms=len(plan.removed), rounds=1,
     )
 
 
