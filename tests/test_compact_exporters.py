@@ -193,3 +193,100 @@ def test_compact_explain_names_what_kept_dead_channels(tmp_path: Path) -> None:
     assert "reshape splits or merges the channel dim" in res.output and "split_heads" in res.output
     res = runner.invoke(app, ["compact", str(src), "-o", str(tmp_path / "c2.onnx")], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "--explain" in res.output
+
+
+# ---- channel shuffle, grouped and depthwise convs ---------------------------------------------
+class ShuffleBlock(torch.nn.Module):
+    """ShuffleNet-style: 1x1 conv, BN, ReLU, channel shuffle, depthwise 3x3, grouped 1x1, head."""
+
+    def __init__(self, channels: int = 24, groups: int = 3) -> None:
+        super().__init__()
+        self.groups = groups
+        self.stem = torch.nn.Conv2d(3, channels, 1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(channels)
+        self.depthwise = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(channels)
+        self.grouped = torch.nn.Conv2d(channels, 2 * channels, 1, groups=groups)
+        self.fc = torch.nn.Linear(2 * channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.stem(x)))
+        n, c, h, w = y.shape
+        y = y.reshape(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+        y = torch.relu(self.grouped(self.bn2(self.depthwise(y))))
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def randomize_bn(module: torch.nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.5, 0.5)
+
+
+@pytest.mark.parametrize("exporter", ["legacy-nofold", "dynamo"])
+def test_channel_shuffle_depthwise_and_grouped_convs_compact(tmp_path: Path, exporter: str) -> None:
+    torch.manual_seed(0)
+    model = ShuffleBlock().eval()
+    randomize_bn(model)
+    with torch.no_grad():
+        model.stem.weight[::2] = 0  # 12 of 24 stem channels dead: shuffled, then read by the depthwise conv
+        model.grouped.weight[:16] = 0  # the first of 3 groups writes nothing
+    src = export(model, torch.randn(1, 3, 8, 8), tmp_path / "shuffle.onnx", exporter)
+    graph = load_onnx_model(src)
+    assert not any(n.kind is OpKind.RESHAPE and n.attrs.get("op") == "transpose" for n in graph.nodes)  # fused
+    masks_from_zeros(graph)
+    small = graph.clone()
+    report = compact_graph(small)
+    write_masked_onnx(graph, src, tmp_path / "masked.onnx")
+    write_compact_onnx(small, src, tmp_path / "compact.onnx", report)
+    x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    assert max_rel_error(run(tmp_path / "compact.onnx", x), run(tmp_path / "masked.onnx", x)) <= 1e-5
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    assert max_rel_error(run(tmp_path / "compact.onnx", x), ref) <= 1e-5
+    counts = {layer.param: (layer.channels_out, layer.channels_in) for layer in report.layers}
+    # group 0 of the grouped conv writes nothing: it goes whole, with its 8 input channels, which
+    # the shuffle maps back to 8 stem channels; the dead stem channels of groups 1 and 2 stay
+    # (a group goes whole or not at all). Unfused, the shuffle would pin all 24.
+    assert counts["stem.weight"][0] == (24, 16), counts
+    assert counts["depthwise.weight"][0] == (24, 16), counts
+    assert counts["grouped.weight"] == ((48, 32), (8, 8)), counts  # in: per group
+    weights = lambda g: sum(p.numel for p in g.prunable_params())  # noqa: E731  (bias maps of padded convs add some)
+    assert weights(small) < 0.7 * weights(graph)
+
+
+# ---- transformer FFN neurons -------------------------------------------------------------------
+def test_transformer_ffn_neurons_compact(examples_dir: Path, tmp_path: Path) -> None:
+    """An FFN hidden neuron whose in-row (first linear) or out-column (second linear) is fully
+    pruned goes: the first is a constant (folded into what follows), the second reaches nothing."""
+    src = examples_dir / "tiny_vit.onnx"
+    graph = load_onnx_model(src)
+    rng = np.random.default_rng(0)
+    expected: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.kind is OpKind.LINEAR and node.name.endswith("mlp.0/MatMul"):
+            up = node.params["weight"]
+            down = node.outputs[0].uses[0]  # bias add, GELU, ... up to the second linear
+            while down.kind is not OpKind.LINEAR:
+                down = down.outputs[0].uses[0]
+            w_down = down.params["weight"]
+            hidden = up.shape[up.out_axis]
+            rows, cols = rng.permutation(hidden)[:40], rng.permutation(hidden)[:40]
+            up_mask, down_mask = np.ones(up.shape, bool), np.ones(w_down.shape, bool)
+            up.to_oi(up_mask)[rows] = False
+            w_down.to_oi(down_mask)[:, cols] = False
+            graph.set_mask(up, up_mask)
+            graph.set_mask(w_down, down_mask)
+            expected[up.name] = hidden - len(set(rows.tolist()) | set(cols.tolist()))
+    assert len(expected) == 2
+    small = graph.clone()
+    report = compact_graph(small)
+    write_masked_onnx(graph, src, tmp_path / "masked.onnx")
+    write_compact_onnx(small, src, tmp_path / "compact.onnx", report)
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    assert max_rel_error(run(tmp_path / "compact.onnx", x), run(tmp_path / "masked.onnx", x)) <= 1e-5
+    after = {layer.param: layer.channels_out for layer in report.layers}
+    for name, hidden in expected.items():
+        assert after[name] == (128, hidden), name

@@ -11,6 +11,8 @@ node for node:
   Gemm's ``C`` (with ``beta=1``), or an ``Add`` after a ``MatMul``;
 * a folded **bias map** (IR ``pointwise add`` with ``folded="bias_map"``) becomes an ``Add``
   of the map right after its layer (the layer's output is renamed, so consumers see the sum);
+* a channel gather whose indices shrank (a plain Gather, or a fused channel shuffle: an ONNX
+  ``Gather`` replaces the reshape/transpose chain) gets its new indices;
 * ``Reshape`` targets of reshaped values become constants (symbolic dims: ``0`` = copy the
   input dim at that index, else a single ``-1``); ``Split`` sizes and Conv ``group`` follow;
 * ``value_info`` is cleared (ORT re-infers it), nodes and initializers left without a use
@@ -218,6 +220,27 @@ class _Rewriter:
             raise PaicError(f"compact ONNX: Reshape {on.name!r} has allowzero=1 and a symbolic dim")
         _set_input(on, 1, self.add_init(f"{on.name or node.name}_shape", np.array(target, dtype=np.int64)))
 
+    def gather(self, node: Node, on: Any) -> None:
+        """A channel gather with new indices: an ONNX Gather (a fused shuffle's chain is dropped)."""
+        from onnx import helper
+
+        target = str(node.attrs.get("replaces", node.outputs[0].name))
+        producer = self.producers.get(target)
+        if producer is None:
+            raise PaicError(f"compact ONNX: channel gather {node.name!r} replaces {target!r}, which no ONNX node produces")
+        if producer.op_type == "Gather" and target == node.outputs[0].name:
+            _set_input(producer, 1, self.add_init(f"{producer.name or target}_indices", np.array(node.attrs["indices"], dtype=np.int64)))
+            return
+        source = node.inputs[0].name
+        if source not in self.producers and source not in {i.name for i in self.g.input}:
+            raise PaicError(f"compact ONNX: channel gather {node.name!r} reads {source!r}, which is not a value of the ONNX model")
+        self.rename_output(producer, target)  # the old chain's end: unused now, dropped below
+        indices = self.add_init(f"{target}_indices", np.array(node.attrs["indices"], dtype=np.int64))
+        gather = helper.make_node("Gather", [node.inputs[0].name, indices], [target], name=self.fresh(f"{target}_gather"), axis=int(node.attrs["axis"]))
+        index = next(i for i, n in enumerate(self.g.node) if n is producer)
+        self.g.node.insert(index + 1, gather)
+        self.producers[target] = self.g.node[index + 1]
+
     def split(self, node: Node, on: Any) -> None:
         if on is None or on.op_type != "Split":
             return
@@ -257,6 +280,8 @@ class _Rewriter:
                 for key, index in _NORM_INPUTS.items():
                     if key in node.params:
                         self.operand(node, on, key, index)
+            elif node.kind is OpKind.RESHAPE and node.name in reshapes and node.attrs.get("op") == "gather":
+                self.gather(node, on)
             elif node.kind is OpKind.RESHAPE and node.name in reshapes:
                 self.reshape(node, on)
             elif node.kind is OpKind.SPLIT and node.name in splits:

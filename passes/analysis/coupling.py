@@ -28,7 +28,9 @@ pool/softmax   over other axes: atoms pass (the axis index moves when dims are d
 reshape        transpose: the axis moves. reshape keeping the channel dim whole (dims
                around it merged or split): pass. Flatten C×S -> features with the channel
                outermost: feature f carries the atom of channel f // S (repeat link).
-               gather/slice/pad on another axis: pass. Anything else (expand, unflatten,
+               gather/slice/pad on another axis: pass. gather of a 1-D index along the
+               channel axis (a fused channel shuffle): output atoms = input atoms[index].
+               Anything else (expand, unflatten,
                the channel dim split or merged with outer dims): pinned.
 constant       a data constant adopts the track of the operand it is combined with.
 output         pinned: the model's output shape never changes.
@@ -313,6 +315,11 @@ def _reshape(node: Node, b: _Builder) -> None:
     if op == "transpose":
         return b.same(node, 0, 0, list(a["perm"]).index(k))
     if op == "gather":
+        if a["axis"] == k and len(a.get("indices_shape", [])) == 1:  # picks/permutes channels
+            index = np.asarray(a["indices"], dtype=np.int64) % len(t.atoms)
+            b.set(out, k, t.atoms[index])
+            b.link(node, 0, 0, index)
+            return
         if a["axis"] == k:
             return b.mix(node, "gathers along the channel axis")
         return b.same(node, 0, 0, k if k < a["axis"] else k - 1 + len(a.get("indices_shape", [])))
