@@ -40,7 +40,9 @@ opaque         needs a proof across that chain which this table does not attempt
 =============  ===========================================================================
 
 ``param_slices`` (``SLICE_RULES``) says which Param axis is indexed by which track (the dead-node pass slices
-exactly these). A Param used by two nodes is never sliced: its atoms are pinned.
+exactly these). A Param used by two nodes is never sliced: its atoms are pinned. A constant an
+exporter stored once for equal tensors (BN stats, zero biases) is not such a Param: the ONNX
+frontend gives each use its own copy (``Param.per_use_copy``), so only tied weights pin.
 """
 from __future__ import annotations
 
