@@ -290,3 +290,54 @@ def test_transformer_ffn_neurons_compact(examples_dir: Path, tmp_path: Path) -> 
     after = {layer.param: layer.channels_out for layer in report.layers}
     for name, hidden in expected.items():
         assert after[name] == (128, hidden), name
+
+
+# ---- attention heads -----------------------------------------------------------------------------
+class Encoder(torch.nn.Module):
+    """A post-norm transformer encoder layer written out (heads by reshape/transpose, as exported)."""
+
+    def __init__(self, width: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(width, width) for _ in range(4))
+        self.up, self.down = torch.nn.Linear(width, 2 * width), torch.nn.Linear(2 * width, width)
+        self.norm1, self.norm2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+
+    def split(self, t: torch.Tensor) -> torch.Tensor:
+        b, s, _ = t.shape
+        return t.reshape(b, s, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, w = x.shape
+        q, k, v = self.split(self.q(x)), self.split(self.k(x)), self.split(self.v(x))
+        att = torch.softmax(q @ k.transpose(-1, -2) / self.head_dim ** 0.5, dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, s, w)
+        x = self.norm1(x + self.o(y))
+        return self.norm2(x + self.down(torch.nn.functional.gelu(self.up(x))))
+
+
+@pytest.mark.parametrize("exporter", ["legacy-nofold", "dynamo"])
+def test_attention_heads_compact(tmp_path: Path, exporter: str) -> None:
+    """Head 1: its output-projection columns are pruned (reaches nothing). Head 3: its Q, K and V
+    rows are pruned (a constant, folded into the output projection's bias). Both go whole."""
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    with torch.no_grad():
+        model.o.weight[:, 8:16] = 0
+        for proj in (model.q, model.k, model.v):
+            proj.weight[24:32] = 0
+    src = export(model, torch.randn(1, 6, 32), tmp_path / "encoder.onnx", exporter)
+    graph = load_onnx_model(src)
+    masks_from_zeros(graph)
+    small = graph.clone()
+    report = compact_graph(small)
+    write_masked_onnx(graph, src, tmp_path / "masked.onnx")
+    write_compact_onnx(small, src, tmp_path / "compact.onnx", report)
+    x = np.random.default_rng(1).standard_normal((1, 6, 32)).astype(np.float32)
+    assert max_rel_error(run(tmp_path / "compact.onnx", x), run(tmp_path / "masked.onnx", x)) <= 1e-5
+    assert max_rel_error(run(tmp_path / "compact.onnx", x), model(torch.from_numpy(x)).detach().numpy()) <= 1e-5
+    out = {layer.param: layer.channels_out for layer in report.layers}
+    into = {layer.param: layer.channels_in for layer in report.layers}
+    projections = [name for name, counts in out.items() if counts == (32, 16)]
+    assert len(projections) == 3, out  # q, k and v lost two whole heads
+    assert sorted(c for c in into.values() if c is not None and c[0] == 32 and c[1] != 32) == [(32, 16)], into  # o
