@@ -158,7 +158,7 @@ def test_effective_macs_bound_resnet50(tmp_path: Path) -> None:
 
 # ---- paic compact --explain ------------------------------------------------------------------
 def split_channels_model(path: Path) -> Path:
-    """Conv 4->8 whose first 4 output rows are zero (dead), then a Reshape splitting the channels."""
+    """Conv 4->8 whose first 4 output rows are zero (dead), then a Reshape mixing channels with positions."""
     from onnx import TensorProto, helper, numpy_helper
 
     w = np.random.default_rng(0).standard_normal((8, 4, 3, 3)).astype(np.float32)
@@ -167,8 +167,8 @@ def split_channels_model(path: Path) -> Path:
              helper.make_node("Relu", ["c"], ["r"], name="relu"),
              helper.make_node("Reshape", ["r", "shape"], ["y"], name="split_heads")]
     graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 16])],
-                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1, 2, 4, 16], np.int64), "shape")])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 32])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([1, 4, 32], np.int64), "shape")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.save(model, str(path))
