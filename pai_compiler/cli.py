@@ -284,6 +284,28 @@ def _render_compact(console: Any, doc: dict[str, Any], out: str, *, layers: bool
                   f"{len(doc['folds'])} constant fold(s) -> wrote compact model {out}")
 
 
+def _render_kept_dead(console: Any, report: CompactReport, top: int = 12) -> None:
+    """``--explain``: dead channels that stayed, by reason, then the nodes that kept the most."""
+    from rich.table import Table
+
+    if not report.kept_dead_channels:
+        console.print("explain: no dead channel was kept (every remaining channel is on an input->output path)")
+        return
+    table = Table(title="paic compact --explain — dead channels kept, by reason", title_justify="left")
+    table.add_column("reason")
+    table.add_column("channels", justify="right")
+    for reason, count in sorted(report.kept_dead_channels, key=lambda item: -item[1]):
+        table.add_row(reason, f"{count:,}")
+    console.print(table)
+    sources = sorted(report.kept_dead_sources, key=lambda item: -item[1])
+    table = Table(title=f"the {min(top, len(sources))} nodes that kept the most", title_justify="left")
+    table.add_column("node: reason")
+    table.add_column("channels", justify="right")
+    for source, count in sources[:top]:
+        table.add_row(source, f"{count:,}")
+    console.print(table)
+
+
 def _totals(graph: Any, paths: bool = True) -> dict[str, Any]:
     """The audit totals of ``graph`` (path and node counts null with ``paths=False``)."""
     from pai_compiler.audit import audit_graph
@@ -396,6 +418,7 @@ def compact(
     batch: Annotated[Optional[int], typer.Option("--batch", help="With -o X.pt: the batch size each layer's dense/sparse kernel is timed at (default 1).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="With -o X.pt: torch threads for that timing (default 1).")] = None,
     device: Annotated[str, typer.Option("--device", help="With -o X.pt: cpu or cuda (where the module will run).")] = "cpu",
+    explain: Annotated[bool, typer.Option("--explain", help="List what kept dead channels (reason, node, channel count).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
@@ -439,6 +462,10 @@ def compact(
                 from pai_compiler.bench import render_sparse_exec
 
                 render_sparse_exec(console, sparse_doc)
+            if explain:
+                _render_kept_dead(console, compacted)
+            elif doc["params_after"] > 0.9 * doc["params_before"] and compacted.kept_dead_channels:
+                console.print("little was removed: `paic compact --explain` lists what kept the dead channels")
             for w in doc["warnings"]:
                 console.print(f"[yellow]warning:[/] {w}")
 

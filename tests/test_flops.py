@@ -118,18 +118,20 @@ def sparse_graph() -> Graph:
 
 def test_rules_dense_nonzero_effective_on_a_hand_graph() -> None:
     res = flops(sparse_graph(), effective=True)
-    expected = {  # (dense, nonzero, effective), per sample; 16 output pixels
+    # (dense, nonzero, effective), per sample; 16 output pixels. Weight-free nodes count only
+    # live elements as effective: channel 0 (16 of 64 elements; channel 3 reaches nothing)
+    expected = {
         "conv1": (16 * 4 * 3 * 9, 16 * 12, 16 * 3),
-        "bn1": (64, 64, 64),
-        "relu1": (64, 64, 64),
-        "gap1": (64, 64, 64),
+        "bn1": (64, 64, 16),
+        "relu1": (64, 64, 16),
+        "gap1": (64, 64, 16),
         "flatten1": (0, 0, 0),
         "fc1": (20, 5, 5),
     }
     for name, (dense, nonzero, effective) in expected.items():
         r = res.node(name)
         assert (r.dense, r.nonzero, r.effective) == (dense * batch, nonzero * batch, effective * batch), name
-    assert res.evaluate({"batch": 2}) == {"dense": 2 * 1940, "nonzero": 2 * 389, "effective": 2 * 245}
+    assert res.evaluate({"batch": 2}) == {"dense": 2 * 1940, "nonzero": 2 * 389, "effective": 2 * 101}
     assert res.node("x").dense == 0 and res.node("out").dense == 0
 
 

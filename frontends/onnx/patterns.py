@@ -15,7 +15,8 @@ the same value ``x``; anything else is left untouched.
 * SiLU ``x * sigmoid(x)`` -> ``silu``; Mish ``x * tanh(softplus(x))`` -> ``mish``;
   HardSwish ``x * HardSigmoid(x; alpha=1/6, beta=0.5)`` -> ``hardswish``.
 * LayerNorm spelled with ReduceMean/Sub/Pow/Sqrt/Div (opset < 17) -> ``norm{type=layer}``,
-  see ``patterns_norm``. The matchers both use live in ``pattern_match``.
+  see ``patterns_norm``. Channel shuffles (reshape/transpose chains that permute one axis) ->
+  ``reshape{op=gather}``, see ``patterns_shuffle``. The matchers both use live in ``pattern_match``.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import math
 
 from pai_compiler.frontends.onnx.pattern_match import const_close, pointwise_of, remove_dead
 from pai_compiler.frontends.onnx.patterns_norm import fuse_layer_norms
+from pai_compiler.frontends.onnx.patterns_shuffle import fuse_channel_permutations
 from pai_compiler.ir import Graph, Node, OpKind, Value
 
 __all__ = ["fuse_patterns"]
@@ -153,7 +155,7 @@ def _replace(graph: Graph, mul: Node, x: Value, op: str, attrs: dict[str, object
 
 def fuse_patterns(graph: Graph) -> int:
     """Fuse activations and LayerNorms spelled out of primitives; return how many were fused."""
-    fused = fuse_layer_norms(graph)
+    fused = fuse_layer_norms(graph) + fuse_channel_permutations(graph)
     removed: set[int] = set()
     for mul in graph.nodes:
         if id(mul) in removed or mul.kind is not OpKind.MUL or mul.attrs.get("op") != "mul" or len(mul.inputs) != 2:

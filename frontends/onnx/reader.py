@@ -112,6 +112,11 @@ class _Importer:
         self.symbols: dict[str, sympy.Symbol] = {}
         self.params: dict[str, Param] = {}
         self.twins: dict[str, Param] = {}  # a weight's Params for its other layouts (see _params)
+        self.copies: dict[str, int] = {}  # per-use copies made of each shared constant
+        # Param name -> where its ONNX consumer reads it (graph.meta["constant_uses"]): the compact
+        # backend gives a resized copy of a shared constant its own initializer there
+        self.constant_uses: dict[str, tuple[int, int, tuple[int, ...] | None]] = {}
+        self.visiting: tuple[int, list[Any]] | None = None  # (ONNX node index, its lowered inputs)
         self.weight_sources: dict[str, str] = {}
         self.warnings: list[str] = self.graph.meta["warnings"]
         self.inferred: dict[str, tuple[Dim, ...]] | None = None
@@ -164,12 +169,37 @@ class _Importer:
         else:
             stored_out, stored_in = 0, None
         existing = self.params.get(const.origin)
+        use = None if prunable else self._constant_use(const)
         if existing is not None:
-            return layout_twin(existing, stored_out, stored_in, self.twins, self.warnings) if prunable else existing
+            if prunable or existing.prunable or use is None or existing.name not in self.constant_uses:  # a tie
+                return layout_twin(existing, stored_out, stored_in, self.twins, self.warnings) if prunable else existing
+            # a constant the exporter stored once for equal tensors: one copy per use
+            copies = self.copies[const.origin] = self.copies.get(const.origin, 0) + 1
+            p = Param(f"{const.origin}.use{copies}", existing.data, prunable=False, out_axis=0, in_axis=None,
+                      origin=const.origin, per_use_copy=True)
+            self.constant_uses[p.name] = use
+            return p
         stored = self.stored[const.origin]
         p = Param(const.origin, stored, prunable=prunable, out_axis=stored_out, in_axis=stored_in, origin=const.origin)
         self.params[const.origin] = p
+        if use is not None:
+            self.constant_uses[p.name] = use
         return p
+
+    def _constant_use(self, const: Const) -> tuple[int, int, tuple[int, ...] | None] | None:
+        """Where the ONNX node being lowered reads ``const``: (node index, input index, axis order
+        of the stored tensor), or None when it reads a derived tensor (cast, broadcast, computed)
+        that a per-use copy could not be written back as."""
+        if self.visiting is None or const.broadcast_to is not None or const.origin is None:
+            return None
+        if const.array.dtype != self.stored[const.origin].dtype:
+            return None
+        node_index, inputs = self.visiting
+        for input_index, x in enumerate(inputs):
+            if x is const:
+                perm = None if const.perm is None or const.perm == tuple(range(len(const.perm))) else const.perm
+                return node_index, input_index, perm
+        return None
 
     def operand_value(self, x: Const | Value, hint: str) -> Value:
         """A Value for an operand; constants become CONSTANT nodes."""
@@ -193,12 +223,16 @@ class _Importer:
         self._load_initializers()
         self._add_inputs()
         self.consumed = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
-        for index, node in enumerate(_toposort(list(g.node), set(self.env))):
+        nodes = list(g.node)
+        self.positions = {id(n): i for i, n in enumerate(nodes)}
+        for index, node in enumerate(_toposort(nodes, set(self.env))):
             self._lower(node, index)
+        self.visiting = None
         self._add_outputs()
         self.graph.meta.update(
             symbols=dict(self.symbols),
             weight_sources={k: v for k, v in self.weight_sources.items() if k in self.params},
+            constant_uses=dict(self.constant_uses),
             opset=self.opset,
             source_format="onnx",
             ir_version=int(self.model.ir_version),
@@ -272,6 +306,7 @@ class _Importer:
                 ins.append(None)
                 continue
             ins.append(self.env[name])
+        self.visiting = (self.positions[id(node)], ins)
         attrs = _attrs(node)
         label = node.name or f"{node.op_type}_{index}"
         if node.op_type == "Constant":

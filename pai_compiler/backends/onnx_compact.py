@@ -11,6 +11,8 @@ node for node:
   Gemm's ``C`` (with ``beta=1``), or an ``Add`` after a ``MatMul``;
 * a folded **bias map** (IR ``pointwise add`` with ``folded="bias_map"``) becomes an ``Add``
   of the map right after its layer (the layer's output is renamed, so consumers see the sum);
+* a channel gather whose indices shrank (a plain Gather, or a fused channel shuffle: an ONNX
+  ``Gather`` replaces the reshape/transpose chain) gets its new indices;
 * ``Reshape`` targets of reshaped values become constants (symbolic dims: ``0`` = copy the
   input dim at that index, else a single ``-1``); ``Split`` sizes and Conv ``group`` follow;
 * ``value_info`` is cleared (ORT re-infers it), nodes and initializers left without a use
@@ -54,6 +56,8 @@ class _Rewriter:
         self.producers = {o: n for n in self.g.node for o in n.output if o}
         self.names = {n.name for n in self.g.node} | set(self.inits) | {o for n in self.g.node for o in n.output} | {i.name for i in self.g.input}
         self.sources: dict[str, str] = graph.meta.get("weight_sources", {})
+        self.uses: dict[str, tuple[int, int, tuple[int, ...] | None]] = graph.meta.get("constant_uses", {})
+        self.by_index = list(self.g.node)  # before any insertion: constant_uses index the source's nodes
         self.changed: set[str] = set()
 
     def fresh(self, base: str) -> str:
@@ -104,6 +108,19 @@ class _Rewriter:
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(array), f"{p.origin}_value")))
         else:
             raise PaicError(f"compact ONNX: cannot write weight {p.origin!r} (unknown source {kind!r})")
+
+    def write_use(self, p: Param) -> None:
+        """A per-use copy of a shared constant: when it changed, its consumer reads a fresh
+        initializer (in the consumer's axis order); the shared original stays for the others."""
+        array = p.data if p.mask is None else np.where(p.mask, p.data, 0).astype(p.data.dtype)
+        current = self._static(p.origin)
+        if current is not None and current.shape == array.shape and np.array_equal(current, array):
+            return
+        node_index, input_index, perm = self.uses[p.name]
+        on = self.by_index[node_index]
+        if perm is not None:
+            array = np.transpose(array, perm)
+        _set_input(on, input_index, self.add_init(f"{p.origin}_{on.name or on.op_type}", array))
 
     # ---- per-node rewrites -----------------------------------------------------------------
     def rename_output(self, onnx_node: Any, name: str) -> str:
@@ -203,6 +220,27 @@ class _Rewriter:
             raise PaicError(f"compact ONNX: Reshape {on.name!r} has allowzero=1 and a symbolic dim")
         _set_input(on, 1, self.add_init(f"{on.name or node.name}_shape", np.array(target, dtype=np.int64)))
 
+    def gather(self, node: Node, on: Any) -> None:
+        """A channel gather with new indices: an ONNX Gather (a fused shuffle's chain is dropped)."""
+        from onnx import helper
+
+        target = str(node.attrs.get("replaces", node.outputs[0].name))
+        producer = self.producers.get(target)
+        if producer is None:
+            raise PaicError(f"compact ONNX: channel gather {node.name!r} replaces {target!r}, which no ONNX node produces")
+        if producer.op_type == "Gather" and target == node.outputs[0].name:
+            _set_input(producer, 1, self.add_init(f"{producer.name or target}_indices", np.array(node.attrs["indices"], dtype=np.int64)))
+            return
+        source = node.inputs[0].name
+        if source not in self.producers and source not in {i.name for i in self.g.input}:
+            raise PaicError(f"compact ONNX: channel gather {node.name!r} reads {source!r}, which is not a value of the ONNX model")
+        self.rename_output(producer, target)  # the old chain's end: unused now, dropped below
+        indices = self.add_init(f"{target}_indices", np.array(node.attrs["indices"], dtype=np.int64))
+        gather = helper.make_node("Gather", [node.inputs[0].name, indices], [target], name=self.fresh(f"{target}_gather"), axis=int(node.attrs["axis"]))
+        index = next(i for i, n in enumerate(self.g.node) if n is producer)
+        self.g.node.insert(index + 1, gather)
+        self.producers[target] = self.g.node[index + 1]
+
     def split(self, node: Node, on: Any) -> None:
         if on is None or on.op_type != "Split":
             return
@@ -215,9 +253,16 @@ class _Rewriter:
     def run(self, pipeline: str) -> Any:
         reshapes, splits = set(self.report.reshapes), set(self.report.splits)
         self.changed = set(self.report.changed_params)
-        for p in self.graph.params():
+        params = self.graph.params()
+        per_origin: dict[str, int] = {}
+        for p in params:
+            per_origin[p.origin] = per_origin.get(p.origin, 0) + 1
+        for p in params:
             if p.origin and p.origin in self.sources:
-                self.write_param(p)
+                if per_origin[p.origin] > 1 and p.name in self.uses:  # one use of a shared constant
+                    self.write_use(p)
+                else:
+                    self.write_param(p)
         for node in self.graph.nodes:
             on = self.onnx_node(node)
             if node.kind in (OpKind.CONV, OpKind.LINEAR):
@@ -235,6 +280,8 @@ class _Rewriter:
                 for key, index in _NORM_INPUTS.items():
                     if key in node.params:
                         self.operand(node, on, key, index)
+            elif node.kind is OpKind.RESHAPE and node.name in reshapes and node.attrs.get("op") == "gather":
+                self.gather(node, on)
             elif node.kind is OpKind.RESHAPE and node.name in reshapes:
                 self.reshape(node, on)
             elif node.kind is OpKind.SPLIT and node.name in splits:

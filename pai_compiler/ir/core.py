@@ -59,6 +59,9 @@ class Param:
     in_axis: int | None = 1
     origin: str = ""
     _mask: np.ndarray | None = field(default=None, repr=False)
+    #: one use's copy of a constant that an exporter de-duplicated (equal BN stats, zeros,
+    #: biases stored once): not a tie, so its storage is itself, not the shared ``origin``
+    per_use_copy: bool = False
 
     @property
     def mask(self) -> np.ndarray | None:
@@ -70,11 +73,12 @@ class Param:
 
     @property
     def storage(self) -> object:
-        """Which stored tensor this is: its ``origin``, or the Param itself when it has none.
+        """Which stored tensor this is: its ``origin``, or the Param itself when it has none or
+        is a per-use copy of a de-duplicated constant.
 
         Params of one weight read in two layouts share an origin (``frontends/params.py``);
-        passes that edit weights treat them as one shared tensor."""
-        return self.origin or self
+        passes that edit weights treat them as one shared tensor (a tie)."""
+        return self if self.per_use_copy else (self.origin or self)
 
     @property
     def numel(self) -> int:
@@ -402,7 +406,7 @@ class Graph:
             for key, p in n.params.items():
                 if id(p) not in params:
                     params[id(p)] = Param(p.name, p.data, p.prunable, p.out_axis, p.in_axis, p.origin,
-                                          None if p._mask is None else p._mask.copy())
+                                          None if p._mask is None else p._mask.copy(), p.per_use_copy)
                 new_params[key] = params[id(p)]
             node = other.add_node(n.kind, n.name, [values[id(v)] for v in n.inputs],
                                   [(v.name, v.shape, v.dtype) for v in n.outputs],

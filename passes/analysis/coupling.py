@@ -28,17 +28,24 @@ pool/softmax   over other axes: atoms pass (the axis index moves when dims are d
 reshape        transpose: the axis moves. reshape keeping the channel dim whole (dims
                around it merged or split): pass. Flatten C×S -> features with the channel
                outermost: feature f carries the atom of channel f // S (repeat link).
-               gather/slice/pad on another axis: pass. Anything else (expand, unflatten,
+               gather/slice/pad on another axis: pass. gather of a 1-D index along the
+               channel axis (a fused channel shuffle): output atoms = input atoms[index].
+               Anything else (expand, unflatten,
                the channel dim split or merged with outer dims): pinned.
 constant       a data constant adopts the track of the operand it is combined with.
 output         pinned: the model's output shape never changes.
-matmul,        pinned, result untracked: products of two activations (attention Q·Kᵀ, A·V,
-attention,     heads spread over reshape/transpose chains) are kept whole; removing a head
-opaque         needs a proof across that chain which this table does not attempt.
+matmul         two activations batched over the same tracked leading axis (attention heads:
+               Q·Kᵀ, A·V): atoms join and pass; anything else pinned, result untracked.
+attention,     pinned, result untracked (a fused attention op; opaque semantics).
+opaque
+reshape (heads) splitting the channel dim H·D into (H, D): each head's D channels are one
+               atom tracked on the head axis (a head goes whole); merging back is a flatten.
 =============  ===========================================================================
 
 ``param_slices`` (``SLICE_RULES``) says which Param axis is indexed by which track (the dead-node pass slices
-exactly these). A Param used by two nodes is never sliced: its atoms are pinned.
+exactly these). A Param used by two nodes is never sliced: its atoms are pinned. A constant an
+exporter stored once for equal tensors (BN stats, zero biases) is not such a Param: the ONNX
+frontend gives each use its own copy (``Param.per_use_copy``), so only tied weights pin.
 """
 from __future__ import annotations
 
@@ -313,6 +320,11 @@ def _reshape(node: Node, b: _Builder) -> None:
     if op == "transpose":
         return b.same(node, 0, 0, list(a["perm"]).index(k))
     if op == "gather":
+        if a["axis"] == k and len(a.get("indices_shape", [])) == 1:  # picks/permutes channels
+            index = np.asarray(a["indices"], dtype=np.int64) % len(t.atoms)
+            b.set(out, k, t.atoms[index])
+            b.link(node, 0, 0, index)
+            return
         if a["axis"] == k:
             return b.mix(node, "gathers along the channel axis")
         return b.same(node, 0, 0, k if k < a["axis"] else k - 1 + len(a.get("indices_shape", [])))
@@ -337,7 +349,29 @@ def _reshape(node: Node, b: _Builder) -> None:
                 b.set(out, j, np.repeat(t.atoms, inner))
                 b.link(node, 0, 0, np.repeat(np.arange(n), inner))
                 return
+    if _split_heads(node, b, t, outer, n):
+        return
     b.mix(node, "reshape splits or merges the channel dim")
+
+
+def _split_heads(node: Node, b: _Builder, t: Track, outer: Dim, n: int) -> bool:
+    """(…, H·D, rest) -> (…, H, D, rest): each head's D channels become one atom, tracked on the
+    head axis (they go together: a whole attention head, or a whole channel group)."""
+    x, out = node.inputs[0], node.outputs[0]
+    assert x.shape is not None and out.shape is not None
+    rest = _prod(x.shape[t.axis + 1:])
+    for j in range(len(out.shape) - 1):
+        heads, width = out.shape[j], out.shape[j + 1]
+        if not (isinstance(heads, int) and isinstance(width, int)) or heads * width != n or heads < 2 or width < 2:
+            continue
+        if dims_equal(_prod(out.shape[:j]), outer) and dims_equal(_prod(out.shape[j + 2:]), rest):
+            for h in range(heads):
+                b.cs.union(np.full(width, t.atoms[h * width]), t.atoms[h * width:(h + 1) * width])
+            b.set(out, j, t.atoms[::width].copy())
+            for d in range(width):
+                b.link(node, 0, 0, np.arange(heads) * width + d)
+            return True
+    return False
 
 
 def _concat(node: Node, b: _Builder) -> None:
@@ -405,6 +439,22 @@ def _source(node: Node, b: _Builder) -> None:
     """input, constant: untracked until an operand rule adopts a constant."""
 
 
+def _matmul(node: Node, b: _Builder) -> None:
+    """Two activations, batched alike over a tracked leading axis (attention heads): the operands'
+    atoms join and pass to the product; anything else is pinned."""
+    if len(node.inputs) != 2:
+        return _pin_all(node, b)
+    (left, right), out = node.inputs, node.outputs[0]
+    tl, tr, r = b.cs.track(left), b.cs.track(right), _rank(out)
+    if tl is None or tr is None or r is None or _rank(left) != r or _rank(right) != r or tl.axis != tr.axis \
+            or tl.axis >= r - 2 or len(tl.atoms) != len(tr.atoms) or out.shape[tl.axis] != len(tl.atoms):  # type: ignore[index]
+        return _pin_all(node, b)
+    b.cs.union(tl.atoms, tr.atoms)
+    b.set(out, tl.axis, tl.atoms)
+    for i in range(2):
+        b.link(node, i, 0, np.arange(len(tl.atoms)))
+
+
 def _pin_all(node: Node, b: _Builder) -> None:
     b.mix(node, "product of activations / fused attention / opaque operator")
 
@@ -426,7 +476,7 @@ COUPLING_RULES: dict[OpKind, CouplingRule] = {
     OpKind.RESHAPE: _reshape,
     OpKind.CONCAT: _concat,
     OpKind.SPLIT: _split,
-    OpKind.MATMUL: _pin_all,
+    OpKind.MATMUL: _matmul,
     OpKind.ATTENTION: _pin_all,
     OpKind.OPAQUE: _pin_all,
 }

@@ -24,7 +24,15 @@ embedding      an embedding lookup (opaque, ``op="embedding"``): 0 (data movemen
 opaque         0, with a warning (and so is any node whose output shape is unknown).
 =============  ========================================================================
 
-Weight-free nodes count the same in all three columns. Dense and nonzero counts need neither
+Weight-free elementwise nodes (norm, pointwise, softmax, add, mul, pool) count the same dense
+and nonzero; their **effective** MACs count only the elements on an input->output path (what
+dead-node elimination keeps), ``MACs · live/numel`` of the value the rule counts (the input
+for norm and reduce-pool, else the output), with live/numel measured by ``node-path`` at its
+sample binding (rounded down where another binding makes it fractional). So a compact model's
+nonzero MACs are ≥ the masked model's effective MACs (equal for CNNs with whole kernels and a
+global-pool head): compaction keeps whole channels, a superset of the live elements, plus one
+MAC per element of any folded bias map. Matmul and attention (pinned whole by compaction)
+count the same in all three columns. Dense and nonzero counts need neither
 torch nor a path analysis (``flops{effective=false}``); evaluation binds each symbol by name
 (default 1), e.g. ``{"batch": 32, "seq": 197}``.
 """
@@ -187,6 +195,8 @@ def _evaluate(expr: sympy.Expr, bind: tuple[tuple[str, int], ...]) -> int:
         return int(expr)
     values = dict(bind)
     value = expr.xreplace({s: sympy.Integer(values.get(s.name, 1)) for s in expr.free_symbols})
+    if value.is_Rational and not value.is_Integer:  # live fractions of effective MACs (see the docstring)
+        return int(sympy.floor(value))
     if not value.is_Integer:
         raise PaicError(f"MAC count {expr} does not evaluate to an integer at {values} (got {value})")
     return int(value)
@@ -219,7 +229,7 @@ class FlopsPass(AnalysisPass[FlopsResult]):
                 warnings.append(mac.warning)
             dense: Dim = mac.fixed
             nonzero: Dim = mac.fixed
-            effective: Dim = mac.fixed
+            effective: Dim = counts.scale(node, mac.fixed) if counts is not None else mac.fixed
             for param, sites in mac.weighted:
                 dense += sites * param.numel
                 nonzero += sites * param.kept()
@@ -229,10 +239,33 @@ class FlopsPass(AnalysisPass[FlopsResult]):
         total = lambda key: sympy.Add(*[getattr(r, key) for r in records])  # noqa: E731
         return FlopsResult(tuple(records), total("dense"), total("nonzero"), total("effective") if counts is not None else None, tuple(warnings))
 
-    def _effective_counts(self, graph: Graph, am: AnalysisManager, warnings: list[str]) -> dict[str, int]:
+    def _effective_counts(self, graph: Graph, am: AnalysisManager, warnings: list[str]) -> _Effective:
         try:
             paths = am.get(NodePathPass(bind=self.bind))
         except PaicError as exc:
             warnings.append(f"{EFFECTIVE_FALLBACK} because the path analysis failed: {exc}")
-            return {p.name: p.kept() for p in graph.prunable_params()}
-        return {row.param: row.effective_params for row in paths.layers}
+            return _Effective({p.name: p.kept() for p in graph.prunable_params()}, {})
+        return _Effective({row.param: row.effective_params for row in paths.layers}, paths.live_elements)
+
+
+class _Effective(NamedTuple):
+    """Effective weights per Param, and (live, numel) per value from node-path."""
+
+    weights: dict[str, int]
+    live: dict[str, tuple[int, int]]
+
+    def get(self, key: str, default: int) -> int:
+        return self.weights.get(key, default)
+
+    def scale(self, node: Node, macs: Dim) -> Dim:
+        """A weight-free node's MACs restricted to the live elements of the value it counts."""
+        if node.kind not in _LIVE_SCALED or not node.inputs or not node.outputs:
+            return macs
+        counted = node.inputs[0] if node.kind is OpKind.NORM or (node.kind is OpKind.POOL and node.attrs.get("reduce")) else node.outputs[0]
+        live, numel = self.live.get(counted.name, (1, 1))
+        if live >= numel or numel == 0:
+            return macs
+        return _sym(macs) * sympy.Rational(live, numel)
+
+
+_LIVE_SCALED = frozenset({OpKind.NORM, OpKind.POINTWISE, OpKind.SOFTMAX, OpKind.ADD, OpKind.MUL, OpKind.POOL})

@@ -88,12 +88,15 @@ class NodePathResult:
     effective_nodes_npb: int = 0
     effective_kernels: int = 0
     total_nodes: int = 0
+    #: float value name -> (elements on an input->output path, all elements) at the sample binding
+    live_elements: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def from_layers(cls, log_paths: float, log_paths_dpai: float, layers: tuple[LayerPaths, ...]) -> NodePathResult:
+    def from_layers(cls, log_paths: float, log_paths_dpai: float, layers: tuple[LayerPaths, ...],
+                    live_elements: dict[str, tuple[int, int]] | None = None) -> NodePathResult:
         total = lambda key: sum(getattr(row, key) for row in layers)  # noqa: E731
         return cls(log_paths, log_paths_dpai, layers, total("effective_params"), total("effective_nodes"),
-                   total("npb_nodes"), total("effective_kernels"), total("total_nodes"))
+                   total("npb_nodes"), total("effective_kernels"), total("total_nodes"), dict(live_elements or {}))
 
     def layer(self, param: str) -> LayerPaths:
         for row in self.layers:
@@ -123,16 +126,18 @@ class NodePathPass(AnalysisPass[NodePathResult]):
         with torch.no_grad():
             log_paths = _log_paths(graph, bind, "exact") - per_sample
             log_dpai = _log_paths(graph, bind, "ref") - per_sample
+        live: dict[str, tuple[int, int]] = {}
         try:
-            reached = _weight_reachability(graph, bind)
+            reached = _weight_reachability(graph, bind, live=live)
         except (PaicError, NotImplementedError, RuntimeError):
             # some kernels (e.g. 3-d pooling) have no bfloat16 version: float32 is exact too
-            reached = _weight_reachability(graph, bind, dtype=torch.float32)
+            live.clear()
+            reached = _weight_reachability(graph, bind, dtype=torch.float32, live=live)
         rows = []
         for param, users in _prunable_layers(graph):
             effective = reached[param.name] if param.mask is None else param.mask & reached[param.name]
             rows.append(_layer_stats(param, users, effective))
-        return NodePathResult.from_layers(log_paths, log_dpai, tuple(rows))
+        return NodePathResult.from_layers(log_paths, log_dpai, tuple(rows), live)
 
 
 def _log_paths(graph: Graph, bind: dict[str, int], convention: Convention) -> float:
@@ -154,8 +159,12 @@ def _path_rule(node: Node) -> Any:
     return rule
 
 
-def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None) -> dict[str, np.ndarray]:
+def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None,
+                         live: dict[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
     """``∂(path rule)/∂W > 0`` per prunable weight, from 0/1 forward indicators and 0/1 output grads.
+
+    ``live`` (filled when given): per boolean-indicator value, (elements reached from an input
+    that reach an output, all elements), counted once its cotangent is complete.
 
     Two sweeps keep memory at the activations plus one layer: the forward sweep (no autograd)
     stores each value's 0/1 indicator; the backward sweep re-runs one node at a time with
@@ -190,12 +199,30 @@ def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None) 
         for index in range(len(nodes) - 1, -1, -1):
             node = nodes[index]
             cotangents = [backward.pop(v.name, None) for v in node.outputs]
+            if live is not None:
+                for v, g in zip(node.outputs, cotangents):
+                    if v.name not in first_use:  # no consumer left to add to its cotangent
+                        _count_live(live, v.name, forward.get(v.name), g)
             if any(g is not None and bool(g.any()) for g in cotangents):
                 _node_vjp(it, node, forward, cotangents, graph_inputs, params, reached, backward, dtype)
             for v in node.inputs:
-                if first_use.get(v.name) == index:
-                    forward.pop(v.name, None)
+                if first_use.get(v.name) == index and v.name in forward:
+                    if live is not None:  # every consumer has run: the cotangent is complete
+                        _count_live(live, v.name, forward[v.name], backward.get(v.name))
+                    forward.pop(v.name)
     return reached
+
+
+def _count_live(live: dict[str, tuple[int, int]], name: str, reached: Any, cotangent: Any) -> None:
+    """Record (elements reached forward with a nonzero cotangent, numel) of a boolean indicator."""
+    import torch  # heavy optional dependency
+
+    if reached is None or reached.dtype != torch.bool:
+        return
+    if cotangent is None:
+        live[name] = (0, reached.numel())
+        return
+    live[name] = (int((reached & (cotangent != 0)).sum()), reached.numel())
 
 
 def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any], graph_inputs: set[str],

@@ -24,7 +24,8 @@ with ``align=N`` conv/linear inputs and outputs keep a multiple of N channels wh
 
 Kept weights are tightened too: a kept weight reading a constant channel that stays (coupled
 to a live channel elsewhere, e.g. by a residual add) is folded and masked, and a kept weight
-writing a channel that reaches nothing is masked. A weight that several nodes use (tied
+writing a channel that reaches nothing is masked. (A constant an exporter de-duplicated is one
+Param per use, ``Param.per_use_copy``: it is sliced per use like any other.) A weight that several nodes use (tied
 weights, a layer applied twice, W and Wᵀ) is a boundary: its channels are pinned, it is never
 masked here and nothing is folded into it (its constant inputs stay), since any change would
 reach its other uses; a shared bias gets a folded constant as an add after the layer. The

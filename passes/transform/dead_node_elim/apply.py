@@ -3,8 +3,8 @@
 Tightening first (a kept weight reading a folded constant channel that stays, or writing a
 channel that reaches nothing, is masked — a dense excluded layer has those weights zeroed),
 then every Param indexed by a shrinking value is sliced on that axis (``param_slices``) and
-the value's shape shrinks; grouped convs, linear features, Reshape targets and Split sizes
-follow; last, each fold is added to its layer's output. Returns the round's CompactReport.
+the value's shape shrinks; grouped convs, linear features, Reshape targets, channel gathers
+(fused shuffles) and Split sizes follow; last, each fold is added to its layer's output. Returns the round's CompactReport.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def apply_plan(graph: Graph, cs: ChannelSpaces, plan: RemovalPlan) -> CompactRep
     return CompactReport(
         layers=_layer_changes(graph, log), folds=tuple(log.folds), reshapes=tuple(log.reshapes), splits=tuple(log.splits),
         weights_dropped=log.weights_dropped, changed_params=tuple(sorted(set(log.changed_params))),
-        kept_dead_channels=tuple(plan.kept_dead.items()), removed_atoms=len(plan.removed), rounds=1,
+        kept_dead_channels=tuple(plan.kept_dead.items()), kept_dead_sources=tuple(plan.kept_dead_sources.items()), removed_atoms=len(plan.removed), rounds=1,
     )
 
 
@@ -121,6 +121,14 @@ def _follow_shapes(graph: Graph, keep: dict[str, np.ndarray], groups_before: dic
             if (w.shape[w.out_axis], w.shape[w.in_axis]) != (node.attrs.get("out_features"), node.attrs.get("in_features")):  # type: ignore[index]
                 graph.set_attr(node, "out_features", w.shape[w.out_axis])
                 graph.set_attr(node, "in_features", w.shape[w.in_axis])  # type: ignore[index]
+        elif node.kind is OpKind.RESHAPE and node.attrs.get("op") == "gather" and node.inputs[0].name in keep and changed_out:
+            kept_in = keep[node.inputs[0].name]
+            index = np.asarray(node.attrs["indices"], dtype=np.int64) % len(kept_in)
+            position = np.cumsum(kept_in) - 1  # an input channel's index once the removed ones are gone
+            new = position[index[kept_in[index]]]
+            graph.set_attr(node, "indices", new.tolist())
+            graph.set_attr(node, "indices_shape", [len(new)])
+            log.reshapes.append(node.name)
         elif node.kind is OpKind.RESHAPE and node.attrs.get("op") == "reshape" and changed_out and node.attrs.get("shape") is not None:
             graph.set_attr(node, "shape", list(node.outputs[0].shape or ()))
             log.reshapes.append(node.name)

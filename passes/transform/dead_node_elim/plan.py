@@ -11,7 +11,7 @@ Every round that changes something keeps at least one more atom, so the fixpoint
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,6 +33,7 @@ class RemovalPlan:
     folds: dict[str, Fold]
     kept_dead: dict[str, int]  # reason -> dead atoms kept for it
     dead_rows: dict[str, np.ndarray]  # weighted node -> kept output indices that reach nothing
+    kept_dead_sources: dict[str, int] = field(default_factory=dict)  # reason with its node -> dead atoms
 
     @property
     def empty(self) -> bool:
@@ -75,9 +76,11 @@ class _Planner:
             live.update(r[self.fwd[name] & self.bwd[name]].tolist())
         self.dead = self.every - live
         self.reasons: dict[int, str] = {}
+        self.sources: dict[int, str] = {}  # the full reason, naming the node that pinned the atom
         for root, why in cs.pinned_roots().items():
             if root in self.dead:
                 self.reasons[root] = why.split(":")[-1].strip()
+                self.sources[root] = why
         self.keep = live | set(self.reasons)
         self.together = [cs.roots(s) for s in cs.together]
         self.aligned = {v.name for n in graph.nodes if n.kind in WEIGHTED for v in (n.inputs[0], n.outputs[0]) if v.name in self.roots} if align > 1 else set()
@@ -167,10 +170,13 @@ class _Planner:
             if not m.all():
                 masks[name] = m
         kept_dead: dict[str, int] = {}
+        sources: dict[str, int] = {}
         for root in self.dead & self.keep:
             why = self.reasons.get(root, "kept")
             kept_dead[why] = kept_dead.get(why, 0) + 1
-        return RemovalPlan(removed, masks, self.folds, kept_dead, self._dead_rows(removed))
+            source = self.sources.get(root, why)
+            sources[source] = sources.get(source, 0) + 1
+        return RemovalPlan(removed, masks, self.folds, kept_dead, self._dead_rows(removed), sources)
 
     def _dead_rows(self, removed: set[int]) -> dict[str, np.ndarray]:
         """Per conv/linear: kept output rows that reach nothing (masked; a shared weight never is)."""

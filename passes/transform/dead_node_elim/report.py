@@ -71,6 +71,7 @@ class CompactReport:
     weights_dropped: int = 0  # kept weights masked (dead rows, folded constant columns)
     changed_params: tuple[str, ...] = ()  # sorted names of every Param whose data changed
     kept_dead_channels: tuple[tuple[str, int], ...] = ()  # (reason, dead channels kept for it)
+    kept_dead_sources: tuple[tuple[str, int], ...] = ()  # the same, per reason naming its node ("add 'x': graph output")
     removed_atoms: int = 0
     rounds: int = 0
 
@@ -79,10 +80,14 @@ class CompactReport:
         """Did dead-node elimination change the graph (layers may have changed shape)?"""
         return self.rounds > 0
 
+    def with_kept_dead(self, kept_dead_channels: tuple[tuple[str, int], ...], kept_dead_sources: tuple[tuple[str, int], ...]) -> CompactReport:
+        """This report with the kept-dead channels of a later planning (one that removed nothing)."""
+        return replace(self, kept_dead_channels=kept_dead_channels, kept_dead_sources=kept_dead_sources)
+
     def then(self, later: CompactReport) -> CompactReport:
         """This report followed by ``later`` on the same graph, as one report."""
         if not later.applied:
-            return self
+            return self.with_kept_dead(later.kept_dead_channels, later.kept_dead_sources) if later.kept_dead_channels else self
         if not self.applied:
             return later
         first = {layer.param: layer for layer in self.layers}
@@ -91,7 +96,7 @@ class CompactReport:
             layers=layers, folds=self.folds + later.folds, reshapes=self.reshapes + later.reshapes,
             splits=self.splits + later.splits, weights_dropped=self.weights_dropped + later.weights_dropped,
             changed_params=tuple(sorted({*self.changed_params, *later.changed_params})),
-            kept_dead_channels=later.kept_dead_channels, removed_atoms=self.removed_atoms + later.removed_atoms,
+            kept_dead_channels=later.kept_dead_channels, kept_dead_sources=later.kept_dead_sources, removed_atoms=self.removed_atoms + later.removed_atoms,
             rounds=self.rounds + later.rounds,
         )
 

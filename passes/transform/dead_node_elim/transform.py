@@ -41,7 +41,8 @@ class DeadNodeElimPass(TransformPass):
             nonlocal report
             cs = channel_spaces(graph)
             plan = plan_removal(graph, cs, fold=self.fold, align=self.align)
-            if plan.empty:
+            if plan.empty:  # the last planning's kept-dead channels explain what stays
+                report = report.with_kept_dead(tuple(plan.kept_dead.items()), tuple(plan.kept_dead_sources.items()))
                 return False
             report = report.then(apply_plan(graph, cs, plan))
             return True
