@@ -243,3 +243,46 @@ def test_cuda_choice_is_exact(tmp_path: Path, policy: str) -> None:
         got = _reloaded(module)(x.cuda()).cpu()
     assert report.device == "cuda" and report.model_chosen_ms <= report.model_dense_ms
     assert relative_error(got, Interpreter(graph).run([x]).outputs[0]) <= 1e-5
+
+
+def _node_by_node(module: SparseModule, x: torch.Tensor) -> torch.Tensor:
+    """The module evaluated through the interpreter, node by node (the path a layer hook takes)."""
+    return module.run([x], on_layer=lambda node, args: None)[0]
+
+
+def test_compiled_forward_equals_node_by_node_at_another_batch_and_follows_changes() -> None:
+    graph = api.load_model(EXAMPLES / "vgg_small.onnx")
+    api.optimize(graph, sparsity=0.95, method="random-erk")
+    api.compact_graph(graph)
+    module, report = build_sparse_module(graph, batch=1, repeats=1, warmup=0, policy="sparse")
+    assert report.sparse_layers > 0
+    x = torch.randn([3, *graph.inputs[0].shape[1:]], generator=torch.Generator().manual_seed(7))  # batch 3, built at 1
+    with torch.no_grad():
+        ref = _node_by_node(module, x)
+        assert relative_error(module(x), ref) <= 1e-6
+        sparse_node = next(iter(module.kernel_of))
+        step = next(s for s in module.plan([x]).steps if s.node == sparse_node)
+        assert step.kernel == module.kernel_of[sparse_node]
+        for name in list(module.kernel_of):  # back to dense: the compiled forward must not keep the sparse kernels
+            module.install(name, None)
+        step = next(s for s in module.plan([x]).steps if s.node == sparse_node)
+        assert step.kernel == module.dense_of[sparse_node]
+        assert relative_error(module(x), ref) <= 1e-5
+        reloaded = _reloaded(module)
+        assert not reloaded._plans and relative_error(reloaded(x), ref) <= 1e-5
+
+
+def test_conv1d_with_fused_relu_is_exact(tmp_path: Path) -> None:
+    """A 1-d conv has no packed kernel: the ReLU fused into it must still be applied (it was dropped once)."""
+    weight = np.random.default_rng(0).standard_normal((8, 4, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    graph_proto = helper.make_graph(nodes, "conv1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 10])],
+                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 10])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "conv1d.onnx")
+    graph = api.load_model(tmp_path / "conv1d.onnx")
+    module, _ = build_sparse_module(graph, batch=1, repeats=1, warmup=0, policy="dense")
+    x = torch.randn(2, 4, 10)
+    with torch.no_grad():
+        assert relative_error(module(x), F.relu(F.conv1d(x, torch.from_numpy(weight), padding=1))) <= 1e-5

@@ -132,8 +132,7 @@ def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, referenc
     if not chosen:
         report.model_dense_ms = report.model_chosen_ms = time_alternating({"dense": lambda: module.run(inputs)}, repeats=repeats, warmup=warmup, device=device)["dense"]
         return report
-    dense_module = _DenseView(module)
-    times = time_alternating({"dense": lambda: dense_module.run(inputs), "chosen": lambda: module.run(inputs)},
+    times = time_alternating({"dense": lambda: module.run(inputs, sparse=False), "chosen": lambda: module.run(inputs)},
                              repeats=repeats, warmup=warmup, device=device)
     report.model_dense_ms, report.model_chosen_ms = round(times["dense"], 4), round(times["chosen"], 4)
     if policy == "auto" and times["chosen"] >= margin * times["dense"]:
@@ -143,21 +142,6 @@ def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, referenc
         report.model_chosen_ms = report.model_dense_ms
         report.layers = [replace(row, choice="dense", reason=row.reason + "; model-level fallback") for row in report.layers]
     return report
-
-
-class _DenseView:
-    """Runs a ``SparseModule`` with every layer dense (its kernels ignored), for the model-level check."""
-
-    def __init__(self, module: SparseModule) -> None:
-        self.module = module
-
-    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        saved = self.module.kernel_of
-        self.module.kernel_of = {}
-        try:
-            return self.module.run(inputs)
-        finally:
-            self.module.kernel_of = saved
 
 
 def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, device: str = "cpu", repeats: int = 5,
