@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"
 LAYER_KEYS = {"node", "kind", "weight_shape", "density", "columns_used", "columns", "choice", "dense_ms", "sparse_ms", "reason"}
 REPORT_KEYS = {"schema", "device", "batch", "threads", "repeats", "warmup", "layers", "model_dense_ms", "model_chosen_ms",
-               "fallback", "memory_format", "memory_format_ms", "max_relative_error", "sparse_layers", "speedup"}
+               "fallback", "memory_format", "memory_format_ms", "max_relative_error", "sparse_layers", "speedup", "onnxruntime_ms",
+               "onnxruntime_note", "advice"}
 
 
 def _sparse(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor:
@@ -152,12 +153,13 @@ def test_example_models_all_sparse_equal_the_masked_interpreter(name: str) -> No
     assert relative_error(got, ref) <= 1e-5
 
 
-def _fixed_times(per_layer: Mapping[str, float], model: Mapping[str, float]) -> Callable[..., dict[str, float]]:
-    """A stand-in for time_alternating: layer candidates get ``per_layer``, the whole-model check ``model``."""
+def _fixed_times(per_layer: Mapping[str, float], model: Mapping[str, float], versus_ort: Mapping[str, float] | None = None) -> Callable[..., dict[str, float]]:
+    """A stand-in for time_alternating: layer candidates get ``per_layer``, the whole-model check ``model``,
+    the module against onnxruntime ``versus_ort``."""
     def fake(candidates: Mapping[str, Any], **_: Any) -> dict[str, float]:
         for run in candidates.values():
             run()
-        table = model if "chosen" in candidates else per_layer
+        table = model if "chosen" in candidates else (versus_ort or {}) if "onnxruntime" in candidates else per_layer
         return {name: table.get(name, 1.0) for name in candidates}
     return fake
 
@@ -286,3 +288,30 @@ def test_conv1d_with_fused_relu_is_exact(tmp_path: Path) -> None:
     x = torch.randn(2, 4, 10)
     with torch.no_grad():
         assert relative_error(module(x), F.relu(F.conv1d(x, torch.from_numpy(weight), padding=1))) <= 1e-5
+
+
+@pytest.mark.parametrize("ort_ms,advised", [(0.5, True), (3.0, False)])
+def test_onnxruntime_faster_is_said_in_the_report_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ort_ms: float,
+                                                          advised: bool) -> None:
+    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_times({"dense": 1.0}, {}, {"torch": 2.0, "onnxruntime": ort_ms}))
+    onnx.save(_wide_model(np.random.default_rng(2), density=0.1), tmp_path / "wide.onnx")
+    run = CliRunner().invoke(app, ["compact", str(tmp_path / "wide.onnx"), "-o", str(tmp_path / "fast.pt"), "--report", str(tmp_path / "r.json")])
+    assert run.exit_code == 0, run.output
+    doc = json.loads((tmp_path / "r.json").read_text())["sparse_exec"]
+    assert set(doc) == REPORT_KEYS and doc["schema"] == 2 and doc["onnxruntime_ms"] == ort_ms and not doc["onnxruntime_note"]
+    lines = [line for line in run.stdout.splitlines() if "compact ONNX" in line]
+    assert len(lines) == 1
+    if advised:
+        assert "-o fast.onnx" in doc["advice"] and "0.500 ms against 2.000 ms" in doc["advice"]
+        assert doc["advice"] in lines[0]
+    else:
+        assert doc["advice"] == "" and "not faster" in lines[0]
+
+
+def test_onnxruntime_missing_is_noted_not_timed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real_find_spec = sparse_select.importlib.util.find_spec
+    monkeypatch.setattr(sparse_select.importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    written: list[Path] = []
+    graph = api.load_model(EXAMPLES / "vgg_small.onnx")
+    _, report = build_sparse_module(graph, repeats=1, warmup=0, policy="dense", onnx_twin=written.append)
+    assert report.onnxruntime_ms is None and "not installed" in report.onnxruntime_note and not report.advice and not written
