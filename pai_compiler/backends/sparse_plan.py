@@ -12,11 +12,13 @@ Plans hold live tensors and are never pickled: the module rebuilds them on first
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Protocol
 
+import numpy as np
 import torch  # the plan's steps are torch calls (this module is imported with torch_sparse)
 import torch.nn.functional as F
 
@@ -138,14 +140,60 @@ def _reduce_mean(node: Node) -> Call | None:
     return lambda x: F.adaptive_avg_pool2d(x, 1).flatten(1)
 
 
-def _batch_norm(it: Interpreter, node: Node) -> Call | None:
+def _batch_norm(it: Interpreter, node: Node) -> Call:
     p = node.params
-    if node.attrs.get("type") != "batch":
-        return None
     scale = it.const(p["scale"]) if "scale" in p else None
     bias = it.const(p["bias"]) if "bias" in p else None
     mean, var, eps = it.const(p["mean"]), it.const(p["var"]), node.attrs.get("epsilon", 0.0)
     return lambda x: F.batch_norm(x, mean, var, scale, bias, False, 0.0, eps)
+
+
+def _layer_norm(it: Interpreter, node: Node) -> Call:
+    """``F.layer_norm`` with its shape and reshaped affine parameters resolved on the first call (a
+    plan sees one input shape); parameters that do not cover the normalised axes take the rule."""
+    p = node.params
+    scale = it.const(p["scale"]) if "scale" in p else None
+    bias = it.const(p["bias"]) if "bias" in p else None
+    eps, axis = node.attrs.get("epsilon", 0.0), node.attrs.get("axis", -1)
+    rule = rule_for(node, "real")
+    resolved: list[Call] = []
+
+    def first(x: torch.Tensor) -> Call:
+        shape = list(x.shape[axis % x.dim():])
+        size = math.prod(shape)
+        if any(t is not None and t.numel() != size for t in (scale, bias)):
+            return lambda y: rule(it, node, [y])[0]  # type: ignore[misc]  (norms always have a rule)
+        w = None if scale is None else scale.reshape(shape)
+        b = None if bias is None else bias.reshape(shape)
+        return lambda y: F.layer_norm(y, shape, w, b, eps)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if not resolved:
+            resolved.append(first(x))
+        return resolved[0](x)
+    return run
+
+
+def _norm(it: Interpreter, node: Node) -> Call | None:
+    typ = node.attrs.get("type")
+    if typ == "batch":
+        return _batch_norm(it, node)
+    return _layer_norm(it, node) if typ == "layer" else None
+
+
+def _gather(node: Node) -> Call:
+    """Constant indices along ``axis`` (negative ones read from the end), resolved on the first call."""
+    a = node.attrs
+    indices = torch.as_tensor(np.asarray(a["indices"], dtype=np.int64).reshape(a["indices_shape"]))
+    axis = a["axis"]
+    resolved: list[Any] = []
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if not resolved:
+            flat = torch.where(indices < 0, indices + x.shape[axis], indices).reshape(-1).to(x.device)
+            resolved.extend([flat, [*x.shape[:axis], *indices.shape, *x.shape[axis + 1:]]])
+        return torch.index_select(x, axis, resolved[0]).reshape(resolved[1])
+    return run
 
 
 def _reshape(it: Interpreter, node: Node) -> Call | None:
@@ -154,6 +202,8 @@ def _reshape(it: Interpreter, node: Node) -> Call | None:
         return partial(torch.reshape, shape=it.dims(node.outputs[0].shape))
     if op == "transpose":
         return partial(torch.permute, dims=node.attrs["perm"])
+    if op == "gather":
+        return _gather(node)
     return None
 
 
@@ -193,7 +243,7 @@ def _lowered(module: PlannedModule, it: Interpreter, node: Node, *, sparse: bool
     if kind is OpKind.POOL:
         return _reduce_mean(node)
     if kind is OpKind.NORM:
-        return _batch_norm(it, node)
+        return _norm(it, node)
     if kind is OpKind.RESHAPE:
         return _reshape(it, node)
     if kind is OpKind.CONSTANT:
