@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Protocol
 
@@ -80,6 +80,12 @@ class ForwardPlan:
     slots: int
     device: torch.device
     channels_last: bool
+    program: tuple[tuple[Call, tuple[int, ...], Any, bool, tuple[int, ...]], ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # the steps as plain tuples, a single output as its slot: the loop below does no attribute lookups
+        program = tuple((s.call, s.inputs, s.outputs if s.multi else s.outputs[0], s.multi, s.frees) for s in self.steps)
+        object.__setattr__(self, "program", program)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         env: list[Any] = [None] * self.slots
@@ -90,14 +96,14 @@ class ForwardPlan:
                 if self.channels_last and t.dim() == 4:
                     t = t.contiguous(memory_format=torch.channels_last)
             env[slot] = t
-        for step in self.steps:
-            result = step.call(*[env[i] for i in step.inputs])
-            if step.multi:
-                for slot, t in zip(step.outputs, result):
+        for call, ins, outs, multi, frees in self.program:
+            result = call(env[ins[0]]) if len(ins) == 1 else call(*[env[i] for i in ins])
+            if multi:
+                for slot, t in zip(outs, result):
                     env[slot] = t
             else:
-                env[step.outputs[0]] = result
-            for slot in step.frees:
+                env[outs] = result
+            for slot in frees:
                 env[slot] = None
         return [env[slot] for slot in self.output_slots]
 
