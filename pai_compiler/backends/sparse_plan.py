@@ -4,7 +4,7 @@
 and turns every node into a :class:`Step` ``env[out] = call(*env[ins])`` over integer value
 slots: conv/linear layers call their (sparse or packed dense) kernel's ``forward`` directly,
 passthrough nodes (folded norms, fused ReLUs) become slot aliases, reshapes get their concrete
-sizes, pointwise/norm/softmax/matmul/add nodes a torch function with their attributes and
+sizes, pointwise/norm/pool/softmax/matmul/add nodes a torch function with their attributes and
 constants bound, and every other node the interpreter's own rule with the signature's symbolic
 dims bound once. ``ForwardPlan.run`` is then a loop over the steps that frees each value after
 its last reader; a call costs about what a hand-written ``nn.Module`` of the same ops costs.
@@ -132,18 +132,13 @@ def _pointwise(it: Interpreter, node: Node) -> Call | None:
     return partial(UNARY_FN[op], a=node.attrs)
 
 
-def _reduce_mean(node: Node) -> Call | None:
-    """A spatial mean of a 4-d tensor as adaptive average pooling (a plain mean of a channels_last
-    tensor takes a slow reduction path in torch's CPU kernels)."""
+def _reduce(node: Node) -> Call | None:
+    """A reducing pool (mean, max or sum over ``axes``) with its axes bound; windowed pools take the rule."""
     a = node.attrs
-    shape = node.inputs[0].shape
-    if not a.get("reduce") or a["mode"] != "mean" or shape is None or len(shape) != 4:
+    if not a.get("reduce"):
         return None
-    if sorted(axis % 4 for axis in a["axes"]) != [2, 3]:
-        return None
-    if a.get("keepdims", True):
-        return partial(F.adaptive_avg_pool2d, output_size=1)
-    return lambda x: F.adaptive_avg_pool2d(x, 1).flatten(1)
+    reduce = {"max": torch.amax, "sum": torch.sum}.get(a["mode"], torch.mean)
+    return partial(reduce, dim=a["axes"], keepdim=a.get("keepdims", True))
 
 
 def _batch_norm(it: Interpreter, node: Node) -> Call:
@@ -215,13 +210,13 @@ def _reshape(it: Interpreter, node: Node) -> Call | None:
 
 def _dense_conv(module: PlannedModule, it: Interpreter, node: Node) -> Call:
     """A conv with no packed kernel (1-d, 3-d): the plain conv, its bias (folded norm) and fused ReLU bound."""
-    from_module = module.conv_bias(it, node)
+    bias = module.conv_bias(it, node)
     weight = it.oi_weight(node.params["weight"])
     a = node.attrs
     relu = node.name in module.fused_relu
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        y = dense_conv(x, weight, from_module, a["pads"], a["strides"], a["dilations"], a["groups"])
+        y = dense_conv(x, weight, bias, a["pads"], a["strides"], a["dilations"], a["groups"])
         return torch.relu_(y) if relu else y
     return run
 
@@ -247,7 +242,7 @@ def _lowered(module: PlannedModule, it: Interpreter, node: Node, *, sparse: bool
     if kind is OpKind.SOFTMAX:
         return partial(F.log_softmax if node.attrs.get("log") else F.softmax, dim=node.attrs["axis"])
     if kind is OpKind.POOL:
-        return _reduce_mean(node)
+        return _reduce(node)
     if kind is OpKind.NORM:
         return _norm(it, node)
     if kind is OpKind.RESHAPE:

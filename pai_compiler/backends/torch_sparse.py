@@ -1,7 +1,9 @@
 """Sparse-execution torch module: the IR's real semantics, each conv/linear dense or on a sparse kernel.
 
 ``SparseModule(graph)`` holds every float Param masked once (``W * M``) as a buffer and runs the
-graph node by node like the IR interpreter (``real`` mode); ``install(node, kernel)`` makes a
+graph with the IR interpreter's ``real`` semantics through a forward compiled once per input
+signature (:mod:`~pai_compiler.backends.sparse_plan`: one bound call per node, no per-call
+lookups; node by node only when a layer hook watches); ``install(node, kernel)`` makes a
 conv/linear node run a :mod:`~pai_compiler.backends.sparse_kernels` kernel instead of its dense
 layer (``dense=True``: a packed dense layer, see :mod:`~pai_compiler.backends.sparse_fusion`,
 which also folds BatchNorms and ReLUs into convs), ``set_memory_format`` holds 4-d tensors
