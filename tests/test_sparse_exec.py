@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ from pai_compiler.backends.sparse_timing import relative_error
 from pai_compiler.backends.sparse_select import build_sparse_module
 from pai_compiler.backends.torch_sparse import SparseModule
 from pai_compiler.cli import app
+from pai_compiler.errors import PaicError
 from pai_compiler.interp import Interpreter
 from pai_compiler.ort import session
 
@@ -315,3 +317,13 @@ def test_onnxruntime_missing_is_noted_not_timed(monkeypatch: pytest.MonkeyPatch,
     graph = api.load_model(EXAMPLES / "vgg_small.onnx")
     _, report = build_sparse_module(graph, repeats=1, warmup=0, policy="dense", onnx_twin=written.append)
     assert report.onnxruntime_ms is None and "not installed" in report.onnxruntime_note and not report.advice and not written
+
+
+def test_compiled_forward_names_the_node_a_wrong_input_fails_at() -> None:
+    graph = api.load_model(EXAMPLES / "vgg_small.onnx")
+    module, _ = build_sparse_module(graph, batch=1, repeats=1, warmup=0, policy="dense")
+    first_conv = next(n.name for n in graph.nodes if n.kind.value == "conv")
+    with torch.no_grad(), pytest.raises(PaicError, match=rf"node '{re.escape(first_conv)}': cannot be evaluated in torch on inputs \[\(1, 4, 32, 32\)\]"):
+        module(torch.randn(1, 4, 32, 32))  # 4 channels where the first conv reads 3
+    with pytest.raises(PaicError, match="model has 1 inputs, got 2"):
+        module(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))

@@ -80,14 +80,16 @@ class ForwardPlan:
     slots: int
     device: torch.device
     channels_last: bool
-    program: tuple[tuple[Call, tuple[int, ...], Any, bool, tuple[int, ...]], ...] = field(init=False, repr=False, compare=False)
+    program: tuple[tuple[str, Call, tuple[int, ...], Any, bool, tuple[int, ...]], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # the steps as plain tuples, a single output as its slot: the loop below does no attribute lookups
-        program = tuple((s.call, s.inputs, s.outputs if s.multi else s.outputs[0], s.multi, s.frees) for s in self.steps)
+        program = tuple((s.node, s.call, s.inputs, s.outputs if s.multi else s.outputs[0], s.multi, s.frees) for s in self.steps)
         object.__setattr__(self, "program", program)
 
     def run(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(inputs) != len(self.input_slots):
+            raise PaicError(f"model has {len(self.input_slots)} inputs, got {len(inputs)}")
         env: list[Any] = [None] * self.slots
         for slot, t in zip(self.input_slots, inputs):
             t = t.to(self.device)
@@ -96,15 +98,20 @@ class ForwardPlan:
                 if self.channels_last and t.dim() == 4:
                     t = t.contiguous(memory_format=torch.channels_last)
             env[slot] = t
-        for call, ins, outs, multi, frees in self.program:
-            result = call(env[ins[0]]) if len(ins) == 1 else call(*[env[i] for i in ins])
-            if multi:
-                for slot, t in zip(outs, result):
-                    env[slot] = t
-            else:
-                env[outs] = result
-            for slot in frees:
-                env[slot] = None
+        name = ""
+        try:
+            for name, call, ins, outs, multi, frees in self.program:
+                result = call(env[ins[0]]) if len(ins) == 1 else call(*[env[i] for i in ins])
+                if multi:
+                    for slot, t in zip(outs, result):
+                        env[slot] = t
+                else:
+                    env[outs] = result
+                for slot in frees:
+                    env[slot] = None
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # a shape the model was not built for, mostly
+            detail = " ".join(str(exc).split())[:200]
+            raise PaicError(f"node {name!r}: cannot be evaluated in torch on inputs {[tuple(t.shape) for t in inputs]}: {detail}") from exc
         return [env[slot] for slot in self.output_slots]
 
 
