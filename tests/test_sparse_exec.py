@@ -198,8 +198,9 @@ def test_policy_dense_module_equals_compact_and_rejects_unknown_policy() -> None
     graph = api.load_model(EXAMPLES / "resnet20.onnx")
     api.optimize(graph, sparsity=0.9, method="magnitude")
     api.compact_graph(graph)
-    module, _ = build_sparse_module(graph, repeats=1, warmup=0, policy="dense")
+    module, report = build_sparse_module(graph, repeats=1, warmup=0, policy="dense")
     assert isinstance(module, SparseModule) and not module.kernel_of
+    assert report.onnxruntime_ms is None and "not ONNX" in report.onnxruntime_note  # no onnx_twin given
     with pytest.raises(Exception, match="policy must be one of"):
         build_sparse_module(graph, policy="fastest")
 
@@ -274,6 +275,11 @@ def test_compiled_forward_equals_node_by_node_at_another_batch_and_follows_chang
         assert relative_error(module(x), ref) <= 1e-5
         reloaded = _reloaded(module)
         assert not reloaded._plans and relative_error(reloaded(x), ref) <= 1e-5
+        state = module.__getstate__()
+        del state["_plans"]  # as pickled before the compiled forward existed
+        old = SparseModule.__new__(SparseModule)
+        old.__setstate__(state)
+        assert relative_error(old(x), ref) <= 1e-5
 
 
 def test_conv1d_with_fused_relu_is_exact(tmp_path: Path) -> None:

@@ -182,6 +182,8 @@ def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, devic
                                     margin=margin, layouts=layouts, policy=policy)
             if onnx_twin is not None:
                 compare_with_onnxruntime(module, feed, report, onnx_twin, onnx_name=onnx_name)
+            else:
+                report.onnxruntime_note = "no compact ONNX model to compare with (the source is not ONNX)"
     finally:
         torch.set_num_threads(previous)
     module.drop_unused_weights()
