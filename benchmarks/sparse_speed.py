@@ -22,6 +22,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -75,15 +77,16 @@ def model_path(name: str, folder: Path) -> Path:
     bundled = ROOT / "examples" / "models" / f"{name}.onnx"
     if bundled.exists():
         return bundled
+    from pai_compiler.backends.torch_onnx import export_onnx
     from pai_compiler.lab import zoo
 
     path = folder / f"{name}.onnx"
     if not path.exists():
         torch.manual_seed(0)
         if name == "bert":
-            zoo.export_onnx(Encoder(), BERT_SHAPE, path)
+            export_onnx(Encoder(), BERT_SHAPE, path)
         else:
-            zoo.export_onnx(zoo.build(name), zoo.input_shape(name), path)
+            export_onnx(zoo.build(name), zoo.input_shape(name), path)
     return path
 
 
@@ -110,13 +113,13 @@ def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.
     stem = folder / f"{name}_{method}_{sparsity}"
     masked, compact = Path(f"{stem}_masked.onnx"), Path(f"{stem}_compact.onnx")
     save_model(result, src, masked)
-    small = result.graph.clone()
-    compact_graph(small)
-    write_compact_onnx(small, src, compact, pipeline=result.pipeline)
+    small = result.graph  # the masked model is written: compact in place (the rewrite needs everything compaction did)
+    write_compact_onnx(small, src, compact, result.compact_report.then(compact_graph(small)), pipeline=result.pipeline)
     rows = []
     for batch in args.batches:
         start = time.perf_counter()
-        module, report = build_sparse_module(small, batch=batch, threads=1, repeats=args.select_repeats, warmup=1)
+        module, report = build_sparse_module(small, batch=batch, threads=1, repeats=args.select_repeats, warmup=1,
+                                             onnx_twin=lambda path: shutil.copyfile(compact, path))
         select_s = time.perf_counter() - start
         fast = Path(f"{stem}_b{batch}.pt")
         save_torch_atomic(fast, module)
@@ -130,7 +133,8 @@ def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.
                      "prune_s": round(prune_s, 2), "select_s": round(select_s, 2), "dense_ort_ms": dense_ms, "masked_ort_ms": masked_ms,
                      "compact_ort_ms": compact_ms, "sparse_torch_ms": sparse_ms, "max_rel_vs_masked": worst,
                      "sparse_layers": report.sparse_layers, "layers": len(report.layers), "memory_format": report.memory_format,
-                     "select_dense_ms": report.model_dense_ms, "select_chosen_ms": report.model_chosen_ms})
+                     "select_dense_ms": report.model_dense_ms, "select_chosen_ms": report.model_chosen_ms,
+                     "select_ort_ms": report.onnxruntime_ms, "advice": report.advice})
         print(json.dumps(rows[-1]), flush=True)
         fast.unlink()
     masked.unlink()
@@ -160,6 +164,58 @@ def odd_widths(runs: int) -> list[dict[str, Any]]:
     return rows
 
 
+def _best_and_median(calls: dict[str, Any], runs: int) -> dict[str, float]:
+    """Each call's fastest and median ms over ``runs`` alternating rounds (after 2 warm-up rounds).
+
+    On a busy machine a millisecond call is either run through or preempted for a whole scheduler
+    slice (several ms), so the median flips between the two; the fastest run is its own cost."""
+    for _ in range(2):
+        for call in calls.values():
+            call()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for index in range(runs):
+        for name in list(calls) if index % 2 == 0 else reversed(list(calls)):
+            start = time.perf_counter()
+            calls[name]()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return {**{name: min(v) for name, v in samples.items()}, **{f"{name}_median": statistics.median(v) for name, v in samples.items()}}
+
+
+def overhead(batches: list[int], runs: int) -> list[dict[str, Any]]:
+    """Per-call cost of the module itself on the dense example models: the node-by-node interpreter
+    loop (the forward before the compiled plan; reached through a layer hook) against the compiled
+    forward, a hand-written eager torch model of the same architecture (the zoo's) and dense ORT."""
+    from pai_compiler.api import compact_graph
+    from pai_compiler.backends.sparse_select import build_sparse_module
+    from pai_compiler.backends.sparse_timing import relative_error
+    from pai_compiler.frontends.onnx.reader import load_onnx_model
+    from pai_compiler.lab import zoo
+    from pai_compiler.ort import session
+
+    rows = []
+    for name in ("resnet20", "tiny_vit"):
+        src = ROOT / "examples" / "models" / f"{name}.onnx"
+        graph = load_onnx_model(src)
+        compact_graph(graph)
+        eager = zoo.build(name).eval()
+        sess = session(src, threads=1)
+        for batch in batches:
+            module, report = build_sparse_module(graph, batch=batch, threads=1, repeats=3, warmup=1, policy="dense")
+            x = torch.randn([batch, *graph.inputs[0].shape[1:]])
+            layout = torch.channels_last if report.memory_format == "channels_last" else torch.contiguous_format
+            model = eager.to(memory_format=layout)
+            feed = {sess.get_inputs()[0].name: x.numpy()}
+            with torch.no_grad():
+                if relative_error(module(x), module.run([x], on_layer=lambda node, args: None)[0]) > 1e-6:
+                    raise SystemExit(f"{name}: the compiled forward differs from the node-by-node one")
+                times = _best_and_median({"node_by_node": lambda: module.run([x], on_layer=lambda node, args: None),
+                                          "compiled": lambda: module(x), "eager": lambda: model(x.contiguous(memory_format=layout)),
+                                          "dense_ort": lambda: sess.run(None, feed)}, runs)
+            rows.append({"model": name, "batch": batch, "nodes": len(graph.nodes), "format": report.memory_format, "runs": runs, **times})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def machine() -> dict[str, str]:
     import onnxruntime
 
@@ -172,8 +228,31 @@ def machine() -> dict[str, str]:
             "onnxruntime": onnxruntime.__version__, "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg())}
 
 
+def overhead_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    runs = rows[0]["runs"]
+    lines = ["", "## Per-call cost of the module: node by node vs compiled forward (dense, 1 thread)", "",
+             f"The example models compacted, every layer dense; the **fastest** of {runs} alternating runs, ms, in one process "
+             "(on this busy machine a millisecond call is either run through or preempted for a whole scheduler slice, so "
+             "medians flip between the two; the medians are in the JSON). "
+             "*node by node* is the interpreter loop every call took before the compiled forward; *eager* is the zoo's "
+             "hand-written `nn.Module` of the same architecture (the floor for torch), in the same memory format.", "",
+             "| model | batch | nodes | node by node ms | compiled ms | **node by node / compiled** | eager ms | compiled / eager "
+             "| dense ORT ms | compiled / dense ORT |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['batch']} | {r['nodes']} | {r['node_by_node']:.3f} | {r['compiled']:.3f} | "
+              f"**{r['node_by_node'] / r['compiled']:.2f}×** | {r['eager']:.3f} | {r['compiled'] / r['eager']:.2f} | "
+              f"{r['dense_ort']:.3f} | {r['compiled'] / r['dense_ort']:.2f} |" for r in rows]
+    return lines
+
+
+def _advice_cell(row: dict[str, Any]) -> str:
+    """What the build said about onnxruntime: 'ORT x ms' where it advised writing the .onnx instead."""
+    if row.get("select_ort_ms") is None:
+        return "-"
+    return f"use .onnx (ORT {row['select_ort_ms']:.2f} ms)" if row.get("advice") else "keep .pt"
+
+
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, str], command: str, load_start: str,
-             widths: list[dict[str, Any]]) -> str:
+             widths: list[dict[str, Any]], overheads: list[dict[str, Any]]) -> str:
     lines = [
         "# Sparse execution: dense ORT vs masked ORT vs compact ORT vs sparse-execution torch", "",
         f"Command: `{command}`  ",
@@ -187,14 +266,17 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[st
         f"({args.select_repeats} alternating repeats); \"sparse layers\" counts layers on a sparse kernel. Compact and sparse "
         "outputs equal the masked model's (max relative error ≤ 1e-5, checked on every row).", "",
         "| model | method | sparsity | batch | dense ORT ms | masked ORT × | compact ORT × | sparse torch ms | **sparse torch ×** "
-        "| sparse layers | format |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| sparse layers | format | ORT advice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         x = r["dense_ort_ms"]
         lines.append(f"| {r['model']} | {r['method']} | {100 * r['sparsity']:.0f}% | {r['batch']} | {x:.2f} | "
                      f"{x / r['masked_ort_ms']:.2f}× | {x / r['compact_ort_ms']:.2f}× | {r['sparse_torch_ms']:.2f} | "
-                     f"**{x / r['sparse_torch_ms']:.2f}×** | {r['sparse_layers']}/{r['layers']} | {r['memory_format']} |")
+                     f"**{x / r['sparse_torch_ms']:.2f}×** | {r['sparse_layers']}/{r['layers']} | {r['memory_format']} | "
+                     f"{_advice_cell(r)} |")
+    if overheads:
+        lines += overhead_markdown(overheads)
     lines += ["", "## Odd compacted widths in torch (dense, 1 thread)", "",
               "Same layer at an odd width and at the next multiple of 4/8 (ms, medians of alternating runs; odd/aligned > 1 "
               "would mean the odd width loses and padding would pay):", "",
@@ -216,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dpai-steps", type=int, default=20)
     parser.add_argument("--cases", nargs="+", default=None, metavar="MODEL:METHOD:SPARSITY",
                         help="exactly these rows instead of the models x methods x sparsities grid")
+    parser.add_argument("--overhead-batches", nargs="*", type=int, default=[1, 16],
+                        help="batches of the per-call overhead table (none: skip it)")
     parser.add_argument("--out", default=str(ROOT / "docs" / "sparse_speed.md"))
     parser.add_argument("--json", default=None)
     parser.add_argument("--from-json", default=None, help="re-render the markdown from a previous --json file")
@@ -226,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads(Path(args.from_json).read_text())
         for key in ("runs", "warmup", "select_repeats"):
             setattr(args, key, saved["args"][key])
-        text = markdown(saved["rows"], args, saved["machine"], saved["command"], saved["load_start"], saved["widths"])
+        text = markdown(saved["rows"], args, saved["machine"], saved["command"], saved["load_start"], saved["widths"],
+                        saved.get("overheads", []))
     else:
         torch.set_num_threads(1)
         load_start = " ".join(f"{v:.1f}" for v in os.getloadavg())
@@ -237,13 +322,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             for name, method, sparsity in cases:
                 rows += run_case(name, model_path(name, Path(tmp)), method, float(sparsity), args, Path(tmp))
+        overheads = overhead(args.overhead_batches, args.runs * 3) if args.overhead_batches else []
         widths = odd_widths(args.runs)
         info = machine()
         if args.json:
             with atomic_write(args.json) as out:
                 out.write_text(json.dumps({"args": vars(args), "rows": rows, "machine": info, "command": command,
-                                           "load_start": load_start, "widths": widths}, indent=2) + "\n")
-        text = markdown(rows, args, info, command, load_start, widths)
+                                           "load_start": load_start, "widths": widths, "overheads": overheads}, indent=2) + "\n")
+        text = markdown(rows, args, info, command, load_start, widths, overheads)
     with atomic_write(args.out) as out:
         out.write_text(text)
     print(text)

@@ -260,14 +260,19 @@ def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.Pat
 
     ``report``: everything dead-node-elim did to ``graph`` since it was read (the ONNX rewrite
     needs the changed Params, Reshapes and Splits)."""
-    if output_suffix(out) == ".onnx":
-        from pai_compiler.backends.onnx_compact import write_compact_onnx
+    from pai_compiler.backends.onnx_compact import write_compact_onnx
 
+    if output_suffix(out) == ".onnx":
         write_compact_onnx(graph, source, out, report, pipeline=pipeline)
         return None
     from pai_compiler.backends.sparse_select import build_sparse_module
     from pai_compiler.io import save_torch_atomic
 
-    module, choice = build_sparse_module(graph, batch=batch, threads=threads, device=device)
+    def onnx_twin(path: Path) -> None:  # the same compact model as ONNX, timed in onnxruntime against the module
+        write_compact_onnx(graph, source, path, report, pipeline=pipeline, check=False)
+
+    twin = onnx_twin if graph.meta.get("source_format") == "onnx" else None
+    module, choice = build_sparse_module(graph, batch=batch, threads=threads, device=device, onnx_twin=twin,
+                                         onnx_name=Path(out).with_suffix(".onnx").name)
     save_torch_atomic(out, module)
     return choice.to_dict()

@@ -242,3 +242,9 @@ def render_sparse_exec(console: Any, doc: dict[str, Any]) -> None:
     note = f" ({doc['fallback']})" if doc["fallback"] else ""
     console.print(f"model: dense {doc['model_dense_ms']:.3f} ms → chosen {doc['model_chosen_ms']:.3f} ms "
                   f"({doc['speedup']:.2f}×), {doc['sparse_layers']} sparse layer(s){note}")
+    if doc.get("advice"):
+        console.print(f"[yellow]note:[/] {doc['advice']}", soft_wrap=True)  # one line, whatever the terminal width
+    elif doc.get("onnxruntime_ms") is not None:
+        console.print(f"compact ONNX in onnxruntime: {doc['onnxruntime_ms']:.3f} ms (not faster than this module)")
+    elif doc.get("onnxruntime_note"):
+        console.print(doc["onnxruntime_note"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -35,6 +36,7 @@ from pai_compiler.backends.sparse_timing import relative_error
 from pai_compiler.backends.sparse_select import build_sparse_module
 from pai_compiler.backends.torch_sparse import SparseModule
 from pai_compiler.cli import app
+from pai_compiler.errors import PaicError
 from pai_compiler.interp import Interpreter
 from pai_compiler.ort import session
 
@@ -42,7 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "models"
 LAYER_KEYS = {"node", "kind", "weight_shape", "density", "columns_used", "columns", "choice", "dense_ms", "sparse_ms", "reason"}
 REPORT_KEYS = {"schema", "device", "batch", "threads", "repeats", "warmup", "layers", "model_dense_ms", "model_chosen_ms",
-               "fallback", "memory_format", "memory_format_ms", "max_relative_error", "sparse_layers", "speedup"}
+               "fallback", "memory_format", "memory_format_ms", "max_relative_error", "sparse_layers", "speedup", "onnxruntime_ms",
+               "onnxruntime_note", "advice"}
 
 
 def _sparse(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor:
@@ -152,12 +155,13 @@ def test_example_models_all_sparse_equal_the_masked_interpreter(name: str) -> No
     assert relative_error(got, ref) <= 1e-5
 
 
-def _fixed_times(per_layer: Mapping[str, float], model: Mapping[str, float]) -> Callable[..., dict[str, float]]:
-    """A stand-in for time_alternating: layer candidates get ``per_layer``, the whole-model check ``model``."""
+def _fixed_times(per_layer: Mapping[str, float], model: Mapping[str, float], versus_ort: Mapping[str, float] | None = None) -> Callable[..., dict[str, float]]:
+    """A stand-in for time_alternating: layer candidates get ``per_layer``, the whole-model check ``model``,
+    the module against onnxruntime ``versus_ort``."""
     def fake(candidates: Mapping[str, Any], **_: Any) -> dict[str, float]:
         for run in candidates.values():
             run()
-        table = model if "chosen" in candidates else per_layer
+        table = model if "chosen" in candidates else (versus_ort or {}) if "onnxruntime" in candidates else per_layer
         return {name: table.get(name, 1.0) for name in candidates}
     return fake
 
@@ -194,8 +198,9 @@ def test_policy_dense_module_equals_compact_and_rejects_unknown_policy() -> None
     graph = api.load_model(EXAMPLES / "resnet20.onnx")
     api.optimize(graph, sparsity=0.9, method="magnitude")
     api.compact_graph(graph)
-    module, _ = build_sparse_module(graph, repeats=1, warmup=0, policy="dense")
+    module, report = build_sparse_module(graph, repeats=1, warmup=0, policy="dense")
     assert isinstance(module, SparseModule) and not module.kernel_of
+    assert report.onnxruntime_ms is None and "not ONNX" in report.onnxruntime_note  # no onnx_twin given
     with pytest.raises(Exception, match="policy must be one of"):
         build_sparse_module(graph, policy="fastest")
 
@@ -243,3 +248,88 @@ def test_cuda_choice_is_exact(tmp_path: Path, policy: str) -> None:
         got = _reloaded(module)(x.cuda()).cpu()
     assert report.device == "cuda" and report.model_chosen_ms <= report.model_dense_ms
     assert relative_error(got, Interpreter(graph).run([x]).outputs[0]) <= 1e-5
+
+
+def _node_by_node(module: SparseModule, x: torch.Tensor) -> torch.Tensor:
+    """The module evaluated through the interpreter, node by node (the path a layer hook takes)."""
+    return module.run([x], on_layer=lambda node, args: None)[0]
+
+
+def test_compiled_forward_equals_node_by_node_at_another_batch_and_follows_changes() -> None:
+    graph = api.load_model(EXAMPLES / "vgg_small.onnx")
+    api.optimize(graph, sparsity=0.95, method="random-erk")
+    api.compact_graph(graph)
+    module, report = build_sparse_module(graph, batch=1, repeats=1, warmup=0, policy="sparse")
+    assert report.sparse_layers > 0
+    x = torch.randn([3, *graph.inputs[0].shape[1:]], generator=torch.Generator().manual_seed(7))  # batch 3, built at 1
+    with torch.no_grad():
+        ref = _node_by_node(module, x)
+        assert relative_error(module(x), ref) <= 1e-6
+        sparse_node = next(iter(module.kernel_of))
+        step = next(s for s in module.plan([x]).steps if s.node == sparse_node)
+        assert step.kernel == module.kernel_of[sparse_node]
+        for name in list(module.kernel_of):  # back to dense: the compiled forward must not keep the sparse kernels
+            module.install(name, None)
+        step = next(s for s in module.plan([x]).steps if s.node == sparse_node)
+        assert step.kernel == module.dense_of[sparse_node]
+        assert relative_error(module(x), ref) <= 1e-5
+        reloaded = _reloaded(module)
+        assert not reloaded._plans and relative_error(reloaded(x), ref) <= 1e-5
+        state = module.__getstate__()
+        del state["_plans"]  # as pickled before the compiled forward existed
+        old = SparseModule.__new__(SparseModule)
+        old.__setstate__(state)
+        assert relative_error(old(x), ref) <= 1e-5
+
+
+def test_conv1d_with_fused_relu_is_exact(tmp_path: Path) -> None:
+    """A 1-d conv has no packed kernel: the ReLU fused into it must still be applied (it was dropped once)."""
+    weight = np.random.default_rng(0).standard_normal((8, 4, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    graph_proto = helper.make_graph(nodes, "conv1d", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 10])],
+                                    [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8, 10])], [numpy_helper.from_array(weight, "w")])
+    model = helper.make_model(graph_proto, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "conv1d.onnx")
+    graph = api.load_model(tmp_path / "conv1d.onnx")
+    module, _ = build_sparse_module(graph, batch=1, repeats=1, warmup=0, policy="dense")
+    x = torch.randn(2, 4, 10)
+    with torch.no_grad():
+        assert relative_error(module(x), F.relu(F.conv1d(x, torch.from_numpy(weight), padding=1))) <= 1e-5
+
+
+@pytest.mark.parametrize("ort_ms,advised", [(0.5, True), (3.0, False)])
+def test_onnxruntime_faster_is_said_in_the_report_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ort_ms: float,
+                                                          advised: bool) -> None:
+    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_times({"dense": 1.0}, {}, {"torch": 2.0, "onnxruntime": ort_ms}))
+    onnx.save(_wide_model(np.random.default_rng(2), density=0.1), tmp_path / "wide.onnx")
+    run = CliRunner().invoke(app, ["compact", str(tmp_path / "wide.onnx"), "-o", str(tmp_path / "fast.pt"), "--report", str(tmp_path / "r.json")])
+    assert run.exit_code == 0, run.output
+    doc = json.loads((tmp_path / "r.json").read_text())["sparse_exec"]
+    assert set(doc) == REPORT_KEYS and doc["schema"] == 2 and doc["onnxruntime_ms"] == ort_ms and not doc["onnxruntime_note"]
+    lines = [line for line in run.stdout.splitlines() if "compact ONNX" in line]
+    assert len(lines) == 1
+    if advised:
+        assert "-o fast.onnx" in doc["advice"] and "0.500 ms against 2.000 ms" in doc["advice"]
+        assert doc["advice"] in lines[0]
+    else:
+        assert doc["advice"] == "" and "not faster" in lines[0]
+
+
+def test_onnxruntime_missing_is_noted_not_timed(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    real_find_spec = sparse_select.importlib.util.find_spec
+    monkeypatch.setattr(sparse_select.importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    written: list[Path] = []
+    graph = api.load_model(EXAMPLES / "vgg_small.onnx")
+    _, report = build_sparse_module(graph, repeats=1, warmup=0, policy="dense", onnx_twin=written.append)
+    assert report.onnxruntime_ms is None and "not installed" in report.onnxruntime_note and not report.advice and not written
+
+
+def test_compiled_forward_names_the_node_a_wrong_input_fails_at() -> None:
+    graph = api.load_model(EXAMPLES / "vgg_small.onnx")
+    module, _ = build_sparse_module(graph, batch=1, repeats=1, warmup=0, policy="dense")
+    first_conv = next(n.name for n in graph.nodes if n.kind.value == "conv")
+    with torch.no_grad(), pytest.raises(PaicError, match=rf"node '{re.escape(first_conv)}': cannot be evaluated in torch on inputs \[\(1, 4, 32, 32\)\]"):
+        module(torch.randn(1, 4, 32, 32))  # 4 channels where the first conv reads 3
+    with pytest.raises(PaicError, match="model has 1 inputs, got 2"):
+        module(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))

@@ -96,4 +96,6 @@ def pack_layers(module: SparseModule) -> int:
 
 def fuse_for_inference(module: SparseModule) -> dict[str, int]:
     """All three fusions, in order; the counts by kind."""
-    return {"batch_norms_folded": fold_batch_norms(module), "relus_fused": fuse_relus(module), "layers_packed": pack_layers(module)}
+    counts = {"batch_norms_folded": fold_batch_norms(module), "relus_fused": fuse_relus(module), "layers_packed": pack_layers(module)}
+    module.invalidate_plans()  # a forward compiled before the folds would read the unfolded weights
+    return counts

@@ -10,13 +10,19 @@ kernel only when ``t_sparse < margin * t_dense`` and its output equals the dense
 relative error ``<= EXACT``); then the whole model is timed both ways, alternating, and if the
 choice is not faster every layer goes back to dense — the auto choice is never slower than the
 compact dense model. ``policy="sparse"`` installs every exact sparse kernel (tests,
-experiments), ``policy="dense"`` none.
+experiments), ``policy="dense"`` none. Given ``onnx_twin`` (a writer of the same compact model
+as ONNX) and onnxruntime, the finished module is also timed against the compact ONNX model in
+onnxruntime (alternating, same feed and threads): where that is faster, the report's
+``advice`` says so in one line, both times and the ``.onnx`` file to write instead.
 """
 from __future__ import annotations
 
 import copy
+import importlib.util
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,14 +35,19 @@ from pai_compiler.backends.torch_sparse import Kernel, SparseModule, sparse_kern
 from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, Node, OpKind
+from pai_compiler.ort import session
 
-__all__ = ["build_sparse_module", "choose_kernels", "choose_memory_format", "EXACT", "POLICIES"]
+OnnxWriter = Callable[[Path], None]
+
+__all__ = ["build_sparse_module", "choose_kernels", "choose_memory_format", "compare_with_onnxruntime", "EXACT", "POLICIES", "OnnxWriter"]
 
 #: auto: the faster per layer, never slower as a model; sparse: every layer with a sparse form
 #: (exactness tests, experiments); dense: none (the compact model in torch)
 POLICIES = ("auto", "sparse", "dense")
 #: the largest relative error a sparse kernel may have against the dense layer
 EXACT = 1e-5
+#: onnxruntime's fused kernels round differently: the agreement its timing needs to count
+ORT_AGREE = 1e-4
 
 
 def _default_layouts(device: str) -> tuple[str, ...]:
@@ -132,8 +143,7 @@ def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, referenc
     if not chosen:
         report.model_dense_ms = report.model_chosen_ms = time_alternating({"dense": lambda: module.run(inputs)}, repeats=repeats, warmup=warmup, device=device)["dense"]
         return report
-    dense_module = _DenseView(module)
-    times = time_alternating({"dense": lambda: dense_module.run(inputs), "chosen": lambda: module.run(inputs)},
+    times = time_alternating({"dense": lambda: module.run(inputs, sparse=False), "chosen": lambda: module.run(inputs)},
                              repeats=repeats, warmup=warmup, device=device)
     report.model_dense_ms, report.model_chosen_ms = round(times["dense"], 4), round(times["chosen"], 4)
     if policy == "auto" and times["chosen"] >= margin * times["dense"]:
@@ -145,25 +155,15 @@ def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, referenc
     return report
 
 
-class _DenseView:
-    """Runs a ``SparseModule`` with every layer dense (its kernels ignored), for the model-level check."""
-
-    def __init__(self, module: SparseModule) -> None:
-        self.module = module
-
-    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        saved = self.module.kernel_of
-        self.module.kernel_of = {}
-        try:
-            return self.module.run(inputs)
-        finally:
-            self.module.kernel_of = saved
-
-
 def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, device: str = "cpu", repeats: int = 5,
                         warmup: int = 2, margin: float = 0.95, layouts: Sequence[str] | None = None, policy: str = "auto",
-                        inputs: Sequence[torch.Tensor] | None = None, seed: int = 0) -> tuple[SparseModule, SparseExecReport]:
-    """A ``SparseModule`` for ``graph`` with per-layer kernels chosen by timing on the target shape."""
+                        inputs: Sequence[torch.Tensor] | None = None, seed: int = 0, onnx_twin: OnnxWriter | None = None,
+                        onnx_name: str = "SMALL.onnx") -> tuple[SparseModule, SparseExecReport]:
+    """A ``SparseModule`` for ``graph`` with per-layer kernels chosen by timing on the target shape.
+
+    ``onnx_twin(path)`` writes the same compact model as ONNX: it is then timed in onnxruntime
+    against the module (see :func:`compare_with_onnxruntime`; ``onnx_name`` is the file the
+    advice tells the user to write)."""
     if threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {threads}")
     if policy not in POLICIES:
@@ -180,7 +180,49 @@ def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, devic
         with torch.no_grad():
             report = choose_kernels(module, feed, reference=reference, device=device, threads=threads, repeats=repeats, warmup=warmup,
                                     margin=margin, layouts=layouts, policy=policy)
+            if onnx_twin is not None:
+                compare_with_onnxruntime(module, feed, report, onnx_twin, onnx_name=onnx_name)
+            else:
+                report.onnxruntime_note = "no compact ONNX model to compare with (the source is not ONNX)"
     finally:
         torch.set_num_threads(previous)
     module.drop_unused_weights()
     return module, report
+
+
+def _onnxruntime_missing(device: str) -> str:
+    """Why onnxruntime cannot be compared here ("" when it can)."""
+    if importlib.util.find_spec("onnxruntime") is None:
+        return "onnxruntime is not installed: the compact ONNX model was not timed"
+    if str(device) != "cpu":
+        return f"the compact ONNX model is timed on cpu only (the module runs on {device})"
+    return ""
+
+
+def compare_with_onnxruntime(module: SparseModule, inputs: list[torch.Tensor], report: SparseExecReport, onnx_twin: OnnxWriter, *,
+                             onnx_name: str) -> None:
+    """Time the compact ONNX model (written by ``onnx_twin``) in onnxruntime against ``module``,
+    alternating, same feed and thread count; fill ``report.onnxruntime_ms`` and, where
+    onnxruntime is faster (and agrees with the module), the one-line ``report.advice``."""
+    report.onnxruntime_note = _onnxruntime_missing(report.device)
+    if report.onnxruntime_note:
+        return
+    with tempfile.TemporaryDirectory(prefix="paic-ort-") as scratch:
+        path = Path(scratch) / "compact.onnx"
+        onnx_twin(path)
+        sess = session(path, device="cpu", threads=report.threads)
+        names = [i.name for i in sess.get_inputs()]
+        feed = {name: t.detach().cpu().numpy() for name, t in zip(names, inputs)}
+        times = time_alternating({"torch": lambda: module.run(inputs), "onnxruntime": lambda: sess.run(None, feed)},
+                                 repeats=report.repeats, warmup=report.warmup, device=report.device)
+        ort_out = sess.run(None, feed)
+    error = max((relative_error(torch.from_numpy(got), ref.cpu()) for got, ref in zip(ort_out, module.run(inputs))
+                 if ref.is_floating_point()), default=0.0)
+    report.onnxruntime_ms = round(times["onnxruntime"], 4)
+    if error > ORT_AGREE:
+        report.onnxruntime_note = f"onnxruntime's output differs from the module's (max relative error {error:.1e}): no advice"
+        return
+    torch_ms = times["torch"]
+    if times["onnxruntime"] < torch_ms:
+        report.advice = (f"onnxruntime runs the compact ONNX model faster: {times['onnxruntime']:.3f} ms against {torch_ms:.3f} ms for "
+                         f"this torch module (batch {report.batch}, {report.threads} thread(s)); write it with -o {onnx_name}")

@@ -22,7 +22,7 @@ from pai_compiler.ir import Graph
 __all__ = ["LayerTiming", "SparseExecReport", "time_alternating", "relative_error", "example_inputs", "synchronizer"]
 
 #: the report's schema version (its keys are stable)
-SCHEMA = 1
+SCHEMA = 2  # 2: onnxruntime_ms and advice
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,9 @@ class SparseExecReport:
     memory_format: str = "contiguous"  # of 4-d activations and weights: contiguous | channels_last
     memory_format_ms: dict[str, float] = field(default_factory=dict)  # dense model median per format
     max_relative_error: float = 0.0
+    onnxruntime_ms: float | None = None  # the compact ONNX model in onnxruntime, same feed and threads (None: not measured)
+    onnxruntime_note: str = ""  # why it was not measured, or did not count
+    advice: str = ""  # one line when onnxruntime runs the compact ONNX model faster than this module
 
     @property
     def sparse_layers(self) -> int:

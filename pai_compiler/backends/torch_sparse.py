@@ -1,7 +1,9 @@
 """Sparse-execution torch module: the IR's real semantics, each conv/linear dense or on a sparse kernel.
 
 ``SparseModule(graph)`` holds every float Param masked once (``W * M``) as a buffer and runs the
-graph node by node like the IR interpreter (``real`` mode); ``install(node, kernel)`` makes a
+graph with the IR interpreter's ``real`` semantics through a forward compiled once per input
+signature (:mod:`~pai_compiler.backends.sparse_plan`: one bound call per node, no per-call
+lookups; node by node only when a layer hook watches); ``install(node, kernel)`` makes a
 conv/linear node run a :mod:`~pai_compiler.backends.sparse_kernels` kernel instead of its dense
 layer (``dense=True``: a packed dense layer, see :mod:`~pai_compiler.backends.sparse_fusion`,
 which also folds BatchNorms and ReLUs into convs), ``set_memory_format`` holds 4-d tensors
@@ -21,6 +23,7 @@ import torch  # a module class needs nn.Module at import time (like pai_compiler
 from torch import nn
 
 from pai_compiler.backends.sparse_kernels import SparseConv2d, SparseLinear, dense_conv
+from pai_compiler.backends.sparse_plan import ForwardPlan, Signature, compile_plan, signature_of
 from pai_compiler.errors import PaicError
 from pai_compiler.interp import Interpreter, is_float_array, rule_for, torch_ready
 from pai_compiler.ir import Graph, Node, OpKind, Param
@@ -29,6 +32,8 @@ __all__ = ["SparseModule", "sparse_kernel", "Kernel"]
 
 Kernel = nn.Module
 LayerHook = Callable[[Node, list[torch.Tensor]], None]
+#: most input signatures whose compiled forward a module keeps
+PLAN_CACHE = 8
 
 
 class _ModuleInterpreter(Interpreter):
@@ -89,6 +94,15 @@ class SparseModule(nn.Module):
         self._rules: dict[str, Any] = {}  # node name -> interpreter rule, looked up once
         self._shape_memo: dict[Any, Any] = {}
         self._symbolic: list[tuple[int, int, str]] | None = None
+        self._plans: dict[tuple[Signature, bool], ForwardPlan] = {}  # per input signature (and sparse or not)
+
+    def invalidate_plans(self) -> None:
+        """Forget the compiled forwards (they hold the kernels and tensors of the time they were built)."""
+        self._plans = {}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> SparseModule:  # .to(), .float(): new tensors, stale plans
+        self.invalidate_plans()
+        return super()._apply(fn, recurse)
 
     def set_memory_format(self, memory_format: str) -> None:
         """Hold 4-d weights (and run 4-d inputs) ``contiguous`` or ``channels_last`` (same values)."""
@@ -98,10 +112,12 @@ class SparseModule(nn.Module):
             if tensor.dim() == 4 and tensor.layout == torch.strided:
                 setattr(self, key, tensor.contiguous(memory_format=layout))
         self.memory_format = memory_format
+        self.invalidate_plans()
 
     def install(self, node_name: str, kernel: Kernel | None, *, dense: bool = False) -> None:
         """Run ``node_name`` on the sparse ``kernel`` (None: back to the dense layer); with
         ``dense=True`` make ``kernel`` the node's dense layer instead."""
+        self.invalidate_plans()
         table = self.dense_of if dense else self.kernel_of
         key = table.pop(node_name, None)
         if key is not None:
@@ -115,6 +131,7 @@ class SparseModule(nn.Module):
         """Register ``tensor`` under a fresh key derived from ``name``; returns the key."""
         key = _safe_key(name, set(self.keys.values()) | set(self.folded_bias.values()) | set(self._buffers))
         self.register_buffer(key, tensor)
+        self.invalidate_plans()
         return key
 
     def readers(self) -> dict[str, int]:
@@ -127,6 +144,7 @@ class SparseModule(nn.Module):
 
     def drop_unused_weights(self) -> None:
         """Free the dense copies of weights that only sparse kernels read (smaller file)."""
+        self.invalidate_plans()
         readers = self.readers()
         for node_name in [*self.kernel_of, *self.dense_of]:
             node = self.graph.node(node_name)
@@ -154,14 +172,33 @@ class SparseModule(nn.Module):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, key) for name, key in self.keys.items()}
 
-    def run(self, inputs: Sequence[torch.Tensor], on_layer: LayerHook | None = None) -> list[torch.Tensor]:
-        """Evaluate the graph; ``on_layer(node, args)`` sees the inputs of every conv/linear node."""
+    def bound_interpreter(self, inputs: Sequence[torch.Tensor]) -> Interpreter:
+        """A real-mode interpreter on this module's tensors and device, the symbolic input dims bound to ``inputs``."""
         weights = self.tensors()
         ref = next(iter(weights.values()), None)
-        device = ref.device if ref is not None else (inputs[0].device if inputs else "cpu")
+        device = ref.device if ref is not None else (inputs[0].device if inputs else torch.device("cpu"))
         it = _ModuleInterpreter(self.graph, mode="real", dtype=torch.float32, device=device, weights=weights)
         it.bind = self._bindings(inputs)
         it.shape_memo = self._shape_memo
+        return it
+
+    def plan(self, inputs: Sequence[torch.Tensor], *, sparse: bool = True) -> ForwardPlan:
+        """The compiled forward for the signature of ``inputs`` (built on first use, then cached)."""
+        key = (signature_of(inputs), sparse)
+        found = self._plans.get(key)
+        if found is None:
+            if len(self._plans) >= PLAN_CACHE:
+                self._plans.clear()
+            found = self._plans[key] = compile_plan(self, inputs, sparse=sparse)
+        return found
+
+    def run(self, inputs: Sequence[torch.Tensor], on_layer: LayerHook | None = None, *, sparse: bool = True) -> list[torch.Tensor]:
+        """Evaluate the graph (``sparse=False``: every layer on its dense kernel); with ``on_layer(node, args)``,
+        seeing the inputs of every conv/linear node, node by node through the interpreter instead of the plan."""
+        if on_layer is None:
+            return self.plan(inputs, sparse=sparse).run(inputs)
+        it = self.bound_interpreter(inputs)
+        device = it.device
         env: dict[str, torch.Tensor] = {}
         feed = {v.name: t for v, t in zip(self.graph.inputs, inputs)}
         outputs: list[torch.Tensor] = []
@@ -180,12 +217,12 @@ class SparseModule(nn.Module):
             args = [env[v.name] for v in node.inputs]
             if on_layer is not None and node.kind in (OpKind.CONV, OpKind.LINEAR):
                 on_layer(node, args)
-            for v, t in zip(node.outputs, self.evaluate(it, node, args)):
+            for v, t in zip(node.outputs, self.evaluate(it, node, args, sparse=sparse)):
                 env[v.name] = t
         return outputs
 
-    def evaluate(self, it: Interpreter, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
-        key = self.kernel_of.get(node.name)
+    def evaluate(self, it: Interpreter, node: Node, args: list[torch.Tensor], *, sparse: bool = True) -> list[torch.Tensor]:
+        key = self.kernel_of.get(node.name) if sparse else None
         if key is not None:
             out = self.kernels[key](args[0])
             return [torch.relu_(out) if node.name in self.fused_relu else out]
@@ -196,8 +233,8 @@ class SparseModule(nn.Module):
             return [self.kernels[key](args[0])]
         if node.kind is OpKind.CONV:
             a = node.attrs
-            bias = self.conv_bias(it, node)
-            return [dense_conv(args[0], it.oi_weight(node.params["weight"]), bias, a["pads"], a["strides"], a["dilations"], a["groups"])]
+            out = dense_conv(args[0], it.oi_weight(node.params["weight"]), self.conv_bias(it, node), a["pads"], a["strides"], a["dilations"], a["groups"])
+            return [torch.relu_(out) if node.name in self.fused_relu else out]  # a 1-d/3-d conv: no packed kernel fuses it
         rule = self._rules.get(node.name)
         if rule is None:
             rule = self._rules[node.name] = rule_for(node, "real")
@@ -218,8 +255,12 @@ class SparseModule(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_rules={}, _shape_memo={}, _symbolic=None)  # per-process caches (rules may be lambdas)
+        state.update(_rules={}, _shape_memo={}, _symbolic=None, _plans={})  # per-process caches (rules may be lambdas)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_plans", {})  # a module pickled before plans existed
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         outs = self.run(list(inputs))
