@@ -27,6 +27,7 @@ from pai_compiler.passes.criteria.snip import (
     masked_leaves,
     masked_weights,
     prune_batches,
+    prune_loss,
     to_numpy_scores,
     torch_device,
     torch_dtype,
@@ -55,7 +56,6 @@ class GraspPass(CriterionPass):
 
     def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> dict[str, np.ndarray]:
         import torch
-        import torch.nn.functional as F
 
         dtype = torch_dtype(self.precision)
         batches = list(prune_batches(graph, am, self.name, self.batch_size, dtype))
@@ -66,7 +66,7 @@ class GraspPass(CriterionPass):
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             it = interpreter(graph, am, dtype)  # fresh per chunk: the batch size binds symbolic dims
             it.weights = masked_weights(leaves, masks)
-            return F.cross_entropy(it.run([x]).outputs[0] / self.temperature, y)
+            return prune_loss(it.run([x]).outputs[0] / self.temperature, y)
 
         stopped = [torch.zeros_like(t) for t in inputs]
         for x, y in batches:
