@@ -1,8 +1,10 @@
 """ONNX frontend: an ONNX file or ModelProto -> paic IR Graph.
 
 Walks the nodes in topological order. A node whose inputs are all known at compile time is
-evaluated statically (shape subgraphs, folded constants); any other node becomes IR nodes
-through the op table in ``_onnx_ops``. Weights may be initializers, ``Constant`` or
+evaluated statically (shape subgraphs, folded constants); a node on constants whose *size*
+depends on a symbol (``Range(0, seq)``, a table sliced to ``seq``, a mask expanded to the batch)
+is kept as ``ShapeData`` and recomputed at run time (``shape_data``); any other node becomes IR
+nodes through the op table in ``ops``. Weights may be initializers, ``Constant`` or
 ``ConstantOfShape`` outputs (possibly through Identity/Transpose/Cast); each prunable Param
 remembers where it came from (``graph.meta["weight_sources"]``) so the backend can write the
 mask back. Unknown operators become ``opaque`` nodes and are listed in the warnings.
