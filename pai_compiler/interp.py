@@ -287,8 +287,10 @@ class Interpreter:
     def _align(self, node: Node, args: list[torch.Tensor], scales: list[Any]) -> tuple[list[torch.Tensor], Any]:
         if len(args) == 1:
             return args, scales[0]
-        ref = max(scales, key=lambda s: float(s))
-        aligned = [a if float(s) == float(ref) else a * torch.exp(torch.as_tensor(s - ref, dtype=a.dtype)) for a, s in zip(args, scales)]
+        floats = [s for a, s in zip(args, scales) if a.is_floating_point()] or scales  # indices and conditions keep their values
+        ref = max(floats, key=lambda s: float(s))
+        aligned = [a if float(s) == float(ref) or not a.is_floating_point() else a * torch.exp(torch.as_tensor(s - ref, dtype=a.dtype))
+                   for a, s in zip(args, scales)]
         return aligned, ref
 
 

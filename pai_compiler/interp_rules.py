@@ -393,7 +393,7 @@ def embedding(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[tor
     index ``i < 0`` reads ``i + table.shape[axis]``; for axis 0 this is ``F.embedding``)."""
     p = node.params["table"]
     idx = args[0]
-    if it.lookup == "ones":
+    if it.lookup == "ones" and not node.attrs.get("positional"):
         return [torch.ones(lookup_shape(node, p.shape, idx), dtype=it.dtype, device=it.device)]
     table = it.weight(p)
     axis = node.attrs.get("axis", 0) % table.dim()
@@ -407,8 +407,11 @@ def embedding(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[tor
 
 
 def path_embedding(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
-    """A path source: one path starts at every output element (the indices carry none)."""
-    return [torch.ones(lookup_shape(node, node.params["table"].shape, args[0]), dtype=it.dtype, device=it.device)]
+    """A path source: one path starts at every output element (the indices carry none). A
+    ``positional`` lookup (indices computed from sizes: positions, relative buckets) is a
+    constant of the model, which carries no paths, exactly as a static export folds it."""
+    fill = torch.zeros if node.attrs.get("positional") else torch.ones
+    return [fill(lookup_shape(node, node.params["table"].shape, args[0]), dtype=it.dtype, device=it.device)]
 
 
 def where(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -167,3 +167,57 @@ def test_unsupported_op_names_node_and_fix(tmp_path: Path) -> None:
     assert result.exit_code == 1
     message = " ".join(result.output.split())
     assert "'odd'" in message and "Hardmax" in message and "re-export with static input shapes" in message and "magnitude" in message
+
+
+def _gather_by_sizes_model(path: Path) -> Path:
+    """x (N, 4) -> x @ W (W = 3 * I) -> flatten -> Gather by Range(0, 4N) (as dynamo lowers as_strided) -> y (4N,)."""
+    import onnx
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None])
+    inits = [
+        helper.make_tensor("w", onnx.TensorProto.FLOAT, [4, 4], (3 * np.eye(4, dtype=np.float32)).reshape(-1).tolist()),
+        helper.make_tensor("flat", onnx.TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("zero", onnx.TensorProto.INT64, [], [0]),
+        helper.make_tensor("one", onnx.TensorProto.INT64, [], [1]),
+        helper.make_tensor("four", onnx.TensorProto.INT64, [], [4]),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Reshape", ["h", "flat"], ["hf"]),
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node("Gather", ["shape", "zero"], ["n"], axis=0),
+        helper.make_node("Mul", ["n", "four"], ["n4"]),
+        helper.make_node("Range", ["zero", "n4", "one"], ["positions"]),
+        helper.make_node("Gather", ["hf", "positions"], ["y"], axis=0, name="strided"),
+    ]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_gather_by_size_computed_indices(tmp_path: Path) -> None:
+    """The indices are recomputed at the bound batch, never rescaled by the exact path scaling."""
+    from pai_compiler.passes.analysis.paths import count_paths
+
+    graph = load_onnx_model(_gather_by_sizes_model(tmp_path / "g.onnx"))
+    assert {n.attrs.get("op") for n in graph.nodes if n.kind is OpKind.OPAQUE} == {"gather", "shape_data"}
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(Interpreter(graph).run([x]).outputs[0], 3 * x.reshape(-1))
+    # mask W[i, j] = i <= j: output j has j + 1 paths, 1 + 2 + 3 + 4 = 10 per sample (index
+    # tensors scaled like counts would read h[0] four times: 4)
+    weight = graph.prunable_params()[0]
+    graph.set_mask(weight, np.triu(np.ones((4, 4), dtype=bool)))
+    assert float(count_paths(graph, "exact", {"N": 1}).log_paths) == pytest.approx(np.log(10), abs=1e-9)
+    assert float(count_paths(graph, "exact", {"N": 5}).log_paths) == pytest.approx(np.log(50), abs=1e-9)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "bert"])
+def test_static_and_dynamic_exports_agree(exports: Callable[[str, Exporter], Path], model: str) -> None:
+    """Positions looked up by Range(0, seq) are a constant, as the static export folds them: same
+    paths and the same weighted MACs at the traced sequence length."""
+    static = audit_graph(load_onnx_model(exports(model, "torchscript")))["totals"]
+    dynamic = audit_graph(load_onnx_model(exports(model, "torchscript-dynamic")), bind={"seq": 8})["totals"]
+    assert dynamic["log_paths"] == pytest.approx(static["log_paths"], abs=1e-9)
+    for kind in ("linear", "matmul"):
+        assert dynamic["macs_by_kind"][kind] == static["macs_by_kind"][kind], kind

@@ -416,7 +416,8 @@ def _embedding(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str,
     ``opaque`` node with ``op="embedding"`` (which the interpreter evaluates: the lookup, or a
     path source in paths mode), the indices as its one input and the table as its dense,
     non-prunable ``table`` Param, exactly as the torch frontends lower ``nn.Embedding``.
-    Shape: ``table.shape[:axis] + indices.shape + table.shape[axis + 1:]``, dtype the table's."""
+    Shape: ``table.shape[:axis] + indices.shape + table.shape[axis + 1:]``, dtype the table's.
+    Indices computed from sizes only (``positional``) make the lookup a constant of the model."""
     table, idx = ins[0], ins[1]
     axis = int(attrs.get("axis", 0)) % table.array.ndim
     if table.perm is not None and tuple(table.perm) != tuple(range(table.array.ndim)):
@@ -424,9 +425,11 @@ def _embedding(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str,
     p = imp.param(table, f"{label}_table", prunable=False, in_axis=None)
     dims = tuple(int(d) for d in p.shape)
     shape = None if idx.shape is None else (*dims[:axis], *idx.shape, *dims[axis + 1 :])
+    out_attrs: dict[str, Any] = {"op": "embedding", "axis": axis, "op_type": node.op_type, "domain": node.domain}
+    if idx.producer is not None and idx.producer.attrs.get("op") == "shape_data":
+        out_attrs["positional"] = True  # indices from sizes (positions, relative buckets): a constant, as a static export folds it
     ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), [idx], [(node.output[0], shape, str(p.data.dtype))],
-                            params={"table": p}, attrs={"op": "embedding", "axis": axis, "op_type": node.op_type, "domain": node.domain},
-                            origin=node.name)
+                            params={"table": p}, attrs=out_attrs, origin=node.name)
     imp.env[node.output[0]] = ir.outputs[0]
 
 
