@@ -26,7 +26,7 @@ from pai_compiler.cli import app
 from pai_compiler.frontends.onnx import load_onnx_model
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, OpKind
-from pai_compiler.lab.data import load_batch_for
+from pai_compiler.lab.data import Batch, load_batch_for
 from pai_compiler.pass_infra import AnalysisManager
 from pai_compiler.passes.analysis.flops import FlopsPass
 
@@ -74,7 +74,10 @@ def _check_real_semantics(model: str, exporter: Exporter, path: Path) -> None:
 
 def _optimize(path: Path, method: str, sparsity: float = 0.5) -> api.OptimizeResult:
     graph = load_onnx_model(path)
-    data = load_batch_for(graph, "random", samples_per_class=1) if method in ("snip", "grasp", "autosparse") else None
+    data = None
+    if method in ("snip", "grasp", "autosparse"):  # 16 samples: a backbone's "classes" are its features (1280 on MobileNetV2)
+        full = load_batch_for(graph, "random", samples_per_class=1)
+        data = Batch(full.x[:16], full.y[:16], full.meta)
     steps = 2 if method == "dpai" else None
     return api.optimize(graph, sparsity=sparsity, method=method, data=data, steps=steps)
 
