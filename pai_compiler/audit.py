@@ -6,7 +6,9 @@ and the effective counts from the ``node-path`` pass. With ``paths=False`` the p
 is skipped and torch is never imported: ``log_paths*``, ``effective_*`` and
 ``macs_effective`` are null. An unmasked weight holding zeros (an already-sparse
 model) is audited with its zero pattern as mask. A non-finite ``log_paths`` (no surviving
-path) is reported as null with a warning, so the document stays strict JSON.
+path) is reported as null with a warning, so the document stays strict JSON. ``macs_by_kind``
+splits ``macs_dense`` by kind (conv + linear + matmul is what torch's ``FlopCounterMode``
+counts, at half its FLOPs); a static-batch export is counted per sample (``--bind batch=N``).
 """
 from __future__ import annotations
 
@@ -20,8 +22,8 @@ import numpy as np
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Graph, Node, Param
 from pai_compiler.pass_infra import AnalysisManager
-from pai_compiler.passes.analysis.bindings import parse_bind
-from pai_compiler.passes.analysis.flops import EFFECTIVE_FALLBACK, FlopsPass, FlopsResult, evaluate
+from pai_compiler.passes.analysis.bindings import parse_bind, static_batch
+from pai_compiler.passes.analysis.flops import BATCH_SYMBOL, EFFECTIVE_FALLBACK, FlopsPass, FlopsResult, evaluate
 from pai_compiler.passes.analysis.node_path import NodePathPass
 
 __all__ = ["audit_graph", "masks_from_zeros", "render_audit", "plot_audit", "format_value", "TOTAL_KEYS", "LAYER_KEYS"]
@@ -29,6 +31,7 @@ __all__ = ["audit_graph", "masks_from_zeros", "render_audit", "plot_audit", "for
 TOTAL_KEYS = (
     "params", "nonzero_params", "density", "macs_dense", "macs_nonzero", "macs_effective", "log_paths",
     "log_paths_dpai", "effective_params", "effective_nodes", "effective_nodes_npb", "effective_kernels", "total_nodes",
+    "macs_by_kind",
 )
 LAYER_KEYS = (
     "name", "op", "shape", "params", "nonzero", "density", "macs_dense", "macs_nonzero", "macs_effective",
@@ -58,7 +61,7 @@ def audit_graph(graph: Graph, *, bind: str | dict[str, int] | None = None, paths
     lowering the model) open the document's list of warnings."""
     values = parse_bind(bind)
     warnings: list[str] = list(graph.meta.get("warnings", []) if run_warnings is None else run_warnings)
-    symbols = {str(s) for s in graph.meta.get("symbols", {})}
+    symbols = {str(s) for s in graph.meta.get("symbols", {})} | ({BATCH_SYMBOL} if static_batch(graph) > 1 else set())
     unknown = sorted(set(values) - symbols)
     if unknown:
         warnings.append(f"bind: {', '.join(unknown)} not a symbol of the model (symbols: {', '.join(sorted(symbols)) or 'none'})")
@@ -121,6 +124,7 @@ def _totals(graph: Graph, flops: FlopsResult, node_path: Any, bind: dict[str, in
         "effective_nodes_npb": node_path.effective_nodes_npb if have else None,
         "effective_kernels": node_path.effective_kernels if have else None,
         "total_nodes": sum(p.shape[p.out_axis] for p in params),
+        "macs_by_kind": flops.by_kind(bind),
     }
 
 
@@ -153,6 +157,8 @@ def format_value(value: Any, digits: int = 4) -> str:
         return f"{value:.{digits}f}"
     if isinstance(value, int):
         return f"{value:,}"
+    if isinstance(value, dict):  # macs_by_kind
+        return ", ".join(f"{k} {_si(v)}" for k, v in value.items())
     return str(value)
 
 

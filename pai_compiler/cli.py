@@ -376,6 +376,8 @@ def _fmt(value: Any) -> str:
         return f"{value:.4f}" if abs(value) < 1e6 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
+    if isinstance(value, dict):  # macs_by_kind
+        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
     return str(value)
 
 

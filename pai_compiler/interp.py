@@ -15,7 +15,10 @@
 The rules are picked per ``OpKind`` from ``RULES`` / ``PATH_RULES`` (bodies in
 :mod:`pai_compiler.interp_rules`). Opaque nodes are evaluated only when ``attrs["op"]`` names a
 rule in ``OPAQUE_RULES`` (see :func:`rule_for`); every other opaque node stops the interpreter
-with a ``PaicError``. The one such op is the **embedding lookup** (``op="embedding"``: the rows
+with a ``PaicError``. Such ops: ``op="shape_data"`` (a tensor computed from the bound sizes
+only, e.g. positions or masks: its ``ShapeProgram``; in paths mode a float one is zeros),
+``op="gather"`` (an activation gathered by run-time indices: values and counts alike),
+``op="where"`` (ONNX Where; paths: either branch's counts, summed) and the **embedding lookup** (``op="embedding"``: the rows
 of a constant, non-prunable ``table`` Param picked along ``axis`` by a dynamic integer input,
 ONNX ``Gather`` semantics, negative indices included). In ``real`` mode it is the lookup
 (``lookup="ones"`` makes it output ones instead: SynFlow's all-ones input); in ``paths`` mode
@@ -42,13 +45,13 @@ import torch.nn.functional as F
 from pai_compiler.errors import PaicError
 from pai_compiler.interp_rules import (
     add, attention, broadcast_operands, constant, embedding, path_add, path_embedding, path_identity, path_mul, pad_spatial,
-    pool, real_mul, real_norm, real_pointwise, reshape, split,
+    dynamic_gather, path_shape_data, path_where, pool, real_mul, real_norm, real_pointwise, reshape, shape_data, split, where,
 )
 from pai_compiler.ir import Graph, Node, OpKind, Param, Value
 
 __all__ = [
     "Interpreter", "InterpResult", "NodeEvaluation", "bound_dims", "conv_forward", "param_tensor", "torch_ready",
-    "is_float_array", "rule_for", "indexes_lookups_only", "RULES", "PATH_RULES", "OPAQUE_RULES", "Rule",
+    "is_float_array", "rule_for", "indexes_lookups_only", "index_lookups", "RULES", "PATH_RULES", "OPAQUE_RULES", "Rule",
 ]
 
 Mode = Literal["real", "paths"]
@@ -246,8 +249,7 @@ class Interpreter:
             return NodeEvaluation((parts.output,), parts.log_scale, {f"{node.name}/out_proj_input": parts.out_proj_input})
         rule = rule_for(node, self.mode)
         if rule is None:
-            op_type = "/" + node.attrs.get("op_type", "") if node.kind is OpKind.OPAQUE else ""
-            raise PaicError(f"node {node.name!r} ({node.kind.value}{op_type}): cannot be evaluated ({self.mode} mode)")
+            raise PaicError(_no_rule_message(node, self.mode))
         return NodeEvaluation(tuple(rule(self, node, args)))
 
     def _step(self, node: Node, state: _RunState, keep_values: bool) -> tuple[torch.Tensor, ...]:
@@ -285,9 +287,20 @@ class Interpreter:
     def _align(self, node: Node, args: list[torch.Tensor], scales: list[Any]) -> tuple[list[torch.Tensor], Any]:
         if len(args) == 1:
             return args, scales[0]
-        ref = max(scales, key=lambda s: float(s))
-        aligned = [a if float(s) == float(ref) else a * torch.exp(torch.as_tensor(s - ref, dtype=a.dtype)) for a, s in zip(args, scales)]
+        floats = [s for a, s in zip(args, scales) if a.is_floating_point()] or scales  # indices and conditions keep their values
+        ref = max(floats, key=lambda s: float(s))
+        aligned = [a if float(s) == float(ref) or not a.is_floating_point() else a * torch.exp(torch.as_tensor(s - ref, dtype=a.dtype))
+                   for a, s in zip(args, scales)]
         return aligned, ref
+
+
+def _no_rule_message(node: Node, mode: Mode) -> str:
+    """One line: the node, why it is opaque, and what the user can do about it."""
+    op_type = node.attrs.get("op_type", "") if node.kind is OpKind.OPAQUE else ""
+    why = f": {node.attrs['reason']}" if node.attrs.get("reason") else ""
+    return (f"node {node.name!r} ({node.kind.value}{'/' + op_type if op_type else ''}): cannot be evaluated ({mode} mode){why}; "
+            "re-export with static input shapes (TorchScript: no dynamic_axes; dynamo: no dynamic_shapes) so it folds at "
+            "compile time, or prune with a criterion that runs no forward pass (magnitude, random, random-erk)")
 
 
 def _last_uses(nodes: list[Node]) -> dict[int, list[str]]:
@@ -361,6 +374,9 @@ PATH_RULES: dict[OpKind, Rule] = {
 #: ``attrs["op"]`` of an opaque node -> (real rule, paths rule)
 OPAQUE_RULES: dict[str, tuple[Rule, Rule]] = {
     "embedding": (embedding, path_embedding),
+    "shape_data": (shape_data, path_shape_data),
+    "gather": (dynamic_gather, dynamic_gather),
+    "where": (where, path_where),
 }
 
 
@@ -377,5 +393,22 @@ def rule_for(node: Node, mode: Mode) -> Rule | None:
 
 
 def indexes_lookups_only(value: Value) -> bool:
-    """True when every reader of ``value`` is an embedding lookup (it is only ever indices)."""
-    return bool(value.uses) and all(n.kind is OpKind.OPAQUE and n.attrs.get("op") == "embedding" and n.inputs[0] is value for n in value.uses)
+    """True when every reader of ``value`` is an embedding lookup (it is only ever indices),
+    directly or through data movement (``input_ids.view(-1, seq)``: a RESHAPE node)."""
+    def indexes(n: Node) -> bool:
+        if n.kind is OpKind.OPAQUE and n.attrs.get("op") == "embedding":
+            return n.inputs[0] is value
+        return n.kind is OpKind.RESHAPE and n.inputs[0] is value and indexes_lookups_only(n.outputs[0])
+
+    return bool(value.uses) and all(indexes(n) for n in value.uses)
+
+
+def index_lookups(value: Value) -> list[Node]:
+    """The embedding lookups that ``value`` indexes, directly or through RESHAPE nodes."""
+    found: list[Node] = []
+    for n in value.uses:
+        if n.kind is OpKind.OPAQUE and n.attrs.get("op") == "embedding" and n.inputs[0] is value:
+            found.append(n)
+        elif n.kind is OpKind.RESHAPE and n.inputs[0] is value:
+            found += index_lookups(n.outputs[0])
+    return found

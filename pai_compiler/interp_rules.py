@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Node, OpKind, Param
+from pai_compiler.ir.shape_program import ShapeProgram, gather_elements
 
 __all__ = [
     "RuleContext", "AttentionOutput", "BINARY_FN", "UNARY_FN", "pad_spatial", "pad_all_axes", "real_pointwise",
@@ -108,6 +110,8 @@ UNARY_FN: dict[str, Callable[[torch.Tensor, dict[str, Any]], torch.Tensor]] = {
     "ceil": lambda x, a: torch.ceil(x),
     "round": lambda x, a: torch.round(x),
     "clip": lambda x, a: torch.clamp(x, a.get("min", -math.inf), a.get("max", math.inf)),
+    "isnan": lambda x, a: torch.isnan(x),
+    "nan_to_value": lambda x, a: torch.where(torch.isnan(x), torch.full_like(x, a.get("value", 0.0)), x),
     "thresholdedrelu": lambda x, a: torch.where(x > a.get("alpha", 1.0), x, torch.zeros_like(x)),
 }
 
@@ -389,7 +393,7 @@ def embedding(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[tor
     index ``i < 0`` reads ``i + table.shape[axis]``; for axis 0 this is ``F.embedding``)."""
     p = node.params["table"]
     idx = args[0]
-    if it.lookup == "ones":
+    if it.lookup == "ones" and not node.attrs.get("positional"):
         return [torch.ones(lookup_shape(node, p.shape, idx), dtype=it.dtype, device=it.device)]
     table = it.weight(p)
     axis = node.attrs.get("axis", 0) % table.dim()
@@ -403,5 +407,71 @@ def embedding(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[tor
 
 
 def path_embedding(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
-    """A path source: one path starts at every output element (the indices carry none)."""
-    return [torch.ones(lookup_shape(node, node.params["table"].shape, args[0]), dtype=it.dtype, device=it.device)]
+    """A path source: one path starts at every output element (the indices carry none). A
+    ``positional`` lookup (indices computed from sizes: positions, relative buckets) is a
+    constant of the model, which carries no paths, exactly as a static export folds it."""
+    fill = torch.zeros if node.attrs.get("positional") else torch.ones
+    return [fill(lookup_shape(node, node.params["table"].shape, args[0]), dtype=it.dtype, device=it.device)]
+
+
+def where(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """ONNX Where: ``args[1]`` where the condition ``args[0]`` holds, else ``args[2]`` (broadcast)."""
+    cond, a, b = args
+    return [torch.where(cond.to(torch.bool), a, b.to(a.dtype) if a.is_floating_point() else b)]
+
+
+def path_where(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A select routes the paths of either branch (the condition is a gate): counts add, broadcast."""
+    out = torch.zeros(it.dims(node.outputs[0].shape), dtype=it.dtype, device=it.device)
+    return [out + args[1].to(it.dtype) + args[2].to(it.dtype)]
+
+
+def path_shape_data(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A float tensor computed from sizes (a mask) is a data constant: zeros, no paths. Integer
+    and bool ones are positions and indices, which gathers read: their real values."""
+    value = shape_data(it, node, args)[0]
+    return [torch.zeros_like(value, dtype=it.dtype)] if value.is_floating_point() else [value]
+
+
+def dynamic_gather(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """ONNX Gather of an activation by run-time integer indices (negative ones count from the end);
+    paths move exactly as values do."""
+    data, idx = args
+    axis = node.attrs.get("axis", 0) % data.dim()
+    idx = idx.to(device=data.device, dtype=torch.int64)
+    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+    flat = torch.index_select(data, axis, idx.reshape(-1))
+    return [flat.reshape(*data.shape[:axis], *idx.shape, *data.shape[axis + 1 :])]
+
+
+def shape_data(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run the node's :class:`ShapeProgram` at the bound sizes (positions, masks, buckets)."""
+    program: ShapeProgram = node.attrs["program"]
+    feeds = tuple((name, tuple(int(v) for v in it.dims(entries))) for name, _, entries in program.feeds)
+    shapes = tuple(shape for _, shape, _ in program.feeds)
+    value = _run_program(program.model, feeds, shapes)
+    t = torch.as_tensor(value.copy(), device=it.device)
+    return [t.to(it.dtype) if t.is_floating_point() else t]
+
+
+@lru_cache(maxsize=256)
+def _run_program(model: bytes, feeds: tuple[tuple[str, tuple[int, ...]], ...], shapes: tuple[tuple[int, ...], ...]) -> np.ndarray:
+    import onnx  # heavy: only models with shape-dependent data get here
+    from onnx.reference import ReferenceEvaluator
+
+    inputs = {name: np.array(values, dtype=np.int64).reshape(shape) for (name, values), shape in zip(feeds, shapes)}
+    evaluator = ReferenceEvaluator(onnx.load_from_string(model), new_ops=[_gather_elements_op()])
+    return np.asarray(evaluator.run(None, inputs)[0])
+
+
+@lru_cache(maxsize=1)
+def _gather_elements_op() -> type:
+    from onnx.reference.op_run import OpRun  # heavy: see _run_program
+
+    class GatherElements(OpRun):  # onnx's reference rejects indices smaller than the data on other axes
+        op_domain = ""
+
+        def _run(self, data: np.ndarray, indices: np.ndarray, axis: int = 0) -> tuple[np.ndarray]:  # type: ignore[override]
+            return (gather_elements(data, indices, axis),)
+
+    return GatherElements

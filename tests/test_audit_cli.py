@@ -21,6 +21,7 @@ RESNET = ROOT / "examples" / "models" / "resnet20.onnx"
 TOTALS = [
     "params", "nonzero_params", "density", "macs_dense", "macs_nonzero", "macs_effective", "log_paths",
     "log_paths_dpai", "effective_params", "effective_nodes", "effective_nodes_npb", "effective_kernels", "total_nodes",
+    "macs_by_kind",
 ]
 LAYER = [
     "name", "op", "shape", "params", "nonzero", "density", "macs_dense", "macs_nonzero", "macs_effective",
@@ -48,6 +49,7 @@ def test_document_keys_are_exactly_the_contract(example_model: Path, paths: bool
     totals = doc["totals"]
     assert totals["params"] == sum(row["params"] for row in doc["layers"]) and totals["density"] == 1.0
     assert totals["total_nodes"] == sum(row["total_nodes"] for row in doc["layers"])
+    assert sum(totals["macs_by_kind"].values()) == totals["macs_dense"] and totals["macs_by_kind"]["conv"] > 0
     assert all((totals[k] is None) != paths for k in PATH_KEYS)
     json.dumps(doc, allow_nan=False)  # strict JSON
 

@@ -392,7 +392,23 @@ def _gather(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, An
     if (isinstance(ins[0], Const) and not ins[0].symbolic and ins[0].broadcast_to is None and isinstance(ins[1], Value)
             and is_float_dtype(ins[0].array.dtype) and not ins[1].dtype.startswith(("float", "bfloat", "bool"))):
         return _embedding(imp, node, label, ins, attrs)
+    if isinstance(ins[0], Value) and isinstance(ins[1], Value) and not ins[1].dtype.startswith(("float", "bfloat", "bool")):
+        return _dynamic_gather(imp, node, label, ins, attrs)
     _movement(imp, node, label, ins, attrs)
+
+
+def _dynamic_gather(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    """An activation gathered by run-time indices (``as_strided`` positions computed from sizes):
+    an opaque ``op="gather"`` node that moves values and path counts alike.
+    Shape: ``data.shape[:axis] + indices.shape + data.shape[axis + 1:]``."""
+    data, idx = ins[0], ins[1]
+    if data.shape is None or idx.shape is None:
+        return _opaque(imp, node, label, ins, attrs, reason="Gather by run-time indices of unknown shape")
+    axis = int(attrs.get("axis", 0)) % len(data.shape)
+    shape = (*data.shape[:axis], *idx.shape, *data.shape[axis + 1 :])
+    ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), [data, idx], [(node.output[0], shape, data.dtype)],
+                            attrs={"op": "gather", "axis": axis, "op_type": node.op_type, "domain": node.domain}, origin=node.name)
+    imp.env[node.output[0]] = ir.outputs[0]
 
 
 def _embedding(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
@@ -400,7 +416,8 @@ def _embedding(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str,
     ``opaque`` node with ``op="embedding"`` (which the interpreter evaluates: the lookup, or a
     path source in paths mode), the indices as its one input and the table as its dense,
     non-prunable ``table`` Param, exactly as the torch frontends lower ``nn.Embedding``.
-    Shape: ``table.shape[:axis] + indices.shape + table.shape[axis + 1:]``, dtype the table's."""
+    Shape: ``table.shape[:axis] + indices.shape + table.shape[axis + 1:]``, dtype the table's.
+    Indices computed from sizes only (``positional``) make the lookup a constant of the model."""
     table, idx = ins[0], ins[1]
     axis = int(attrs.get("axis", 0)) % table.array.ndim
     if table.perm is not None and tuple(table.perm) != tuple(range(table.array.ndim)):
@@ -408,9 +425,38 @@ def _embedding(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str,
     p = imp.param(table, f"{label}_table", prunable=False, in_axis=None)
     dims = tuple(int(d) for d in p.shape)
     shape = None if idx.shape is None else (*dims[:axis], *idx.shape, *dims[axis + 1 :])
+    out_attrs: dict[str, Any] = {"op": "embedding", "axis": axis, "op_type": node.op_type, "domain": node.domain}
+    if idx.producer is not None and idx.producer.attrs.get("op") == "shape_data":
+        out_attrs["positional"] = True  # indices from sizes (positions, relative buckets): a constant, as a static export folds it
     ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), [idx], [(node.output[0], shape, str(p.data.dtype))],
-                            params={"table": p}, attrs={"op": "embedding", "axis": axis, "op_type": node.op_type, "domain": node.domain},
-                            origin=node.name)
+                            params={"table": p}, attrs=out_attrs, origin=node.name)
+    imp.env[node.output[0]] = ir.outputs[0]
+
+
+def _isnan(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "input")
+    _emit(imp, OpKind.POINTWISE, node, label, [x], [x.shape], attrs={"op": "isnan"}, dtype="bool")
+
+
+def _where(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    """Where: the NaN guard ``Where(IsNaN(x), c, x)`` that exporters put after softmax (SDPA) is
+    the pointwise ``nan_to_value``; any other select an opaque ``op="where"`` node (the
+    interpreter's ``where``: real select, paths of both branches summed)."""
+    cond, a, b = ins
+    test = cond.producer if isinstance(cond, Value) else None
+    if (test is not None and test.kind is OpKind.POINTWISE and test.attrs.get("op") == "isnan" and test.inputs[0] is b
+            and isinstance(a, Const) and not a.symbolic and a.broadcast_to is None and a.array.size == 1
+            and b.shape is not None and broadcast_shapes(b.shape, a.array.shape) == b.shape):
+        _emit(imp, OpKind.POINTWISE, node, label, [b], [b.shape], attrs={"op": "nan_to_value", "value": float(a.array.reshape(-1)[0])})
+        if not cond.uses and cond.name not in imp.consumed_elsewhere(node):
+            imp.graph.remove_node(test)
+        return
+    values = [imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins)]
+    shapes = [v.shape for v in values]
+    shape = None if any(sh is None for sh in shapes) else broadcast_shapes(*shapes)  # type: ignore[arg-type]
+    dtype = values[1].dtype if not values[1].dtype.startswith("bool") else values[2].dtype
+    ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), values, [(node.output[0], shape, dtype)],
+                            attrs={"op": "where", "op_type": "Where", "domain": node.domain}, origin=node.name)
     imp.env[node.output[0]] = ir.outputs[0]
 
 
@@ -435,7 +481,7 @@ HANDLERS: dict[str, Handler] = {
     "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce,
     "Reshape": _movement, "Flatten": _movement, "Transpose": _movement, "Squeeze": _movement, "Unsqueeze": _movement,
     "Slice": _movement, "Gather": _gather, "Expand": _movement,
-    "Concat": _concat, "Split": _split, "Pad": _pad,
+    "Concat": _concat, "Split": _split, "Pad": _pad, "IsNaN": _isnan, "Where": _where,
 }
 HANDLERS.update({op: _binary for op in _BINARY})
 HANDLERS.update({op: _pointwise for op in POINTWISE_OPS})

@@ -1,8 +1,10 @@
 """ONNX frontend: an ONNX file or ModelProto -> paic IR Graph.
 
 Walks the nodes in topological order. A node whose inputs are all known at compile time is
-evaluated statically (shape subgraphs, folded constants); any other node becomes IR nodes
-through the op table in ``_onnx_ops``. Weights may be initializers, ``Constant`` or
+evaluated statically (shape subgraphs, folded constants); a node on constants whose *size*
+depends on a symbol (``Range(0, seq)``, a table sliced to ``seq``, a mask expanded to the batch)
+is kept as ``ShapeData`` and recomputed at run time (``shape_data``); any other node becomes IR
+nodes through the op table in ``ops``. Weights may be initializers, ``Constant`` or
 ``ConstantOfShape`` outputs (possibly through Identity/Transpose/Cast); each prunable Param
 remembers where it came from (``graph.meta["weight_sources"]``) so the backend can write the
 mask back. Unknown operators become ``opaque`` nodes and are listed in the warnings.
@@ -17,7 +19,9 @@ from typing import Any
 import numpy as np
 import sympy
 
+from pai_compiler.frontends.onnx.movement import DynamicArgument
 from pai_compiler.frontends.onnx.ops import lower_node
+from pai_compiler.frontends.onnx.shape_data import ShapeData, make_shape_data, shape_program
 from pai_compiler.frontends.onnx.patterns import fuse_patterns
 from pai_compiler.frontends.onnx.static import Const, concretize, eval_static, is_float_dtype
 from pai_compiler.frontends.params import layout_twin
@@ -108,7 +112,7 @@ class _Importer:
         self.model = model
         self.arrays = arrays or {}
         self.graph = Graph(name or model.graph.name or "model")
-        self.env: dict[str, Const | Value] = {}
+        self.env: dict[str, Const | ShapeData | Value] = {}
         self.symbols: dict[str, sympy.Symbol] = {}
         self.params: dict[str, Param] = {}
         self.twins: dict[str, Param] = {}  # a weight's Params for its other layouts (see _params)
@@ -121,6 +125,7 @@ class _Importer:
         self.warnings: list[str] = self.graph.meta["warnings"]
         self.inferred: dict[str, tuple[Dim, ...]] | None = None
         self.opset = {o.domain or "": o.version for o in model.opset_import}
+        self.shape_values: dict[str, Value] = {}
 
     # ---- helpers used by op handlers ---------------------------------------------------
     def symbol(self, name: str) -> sympy.Symbol:
@@ -201,10 +206,12 @@ class _Importer:
                 return node_index, input_index, perm
         return None
 
-    def operand_value(self, x: Const | Value, hint: str) -> Value:
-        """A Value for an operand; constants become CONSTANT nodes."""
+    def operand_value(self, x: Const | ShapeData | Value, hint: str) -> Value:
+        """A Value for an operand; constants become CONSTANT nodes, size-computed data a ``shape_data`` node."""
         if isinstance(x, Value):
             return x
+        if isinstance(x, ShapeData):
+            return self._shape_data_value(x)
         shape = x.broadcast_to or tuple(int(d) for d in x.array.shape)
         p = self.param(x, f"{hint}_const", prunable=False)
         node = self.graph.add_node(
@@ -217,12 +224,31 @@ class _Importer:
         )
         return node.outputs[0]
 
+    def consumed_elsewhere(self, node: Any) -> set[str]:
+        """The inputs of ``node`` that another ONNX node or a graph output also reads."""
+        return {name for name in node.input if self.readers.get(name, 0) > list(node.input).count(name)}
+
+    def _shape_data_value(self, data: ShapeData) -> Value:
+        """One opaque ``op="shape_data"`` node per size-computed tensor (reused by every reader)."""
+        existing = self.shape_values.get(data.output)
+        if existing is not None:
+            return existing
+        program = shape_program(data, self.opset.get("", 17))
+        node = self.graph.add_node(OpKind.OPAQUE, self.graph.fresh_name(data.output + "_shape_data"), (),
+                                   [(self.graph.fresh_name(data.output), data.shape, str(data.dtype))],
+                                   attrs={"op": "shape_data", "program": program, "op_type": "ShapeData", "domain": ""}, origin=data.output)
+        self.shape_values[data.output] = node.outputs[0]
+        return node.outputs[0]
+
     # ---- main walk ---------------------------------------------------------------------
     def run(self) -> Graph:
         g = self.model.graph
         self._load_initializers()
         self._add_inputs()
         self.consumed = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
+        self.readers: dict[str, int] = {}
+        for name in [i for n in g.node for i in n.input if i] + [o.name for o in g.output]:
+            self.readers[name] = self.readers.get(name, 0) + 1
         nodes = list(g.node)
         self.positions = {id(n): i for i, n in enumerate(nodes)}
         for index, node in enumerate(_toposort(nodes, set(self.env))):
@@ -315,17 +341,33 @@ class _Importer:
             self.env[node.output[0]] = Const(value, origin=node.output[0])
             self.weight_sources[node.output[0]] = "constant_node"
             return
-        if node.op_type == "Shape" and isinstance(ins[0], Value) and ins[0].shape is not None:
+        if node.op_type == "Shape" and isinstance(ins[0], (Value, ShapeData)) and ins[0].shape is not None:
             dims = ins[0].shape[attrs.get("start", 0) : attrs.get("end")]
             self.env[node.output[0]] = Const(concretize(np.array(list(dims), dtype=object)))
             return
-        if all(x is None or isinstance(x, Const) for x in ins) and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
-            if self._try_static(node, ins, attrs, label):
+        if all(x is None or isinstance(x, (Const, ShapeData)) for x in ins) and node.op_type not in ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial"):
+            if self._try_static(node, ins, attrs, label) or self._try_shape_data(node, ins, attrs):
                 return
+        ins = [self._shape_data_value(x) if isinstance(x, ShapeData) else x for x in ins]
         lower_node(self, node, label, ins, attrs)
+
+    def _try_shape_data(self, node: Any, ins: list[Any], attrs: dict[str, Any]) -> bool:
+        """A node on constants of which some are sized by symbols: its value is computed from the
+        sizes alone (``ShapeData``). False when no operand depends on a size or paic has no shape rule."""
+        if not any(isinstance(x, ShapeData) or (isinstance(x, Const) and (x.symbolic or x.broadcast_to is not None)) for x in ins):
+            return False
+        if len(node.output) != 1:
+            return False
+        try:
+            self.env[node.output[0]] = make_shape_data(node, ins, attrs)
+        except (DynamicArgument, ModelError, TypeError, ValueError, IndexError):
+            return False
+        return True
 
     def _try_static(self, node: Any, ins: list[Any], attrs: dict[str, Any], label: str) -> bool:
         op = node.op_type
+        if any(isinstance(x, ShapeData) for x in ins):
+            return False
         consts: list[Const | None] = list(ins)
         first = consts[0] if consts else None
         if op in ("Identity", "Transpose", "Cast") and first is not None and first.origin is not None and not first.symbolic:

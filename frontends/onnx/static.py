@@ -18,6 +18,7 @@ import sympy
 
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim
+from pai_compiler.ir.shape_program import gather_elements
 
 __all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype", "float_eps"]
 
@@ -191,6 +192,8 @@ STATIC_OPS: dict[str, _OpFn] = {
     "Range": lambda x, a: [np.arange(x[0].item(), x[1].item(), x[2].item())],
     "Expand": lambda x, a: [x[0] * np.ones([int(d) for d in _ints(x[1])], dtype=x[0].dtype)],
     "Tile": lambda x, a: [np.tile(x[0], _ints(x[1]))],
+    "GatherElements": lambda x, a: [gather_elements(x[0], x[1], a.get("axis", 0))],
+    "IsNaN": lambda x, a: [np.isnan(x[0])],
     "ReduceProd": lambda x, a: [np.prod(x[0], keepdims=bool(a.get("keepdims", 1)))],
 }
 

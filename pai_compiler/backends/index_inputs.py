@@ -15,8 +15,8 @@ def input_index_entries(graph: Graph) -> int | None:
     x = graph.inputs[0] if graph.inputs else None
     if x is None or x.dtype.startswith("float"):
         return None
-    from pai_compiler.interp import indexes_lookups_only  # heavy: interp imports torch, which a float input never needs
+    from pai_compiler.interp import index_lookups, indexes_lookups_only  # heavy: interp imports torch, which a float input never needs
 
     if not indexes_lookups_only(x):
         return None
-    return min(int(n.params["table"].shape[int(n.attrs.get("axis", 0))]) for n in x.uses)
+    return min(int(n.params["table"].shape[int(n.attrs.get("axis", 0))]) for n in index_lookups(x))

@@ -17,15 +17,17 @@ from __future__ import annotations
 import math
 import os
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import sympy
 
 from pai_compiler.backends.index_inputs import input_index_entries
 from pai_compiler.errors import UsageError
+from pai_compiler.passes.analysis.bindings import sample_bindings
 
 __all__ = ["Batch", "load_prune_batch", "load_batch_for", "load_index_batch", "RANDOM_DATA"]
 
@@ -217,15 +219,20 @@ def _random_batch(samples_per_class: int, seed: int, input_shape: Sequence[int] 
     return Batch(x, y, meta)
 
 
-def load_batch_for(graph: Any, source: str | os.PathLike[str], *, samples_per_class: int = 10, seed: int = 0) -> Batch:
+def load_batch_for(graph: Any, source: str | os.PathLike[str], *, samples_per_class: int = 10, seed: int = 0,
+                   bind: Mapping[str, int] | None = None) -> Batch:
     """:func:`load_prune_batch` checked against an IR graph's first input and output shapes.
+
+    A symbolic size of the input other than the batch (a sequence length) takes its value
+    from ``bind`` (default 1, as everywhere a symbol is unbound).
 
     A model whose first input is integer and only indexes embedding lookups gets an index
     batch instead (:func:`load_index_batch`).
     """
     inputs, outputs = graph.inputs, graph.outputs
     shape = inputs[0].shape if inputs else None
-    input_shape = tuple(shape[1:]) if shape is not None and all(isinstance(d, int) for d in shape[1:]) else None
+    sizes = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sample_bindings(graph, bind).items()}
+    input_shape = None if shape is None else tuple(int(sympy.sympify(d).subs(sizes)) for d in shape[1:])
     out_shape = outputs[0].shape if outputs else None
     classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
     vocab = input_index_entries(graph)

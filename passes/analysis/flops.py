@@ -20,7 +20,9 @@ norm           numel(input): 1 MAC per element (batch and layer norm alike).
 pointwise      numel(out); softmax numel(out); add/mul numel(out).
 pool           windowed: numel(out) · ∏kernel; reduce (global pool, ReduceMean…): numel(in).
 others         input, output, constant, reshape, concat, split: 0.
-embedding      an embedding lookup (opaque, ``op="embedding"``): 0 (data movement).
+embedding      an embedding lookup (opaque, ``op="embedding"``): 0 (data movement); a tensor
+               computed from sizes (``op="shape_data"``) or a gather by run-time indices: 0;
+               a select (``op="where"``): numel(out).
 opaque         0, with a warning (and so is any node whose output shape is unknown).
 =============  ========================================================================
 
@@ -32,7 +34,14 @@ sample binding (rounded down where another binding makes it fractional). So a co
 nonzero MACs are ≥ the masked model's effective MACs (equal for CNNs with whole kernels and a
 global-pool head): compaction keeps whole channels, a superset of the live elements, plus one
 MAC per element of any folded bias map. Matmul and attention (pinned whole by compaction)
-count the same in all three columns. Dense and nonzero counts need neither
+count the same in all three columns.
+A model exported with a static batch
+B > 1 (every input and output leads with B) is counted per sample: each count is divided by B
+and multiplied by the symbol ``batch`` (unbound = 1; ``--bind batch=N`` counts N samples), so
+batch-1, symbolic-batch and static-batch exports of one network report the same MACs.
+``FlopsResult.by_kind`` splits the dense total by kind (conv, linear, matmul, attention, norm,
+pointwise, softmax, pool, add, mul): conv + linear + matmul (+ attention) is what torch's
+``FlopCounterMode`` counts (its FLOPs are 2 × these MACs); the other kinds it leaves out. Dense and nonzero counts need neither
 torch nor a path analysis (``flops{effective=false}``); evaluation binds each symbol by name
 (default 1), e.g. ``{"batch": 32, "seq": 197}``.
 """
@@ -49,9 +58,13 @@ import sympy
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Dim, Graph, Node, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, AnalysisPass
+from pai_compiler.passes.analysis.bindings import static_batch
 from pai_compiler.passes.analysis.node_path import NodePathPass
 
-__all__ = ["FlopsPass", "FlopsResult", "NodeMacs", "MacCount", "MAC_RULES", "evaluate", "EFFECTIVE_FALLBACK"]
+__all__ = ["FlopsPass", "FlopsResult", "NodeMacs", "MacCount", "MAC_RULES", "evaluate", "mac_kind", "EFFECTIVE_FALLBACK", "BATCH_SYMBOL"]
+
+#: the symbol a static batch becomes (MACs per sample unless bound)
+BATCH_SYMBOL = "batch"
 
 EFFECTIVE_FALLBACK = "flops: effective MACs equal nonzero MACs"
 
@@ -124,8 +137,10 @@ def _zero(node: Node) -> MacCount:
 
 
 def _opaque(node: Node) -> MacCount:
-    if node.attrs.get("op") == "embedding":  # a table lookup moves data: no multiply-accumulate
+    if node.attrs.get("op") in ("embedding", "shape_data", "gather"):  # lookups, gathers, tensors computed from sizes: no MACs
         return MacCount(0)
+    if node.attrs.get("op") == "where" and node.outputs[0].shape is not None:  # a select: one op per element, like a pointwise op
+        return _numel_out(node)
     op = node.attrs.get("op_type", "?")
     return MacCount(0, (), f"node {node.name!r} is opaque ({op}): its MACs are unknown and counted as 0")
 
@@ -150,6 +165,13 @@ MAC_RULES: dict[OpKind, Callable[[Node], MacCount]] = {
 }
 
 
+def mac_kind(node: Node) -> str:
+    """The MAC family of a node for ``by_kind``: its OpKind, a select (opaque ``where``) as pointwise."""
+    if node.kind is OpKind.OPAQUE and node.attrs.get("op") == "where":
+        return OpKind.POINTWISE.value
+    return node.kind.value
+
+
 @dataclass(frozen=True)
 class NodeMacs:
     node: str
@@ -157,6 +179,7 @@ class NodeMacs:
     dense: sympy.Expr
     nonzero: sympy.Expr
     effective: sympy.Expr | None
+    mac_kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -172,6 +195,16 @@ class FlopsResult:
         if not self._index:
             self._index.update((n.node, n) for n in self.nodes)
         return self._index[name]
+
+    def by_kind(self, bind: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Dense MACs per kind (``mac_kind``) at ``bind``, kinds with no MACs left out, sorted by name."""
+        totals: dict[str, int] = {}
+        for record in self.nodes:
+            value = evaluate(record.dense, bind)
+            if value:
+                key = record.mac_kind or record.kind
+                totals[key] = totals.get(key, 0) + value
+        return dict(sorted(totals.items()))
 
     def evaluate(self, bind: Mapping[str, int] | None = None) -> dict[str, int | None]:
         """Total dense / nonzero / effective MACs at ``bind`` (unbound symbols = 1)."""
@@ -221,6 +254,8 @@ class FlopsPass(AnalysisPass[FlopsResult]):
     def run(self, graph: Graph, am: AnalysisManager) -> FlopsResult:
         warnings: list[str] = []
         counts = self._effective_counts(graph, am, warnings) if self.effective else None
+        batch = static_batch(graph)
+        per_sample = (lambda x: _sym(x) * sympy.Symbol(BATCH_SYMBOL, integer=True, positive=True) / batch) if batch > 1 else _sym  # noqa: E731
         records: list[NodeMacs] = []
         for node in graph.nodes:
             rule = MAC_RULES.get(node.kind, _opaque)
@@ -235,7 +270,8 @@ class FlopsPass(AnalysisPass[FlopsResult]):
                 nonzero += sites * param.kept()
                 if counts is not None:
                     effective += sites * counts.get(param.name, param.kept())
-            records.append(NodeMacs(node.name, node.kind.value, _sym(dense), _sym(nonzero), _sym(effective) if counts is not None else None))
+            records.append(NodeMacs(node.name, node.kind.value, per_sample(dense), per_sample(nonzero),
+                                    per_sample(effective) if counts is not None else None, mac_kind(node)))
         total = lambda key: sympy.Add(*[getattr(r, key) for r in records])  # noqa: E731
         return FlopsResult(tuple(records), total("dense"), total("nonzero"), total("effective") if counts is not None else None, tuple(warnings))
 

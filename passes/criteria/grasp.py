@@ -21,13 +21,13 @@ from pai_compiler.pass_infra import AnalysisManager
 from pai_compiler.passes.criteria.base import CriterionPass
 from pai_compiler.passes.criteria.snip import (
     Precision,
-    classification_loss,
     check_batch_size,
     check_precision,
     interpreter,
     masked_leaves,
     masked_weights,
     prune_batches,
+    prune_loss,
     to_numpy_scores,
     torch_device,
     torch_dtype,
@@ -66,7 +66,7 @@ class GraspPass(CriterionPass):
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             it = interpreter(graph, am, dtype)  # fresh per chunk: the batch size binds symbolic dims
             it.weights = masked_weights(leaves, masks)
-            return classification_loss(it.run([x]).outputs[0] / self.temperature, y)
+            return prune_loss(it.run([x]).outputs[0] / self.temperature, y)
 
         stopped = [torch.zeros_like(t) for t in inputs]
         for x, y in batches:

@@ -1,11 +1,11 @@
 """SNIP criterion: score = |theta ⊙ dL/dtheta| / sum(|theta ⊙ dL/dtheta|), L = cross-entropy on the prune batch.
 
-Per-token logits (batch, tokens, classes) of a sequence model score every token against its
-sample's label.
-
 As in Synaptic-Flow (``SNIP``): the gradient is taken at the (masked) initial weights, in eval
 mode (norms use their running statistics), summed over the prune batches (mean cross-entropy
-per batch of ``batch_size`` samples), and the scores are divided by their global sum. Already
+per batch of ``batch_size`` samples, or of the model's own batch when it was exported with a
+static one), and the scores are divided by their global sum. Logits of rank > 2 (a sequence
+model's ``(batch, tokens, features)``) are scored per position, the last axis as classes and
+each sample's label repeated over its positions (:func:`prune_loss`). Already
 pruned weights count as zero, so their score is 0. The batch comes from ``--data FILE.npz``
 (``am.context.data``, see :mod:`pai_compiler.lab.data`); without it the pass refuses. All tensor
 work runs on ``--device`` (``am.context.device``).
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SnipPass", "Precision", "torch_device", "torch_dtype", "masked_leaves", "masked_weights",
-    "prune_batches", "model_io", "classification_loss", "interpreter", "to_numpy_scores", "check_batch_size", "check_precision",
+    "prune_batches", "prune_loss", "model_io", "interpreter", "to_numpy_scores", "check_batch_size", "check_precision",
 ]
 
 Precision = Literal["float32", "float64"]
@@ -97,19 +97,35 @@ def model_io(graph: Graph, owner: str) -> tuple[Value, Value]:
         raise UsageError(f"{owner}: the model input {inputs[0].name!r} is {inputs[0].dtype}; a float image/feature input "
                          "(or the integer indices of embedding lookups) is needed")
     output = graph.outputs[0]
-    if output.shape is not None and len(output.shape) not in (2, 3):
-        raise UsageError(f"{owner}: the first output {output.name!r} has rank {len(output.shape)}; cross-entropy needs (batch, classes) "
-                         "or per-token (batch, tokens, classes) logits")
+    if output.shape is not None and len(output.shape) < 2:
+        raise UsageError(f"{owner}: the first output {output.name!r} has rank {len(output.shape)}; cross-entropy needs (batch, ..., classes) logits")
+    if not output.dtype.startswith(("float", "bfloat")):
+        raise UsageError(f"{owner}: the first output {output.name!r} is {output.dtype}; cross-entropy needs float logits (export the logits first)")
     return inputs[0], output
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy; per-token logits (batch, tokens, classes) score every token against its sample's label."""
+def prune_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy; logits (N, ..., C) of rank > 2 are scored per position with the last
+    axis as classes, ``labels`` (N,) repeated over the positions (or given per position, (N, ...))."""
     import torch.nn.functional as F
 
-    if logits.dim() == 3:
-        return F.cross_entropy(logits.flatten(0, 1), labels.repeat_interleave(logits.shape[1]))
-    return F.cross_entropy(logits, labels)
+    if logits.dim() == 2:
+        return F.cross_entropy(logits, labels)
+    positions = logits.shape[1:-1].numel()
+    per_position = labels.reshape(-1, 1).expand(-1, positions) if labels.dim() == 1 else labels
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), per_position.reshape(-1))
+
+
+def _chunks(x_value: Value, batch_size: int, samples: int, owner: str) -> range:
+    """Chunk starts: every ``batch_size`` samples, or every B for a model exported with a static
+    batch B (it runs B samples at a time; the last ``samples % B`` are left out)."""
+    lead = x_value.shape[0] if x_value.shape else None
+    if not isinstance(lead, int):
+        return range(0, samples, batch_size)
+    if samples < lead:
+        raise UsageError(f"{owner}: the model takes a static batch of {lead} and the prune batch holds {samples} samples; "
+                         "raise --samples or export with a dynamic batch axis")
+    return range(0, samples - samples % lead, lead)
 
 
 def prune_batches(graph: Graph, am: AnalysisManager, owner: str, batch_size: int, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -133,10 +149,12 @@ def prune_batches(graph: Graph, am: AnalysisManager, owner: str, batch_size: int
     if isinstance(classes, int) and y.size and (int(y.min()) < 0 or int(y.max()) >= classes):
         raise UsageError(f"{owner}: labels run {int(y.min())}..{int(y.max())}, the model has {classes} outputs")
     device = torch_device(am, owner)
-    for start in range(0, x.shape[0], batch_size):
-        xb = torch.as_tensor(x[start : start + batch_size], device=device)
+    starts = _chunks(x_value, batch_size, x.shape[0], owner)
+    chunk = starts.step
+    for start in starts:
+        xb = torch.as_tensor(x[start : start + chunk], device=device)
         xb = xb.to(dtype) if x_value.dtype.startswith("float") else xb.long()  # embedding indices stay integers
-        yb = torch.as_tensor(y[start : start + batch_size], device=device).long()
+        yb = torch.as_tensor(y[start : start + chunk], device=device).long()
         yield xb, yb
 
 
@@ -185,7 +203,7 @@ class SnipPass(CriterionPass):
             it = interpreter(graph, am, dtype)  # fresh per chunk: the batch size binds symbolic dims
             it.weights = masked_weights(leaves, masks)
             logits = it.run([x]).outputs[0]
-            classification_loss(logits, y).backward()
+            prune_loss(logits, y).backward()
         raw = {name: (leaf.grad * leaf.detach()).abs() if leaf.grad is not None else torch.zeros_like(leaf) for name, leaf in leaves.items()}
         total = sum(t.sum() for t in raw.values())
         if float(total) > 0:

@@ -2,7 +2,10 @@
 
 As in Synaptic-Flow (``SynFlow`` + ``prune_loop``): every floating-point parameter of the model
 (prunable weights, biases, norm scales/shifts *and* running statistics, constants) is replaced
-by its absolute value, on a private clone, so signs never reach the user's graph; the network
+by its absolute value, on a private clone, so signs never reach the user's graph (except an
+additive attention mask: a constant holding ``-inf`` or a value at or below ``-1e30``, such
+as ``finfo.min``, is data, not a parameter, and stays as it is so masked scores stay masked
+rather than turning into ``+inf``); the network
 runs in eval mode on one all-ones input (batch 1; other symbolic dims from
 ``am.context.extra["bind"]``, default 1); R is the sum of all outputs. An embedding lookup is
 an input too: its output is all ones (the interpreter's ``lookup="ones"``), so an integer
@@ -78,6 +81,17 @@ def _check_inputs(graph: Graph) -> None:
                             "(an integer input is accepted only as the indices of embedding lookups)")
 
 
+def _is_additive_mask(p: Param) -> bool:
+    """A non-prunable constant with ``-inf`` or ``finfo.min``-like entries: an attention mask, not a parameter."""
+    if p.prunable or p.numel == 0:
+        return False
+    data = np.asarray(p.data, dtype=np.float64)
+    return bool(np.any(data <= _MASK_VALUE))
+
+
+_MASK_VALUE = -1e30
+
+
 class _LinearisedNet:
     """The abs-linearised clone, its Interpreter and the all-ones input, built once per run."""
 
@@ -90,7 +104,7 @@ class _LinearisedNet:
         self.device = device = torch_device(am, "synflow")
         net = graph.clone()
         for p in net.params():
-            if is_float_array(p.data):
+            if is_float_array(p.data) and not _is_additive_mask(p):
                 net.set_param_data(p, np.abs(torch_ready(p.data)))
         by_name = {p.name: p for p in net.params()}
         self.magnitudes = {p.name: param_tensor(by_name[p.name], self.dtype, device) for p in params}

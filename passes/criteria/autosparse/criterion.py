@@ -24,7 +24,9 @@ from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult
 from pai_compiler.passes.criteria.base import CriterionPass, allocation_patterns, apply_scores, resolve_keep, topk_mask, warn_empty_layers
-from pai_compiler.passes.criteria.snip import check_batch_size
+from pai_compiler.passes.criteria.snip import (
+    check_batch_size, interpreter, masked_leaves, masked_weights, prune_batches, prune_loss, torch_device,
+)
 
 if TYPE_CHECKING:
     from pai_compiler.passes.criteria.autosparse.predictor import LayerInfo, Predictor
@@ -85,9 +87,6 @@ class AutosparsePass(CriterionPass):
                              "pass --data FILE.npz (x_train/y_train, e.g. ../shared/data/cifar10.npz) or --data random, "
                              "or use a predictor trained without gradient features (paic autosparse train --features w,abs_w,log_numel)")
         import torch
-        import torch.nn.functional as F
-
-        from pai_compiler.passes.criteria.snip import interpreter, masked_leaves, masked_weights, prune_batches, torch_device
 
         dtype = torch.float32
         batches = list(prune_batches(graph, am, self.name, self.batch_size, dtype))
@@ -95,7 +94,7 @@ class AutosparsePass(CriterionPass):
         for x, y in batches:
             it = interpreter(graph, am, dtype)
             it.weights = masked_weights(leaves, masks)
-            F.cross_entropy(it.run([x]).outputs[0], y).backward()
+            prune_loss(it.run([x]).outputs[0], y).backward()
         return {name: (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach().double().cpu().numpy() for name, leaf in leaves.items()}
 
     def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> Mapping[str, np.ndarray]:
