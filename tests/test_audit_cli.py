@@ -110,7 +110,7 @@ def test_cli_plot(tmp_path: Path) -> None:
         (["missing.onnx"], 1, "missing.onnx: no such file"),
         ([str(RESNET), "--bind", "batch"], 2, "bad binding 'batch'"),
         ([str(RESNET), "--plot", "/no/such/folder/x.png"], 1, "folder /no/such/folder does not exist"),
-        ([str(RESNET), "--plot", str(RESNET)], 1, "refusing to overwrite"),
+        ([str(RESNET), "--plot", str(RESNET)], 2, "refusing to overwrite"),
     ],
 )
 def test_cli_errors_are_one_line(args: list[str], exit_code: int, needle: str) -> None:
