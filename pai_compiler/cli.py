@@ -16,11 +16,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from pai_compiler._version import __version__
+from pai_compiler.cli_output import (
+    audit_totals, compact_summary, optimize_report, render_compact, render_kept_dead, render_optimize,
+)
 
 if TYPE_CHECKING:  # the commands import these when they run, so `paic --help` stays fast
     from pai_compiler.api import OptimizeResult
     from pai_compiler.pass_infra import Pass
-    from pai_compiler.passes.transform.dead_node_elim import CompactReport
 
 __all__ = ["app", "main"]
 
@@ -154,27 +156,27 @@ def optimize(
             from pai_compiler.lab.data import load_batch_for
 
             batch = load_batch_for(graph, data, samples_per_class=samples, seed=seed)
-        before = _totals(graph, paths=not no_paths)
+        before = audit_totals(graph, paths=not no_paths)
         timer, instruments = _instruments(timing, print_ir_after_all)
         result = api.optimize(
             graph, passes=passes, seed=seed, exclude=exclude or (), device=device,
             data=batch, progress=not quiet and sys.stderr.isatty(), instruments=instruments,
         )
         release_all()  # the criterion may have read every weight (magnitude) or allocated a lot
-        after = _totals(result.graph, paths=not no_paths)
+        after = audit_totals(result.graph, paths=not no_paths)
         unsaved = len(result.graph.meta["warnings"])
         compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align, instruments=instruments)
         # the run's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(result.warnings), *result.graph.meta["warnings"][unsaved:]]
-        doc = _report(result, before, after, model, str(out), warnings)
+        doc = optimize_report(result, before, after, model, str(out), warnings)
         if compact_doc is not None:
             doc["compact"] = compact_doc
         _write_report(report_path, doc)
         if not quiet:
             console = _stdout_console()
-            _render_optimize(console, result, before, after, str(out), timer.timings if timing else [], warnings)
+            render_optimize(console, result, before, after, str(out), timer.timings if timing else [], warnings)
             if compact_doc is not None:
-                _render_compact(console, compact_doc, str(out), layers=False)
+                render_compact(console, compact_doc, str(out), layers=False)
 
 
 def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation: str, pipeline: Optional[str], steps: Optional[int],
@@ -202,7 +204,7 @@ def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[s
         api.save_model(result, model, out)
         return None
     compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments))
-    compact_doc = _compact_summary(after, result.graph, compacted)
+    compact_doc = compact_summary(after, result.graph, compacted)
     sparse_doc = api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline)
     if sparse_doc is not None:
         compact_doc["sparse_exec"] = sparse_doc
@@ -250,135 +252,6 @@ def _torch_options(input_shape: Optional[list[str]], frontend: str, *, prune_tie
     if frontend not in ("auto", "fx", "export"):
         raise UsageError(f"--frontend must be auto, fx or export, got {frontend!r}")
     return {"input_shape": input_shape or None, "frontend": frontend, "prune_tied": prune_tied}
-
-
-def _compact_summary(masked: dict[str, Any], graph: Any, report: CompactReport) -> dict[str, Any]:
-    """MACs dense -> nonzero -> compact and parameters before/after dead-node elimination."""
-    after = _totals(graph)
-    return {
-        "params_before": masked["params"], "nonzero_params_before": masked["nonzero_params"],
-        "params_after": after["params"], "nonzero_params_after": after["nonzero_params"],
-        "macs_dense": masked.get("macs_dense"), "macs_nonzero": masked.get("macs_nonzero"),
-        "macs_effective": masked.get("macs_effective"), "macs_compact": after.get("macs_dense"),
-        "macs_compact_nonzero": after.get("macs_nonzero"),
-        "layers": [layer.as_dict() for layer in report.layers],
-        "folds": [fold.as_dict() for fold in report.folds], "kept_dead_channels": dict(report.kept_dead_channels),
-    }
-
-
-def _render_compact(console: Any, doc: dict[str, Any], out: str, *, layers: bool = True) -> None:
-    from rich.table import Table
-
-    if layers and doc["layers"]:
-        table = Table(title="paic compact — channels per layer (out, in)", title_justify="left")
-        for col in ("layer", "op", "out", "in", "shape"):
-            table.add_column(col, justify="left" if col in ("layer", "op") else "right")
-        for row in doc["layers"]:
-            pair = lambda key: f"{row[key][0]} → {row[key][1]}" if key in row else "-"  # noqa: E731
-            table.add_row(row["name"], row["op"], pair("out"), pair("in"), "×".join(map(str, row.get("shape_after", row["shape_before"]))))
-        console.print(table)
-    console.print(f"MACs: dense {_fmt(doc['macs_dense'])} → nonzero {_fmt(doc['macs_nonzero'])} → compact {_fmt(doc['macs_compact'])} "
-                  f"(compact nonzero {_fmt(doc['macs_compact_nonzero'])}, effective {_fmt(doc['macs_effective'])})")
-    console.print(f"parameters: {_fmt(doc['params_before'])} → compact {_fmt(doc['params_after'])} "
-                  f"(nonzero {_fmt(doc['nonzero_params_before'])} → {_fmt(doc['nonzero_params_after'])}); "
-                  f"{len(doc['folds'])} constant fold(s) -> wrote compact model {out}")
-
-
-def _render_kept_dead(console: Any, report: CompactReport, top: int = 12) -> None:
-    """``--explain``: dead channels that stayed, by reason, then the nodes that kept the most."""
-    from rich.table import Table
-
-    if not report.kept_dead_channels:
-        console.print("explain: no dead channel was kept (every remaining channel is on an input->output path)")
-        return
-    table = Table(title="paic compact --explain — dead channels kept, by reason", title_justify="left")
-    table.add_column("reason")
-    table.add_column("channels", justify="right")
-    for reason, count in sorted(report.kept_dead_channels, key=lambda item: -item[1]):
-        table.add_row(reason, f"{count:,}")
-    console.print(table)
-    sources = sorted(report.kept_dead_sources, key=lambda item: -item[1])
-    table = Table(title=f"the {min(top, len(sources))} nodes that kept the most", title_justify="left")
-    table.add_column("node: reason")
-    table.add_column("channels", justify="right")
-    for source, count in sources[:top]:
-        table.add_row(source, f"{count:,}")
-    console.print(table)
-
-
-def _totals(graph: Any, paths: bool = True) -> dict[str, Any]:
-    """The audit totals of ``graph`` (path and node counts null with ``paths=False``)."""
-    from pai_compiler.audit import audit_graph
-    from pai_compiler.memory import release_all
-
-    doc = audit_graph(graph, paths=paths)
-    release_all()  # the audit read every weight and allocated; what comes next needs memory, not those pages
-    return dict(doc["totals"])
-
-
-def _layer_rows(graph: Any) -> list[dict[str, Any]]:
-    from pai_compiler.ir import format_shape
-
-    rows = []
-    for p in graph.prunable_params():
-        rows.append({"name": p.name, "op": graph.param_users(p)[0].kind.value, "shape": format_shape(p.shape),
-                     "params": p.numel, "kept": p.kept(), "density": p.kept() / p.numel if p.numel else 1.0})
-    return rows
-
-
-def _report(result: Any, before: dict[str, Any], after: dict[str, Any], model: str, out: str, warnings: list[str]) -> dict[str, Any]:
-    return {
-        "model": model,
-        "output": out,
-        "pipeline": result.pipeline,
-        "paic_version": __version__,
-        "passes": [{"pass": r.spec, "seconds": round(r.seconds, 4)} for r in result.records],
-        "excluded": result.excluded,
-        "before": before,
-        "after": after,
-        "layers": _layer_rows(result.graph),
-        "warnings": warnings,
-        **({"frontend": result.graph.meta.get("frontend")} if result.graph.meta.get("source_format") == "torch" else {}),
-    }
-
-
-def _render_optimize(console: Any, result: Any, before: dict[str, Any], after: dict[str, Any], out: str, timings: list[tuple[str, float]],
-                     warnings: list[str]) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"paic optimize — {result.pipeline}", title_justify="left")
-    for col, justify in (("layer", "left"), ("op", "left"), ("shape", "left"), ("params", "right"), ("kept", "right"), ("density", "right")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for row in _layer_rows(result.graph):
-        table.add_row(row["name"], row["op"], row["shape"], f"{row['params']:,}", f"{row['kept']:,}", f"{row['density']:.4f}")
-    console.print(table)
-    totals = Table(title="totals", title_justify="left")
-    totals.add_column("metric")
-    totals.add_column("before", justify="right")
-    totals.add_column("after", justify="right")
-    for key in before:
-        totals.add_row(key, _fmt(before[key]), _fmt(after.get(key)))
-    console.print(totals)
-    for name, seconds in timings:
-        console.print(f"  {seconds:8.3f} s  {name}")
-    for w in warnings:
-        console.print(f"[yellow]warning:[/] {w}")
-    if result.graph.meta.get("source_format") == "torch":
-        console.print(f"lowered with torch.{result.graph.meta.get('frontend')}")
-    console.print(f"kept {after['nonzero_params']:,} of {after['params']:,} prunable weights "
-                  f"({100 * after['density']:.2f}%) -> wrote {out}")
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1e6 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, dict):  # macs_by_kind
-        return ", ".join(f"{k} {_fmt(v)}" for k, v in value.items())
-    return str(value)
 
 
 @app.command()
@@ -446,26 +319,26 @@ def compact(
         if graph.meta.get("source_format") != "onnx":
             raise UsageError("paic compact reads ONNX models; for PyTorch use `paic optimize --compact`")
         masks_from_zeros(graph)
-        masked = _totals(graph)
+        masked = audit_totals(graph)
         unsaved = len(graph.meta["warnings"])
         compacted = api.compact_graph(graph, align=align)
         sparse_doc = api.save_compact(graph, model, out, compacted, batch=batch or 1, threads=threads or 1, device=device)
         # the frontend's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(graph.meta["warnings"][:unsaved]), *graph.meta["warnings"][unsaved:]]
-        doc = {"model": model, "output": str(out), "paic_version": __version__, **_compact_summary(masked, graph, compacted),
+        doc = {"model": model, "output": str(out), "paic_version": __version__, **compact_summary(masked, graph, compacted),
                "warnings": warnings}
         if sparse_doc is not None:
             doc["sparse_exec"] = sparse_doc
         _write_report(report_path, doc)
         if not quiet:
             console = _stdout_console()
-            _render_compact(console, doc, str(out))
+            render_compact(console, doc, str(out))
             if sparse_doc is not None:
                 from pai_compiler.bench import render_sparse_exec
 
                 render_sparse_exec(console, sparse_doc)
             if explain:
-                _render_kept_dead(console, compacted)
+                render_kept_dead(console, compacted)
             elif doc["params_after"] > 0.9 * doc["params_before"] and compacted.kept_dead_channels:
                 console.print("little was removed: `paic compact --explain` lists what kept the dead channels")
             for w in doc["warnings"]:

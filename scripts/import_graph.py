@@ -23,7 +23,7 @@ PACKAGE_DIRS = {"pai_compiler": ROOT / "pai_compiler", "pai_compiler.passes": RO
 FOUNDATION = {"errors", "_version"}  # floor 0: leaves every floor may import
 INFRA = {"pass_infra", "pipeline", "registry", "interp", "interp_rules", "io", "progress", "memory", "onnx_wire", "ort",
          "__init__"}
-FACES = {"api", "cli", "prune", "audit", "bench"}
+FACES = {"api", "cli", "cli_output", "prune", "audit", "bench"}
 
 
 @dataclass(frozen=True)
