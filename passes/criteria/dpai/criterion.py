@@ -23,12 +23,15 @@ rule paths(A@B) = paths(A)@1 + 1@paths(B). The report (a ``DpaiReport``, in the 
 the final mask's per-pixel reference-convention log paths, nodes, kernels and effective params,
 and the ``node-path`` analysis of it (exact log paths, boolean effectiveness).
 
-``state`` picks what is stored per weight (the masks are the same bit for bit): ``full`` keeps
-S, the Adam moments and S.grad for every weight (plus kernel-level buffers); ``band`` (channel
-mode, index ties) only for the entries whose |S0| lies within 2D of their layer's top-k
+``state`` picks what is stored per weight: ``weights`` keeps S, the Adam moments and S.grad for
+every weight (plus kernel-level buffers); ``band`` (channel mode, index ties; the same masks as
+``weights`` bit for bit) only for the entries whose |S0| lies within 2D of their layer's top-k
 boundary, D = sum_t lr * adam_step_bound(t) bounding any score's total movement: the others are
-kept or dropped at every step (``_dpai_band``). ``auto`` takes ``band`` when the bands are
-expected to hold at most a quarter of the weights (tens of steps at lr 0.005). An up-front
+kept or dropped at every step (``_dpai_band``). ``full`` is ``weights`` for the per-pixel modes;
+in channel mode it keeps |S0| per weight and one Adam over kernels (``kernel_state``: every tap
+of a kernel moves by the same step, so |S_e| = |S0_e| + O_k; the same dynamics, rounded once
+instead of every step). ``auto`` takes ``band`` when the bands are
+expected to hold at most a quarter of the weights (tens of steps at lr 0.005), else ``full``. An up-front
 check refuses a run whose measured-per-weight estimate (``_dpai_run.memory_estimate``) exceeds
 MemAvailable.
 """
@@ -51,14 +54,14 @@ __all__ = ["DpaiPass", "PathMode", "TieMode", "StateMode"]
 
 PathMode = Literal["channel", "ref", "exact"]
 TieMode = Literal["auto", "sort", "index"]
-StateMode = Literal["auto", "full", "band"]
+StateMode = Literal["auto", "full", "band", "weights"]
 
 
 @dataclass(frozen=True)
 class DpaiPass(TransformPass):
     """Optimise per-layer masks for paths, nodes and kernels (needs an allocation or ``sparsity``).
 
-    ``state``: auto, full or band (what is stored per weight; the masks do not depend on it).
+    ``state``: auto, full, band or weights (what is stored per weight).
     """
 
     name: ClassVar[str] = "dpai"
@@ -78,8 +81,8 @@ class DpaiPass(TransformPass):
             raise UsageError(f"dpai: paths must be channel, ref or exact, got {self.paths!r}")
         if self.ties not in ("auto", "sort", "index"):
             raise UsageError(f"dpai: ties must be auto, sort or index, got {self.ties!r}")
-        if self.state not in ("auto", "full", "band"):
-            raise UsageError(f"dpai: state must be auto, full or band, got {self.state!r}")
+        if self.state not in ("auto", "full", "band", "weights"):
+            raise UsageError(f"dpai: state must be auto, full, band or weights, got {self.state!r}")
         if self.state == "band" and (self.paths != "channel" or self.ties == "sort"):
             raise UsageError("dpai: state=band needs paths=channel and index ties (the sort tie rule reads whole layers)")
         if self.steps < 0:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pai_compiler.passes.criteria.dpai.channel_program import ChannelProgram
+from pai_compiler.passes.criteria.dpai.kernel_state import ScoreSource
 from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective
 from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, adam_step_bound
 from pai_compiler.passes.criteria.dpai.step import Kept, SurrogateUpdate
@@ -25,7 +26,7 @@ from pai_compiler.passes.criteria.dpai.step import Kept, SurrogateUpdate
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Adam", "Measure", "ChannelStep", "PixelStep", "LoopResult", "optimise"]
+__all__ = ["Adam", "Measure", "ChannelStep", "KernelStep", "PixelStep", "LoopResult", "optimise"]
 
 
 @dataclass
@@ -68,6 +69,31 @@ class ChannelStep:
                 kernel_flag = (moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
                 torch.sign(scores.detach(), out=grad_out)  # then scaled in place: no sign(S) buffer
                 update.expand_into(grad_out, None, update.coefficient(nodes, kept=kept, kernel_flag=kernel_flag).mul_(wgrad))
+        return Measure(log_p, effective, nodes, lambda: ((counts > 0) & (wgrad != 0)).sum())
+
+
+class KernelStep:
+    """Channel-level R_P on the kernel-level state (``kernel_state``): the gradient of the
+    kernel offsets O, G = c * dlogP/dW, replaces the per-weight sign(S) * G expansion."""
+
+    def __init__(self, program: ChannelProgram, update: SurrogateUpdate) -> None:
+        self.program, self.update = program, update
+
+    def __call__(self, offset: torch.Tensor, kept: Kept, grad_out: torch.Tensor | None) -> Measure:
+        import torch
+
+        program, update = self.program, self.update
+        with torch.no_grad():
+            program.counts.zero_()
+            program.counts.index_add_(0, kept.kernel, update.ones if kept.live is None else kept.live)
+            log_p = program.forward_backward()
+            wgrad, counts = program.grad, program.counts
+            moving = wgrad[kept.kernel] != 0
+            effective = moving if kept.live is None else moving & (kept.live > 0)
+            nodes = update.node_flags(effective, kept)
+            if grad_out is not None:
+                kernel_flag = (moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
+                torch.mul(update.coefficient(nodes, kept=kept, kernel_flag=kernel_flag), wgrad, out=grad_out)
         return Measure(log_p, effective, nodes, lambda: ((counts > 0) & (wgrad != 0)).sum())
 
 
@@ -145,21 +171,25 @@ def optimise(
     progress: Callable[[int, dict[str, Any] | None], None] | None = None,
     progress_every: int = 25,
     prepare: Callable[[torch.Tensor], Any] | None = None,
+    view: Any = None,
 ) -> LoopResult:
     """Run ``steps`` DPaI updates on the ``scores`` leaf (in place).
 
-    ``prepare`` turns the top-k's picks into what ``step_fn`` takes (default ``update.kept``).
+    ``prepare`` turns the top-k's picks into what ``step_fn`` takes (default ``update.kept``);
+    ``view`` is what the top-k reads (default ``scores``; the kernel state's ``KernelScores``
+    when ``scores`` is its offset leaf).
     """
     import torch
 
     prepare = prepare or update.kept
+    view = scores if view is None else view
     opt = Adam(scores, lr)
     scores.grad = torch.zeros_like(scores)
     trajectory: list[dict[str, Any]] = []
     initial: dict[str, Any] = {}
     start = time.perf_counter()
     for t in range(steps):
-        kept = prepare(topk.select(scores))
+        kept = prepare(topk.select(view))
         measure = step_fn(scores, kept, scores.grad)
         if t % record_every == 0 or (progress is not None and t % progress_every == 0):
             stats = {"step": t, **measure.read()}
@@ -170,8 +200,10 @@ def optimise(
             if progress is not None:
                 progress(t, stats)
         opt.step()
+        if isinstance(view, ScoreSource):
+            view.stepped()
         topk.moved(lr * adam_step_bound(t + 1) * (1 + 1e-3) + 1e-6)
-    kept = prepare(topk.select(scores))
+    kept = prepare(topk.select(view))
     measure = step_fn(scores, kept, None)
     seconds = time.perf_counter() - start
     final = {"step": steps, **measure.read()}
