@@ -45,6 +45,7 @@ from typing import Any, ClassVar, Literal
 from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
+from pai_compiler.progress import metric_bar
 from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.criteria.base import resolve_keep
@@ -147,20 +148,14 @@ def _node_path(graph: Graph, am: AnalysisManager) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, steps: int, mode: str) -> Iterator[Callable[[int, dict[str, Any] | None], None] | None]:
-    """A rich progress bar on stderr showing live log paths, effective nodes and kernels."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = (TextColumn(f"[bold]dpai[/] ({mode})"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task("dpai", total=max(steps, 1), stats="")
+    """The run's bar on stderr (terminals only): steps/s, live log paths, effective nodes and kernels."""
+    with metric_bar(enabled, f"[bold]dpai[/] ({mode})", steps) as bar:
+        if bar is None:
+            yield None
+            return
 
         def update(step: int, stats: dict[str, Any] | None) -> None:
-            text = "" if stats is None else f"log P {stats['log_paths']:.2f} · nodes {stats['nodes']} · kernels {stats['kernels']}"
-            bar.update(task, completed=step, stats=text)
+            bar(step, "" if stats is None else f"log P {stats['log_paths']:.2f} · nodes {stats['nodes']} · kernels {stats['kernels']}")
 
         yield update
 
