@@ -33,6 +33,7 @@ from pai_compiler.passes.criteria.dpai.band_step import BandStep
 from pai_compiler.passes.criteria.dpai.channel_program import ChannelProgram
 from pai_compiler.passes.criteria.dpai.geometry import dead_taps
 from pai_compiler.passes.criteria.dpai.layout import LayerInfo, Layout
+from pai_compiler.passes.criteria.dpai.fixed_pool import FixedPoolTopK
 from pai_compiler.passes.criteria.dpai.kernel_state import KernelScores
 from pai_compiler.passes.criteria.dpai.loop import ChannelStep, KernelStep, PixelStep, optimise
 from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective, value_shapes
@@ -189,6 +190,8 @@ def _full(
     if isinstance(step, ChannelStep) and not per_weight:
         view = KernelScores(layout, scores, device)
         scores, step = view.offset, KernelStep(step.program, update)
+        if topk.ties == "index":  # sync-free steps (host reads once per window)
+            topk = FixedPoolTopK(layout, device)
     initial = topk.select(view)
     setup = time.perf_counter() - start
     result = optimise(scores, step, topk, update, steps=options.steps, lr=options.lr, progress=progress, view=view)

@@ -55,6 +55,10 @@ class ScoreSource:
 
     def drift(self, snapshot: Any) -> float:
         """max |change of any |S|| since ``snapshot`` (one host sync)."""
+        return float(self.drift_tensor(snapshot))
+
+    def drift_tensor(self, snapshot: Any) -> torch.Tensor:
+        """The same bound as a 0-d tensor on the device (no host sync)."""
         raise NotImplementedError
 
     def stepped(self) -> None:
@@ -79,8 +83,8 @@ class AbsScores(ScoreSource):
     def snapshot(self) -> Any:
         return self.scores.clone()
 
-    def drift(self, snapshot: Any) -> float:
-        return float((self.scores - snapshot).abs_().max()) if self.scores.numel() else 0.0
+    def drift_tensor(self, snapshot: Any) -> torch.Tensor:
+        return (self.scores - snapshot).abs_().amax() if self.scores.numel() else self.scores.new_zeros(())
 
 
 class KernelScores(ScoreSource):
@@ -155,12 +159,22 @@ class KernelScores(ScoreSource):
     def snapshot(self) -> Any:
         return self.offset.detach().clone(), self.lift.clone()
 
-    def drift(self, snapshot: Any) -> float:
+    def drift_tensor(self, snapshot: Any) -> torch.Tensor:
         """|S_e| is 1-Lipschitz in O_k and in O_k - F_k: the larger of their largest changes."""
+        import torch
+
         if not self.offset.numel():
-            return 0.0
+            return self.lift.new_zeros(())
         offset, lift = snapshot
-        return float(max((self.offset.detach() - offset).abs_().max(), (self.lift - lift).abs_().max()))
+        return torch.maximum((self.offset.detach() - offset).abs_().amax(), (self.lift - lift).abs_().amax())
+
+    def checkpoint(self) -> tuple[torch.Tensor, ...]:
+        """Copies of the kernel state (O, F, O - F), for :meth:`restore`."""
+        return self.offset.detach().clone(), self.floor.clone(), self.lift.clone()
+
+    def restore(self, saved: tuple[torch.Tensor, ...]) -> None:
+        for mine, copy in zip((self.offset.detach(), self.floor, self.lift), saved):
+            mine.copy_(copy)
 
     def crossed(self) -> int:
         """Live entries whose score reached 0 at some step (held at the floor; see the module docstring)."""

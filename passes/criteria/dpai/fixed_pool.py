@@ -1,0 +1,118 @@
+"""Sync-free per-layer top-k (index ties): fixed-capacity pools, validity checked on the device.
+
+A refill keeps, per layer, the C_r entries with the largest |S| (``topk``, fixed shape) and
+their smallest value f_r. If no |S| moved by more than D since (D = ``drift_tensor``, measured on
+the device every step), every entry outside the pool is <= f_r + D, so while the pool's k-th
+largest kth_r > f_r + D the top-k and the index tie rule (pool rows hold ascending flat
+indices) read from the pool equal a full sort. Every quantity has a fixed shape and nothing is
+read back: each step only ORs "kth_r <= f_r + D" into ``invalid`` and keeps the smallest room
+kth_r - f_r - D. The caller reads both once per window (:meth:`FixedPoolTopK.window_end`),
+replays a window that went invalid from its checkpoint with the checked selection
+(:class:`IncrementalTopK`, host checks every step) and refills when the room runs low.
+Capacities: at the first refill (warm-up, host reads allowed) C_r = #{|S| >= kth_r - M} plus
+slack, M = 2 ``margin``, fixed from then on.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from pai_compiler.passes.criteria.dpai.kernel_state import ScoreSource
+from pai_compiler.passes.criteria.dpai.layout import Layout
+from pai_compiler.passes.criteria.dpai.select import IncrementalTopK
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FixedPoolTopK"]
+
+
+class FixedPoolTopK(IncrementalTopK):
+    """``select`` as :class:`IncrementalTopK` with ``ties="index"``, but sync-free after :meth:`refill`."""
+
+    def __init__(self, layout: Layout, device: str | torch.device, margin: float = 0.25) -> None:
+        import torch
+
+        super().__init__(layout, device, ties="index", margin=margin)
+        self.checked = IncrementalTopK(layout, device, ties="index", margin=margin)
+        self.capacity: list[list[int]] | None = None
+        self.invalid = torch.zeros((), dtype=torch.bool, device=device)
+        self.room = torch.full((), math.inf, device=device)
+        self.replays = 0
+
+    def moved(self, bound: float) -> None:
+        super().moved(bound)
+        self.checked.moved(bound)
+
+    def _size(self, source: ScoreSource) -> None:
+        """Capacities from the current scores (warm-up: reads counts back once)."""
+        import torch
+
+        self.capacity = []
+        for bucket in self.buckets:
+            rows = []
+            for r in bucket.rows:
+                layer = self.partial[r]
+                values = source.layer(layer.offset, layer.numel)
+                kth = torch.kthvalue(values, layer.numel - layer.keep + 1).values
+                near = int((values >= kth - 2 * self.margin).sum())
+                rows.append(min(layer.numel, max(near + near // 4, layer.keep + 1 + 16)))
+            self.capacity.append(rows)
+            width = max(rows)
+            bucket.width = width
+            bucket.pool = torch.zeros(len(rows), width, dtype=torch.int64, device=self.device)
+            cols = torch.arange(width, device=self.device).unsqueeze(0)
+            bucket.pad = cols >= torch.as_tensor(rows, device=self.device).unsqueeze(1)
+            bucket.size = sum(rows)
+        self.pool_size = sum(bucket.size for bucket in self.buckets)
+
+    def refill(self, source: ScoreSource) -> None:
+        """Each pool := the top C_r of its layer (fixed shapes, no host sync after the first call)."""
+        import torch
+
+        if self.capacity is None:
+            self._size(source)
+        assert self.capacity is not None
+        for bucket, rows in zip(self.buckets, self.capacity):
+            floors = []
+            for i, (r, cap) in enumerate(zip(bucket.rows, rows)):
+                layer = self.partial[r]
+                values, idx = torch.topk(source.layer(layer.offset, layer.numel), cap, sorted=False)
+                bucket.pool[i, :cap] = torch.sort(idx).values + layer.offset
+                floors.append(values.amin())
+            bucket.floor = torch.stack(floors)
+            bucket.aux = source.prepare(bucket.pool)
+        self.reference = source.snapshot()
+        self.drift = 0.0
+        self.rebuilds += 1
+
+    def select(self, scores: torch.Tensor | ScoreSource) -> torch.Tensor:
+        """Kept flat indices (``self.order`` layout); device-only work once refilled."""
+        import torch
+
+        if not self.partial:
+            return self.dense_idx
+        assert isinstance(scores, ScoreSource)
+        if self.capacity is None:
+            self.refill(scores)
+        drift = scores.drift_tensor(self.reference)
+        picks = []
+        for bucket in self.buckets:
+            vals, _, _, kth, nxt = bucket.top(scores)
+            room = (kth - bucket.floor - drift).amin()
+            self.invalid |= room <= 0
+            torch.minimum(self.room, room, out=self.room)
+            self._tied = self._tied + (kth == nxt).sum()
+            picks.append(bucket.lowest_first(vals, kth))
+        if self.dense_idx.numel():
+            picks.append(self.dense_idx)
+        return torch.cat(picks)
+
+    def window_end(self) -> tuple[bool, float]:
+        """(every step since the last call was exact, the smallest room seen): one host read."""
+        import torch
+
+        invalid, room = torch.stack([self.invalid.to(self.room.dtype), self.room]).tolist()
+        self.invalid.zero_()
+        self.room.fill_(math.inf)
+        return not invalid, room
