@@ -9,8 +9,10 @@ read back: each step only ORs "kth_r <= f_r + D" into ``invalid`` and keeps the 
 kth_r - f_r - D. The caller reads both once per window (:meth:`FixedPoolTopK.window_end`),
 replays a window that went invalid from its checkpoint with the checked selection
 (:class:`IncrementalTopK`, host checks every step) and refills when the room runs low.
-Capacities: at the first refill (warm-up, host reads allowed) C_r = #{|S| >= kth_r - M} plus
-slack, M = 2 ``margin``, fixed from then on.
+Capacities: at the first refill (warm-up, host reads allowed) C_r = #{|S| >= kth_r - margin}
+plus a quarter (a window moves scores by about window x lr, 0.125 at 25 steps and lr 0.005:
+margin 0.5 lasts a few windows), grown by half after a window that was not exact (boundary
+scores bunch up as DPaI runs).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ __all__ = ["FixedPoolTopK"]
 class FixedPoolTopK(IncrementalTopK):
     """``select`` as :class:`IncrementalTopK` with ``ties="index"``, but sync-free after :meth:`refill`."""
 
-    def __init__(self, layout: Layout, device: str | torch.device, margin: float = 0.25) -> None:
+    def __init__(self, layout: Layout, device: str | torch.device, margin: float = 0.5) -> None:
         import torch
 
         super().__init__(layout, device, ties="index", margin=margin)
@@ -38,6 +40,8 @@ class FixedPoolTopK(IncrementalTopK):
         self.capacity: list[list[int]] | None = None
         self.invalid = torch.zeros((), dtype=torch.bool, device=device)
         self.room = torch.full((), math.inf, device=device)
+        self.start_room = torch.full((), math.inf, device=device)  # the room at a window's first step
+        self._window_start = True
         self.replays = 0
 
     def moved(self, bound: float) -> None:
@@ -48,16 +52,28 @@ class FixedPoolTopK(IncrementalTopK):
         """Capacities from the current scores (warm-up: reads counts back once)."""
         import torch
 
-        self.capacity = []
+        capacity = []
         for bucket in self.buckets:
             rows = []
             for r in bucket.rows:
                 layer = self.partial[r]
                 values = source.layer(layer.offset, layer.numel)
                 kth = torch.kthvalue(values, layer.numel - layer.keep + 1).values
-                near = int((values >= kth - 2 * self.margin).sum())
+                near = int((values >= kth - self.margin).sum())
                 rows.append(min(layer.numel, max(near + near // 4, layer.keep + 1 + 16)))
-            self.capacity.append(rows)
+            capacity.append(rows)
+        self._allocate(capacity)
+
+    def grow(self) -> None:
+        """Half as much room again in every pool (boundary scores bunch up as DPaI runs)."""
+        assert self.capacity is not None
+        self._allocate([[min(self.partial[r].numel, cap + cap // 2) for r, cap in zip(bucket.rows, rows)] for bucket, rows in zip(self.buckets, self.capacity)])
+
+    def _allocate(self, capacity: list[list[int]]) -> None:
+        import torch
+
+        self.capacity = capacity
+        for bucket, rows in zip(self.buckets, capacity):
             width = max(rows)
             bucket.width = width
             bucket.pool = torch.zeros(len(rows), width, dtype=torch.int64, device=self.device)
@@ -79,7 +95,8 @@ class FixedPoolTopK(IncrementalTopK):
                 layer = self.partial[r]
                 values, idx = torch.topk(source.layer(layer.offset, layer.numel), cap, sorted=False)
                 bucket.pool[i, :cap] = torch.sort(idx).values + layer.offset
-                floors.append(values.amin())
+                # a pool holding its whole layer has nothing outside it
+                floors.append(values.amin() if cap < layer.numel else values.new_full((), -math.inf))
             bucket.floor = torch.stack(floors)
             bucket.aux = source.prepare(bucket.pool)
         self.reference = source.snapshot()
@@ -102,17 +119,23 @@ class FixedPoolTopK(IncrementalTopK):
             room = (kth - bucket.floor - drift).amin()
             self.invalid |= room <= 0
             torch.minimum(self.room, room, out=self.room)
+            if self._window_start:
+                torch.minimum(self.start_room, room, out=self.start_room)
             self._tied = self._tied + (kth == nxt).sum()
             picks.append(bucket.lowest_first(vals, kth))
+        self._window_start = False
         if self.dense_idx.numel():
             picks.append(self.dense_idx)
         return torch.cat(picks)
 
-    def window_end(self) -> tuple[bool, float]:
-        """(every step since the last call was exact, the smallest room seen): one host read."""
+    def window_end(self) -> tuple[bool, float, float]:
+        """(every step since the last call was exact, the room at the window's first step, the
+        smallest room seen): one host read."""
         import torch
 
-        invalid, room = torch.stack([self.invalid.to(self.room.dtype), self.room]).tolist()
+        invalid, start, room = torch.stack([self.invalid.to(self.room.dtype), self.start_room, self.room]).tolist()
         self.invalid.zero_()
         self.room.fill_(math.inf)
-        return not invalid, room
+        self.start_room.fill_(math.inf)
+        self._window_start = True
+        return not invalid, start, room
