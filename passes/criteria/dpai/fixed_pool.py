@@ -32,10 +32,12 @@ __all__ = ["FixedPoolTopK"]
 class FixedPoolTopK(IncrementalTopK):
     """``select`` as :class:`IncrementalTopK` with ``ties="index"``, but sync-free after :meth:`refill`."""
 
-    def __init__(self, layout: Layout, device: str | torch.device, margin: float = 0.5) -> None:
+    def __init__(self, layout: Layout, device: str | torch.device, margin: float = 0.5, host_partition: bool | None = None) -> None:
+        """``host_partition``: the k-th largest by numpy on CPU tensors (default: on the CPU)."""
         import torch
 
         super().__init__(layout, device, ties="index", margin=margin)
+        self.host_partition = torch.device(device).type == "cpu" if host_partition is None else host_partition
         self.checked = IncrementalTopK(layout, device, ties="index", margin=margin)
         self.capacity: list[list[int]] | None = None
         self.invalid = torch.zeros((), dtype=torch.bool, device=device)
@@ -115,14 +117,14 @@ class FixedPoolTopK(IncrementalTopK):
         drift = scores.drift_tensor(self.reference)
         picks = []
         for bucket in self.buckets:
-            vals, _, _, kth, nxt = bucket.top(scores)
+            chosen, kth, tied = bucket.kth_picks(scores, self.host_partition)
             room = (kth - bucket.floor - drift).amin()
             self.invalid |= room <= 0
             torch.minimum(self.room, room, out=self.room)
             if self._window_start:
                 torch.minimum(self.start_room, room, out=self.start_room)
-            self._tied = self._tied + (kth == nxt).sum()
-            picks.append(bucket.lowest_first(vals, kth))
+            self._tied = self._tied + tied
+            picks.append(chosen)
         self._window_start = False
         if self.dense_idx.numel():
             picks.append(self.dense_idx)

@@ -6,7 +6,11 @@ defaults, constant lr, the fused kernel where the device has one). A final measu
 the last step, as in the reference. Statistics are read back (one device sync) only every
 ``record_every`` steps for the trajectory and every ``progress_every`` for the progress bar.
 ``prepare`` turns the top-k's picks into what the step takes (``SurrogateUpdate.kept`` for the
-full state, band flags for ``_dpai_band``); S.grad is dropped after the last step.
+full state, band flags for ``_dpai_band``); S.grad is dropped after the last step. On the
+kernel state with index ties (the channel default for long runs) the top-k is a
+``FixedPoolTopK`` and steps run in windows with no host read inside (``_windows``): the
+records of a window are read back together at its end, with the flag saying whether every
+selection was exact; a window that was not is replayed from its checkpoint.
 """
 from __future__ import annotations
 
