@@ -82,3 +82,12 @@ def test_kernel_state_tracks_the_per_weight_run() -> None:
     assert float(np.mean(kept)) > 0.9 and min(kept) > 0.75 and same >= 1
     for key in ("nodes", "kernels", "params"):
         assert abs(a.final[key] - b.final[key]) <= 0.03 * b.final[key]
+
+
+@pytest.mark.parametrize("model", ["resnet20", "tiny_vit", "dead_taps"])
+def test_per_kernel_broadcast_is_repeat_interleave(model: str) -> None:
+    g = _dead_tap_graph() if model == "dead_taps" else load_onnx_model(EXAMPLES / f"{model}.onnx")
+    keep = dict(PassManager(parse_pipeline("erk{sparsity=0.9}")).run(g)[0].report.keep)
+    layout, _, update, _ = build(g, g.prunable_params(), keep, "channel", 0.99, 0.5, "cpu", sample_bindings(g), "index")
+    per_node = torch.randn(layout.n_nodes)
+    assert torch.equal(update.per_kernel(per_node), per_node.repeat_interleave(layout.kernels_per_node("cpu")))
