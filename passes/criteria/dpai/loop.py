@@ -231,39 +231,26 @@ def optimise(
     windowed = isinstance(topk, FixedPoolTopK) and isinstance(view, KernelScores)
     opt = Adam(scores, lr, host_free=windowed and scores.device.type != "cpu" if host_free is None else host_free)
     scores.grad = torch.zeros_like(scores)
-    records: dict[int, torch.Tensor] = {}
+    log = _Recorder(record_every, progress, progress_every)
+    records = log.records
 
     def one_step(t: int, select: Callable[[Any], torch.Tensor]) -> None:
         measure = step_fn(scores, prepare(select(view)), scores.grad)
-        if t % record_every == 0 or (progress is not None and t % progress_every == 0):
+        if log.wants(t):
             records[t] = measure.values()
         opt.step()
         if isinstance(view, ScoreSource):
             view.stepped()
         topk.moved(lr * adam_step_bound(t + 1) * (1 + 1e-3) + 1e-6)
 
-    trajectory: list[dict[str, Any]] = []
-
-    def publish() -> None:
-        """Read the recorded steps back (one host read) into the trajectory and the bar."""
-        if not records:
-            return
-        rows = torch.stack(list(records.values())).tolist()
-        for t, row in zip(list(records), rows):
-            stats = {"step": t, **stats_of(row)}
-            if t % record_every == 0:
-                trajectory.append(stats)
-            if progress is not None and t % progress_every == 0:
-                progress(t, stats)
-        records.clear()
-
     start = time.perf_counter()
     if windowed:
-        _windows(steps, window or progress_every, one_step, publish, topk, view, opt, records)
+        _windows(steps, window or progress_every, one_step, log.publish, topk, view, opt, records)
     else:
         for t in range(steps):
             one_step(t, topk.select)
-            publish()
+            log.publish()
+    trajectory = log.trajectory
     kept = prepare(topk.select(view))
     measure = step_fn(scores, kept, None)
     seconds = time.perf_counter() - start
@@ -283,6 +270,33 @@ def optimise(
         trajectory=trajectory,
         topk=_topk_stats(topk),
     )
+
+
+class _Recorder:
+    """Which steps are recorded, and their read-back (one host read for all pending) into the
+    trajectory (every ``record_every``) and the progress bar (every ``progress_every``)."""
+
+    def __init__(self, record_every: int, progress: Callable[[int, dict[str, Any] | None], None] | None, progress_every: int) -> None:
+        self.record_every, self.progress, self.progress_every = record_every, progress, progress_every
+        self.records: dict[int, Any] = {}
+        self.trajectory: list[dict[str, Any]] = []
+
+    def wants(self, t: int) -> bool:
+        return t % self.record_every == 0 or (self.progress is not None and t % self.progress_every == 0)
+
+    def publish(self) -> None:
+        import torch
+
+        if not self.records:
+            return
+        rows = torch.stack(list(self.records.values())).tolist()
+        for t, row in zip(list(self.records), rows):
+            stats = {"step": t, **stats_of(row)}
+            if t % self.record_every == 0:
+                self.trajectory.append(stats)
+            if self.progress is not None and t % self.progress_every == 0:
+                self.progress(t, stats)
+        self.records.clear()
 
 
 def _windows(steps: int, window: int, one_step: Callable[..., None], publish: Callable[[], None], topk: FixedPoolTopK,
