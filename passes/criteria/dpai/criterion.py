@@ -28,7 +28,8 @@ every weight (plus kernel-level buffers); ``band`` (channel mode, index ties; th
 ``weights`` bit for bit) only for the entries whose |S0| lies within 2D of their layer's top-k
 boundary, D = sum_t lr * adam_step_bound(t) bounding any score's total movement: the others are
 kept or dropped at every step (``_dpai_band``). ``full`` is ``weights`` for the per-pixel modes;
-in channel mode it keeps |S0| per weight and one Adam over kernels (``kernel_state``: every tap
+in channel mode, where kernels are at most half the weights (convolutions), it keeps |S0| per
+weight and one Adam over kernels (``kernel_state``: every tap
 of a kernel moves by the same step, so |S_e| = |S0_e| + O_k; the same dynamics, rounded once
 instead of every step). ``auto`` takes ``band`` when the bands are
 expected to hold at most a quarter of the weights (tens of steps at lr 0.005), else ``full``. An up-front

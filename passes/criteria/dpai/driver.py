@@ -4,9 +4,9 @@ Scores: one ``torch.Generator`` on the CPU seeded with ``seed`` draws N(0, 1) fo
 prunable weight in graph order (in the weight's own shape), then the flat vector moves to the
 device, so a seed gives the same initial mask everywhere. State: ``weights`` (every weight has a
 score; ``build``), ``full`` (the same, but in channel mode |S0| per weight and Adam over kernels,
-``kernel_state``) or ``band`` (channel R_P, index ties: only the weights near a top-k boundary,
-``_dpai_band``); ``auto`` takes band when ``band_fraction`` <= ``BAND_MAX``. The loop state is
-freed before the report's ``initial``/``final`` blocks are measured per pixel in the reference
+``kernel_state``, when kernels are at most ``KERNEL_SHARE_MAX`` of the weights) or ``band``
+(channel R_P, index ties: only the weights near a top-k boundary, ``_dpai_band``); ``auto``
+takes band when ``band_fraction`` <= ``BAND_MAX``. The loop state is freed before the report's ``initial``/``final`` blocks are measured per pixel in the reference
 convention (max-normalised float32 count, model pooling) whatever ``paths`` drove the
 optimisation, plus the exact log count (float64, sum pooling, no skip weighting); see
 ``_dpai_report``. Peak memory per prunable weight (``memory_estimate``, constants below): band
@@ -55,6 +55,9 @@ BAND_MAX = 0.25
 #: layer (its W, dlogP/dW and flags exist one layer at a time).
 FULL_BYTES, BAND_BYTES, BAND_TRACKED_BYTES, BAND_LAYER_BYTES = 56, 5, 60, 16
 KERNEL_WEIGHT_BYTES, KERNEL_BYTES = 12, 48
+#: channel R_P keeps the kernel state when kernels are at most this share of the weights (convs;
+#: for linear layers a kernel is one weight and the kernel state only costs more memory)
+KERNEL_SHARE_MAX = 0.5
 
 
 def initial_scores(layout: Layout, seed: int, device: str | torch.device) -> torch.Tensor:
@@ -118,8 +121,8 @@ def memory_estimate(params: Sequence[Param], keep: Mapping[str, int], options: A
     sizes = [(p.numel, keep[p.name]) for p in params]
     weights = sum(n for n, _ in sizes)
     state = choose_state(getattr(options, "state", "auto"), options.paths, options.ties, sizes, options.steps, options.lr)
-    if state == "full" and options.paths == "channel":
-        kernels = sum(p.shape[p.out_axis] * (p.shape[p.in_axis] if p.in_axis is not None else 1) for p in params)
+    kernels = sum(p.shape[p.out_axis] * (p.shape[p.in_axis] if p.in_axis is not None else 1) for p in params)
+    if state == "full" and options.paths == "channel" and kernels <= KERNEL_SHARE_MAX * weights:
         return int(weights * KERNEL_WEIGHT_BYTES + kernels * KERNEL_BYTES), state
     if state in ("full", "weights"):
         return int(weights * FULL_BYTES), state
@@ -187,7 +190,7 @@ def _full(
     layout, topk, update, step = build(graph, params, keep, options.paths, options.alpha, options.beta, device, bind, options.ties)
     scores = initial_scores(layout, seed, device)
     view: Any = scores
-    if isinstance(step, ChannelStep) and not per_weight:
+    if isinstance(step, ChannelStep) and not per_weight and layout.n_kernels <= KERNEL_SHARE_MAX * layout.numel:
         view = KernelScores(layout, scores, device)
         scores, step = view.offset, KernelStep(step.program, update)
         if topk.ties == "index":  # sync-free steps (host reads once per window)
