@@ -296,8 +296,8 @@ def _report_core(report: DpaiReport) -> dict[str, Any]:
 def test_band_state_equals_full_state(name: str, sparsity: float, steps: int) -> None:
     full, band = _model(name), _model(name)
     full_report, band_report = (_run_dpai(g, f"erk{{sparsity={sparsity}}},dpai{{steps={steps},state={state}}}", seed=2)
-                                for g, state in ((full, "full"), (band, "band")))
-    assert full_report.state == "full" and band_report.state == "band"
+                                for g, state in ((full, "weights"), (band, "band")))
+    assert full_report.state == "weights" and band_report.state == "band"
     assert band_report.tracked < full_report.tracked
     first, second = _masks(full), _masks(band)
     assert all(np.array_equal(first[k], second[k]) for k in first)
@@ -311,7 +311,7 @@ def test_band_state_on_dead_taps_and_whole_layers() -> None:
     x = b.conv(x, 3, 3, pad=1)
     g = b.build(b.linear(b.flatten(x), 2))
     full, band = g.clone(), g.clone()
-    full_report, band_report = (_run_dpai(graph, f"dpai{{steps=15,lr=0.05,sparsity=0.5,state={state}}}") for graph, state in ((full, "full"), (band, "band")))
+    full_report, band_report = (_run_dpai(graph, f"dpai{{steps=15,lr=0.05,sparsity=0.5,state={state}}}") for graph, state in ((full, "weights"), (band, "band")))
     assert band_report.dead_taps == ["conv1.weight", "conv2.weight"]
     assert all(np.array_equal(a, c) for a, c in zip(_masks(full).values(), _masks(band).values()))
     assert _report_core(full_report) == _report_core(band_report)

@@ -7,7 +7,7 @@ additive attention mask: a constant holding ``-inf`` or a value at or below ``-1
 as ``finfo.min``, is data, not a parameter, and stays as it is so masked scores stay masked
 rather than turning into ``+inf``); the network
 runs in eval mode on one all-ones input (batch 1; other symbolic dims from
-``am.context.extra["bind"]``, default 1); R is the sum of all outputs. An embedding lookup is
+``am.context.extra["bind"]``, default 1); R is the sum of all outputs (its log and the kept count show on the progress bar). An embedding lookup is
 an input too: its output is all ones (the interpreter's ``lookup="ones"``), so an integer
 model input that only indexes lookups is accepted (fed ones, never read) and the table is never read. Each round e = 0..E-1
 scores the live (masked) weights, pruned ones scoring 0, and keeps the top k_e by density
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
@@ -33,6 +33,7 @@ from pai_compiler.passes.analysis.bindings import sample_bindings
 from pai_compiler.passes.analysis.paths import ones_inputs
 from pai_compiler.passes.criteria.base import CriterionPass, allocation_patterns, apply_scores, resolve_keep
 from pai_compiler.passes.criteria.snip import Precision, to_numpy_scores, torch_device, torch_dtype
+from pai_compiler.progress import metric_bar
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +70,13 @@ def topk_mask_torch(flat: torch.Tensor, k: int) -> torch.Tensor:
     ties = flat == threshold
     need = k - above.sum()
     return above | (ties & (torch.cumsum(ties.to(torch.int64), 0) <= need))
+
+
+def _kept(masks: dict[str, torch.Tensor]) -> int:
+    """Weights the masks keep (one host sync)."""
+    import torch
+
+    return int(torch.stack([m.sum() for m in masks.values()]).sum()) if masks else 0
 
 
 def _check_inputs(graph: Graph) -> None:
@@ -113,6 +121,7 @@ class _LinearisedNet:
         _check_inputs(net)
         # lookup="ones": every lookup outputs ones, so the (float) ones fed as its indices are never read
         self.ones = ones_inputs(net, bind, self.dtype, device)
+        self.total: Any = 0.0  # R of the last round
 
     def scores(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """|theta ⊙ dR/dtheta| at ``masks`` (pruned weights 0), divided by the round's maximum."""
@@ -126,6 +135,7 @@ class _LinearisedNet:
         if not torch.isfinite(total):
             hint = "use synflow{precision=float64}" if self.precision == "float32" else "the network is too deep to score"
             raise PaicError(f"synflow: R = sum of outputs is {float(total)} in {self.precision}; {hint}")
+        self.total = total.detach()
         total.backward()
         scores = {n: (leaf.grad * leaf.detach()).abs() if leaf.grad is not None else torch.zeros_like(leaf) for n, leaf in leaves.items()}
         top = torch.stack([s.max() for s in scores.values() if s.numel()]).max()
@@ -156,26 +166,36 @@ class SynflowPass(CriterionPass):
 
         net = _LinearisedNet(graph, am, params, self.precision)
         masks = {p.name: torch.as_tensor(p.mask_or_ones(), device=net.device) for p in params}
+        with metric_bar(am.context.progress and rounds > 1, "[bold]synflow[/]", rounds, unit="rounds") as bar:
+            for e in range(rounds):
+                scores = net.scores(masks)
+                if bar is not None:
+                    total = float(net.total)
+                    bar(e + 1, f"log R {math.log(total) if total > 0 else -math.inf:.2f} · kept {_kept(masks):,}")
+                if e == rounds - 1:
+                    return scores
+                self._prune_round(params, masks, scores, keep, e, rounds)
+        raise AssertionError("unreachable: rounds >= 1")
+
+    def _prune_round(self, params: list[Param], masks: dict[str, torch.Tensor], scores: dict[str, torch.Tensor], keep: dict[str, int] | int, e: int, rounds: int) -> None:
+        """Round ``e``'s masks: the top k_e of the scores, per layer or globally."""
+        import torch
+
         sizes = [p.numel for p in params]
 
         def density(numel: int, kept: int) -> float:
             # the target density itself when given (as the reference's schedule), else the budget's
             return 1.0 - float(self.sparsity) if self.sparsity is not None else kept / max(numel, 1)
 
-        for e in range(rounds):
-            scores = net.scores(masks)
-            if e == rounds - 1:
-                return scores
-            if isinstance(keep, dict):
-                for p in params:
-                    k = schedule_keep(p.numel, keep[p.name], density(p.numel, keep[p.name]), e, rounds, self.schedule)
-                    masks[p.name] = topk_mask_torch(scores[p.name].reshape(-1), k).reshape(p.shape)
-            else:
-                k = schedule_keep(sum(sizes), keep, density(sum(sizes), keep), e, rounds, self.schedule)
-                flat = topk_mask_torch(torch.cat([scores[p.name].reshape(-1) for p in params]), k)
-                for p, part in zip(params, torch.split(flat, sizes)):
-                    masks[p.name] = part.reshape(p.shape)
-        raise AssertionError("unreachable: rounds >= 1")
+        if isinstance(keep, dict):
+            for p in params:
+                k = schedule_keep(p.numel, keep[p.name], density(p.numel, keep[p.name]), e, rounds, self.schedule)
+                masks[p.name] = topk_mask_torch(scores[p.name].reshape(-1), k).reshape(p.shape)
+        else:
+            k = schedule_keep(sum(sizes), keep, density(sum(sizes), keep), e, rounds, self.schedule)
+            flat = topk_mask_torch(torch.cat([scores[p.name].reshape(-1) for p in params]), k)
+            for p, part in zip(params, torch.split(flat, sizes)):
+                masks[p.name] = part.reshape(p.shape)
 
     def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> dict[str, np.ndarray]:
         """One round of SynFlow scores at the current masks (what ``iterations=1`` prunes by)."""

@@ -2,7 +2,8 @@
 gradients of effective paths R_P, nodes R_N and kernels R_C (see ``criterion.py`` for the formula).
 
 Modules by role: ``criterion`` (the pass and its options), ``driver`` (one run: state, loop,
-report), ``layout`` (flat score layout), ``select`` (top-k with ties), ``step`` (the Adam update),
+report), ``layout`` (flat score layout), ``select`` (top-k with ties), ``fixed_pool`` (its
+sync-free form), ``kernel_state`` (channel mode's |S0| + kernel offsets), ``step`` (the Adam update),
 ``loop`` (the steps), ``band``/``band_step`` (the boundary-band state), ``channel_program``,
 ``tape``, ``ops``, ``torch_ops`` (the channel-mode path program and its gradient),
 ``pixel_paths`` (per-pixel reference and exact path counts), ``geometry``, ``report`` (measuring

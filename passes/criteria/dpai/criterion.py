@@ -23,12 +23,16 @@ rule paths(A@B) = paths(A)@1 + 1@paths(B). The report (a ``DpaiReport``, in the 
 the final mask's per-pixel reference-convention log paths, nodes, kernels and effective params,
 and the ``node-path`` analysis of it (exact log paths, boolean effectiveness).
 
-``state`` picks what is stored per weight (the masks are the same bit for bit): ``full`` keeps
-S, the Adam moments and S.grad for every weight (plus kernel-level buffers); ``band`` (channel
-mode, index ties) only for the entries whose |S0| lies within 2D of their layer's top-k
+``state`` picks what is stored per weight: ``weights`` keeps S, the Adam moments and S.grad for
+every weight (plus kernel-level buffers); ``band`` (channel mode, index ties; the same masks as
+``weights`` bit for bit) only for the entries whose |S0| lies within 2D of their layer's top-k
 boundary, D = sum_t lr * adam_step_bound(t) bounding any score's total movement: the others are
-kept or dropped at every step (``_dpai_band``). ``auto`` takes ``band`` when the bands are
-expected to hold at most a quarter of the weights (tens of steps at lr 0.005). An up-front
+kept or dropped at every step (``_dpai_band``). ``full`` is ``weights`` for the per-pixel modes;
+in channel mode, where kernels are at most half the weights (convolutions), it keeps |S0| per
+weight and one Adam over kernels (``kernel_state``: every tap
+of a kernel moves by the same step, so |S_e| = |S0_e| + O_k; the same dynamics, rounded once
+instead of every step). ``auto`` takes ``band`` when the bands are
+expected to hold at most a quarter of the weights (tens of steps at lr 0.005), else ``full``. An up-front
 check refuses a run whose measured-per-weight estimate (``_dpai_run.memory_estimate``) exceeds
 MemAvailable.
 """
@@ -42,6 +46,7 @@ from typing import Any, ClassVar, Literal
 from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
+from pai_compiler.progress import metric_bar
 from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.criteria.base import resolve_keep
@@ -51,14 +56,14 @@ __all__ = ["DpaiPass", "PathMode", "TieMode", "StateMode"]
 
 PathMode = Literal["channel", "ref", "exact"]
 TieMode = Literal["auto", "sort", "index"]
-StateMode = Literal["auto", "full", "band"]
+StateMode = Literal["auto", "full", "band", "weights"]
 
 
 @dataclass(frozen=True)
 class DpaiPass(TransformPass):
     """Optimise per-layer masks for paths, nodes and kernels (needs an allocation or ``sparsity``).
 
-    ``state``: auto, full or band (what is stored per weight; the masks do not depend on it).
+    ``state``: auto, full, band or weights (what is stored per weight).
     """
 
     name: ClassVar[str] = "dpai"
@@ -78,8 +83,8 @@ class DpaiPass(TransformPass):
             raise UsageError(f"dpai: paths must be channel, ref or exact, got {self.paths!r}")
         if self.ties not in ("auto", "sort", "index"):
             raise UsageError(f"dpai: ties must be auto, sort or index, got {self.ties!r}")
-        if self.state not in ("auto", "full", "band"):
-            raise UsageError(f"dpai: state must be auto, full or band, got {self.state!r}")
+        if self.state not in ("auto", "full", "band", "weights"):
+            raise UsageError(f"dpai: state must be auto, full, band or weights, got {self.state!r}")
         if self.state == "band" and (self.paths != "channel" or self.ties == "sort"):
             raise UsageError("dpai: state=band needs paths=channel and index ties (the sort tie rule reads whole layers)")
         if self.steps < 0:
@@ -148,20 +153,14 @@ def _node_path(graph: Graph, am: AnalysisManager) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _progress_bar(enabled: bool, steps: int, mode: str) -> Iterator[Callable[[int, dict[str, Any] | None], None] | None]:
-    """A rich progress bar on stderr showing live log paths, effective nodes and kernels."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    columns = (TextColumn(f"[bold]dpai[/] ({mode})"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task("dpai", total=max(steps, 1), stats="")
+    """The run's bar on stderr (terminals only): steps/s, live log paths, effective nodes and kernels."""
+    with metric_bar(enabled, f"[bold]dpai[/] ({mode})", steps) as bar:
+        if bar is None:
+            yield None
+            return
 
         def update(step: int, stats: dict[str, Any] | None) -> None:
-            text = "" if stats is None else f"log P {stats['log_paths']:.2f} · nodes {stats['nodes']} · kernels {stats['kernels']}"
-            bar.update(task, completed=step, stats=text)
+            bar(step, "" if stats is None else f"log P {stats['log_paths']:.2f} · nodes {stats['nodes']} · kernels {stats['kernels']}")
 
         yield update
 

@@ -2,16 +2,19 @@
 
 Scores: one ``torch.Generator`` on the CPU seeded with ``seed`` draws N(0, 1) for each
 prunable weight in graph order (in the weight's own shape), then the flat vector moves to the
-device, so a seed gives the same initial mask everywhere. State: ``full`` (every weight has a
-score; ``build``) or ``band`` (channel R_P, index ties: only the weights near a top-k boundary,
-``_dpai_band``); ``auto`` takes band when ``band_fraction`` <= ``BAND_MAX``. The loop state is
-freed before the report's ``initial``/``final`` blocks are measured per pixel in the reference
+device, so a seed gives the same initial mask everywhere. State: ``weights`` (every weight has a
+score; ``build``), ``full`` (the same, but in channel mode |S0| per weight and Adam over kernels,
+``kernel_state``, when kernels are at most ``KERNEL_SHARE_MAX`` of the weights) or ``band``
+(channel R_P, index ties: only the weights near a top-k boundary, ``_dpai_band``); ``auto``
+takes band when ``band_fraction`` <= ``BAND_MAX``. The loop state is freed before the report's ``initial``/``final`` blocks are measured per pixel in the reference
 convention (max-normalised float32 count, model pooling) whatever ``paths`` drove the
 optimisation, plus the exact log count (float64, sum pooling, no skip weighting); see
 ``_dpai_report``. Peak memory per prunable weight (``memory_estimate``, constants below): band
 state ~5-6 B (the always-kept lists, the band's state, one layer's W and dlogP/dW at a time, the
-report's activations), full state ~52 B (S, Adam moments, S.grad: 16 B; kernel-level counts and
-gradient; the kept-entry maps; the top-k pools and snapshot; per-step temporaries).
+report's activations), per-weight state ~52 B (S, Adam moments, S.grad: 16 B; kernel-level counts and
+gradient; the kept-entry maps; the top-k pools and snapshot; per-step temporaries), kernel state
+``KERNEL_WEIGHT_BYTES`` per weight (|S0|, the initial draw, one layer's temporaries) plus
+``KERNEL_BYTES`` per kernel (O, its gradient and moments, counts, dlogP/dW, the snapshot).
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ from pai_compiler.passes.criteria.dpai.band_step import BandStep
 from pai_compiler.passes.criteria.dpai.channel_program import ChannelProgram
 from pai_compiler.passes.criteria.dpai.geometry import dead_taps
 from pai_compiler.passes.criteria.dpai.layout import LayerInfo, Layout
-from pai_compiler.passes.criteria.dpai.loop import ChannelStep, PixelStep, optimise
+from pai_compiler.passes.criteria.dpai.fixed_pool import FixedPoolTopK
+from pai_compiler.passes.criteria.dpai.kernel_state import KernelScores
+from pai_compiler.passes.criteria.dpai.loop import ChannelStep, KernelStep, PixelStep, optimise
 from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective, value_shapes
 from pai_compiler.passes.criteria.dpai.report import MaskOf, reference_metrics
 from pai_compiler.passes.criteria.dpai.select import IncrementalTopK
@@ -49,6 +54,10 @@ BAND_MAX = 0.25
 #: always-kept lists and masks plus ~40-60 B per band entry, and ~16 B per weight of the largest
 #: layer (its W, dlogP/dW and flags exist one layer at a time).
 FULL_BYTES, BAND_BYTES, BAND_TRACKED_BYTES, BAND_LAYER_BYTES = 56, 5, 60, 16
+KERNEL_WEIGHT_BYTES, KERNEL_BYTES = 12, 48
+#: channel R_P keeps the kernel state when kernels are at most this share of the weights (convs;
+#: for linear layers a kernel is one weight and the kernel state only costs more memory)
+KERNEL_SHARE_MAX = 0.5
 
 
 def initial_scores(layout: Layout, seed: int, device: str | torch.device) -> torch.Tensor:
@@ -107,12 +116,15 @@ def choose_state(state: str, paths: str, ties: str, sizes: Sequence[tuple[int, i
 
 
 def memory_estimate(params: Sequence[Param], keep: Mapping[str, int], options: Any) -> tuple[int, str]:
-    """(bytes, state): FULL_BYTES per weight, or (BAND_BYTES + BAND_TRACKED_BYTES x band share)
+    """(bytes, state): FULL_BYTES per weight (per-weight state), the kernel state's bytes, or (BAND_BYTES + BAND_TRACKED_BYTES x band share)
     per weight + BAND_LAYER_BYTES per weight of the largest layer."""
     sizes = [(p.numel, keep[p.name]) for p in params]
     weights = sum(n for n, _ in sizes)
     state = choose_state(getattr(options, "state", "auto"), options.paths, options.ties, sizes, options.steps, options.lr)
-    if state == "full":
+    kernels = sum(p.shape[p.out_axis] * (p.shape[p.in_axis] if p.in_axis is not None else 1) for p in params)
+    if state == "full" and options.paths == "channel" and kernels <= KERNEL_SHARE_MAX * weights:
+        return int(weights * KERNEL_WEIGHT_BYTES + kernels * KERNEL_BYTES), state
+    if state in ("full", "weights"):
         return int(weights * FULL_BYTES), state
     per = BAND_BYTES + BAND_TRACKED_BYTES * band_fraction(sizes, options.steps, options.lr)
     return int(weights * per + BAND_LAYER_BYTES * max((n for n, _ in sizes), default=0)), state
@@ -135,8 +147,8 @@ def run_dpai(
     start = time.perf_counter()
     full_bind = sample_bindings(graph, bind)
     state = choose_state(getattr(options, "state", "auto"), options.paths, options.ties, [(p.numel, keep[p.name]) for p in params], options.steps, options.lr)
-    fn = _band if state == "band" else _full
-    layout, result, initial, final, masks, tracked, setup = fn(graph, params, keep, options, seed, device, full_bind, progress, start)
+    args = (graph, params, keep, options, seed, device, full_bind, progress, start)
+    layout, result, initial, final, masks, tracked, setup = _band(*args) if state == "band" else _full(*args, per_weight=state == "weights")
     trim_heap()
     measured = {}
     for name, mask_of in (("initial", initial), ("final", final)):
@@ -169,13 +181,25 @@ def run_dpai(
     return report, masks()
 
 
-def _full(graph: Graph, params: list[Param], keep: Mapping[str, int], options: Any, seed: int, device: Any, bind: Mapping[str, int], progress: Any, start: float) -> tuple[Any, ...]:
-    """Every weight has a score (the state is freed on return, before the report)."""
+def _full(
+    graph: Graph, params: list[Param], keep: Mapping[str, int], options: Any, seed: int, device: Any, bind: Mapping[str, int], progress: Any, start: float,
+    per_weight: bool = False,
+) -> tuple[Any, ...]:
+    """Every weight has a score (the state is freed on return, before the report); channel R_P
+    keeps it at kernel level (``kernel_state``: |S0| per weight, Adam over kernels)."""
     layout, topk, update, step = build(graph, params, keep, options.paths, options.alpha, options.beta, device, bind, options.ties)
     scores = initial_scores(layout, seed, device)
-    initial = topk.select(scores)
+    view: Any = scores
+    if isinstance(step, ChannelStep) and not per_weight and layout.n_kernels <= KERNEL_SHARE_MAX * layout.numel:
+        view = KernelScores(layout, scores, device)
+        scores, step = view.offset, KernelStep(step.program, update)
+        if topk.ties == "index":  # sync-free steps (host reads once per window)
+            topk = FixedPoolTopK(layout, device)
+    initial = topk.select(view)
     setup = time.perf_counter() - start
-    result = optimise(scores, step, topk, update, steps=options.steps, lr=options.lr, progress=progress)
+    result = optimise(scores, step, topk, update, steps=options.steps, lr=options.lr, progress=progress, view=view)
+    if isinstance(view, KernelScores):
+        result.topk["crossed_zero"] = view.crossed()
     final = result.kept.index
     result.kept = None
     return layout, result, _flat_mask_of(layout, initial), _flat_mask_of(layout, final), lambda: layout.masks(final.cpu().numpy()), layout.numel, setup

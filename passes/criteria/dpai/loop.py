@@ -6,7 +6,11 @@ defaults, constant lr, the fused kernel where the device has one). A final measu
 the last step, as in the reference. Statistics are read back (one device sync) only every
 ``record_every`` steps for the trajectory and every ``progress_every`` for the progress bar.
 ``prepare`` turns the top-k's picks into what the step takes (``SurrogateUpdate.kept`` for the
-full state, band flags for ``_dpai_band``); S.grad is dropped after the last step.
+full state, band flags for ``_dpai_band``); S.grad is dropped after the last step. On the
+kernel state with index ties (the channel default for long runs) the top-k is a
+``FixedPoolTopK`` and steps run in windows with no host read inside (``_windows``): the
+records of a window are read back together at its end, with the flag saying whether every
+selection was exact; a window that was not is replayed from its checkpoint.
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pai_compiler.passes.criteria.dpai.channel_program import ChannelProgram
+from pai_compiler.passes.criteria.dpai.fixed_pool import FixedPoolTopK
+from pai_compiler.passes.criteria.dpai.kernel_state import KernelScores, ScoreSource
 from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective
 from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, adam_step_bound
 from pai_compiler.passes.criteria.dpai.step import Kept, SurrogateUpdate
@@ -25,7 +31,7 @@ from pai_compiler.passes.criteria.dpai.step import Kept, SurrogateUpdate
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Adam", "Measure", "ChannelStep", "PixelStep", "LoopResult", "optimise"]
+__all__ = ["Adam", "Measure", "ChannelStep", "KernelStep", "PixelStep", "LoopResult", "optimise"]
 
 
 @dataclass
@@ -37,12 +43,21 @@ class Measure:
     nodes: torch.Tensor  # 0/1 per node
     kernel_count: Callable[[], torch.Tensor]
 
-    def read(self) -> dict[str, float | int]:
+    def values(self) -> torch.Tensor:
+        """[log paths, nodes, kernels, params] as float64 on the device (no host sync)."""
         import torch
 
         counts = (self.nodes.sum(), self.kernel_count(), self.effective.sum())
-        values = torch.stack([self.log_paths.float().cpu().double(), *(t.double().cpu() for t in counts)]).tolist()
-        return {"log_paths": values[0], "nodes": int(values[1]), "kernels": int(values[2]), "params": int(values[3])}
+        log_p = self.log_paths.detach().float().to(device=counts[0].device, dtype=torch.float64).reshape(())
+        return torch.stack([log_p, *(t.to(torch.float64) for t in counts)])
+
+    def read(self) -> dict[str, float | int]:
+        return stats_of(self.values().tolist())
+
+
+def stats_of(values: list[float]) -> dict[str, float | int]:
+    """The trajectory's entry from ``Measure.values``."""
+    return {"log_paths": values[0], "nodes": int(values[1]), "kernels": int(values[2]), "params": int(values[3])}
 
 
 class ChannelStep:
@@ -68,6 +83,31 @@ class ChannelStep:
                 kernel_flag = (moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
                 torch.sign(scores.detach(), out=grad_out)  # then scaled in place: no sign(S) buffer
                 update.expand_into(grad_out, None, update.coefficient(nodes, kept=kept, kernel_flag=kernel_flag).mul_(wgrad))
+        return Measure(log_p, effective, nodes, lambda: ((counts > 0) & (wgrad != 0)).sum())
+
+
+class KernelStep:
+    """Channel-level R_P on the kernel-level state (``kernel_state``): the gradient of the
+    kernel offsets O, G = c * dlogP/dW, replaces the per-weight sign(S) * G expansion."""
+
+    def __init__(self, program: ChannelProgram, update: SurrogateUpdate) -> None:
+        self.program, self.update = program, update
+
+    def __call__(self, offset: torch.Tensor, kept: Kept, grad_out: torch.Tensor | None) -> Measure:
+        import torch
+
+        program, update = self.program, self.update
+        with torch.no_grad():
+            program.counts.zero_()
+            program.counts.index_add_(0, kept.kernel, update.ones if kept.live is None else kept.live)
+            log_p = program.forward_backward()
+            wgrad, counts = program.grad, program.counts
+            moving = wgrad[kept.kernel] != 0
+            effective = moving if kept.live is None else moving & (kept.live > 0)
+            nodes = update.node_flags(effective, kept)
+            if grad_out is not None:
+                kernel_flag = (moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
+                torch.mul(update.coefficient(nodes, kept=kept, kernel_flag=kernel_flag), wgrad, out=grad_out)
         return Measure(log_p, effective, nodes, lambda: ((counts > 0) & (wgrad != 0)).sum())
 
 
@@ -97,21 +137,47 @@ class Adam:
 
     Calls the fused kernel that ``torch.optim.Adam(fused=True)`` runs, without the optimizer's
     per-step bookkeeping; falls back to ``torch.optim.Adam`` where no fused kernel exists.
+    ``host_free``: torch's capturable single-tensor formula instead, the step count and bias
+    corrections on the device (the CPU fused kernel reads the count back every step).
     """
 
-    def __init__(self, param: torch.Tensor, lr: float) -> None:
+    def __init__(self, param: torch.Tensor, lr: float, host_free: bool = False) -> None:
         import torch
 
-        self.param, self.lr = param, float(lr)
+        self.param, self.lr, self.host_free = param, float(lr), host_free
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
         self.count = torch.zeros((), dtype=torch.float32, device=param.device)
         self.fallback: Any = None
-        if not hasattr(torch, "_fused_adam_") or param.device.type not in ("cpu", "cuda"):
+        if not host_free and (not hasattr(torch, "_fused_adam_") or param.device.type not in ("cpu", "cuda")):
             self.fallback = torch.optim.Adam([param], lr=lr)
+
+    def _host_free_step(self) -> None:
+        """param -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps), all on the device."""
+        import torch
+
+        grad, count = self.param.grad, self.count
+        count += 1
+        self.exp_avg.lerp_(grad, 0.1)
+        self.exp_avg_sq.mul_(0.999).addcmul_(grad, grad, value=0.001)
+        step_neg = torch.pow(0.9, count).sub_(1).reciprocal_().mul_(self.lr)  # -lr / (1 - b1^t)
+        correction2 = torch.pow(0.999, count).neg_().add_(1).sqrt_()
+        denom = (self.exp_avg_sq.sqrt() / (correction2 * step_neg)).add_(1e-8 / step_neg)
+        self.param.detach().addcdiv_(self.exp_avg, denom)
+
+    def checkpoint(self) -> tuple[torch.Tensor, ...]:
+        """Copies of the moments and the step count (the fused kernel only)."""
+        return self.exp_avg.clone(), self.exp_avg_sq.clone(), self.count.clone()
+
+    def restore(self, saved: tuple[torch.Tensor, ...]) -> None:
+        for mine, copy in zip((self.exp_avg, self.exp_avg_sq, self.count), saved):
+            mine.copy_(copy)
 
     def step(self) -> None:
         import torch
 
+        if self.host_free:
+            self._host_free_step()
+            return
         if self.fallback is not None:
             self.fallback.step()
             return
@@ -145,38 +211,51 @@ def optimise(
     progress: Callable[[int, dict[str, Any] | None], None] | None = None,
     progress_every: int = 25,
     prepare: Callable[[torch.Tensor], Any] | None = None,
+    view: Any = None,
+    window: int | None = None,
+    host_free: bool | None = None,
 ) -> LoopResult:
     """Run ``steps`` DPaI updates on the ``scores`` leaf (in place).
 
-    ``prepare`` turns the top-k's picks into what ``step_fn`` takes (default ``update.kept``).
+    ``prepare`` turns the top-k's picks into what ``step_fn`` takes (default ``update.kept``);
+    ``view`` is what the top-k reads (default ``scores``; the kernel state's ``KernelScores``
+    when ``scores`` is its offset leaf). With a :class:`FixedPoolTopK` the steps run in windows
+    of ``window`` (default ``progress_every``) steps without any host read; see :func:`_windows`.
+    ``host_free`` picks Adam's host-free formula (default: windowed runs off the CPU; on the CPU
+    the fused kernel's read of its step count is a memory load, not a device sync, and 20x cheaper).
     """
     import torch
 
     prepare = prepare or update.kept
-    opt = Adam(scores, lr)
+    view = scores if view is None else view
+    windowed = isinstance(topk, FixedPoolTopK) and isinstance(view, KernelScores)
+    opt = Adam(scores, lr, host_free=windowed and scores.device.type != "cpu" if host_free is None else host_free)
     scores.grad = torch.zeros_like(scores)
-    trajectory: list[dict[str, Any]] = []
-    initial: dict[str, Any] = {}
-    start = time.perf_counter()
-    for t in range(steps):
-        kept = prepare(topk.select(scores))
-        measure = step_fn(scores, kept, scores.grad)
-        if t % record_every == 0 or (progress is not None and t % progress_every == 0):
-            stats = {"step": t, **measure.read()}
-            if t % record_every == 0:
-                trajectory.append(stats)
-                if t == 0:
-                    initial = dict(stats)
-            if progress is not None:
-                progress(t, stats)
+    log = _Recorder(record_every, progress, progress_every)
+    records = log.records
+
+    def one_step(t: int, select: Callable[[Any], torch.Tensor]) -> None:
+        measure = step_fn(scores, prepare(select(view)), scores.grad)
+        if log.wants(t):
+            records[t] = measure.values()
         opt.step()
+        if isinstance(view, ScoreSource):
+            view.stepped()
         topk.moved(lr * adam_step_bound(t + 1) * (1 + 1e-3) + 1e-6)
-    kept = prepare(topk.select(scores))
+
+    start = time.perf_counter()
+    if windowed:
+        _windows(steps, window or progress_every, one_step, log.publish, topk, view, opt, records)
+    else:
+        for t in range(steps):
+            one_step(t, topk.select)
+            log.publish()
+    trajectory = log.trajectory
+    kept = prepare(topk.select(view))
     measure = step_fn(scores, kept, None)
     seconds = time.perf_counter() - start
     final = {"step": steps, **measure.read()}
-    if not initial:
-        initial = dict(final)
+    initial = dict(trajectory[0]) if trajectory and trajectory[0]["step"] == 0 else dict(final)
     if not trajectory or trajectory[-1]["step"] != steps:
         trajectory.append(final)
     if progress is not None:
@@ -189,5 +268,69 @@ def optimise(
         final=final,
         final_node_flags=measure.nodes.cpu().numpy() > 0,
         trajectory=trajectory,
-        topk={"rebuilds": topk.rebuilds, "verifications": topk.verifications, "ties": topk.tie_events, "tie_rule": topk.ties, "pool_size": topk.pool_size},
+        topk=_topk_stats(topk),
     )
+
+
+class _Recorder:
+    """Which steps are recorded, and their read-back (one host read for all pending) into the
+    trajectory (every ``record_every``) and the progress bar (every ``progress_every``)."""
+
+    def __init__(self, record_every: int, progress: Callable[[int, dict[str, Any] | None], None] | None, progress_every: int) -> None:
+        self.record_every, self.progress, self.progress_every = record_every, progress, progress_every
+        self.records: dict[int, Any] = {}
+        self.trajectory: list[dict[str, Any]] = []
+
+    def wants(self, t: int) -> bool:
+        return t % self.record_every == 0 or (self.progress is not None and t % self.progress_every == 0)
+
+    def publish(self) -> None:
+        import torch
+
+        if not self.records:
+            return
+        rows = torch.stack(list(self.records.values())).tolist()
+        for t, row in zip(list(self.records), rows):
+            stats = {"step": t, **stats_of(row)}
+            if t % self.record_every == 0:
+                self.trajectory.append(stats)
+            if self.progress is not None and t % self.progress_every == 0:
+                self.progress(t, stats)
+        self.records.clear()
+
+
+def _windows(steps: int, window: int, one_step: Callable[..., None], publish: Callable[[], None], topk: FixedPoolTopK,
+             view: KernelScores, opt: Adam, records: dict[int, Any]) -> None:
+    """Steps in windows with no host read inside: one read per window says whether every
+    selection was exact; a window that was not is replayed from its checkpoint with the checked
+    top-k (host checks each step), and the pools are refilled when their room runs low."""
+    t = 0
+    topk.refill(view)
+    while t < steps:
+        end = min(steps, t + window)
+        saved, moments = view.checkpoint(), opt.checkpoint()
+        for u in range(t, end):
+            one_step(u, topk.select)
+        exact, start_room, room = topk.window_end()
+        if not exact:
+            view.restore(saved)
+            opt.restore(moments)
+            records.clear()
+            topk.replays += 1
+            topk.checked.t0 = None  # rebuilt from the restored scores on its first call
+            for u in range(t, end):
+                one_step(u, topk.checked.select)
+        publish()
+        # the room shrinks by the true drift: refill before the next window could use it up
+        if not exact:
+            topk.grow()
+        if not exact or room < 2 * max(start_room - room, 0.0):
+            topk.refill(view)
+        t = end
+
+
+def _topk_stats(topk: IncrementalTopK) -> dict[str, Any]:
+    stats = {"rebuilds": topk.rebuilds, "verifications": topk.verifications, "ties": topk.tie_events, "tie_rule": topk.ties, "pool_size": topk.pool_size}
+    if isinstance(topk, FixedPoolTopK):
+        stats.update(sync_free=True, replays=topk.replays, checked_rebuilds=topk.checked.rebuilds)
+    return stats

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from pai_compiler.passes.criteria.dpai.kernel_state import AbsScores, ScoreSource
 from pai_compiler.passes.criteria.dpai.layout import Layout
 
 if TYPE_CHECKING:
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 __all__ = ["IncrementalTopK", "TieRule", "adam_step_bound", "reference_topk"]
 
 TieRule = Literal["sort", "index"]
+#: all layers share one bucket when its padded pool (rows x ~3 kmax) stays under this many
+#: entries: per-op dispatch then costs more than the +inf filling
+ONE_BUCKET = 1 << 16
 
 
 def adam_step_bound(step: int, beta1: float = 0.9, beta2: float = 0.999) -> float:
@@ -72,8 +76,10 @@ class _Bucket:
         self.fill = torch.where(cols < (self.kmax - self.keep).unsqueeze(1), math.inf, -math.inf)
         self.width = 0
         self.t0: torch.Tensor | None = None
+        self.total = sum(keeps)
+        self.row_start = torch.as_tensor(np.cumsum([0] + keeps[:-1]) - 1, dtype=torch.int64, device=device).unsqueeze(1)
 
-    def pack(self, hits: list[torch.Tensor]) -> None:
+    def pack(self, hits: list[torch.Tensor], source: ScoreSource) -> None:
         """Padded [rows, width] pool from each row's flat indices (ascending)."""
         import torch
 
@@ -84,12 +90,48 @@ class _Bucket:
             self.pool[i, : h.numel()] = h
             self.pad[i, : h.numel()] = False
         self.size = sum(int(h.numel()) for h in hits)
+        self.aux = source.prepare(self.pool)
 
-    def top(self, scores: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def lowest_first(self, vals: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
+        """Kept flat indices, row after row: the entries above the k-th largest and, of those
+        equal to it, the first in the row (pool rows hold ascending flat indices). Every row
+        keeps exactly k_r, so this is fixed-shape: no host sync, no ``nonzero``."""
+        return self._lowest_first(vals, kth)[0]
+
+    def _lowest_first(self, vals: torch.Tensor, kth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(:meth:`lowest_first`, rows whose (k+1)-th largest equals the k-th: a boundary tie)."""
+        import torch
+
+        kth = kth.unsqueeze(1)
+        above, at = vals > kth, vals == kth
+        need = (self.keep - above.sum(1)).unsqueeze(1)
+        counted = torch.cumsum(at, 1)
+        sel = above | (at & (counted <= need))
+        slot = torch.cumsum(sel, 1).add_(self.row_start).where(sel, self.total)  # row start + rank - 1, or the dump slot
+        out = torch.empty(self.total + 1, dtype=self.pool.dtype, device=self.device)
+        return out.scatter_(0, slot.view(-1), self.pool.view(-1))[: self.total], (counted[:, -1:] > need).sum()
+
+    def kth_picks(self, source: ScoreSource, host_partition: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(kept flat indices as :meth:`lowest_first`, k-th largest per row, tie rows): the
+        value of rank kmax from the top of each row and its fillers, by ``kthvalue`` or, with
+        ``host_partition`` (CPU tensors), numpy's introselect (6x faster than torch's there)."""
+        import torch
+
+        vals = source.at(self.pool, self.aux).masked_fill_(self.pad, -math.inf)
+        padded = torch.cat([vals, self.fill], 1)
+        col = padded.shape[1] - self.kmax  # 0-based rank from the bottom
+        if host_partition:
+            kth = torch.from_numpy(np.partition(padded.numpy(), col, axis=1)[:, col])
+        else:
+            kth = torch.kthvalue(padded, col + 1, dim=1).values
+        picks, tied = self._lowest_first(vals, kth)
+        return picks, kth, tied
+
+    def top(self, source: ScoreSource) -> tuple[torch.Tensor, ...]:
         """(pool values, top values, top columns, k-th, (k+1)-th largest) per row."""
         import torch
 
-        vals = scores.detach()[self.pool].abs_().masked_fill_(self.pad, -math.inf)
+        vals = source.at(self.pool, self.aux).masked_fill_(self.pad, -math.inf)
         top_v, top_i = torch.topk(torch.cat([vals, self.fill], 1), self.kmax + 1, dim=1, sorted=False)
         low = torch.topk(top_v, 2, dim=1, largest=False).values
         return vals, top_v, top_i, low[:, 1], low[:, 0]
@@ -106,9 +148,13 @@ class IncrementalTopK:
         dense = [layer for layer in layout.layers if layer.keep == layer.numel]
         dense_idx = [np.arange(layer.offset, layer.offset + layer.numel) for layer in dense]
         self.dense_idx = torch.as_tensor(np.concatenate(dense_idx) if dense_idx else np.zeros(0, np.int64), dtype=torch.int64, device=device)
-        # buckets of layers whose keep counts are within a factor 2 (little +inf filling)
+        # buckets of layers whose keep counts are within a factor 2 (little +inf filling), or one
         self.buckets: list[_Bucket] = []
         by_keep = sorted(range(len(self.partial)), key=lambda r: (self.partial[r].keep, r))
+        keeps = [layer.keep for layer in self.partial]
+        if keeps and len(keeps) * 3 * max(keeps) <= ONE_BUCKET:
+            self.buckets.append(_Bucket(list(range(len(keeps))), keeps, device))
+            by_keep = []
         while by_keep:
             first = self.partial[by_keep[0]].keep
             rows = sorted(r for r in by_keep if self.partial[r].keep <= 2 * first)
@@ -118,10 +164,16 @@ class IncrementalTopK:
         self.order = [self.partial[r].index for bucket in self.buckets for r in bucket.rows] + [layer.index for layer in dense]
         self.t0: torch.Tensor | None = None
         self.drift = 0.0  # bound on any |S| change since the last rebuild
-        self.rebuilds = self.tie_events = self.verifications = 0
+        self.rebuilds = self.verifications = self._host_ties = 0
+        self._tied = torch.zeros((), dtype=torch.int64, device=device)  # index-rule tie events, counted on the device
         self.verified = True
-        self.reference: torch.Tensor | None = None
+        self.reference: object = None
         self.pool_size = 0
+
+    @property
+    def tie_events(self) -> int:
+        """Layer-steps whose k-th and (k+1)-th largest |S| were equal (one host sync)."""
+        return self._host_ties + int(self._tied)
 
     def moved(self, bound: float) -> None:
         """Record that no score moved by more than ``bound`` in the last update."""
@@ -129,44 +181,47 @@ class IncrementalTopK:
         self.verified = False
 
     # ---- pools -----------------------------------------------------------------------------
-    def _rebuild(self, scores: torch.Tensor) -> None:
+    def _rebuild(self, source: ScoreSource) -> None:
         """New pools and t0, one layer at a time (no temporaries the size of all scores)."""
         import torch
 
-        s = scores.detach()
         if self.t0 is None:
-            kth0 = [torch.kthvalue(s[r.offset : r.offset + r.numel].abs(), r.numel - r.keep + 1).values for r in self.partial]
+            kth0 = [torch.kthvalue(source.layer(r.offset, r.numel), r.numel - r.keep + 1).values for r in self.partial]
             lower = torch.stack(kth0) - self.margin
         else:
             lower = self.t0 - (self.drift + self.margin)
-        kth_all = torch.empty(len(self.partial), dtype=s.dtype, device=self.device)
+        kth_all = torch.empty(len(self.partial), dtype=lower.dtype, device=self.device)
         for bucket in self.buckets:
             hits = []
             for r in bucket.rows:
                 layer = self.partial[r]
-                hits.append(torch.nonzero(s[layer.offset : layer.offset + layer.numel].abs() >= lower[r]).squeeze(1) + layer.offset)
-            bucket.pack(hits)
-            kth = bucket.top(scores)[3]
+                hits.append(torch.nonzero(source.layer(layer.offset, layer.numel) >= lower[r]).squeeze(1) + layer.offset)
+            bucket.pack(hits, source)
+            kth = bucket.top(source)[3]
             limit = kth - self.margin  # trim to the margin around the new t0
-            bucket.pack([h[s[h].abs() >= limit[i]] for i, h in enumerate(hits)])
+            bucket.pack([h[source.at(h, source.prepare(h)) >= limit[i]] for i, h in enumerate(hits)], source)
             bucket.t0 = kth
             kth_all[torch.as_tensor(bucket.rows, device=self.device)] = kth
         self.t0, self.drift, self.verified = kth_all, 0.0, True
-        self.reference = s.clone()
+        self.reference = source.snapshot()
         self.pool_size = sum(bucket.size for bucket in self.buckets)
         self.rebuilds += 1
 
     # ---- selection -------------------------------------------------------------------------
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
-        """Flat indices of the kept entries (int64, ``self.order`` layout)."""
+    def select(self, scores: torch.Tensor | ScoreSource) -> torch.Tensor:
+        """Flat indices of the kept entries (int64, ``self.order`` layout) of the top-k of |S|.
+
+        ``scores``: the flat scores, or a :class:`ScoreSource` (e.g. the kernel-level state).
+        """
         import torch
 
         if not self.partial:
             return self.dense_idx
+        source = scores if isinstance(scores, ScoreSource) else AbsScores(scores)
         if self.t0 is None:
-            self._rebuild(scores)
+            self._rebuild(source)
         for attempt in range(4):
-            tops = [bucket.top(scores) for bucket in self.buckets]
+            tops = [bucket.top(source) for bucket in self.buckets]
             ties = [kth == nxt for _, _, _, kth, nxt in tops]
             slack = torch.stack([(t[3] - bucket.t0).amin() for t, bucket in zip(tops, self.buckets)]).amin() + self.margin  # type: ignore[operator]
             ok, any_tie, room = torch.stack([slack >= self.drift, torch.cat(ties).any(), slack]).tolist()
@@ -175,40 +230,36 @@ class IncrementalTopK:
             if attempt == 3:
                 raise FloatingPointError("dpai: scores are not finite; the top-k pool cannot be maintained")
             if not self.verified:  # the Adam bound is loose: measure the true drift once
-                self.drift = float((scores.detach() - self.reference).abs_().max()) * (1 + 1e-6)  # type: ignore[operator]
+                self.drift = source.drift(self.reference) * (1 + 1e-6)
                 self.verified = True
                 self.verifications += 1
                 if room >= self.drift:
                     continue
-            self._rebuild(scores)
-        picks = [self._picks(scores, bucket, top, tie, bool(any_tie)) for bucket, top, tie in zip(self.buckets, tops, ties)]
+            self._rebuild(source)
+        picks = [self._picks(source, bucket, top, tie, bool(any_tie)) for bucket, top, tie in zip(self.buckets, tops, ties)]
         if self.dense_idx.numel():
             picks.append(self.dense_idx)
         return torch.cat(picks)
 
-    def _picks(self, scores: torch.Tensor, bucket: _Bucket, top: tuple[torch.Tensor, ...], tie: torch.Tensor, any_tie: bool) -> torch.Tensor:
+    def _picks(self, source: ScoreSource, bucket: _Bucket, top: tuple[torch.Tensor, ...], tie: torch.Tensor, any_tie: bool) -> torch.Tensor:
         """Kept flat indices of one bucket, row after row."""
         import torch
 
         vals, top_v, top_i, kth, _ = top
+        if self.ties == "index":
+            self._tied = self._tied + tie.sum()
+            return bucket.lowest_first(vals, kth)
         real = top_i < bucket.width
         chosen = (top_v >= kth.unsqueeze(1)) & real
         tied = int(tie.sum()) if any_tie else 0
         if not tied:
             return bucket.pool.gather(1, torch.where(real, top_i, 0))[chosen]
-        self.tie_events += tied
-        if self.ties == "index":  # pool rows hold ascending flat indices: the first ties win
-            sel = torch.zeros(len(bucket.rows), bucket.width + bucket.kmax + 1, dtype=torch.bool, device=self.device)
-            sel = sel.scatter_(1, top_i, chosen)[:, : bucket.width]
-            above, at = vals > kth.unsqueeze(1), vals == kth.unsqueeze(1)
-            need = bucket.keep - above.sum(1)
-            lowest = above | (at & (torch.cumsum(at, 1) <= need.unsqueeze(1)))
-            return bucket.pool[torch.where(tie.unsqueeze(1), lowest, sel)]
+        self._host_ties += tied
         rows = []
         for i, r in enumerate(bucket.rows):
             layer = self.partial[r]
             if bool(tie[i]):  # the reference's full sort of the layer decides
-                rows.append(reference_topk(scores.detach()[layer.offset : layer.offset + layer.numel].abs(), layer.keep) + layer.offset)
+                rows.append(reference_topk(source.layer(layer.offset, layer.numel), layer.keep) + layer.offset)
             else:
                 rows.append(bucket.pool[i][top_i[i][chosen[i]]])
         return torch.cat(rows)

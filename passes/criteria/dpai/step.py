@@ -60,7 +60,14 @@ class SurrogateUpdate:
         small = np.int32 if max(layout.numel, layout.n_kernels, layout.n_nodes) < 2**31 else np.int64  # 4 bytes per kept entry and field
         meta = {k: torch.as_tensor(v.astype(small), device=device) for k, v in host.items()}
         self.meta = meta
-        self.kernels_per_node = layout.kernels_per_node(device)
+        # consecutive layers with equal in_ch: nodes and kernels contiguous, kernels = nodes x in_ch
+        self.node_runs: list[tuple[int, int, int, int, int]] = []  # (node start, node stop, kernel start, kernel stop, in_ch)
+        for layer in layout.layers:
+            last = self.node_runs[-1] if self.node_runs else None
+            if last is not None and last[4] == layer.in_ch and last[1] == layer.node_offset:
+                self.node_runs[-1] = (last[0], layer.node_offset + layer.out_ch, last[2], layer.kernel_offset + layer.kernels, layer.in_ch)
+            else:
+                self.node_runs.append((layer.node_offset, layer.node_offset + layer.out_ch, layer.kernel_offset, layer.kernel_offset + layer.kernels, layer.in_ch))
         self.dtype = torch.float32
         self.ones = torch.ones(len(meta["offset"]), dtype=self.dtype, device=device)
         self.live_table: torch.Tensor | None = None
@@ -105,12 +112,22 @@ class SurrogateUpdate:
         Kernel flags come dense (``kernels``) or per kept entry (``kernel_flag``, equal for
         every entry of a kernel): only kernels holding kept weights can be effective.
         """
-        c = (nodes * (self.alpha * (1 - self.beta)) - 1.0).repeat_interleave(self.kernels_per_node, output_size=self.layout.n_kernels)
+        c = self.per_kernel(nodes * (self.alpha * (1 - self.beta)) - 1.0)
         if kernels is not None:
             return c.add_(kernels, alpha=self.alpha * self.beta)
         assert kept is not None and kernel_flag is not None
         c[kept.kernel] = c[kept.kernel] + kernel_flag * (self.alpha * self.beta)
         return c
+
+    def per_kernel(self, per_node: torch.Tensor) -> torch.Tensor:
+        """Each node's value on its kernels (a broadcast per run of equal in_ch; ``repeat_interleave``
+        builds an index the size of all kernels and is ~30x slower on big models)."""
+        import torch
+
+        out = torch.empty(self.layout.n_kernels, dtype=per_node.dtype, device=per_node.device)
+        for n0, n1, k0, k1, in_ch in self.node_runs:
+            out[k0:k1].view(n1 - n0, in_ch).copy_(per_node[n0:n1].unsqueeze(1))
+        return out
 
     def expand_into(self, out: torch.Tensor, sign: torch.Tensor | None, per_kernel: torch.Tensor) -> None:
         """out[e] = sign[e] * per_kernel[kernel(e)] * live(e), one broadcast per segment.
