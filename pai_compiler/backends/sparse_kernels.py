@@ -18,7 +18,9 @@ import torch  # a module class needs nn.Module at import time (like pai_compiler
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["SparseConv2d", "SparseLinear", "PackedConv2d", "DenseLinear", "dense_conv", "pad_spatial", "layout_fits", "SPARSE_LAYOUTS", "GATHERS", "INDEX_LIMIT"]
+from pai_compiler.interp_rules import pad_spatial
+
+__all__ = ["SparseConv2d", "SparseLinear", "PackedConv2d", "DenseLinear", "dense_conv", "layout_fits", "SPARSE_LAYOUTS", "GATHERS", "INDEX_LIMIT"]
 
 #: layouts a kernel can hold its weight in; ``bsr`` needs widths divisible by its block
 SPARSE_LAYOUTS = ("csr", "bsr")
@@ -27,17 +29,6 @@ GATHERS = ("index", "copy")
 #: most entries of a cached tap-offset table (int64: 16 MiB); a bigger gather copies instead
 INDEX_LIMIT = 1 << 21
 BSR_BLOCK = 16
-
-
-def pad_spatial(x: torch.Tensor, pads: list[int]) -> torch.Tensor:
-    """Zero-pad the spatial axes by ONNX ``pads`` (all begins, then all ends)."""
-    n = len(pads) // 2
-    if not any(pads):
-        return x
-    flat: list[int] = []
-    for i in reversed(range(n)):
-        flat += [pads[i], pads[i + n]]
-    return F.pad(x, flat)
 
 
 def dense_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pads: list[int],

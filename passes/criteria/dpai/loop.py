@@ -60,6 +60,16 @@ def stats_of(values: list[float]) -> dict[str, float | int]:
     return {"log_paths": values[0], "nodes": int(values[1]), "kernels": int(values[2]), "params": int(values[3])}
 
 
+def _kernel_counts_and_gradient(program: ChannelProgram, update: SurrogateUpdate, kept: Kept) -> tuple[Any, Any, Any, Any]:
+    """Kept taps per kernel into ``program.counts``, then log P and dlogP/dW per kernel:
+    (log P, kernel gradient, counts, which kept taps' kernels have a nonzero gradient)."""
+    program.counts.zero_()
+    program.counts.index_add_(0, kept.kernel, update.ones if kept.live is None else kept.live)
+    log_p = program.forward_backward()
+    wgrad, counts = program.grad, program.counts
+    return log_p, wgrad, counts, wgrad[kept.kernel] != 0
+
+
 class ChannelStep:
     """Channel-level R_P (the fast default): kernel-level gradient, expanded over taps."""
 
@@ -69,14 +79,9 @@ class ChannelStep:
     def __call__(self, scores: torch.Tensor, kept: Kept, grad_out: torch.Tensor | None) -> Measure:
         import torch
 
-        program, update = self.program, self.update
+        update = self.update
         with torch.no_grad():
-            program.counts.zero_()
-            program.counts.index_add_(0, kept.kernel, update.ones if kept.live is None else kept.live)
-        with torch.no_grad():
-            log_p = program.forward_backward()
-            wgrad, counts = program.grad, program.counts
-            moving = wgrad[kept.kernel] != 0
+            log_p, wgrad, counts, moving = _kernel_counts_and_gradient(self.program, update, kept)
             effective = moving if kept.live is None else moving & (kept.live > 0)
             nodes = update.node_flags(effective, kept)
             if grad_out is not None:
@@ -96,13 +101,9 @@ class KernelStep:
     def __call__(self, offset: torch.Tensor, kept: Kept, grad_out: torch.Tensor | None) -> Measure:
         import torch
 
-        program, update = self.program, self.update
+        update = self.update
         with torch.no_grad():
-            program.counts.zero_()
-            program.counts.index_add_(0, kept.kernel, update.ones if kept.live is None else kept.live)
-            log_p = program.forward_backward()
-            wgrad, counts = program.grad, program.counts
-            moving = wgrad[kept.kernel] != 0
+            log_p, wgrad, counts, moving = _kernel_counts_and_gradient(self.program, update, kept)
             effective = moving if kept.live is None else moving & (kept.live > 0)
             nodes = update.node_flags(effective, kept)
             if grad_out is not None:
