@@ -23,7 +23,8 @@ from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
 from pai_compiler.passes.allocation.pattern import NMPattern, nm_mask
 
-__all__ = ["CriterionPass", "LazyScores", "topk_mask", "resolve_keep", "apply_scores", "allocation_patterns", "warn_empty_layers"]
+__all__ = ["CriterionPass", "LazyScores", "topk_mask", "resolve_keep", "apply_scores", "allocation_patterns", "require_layer_counts",
+           "warn_empty_layers"]
 
 Scope = Literal["global", "layer"]
 
@@ -73,6 +74,18 @@ def resolve_keep(am: AnalysisManager, params: list[Param], sparsity: float | Non
     if allocation is None:
         raise UsageError(f"{owner}: give a sparsity (e.g. '{owner}{{sparsity=0.9}}') or run an allocation pass first")
     return int(sum(allocation.get(p.name, p.numel) for p in params))
+
+
+def require_layer_counts(am: AnalysisManager, owner: str, *, own_sparsity: bool) -> None:
+    """Precondition of a criterion with its own per-layer top-k (dpai, npb): per-layer keep
+    counts from an earlier allocation (or its own ``sparsity``), and no N:M pattern it cannot hold."""
+    provided = am.provided(Allocation)
+    if provided is not None and provided.patterns:
+        raise UsageError(f"{owner}: the N:M pattern of '{provided.source}' is chosen by the scoring criteria (magnitude, snip, "
+                         f"grasp, synflow, random, random-erk, autosparse); {owner}'s own per-layer top-k cannot hold it yet")
+    if not own_sparsity and provided is None:
+        raise UsageError(f"{owner}: needs per-layer keep counts: run an allocation first ('erk{{sparsity=0.99}},{owner}') "
+                         f"or give {owner}{{sparsity=...}} (ERK)")
 
 
 def allocation_patterns(am: AnalysisManager) -> Mapping[str, NMPattern]:

@@ -47,9 +47,9 @@ from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.progress import metric_bar
-from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
+from pai_compiler.passes.allocation.base import check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
-from pai_compiler.passes.criteria.base import resolve_keep
+from pai_compiler.passes.criteria.base import require_layer_counts, resolve_keep
 from pai_compiler.passes.criteria.dpai.outcome import DpaiReport
 
 __all__ = ["DpaiPass", "PathMode", "TieMode", "StateMode"]
@@ -98,12 +98,7 @@ class DpaiPass(TransformPass):
             check_sparsity(self.sparsity, self.name)
 
     def requires(self, graph: Graph, am: AnalysisManager) -> None:
-        provided = am.provided(Allocation)
-        if provided is not None and provided.patterns:
-            raise UsageError(f"dpai: the N:M pattern of '{provided.source}' is chosen by the scoring criteria (magnitude, snip, "
-                             "grasp, synflow, random, random-erk, autosparse); dpai's own per-layer top-k cannot hold it yet")
-        if self.sparsity is None and provided is None:
-            raise UsageError("dpai: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},dpai') or give dpai{sparsity=...} (ERK)")
+        require_layer_counts(am, self.name, own_sparsity=self.sparsity is not None)
 
     def keep_counts(self, am: AnalysisManager, params: list[Param]) -> dict[str, int]:
         """ERK counts for ``sparsity``, else the allocation an earlier pass provided."""

@@ -86,30 +86,25 @@ class ChannelStep:
             nodes = update.node_flags(effective, kept)
             if grad_out is not None:
                 kernel_flag = (moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
-                torch.sign(scores.detach(), out=grad_out)  # then scaled in place: no sign(S) buffer
-                update.expand_into(grad_out, None, update.coefficient(nodes, kept=kept, kernel_flag=kernel_flag).mul_(wgrad))
+                self.write_gradient(grad_out, scores, update.coefficient(nodes, kept=kept, kernel_flag=kernel_flag), wgrad)
         return Measure(log_p, effective, nodes, lambda: ((counts > 0) & (wgrad != 0)).sum())
 
+    def write_gradient(self, grad_out: torch.Tensor, scores: torch.Tensor, coefficient: torch.Tensor, wgrad: torch.Tensor) -> None:
+        """Per weight: sign(S) * c * dlogP/dW of its kernel, expanded over the taps."""
+        import torch
 
-class KernelStep:
+        torch.sign(scores.detach(), out=grad_out)  # then scaled in place: no sign(S) buffer
+        self.update.expand_into(grad_out, None, coefficient.mul_(wgrad))
+
+
+class KernelStep(ChannelStep):
     """Channel-level R_P on the kernel-level state (``kernel_state``): the gradient of the
     kernel offsets O, G = c * dlogP/dW, replaces the per-weight sign(S) * G expansion."""
 
-    def __init__(self, program: ChannelProgram, update: SurrogateUpdate) -> None:
-        self.program, self.update = program, update
-
-    def __call__(self, offset: torch.Tensor, kept: Kept, grad_out: torch.Tensor | None) -> Measure:
+    def write_gradient(self, grad_out: torch.Tensor, scores: torch.Tensor, coefficient: torch.Tensor, wgrad: torch.Tensor) -> None:
         import torch
 
-        update = self.update
-        with torch.no_grad():
-            log_p, wgrad, counts, moving = _kernel_counts_and_gradient(self.program, update, kept)
-            effective = moving if kept.live is None else moving & (kept.live > 0)
-            nodes = update.node_flags(effective, kept)
-            if grad_out is not None:
-                kernel_flag = (moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
-                torch.mul(update.coefficient(nodes, kept=kept, kernel_flag=kernel_flag), wgrad, out=grad_out)
-        return Measure(log_p, effective, nodes, lambda: ((counts > 0) & (wgrad != 0)).sum())
+        torch.mul(coefficient, wgrad, out=grad_out)
 
 
 class PixelStep:

@@ -33,11 +33,11 @@ import numpy as np
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph, Node, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
-from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
+from pai_compiler.passes.allocation.base import check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.analysis.bindings import sample_bindings
 from pai_compiler.passes.analysis.node_path import is_shortcut
-from pai_compiler.passes.criteria.base import resolve_keep
+from pai_compiler.passes.criteria.base import require_layer_counts, resolve_keep
 from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
 from pai_compiler.passes.criteria.npb.linear import solve_linear
 from pai_compiler.passes.criteria.npb.milp import BlockProblem, ceil_budget, solve_block
@@ -86,12 +86,7 @@ class NpbPass(TransformPass):
             check_sparsity(self.sparsity, self.name)
 
     def requires(self, graph: Graph, am: AnalysisManager) -> None:
-        provided = am.provided(Allocation)
-        if provided is not None and provided.patterns:
-            raise UsageError(f"npb: the N:M pattern of '{provided.source}' is chosen by the scoring criteria (magnitude, snip, "
-                             "grasp, synflow, random, random-erk, autosparse); npb's own per-layer top-k cannot hold it yet")
-        if self.sparsity is None and provided is None:
-            raise UsageError("npb: needs per-layer keep counts: run an allocation first ('erk{sparsity=0.99},npb') or give npb{sparsity=...} (ERK)")
+        require_layer_counts(am, self.name, own_sparsity=self.sparsity is not None)
 
     def run(self, graph: Graph, am: AnalysisManager) -> PassResult:
         params = graph.prunable_params()
