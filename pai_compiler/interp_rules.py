@@ -472,6 +472,8 @@ def cumsum(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.
     out = torch.cumsum(x, axis)
     if node.attrs.get("exclusive"):
         out = out - x
+    target = getattr(torch, node.outputs[0].dtype, None) if node.outputs else None
+    out = out.to(target) if isinstance(target, torch.dtype) and not target.is_floating_point else out  # torch widens, ONNX keeps
     return [out.flip(axis) if node.attrs.get("reverse") else out]
 
 
