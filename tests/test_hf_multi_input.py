@@ -130,3 +130,29 @@ def test_a_data_file_feeds_only_the_first_input(tmp_path: Path) -> None:
         load_batch_for(three, data, samples_per_class=1)
     random = load_batch_for(three, "random", samples_per_class=1)
     assert random.more["token_type_ids"].max() < 4 and random.more["token_type_ids"].max() > 0
+
+
+def _gpt2() -> nn.Module:
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=32,
+                                                                bos_token_id=0, eos_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("factory,inputs", [(_bert, _tokens()), (_gpt2, {"input_ids": _tokens()["input_ids"]})], ids=["bert-two-inputs", "gpt2-use-cache"])
+def test_onnx_from_an_hf_torch_model_takes_the_named_inputs(tmp_path: Path, factory: object, inputs: dict[str, torch.Tensor]) -> None:
+    """``-o X.onnx`` from a Hugging Face module: the graph's named inputs, by keyword, no cache; ORT computes the masked model."""
+    import onnxruntime as ort
+
+    from pai_compiler.api import save_model
+    from pai_compiler.interp import Interpreter
+
+    graph = lower_module(factory(), inputs)  # type: ignore[operator]
+    result = optimize(graph, sparsity=0.8, method="magnitude")
+    out = tmp_path / "pruned.onnx"
+    save_model(result, "spec.py:model", out)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == list(inputs)
+    feeds = {name: t[:2].numpy() for name, t in inputs.items()}  # another batch size than the example: the batch axis is dynamic
+    got = session.run(None, feeds)
+    expected = Interpreter(result.graph).run([t[:2] for t in inputs.values()]).outputs
+    np.testing.assert_allclose(got[0], expected[0].numpy(), rtol=1e-4, atol=1e-5)
