@@ -156,3 +156,11 @@ def test_onnx_from_an_hf_torch_model_takes_the_named_inputs(tmp_path: Path, fact
     got = session.run(None, feeds)
     expected = Interpreter(result.graph).run([t[:2] for t in inputs.values()]).outputs
     np.testing.assert_allclose(got[0], expected[0].numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["synflow", "dpai"])
+def test_data_free_criteria_take_a_mask_input(bert_onnx: Path, method: str) -> None:
+    """SynFlow and DPaI feed all ones: the attention mask then attends everything (it picks no embedding row)."""
+    for graph in (lower_module(_bert(), _tokens()), load_onnx_model(bert_onnx)):
+        result = optimize(graph, sparsity=0.8, method=method, steps=2 if method == "dpai" else None)
+        assert _density(result.graph) == pytest.approx(0.2, abs=0.01)
