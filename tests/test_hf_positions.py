@@ -157,3 +157,35 @@ def test_onnx_export_with_dynamic_positions(tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(Interpreter(graph).run([ids]).outputs[0], model(ids), rtol=1e-5, atol=1e-6)
     assert _density(optimize(graph.clone(), sparsity=0.5, method="synflow").graph) == pytest.approx(0.5, abs=0.02)
+
+
+class _Hidden(nn.Module):
+    """``model(ids)[0]``: one tensor in and out for the exporters."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model(ids)[0]
+
+
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-dynamic", "dynamo-dynamic"])
+def test_roberta_dynamic_onnx_export_runs_its_positions(tmp_path: Path, dynamo: bool) -> None:
+    """A dynamic batch and sequence keep RoBERTa's position arithmetic in the file (CumSum, Not/Equal, ...)."""
+    model = _Hidden(_roberta()).eval()
+    path = tmp_path / "roberta.onnx"
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dims = {0: torch.export.Dim("batch", min=2), 1: torch.export.Dim("seq", min=2)}
+            torch.onnx.export(model, (_ids(),), str(path), dynamo=True, dynamic_shapes=(dims,), verbose=False)
+        else:
+            torch.onnx.export(model, (_ids(),), str(path), opset_version=17, dynamo=False, input_names=["ids"], output_names=["y"],
+                              dynamic_axes={"ids": {0: "batch", 1: "seq"}, "y": {0: "batch"}})
+    graph = load_onnx_model(path)
+    _no_unknown_opaque(graph)
+    ids = _ids(batch=2, length=6, padded=True)
+    with torch.no_grad():
+        torch.testing.assert_close(Interpreter(graph).run([ids]).outputs[0], model(ids), rtol=1e-4, atol=1e-5)
+    assert _density(optimize(graph.clone(), sparsity=0.8, method="synflow").graph) == pytest.approx(0.2, abs=0.01)
