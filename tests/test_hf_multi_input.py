@@ -156,6 +156,13 @@ def test_onnx_from_an_hf_torch_model_takes_the_named_inputs(tmp_path: Path, fact
     got = session.run(None, feeds)
     expected = Interpreter(result.graph).run([t[:2] for t in inputs.values()]).outputs
     np.testing.assert_allclose(got[0], expected[0].numpy(), rtol=1e-4, atol=1e-5)
+    import onnx
+    from onnx import numpy_helper
+
+    weights = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(out)).graph.initializer}
+    pruned = [p for p in result.graph.prunable_params() if p.mask is not None and p.origin in weights]
+    assert pruned, "initializers keep the module's own FQNs (no wrapper prefix)"
+    assert all(float((weights[p.origin] == 0).mean()) > 0.5 for p in pruned)
 
 
 @pytest.mark.parametrize("method", ["synflow", "dpai"])

@@ -100,6 +100,28 @@ def _example_input(input_shape: tuple[int, ...], index_entries: int | None) -> t
     return torch.randint(0, index_entries, (_EXAMPLE_BATCH, *input_shape), generator=generator)
 
 
+_WRAPPED = "model."
+
+
+def _unwrap_initializer_names(path: str) -> None:
+    """Initializers named ``model.<fqn>`` by the keyword wrapper get their module's own FQN back."""
+    import onnx
+
+    proto = onnx.load(path)
+    renamed = {init.name: init.name[len(_WRAPPED):] for init in proto.graph.initializer if init.name.startswith(_WRAPPED)}
+    taken = {init.name for init in proto.graph.initializer} | {v.name for v in proto.graph.input} | {n for node in proto.graph.node for n in node.output}
+    renamed = {old: new for old, new in renamed.items() if new not in taken}  # never collide with another tensor's name
+    if not renamed:
+        return
+    for init in proto.graph.initializer:
+        init.name = renamed.get(init.name, init.name)
+    for node in proto.graph.node:
+        node.input[:] = [renamed.get(name, name) for name in node.input]
+    for value in list(proto.graph.input) + list(proto.graph.output) + list(proto.graph.value_info):
+        value.name = renamed.get(value.name, value.name)
+    onnx.save(proto, path)
+
+
 def takes_use_cache(model: nn.Module) -> bool:
     """Whether ``model.forward`` has a ``use_cache`` parameter (a Hugging Face model that would build a cache)."""
     try:
@@ -146,6 +168,7 @@ def _run_named_exporter(model: nn.Module, named_inputs: Sequence[tuple[str, torc
                               training=torch.onnx.TrainingMode.EVAL, keep_initializers_as_inputs=True, opset_version=opset,
                               input_names=names, output_names=output_names, dynamic_axes=axes)
         _strip_initializer_inputs(path)
+        _unwrap_initializer_names(path)
         return
     except torch.onnx.errors.UnsupportedOperatorError:
         pass
@@ -153,6 +176,7 @@ def _run_named_exporter(model: nn.Module, named_inputs: Sequence[tuple[str, torc
     with _quiet(), _mha_fastpath_disabled():
         torch.onnx.export(wrapper, examples, path, dynamo=True, optimize=False, external_data=False, verbose=False, opset_version=opset,
                           input_names=names, output_names=output_names, dynamic_shapes=(tuple({0: batch} for _ in examples),))  # one entry: *tensors
+    _unwrap_initializer_names(path)
 
 
 def _run_exporter(model: nn.Module, example: torch.Tensor, path: str, *, dynamo: bool, opset: int) -> None:
