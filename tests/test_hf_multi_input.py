@@ -15,18 +15,22 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import transformers
+from onnx import numpy_helper
 from torch import nn
 from typer.testing import CliRunner
 
-from pai_compiler.api import optimize
+from pai_compiler.api import optimize, save_model
 from pai_compiler.backends.index_inputs import input_roles
 from pai_compiler.cli import app
 from pai_compiler.errors import UsageError
 from pai_compiler.frontends.onnx import load_onnx_model
 from pai_compiler.frontends.torch.spec import lower_module
+from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph
 from pai_compiler.lab.data import load_batch_for
 
@@ -141,11 +145,6 @@ def _gpt2() -> nn.Module:
 @pytest.mark.parametrize("factory,inputs", [(_bert, _tokens()), (_gpt2, {"input_ids": _tokens()["input_ids"]})], ids=["bert-two-inputs", "gpt2-use-cache"])
 def test_onnx_from_an_hf_torch_model_takes_the_named_inputs(tmp_path: Path, factory: object, inputs: dict[str, torch.Tensor]) -> None:
     """``-o X.onnx`` from a Hugging Face module: the graph's named inputs, by keyword, no cache; ORT computes the masked model."""
-    import onnxruntime as ort
-
-    from pai_compiler.api import save_model
-    from pai_compiler.interp import Interpreter
-
     graph = lower_module(factory(), inputs)  # type: ignore[operator]
     result = optimize(graph, sparsity=0.8, method="magnitude")
     out = tmp_path / "pruned.onnx"
@@ -156,9 +155,6 @@ def test_onnx_from_an_hf_torch_model_takes_the_named_inputs(tmp_path: Path, fact
     got = session.run(None, feeds)
     expected = Interpreter(result.graph).run([t[:2] for t in inputs.values()]).outputs
     np.testing.assert_allclose(got[0], expected[0].numpy(), rtol=1e-4, atol=1e-5)
-    import onnx
-    from onnx import numpy_helper
-
     weights = {init.name: numpy_helper.to_array(init) for init in onnx.load(str(out)).graph.initializer}
     pruned = [p for p in result.graph.prunable_params() if p.mask is not None and p.origin in weights]
     assert pruned, "initializers keep the module's own FQNs (no wrapper prefix)"

@@ -27,6 +27,7 @@ from pai_compiler.frontends.torch.fx import lower_fx
 from pai_compiler.frontends.torch.spec import lower_module
 from pai_compiler.interp import Interpreter, indexes_lookups_only
 from pai_compiler.ir import Graph, OpKind
+from pai_compiler.passes.analysis.paths import ones_inputs
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers.logging.set_verbosity_error()
@@ -96,8 +97,6 @@ def test_roberta_takes_data_free_criteria(roberta_graph: Graph, method: str) -> 
 
 def test_positions_lookup_is_a_path_source(roberta_graph: Graph) -> None:
     """The position table's lookup starts paths (it is read through the ids), unlike a positional constant."""
-    from pai_compiler.passes.analysis.paths import ones_inputs
-
     lookups = {n.name: n for n in roberta_graph.nodes if n.kind is OpKind.OPAQUE and n.attrs.get("op") == "embedding"}
     assert len(lookups) == 3 and not any(n.attrs.get("positional") for n in lookups.values())
     seen: dict[str, torch.Tensor] = {}

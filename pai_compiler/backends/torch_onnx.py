@@ -105,7 +105,7 @@ _WRAPPED = "model."
 
 def _unwrap_initializer_names(path: str) -> None:
     """Initializers named ``model.<fqn>`` by the keyword wrapper get their module's own FQN back."""
-    import onnx
+    import onnx  # heavy: only an export loads it
 
     proto = onnx.load(path)
     renamed = {init.name: init.name[len(_WRAPPED):] for init in proto.graph.initializer if init.name.startswith(_WRAPPED)}
