@@ -23,6 +23,7 @@ from torch import nn
 
 from pai_compiler.api import optimize
 from pai_compiler.frontends.onnx import load_onnx_model
+from pai_compiler.frontends.torch.export import lower_export
 from pai_compiler.frontends.torch.fx import lower_fx
 from pai_compiler.frontends.torch.spec import lower_module
 from pai_compiler.interp import Interpreter, indexes_lookups_only
@@ -188,3 +189,32 @@ def test_roberta_dynamic_onnx_export_runs_its_positions(tmp_path: Path, dynamo: 
     with torch.no_grad():
         torch.testing.assert_close(Interpreter(graph).run([ids]).outputs[0], model(ids), rtol=1e-4, atol=1e-5)
     assert _density(optimize(graph.clone(), sparsity=0.8, method="synflow").graph) == pytest.approx(0.2, abs=0.01)
+
+
+class _MaskLogic(nn.Module):
+    """``|``, ``~`` and comparisons on bool masks are logical; on integers they are bitwise and stay opaque."""
+
+    def __init__(self, bitwise_ints: bool) -> None:
+        super().__init__()
+        self.words = nn.Embedding(VOCAB, 8)
+        self.head = nn.Linear(8, 3)
+        self.bitwise_ints = bitwise_ints
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = (ids.ne(PAD) | ids.eq(5)) & ~ids.gt(100)
+        picked = ids | 3 if self.bitwise_ints else ids
+        return self.head(self.words(picked) * keep.unsqueeze(-1).float())
+
+
+@pytest.mark.parametrize("lower", [lower_fx, lower_export], ids=["fx", "export"])
+def test_bool_logic_is_real_and_integer_bitwise_is_opaque(lower: Any) -> None:
+    torch.manual_seed(0)
+    model = _MaskLogic(bitwise_ints=False).eval()
+    graph = lower(model, _ids())
+    _no_unknown_opaque(graph)
+    ids = _ids(padded=True)
+    ids[0, 0] = 101
+    with torch.no_grad():
+        torch.testing.assert_close(Interpreter(graph).run([ids]).outputs[0], model(ids))
+    bitwise = lower(_MaskLogic(bitwise_ints=True).eval(), _ids())
+    assert [n.attrs.get("reason") for n in bitwise.nodes if n.kind is OpKind.OPAQUE and n.attrs.get("op") is None] == ["bitwise op on integers"]
