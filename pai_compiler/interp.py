@@ -44,14 +44,14 @@ import torch.nn.functional as F
 
 from pai_compiler.errors import PaicError
 from pai_compiler.interp_rules import (
-    add, attention, broadcast_operands, constant, embedding, path_add, path_embedding, path_identity, path_mul, pad_spatial,
-    dynamic_gather, path_shape_data, path_where, pool, real_mul, real_norm, real_pointwise, reshape, shape_data, split, where,
+    add, attention, broadcast_operands, compare, constant, cumsum, embedding, gather_along, path_add, path_embedding, path_identity,
+    path_mul, pad_spatial, dynamic_gather, path_shape_data, path_where, pool, real_mul, real_norm, real_pointwise, reshape, shape_data, split, where,
 )
 from pai_compiler.ir import Graph, Node, OpKind, Param, Value
 
 __all__ = [
     "Interpreter", "InterpResult", "NodeEvaluation", "bound_dims", "conv_forward", "param_tensor", "torch_ready",
-    "is_float_array", "rule_for", "indexes_lookups_only", "index_lookups", "RULES", "PATH_RULES", "OPAQUE_RULES", "Rule",
+    "is_float_array", "rule_for", "is_index_data", "indexes_lookups_only", "index_lookups", "RULES", "PATH_RULES", "OPAQUE_RULES", "Rule",
 ]
 
 Mode = Literal["real", "paths"]
@@ -377,6 +377,9 @@ OPAQUE_RULES: dict[str, tuple[Rule, Rule]] = {
     "shape_data": (shape_data, path_shape_data),
     "gather": (dynamic_gather, dynamic_gather),
     "where": (where, path_where),
+    "compare": (compare, compare),
+    "cumsum": (cumsum, cumsum),
+    "gather_elements": (gather_along, gather_along),
 }
 
 
@@ -384,21 +387,35 @@ def rule_for(node: Node, mode: Mode) -> Rule | None:
     """The interpreter's rule for ``node`` in ``mode`` (None: the node cannot be evaluated).
 
     ``paths`` mode takes the path rule where one exists and the real rule otherwise; an opaque
-    node has a rule only when ``attrs["op"]`` is a key of ``OPAQUE_RULES``.
+    node has a rule only when ``attrs["op"]`` is a key of ``OPAQUE_RULES``. A node whose outputs
+    are all integer or bool is index data (positions computed from the ids, masks): it carries
+    no paths, so it keeps its real semantics in both modes.
     """
+    if mode == "paths" and node.kind is not OpKind.OPAQUE and node.outputs and all(is_index_data(v) for v in node.outputs):
+        mode = "real"
     if node.kind is OpKind.OPAQUE:
         pair = OPAQUE_RULES.get(node.attrs.get("op", ""))
         return None if pair is None else pair[mode == "paths"]
     return (PATH_RULES if mode == "paths" else {}).get(node.kind) or RULES.get(node.kind)
 
 
+def is_index_data(value: Value) -> bool:
+    """An integer or bool value: indices, positions or a mask, never a path carrier."""
+    return not value.dtype.startswith(("float", "bfloat"))
+
+
 def indexes_lookups_only(value: Value) -> bool:
     """True when every reader of ``value`` is an embedding lookup (it is only ever indices),
-    directly or through data movement (``input_ids.view(-1, seq)``: a RESHAPE node)."""
+    directly, through data movement (``input_ids.view(-1, seq)``: a RESHAPE node) or through
+    index arithmetic that the interpreter runs (RoBERTa's positions ``cumsum(ids != pad) * mask + pad``):
+    a node whose outputs are all integer/bool and, in turn, only index lookups."""
     def indexes(n: Node) -> bool:
         if n.kind is OpKind.OPAQUE and n.attrs.get("op") == "embedding":
             return n.inputs[0] is value
-        return n.kind is OpKind.RESHAPE and n.inputs[0] is value and indexes_lookups_only(n.outputs[0])
+        if n.kind is OpKind.RESHAPE and n.inputs[0] is value:
+            return indexes_lookups_only(n.outputs[0])
+        return (bool(n.outputs) and all(is_index_data(v) for v in n.outputs) and rule_for(n, "real") is not None
+                and all(indexes_lookups_only(v) for v in n.outputs))
 
     return bool(value.uses) and all(indexes(n) for n in value.uses)
 

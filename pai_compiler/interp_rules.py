@@ -26,7 +26,8 @@ from pai_compiler.ir.shape_program import ShapeProgram, gather_elements
 __all__ = [
     "RuleContext", "AttentionOutput", "BINARY_FN", "UNARY_FN", "pad_spatial", "pad_all_axes", "real_pointwise",
     "real_norm", "pool", "reshape", "broadcast_operands", "constant", "split", "real_mul", "add", "path_mul",
-    "path_identity", "path_add", "attention", "lookup_shape", "embedding", "path_embedding",
+    "path_identity", "path_add", "attention", "lookup_shape", "embedding", "path_embedding", "COMPARE_FN", "compare", "cumsum",
+    "gather_along",
 ]
 
 
@@ -442,6 +443,46 @@ def dynamic_gather(it: RuleContext, node: Node, args: list[torch.Tensor]) -> lis
     idx = torch.where(idx < 0, idx + data.shape[axis], idx)
     flat = torch.index_select(data, axis, idx.reshape(-1))
     return [flat.reshape(*data.shape[:axis], *idx.shape, *data.shape[axis + 1 :])]
+
+
+#: ``op="compare"`` functions: a bool of one operand (``not``), of two (broadcast), or of one and ``attrs["scalar"]``
+COMPARE_FN: dict[str, Callable[[torch.Tensor, Any], torch.Tensor]] = {
+    "eq": torch.eq, "ne": torch.ne, "lt": torch.lt, "le": torch.le, "gt": torch.gt, "ge": torch.ge,
+    "and": lambda a, b: torch.logical_and(a, b), "or": lambda a, b: torch.logical_or(a, b),
+    "xor": lambda a, b: torch.logical_xor(a, b), "not": lambda a, b: torch.logical_not(a),
+}
+
+
+def compare(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Index data: ``fn(args[0], args[1] or attrs["scalar"])`` as a bool tensor (``ne(input_ids, pad)``, mask ``and``)."""
+    fn = node.attrs["fn"]
+    if fn not in COMPARE_FN:
+        raise PaicError(f"node {node.name!r}: comparison {fn!r} has no torch rule (known: {', '.join(COMPARE_FN)})")
+    other = args[1] if len(args) > 1 else node.attrs.get("scalar")
+    return [COMPARE_FN[fn](args[0], other)]
+
+
+def cumsum(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Index data: the running sum along ``axis`` (``exclusive``/``reverse`` as ONNX CumSum); a bool
+    input counts as int64, as torch's does."""
+    x = args[0].long() if args[0].dtype == torch.bool else args[0]
+    axis = int(node.attrs.get("axis", 0)) % max(x.dim(), 1)
+    if node.attrs.get("reverse"):
+        x = x.flip(axis)
+    out = torch.cumsum(x, axis)
+    if node.attrs.get("exclusive"):
+        out = out - x
+    target = getattr(torch, node.outputs[0].dtype, None) if node.outputs else None
+    out = out.to(target) if isinstance(target, torch.dtype) and not target.is_floating_point else out  # torch widens, ONNX keeps
+    return [out.flip(axis) if node.attrs.get("reverse") else out]
+
+
+def gather_along(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``torch.gather(data, axis, indices)`` (ONNX GatherElements): ``out[i][j] = data[i][indices[i][j]]`` on axis 1."""
+    data, idx = args
+    axis = int(node.attrs.get("axis", 0)) % data.dim()
+    idx = idx.to(device=data.device, dtype=torch.int64)
+    return [torch.gather(data, axis, torch.where(idx < 0, idx + data.shape[axis], idx))]
 
 
 def shape_data(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:

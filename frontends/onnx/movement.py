@@ -68,7 +68,8 @@ def _reshape(m: Movement) -> Shaped:
 
 def _flatten(m: Movement) -> Shaped:
     s = m.shape
-    axis = int(m.attrs.get("axis", 1)) % len(s) if s is not None else 1
+    axis = int(m.attrs.get("axis", 1)) if s is not None else 1
+    axis = axis + len(s) if s is not None and axis < 0 else axis  # ONNX: axis in [-r, r]; r flattens to (N, 1)
     return ((prod(s[:axis]), prod(s[axis:])) if s is not None else None), {"op": "reshape"}
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import sympy
 import torch
 
+from pai_compiler.frontends.torch.index_ops import ATEN_INDEX_RULES, COMPARE_NAMES, lower_compare
 from pai_compiler.frontends.torch.operands import BATCH, TorchConst, perm_of
 from pai_compiler.ir import Value
 
@@ -286,6 +287,9 @@ def _guard(w: Any, n: Any, a: dict[str, Any]) -> Any:
     x = a["self"]
     if isinstance(x, SafeSoftmaxGuard) or (str(n.target).startswith("aten.eq") and a.get("other") == float("-inf")):
         return SafeSoftmaxGuard()
+    fn = COMPARE_NAMES.get(str(n.target).split(".")[1] if str(n.target).count(".") >= 1 else "")
+    if fn is not None and isinstance(x, Value):
+        return lower_compare(w, n, fn, x, a.get("other"), str(n.target))  # index data: a mask or ``ids == pad``
     return w.lw.opaque(n.name, [x] if isinstance(x, Value) else [], [w.shape(n)], str(n.target), "boolean tensor op")
 
 
@@ -314,7 +318,7 @@ ATEN_RULES: dict[str, Rule] = {
     "hardsigmoid": _unary("hardsigmoid", alpha=1.0 / 6.0, beta=0.5),
     "dropout": _alias, "dropout_": _alias, "feature_dropout": _alias, "alpha_dropout": _alias, "native_dropout": _dropout_pair,
     "_assert_tensor_metadata": _nothing, "_assert_scalar": _nothing, "_assert_async": _nothing, "clone": _alias, "contiguous": _alias, "alias": _alias, "detach": _alias, "lift_fresh_copy": _alias,
-    "_to_copy": _to_copy, "to": _to_copy, "index": _index, "__and__": _logical_and, "bitwise_and": _logical_and,
+    "_to_copy": _to_copy, "to": _to_copy, "type_as": lambda w, n, a: _to_copy(w, n, {"self": a["self"]}), "index": _index, "__and__": _logical_and, "bitwise_and": _logical_and,
     "logical_and": _logical_and,
     "add": _binary("add"), "add_": _binary("add"), "sub": _binary("sub"), "rsub": _binary("sub", swap=True),
     "mul": _binary("mul"), "div": _binary("div"), "pow": _binary("pow"), "maximum": _binary("max"), "minimum": _binary("min"),
@@ -335,3 +339,5 @@ ATEN_RULES: dict[str, Rule] = {
 for _op in ("relu", "relu_", "sigmoid", "tanh", "silu", "silu_", "mish", "hardswish", "selu", "exp", "log", "sqrt", "neg",
             "abs", "erf", "sin", "cos", "reciprocal", "sign", "floor", "ceil", "round", "softsign"):
     ATEN_RULES.setdefault(_op, _unary(_op.rstrip("_")))
+for _op, _rule in ATEN_INDEX_RULES.items():
+    ATEN_RULES.setdefault(_op, _rule)  # eq and logical_not keep the safe-softmax guard, which falls back to them

@@ -407,6 +407,13 @@ class TorchLowering:
         return self.emit(OpKind.OPAQUE, label, [indices], [shape], params={"table": p}, attrs=attrs, origin=origin,
                          dtype=str(p.data.dtype))[0]
 
+    def index_op(self, label: str, op: str, items: Sequence[Any], shape: tuple[Dim, ...], origin: str, dtype: str, **attrs: Any) -> Value:
+        """An opaque node the interpreter runs (``attrs["op"]`` in its ``OPAQUE_RULES``): index data
+        such as ``compare``, ``cumsum`` or ``gather_elements`` on integer/bool tensors."""
+        values = [self.value(t, f"{label}_{i}") for i, t in enumerate(items)]
+        attrs = {"op": op, **attrs, "op_type": origin, "domain": f"torch.{self.frontend}"}
+        return self.emit(OpKind.OPAQUE, label, values, [shape], attrs=attrs, origin=origin, dtype=dtype)[0]
+
     def opaque(self, label: str, items: Sequence[Any], shapes: Sequence[tuple[Dim, ...] | None], origin: str, why: str,
                dtype: str | None = None) -> Any:
         """An operation paic has no rule for; ``dtype`` defaults to the first operand's."""

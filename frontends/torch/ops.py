@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pai_compiler.errors import ModelError
+from pai_compiler.frontends.torch.index_ops import FX_INDEX_RULES
 from pai_compiler.frontends.torch.operands import AttentionWeights, TorchConst, perm_of
 from pai_compiler.ir import Value
 
@@ -458,7 +459,8 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.clamp: _clamp, torch.clip: _clamp, "Tensor.clamp": _clamp, "Tensor.clip": _clamp,
     F.dropout: _alias, F.dropout1d: _alias, F.dropout2d: _alias, F.dropout3d: _alias, F.alpha_dropout: _alias,
     "Tensor.contiguous": _alias, "Tensor.clone": _alias, "Tensor.detach": _alias, torch.clone: _alias,
-    "Tensor.to": _to, "Tensor.float": _to, "Tensor.type_as": _to, "Tensor.type": _to,
+    "Tensor.to": _to, "Tensor.float": _to, "Tensor.type_as": _to, "Tensor.type": _to, "Tensor.double": _to,
+    "Tensor.int": _to, "Tensor.long": _to, "Tensor.bool": _to,
     torch.flatten: _reshape, "Tensor.flatten": _reshape, "Tensor.view": _reshape, "Tensor.reshape": _reshape,
     torch.reshape: _reshape, "Tensor.unsqueeze": _reshape, torch.unsqueeze: _reshape, "Tensor.squeeze": _reshape,
     torch.squeeze: _reshape, "Tensor.unflatten": _reshape, torch.unflatten: _reshape, "Tensor.view_as": _reshape,
@@ -490,3 +492,5 @@ for _name, _op in UNARY.items():
             FUNCTION_RULES.setdefault(_key, _unary(_op))
 for _name in ("relu_", "sigmoid_", "tanh_"):
     FUNCTION_RULES[f"Tensor.{_name}"] = _unary(_name.rstrip("_"))
+for _key, _rule in FX_INDEX_RULES.items():
+    FUNCTION_RULES.setdefault(_key, _rule)

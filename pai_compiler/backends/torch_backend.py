@@ -10,7 +10,9 @@
   with pruned entries zeroed, bool masks by parameter FQN, and paic version / pipeline /
   model spec / input shape. :func:`load_pt` restores it onto a fresh module.
 * :func:`write_torch_onnx` exports the masked module with the legacy exporter (dynamic
-  batch, constant folding off so initializers keep their FQNs), atomically.
+  batch, constant folding off so initializers keep their FQNs), atomically; a model with
+  several inputs or a ``use_cache`` flag (Hugging Face) is exported with the graph's named
+  inputs, by keyword, ``use_cache=False``.
 """
 from __future__ import annotations
 
@@ -26,12 +28,14 @@ from torch import nn
 
 from pai_compiler._version import __version__
 from pai_compiler.backends.onnx_masked import set_metadata
-from pai_compiler.backends.index_inputs import input_index_entries
-from pai_compiler.backends.torch_onnx import export_onnx
+from pai_compiler.backends.index_inputs import input_index_entries, input_roles
+from pai_compiler.backends.torch_onnx import export_onnx, takes_use_cache
 from pai_compiler.errors import PaicError
+from pai_compiler.interp import bound_dims
 from pai_compiler.io import atomic_write, save_torch_atomic
+from pai_compiler.passes.analysis.bindings import sample_bindings
 
-__all__ = ["attach_masks", "masked_state_dict", "module_of", "write_pt", "load_pt", "write_torch_onnx", "masks_of"]
+__all__ = ["attach_masks", "masked_state_dict", "module_of", "write_pt", "load_pt", "write_torch_onnx", "masks_of", "named_examples"]
 
 
 def module_of(graph: Any) -> nn.Module:
@@ -161,6 +165,33 @@ def load_pt(path: str | os.PathLike[str], model: nn.Module, *, attach: bool = Tr
     return model
 
 
+_EXAMPLE_BATCH = 2
+
+
+def named_examples(graph: Any) -> list[tuple[str, torch.Tensor]]:
+    """A seeded example batch of 2 for each graph input, by name: indices below the smallest
+    table they pick rows of, all-ones masks, N(0, 1) floats (see :func:`input_roles`)."""
+    generator = torch.Generator().manual_seed(0)
+    bind = {**sample_bindings(graph), **{name: _EXAMPLE_BATCH for name in _batch_symbols(graph)}}
+    out = []
+    for value, role in zip(graph.inputs, input_roles(graph)):
+        if value.shape is None:
+            raise PaicError(f"cannot export to ONNX: input {value.name!r} has an unknown shape (give --input-shape {value.name}=...)")
+        dims = bound_dims(value.shape, bind)
+        dtype = getattr(torch, role.dtype, torch.float32)
+        if role.kind == "indices":
+            out.append((value.name, torch.randint(0, int(role.entries or 1), dims, generator=generator).to(dtype)))
+        elif role.kind == "mask":
+            out.append((value.name, torch.ones(dims, dtype=dtype)))
+        else:
+            out.append((value.name, torch.randn(dims, generator=generator).to(dtype)))
+    return out
+
+
+def _batch_symbols(graph: Any) -> set[str]:
+    return {s.name for v in graph.inputs if v.shape and not isinstance(v.shape[0], int) for s in v.shape[0].free_symbols}
+
+
 def write_torch_onnx(result: Any, out: str | os.PathLike[str]) -> None:
     """Export the masked module to ONNX (legacy exporter, dynamic batch), atomically."""
     import onnx
@@ -171,11 +202,13 @@ def write_torch_onnx(result: Any, out: str | os.PathLike[str]) -> None:
         raise PaicError("cannot export to ONNX: the model's input shape is unknown (give --input-shape)")
     model = copy.deepcopy(module_of(graph))
     model.load_state_dict(masked_state_dict(model, masks_of(result)))
+    named = named_examples(graph) if len(graph.inputs) > 1 or takes_use_cache(model) else None
     with atomic_write(out) as tmp:
         try:
-            export_onnx(model, tuple(shape[1:]), tmp, index_entries=input_index_entries(graph))
+            export_onnx(model, tuple(shape[1:]), tmp, index_entries=input_index_entries(graph), named_inputs=named)
         except Exception as exc:
-            raise PaicError(f"torch.onnx.export failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
+            hint = "; write the masked module with -o X.pt instead" if named else ""
+            raise PaicError(f"torch.onnx.export failed: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}{hint}") from None
         proto = onnx.load(str(tmp))
         set_metadata(proto, {"paic.version": __version__, "paic.pipeline": getattr(result, "pipeline", "")})
         onnx.save(proto, str(tmp))

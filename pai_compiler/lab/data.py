@@ -9,7 +9,11 @@ the *whole* ``x_train`` array unless ``mean``/``std`` are given. ``"random"`` (o
 for) gives N(0, 1) inputs of ``input_shape`` with ``samples_per_class`` labels of every class
 in a seeded random order. A model whose input only indexes embedding lookups gets integer
 indices instead (``load_index_batch``: uniform in the table for ``"random"``, the file's
-integers as they are). Every failure is a
+integers as they are). A model with several inputs gets a batch for each of the others too
+(``Batch.more``, by input name): uniform indices below the smallest table an embedding input
+picks rows of, all ones for an integer input that picks none (an attention mask), N(0, 1)
+floats otherwise; a data file feeds only the first input, so only masks are filled in for it.
+Every failure is a
 one-line :class:`~pai_compiler.errors.UsageError` (bad file, missing key, shape mismatch).
 """
 from __future__ import annotations
@@ -25,22 +29,26 @@ from typing import Any
 import numpy as np
 import sympy
 
-from pai_compiler.backends.index_inputs import input_index_entries
+from pai_compiler.backends.index_inputs import InputRole, input_index_entries, input_roles
 from pai_compiler.errors import UsageError
 from pai_compiler.passes.analysis.bindings import sample_bindings
 
-__all__ = ["Batch", "load_prune_batch", "load_batch_for", "load_index_batch", "RANDOM_DATA"]
+__all__ = ["Batch", "load_prune_batch", "load_batch_for", "load_index_batch", "other_inputs", "RANDOM_DATA"]
 
 RANDOM_DATA = "random"
 
 
 @dataclass(frozen=True)
 class Batch:
-    """A prune batch: inputs ``x`` (float32, N x C x ...; int64 embedding indices), labels ``y`` (int64, N) and provenance."""
+    """A prune batch: inputs ``x`` (float32, N x C x ...; int64 embedding indices), labels ``y`` (int64, N) and provenance.
+
+    ``more`` holds the model's other inputs by name (N rows each), in the graph's input order.
+    """
 
     x: np.ndarray
     y: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    more: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -227,18 +235,51 @@ def load_batch_for(graph: Any, source: str | os.PathLike[str], *, samples_per_cl
     from ``bind`` (default 1, as everywhere a symbol is unbound).
 
     A model whose first input is integer and only indexes embedding lookups gets an index
-    batch instead (:func:`load_index_batch`).
+    batch instead (:func:`load_index_batch`); the graph's other inputs are filled in by role
+    (:func:`other_inputs`).
     """
     inputs, outputs = graph.inputs, graph.outputs
-    shape = inputs[0].shape if inputs else None
     sizes = {sympy.Symbol(k, integer=True, positive=True): v for k, v in sample_bindings(graph, bind).items()}
-    input_shape = None if shape is None else tuple(int(sympy.sympify(d).subs(sizes)) for d in shape[1:])
+
+    def sample_shape(value: Any) -> tuple[int, ...] | None:
+        return None if value.shape is None else tuple(int(sympy.sympify(d).subs(sizes)) for d in value.shape[1:])
+
+    input_shape = sample_shape(inputs[0]) if inputs else None
     out_shape = outputs[0].shape if outputs else None
     classes = out_shape[-1] if out_shape and isinstance(out_shape[-1], int) else None
     vocab = input_index_entries(graph)
     if vocab is not None:
-        return load_index_batch(source, vocab, samples_per_class=samples_per_class, seed=seed, input_shape=input_shape, num_classes=classes)
-    return load_prune_batch(source, samples_per_class=samples_per_class, seed=seed, input_shape=input_shape, num_classes=classes)
+        batch = load_index_batch(source, vocab, samples_per_class=samples_per_class, seed=seed, input_shape=input_shape, num_classes=classes)
+    else:
+        batch = load_prune_batch(source, samples_per_class=samples_per_class, seed=seed, input_shape=input_shape, num_classes=classes)
+    if len(inputs) < 2:
+        return batch
+    shapes = {v.name: sample_shape(v) for v in inputs[1:]}
+    more = other_inputs(input_roles(graph)[1:], shapes, len(batch), seed, random=str(source) == RANDOM_DATA)
+    return Batch(batch.x, batch.y, batch.meta, more)
+
+
+def other_inputs(roles: Sequence[InputRole], shapes: Mapping[str, tuple[int, ...] | None], samples: int, seed: int, *,
+                 random: bool) -> dict[str, np.ndarray]:
+    """Arrays of ``samples`` rows for a model's inputs after the first, by role: uniform indices
+    in ``[0, entries)``, all-ones masks, N(0, 1) floats (seeded per input). A data file holds
+    the first input only: any other input but a mask is refused."""
+    out: dict[str, np.ndarray] = {}
+    for index, role in enumerate(roles, start=1):
+        shape = shapes.get(role.name)
+        if shape is None:
+            raise UsageError(f"input {role.name!r} has an unknown shape; export the model with a known input shape to feed it data")
+        if role.kind != "mask" and not random:
+            raise UsageError(f"input {role.name!r} ({role.kind}) gets no data from a file (x_train feeds the first input only); "
+                             "use --data random, or export the model with that input folded in")
+        rng = np.random.default_rng([seed, index])
+        if role.kind == "indices":
+            out[role.name] = rng.integers(0, int(role.entries or 1), size=(samples, *shape), dtype=np.int64).astype(role.dtype)
+        elif role.kind == "mask":
+            out[role.name] = np.ones((samples, *shape), dtype=np.bool_ if role.dtype == "bool" else role.dtype)
+        else:
+            out[role.name] = rng.standard_normal((samples, *shape)).astype(np.float32)
+    return out
 
 
 def load_index_batch(

@@ -63,10 +63,10 @@ class GraspPass(CriterionPass):
         names = list(leaves)
         inputs = [leaves[n] for n in names]
 
-        def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def loss(x: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
             it = interpreter(graph, am, dtype)  # fresh per chunk: the batch size binds symbolic dims
             it.weights = masked_weights(leaves, masks)
-            return prune_loss(it.run([x]).outputs[0] / self.temperature, y)
+            return prune_loss(it.run(x).outputs[0] / self.temperature, y)
 
         stopped = [torch.zeros_like(t) for t in inputs]
         for x, y in batches:

@@ -2,7 +2,7 @@
 
 As in Synaptic-Flow (``SNIP``): the gradient is taken at the (masked) initial weights, in eval
 mode (norms use their running statistics), summed over the prune batches (mean cross-entropy
-per batch of ``batch_size`` samples, or of the model's own batch when it was exported with a
+per batch of ``batch_size`` samples; every graph input is fed, the first with the labels' samples, or of the model's own batch when it was exported with a
 static one), and the scores are divided by their global sum. Logits of rank > 2 (a sequence
 model's ``(batch, tokens, features)``) are scored per position, the last axis as classes and
 each sample's label repeated over its positions (:func:`prune_loss`). Already
@@ -87,12 +87,12 @@ def masked_weights(leaves: dict[str, torch.Tensor], masks: dict[str, torch.Tenso
 
 
 def model_io(graph: Graph, owner: str) -> tuple[Value, Value]:
-    """The single float input (or embedding indices) and the first output of the model, checked for a classifier."""
+    """The first input (float, or embedding indices: the labels' sample) and the first output of the model, checked for a classifier."""
     from pai_compiler.interp import indexes_lookups_only
 
     inputs = graph.inputs
-    if len(inputs) != 1:
-        raise UsageError(f"{owner}: needs a model with one input, this one has {len(inputs)}")
+    if not inputs:
+        raise UsageError(f"{owner}: the model has no input")
     if not inputs[0].dtype.startswith("float") and not indexes_lookups_only(inputs[0]):
         raise UsageError(f"{owner}: the model input {inputs[0].name!r} is {inputs[0].dtype}; a float image/feature input "
                          "(or the integer indices of embedding lookups) is needed")
@@ -102,6 +102,31 @@ def model_io(graph: Graph, owner: str) -> tuple[Value, Value]:
     if not output.dtype.startswith(("float", "bfloat")):
         raise UsageError(f"{owner}: the first output {output.name!r} is {output.dtype}; cross-entropy needs float logits (export the logits first)")
     return inputs[0], output
+
+
+def _check_samples(x: np.ndarray, value: Value, owner: str) -> None:
+    want = value.shape or ()
+    for axis, (have, dim) in enumerate(zip(x.shape[1:], want[1:]), start=1):
+        if isinstance(dim, int) and have != dim:
+            raise UsageError(f"{owner}: data samples have shape {tuple(x.shape[1:])}, the model input {value.name!r} is {tuple(want[1:])} (axis {axis})")
+    if x.ndim != len(want) and want:
+        raise UsageError(f"{owner}: data samples have shape {tuple(x.shape[1:])}, the model input {value.name!r} has rank {len(want)}")
+
+
+def _batch_arrays(graph: Graph, batch: Any, owner: str) -> list[np.ndarray]:
+    """One array per graph input: ``batch.x`` for the first, ``batch.more[name]`` for the others, checked."""
+    more = getattr(batch, "more", None) or {}
+    arrays = [np.asarray(batch.x)]
+    for value in graph.inputs[1:]:
+        if value.name not in more:
+            raise UsageError(f"{owner}: the prune batch has no data for model input {value.name!r}; "
+                             "load it for this graph (--data random, or lab.data.load_batch_for(graph, ...))")
+        arrays.append(np.asarray(more[value.name]))
+    for value, array in zip(graph.inputs, arrays):
+        _check_samples(array, value, owner)
+        if array.shape[0] != arrays[0].shape[0]:
+            raise UsageError(f"{owner}: input {value.name!r} has {array.shape[0]} samples, input {graph.inputs[0].name!r} {arrays[0].shape[0]}")
+    return arrays
 
 
 def prune_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -128,34 +153,32 @@ def _chunks(x_value: Value, batch_size: int, samples: int, owner: str) -> range:
     return range(0, samples - samples % lead, lead)
 
 
-def prune_batches(graph: Graph, am: AnalysisManager, owner: str, batch_size: int, dtype: torch.dtype) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) chunks of the run's prune batch on ``am.context.device``; refuse without data."""
+def prune_batches(graph: Graph, am: AnalysisManager, owner: str, batch_size: int, dtype: torch.dtype) -> Iterator[tuple[list[torch.Tensor], torch.Tensor]]:
+    """(inputs, y) chunks of the run's prune batch on ``am.context.device``, one tensor per graph
+    input (floats in ``dtype``, integers as they are); refuse without data."""
     import torch
 
     batch: Any = am.context.data
     if batch is None:
         raise UsageError(f"{owner} is data-driven: pass --data FILE.npz (x_train/y_train, e.g. ../shared/data/cifar10.npz) or --data random")
     x_value, out_value = model_io(graph, owner)
-    x, y = np.asarray(batch.x), np.asarray(batch.y)
-    if x.shape[0] == 0 or x.shape[0] != y.shape[0]:
-        raise UsageError(f"{owner}: the prune batch holds {x.shape[0]} inputs and {y.shape[0]} labels; need a non-empty, matching pair")
-    want = x_value.shape or ()
-    for axis, (have, dim) in enumerate(zip(x.shape[1:], want[1:]), start=1):
-        if isinstance(dim, int) and have != dim:
-            raise UsageError(f"{owner}: data samples have shape {tuple(x.shape[1:])}, the model input {x_value.name!r} is {tuple(want[1:])} (axis {axis})")
-    if x.ndim != len(want) and want:
-        raise UsageError(f"{owner}: data samples have shape {tuple(x.shape[1:])}, the model input {x_value.name!r} has rank {len(want)}")
+    y = np.asarray(batch.y)
+    arrays = _batch_arrays(graph, batch, owner)
+    if arrays[0].shape[0] == 0 or arrays[0].shape[0] != y.shape[0]:
+        raise UsageError(f"{owner}: the prune batch holds {arrays[0].shape[0]} inputs and {y.shape[0]} labels; need a non-empty, matching pair")
     classes = out_value.shape[-1] if out_value.shape else None
     if isinstance(classes, int) and y.size and (int(y.min()) < 0 or int(y.max()) >= classes):
         raise UsageError(f"{owner}: labels run {int(y.min())}..{int(y.max())}, the model has {classes} outputs")
     device = torch_device(am, owner)
-    starts = _chunks(x_value, batch_size, x.shape[0], owner)
+    starts = _chunks(x_value, batch_size, y.shape[0], owner)
     chunk = starts.step
     for start in starts:
-        xb = torch.as_tensor(x[start : start + chunk], device=device)
-        xb = xb.to(dtype) if x_value.dtype.startswith("float") else xb.long()  # embedding indices stay integers
+        chunks = []
+        for value, array in zip(graph.inputs, arrays):
+            t = torch.as_tensor(array[start : start + chunk], device=device)
+            chunks.append(t.to(dtype) if value.dtype.startswith("float") else t if t.dtype == torch.bool else t.long())  # indices stay integers
         yb = torch.as_tensor(y[start : start + chunk], device=device).long()
-        yield xb, yb
+        yield chunks, yb
 
 
 def interpreter(graph: Graph, am: AnalysisManager, dtype: torch.dtype) -> Interpreter:
@@ -199,10 +222,10 @@ class SnipPass(CriterionPass):
         dtype = torch_dtype(self.precision)
         batches = list(prune_batches(graph, am, self.name, self.batch_size, dtype))
         leaves, masks = masked_leaves(params, dtype, torch_device(am, self.name))
-        for x, y in batches:
+        for inputs, y in batches:
             it = interpreter(graph, am, dtype)  # fresh per chunk: the batch size binds symbolic dims
             it.weights = masked_weights(leaves, masks)
-            logits = it.run([x]).outputs[0]
+            logits = it.run(inputs).outputs[0]
             prune_loss(logits, y).backward()
         raw = {name: (leaf.grad * leaf.detach()).abs() if leaf.grad is not None else torch.zeros_like(leaf) for name, leaf in leaves.items()}
         total = sum(t.sum() for t in raw.values())

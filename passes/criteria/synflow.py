@@ -80,13 +80,14 @@ def _kept(masks: dict[str, torch.Tensor]) -> int:
 
 
 def _check_inputs(graph: Graph) -> None:
-    """SynFlow feeds all-ones float inputs: an integer input is accepted only as lookup indices."""
-    from pai_compiler.interp import indexes_lookups_only  # imports torch
+    """SynFlow feeds all-ones float inputs: an integer input is accepted as lookup indices, or as a
+    mask that picks no embedding row (ones: attend everything), not as both."""
+    from pai_compiler.interp import index_lookups, indexes_lookups_only  # imports torch
 
     for v in graph.inputs:
-        if not v.dtype.startswith("float") and not indexes_lookups_only(v):
+        if not v.dtype.startswith("float") and not indexes_lookups_only(v) and index_lookups(v):
             raise PaicError(f"synflow: input {v.name!r} is {v.dtype}; SynFlow feeds an all-ones float input "
-                            "(an integer input is accepted only as the indices of embedding lookups)")
+                            "(an integer input is accepted only as the indices of embedding lookups, or as a mask)")
 
 
 def _is_additive_mask(p: Param) -> bool:

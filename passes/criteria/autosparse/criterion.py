@@ -91,10 +91,10 @@ class AutosparsePass(CriterionPass):
         dtype = torch.float32
         batches = list(prune_batches(graph, am, self.name, self.batch_size, dtype))
         leaves, masks = masked_leaves(params, dtype, torch_device(am, self.name))
-        for x, y in batches:
+        for inputs, y in batches:
             it = interpreter(graph, am, dtype)
             it.weights = masked_weights(leaves, masks)
-            prune_loss(it.run([x]).outputs[0], y).backward()
+            prune_loss(it.run(inputs).outputs[0], y).backward()
         return {name: (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach().double().cpu().numpy() for name, leaf in leaves.items()}
 
     def scores(self, graph: Graph, am: AnalysisManager, params: list[Param]) -> Mapping[str, np.ndarray]:

@@ -1,0 +1,53 @@
+"""ONNX index-data ops on run-time tensors: comparisons and logic (bool), CumSum, GatherElements.
+
+What an exporter leaves of position ids computed from the inputs (``cumsum(ids != pad)``) or of
+a padding mask combined with a causal one (``And``) once the sizes are dynamic. Each becomes an
+opaque node the interpreter runs (``op="compare"`` with ``fn``, ``op="cumsum"``,
+``op="gather_elements"``); such values are integer or bool, so they carry no paths.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pai_compiler.frontends.onnx.static import broadcast_shapes
+from pai_compiler.ir import OpKind
+
+__all__ = ["INDEX_HANDLERS", "COMPARE_OPS"]
+
+#: ONNX op_type -> the interpreter's ``compare`` function
+COMPARE_OPS = {"Equal": "eq", "Less": "lt", "LessOrEqual": "le", "Greater": "gt", "GreaterOrEqual": "ge",
+               "And": "and", "Or": "or", "Xor": "xor", "Not": "not"}
+
+
+def _add(imp: Any, node: Any, label: str, values: list[Any], shape: Any, dtype: str, attrs: dict[str, Any]) -> None:
+    ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), values, [(node.output[0], shape, dtype)],
+                            attrs={**attrs, "op_type": node.op_type, "domain": node.domain}, origin=node.name)
+    imp.env[node.output[0]] = ir.outputs[0]
+
+
+def _compare(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    values = [imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins)]
+    shapes = [v.shape for v in values]
+    shape = None if any(s is None for s in shapes) else broadcast_shapes(*shapes)
+    _add(imp, node, label, values, shape, "bool", {"op": "compare", "fn": COMPARE_OPS[node.op_type]})
+
+
+def _cumsum(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x, axis = ins[0], ins[1]
+    axis_array = getattr(axis, "array", None)
+    value = imp.operand_value(x, f"{label}_0")
+    if axis_array is None or axis_array.size != 1:
+        why = "CumSum with a run-time axis"
+        imp.warnings.append(f"node {label!r} (CumSum) is opaque: {why}")
+        _add(imp, node, label, [value], value.shape, value.dtype, {"reason": why})
+        return
+    _add(imp, node, label, [value], value.shape, value.dtype,
+         {"op": "cumsum", "axis": int(axis_array.reshape(-1)[0]), "exclusive": bool(attrs.get("exclusive", 0)), "reverse": bool(attrs.get("reverse", 0))})
+
+
+def _gather_elements(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    data, idx = (imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins))
+    _add(imp, node, label, [data, idx], idx.shape, data.dtype, {"op": "gather_elements", "axis": int(attrs.get("axis", 0))})
+
+
+INDEX_HANDLERS = {**{op: _compare for op in COMPARE_OPS}, "CumSum": _cumsum, "GatherElements": _gather_elements}

@@ -1,0 +1,106 @@
+"""Index-data rules of both torch frontends: comparisons, ``cumsum`` and ``gather`` on integer/bool tensors.
+
+Position ids computed from the inputs (RoBERTa, OPT: ``mask = ids.ne(pad)``,
+``positions = cumsum(mask) * mask + pad``) and the token-type ids gathered by them lower to
+opaque nodes with real semantics (``op="compare"`` with ``fn``, ``op="cumsum"``,
+``op="gather_elements"``) that the interpreter runs in both modes, so an embedding read
+through such positions is a path source like any other lookup of the ids.
+``ATEN_INDEX_RULES`` take ``(walker, node, bound-arguments)`` (torch.export),
+``FX_INDEX_RULES`` take ``(walker, node, *args, **kwargs)`` (torch.fx).
+"""
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from pai_compiler.frontends.torch.operands import TorchConst, dtype_name
+from pai_compiler.ir import Value
+
+__all__ = ["ATEN_INDEX_RULES", "FX_INDEX_RULES", "COMPARE_NAMES", "BITWISE_NAMES", "lower_compare"]
+
+Rule = Callable[..., Any]
+
+#: ATen / Tensor method name -> the interpreter's ``compare`` function
+COMPARE_NAMES = {"eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge", "logical_not": "not",
+                 "logical_and": "and", "logical_or": "or", "logical_xor": "xor"}
+#: bitwise spellings that are logical only on bool tensors (``mask_a | mask_b``, ``~mask``)
+BITWISE_NAMES = {"bitwise_and": "and", "__and__": "and", "bitwise_or": "or", "__or__": "or", "bitwise_xor": "xor", "__xor__": "xor", "bitwise_not": "not"}
+_MIRROR = {"lt": "gt", "le": "ge", "gt": "lt", "ge": "le"}
+
+
+def _out_dtype(w: Any, n: Any) -> str | None:
+    """The node's result dtype: ``meta["val"]`` (torch.export) or the fx walker's shape propagation."""
+    val = n.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return dtype_name(val)
+    meta = getattr(w, "metas", {}).get(n.name)
+    return getattr(meta, "dtype", None)
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, Value) and not x.dtype.startswith(("float", "bfloat"))
+
+
+def lower_compare(w: Any, n: Any, fn: str, x: Any, other: Any, origin: str, *, bool_only: bool = False) -> Any:
+    """``fn(x, other)`` as an ``op="compare"`` node (a scalar operand becomes ``attrs["scalar"]``);
+    ``bool_only``: a bitwise op, logical only when every tensor operand is bool."""
+    if not isinstance(x, Value) and isinstance(other, Value):
+        x, other, fn = other, x, _MIRROR.get(fn, fn)
+    if bool_only and any(isinstance(t, Value) and t.dtype != "bool" for t in (x, other)):
+        return w.lw.opaque(n.name, [t for t in (x, other) if isinstance(t, (Value, TorchConst))], [w.shape(n)], origin, "bitwise op on integers")
+    if not isinstance(x, Value):
+        return w.lw.opaque(n.name, [t for t in (x, other) if isinstance(t, TorchConst)], [w.shape(n)], origin, "comparison of constants")
+    if fn == "not":
+        return w.lw.index_op(n.name, "compare", [x], w.shape(n), origin, "bool", fn=fn)
+    if isinstance(other, (Value, TorchConst)):
+        return w.lw.index_op(n.name, "compare", [x, other], w.shape(n), origin, "bool", fn=fn)
+    if isinstance(other, (bool, int, float)):
+        return w.lw.index_op(n.name, "compare", [x], w.shape(n), origin, "bool", fn=fn, scalar=other)
+    return w.lw.opaque(n.name, [x], [w.shape(n)], origin, f"comparison with {type(other).__name__}")
+
+
+def _cumsum(w: Any, n: Any, x: Any, dim: int, origin: str) -> Any:
+    if not _is_index(x):
+        return w.lw.opaque(n.name, [x], [w.shape(n)], origin, "cumsum of floats (only integer/bool index data has a rule)")
+    return w.lw.index_op(n.name, "cumsum", [x], w.shape(n), origin, _out_dtype(w, n) or "int64", axis=int(dim))
+
+
+def _gather(w: Any, n: Any, data: Any, dim: int, index: Any, origin: str) -> Any:
+    if not isinstance(index, Value) or not isinstance(data, (Value, TorchConst)):
+        return w.lw.opaque(n.name, [t for t in (data, index) if isinstance(t, (Value, TorchConst))], [w.shape(n)], origin, "gather of constants")
+    return w.lw.index_op(n.name, "gather_elements", [data, index], w.shape(n), origin, _out_dtype(w, n) or "int64", axis=int(dim))
+
+
+def _aten_compare(fn: str, bool_only: bool = False) -> Rule:
+    return lambda w, n, a: lower_compare(w, n, fn, a["self"], a.get("other"), str(n.target), bool_only=bool_only)
+
+
+def _fx_compare(fn: str, bool_only: bool = False) -> Rule:
+    return lambda w, n, x, other=None, *rest, **kw: lower_compare(w, n, fn, x, kw.get("other", other), n.name, bool_only=bool_only)
+
+
+ATEN_INDEX_RULES: dict[str, Rule] = {
+    **{name: _aten_compare(fn) for name, fn in COMPARE_NAMES.items()},
+    **{name: _aten_compare(fn, bool_only=True) for name, fn in BITWISE_NAMES.items()},
+    "cumsum": lambda w, n, a: _cumsum(w, n, a["self"], a["dim"], str(n.target)),
+    "gather": lambda w, n, a: _gather(w, n, a["self"], a["dim"], a["index"], str(n.target)),
+}
+
+FX_INDEX_RULES: dict[Any, Rule] = {
+    operator.eq: _fx_compare("eq"), operator.ne: _fx_compare("ne"), operator.lt: _fx_compare("lt"), operator.le: _fx_compare("le"),
+    operator.gt: _fx_compare("gt"), operator.ge: _fx_compare("ge"), operator.invert: _fx_compare("not", bool_only=True),
+    operator.and_: _fx_compare("and", bool_only=True), operator.or_: _fx_compare("or", bool_only=True), operator.xor: _fx_compare("xor", bool_only=True),
+    torch.cumsum: lambda w, n, x, dim, *rest, **kw: _cumsum(w, n, x, dim, n.name),
+    "Tensor.cumsum": lambda w, n, x, dim, *rest, **kw: _cumsum(w, n, x, dim, n.name),
+    torch.gather: lambda w, n, x, dim, index, *rest, **kw: _gather(w, n, x, dim, index, n.name),
+    "Tensor.gather": lambda w, n, x, dim, index, *rest, **kw: _gather(w, n, x, dim, index, n.name),
+}
+for _names, _bool_only in ((COMPARE_NAMES, False), (BITWISE_NAMES, True)):
+    for _name, _fn in _names.items():
+        if not _name.startswith("_"):
+            FX_INDEX_RULES[f"Tensor.{_name}"] = _fx_compare(_fn, _bool_only)
+            if hasattr(torch, _name):
+                FX_INDEX_RULES[getattr(torch, _name)] = _fx_compare(_fn, _bool_only)
