@@ -317,12 +317,31 @@ def test_random_prune_batch_holds_valid_indices(onnx_files: dict[tuple[str, str]
     assert sorted(batch.y.tolist()) == sorted([0, 1, 2, 3] * 3)
 
 
-def test_integer_input_that_is_not_only_indices_is_refused_by_synflow(tmp_path: Path) -> None:
-    w = np.random.RandomState(0).randn(3, 2).astype(np.float32)
+def _int_input_model(tmp_path: Path, *, also_indexes: bool) -> Path:
+    """x (int64, 1x3) cast to float and multiplied by W; with ``also_indexes`` x also picks rows of a table."""
+    rng = np.random.RandomState(0)
+    w, table = rng.randn(3, 2).astype(np.float32), rng.randn(5, 2).astype(np.float32)
     nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT), helper.make_node("MatMul", ["xf", "w"], ["y"])]
-    graph = helper.make_graph(nodes, "intin", [helper.make_tensor_value_info("x", TensorProto.INT64, [1, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], initializer=[numpy_helper.from_array(w, "w")])
-    path = tmp_path / "intin.onnx"
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])]
+    inits = [numpy_helper.from_array(w, "w")]
+    if also_indexes:
+        nodes.append(helper.make_node("Gather", ["table", "x"], ["e"]))
+        outputs.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 3, 2]))
+        inits.append(numpy_helper.from_array(table, "table"))
+    graph = helper.make_graph(nodes, "intin", [helper.make_tensor_value_info("x", TensorProto.INT64, [1, 3])], outputs,
+                              initializer=inits)
+    path = tmp_path / f"intin_{also_indexes}.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_integer_input_that_picks_no_row_gets_synflow_ones(tmp_path: Path) -> None:
+    """An integer input that indexes no table (an attention mask, or plain integer data) is fed
+    SynFlow's all-ones input like a float one."""
+    result = api.optimize(str(_int_input_model(tmp_path, also_indexes=False)), sparsity=0.5, method="synflow")
+    assert sum(p.kept() for p in result.graph.prunable_params()) == 3
+
+
+def test_integer_input_used_as_indices_and_as_data_is_refused_by_synflow(tmp_path: Path) -> None:
     with pytest.raises(PaicError, match="embedding lookups"):
-        api.optimize(str(path), sparsity=0.5, method="synflow")
+        api.optimize(str(_int_input_model(tmp_path, also_indexes=True)), sparsity=0.5, method="synflow")
