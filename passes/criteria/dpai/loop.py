@@ -246,8 +246,14 @@ def optimise(
         for t in range(steps):
             one_step(t, topk.select)
             log.publish()
+    return _finish(scores, step_fn, prepare(topk.select(view)), topk, log, steps, start, progress)
+
+
+def _finish(scores: torch.Tensor, step_fn: Callable[[torch.Tensor, Kept, torch.Tensor | None], Measure], kept: Kept,
+            topk: IncrementalTopK, log: _Recorder, steps: int, start: float,
+            progress: Callable[[int, dict[str, Any] | None], None] | None) -> LoopResult:
+    """Measure the final top-k ``kept`` once more and assemble the run's result."""
     trajectory = log.trajectory
-    kept = prepare(topk.select(view))
     measure = step_fn(scores, kept, None)
     seconds = time.perf_counter() - start
     final = {"step": steps, **measure.read()}
