@@ -11,6 +11,7 @@ init), compacts, and checks: onnxruntime outputs of compact vs masked model (max
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +67,10 @@ def max_rel_error(got: np.ndarray, ref: np.ndarray) -> float:
     return float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
 
 
-def compact_and_compare(src: Path, tmp: Path, x: np.ndarray) -> tuple[Graph, Graph, CompactReport]:
-    """(masked graph, compact graph, report); asserts ORT(compact) == ORT(masked)."""
+def compact_and_compare(src: Path, tmp: Path, x: np.ndarray, mark: Callable[[Graph], None] = prune_rows) -> tuple[Graph, Graph, CompactReport]:
+    """(masked graph, compact graph, report) with ``mark`` setting the masks; asserts ORT(compact) == ORT(masked)."""
     graph = load_onnx_model(src)
-    prune_rows(graph)
+    mark(graph)
     small = graph.clone()
     report = compact_graph(small)
     write_masked_onnx(graph, src, tmp / "masked.onnx")
@@ -237,13 +238,8 @@ def test_channel_shuffle_depthwise_and_grouped_convs_compact(tmp_path: Path, exp
     src = export(model, torch.randn(1, 3, 8, 8), tmp_path / "shuffle.onnx", exporter)
     graph = load_onnx_model(src)
     assert not any(n.kind is OpKind.RESHAPE and n.attrs.get("op") == "transpose" for n in graph.nodes)  # fused
-    masks_from_zeros(graph)
-    small = graph.clone()
-    report = compact_graph(small)
-    write_masked_onnx(graph, src, tmp_path / "masked.onnx")
-    write_compact_onnx(small, src, tmp_path / "compact.onnx", report)
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
-    assert max_rel_error(run(tmp_path / "compact.onnx", x), run(tmp_path / "masked.onnx", x)) <= 1e-5
+    graph, small, report = compact_and_compare(src, tmp_path, x, mark=masks_from_zeros)
     ref = model(torch.from_numpy(x)).detach().numpy()
     assert max_rel_error(run(tmp_path / "compact.onnx", x), ref) <= 1e-5
     counts = {layer.param: (layer.channels_out, layer.channels_in) for layer in report.layers}
@@ -327,14 +323,8 @@ def test_attention_heads_compact(tmp_path: Path, exporter: str) -> None:
         for proj in (model.q, model.k, model.v):
             proj.weight[24:32] = 0
     src = export(model, torch.randn(1, 6, 32), tmp_path / "encoder.onnx", exporter)
-    graph = load_onnx_model(src)
-    masks_from_zeros(graph)
-    small = graph.clone()
-    report = compact_graph(small)
-    write_masked_onnx(graph, src, tmp_path / "masked.onnx")
-    write_compact_onnx(small, src, tmp_path / "compact.onnx", report)
     x = np.random.default_rng(1).standard_normal((1, 6, 32)).astype(np.float32)
-    assert max_rel_error(run(tmp_path / "compact.onnx", x), run(tmp_path / "masked.onnx", x)) <= 1e-5
+    _, _, report = compact_and_compare(src, tmp_path, x, mark=masks_from_zeros)
     assert max_rel_error(run(tmp_path / "compact.onnx", x), model(torch.from_numpy(x)).detach().numpy()) <= 1e-5
     out = {layer.param: layer.channels_out for layer in report.layers}
     into = {layer.param: layer.channels_in for layer in report.layers}
