@@ -31,10 +31,12 @@ from typer.testing import CliRunner
 from pai_compiler import api
 from pai_compiler.audit import masks_from_zeros
 from pai_compiler.backends import sparse_select
+from pai_compiler.backends.sparse_fusion import fuse_for_inference
 from pai_compiler.backends.sparse_kernels import GATHERS, SparseConv2d, SparseLinear
+from pai_compiler.backends.sparse_operator import ConvOperator
 from pai_compiler.backends.sparse_timing import relative_error
 from pai_compiler.backends.sparse_select import build_sparse_module
-from pai_compiler.backends.torch_sparse import SparseModule
+from pai_compiler.backends.torch_sparse import OPERATOR, SparseModule, sparse_kernel
 from pai_compiler.cli import app
 from pai_compiler.errors import PaicError
 from pai_compiler.interp import Interpreter
@@ -72,6 +74,29 @@ def test_sparse_conv_kernel_equals_conv2d(pads: list[int], strides: list[int], d
     nhwc = x.contiguous(memory_format=torch.channels_last)
     assert relative_error(SparseConv2d(weight, None, pads, strides, dilations, gather=gather)(nhwc), ref - bias.reshape(1, -1, 1, 1)) <= 1e-5
     assert relative_error(_reloaded(conv)(x), ref) <= 1e-5 and not _reloaded(conv)._index_cache
+
+
+@pytest.mark.parametrize("dims,groups,pads,strides,dilations", [
+    (2, 1, [1, 1, 1, 1], [1, 1], [1, 1]), (2, 2, [0, 1, 2, 1], [2, 1], [1, 2]), (2, 4, [1, 1, 1, 1], [1, 1], [1, 1]),
+    (1, 1, [2, 0], [1], [2]), (1, 2, [1, 1], [2], [1]), (3, 1, [1, 0, 1, 1, 0, 1], [1, 2, 1], [1, 1, 2]),
+])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_operator_equals_conv(dims: int, groups: int, pads: list[int], strides: list[int], dilations: list[int],
+                                   batch: int) -> None:
+    weight = _sparse((8, 4 // groups, *[3] * dims), 0.3, seed=dims + groups)
+    bias = torch.randn(8)
+    x = torch.randn(batch, 4, *[9, 7, 6][:dims])
+    padding = [p for axis in reversed(range(dims)) for p in (pads[axis], pads[axis + dims])]
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims]
+    ref = conv(F.pad(x, padding), weight, bias, stride=strides, dilation=dilations, groups=groups)
+    kernel = ConvOperator(weight, bias, pads, strides, dilations, groups, tuple(x.shape[1:]))
+    assert kernel(x).shape == ref.shape and relative_error(kernel(x), ref) <= 1e-5
+    assert relative_error(_reloaded(kernel)(x), ref) <= 1e-5
+    assert kernel.entries <= int((weight != 0).sum()) * ref[0, 0].numel()  # padding reads are absent
+    if dims == 2:
+        assert relative_error(kernel(x.contiguous(memory_format=torch.channels_last)), ref) <= 1e-5
+    with pytest.raises(ValueError, match="built for inputs"):
+        kernel(torch.randn(batch, 4, *[5] * dims))
 
 
 def test_sparse_kernels_use_only_the_read_taps() -> None:
@@ -153,6 +178,34 @@ def test_example_models_all_sparse_equal_the_masked_interpreter(name: str) -> No
         ref = Interpreter(masked).run([x]).outputs[0]
         got = module(x)
     assert relative_error(got, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("form", [*GATHERS, OPERATOR])
+def test_every_conv_form_in_a_model_equals_the_masked_interpreter(form: str) -> None:
+    """Each conv form on every conv of ResNet-20 (strided, 1x1 and residual convs, batch 2): the
+    window form's output is a strided view, the operator's a transposed one, the next layers read both."""
+    graph = api.load_model(EXAMPLES / "resnet20.onnx")
+    api.optimize(graph, sparsity=0.95, method="random-erk")
+    masked = graph.clone()
+    api.compact_graph(graph)
+    module = SparseModule(graph)
+    fuse_for_inference(module)  # what build_sparse_module does before choosing (it then drops the weights no layer reads)
+    x = torch.randn([2, *masked.inputs[0].shape[1:]], generator=torch.Generator().manual_seed(4))
+    shapes: dict[str, tuple[int, ...]] = {}
+    with torch.no_grad():
+        module.run([x], on_layer=lambda node, args: shapes.setdefault(node.name, tuple(args[0].shape)))
+    installed = 0
+    for node in module.graph.nodes:
+        kernel = sparse_kernel(module, node, "csr", form, in_shape=shapes.get(node.name)) if node.kind.value == "conv" else None
+        if kernel is not None:
+            module.install(node.name, kernel)
+            installed += 1
+    assert installed >= 19
+    with torch.no_grad():
+        ref = Interpreter(masked).run([x]).outputs[0]
+        assert relative_error(module(x), ref) <= 1e-5
+        assert relative_error(module(x), module.run([x], sparse=False)[0]) <= 1e-5  # against the same folded weights
+        assert relative_error(_reloaded(module)(x), ref) <= 1e-5
 
 
 def _fixed_times(per_layer: Mapping[str, float], model: Mapping[str, float], versus_ort: Mapping[str, float] | None = None) -> Callable[..., dict[str, float]]:

@@ -25,7 +25,7 @@ __all__ = ["SparseConv2d", "SparseLinear", "PackedConv2d", "DenseLinear", "dense
 #: layouts a kernel can hold its weight in; ``bsr`` needs widths divisible by its block
 SPARSE_LAYOUTS = ("csr", "bsr")
 #: how a sparse conv reads its used taps (see SparseConv2d)
-GATHERS = ("index", "copy")
+GATHERS = ("index", "copy", "window")
 #: most entries of a cached tap-offset table (int64: 16 MiB); a bigger gather copies instead
 INDEX_LIMIT = 1 << 21
 BSR_BLOCK = 16
@@ -65,7 +65,8 @@ class SparseConv2d(nn.Module):
 
     ``gather`` picks how the used taps are read: ``index`` (one flat ``index_select`` with an
     offset table cached per input shape, up to ``INDEX_LIMIT`` entries; fast on small maps) or
-    ``copy`` (the whole im2col view copied, then the used rows; fast on big maps)."""
+    ``copy`` (the whole im2col view copied, then the used rows; fast on big maps) or ``window``
+    (each used tap's rows as contiguous runs of the padded image, see the module docstring)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pads: list[int], strides: list[int],
                  dilations: list[int], layout: str = "csr", gather: str = "index") -> None:
@@ -123,6 +124,31 @@ class SparseConv2d(nn.Module):
         rows = windows.reshape(channels * self.kh * self.kw, positions)
         return rows if self.all_taps else rows.index_select(0, self.tap_rows)
 
+    def _window_starts(self, padded: torch.Tensor) -> torch.Tensor:
+        """Where each (used tap, image) run starts in the flattened padded batch, cached per shape."""
+        key = ("window", tuple(padded.shape), padded.device)
+        starts = self._index_cache.get(key)
+        if starts is None:
+            batch, channels, height, width = padded.shape
+            rows, taps = self.tap_rows, self.kh * self.kw
+            (dh, dw) = self.dilations
+            offsets = (rows // taps) * (height * width) + ((rows // self.kw) % self.kh) * dh * width + (rows % self.kw) * dw
+            images = torch.arange(batch, device=rows.device) * (channels * height * width)
+            starts = self._index_cache[key] = (offsets[:, None] + images[None, :]).reshape(-1)
+        return starts
+
+    def _window_forward(self, padded: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+        padded = padded.contiguous()  # the runs are rows of the NCHW image
+        batch, _, _, width = padded.shape
+        (sh, sw) = self.strides
+        run = (out_h - 1) * sh * width + (out_w - 1) * sw + 1
+        windows = padded.reshape(-1).unfold(0, run, 1)  # row r: the run starting at element r
+        taps = windows.index_select(0, self._window_starts(padded)).view(self.used_taps, batch * run)
+        y = _sparse_times(self.weight, taps)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.as_strided((batch, self.out_channels, out_h, out_w), (run, batch * run, sh * width, sw))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         padded = pad_spatial(x, self.pads)
         if not (padded.is_contiguous() or padded.is_contiguous(memory_format=torch.channels_last)):
@@ -131,6 +157,8 @@ class SparseConv2d(nn.Module):
         (sh, sw), (dh, dw) = self.strides, self.dilations
         out_h = (height - dh * (self.kh - 1) - 1) // sh + 1
         out_w = (width - dw * (self.kw - 1) - 1) // sw + 1
+        if self.gather == "window":
+            return self._window_forward(padded, out_h, out_w)
         y = _sparse_times(self.weight, self._taps(padded, out_h, out_w))
         if self.bias is not None:
             y = y + self.bias

@@ -2,9 +2,9 @@
 
 ``build_sparse_module(graph)`` makes a :class:`~pai_compiler.backends.torch_sparse.SparseModule`
 (BatchNorms folded into their convs), picks the faster memory format of the dense model
-(contiguous or channels_last), then times every groups=1 2-D conv and every linear layer dense
-against its sparse kernels (CSR — on CUDA also BSR — with the conv taps read by index or by
-copy) on the activations the layer really sees at ``batch`` with ``threads`` threads:
+(contiguous or channels_last), then times every conv and every linear layer dense against its
+sparse kernels (CSR — on CUDA also BSR — with a groups=1 2-D conv's taps read by index, by copy
+or by window, and any conv as one CSR matrix on the flattened input, ``operator``) on the activations the layer really sees at ``batch`` with ``threads`` threads:
 medians of ``repeats`` alternating runs after ``warmup`` runs. ``policy="auto"`` keeps a sparse
 kernel only when ``t_sparse < margin * t_dense`` and its output equals the dense one (max
 relative error ``<= EXACT``); then the whole model is timed both ways, alternating, and if the
@@ -31,7 +31,7 @@ import torch
 from pai_compiler.backends.sparse_fusion import fuse_for_inference
 from pai_compiler.backends.sparse_kernels import GATHERS, layout_fits
 from pai_compiler.backends.sparse_timing import LayerTiming, SparseExecReport, example_inputs, relative_error, time_alternating
-from pai_compiler.backends.torch_sparse import Kernel, SparseModule, sparse_kernel
+from pai_compiler.backends.torch_sparse import OPERATOR, Kernel, SparseModule, sparse_kernel
 from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, Node, OpKind
@@ -63,8 +63,9 @@ def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *,
     used = int((weight != 0).reshape(weight.shape[0], -1).any(0).sum()) if weight.dim() > 1 else 0
     kernels: dict[str, Kernel] = {}
     for layout in layouts:
-        for gather in GATHERS if node.kind is OpKind.CONV else GATHERS[:1]:
-            kernel = sparse_kernel(module, node, layout, gather) if layout_fits(layout, weight.shape[0], used) else None
+        for gather in (*GATHERS, OPERATOR) if node.kind is OpKind.CONV else GATHERS[:1]:
+            fits = gather == OPERATOR or layout_fits(layout, weight.shape[0], used)
+            kernel = sparse_kernel(module, node, layout, gather, in_shape=tuple(args[0].shape)) if fits else None
             if kernel is not None:
                 kernels[f"{layout}/{gather}" if node.kind is OpKind.CONV else layout] = kernel.to(weight.device)
     dense_run = lambda: module.evaluate(it, node, args)  # noqa: E731 (a closure over this layer's operands)
@@ -92,7 +93,7 @@ def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *,
     elif best is not None:
         choice, reason = "dense", f"{best} not faster than dense ({times['dense'] / sparse_ms[best]:.2f}x)"
     else:
-        choice, reason = "dense", "no sparse form (grouped, not 2-d, or empty)" if not kernels else "sparse output not exact"
+        choice, reason = "dense", "no sparse form (empty, too big a matrix, or not 2-d)" if not kernels else "sparse output not exact"
     density = float((weight != 0).sum()) / max(1, weight.numel())
     row = LayerTiming(node=node.name, kind=node.kind.value, weight_shape=tuple(int(d) for d in weight.shape),
                       density=round(density, 6), columns_used=used, columns=int(columns), choice=choice,

@@ -23,15 +23,18 @@ import torch  # a module class needs nn.Module at import time (like pai_compiler
 from torch import nn
 
 from pai_compiler.backends.sparse_kernels import SparseConv2d, SparseLinear, dense_conv
+from pai_compiler.backends.sparse_operator import OPERATOR_LIMIT, ConvOperator, operator_entries
 from pai_compiler.backends.sparse_plan import ForwardPlan, Signature, compile_plan, signature_of
 from pai_compiler.errors import PaicError
 from pai_compiler.interp import Interpreter, is_float_array, rule_for, torch_ready
 from pai_compiler.ir import Graph, Node, OpKind, Param
 
-__all__ = ["SparseModule", "sparse_kernel", "Kernel"]
+__all__ = ["SparseModule", "sparse_kernel", "Kernel", "OPERATOR"]
 
 Kernel = nn.Module
 LayerHook = Callable[[Node, list[torch.Tensor]], None]
+#: the conv form that is one sparse matrix on the flattened input (sparse_operator.ConvOperator)
+OPERATOR = "operator"
 #: most input signatures whose compiled forward a module keeps
 PLAN_CACHE = 8
 
@@ -267,15 +270,24 @@ class SparseModule(nn.Module):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def sparse_kernel(module: SparseModule, node: Node, layout: str, gather: str = "index") -> Kernel | None:
-    """The sparse kernel for ``node`` in ``layout`` (conv: reading its taps by ``gather``), or None
-    where no sparse form applies."""
+def sparse_kernel(module: SparseModule, node: Node, layout: str, gather: str = "index",
+                  in_shape: Sequence[int] | None = None) -> Kernel | None:
+    """The sparse kernel for ``node`` in ``layout`` (conv: reading its taps by ``gather``, or as one
+    matrix on inputs shaped like ``in_shape`` (any batch) with ``gather="operator"``), or None where no
+    sparse form applies."""
+    if node.params["weight"].name not in module.keys:  # the interpreter would read the unfolded graph weight instead
+        raise PaicError(f"node {node.name!r}: the module no longer holds its weight (drop_unused_weights ran); build kernels before")
     it = module.interpreter()
     weight = it.oi_weight(node.params["weight"])
     bias = module.conv_bias(it, node) if node.kind is OpKind.CONV else (it.weight(node.params["bias"]) if "bias" in node.params else None)
     if not bool((weight != 0).any()):
         return None
     a = node.attrs
+    if node.kind is OpKind.CONV and gather == OPERATOR:
+        if layout != "csr" or in_shape is None or operator_entries(weight, tuple(in_shape[2:]), a["pads"], a["strides"],
+                                                                     a["dilations"]) > OPERATOR_LIMIT:
+            return None
+        return ConvOperator(weight, bias, a["pads"], a["strides"], a["dilations"], a["groups"], tuple(in_shape[1:]))
     if node.kind is OpKind.CONV:
         if weight.dim() != 4 or a["groups"] != 1:
             return None
