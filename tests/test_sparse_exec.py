@@ -30,10 +30,11 @@ from typer.testing import CliRunner
 
 from pai_compiler import api
 from pai_compiler.audit import masks_from_zeros
-from pai_compiler.backends import sparse_select
+from pai_compiler.backends import sparse_select, sparse_timing
 from pai_compiler.backends.sparse_fusion import fuse_for_inference
 from pai_compiler.backends.sparse_kernels import GATHERS, SparseConv2d, SparseLinear
 from pai_compiler.backends.sparse_operator import ConvOperator
+from pai_compiler.backends.sparse_pool import window_pool_2d
 from pai_compiler.backends.sparse_timing import relative_error
 from pai_compiler.backends.sparse_select import build_sparse_module
 from pai_compiler.backends.torch_sparse import OPERATOR, SparseModule, sparse_kernel
@@ -97,6 +98,21 @@ def test_conv_operator_equals_conv(dims: int, groups: int, pads: list[int], stri
         assert relative_error(kernel(x.contiguous(memory_format=torch.channels_last)), ref) <= 1e-5
     with pytest.raises(ValueError, match="built for inputs"):
         kernel(torch.randn(batch, 4, *[5] * dims))
+
+
+@pytest.mark.parametrize("kernel,strides", [([2, 2], [2, 2]), ([3, 3], [2, 2]), ([3, 2], [1, 2]), ([2, 3], [2, 1])])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_window_pools_equal_torch_pools(kernel: list[int], strides: list[int], batch: int) -> None:
+    pool = window_pool_2d({"mode": "max", "kernel_shape": kernel, "strides": strides, "pads": [0, 0, 0, 0]})
+    assert pool is not None
+    x = torch.randn(batch, 5, 11, 8)
+    ref = F.max_pool2d(x, kernel, strides)
+    views = [x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)]
+    assert all(torch.equal(pool(v), ref) for v in views)
+    average = window_pool_2d({"mode": "avg", "kernel_shape": kernel, "strides": strides, "count_include_pad": True})
+    assert average is not None and relative_error(average(x), F.avg_pool2d(x, kernel, strides)) <= 1e-6
+    for odd in ({"pads": [1, 1, 1, 1]}, {"dilations": [2, 2]}, {"ceil_mode": 1}, {"kernel_shape": [2]}, {"mode": "sum"}):
+        assert window_pool_2d({"mode": "max", "kernel_shape": kernel, "strides": strides, **odd}) is None
 
 
 def test_sparse_kernels_use_only_the_read_taps() -> None:
@@ -386,3 +402,22 @@ def test_compiled_forward_names_the_node_a_wrong_input_fails_at() -> None:
         module(torch.randn(1, 4, 32, 32))  # 4 channels where the first conv reads 3
     with pytest.raises(PaicError, match="model has 1 inputs, got 2"):
         module(torch.randn(1, 3, 32, 32), torch.randn(1, 3, 32, 32))
+
+
+def test_time_alternating_reports_median_or_fastest(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run of the candidate lasts the next of ``durations`` (a clock that advances only there)."""
+    durations = iter([0.004, 0.001, 0.009])
+    clock = {"now": 0.0, "start": True}
+
+    def fake_clock() -> float:
+        if not clock["start"]:
+            clock["now"] += next(durations)
+        clock["start"] = not clock["start"]
+        return clock["now"]
+
+    monkeypatch.setattr(sparse_timing.time, "perf_counter", fake_clock)
+    assert sparse_timing.time_alternating({"a": lambda: None}, repeats=3, warmup=0, statistic="min") == {"a": pytest.approx(1.0)}
+    durations, clock["start"] = iter([0.004, 0.001, 0.009]), True
+    assert sparse_timing.time_alternating({"a": lambda: None}, repeats=3, warmup=0) == {"a": pytest.approx(4.0)}
+    with pytest.raises(ValueError, match="statistic"):
+        sparse_timing.time_alternating({"a": lambda: None}, repeats=1, warmup=0, statistic="mean")

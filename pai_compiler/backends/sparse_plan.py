@@ -4,7 +4,8 @@
 and turns every node into a :class:`Step` ``env[out] = call(*env[ins])`` over integer value
 slots: conv/linear layers call their (sparse or packed dense) kernel's ``forward`` directly,
 passthrough nodes (folded norms, fused ReLUs) become slot aliases, reshapes get their concrete
-sizes, pointwise/norm/pool/softmax/matmul/add nodes a torch function with their attributes and
+sizes, pointwise/norm/pool/softmax/matmul/add nodes a torch function (a plain 2-d window pool that
+of :mod:`~pai_compiler.backends.sparse_pool`) with their attributes and
 constants bound, and every other node the interpreter's own rule with the signature's symbolic
 dims bound once. ``ForwardPlan.run`` is then a loop over the steps that frees each value after
 its last reader; a call costs about what a hand-written ``nn.Module`` of the same ops costs.
@@ -23,6 +24,7 @@ import torch  # the plan's steps are torch calls (this module is imported with t
 import torch.nn.functional as F
 
 from pai_compiler.backends.sparse_kernels import dense_conv
+from pai_compiler.backends.sparse_pool import window_pool_2d
 from pai_compiler.errors import PaicError
 from pai_compiler.interp import Interpreter, rule_for
 from pai_compiler.interp_rules import BINARY_FN, UNARY_FN
@@ -249,7 +251,7 @@ def _lowered(module: PlannedModule, it: Interpreter, node: Node, *, sparse: bool
     if kind is OpKind.SOFTMAX:
         return partial(F.log_softmax if node.attrs.get("log") else F.softmax, dim=node.attrs["axis"])
     if kind is OpKind.POOL:
-        return _reduce(node)
+        return _reduce(node) or window_pool_2d(node.attrs)
     if kind is OpKind.NORM:
         return _norm(it, node)
     if kind is OpKind.RESHAPE:

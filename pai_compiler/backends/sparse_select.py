@@ -4,8 +4,8 @@
 (BatchNorms folded into their convs), picks the faster memory format of the dense model
 (contiguous or channels_last), then times every conv and every linear layer dense against its
 sparse kernels (CSR — on CUDA also BSR — with a groups=1 2-D conv's taps read by index, by copy
-or by window, and any conv as one CSR matrix on the flattened input, ``operator``) on the activations the layer really sees at ``batch`` with ``threads`` threads:
-medians of ``repeats`` alternating runs after ``warmup`` runs. ``policy="auto"`` keeps a sparse
+or by window, and any conv as one CSR matrix on the flattened input, ``operator``) on the activations the layer really sees at ``batch`` with ``threads`` threads: the fastest
+of ``repeats`` alternating runs after ``warmup`` runs (a layer's own cost on a busy machine). ``policy="auto"`` keeps a sparse
 kernel only when ``t_sparse < margin * t_dense`` and its output equals the dense one (max
 relative error ``<= EXACT``); then the whole model is timed both ways, alternating, and if the
 choice is not faster every layer goes back to dense — the auto choice is never slower than the
@@ -77,7 +77,7 @@ def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *,
         return torch.relu_(out) if relu else out
 
     candidates.update({name: (lambda k=k: sparse_run(k)) for name, k in kernels.items()})
-    times = time_alternating(candidates, repeats=repeats, warmup=warmup, device=device)
+    times = time_alternating(candidates, repeats=repeats, warmup=warmup, device=device, statistic="min")
     reference = dense_run()[0]
     sparse_ms: dict[str, float] = {}
     for layout, kernel in kernels.items():
