@@ -235,7 +235,11 @@ def _fixed_times(per_layer: Mapping[str, float], model: Mapping[str, float], ver
     return fake
 
 
-@pytest.mark.parametrize("model_times,fallback", [({"dense": 10.0, "chosen": 5.0}, False), ({"dense": 10.0, "chosen": 12.0}, True)])
+@pytest.mark.parametrize("model_times,fallback", [
+    ({"dense": 10.0, "chosen": 5.0, "other": 6.0}, False), ({"dense": 10.0, "chosen": 12.0, "other": 13.0}, True),
+    ({"dense": 10.0, "chosen": 9.9, "other": 5.0}, False),  # the chosen kernels pay in the other memory format
+    ({"dense": 10.0, "chosen": 12.0, "other": 9.9}, True),  # ... but not enough: back to dense in the dense model's format
+])
 def test_auto_choice_keeps_faster_kernels_and_never_a_slower_model(monkeypatch: pytest.MonkeyPatch, model_times: dict[str, float],
                                                                    fallback: bool) -> None:
     monkeypatch.setattr(sparse_select, "time_alternating", _fixed_times({"dense": 2.0, "csr": 1.0, "csr/copy": 1.0, "csr/index": 1.5}, model_times))
@@ -246,6 +250,9 @@ def test_auto_choice_keeps_faster_kernels_and_never_a_slower_model(monkeypatch: 
     doc = json.loads(json.dumps(report.to_dict()))
     assert set(doc) == REPORT_KEYS and all(set(row) == LAYER_KEYS for row in doc["layers"])
     assert bool(doc["fallback"]) is fallback
+    dense_format = min(doc["memory_format_ms"], key=doc["memory_format_ms"].__getitem__)  # all 1.0: the first, contiguous
+    switched = not fallback and model_times["other"] < model_times["chosen"]
+    assert doc["memory_format"] == module.memory_format == ("channels_last" if switched else dense_format)
     assert doc["model_chosen_ms"] <= doc["model_dense_ms"]
     chosen = {row["choice"] for row in doc["layers"]}
     assert chosen == ({"dense"} if fallback else {"csr", "csr/copy"})  # the fastest exact kernel per layer

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import math
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -144,16 +145,38 @@ def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, referenc
     if not chosen:
         report.model_dense_ms = report.model_chosen_ms = time_alternating({"dense": lambda: module.run(inputs)}, repeats=repeats, warmup=warmup, device=device)["dense"]
         return report
-    times = time_alternating({"dense": lambda: module.run(inputs, sparse=False), "chosen": lambda: module.run(inputs)},
-                             repeats=repeats, warmup=warmup, device=device)
+    _settle(module, inputs, list(chosen), report, device=device, repeats=repeats, warmup=warmup, margin=margin, policy=policy)
+    return report
+
+
+def _settle(module: SparseModule, inputs: list[torch.Tensor], chosen: list[str], report: SparseExecReport, *, device: str,
+            repeats: int, warmup: int, margin: float, policy: str) -> None:
+    """Time the whole model dense, with the chosen kernels, and with them in the other memory format
+    (a sparse kernel's output is contiguous: next to it, the dense layers' best format may change);
+    keep the fastest, and under ``policy="auto"`` go back to dense unless it beats dense by ``margin``."""
+    dense_format = report.memory_format
+    other = "contiguous" if dense_format == "channels_last" else "channels_last"
+    twin = None
+    if any(n.kind is OpKind.CONV and len(n.params["weight"].shape) == 4 for n in module.graph.nodes):
+        twin = module.format_twin(other)
+    candidates = {"dense": lambda: module.run(inputs, sparse=False), "chosen": lambda: module.run(inputs)}
+    if twin is not None:
+        candidates["other"] = lambda: twin.run(inputs)
+    times = time_alternating(candidates, repeats=repeats, warmup=warmup, device=device)
+    del twin
+    if times.get("other", math.inf) < times["chosen"]:
+        module.set_memory_format(other)
+        report.memory_format, times["chosen"] = other, times["other"]
     report.model_dense_ms, report.model_chosen_ms = round(times["dense"], 4), round(times["chosen"], 4)
     if policy == "auto" and times["chosen"] >= margin * times["dense"]:
+        if report.memory_format != dense_format:
+            module.set_memory_format(dense_format)
+            report.memory_format = dense_format
         for name in chosen:
             module.install(name, None)
         report.fallback = f"the sparse choice ran {times['chosen']:.3f} ms against {times['dense']:.3f} ms dense: every layer dense"
         report.model_chosen_ms = report.model_dense_ms
         report.layers = [replace(row, choice="dense", reason=row.reason + "; model-level fallback") for row in report.layers]
-    return report
 
 
 def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, device: str = "cpu", repeats: int = 5,

@@ -14,6 +14,7 @@ is for inference (weights are buffers; train the ``CompactModule``), pickles who
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -116,6 +117,14 @@ class SparseModule(nn.Module):
                 setattr(self, key, tensor.contiguous(memory_format=layout))
         self.memory_format = memory_format
         self.invalidate_plans()
+
+    def format_twin(self, memory_format: str) -> SparseModule:
+        """A module sharing this one's kernels and tensors that runs in ``memory_format`` (for timing
+        both formats alternating; its own 4-d buffers are converted copies)."""
+        twin = copy.copy(self)
+        twin._buffers = dict(self._buffers)
+        twin.set_memory_format(memory_format)
+        return twin
 
     def install(self, node_name: str, kernel: Kernel | None, *, dense: bool = False) -> None:
         """Run ``node_name`` on the sparse ``kernel`` (None: back to the dense layer); with
