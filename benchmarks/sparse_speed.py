@@ -271,7 +271,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[st
     ]
     for r in rows:
         x = r["dense_ort_ms"]
-        lines.append(f"| {r['model']} | {r['method']} | {100 * r['sparsity']:.0f}% | {r['batch']} | {x:.2f} | "
+        lines.append(f"| {r['model']} | {r['method']} | {100 * r['sparsity']:.4g}% | {r['batch']} | {x:.2f} | "
                      f"{x / r['masked_ort_ms']:.2f}× | {x / r['compact_ort_ms']:.2f}× | {r['sparse_torch_ms']:.2f} | "
                      f"**{x / r['sparse_torch_ms']:.2f}×** | {r['sparse_layers']}/{r['layers']} | {r['memory_format']} | "
                      f"{_advice_cell(r)} |")

@@ -66,6 +66,8 @@ class ConvOperator(nn.Module):
         self.register_buffer("matrix", self._matrix(weight, pads, strides, dilations, groups, (out_flat, in_flat)))
         per_position = None if bias is None else bias.detach().reshape(-1).repeat_interleave(math.prod(self.out_spatial))
         self.register_buffer("bias", per_position)
+        self.in_size = torch.Size(self.in_shape)  # what a call compares its input with (a cheap check: calls are µs)
+        self.single_shape = (1, self.out_channels, *self.out_spatial)
 
     def _matrix(self, weight: torch.Tensor, pads: list[int], strides: list[int], dilations: list[int], groups: int,
                 shape: tuple[int, int]) -> torch.Tensor:
@@ -95,17 +97,17 @@ class ConvOperator(nn.Module):
         return int(self.matrix.values().numel())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.in_shape:
+        buffers = self._buffers  # read once: a call of a small layer costs tens of µs, nn.Module lookups count
+        matrix, bias = buffers["matrix"], buffers["bias"]
+        if x.shape[1:] != self.in_size:
             raise ValueError(f"ConvOperator was built for inputs (N, {', '.join(map(str, self.in_shape))}), got {tuple(x.shape)}")
-        batch = int(x.shape[0])
+        batch = x.shape[0]
         if batch == 1:
-            y = torch.mv(self.matrix, x.reshape(-1))
-            if self.bias is not None:
-                y = y.add_(self.bias)
-            return y.view(1, self.out_channels, *self.out_spatial)
-        y = torch.sparse.mm(self.matrix, x.reshape(batch, -1).t().contiguous())
-        if self.bias is not None:
-            y = y.add_(self.bias[:, None])
+            y = torch.mv(matrix, x.reshape(-1))
+            return (y if bias is None else y.add_(bias)).view(self.single_shape)
+        y = torch.sparse.mm(matrix, x.reshape(batch, -1).t().contiguous())
+        if bias is not None:
+            y = y.add_(bias[:, None])
         return y.t().reshape(batch, self.out_channels, *self.out_spatial)
 
     def extra_repr(self) -> str:
