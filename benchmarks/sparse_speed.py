@@ -5,10 +5,11 @@ and exported), method and sparsity the script prunes (ERK budget + criterion, as
 ``benchmarks/compact_speed.py``), writes the masked ONNX model, the compact ONNX model
 (``dead-node-elim``) and, per batch size, the sparse-execution torch module
 (``build_sparse_module``: each conv/linear dense or sparse, chosen by timing at that batch),
-checks that the compact and sparse outputs equal the masked model's (max relative error
-``<= 1e-5``), then times all four with ``pai_compiler.bench.bench_models``: one thread (ORT
-intra-op threads, ``torch.set_num_threads``), the models run alternating, median of
-``--runs`` runs after ``--warmup``. Ratios are against the dense ORT model of the same run.
+checks with ``pai_compiler.bench.bench_models`` that the compact and sparse outputs (the ``.pt``
+reloaded) equal the masked model's (max relative error ``<= 1e-5``), then times all four on one
+input: one thread (ORT intra-op threads, ``torch.set_num_threads``), the models run alternating,
+median and fastest of ``--runs`` runs after ``--warmup``. Ratios are against the dense ORT
+model of the same run (median against median, fastest against fastest).
 
     python benchmarks/sparse_speed.py --models resnet20 --methods random-erk --sparsities 0.99 --batches 1 --runs 3
     python benchmarks/sparse_speed.py --json /tmp/sparse_speed.json --out docs/sparse_speed.md
@@ -27,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -127,12 +129,11 @@ def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.
         worst = max(row.max_rel if row.max_rel is not None else float("inf") for row in check.rows)
         if worst > 1e-5:
             raise SystemExit(f"{name} {method} {sparsity} b{batch}: compact/sparse output differs from masked (max rel {worst:.2e})")
-        timed = bench_models([str(src), str(masked), str(compact), str(fast)], batch=batch, threads=1, repeats=args.runs, warmup=args.warmup)
-        dense_ms, masked_ms, compact_ms, sparse_ms = (row.median_ms for row in timed.rows)
+        times = time_four(src, masked, compact, module, batch, args.runs, args.warmup)
         rows.append({"model": name, "method": method, "sparsity": sparsity, "batch": batch, "pipeline": result.pipeline,
-                     "prune_s": round(prune_s, 2), "select_s": round(select_s, 2), "dense_ort_ms": dense_ms, "masked_ort_ms": masked_ms,
-                     "compact_ort_ms": compact_ms, "sparse_torch_ms": sparse_ms, "max_rel_vs_masked": worst,
+                     "prune_s": round(prune_s, 2), "select_s": round(select_s, 2), **times, "max_rel_vs_masked": worst,
                      "sparse_layers": report.sparse_layers, "layers": len(report.layers), "memory_format": report.memory_format,
+                     "choices": dict(Counter(layer.choice for layer in report.layers)),
                      "select_dense_ms": report.model_dense_ms, "select_chosen_ms": report.model_chosen_ms,
                      "select_ort_ms": report.onnxruntime_ms, "advice": report.advice})
         print(json.dumps(rows[-1]), flush=True)
@@ -140,6 +141,24 @@ def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.
     masked.unlink()
     compact.unlink()
     return rows
+
+
+def time_four(src: Path, masked: Path, compact: Path, module: Any, batch: int, runs: int, warmup: int) -> dict[str, float]:
+    """Dense, masked and compact ORT and the sparse module on one input, alternating, 1 thread: each
+    one's median and fastest ms (``<name>_ms``, ``<name>_fastest_ms``)."""
+    from pai_compiler.ort import session
+
+    sessions = {key: session(path, threads=1) for key, path in (("dense_ort", src), ("masked_ort", masked), ("compact_ort", compact))}
+    first = next(iter(sessions.values())).get_inputs()[0]
+    x = torch.randn([batch, *first.shape[1:]], generator=torch.Generator().manual_seed(0))
+    calls: dict[str, Any] = {key: (lambda sess=sess: sess.run(None, {sess.get_inputs()[0].name: x.numpy()})) for key, sess in sessions.items()}
+    calls["sparse_torch"] = lambda: module(x)
+    with torch.no_grad():
+        for _ in range(max(0, warmup - 2)):  # _best_and_median warms up twice itself
+            for call in calls.values():
+                call()
+        times = _best_and_median(calls, runs)
+    return {**{f"{key}_ms": round(times[f"{key}_median"], 4) for key in calls}, **{f"{key}_fastest_ms": round(times[key], 4) for key in calls}}
 
 
 def odd_widths(runs: int) -> list[dict[str, Any]]:
@@ -244,6 +263,20 @@ def overhead_markdown(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _fastest_cells(row: dict[str, Any]) -> str:
+    """The fastest-run columns (rows of an older JSON have none)."""
+    if "sparse_torch_fastest_ms" not in row:
+        return "- | - | -"
+    x, y = row["dense_ort_fastest_ms"], row["sparse_torch_fastest_ms"]
+    return f"{x:.2f} | {y:.2f} | **{x / y:.2f}×**"
+
+
+def _kernels_cell(row: dict[str, Any]) -> str:
+    """How many layers chose each kernel, e.g. ``operator 11, window 3, dense 3``."""
+    counts = row.get("choices", {})
+    return ", ".join(f"{name.split('/')[-1]} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
+
+
 def _advice_cell(row: dict[str, Any]) -> str:
     """What the build said about onnxruntime: 'ORT x ms' where it advised writing the .onnx instead."""
     if row.get("select_ort_ms") is None:
@@ -261,20 +294,21 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[st
         f"Load average at the start: {load_start}; at the end: {info['load_average']}. **The machine was busy** (2 cores "
         "shared with other engineers' test runs), so absolute times are inflated and noisy; the four models of a row ran "
         "alternating, so their ratios saw the same load.  ",
-        f"Latency: median wall time of {args.runs} runs after {args.warmup} warm-up runs, ms. × = t(dense ORT) / t(model) "
-        "(> 1 is faster). The sparse module picked each layer's kernel by timing at the row's batch "
+        f"Latency: median (and fastest) wall time of {args.runs} runs after {args.warmup} warm-up runs, ms. × = t(dense ORT) / "
+        "t(model) (> 1 is faster), median against median and fastest against fastest (on this shared machine a call is either "
+        "run through or preempted for a scheduler slice: the fastest run is the model's own cost). The sparse module picked each layer's kernel by timing at the row's batch "
         f"({args.select_repeats} alternating repeats); \"sparse layers\" counts layers on a sparse kernel. Compact and sparse "
         "outputs equal the masked model's (max relative error ≤ 1e-5, checked on every row).", "",
         "| model | method | sparsity | batch | dense ORT ms | masked ORT × | compact ORT × | sparse torch ms | **sparse torch ×** "
-        "| sparse layers | format | ORT advice |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| fastest: dense ORT ms | sparse torch ms | **sparse torch ×** | sparse layers | kernels | format | ORT advice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         x = r["dense_ort_ms"]
         lines.append(f"| {r['model']} | {r['method']} | {100 * r['sparsity']:.4g}% | {r['batch']} | {x:.2f} | "
                      f"{x / r['masked_ort_ms']:.2f}× | {x / r['compact_ort_ms']:.2f}× | {r['sparse_torch_ms']:.2f} | "
-                     f"**{x / r['sparse_torch_ms']:.2f}×** | {r['sparse_layers']}/{r['layers']} | {r['memory_format']} | "
-                     f"{_advice_cell(r)} |")
+                     f"**{x / r['sparse_torch_ms']:.2f}×** | {_fastest_cells(r)} | {r['sparse_layers']}/{r['layers']} | "
+                     f"{_kernels_cell(r)} | {r['memory_format']} | {_advice_cell(r)} |")
     if overheads:
         lines += overhead_markdown(overheads)
     lines += ["", "## Odd compacted widths in torch (dense, 1 thread)", "",
