@@ -32,10 +32,10 @@ from pai_compiler import api
 from pai_compiler.audit import masks_from_zeros
 from pai_compiler.backends import sparse_select, sparse_timing
 from pai_compiler.backends.sparse_fusion import fuse_for_inference
-from pai_compiler.backends.sparse_kernels import GATHERS, SparseConv2d, SparseLinear
+from pai_compiler.backends.sparse_kernels import GATHERS, PackedConv2d, SparseConv2d, SparseLinear
 from pai_compiler.backends.sparse_operator import ConvOperator
 from pai_compiler.backends.sparse_pool import window_pool_2d
-from pai_compiler.backends.sparse_timing import relative_error
+from pai_compiler.backends.sparse_timing import PLAIN, LayerTiming, SparseExecReport, relative_error
 from pai_compiler.backends.sparse_select import build_sparse_module
 from pai_compiler.backends.torch_sparse import OPERATOR, SparseModule, sparse_kernel
 from pai_compiler.cli import app
@@ -113,6 +113,21 @@ def test_window_pools_equal_torch_pools(kernel: list[int], strides: list[int], b
     assert average is not None and relative_error(average(x), F.avg_pool2d(x, kernel, strides)) <= 1e-6
     for odd in ({"pads": [1, 1, 1, 1]}, {"dilations": [2, 2]}, {"ceil_mode": 1}, {"kernel_shape": [2]}, {"mode": "sum"}):
         assert window_pool_2d({"mode": "max", "kernel_shape": kernel, "strides": strides, **odd}) is None
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("pads", [[1, 1, 1, 1], [0, 1, 2, 1]])
+def test_dense_conv_packed_or_plain_equals_conv2d(packed: bool, pads: list[int]) -> None:
+    weight, bias, x = _sparse((6, 4, 3, 3), 0.5, seed=7), torch.randn(6), torch.randn(2, 4, 9, 8)
+    ref = F.relu(F.conv2d(F.pad(x, [pads[1], pads[3], pads[0], pads[2]]), weight, bias, stride=[2, 1]))
+    kernel = PackedConv2d(weight, bias, pads, [2, 1], [1, 1], 1, relu=True, packed=packed)
+    assert relative_error(kernel(x), ref) <= 1e-5 and relative_error(_reloaded(kernel)(x), ref) <= 1e-5
+
+
+def test_sparse_layers_count_no_dense_choice() -> None:
+    rows = [LayerTiming(node=f"n{i}", kind="conv", weight_shape=(1, 1, 1, 1), density=1.0, columns_used=1, columns=1, choice=choice,
+                        dense_ms=1.0, sparse_ms={}, reason="") for i, choice in enumerate(["dense", PLAIN, "csr/window", "csr/operator"])]
+    assert SparseExecReport(device="cpu", batch=1, threads=1, repeats=1, warmup=0, layers=rows).sparse_layers == 2
 
 
 def test_sparse_kernels_use_only_the_read_taps() -> None:

@@ -208,14 +208,15 @@ def _onednn_ready(x: torch.Tensor) -> bool:
 class PackedConv2d(nn.Module):
     """The dense 2-D conv (+ an optional fused ReLU) on CPU through oneDNN with the weight
     reordered once per input shape (``torch.ops.mkldnn._convolution_pointwise``, what inductor
-    emits); elsewhere ``F.conv2d``. The packed weight is a cache, rebuilt after unpickling."""
+    emits); elsewhere, or with ``packed=False``, ``F.conv2d``. The packed weight is a cache, rebuilt after unpickling."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pads: list[int], strides: list[int],
-                 dilations: list[int], groups: int, relu: bool = False) -> None:
+                 dilations: list[int], groups: int, relu: bool = False, packed: bool = True) -> None:
         super().__init__()
         if weight.dim() != 4:
             raise ValueError(f"PackedConv2d needs a 4-d weight, got shape {tuple(weight.shape)}")
         self.pads, self.strides, self.dilations, self.groups, self.relu = list(pads), list(strides), list(dilations), groups, relu
+        self.packed = packed  # False: always F.conv2d (oneDNN's fixed cost per call loses on tiny layers)
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", None if bias is None else bias.detach().reshape(-1).clone())
         self._packed: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -227,7 +228,7 @@ class PackedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         symmetric = self.pads[:2] == self.pads[2:]
-        if symmetric and _onednn_ready(x):
+        if self.packed and symmetric and _onednn_ready(x):
             key = (tuple(x.shape), self.weight.data_ptr())
             packed = self._packed.get(key)
             if packed is None:

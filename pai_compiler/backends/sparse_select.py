@@ -4,7 +4,8 @@
 (BatchNorms folded into their convs), picks the faster memory format of the dense model
 (contiguous or channels_last), then times every conv and every linear layer dense against its
 sparse kernels (CSR — on CUDA also BSR — with a groups=1 2-D conv's taps read by index, by copy
-or by window, and any conv as one CSR matrix on the flattened input, ``operator``) on the activations the layer really sees at ``batch`` with ``threads`` threads: the fastest
+or by window, and any conv as one CSR matrix on the flattened input, ``operator``; a 2-D conv
+also unpacked, ``plain`` ``F.conv2d``, which beats oneDNN's fixed cost on tiny layers) on the activations the layer really sees at ``batch`` with ``threads`` threads: the fastest
 of ``repeats`` alternating runs after ``warmup`` runs (a layer's own cost on a busy machine). ``policy="auto"`` keeps a sparse
 kernel only when ``t_sparse < margin * t_dense`` and its output equals the dense one (max
 relative error ``<= EXACT``); then the whole model is timed both ways, alternating, and if the
@@ -30,8 +31,8 @@ import numpy as np
 import torch
 
 from pai_compiler.backends.sparse_fusion import fuse_for_inference
-from pai_compiler.backends.sparse_kernels import GATHERS, layout_fits
-from pai_compiler.backends.sparse_timing import LayerTiming, SparseExecReport, example_inputs, relative_error, time_alternating
+from pai_compiler.backends.sparse_kernels import GATHERS, PackedConv2d, layout_fits
+from pai_compiler.backends.sparse_timing import PLAIN, LayerTiming, SparseExecReport, example_inputs, relative_error, time_alternating
 from pai_compiler.backends.torch_sparse import OPERATOR, Kernel, SparseModule, sparse_kernel
 from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.interp import Interpreter
@@ -69,6 +70,9 @@ def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *,
             kernel = sparse_kernel(module, node, layout, gather, in_shape=tuple(args[0].shape)) if fits else None
             if kernel is not None:
                 kernels[f"{layout}/{gather}" if node.kind is OpKind.CONV else layout] = kernel.to(weight.device)
+    if node.kind is OpKind.CONV and weight.dim() == 4:  # the dense conv unpacked, as a "sparse" kernel: model-level fallback covers it
+        a = node.attrs
+        kernels[PLAIN] = PackedConv2d(weight, module.conv_bias(it, node), a["pads"], a["strides"], a["dilations"], a["groups"], packed=False)
     dense_run = lambda: module.evaluate(it, node, args)  # noqa: E731 (a closure over this layer's operands)
     candidates: dict[str, Callable[[], Any]] = {"dense": dense_run}
     relu = node.name in module.fused_relu  # the dense kernel applies it: so must the sparse one
@@ -84,7 +88,8 @@ def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *,
     for layout, kernel in kernels.items():
         if relative_error(sparse_run(kernel), reference) <= EXACT:
             sparse_ms[layout] = times[layout]
-    best = min(sparse_ms, key=sparse_ms.__getitem__, default=None)
+    eligible = [name for name in sparse_ms if policy == "auto" or name != PLAIN]  # policy sparse: sparse kernels only
+    best = min(eligible, key=sparse_ms.__getitem__, default=None)
     if policy == "dense":
         choice, reason = "dense", "policy dense"
     elif best is not None and policy == "sparse":
@@ -94,7 +99,7 @@ def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *,
     elif best is not None:
         choice, reason = "dense", f"{best} not faster than dense ({times['dense'] / sparse_ms[best]:.2f}x)"
     else:
-        choice, reason = "dense", "no sparse form (empty, too big a matrix, or not 2-d)" if not kernels else "sparse output not exact"
+        choice, reason = "dense", "no sparse form (empty, too big a matrix, or not 2-d)" if set(kernels) <= {PLAIN} else "sparse output not exact"
     density = float((weight != 0).sum()) / max(1, weight.numel())
     row = LayerTiming(node=node.name, kind=node.kind.value, weight_shape=tuple(int(d) for d in weight.shape),
                       density=round(density, 6), columns_used=used, columns=int(columns), choice=choice,

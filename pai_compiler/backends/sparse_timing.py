@@ -21,8 +21,10 @@ import torch
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 
-__all__ = ["LayerTiming", "SparseExecReport", "time_alternating", "relative_error", "example_inputs", "synchronizer"]
+__all__ = ["PLAIN", "LayerTiming", "SparseExecReport", "time_alternating", "relative_error", "example_inputs", "synchronizer"]
 
+#: the layer choice that is the dense conv unpacked (F.conv2d): installed like a sparse kernel, not one
+PLAIN = "plain"
 #: what time_alternating reports of each candidate's runs
 STATISTICS = ("median", "min")
 #: the report's schema version (its keys are stable)
@@ -39,7 +41,7 @@ class LayerTiming:
     density: float  # nonzero weights / weights of the (compact) layer
     columns_used: int  # im2col taps (conv) or input features (linear) some kept weight reads
     columns: int
-    choice: str  # dense, or the sparse kernel: csr | bsr (linear), csr/index | csr/copy | bsr/... (conv: layout/gather)
+    choice: str  # dense, plain (the dense conv unpacked), or the sparse kernel: csr | bsr (linear), csr/index | csr/copy | csr/window | csr/operator | bsr/... (conv)
     dense_ms: float  # fastest of the alternating runs
     sparse_ms: dict[str, float]  # sparse kernel -> fastest ms (exact ones only; empty: no sparse form)
     reason: str
@@ -67,7 +69,7 @@ class SparseExecReport:
 
     @property
     def sparse_layers(self) -> int:
-        return sum(1 for row in self.layers if row.choice != "dense")
+        return sum(1 for row in self.layers if row.choice not in ("dense", PLAIN))
 
     @property
     def speedup(self) -> float:
