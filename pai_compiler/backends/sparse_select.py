@@ -1,16 +1,19 @@
-"""Choosing each layer's kernel by measurement: ``t_dense`` vs ``t_sparse`` medians on the target shape.
+"""Choosing each layer's kernel by measurement: the fastest of ``t_dense`` and each ``t_sparse`` on the target shape.
 
 ``build_sparse_module(graph)`` makes a :class:`~pai_compiler.backends.torch_sparse.SparseModule`
 (BatchNorms folded into their convs), picks the faster memory format of the dense model
 (contiguous or channels_last), then times every conv and every linear layer dense against its
-sparse kernels (CSR — on CUDA also BSR — with a groups=1 2-D conv's taps read by index, by copy
-or by window, and any conv as one CSR matrix on the flattened input, ``operator``; a 2-D conv
-also unpacked, ``plain`` ``F.conv2d``, which beats oneDNN's fixed cost on tiny layers) on the activations the layer really sees at ``batch`` with ``threads`` threads: the fastest
-of ``repeats`` alternating runs after ``warmup`` runs (a layer's own cost on a busy machine). ``policy="auto"`` keeps a sparse
-kernel only when ``t_sparse < margin * t_dense`` and its output equals the dense one (max
-relative error ``<= EXACT``); then the whole model is timed both ways, alternating, and if the
-choice is not faster every layer goes back to dense — the auto choice is never slower than the
-compact dense model. ``policy="sparse"`` installs every exact sparse kernel (tests,
+sparse kernels on the activations the layer really sees at ``batch`` with ``threads`` threads
+(the fastest of ``repeats`` alternating runs after ``warmup`` runs: a layer's own cost on a busy
+machine). The sparse kernels are CSR (on CUDA also BSR) products: a groups=1 2-D conv's used
+taps read by index, by copy or by window, any conv as one matrix on the flattened input
+(``operator``), a linear layer over its used input features; a 2-D conv also runs unpacked
+(``plain`` ``F.conv2d``, which beats oneDNN's fixed cost per call on tiny layers).
+``policy="auto"`` keeps a sparse kernel only when ``t_sparse < margin * t_dense`` and its output
+equals the dense one (max relative error ``<= EXACT``); then the whole model is timed dense,
+with the choice, and with the choice in the other memory format (medians, alternating), and if
+neither choice is faster every layer goes back to dense — the auto choice is never slower than
+the compact dense model. ``policy="sparse"`` installs every exact sparse kernel (tests,
 experiments), ``policy="dense"`` none. Given ``onnx_twin`` (a writer of the same compact model
 as ONNX) and onnxruntime, the finished module is also timed against the compact ONNX model in
 onnxruntime (alternating, same feed and threads): where that is faster, the report's

@@ -41,7 +41,9 @@ class LayerTiming:
     density: float  # nonzero weights / weights of the (compact) layer
     columns_used: int  # im2col taps (conv) or input features (linear) some kept weight reads
     columns: int
-    choice: str  # dense, plain (the dense conv unpacked), or the sparse kernel: csr | bsr (linear), csr/index | csr/copy | csr/window | csr/operator | bsr/... (conv)
+    # dense, plain (the dense conv unpacked) or the sparse kernel: csr | bsr (linear), layout/form (conv:
+    # csr/index | csr/copy | csr/window | csr/operator | bsr/index | ...)
+    choice: str
     dense_ms: float  # fastest of the alternating runs
     sparse_ms: dict[str, float]  # sparse kernel -> fastest ms (exact ones only; empty: no sparse form)
     reason: str

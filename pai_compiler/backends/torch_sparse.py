@@ -4,10 +4,10 @@
 graph with the IR interpreter's ``real`` semantics through a forward compiled once per input
 signature (:mod:`~pai_compiler.backends.sparse_plan`: one bound call per node, no per-call
 lookups; node by node only when a layer hook watches); ``install(node, kernel)`` makes a
-conv/linear node run a :mod:`~pai_compiler.backends.sparse_kernels` kernel instead of its dense
-layer (``dense=True``: a packed dense layer, see :mod:`~pai_compiler.backends.sparse_fusion`,
-which also folds BatchNorms and ReLUs into convs), ``set_memory_format`` holds 4-d tensors
-channels_last. Which
+conv/linear node run a :mod:`~pai_compiler.backends.sparse_kernels` or
+:mod:`~pai_compiler.backends.sparse_operator` kernel instead of its dense layer (``dense=True``:
+a packed dense layer, see :mod:`~pai_compiler.backends.sparse_fusion`, which also folds
+BatchNorms and ReLUs into convs), ``set_memory_format`` holds 4-d tensors channels_last. Which
 kernel each layer gets is measured in :mod:`~pai_compiler.backends.sparse_select`. The module
 is for inference (weights are buffers; train the ``CompactModule``), pickles whole
 (``torch.save`` / ``torch.load(..., weights_only=False)``) and moves with ``.to(device)``.
