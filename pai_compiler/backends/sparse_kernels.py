@@ -41,6 +41,18 @@ def dense_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return conv(pad_spatial(x, pads), weight, bias, stride=strides, dilation=dilations, groups=groups)
 
 
+def _padded_nchw(x: torch.Tensor, pads: list[int]) -> torch.Tensor:
+    """``x`` zero-padded as a contiguous NCHW tensor in one copy (padding a channels_last tensor
+    and then making it contiguous would copy twice)."""
+    if min(pads) < 0 or (not any(pads) and x.is_contiguous()):
+        return pad_spatial(x, pads).contiguous()
+    top, left, bottom, right = pads
+    batch, channels, height, width = x.shape
+    padded = x.new_zeros(batch, channels, height + top + bottom, width + left + right)
+    padded[:, :, top:top + height, left:left + width] = x
+    return padded
+
+
 def _sparse_matrix(dense: torch.Tensor, layout: str) -> torch.Tensor:
     with warnings.catch_warnings():  # torch flags its sparse compressed layouts as beta on every conversion
         warnings.simplefilter("ignore", UserWarning)
@@ -138,7 +150,7 @@ class SparseConv2d(nn.Module):
         return starts
 
     def _window_forward(self, padded: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
-        padded = padded.contiguous()  # the runs are rows of the NCHW image
+        padded = padded.contiguous()  # the runs are rows of the NCHW image (a no-op after _padded_nchw)
         batch, _, _, width = padded.shape
         (sh, sw) = self.strides
         run = (out_h - 1) * sh * width + (out_w - 1) * sw + 1
@@ -150,7 +162,7 @@ class SparseConv2d(nn.Module):
         return y.as_strided((batch, self.out_channels, out_h, out_w), (run, batch * run, sh * width, sw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padded = pad_spatial(x, self.pads)
+        padded = _padded_nchw(x, self.pads) if self.gather == "window" else pad_spatial(x, self.pads)
         if not (padded.is_contiguous() or padded.is_contiguous(memory_format=torch.channels_last)):
             padded = padded.contiguous()
         batch, _, height, width = padded.shape
