@@ -443,3 +443,15 @@ def test_time_alternating_reports_median_or_fastest(monkeypatch: pytest.MonkeyPa
     assert sparse_timing.time_alternating({"a": lambda: None}, repeats=3, warmup=0) == {"a": pytest.approx(4.0)}
     with pytest.raises(ValueError, match="statistic"):
         sparse_timing.time_alternating({"a": lambda: None}, repeats=1, warmup=0, statistic="mean")
+
+
+def test_sparse_kernel_refuses_a_module_whose_weights_were_dropped() -> None:
+    """After build_sparse_module a layer on a kernel no longer holds its folded weight: a new kernel
+    would silently read the unfolded graph weight, so asking for one is an error naming the node."""
+    graph = api.load_model(EXAMPLES / "vgg_small.onnx")
+    api.optimize(graph, sparsity=0.9, method="random-erk")
+    api.compact_graph(graph)
+    module, _ = build_sparse_module(graph, batch=1, repeats=1, warmup=0, policy="sparse")
+    node = module.graph.node(next(iter(module.kernel_of)))
+    with pytest.raises(PaicError, match=re.escape(node.name) + ".*drop_unused_weights"):
+        sparse_kernel(module, node, "csr", "window")
