@@ -19,6 +19,7 @@ import sympy
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim
 from pai_compiler.ir.shape_program import gather_elements
+from pai_compiler.onnx_wire import tensor_dtype
 
 __all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype", "float_eps"]
 
@@ -124,11 +125,9 @@ def _reshape(x: np.ndarray, shape: list[int], allowzero: int) -> np.ndarray:
 
 
 def _cast(x: np.ndarray, to: int) -> np.ndarray:
-    from onnx import helper
-
     if x.dtype == object:
         return x
-    return x.astype(helper.tensor_dtype_to_np_dtype(to))
+    return x.astype(tensor_dtype(to))
 
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
