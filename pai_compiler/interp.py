@@ -147,6 +147,7 @@ class Interpreter:
         scaling: Literal["none", "exact", "dpai"] = "none",
         bind: Mapping[str, int] | None = None,
         lookup: Literal["table", "ones"] = "table",
+        distinct_rows: bool = False,
     ) -> None:
         self.graph = graph
         self.mode = mode
@@ -158,6 +159,9 @@ class Interpreter:
         self.user_bind = dict(bind or {})
         self.bind = dict(self.user_bind)
         self.lookup = lookup  # real mode: "ones" makes every embedding lookup a path source
+        # linear layers multiply each distinct input row once when no gradient is recorded: an
+        # all-ones forward gives a transformer's tokens equal counts, so ~197 rows become ~2
+        self.distinct_rows = distinct_rows
         self._const_cache: dict[int, torch.Tensor] = {}
 
     # ---- parameters --------------------------------------------------------------------
@@ -331,12 +335,25 @@ def conv_forward(it: Interpreter, node: Node, args: list[torch.Tensor], *, bias:
 
 def _linear(it: Interpreter, node: Node, args: list[torch.Tensor], *, bias: bool = True) -> list[torch.Tensor]:
     w = it.oi_weight(node.params["weight"])
-    y = F.linear(args[0], w)
+    y = _linear_by_distinct_rows(args[0], w) if it.distinct_rows else F.linear(args[0], w)
     if node.attrs.get("alpha", 1.0) != 1.0 and bias:
         y = y * node.attrs["alpha"]
     if bias and "bias" in node.params:
         y = y + node.attrs.get("beta", 1.0) * it.weight(node.params["bias"])
     return [y]
+
+
+def _linear_by_distinct_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` computed once per distinct row of ``x`` (the same values row by row; the
+    GEMM is smaller when rows repeat). Under autograd it is plain ``F.linear``: a row's gradient
+    must stay its own."""
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else None
+    if rows is None or rows.shape[0] < 4 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+        return F.linear(x, w)
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if 2 * distinct.shape[0] > rows.shape[0]:
+        return F.linear(x, w)
+    return F.linear(distinct, w).index_select(0, inverse).reshape(*x.shape[:-1], w.shape[0])
 
 
 RULES: dict[OpKind, Rule] = {

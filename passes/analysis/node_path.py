@@ -145,7 +145,7 @@ def _log_paths(graph: Graph, bind: dict[str, int], convention: Convention) -> fl
     freed after its last use, so memory stays at one layer plus live activations."""
     import torch  # heavy optional dependency: only the path analysis needs it
 
-    return float(count_paths(graph, convention, bind, dtype=torch.float64, keep_values=False).log_paths)
+    return float(count_paths(graph, convention, bind, dtype=torch.float64, keep_values=False, distinct_rows=True).log_paths)
 
 
 def _path_rule(node: Node) -> Any:
@@ -177,7 +177,7 @@ def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None,
 
     dtype = dtype or _indicator_dtype()
     params = {p.name: p for p, _ in _prunable_layers(graph)}
-    it = Interpreter(graph, mode="paths", dtype=dtype, pool="sum", bind=bind)
+    it = Interpreter(graph, mode="paths", dtype=dtype, pool="sum", bind=bind, distinct_rows=True)
     inputs = [v.name for v in graph.inputs]
     forward: dict[str, torch.Tensor] = dict(zip(inputs, ones_inputs(graph, bind, dtype)))
     nodes = [n for n in graph.nodes if n.kind not in (OpKind.INPUT, OpKind.OUTPUT)]
