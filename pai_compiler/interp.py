@@ -159,8 +159,8 @@ class Interpreter:
         self.user_bind = dict(bind or {})
         self.bind = dict(self.user_bind)
         self.lookup = lookup  # real mode: "ones" makes every embedding lookup a path source
-        # linear layers multiply each distinct input row once when no gradient is recorded: an
-        # all-ones forward gives a transformer's tokens equal counts, so ~197 rows become ~2
+        # linear layers multiply each distinct input row once: an all-ones forward gives a
+        # transformer's tokens equal counts, so ~197 rows become ~2
         self.distinct_rows = distinct_rows
         self._const_cache: dict[int, torch.Tensor] = {}
 
@@ -344,16 +344,49 @@ def _linear(it: Interpreter, node: Node, args: list[torch.Tensor], *, bias: bool
 
 
 def _linear_by_distinct_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``F.linear(x, w)`` computed once per distinct row of ``x`` (the same values row by row; the
-    GEMM is smaller when rows repeat). Under autograd it is plain ``F.linear``: a row's gradient
-    must stay its own."""
+    """``F.linear(x, w)`` computed once per run of equal consecutive rows of ``x``: the same
+    function, smaller GEMMs when rows repeat. Plain ``F.linear`` when fewer than half the rows repeat."""
     rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else None
-    if rows is None or rows.shape[0] < 4 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+    runs = None if rows is None else _equal_row_runs(rows.detach())
+    if runs is None:
         return F.linear(x, w)
-    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    if 2 * distinct.shape[0] > rows.shape[0]:
-        return F.linear(x, w)
-    return F.linear(distinct, w).index_select(0, inverse).reshape(*x.shape[:-1], w.shape[0])
+    return _DistinctRowsLinear.apply(rows, w, *runs).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _equal_row_runs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first row of each run of equal consecutive rows, each row's run index); None unless the
+    runs are at most half the rows (one pass, no sort: a class token then equal patches is 2 runs)."""
+    if rows.shape[0] < 4:
+        return None
+    starts = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    starts[1:] = (rows[1:] != rows[:-1]).any(dim=1)
+    if 2 * int(starts.sum()) > rows.shape[0]:
+        return None
+    return rows[starts], torch.cumsum(starts, 0) - 1
+
+
+class _DistinctRowsLinear(torch.autograd.Function):
+    """``y = rows · wᵀ`` from the distinct rows: ``y = (distinct · wᵀ)[inverse]``. Backward, each
+    row keeps its own input gradient ``dy · w``; the weight gradient sums the output gradients of
+    equal rows first, ``dw = (Σ_{i: rows_i = d} dy_i)ᵀ · d`` over the distinct rows ``d``."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, w: torch.Tensor, distinct: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, distinct, inverse)
+        return F.linear(distinct, w).index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w, distinct, inverse = ctx.saved_tensors
+        grad_rows = None
+        if ctx.needs_input_grad[0]:
+            runs = _equal_row_runs(grad)
+            grad_rows = grad @ w if runs is None else (runs[0] @ w).index_select(0, runs[1])
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            summed = torch.zeros((distinct.shape[0], grad.shape[1]), dtype=grad.dtype, device=grad.device).index_add_(0, inverse, grad)
+            grad_w = summed.t() @ distinct
+        return grad_rows, grad_w, None, None
 
 
 RULES: dict[OpKind, Rule] = {

@@ -81,8 +81,8 @@ def count_paths(
     ``keep_values=False`` frees every value after its last use (the run keeps only outputs);
     ``on_node(node, outputs)`` sees each node as it is evaluated. Gradients flow when the
     caller enables them and ``weights`` holds leaves that require grad. ``distinct_rows``: linear
-    layers multiply each distinct input row once where no gradient is recorded (the interpreter's
-    option; equal tokens of an all-ones forward make a transformer's GEMMs ~100× smaller).
+    layers multiply each distinct input row once (the interpreter's option; equal tokens of an
+    all-ones forward make a transformer's GEMMs ~100× smaller; gradients stay exact).
     """
     import torch  # heavy optional dependency: only path counting needs it
 
