@@ -42,14 +42,19 @@ def float_eps(dtype: Any) -> float | None:
     """Machine epsilon of a float dtype, numpy's or ml_dtypes' (bfloat16, float8_*, ...: numpy
     kind ``V``); None for anything that is not a float type."""
     try:
-        import ml_dtypes  # also registers "bfloat16" etc. as numpy dtype names
-    except ImportError:  # onnx needs ml_dtypes, so this is only a safety net
-        ml_dtypes = None
+        dt: np.dtype[Any] | None = np.dtype(dtype)
+    except TypeError:
+        dt = None  # a name only ml_dtypes teaches numpy ("bfloat16")
+    if dt is not None and dt.kind in "fc":
+        return float(np.finfo(dt).eps)
+    if dt is not None and dt.kind != "V":
+        return None
     try:
-        dt = np.dtype(dtype)
-        if np.issubdtype(dt, np.floating):
-            return float(np.finfo(dt).eps)
-        return float(ml_dtypes.finfo(dt).eps) if ml_dtypes is not None else None
+        import ml_dtypes  # heavy (~0.3 s), only for its low-precision floats; registers their names
+    except ImportError:  # onnx needs ml_dtypes, so this is only a safety net
+        return None
+    try:
+        return float(ml_dtypes.finfo(np.dtype(dtype)).eps)
     except (TypeError, ValueError):
         return None
 
