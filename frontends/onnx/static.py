@@ -73,7 +73,11 @@ def simplify_dim(d: Any) -> Dim:
 
 @lru_cache(maxsize=8192)
 def _simplify(expr: sympy.Expr) -> sympy.Expr:
-    # every transformer block repeats the same shape expressions; simplify is the loader's hot spot
+    # every transformer block repeats the same shape expressions; simplify is the loader's hot spot.
+    # A number, a symbol or n·a·b… is already simplest (sympy builds it canonical): skipping
+    # simplify there also skips its first-call import of sympy.physics (~0.3 s)
+    if expr.is_Atom or (expr.is_Mul and all(a.is_Symbol or a.is_Integer for a in expr.args)):
+        return expr
     return sympy.simplify(expr)
 
 
