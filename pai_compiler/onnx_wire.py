@@ -73,14 +73,16 @@ def fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int,
     pos = start
     while pos < end:
         begin = pos
-        key, pos = read_varint(buf, pos, end)
+        key = buf[pos]  # one-byte varints (keys, short lengths) are read inline: the loader's hot loop
+        key, pos = (key, pos + 1) if key < 0x80 else read_varint(buf, pos, end)
         number, wtype = key >> 3, key & 7
         if wtype == 0:
-            vstart, (_, pos) = pos, read_varint(buf, pos, end)
+            vstart = pos
+            pos = pos + 1 if pos < end and buf[pos] < 0x80 else read_varint(buf, pos, end)[1]
         elif wtype == 1:
             vstart, pos = pos, pos + 8
         elif wtype == 2:
-            length, vstart = read_varint(buf, pos, end)
+            length, vstart = (buf[pos], pos + 1) if pos < end and buf[pos] < 0x80 else read_varint(buf, pos, end)
             pos = vstart + length
         elif wtype == 5:
             vstart, pos = pos, pos + 4
