@@ -230,6 +230,8 @@ def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any
     """Re-run ``node`` with autograd; add its input cotangents to ``backward``, OR its weight grads > 0 into ``reached``."""
     import torch  # heavy optional dependency
 
+    if _pass_through(node, forward, cotangents, graph_inputs, backward):
+        return
     args = [_unpack(forward[v.name], dtype) for v in node.inputs]
     args = [a if v.name in graph_inputs or not a.is_floating_point() else a.requires_grad_() for v, a in zip(node.inputs, args)]
     # the interpreter's own paths-mode operand (mask, or ones), fresh: it.weights is empty here
@@ -252,6 +254,25 @@ def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any
     for name, g in zip(leaves, got[len(grad_inputs):]):
         if g is not None:
             reached[name] |= (g > 0).numpy()
+
+
+def _pass_through(node: Node, forward: dict[str, Any], cotangents: list[Any], graph_inputs: set[str], backward: dict[str, Any]) -> bool:
+    """The VJP of an identity path rule (norm, activation, softmax) without autograd: its input's
+    cotangent gains the output's, ``sign(g)``, exactly what autograd gives. False (autograd does
+    it) when the rule is another, broadcasts, or the input is not a 0/1 indicator."""
+    import torch  # heavy optional dependency
+
+    from pai_compiler.interp_rules import path_identity  # imports torch
+
+    if len(node.inputs) != 1 or len(cotangents) != 1 or _path_rule(node) is not path_identity:
+        return False
+    v, g = node.inputs[0], cotangents[0]
+    x = forward.get(v.name)
+    if x is None or g is None or v.name in graph_inputs or x.dtype != torch.bool or tuple(x.shape) != tuple(g.shape):
+        return False
+    step = g.sign()
+    backward[v.name] = backward[v.name] + step if v.name in backward else step
+    return True
 
 
 def _unpack(t: torch.Tensor, dtype: Any) -> torch.Tensor:
