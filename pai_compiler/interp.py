@@ -147,6 +147,7 @@ class Interpreter:
         scaling: Literal["none", "exact", "dpai"] = "none",
         bind: Mapping[str, int] | None = None,
         lookup: Literal["table", "ones"] = "table",
+        distinct_rows: bool = False,
     ) -> None:
         self.graph = graph
         self.mode = mode
@@ -158,6 +159,9 @@ class Interpreter:
         self.user_bind = dict(bind or {})
         self.bind = dict(self.user_bind)
         self.lookup = lookup  # real mode: "ones" makes every embedding lookup a path source
+        # linear layers multiply each distinct input row once: an all-ones forward gives a
+        # transformer's tokens equal counts, so ~197 rows become ~2
+        self.distinct_rows = distinct_rows
         self._const_cache: dict[int, torch.Tensor] = {}
 
     # ---- parameters --------------------------------------------------------------------
@@ -331,12 +335,58 @@ def conv_forward(it: Interpreter, node: Node, args: list[torch.Tensor], *, bias:
 
 def _linear(it: Interpreter, node: Node, args: list[torch.Tensor], *, bias: bool = True) -> list[torch.Tensor]:
     w = it.oi_weight(node.params["weight"])
-    y = F.linear(args[0], w)
+    y = _linear_by_distinct_rows(args[0], w) if it.distinct_rows else F.linear(args[0], w)
     if node.attrs.get("alpha", 1.0) != 1.0 and bias:
         y = y * node.attrs["alpha"]
     if bias and "bias" in node.params:
         y = y + node.attrs.get("beta", 1.0) * it.weight(node.params["bias"])
     return [y]
+
+
+def _linear_by_distinct_rows(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` computed once per run of equal consecutive rows of ``x``: the same
+    function, smaller GEMMs when rows repeat. Plain ``F.linear`` when fewer than half the rows repeat."""
+    rows = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else None
+    runs = None if rows is None else _equal_row_runs(rows.detach())
+    if runs is None:
+        return F.linear(x, w)
+    return _DistinctRowsLinear.apply(rows, w, *runs).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _equal_row_runs(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(first row of each run of equal consecutive rows, each row's run index); None unless the
+    runs are at most half the rows (one pass, no sort: a class token then equal patches is 2 runs)."""
+    if rows.shape[0] < 4:
+        return None
+    starts = torch.ones(rows.shape[0], dtype=torch.bool, device=rows.device)
+    starts[1:] = (rows[1:] != rows[:-1]).any(dim=1)
+    if 2 * int(starts.sum()) > rows.shape[0]:
+        return None
+    return rows[starts], torch.cumsum(starts, 0) - 1
+
+
+class _DistinctRowsLinear(torch.autograd.Function):
+    """``y = rows · wᵀ`` from the distinct rows: ``y = (distinct · wᵀ)[inverse]``. Backward, each
+    row keeps its own input gradient ``dy · w``; the weight gradient sums the output gradients of
+    equal rows first, ``dw = (Σ_{i: rows_i = d} dy_i)ᵀ · d`` over the distinct rows ``d``."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: torch.Tensor, w: torch.Tensor, distinct: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w, distinct, inverse)
+        return F.linear(distinct, w).index_select(0, inverse)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        w, distinct, inverse = ctx.saved_tensors
+        grad_rows = None
+        if ctx.needs_input_grad[0]:
+            runs = _equal_row_runs(grad)
+            grad_rows = grad @ w if runs is None else (runs[0] @ w).index_select(0, runs[1])
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            summed = torch.zeros((distinct.shape[0], grad.shape[1]), dtype=grad.dtype, device=grad.device).index_add_(0, inverse, grad)
+            grad_w = summed.t() @ distinct
+        return grad_rows, grad_w, None, None
 
 
 RULES: dict[OpKind, Rule] = {

@@ -29,7 +29,7 @@ import numpy as np
 
 from pai_compiler.errors import ModelError
 
-__all__ = ["STRIP_BYTES", "OnnxFile", "TensorRef", "open_model", "load_full_model", "check_model_file", "check_has_graph", "invalid_model", "release_mapped_pages", "fields", "parse_tensor", "string_pairs", "string_entry", "tag", "encode_varint"]
+__all__ = ["STRIP_BYTES", "WireError", "OnnxFile", "TensorRef", "open_model", "load_full_model", "check_model_file", "check_has_graph", "invalid_model", "release_mapped_pages", "fields", "parse_tensor", "read_varint", "np_dtype", "tensor_dtype", "NUMPY_TYPES", "map_file", "skeleton_bytes", "weight_views", "string_pairs", "string_entry", "tag", "encode_varint"]
 
 #: raw_data of at least this many bytes leaves the skeleton (shape constants stay inline)
 STRIP_BYTES = 1 << 14
@@ -42,7 +42,8 @@ class WireError(ValueError):
     """Malformed protobuf bytes."""
 
 
-def _varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
+def read_varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at ``buf[pos]``."""
     value = shift = 0
     while True:
         if pos >= end or shift > 63:
@@ -72,14 +73,16 @@ def fields(buf: Any, start: int, end: int) -> Iterator[tuple[int, int, int, int,
     pos = start
     while pos < end:
         begin = pos
-        key, pos = _varint(buf, pos, end)
+        key = buf[pos]  # one-byte varints (keys, short lengths) are read inline: the loader's hot loop
+        key, pos = (key, pos + 1) if key < 0x80 else read_varint(buf, pos, end)
         number, wtype = key >> 3, key & 7
         if wtype == 0:
-            vstart, (_, pos) = pos, _varint(buf, pos, end)
+            vstart = pos
+            pos = pos + 1 if pos < end and buf[pos] < 0x80 else read_varint(buf, pos, end)[1]
         elif wtype == 1:
             vstart, pos = pos, pos + 8
         elif wtype == 2:
-            length, vstart = _varint(buf, pos, end)
+            length, vstart = (buf[pos], pos + 1) if pos < end and buf[pos] < 0x80 else read_varint(buf, pos, end)
             pos = vstart + length
         elif wtype == 5:
             vstart, pos = pos, pos + 4
@@ -128,13 +131,13 @@ def parse_tensor(buf: Any, start: int, end: int) -> TensorRef:
         if number == T_NAME and wtype == 2:
             ref.name = bytes(buf[vs:ve]).decode("utf-8", "replace")
         elif number == T_TYPE and wtype == 0:
-            ref.data_type = _varint(buf, vs, ve)[0]
+            ref.data_type = read_varint(buf, vs, ve)[0]
         elif number == T_DIMS and wtype == 0:
-            dims.append(_varint(buf, vs, ve)[0])
+            dims.append(read_varint(buf, vs, ve)[0])
         elif number == T_DIMS and wtype == 2:  # packed
             pos = vs
             while pos < ve:
-                value, pos = _varint(buf, pos, ve)
+                value, pos = read_varint(buf, pos, ve)
                 dims.append(value)
         elif number == T_RAW and wtype == 2:
             ref.raw = (vs, ve)
@@ -165,7 +168,7 @@ def _strippable(ref: TensorRef) -> bool:
     return ref.raw is not None and ref.raw[1] - ref.raw[0] >= STRIP_BYTES and np_dtype(ref.data_type) is not None
 
 
-def _scan(buf: Any) -> tuple[bytes, dict[str, TensorRef]]:
+def skeleton_bytes(buf: Any) -> tuple[bytes, dict[str, TensorRef]]:
     """Skeleton bytes (big raw_data left out) and the TensorRef of every graph initializer."""
     tensors: dict[str, TensorRef] = {}
     out: list[Any] = []
@@ -188,19 +191,36 @@ def _scan(buf: Any) -> tuple[bytes, dict[str, TensorRef]]:
     return b"".join(bytes(p) for p in out), tensors
 
 
-def np_dtype(data_type: int) -> np.dtype[Any] | None:
-    from onnx import helper
+#: ONNX TensorProto.DataType -> numpy dtype, for the types numpy holds natively (a fixed table:
+#: reading a model never needs onnx's own, whose import costs more than the read)
+NUMPY_TYPES: dict[int, np.dtype[Any]] = {
+    1: np.dtype(np.float32), 2: np.dtype(np.uint8), 3: np.dtype(np.int8), 4: np.dtype(np.uint16),
+    5: np.dtype(np.int16), 6: np.dtype(np.int32), 7: np.dtype(np.int64), 9: np.dtype(np.bool_),
+    10: np.dtype(np.float16), 11: np.dtype(np.float64), 12: np.dtype(np.uint32), 13: np.dtype(np.uint64),
+}
+_OTHER_TYPES: dict[int, np.dtype[Any]] = {8: np.dtype(object), 14: np.dtype(np.complex64), 15: np.dtype(np.complex128)}
 
-    if data_type in (1, 2, 3, 4, 5, 6, 7, 9, 10, 11, 12, 13):
-        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
-    return None
+
+def np_dtype(data_type: int) -> np.dtype[Any] | None:
+    """The numpy dtype of raw data of ONNX type ``data_type``; None for a type numpy lacks (bfloat16, float8, int4...)."""
+    return NUMPY_TYPES.get(data_type)
+
+
+def tensor_dtype(data_type: int) -> np.dtype[Any]:
+    """``onnx.helper.tensor_dtype_to_np_dtype`` without importing onnx for the common types."""
+    found = NUMPY_TYPES.get(data_type) or _OTHER_TYPES.get(data_type)
+    if found is not None:
+        return found
+    from onnx import helper  # heavy: only for the exotic types (bfloat16, float8, int4: ml_dtypes)
+
+    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
 
 
 #: every live mapping made by :func:`open_model` (weak: a mapping goes when its last view does)
 _MAPPED: weakref.WeakSet[mmap.mmap] = weakref.WeakSet()
 
 
-def _map(path: Path) -> Any:
+def map_file(path: Path) -> Any:
     with open(path, "rb") as fh:
         if not os.fstat(fh.fileno()).st_size:
             return b""
@@ -229,7 +249,7 @@ def _external_view(ref: TensorRef, folder: Path, maps: dict[Path, Any], dtype: n
     if not target.is_file():
         raise ModelError(f"missing external data (tensor {ref.name!r}: {location} is not a file beside the model)")
     if target not in maps:
-        maps[target] = _map(target)
+        maps[target] = map_file(target)
     data = maps[target]
     offset = int(info.get("offset", 0) or 0)
     count = int(np.prod(ref.dims, dtype=np.int64))
@@ -245,15 +265,15 @@ def open_model(path: str | os.PathLike[str]) -> OnnxFile:
     import onnx
 
     p = Path(path)
-    buf = _map(p)
+    buf = map_file(p)
     try:
-        skeleton, tensors = _scan(memoryview(buf) if buf else b"")
+        skeleton, tensors = skeleton_bytes(memoryview(buf) if buf else b"")
         model = onnx.ModelProto()
         model.ParseFromString(skeleton)
     except Exception as exc:  # WireError, protobuf DecodeError
         raise invalid_model(p, exc) from None
     try:
-        arrays = _weight_views(p, buf, tensors)
+        arrays = weight_views(p, buf, tensors)
     except ModelError as exc:
         raise ModelError(f"{p}: {exc}") from None
     return OnnxFile(p, model, arrays, tensors, buf)
@@ -302,8 +322,9 @@ def invalid_model(path: Path, exc: Exception) -> ModelError:
     return ModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {first})")
 
 
-def _weight_views(p: Path, buf: Any, tensors: dict[str, TensorRef]) -> dict[str, np.ndarray]:
-    """Views of the external and the stripped raw weights, each checked against its shape and type."""
+def weight_views(p: Path, buf: Any, tensors: dict[str, TensorRef], min_bytes: int = STRIP_BYTES) -> dict[str, np.ndarray]:
+    """Views of the external weights and of the raw ones of at least ``min_bytes`` bytes (those the
+    skeleton leaves out, by default), each checked against its shape and type."""
     arrays: dict[str, np.ndarray] = {}
     maps: dict[Path, Any] = {}
     for ref in tensors.values():
@@ -312,9 +333,9 @@ def _weight_views(p: Path, buf: Any, tensors: dict[str, TensorRef]) -> dict[str,
             raise ModelError(f"tensor {ref.name!r}: external data of ONNX type {ref.data_type} is not supported")
         if ref.is_external and dtype is not None:
             arrays[ref.name] = _external_view(ref, p.parent, maps, dtype)
-        elif _strippable(ref):
+        elif ref.raw is not None and dtype is not None and ref.raw[1] - ref.raw[0] >= min_bytes:
             count = int(np.prod(ref.dims, dtype=np.int64))
-            if dtype is None or (ref.raw[1] - ref.raw[0]) != count * dtype.itemsize:
+            if (ref.raw[1] - ref.raw[0]) != count * dtype.itemsize:
                 raise ModelError(f"tensor {ref.name!r}: raw_data has {ref.raw[1] - ref.raw[0]} bytes, not {ref.dims} of type {ref.data_type}")
             arrays[ref.name] = np.frombuffer(buf, dtype=dtype, count=count, offset=ref.raw[0]).reshape(ref.dims)
     return arrays

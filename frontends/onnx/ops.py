@@ -18,6 +18,7 @@ from pai_compiler.frontends.onnx.index_ops import INDEX_HANDLERS
 from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, is_float_dtype, prod, simplify_dim
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim, OpKind, Value
+from pai_compiler.onnx_wire import tensor_dtype
 
 __all__ = ["lower_node", "HANDLERS", "POINTWISE_OPS"]
 
@@ -212,9 +213,7 @@ def _pointwise(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str,
         out_attrs["min"] = float(lo.array) if lo is not None else float(attrs.get("min", -np.inf))
         out_attrs["max"] = float(hi.array) if hi is not None else float(attrs.get("max", np.inf))
     if node.op_type == "Cast":
-        from onnx import helper
-
-        dtype = str(np.dtype(helper.tensor_dtype_to_np_dtype(attrs["to"])))
+        dtype = str(tensor_dtype(attrs["to"]))
         out_attrs["to"] = dtype
     if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] in imp.consumed:
         mask = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label + "_mask"), [x], [(node.output[1], x.shape, "bool")], attrs={"op_type": "DropoutMask", "domain": ""})

@@ -26,7 +26,8 @@ from pai_compiler.frontends.onnx.patterns import fuse_patterns
 from pai_compiler.frontends.onnx.static import Const, concretize, eval_static, is_float_dtype
 from pai_compiler.frontends.params import layout_twin
 from pai_compiler.errors import ModelError, PaicError
-from pai_compiler.onnx_wire import check_has_graph, check_model_file, open_model
+from pai_compiler.frontends.onnx.proto_view import ModelView, NodeView, ValueInfoView, attribute_value, read_model, tensor_array, value_info_of, view_of
+from pai_compiler.onnx_wire import tensor_dtype
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
 
 __all__ = ["load_onnx_model", "import_onnx"]
@@ -35,35 +36,21 @@ KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview"
 
 
 def load_onnx_model(path: str | os.PathLike[str]) -> Graph:
-    """Read and lower an ONNX file; big and external weights stay memory-mapped (``onnx_wire``)."""
+    """Read and lower an ONNX file; every stored weight stays memory-mapped (``proto_view``), and
+    onnx itself is imported only for what the view hands to it (rare encodings, opaque nodes)."""
 
     p = Path(path)
-    check_model_file(p)
-    source = open_model(p)
-    check_has_graph(source.model, p)
-    graph = import_onnx(source.model, name=p.stem, arrays=source.arrays)
+    model, arrays = read_model(p)
+    graph = import_onnx(model, name=p.stem, arrays=arrays)
     graph.meta["source_path"] = str(path)
     return graph
 
 
-def _tensor_to_array(t: Any) -> np.ndarray:
-    from onnx import helper, numpy_helper
-
-    if t.raw_data and t.data_type in (1, 2, 3, 5, 6, 7, 9, 10, 11, 12, 13):
-        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
-        return np.frombuffer(t.raw_data, dtype=dtype).reshape(tuple(t.dims))
-    return numpy_helper.to_array(t)
-
-
-def _attrs(node: Any) -> dict[str, Any]:
-    from onnx import helper
-
+def _attrs(node: NodeView) -> dict[str, Any]:
     out = {}
     for a in node.attribute:
-        value = helper.get_attribute_value(a)
-        if a.type == a.TENSOR:
-            value = _tensor_to_array(a.t)
-        elif isinstance(value, bytes):
+        value = attribute_value(node, a)
+        if isinstance(value, bytes):
             value = value.decode()
         elif isinstance(value, list) and value and isinstance(value[0], bytes):
             value = [v.decode() for v in value]
@@ -108,9 +95,10 @@ def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
 
 
 class _Importer:
-    def __init__(self, model: Any, name: str, arrays: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(self, model: ModelView, name: str, arrays: Mapping[str, np.ndarray] | None = None) -> None:
         self.model = model
         self.arrays = arrays or {}
+        assert model.graph is not None
         self.graph = Graph(name or model.graph.name or "model")
         self.env: dict[str, Const | ShapeData | Value] = {}
         self.symbols: dict[str, sympy.Symbol] = {}
@@ -124,7 +112,7 @@ class _Importer:
         self.weight_sources: dict[str, str] = {}
         self.warnings: list[str] = self.graph.meta["warnings"]
         self.inferred: dict[str, tuple[Dim, ...]] | None = None
-        self.opset = {o.domain or "": o.version for o in model.opset_import}
+        self.opset = {domain or "": version for domain, version in model.opset_import}
         self.shape_values: dict[str, Value] = {}
 
     # ---- helpers used by op handlers ---------------------------------------------------
@@ -133,15 +121,15 @@ class _Importer:
             self.symbols[name] = sympy.Symbol(name, integer=True, positive=True)
         return self.symbols[name]
 
-    def dims_from_type(self, type_proto: Any) -> tuple[Dim, ...] | None:
-        if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+    def dims_from_type(self, info: ValueInfoView) -> tuple[Dim, ...] | None:
+        if not info.is_tensor or info.dims is None:
             return None
         dims: list[Dim] = []
-        for i, d in enumerate(type_proto.tensor_type.shape.dim):
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
+        for i, d in enumerate(info.dims):
+            if isinstance(d, int):
+                dims.append(d)
             else:
-                dims.append(self.symbol(d.dim_param or f"unk{len(self.symbols)}_{i}"))
+                dims.append(self.symbol(d or f"unk{len(self.symbols)}_{i}"))
         return tuple(dims)
 
     def inferred_shape(self, name: str) -> tuple[Dim, ...] | None:
@@ -151,9 +139,9 @@ class _Importer:
 
             self.inferred = {}
             try:
-                inferred = onnx.shape_inference.infer_shapes(self.model)
+                inferred = onnx.shape_inference.infer_shapes(self.model.to_proto())
                 for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
-                    dims = self.dims_from_type(vi.type)
+                    dims = self.dims_from_type(value_info_of(vi.SerializeToString()))
                     if dims is not None:
                         self.inferred[vi.name] = dims
             except Exception:  # inference is best effort
@@ -243,6 +231,7 @@ class _Importer:
     # ---- main walk ---------------------------------------------------------------------
     def run(self) -> Graph:
         g = self.model.graph
+        assert g is not None
         self._load_initializers()
         self._add_inputs()
         self.consumed = {i for n in g.node for i in n.input if i} | {o.name for o in g.output}
@@ -267,16 +256,20 @@ class _Importer:
 
     def _load_initializers(self) -> None:
         """Every dense and sparse initializer as a stored constant (memory-mapped arrays where given)."""
-        from onnx import numpy_helper  # heavy: onnx loads when a model is read
-
         g = self.model.graph
+        assert g is not None
         self.stored: dict[str, np.ndarray] = {}
         for t in g.initializer:
-            arr = self.arrays[t.name] if t.name in self.arrays else _tensor_to_array(t)
+            arr = self.arrays[t.name] if t.name in self.arrays else tensor_array(self.model.buffer, t.span or (0, 0))
             self.stored[t.name] = arr
             self.env[t.name] = Const(arr, origin=t.name)
             self.weight_sources[t.name] = "initializer"
-        for st in g.sparse_initializer:
+        if not g.sparse_initializer:
+            return
+        from onnx import SparseTensorProto, numpy_helper  # heavy: onnx decodes sparse initializers
+
+        for span in g.sparse_initializer:
+            st = SparseTensorProto.FromString(self.model.message(span))
             name = st.values.name
             dense = numpy_helper.to_array(st.values)
             arr = np.zeros(tuple(st.dims), dtype=dense.dtype)
@@ -291,11 +284,12 @@ class _Importer:
 
     def _add_inputs(self) -> None:
         """An INPUT node for every graph input that is not an initializer."""
+        assert self.model.graph is not None
         for inp in self.model.graph.input:
             if inp.name in self.stored:
                 continue
-            shape = self.dims_from_type(inp.type)
-            elem = inp.type.tensor_type.elem_type if inp.type.HasField("tensor_type") else 1
+            shape = self.dims_from_type(inp)
+            elem = inp.elem_type if inp.is_tensor else 1
             node = self.graph.add_node(OpKind.INPUT, self.graph.fresh_name(inp.name), (), [(inp.name, shape, _dtype_name(elem))], origin=inp.name)
             self.env[inp.name] = node.outputs[0]
 
@@ -318,6 +312,7 @@ class _Importer:
 
     def _add_outputs(self) -> None:
         """An OUTPUT node for every graph output (a constant output gets its CONSTANT node)."""
+        assert self.model.graph is not None
         for out in self.model.graph.output:
             x = self.env.get(out.name)
             if x is None:
@@ -373,9 +368,7 @@ class _Importer:
         if op in ("Identity", "Transpose", "Cast") and first is not None and first.origin is not None and not first.symbolic:
             arr = first.array
             if op == "Cast":
-                from onnx import helper
-
-                to = helper.tensor_dtype_to_np_dtype(attrs["to"])
+                to = tensor_dtype(attrs["to"])
                 if not (is_float_dtype(to) and is_float_dtype(arr.dtype)):
                     self.env[node.output[0]] = Const(arr.astype(to))
                     return True
@@ -441,7 +434,7 @@ def _reference_eval(node: Any, consts: list[Const | None]) -> list[np.ndarray] |
 
         names = [f"i{i}" for i in range(len(consts))]
         inputs = [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(c.array.dtype), c.array.shape) for n, c in zip(names, consts) if c is not None]
-        clone = helper.make_node(node.op_type, [n if c is not None else "" for n, c in zip(names, consts)], [f"o{i}" for i in range(len(node.output))], domain=node.domain, **{a.name: helper.get_attribute_value(a) for a in node.attribute})
+        clone = helper.make_node(node.op_type, [n if c is not None else "" for n, c in zip(names, consts)], [f"o{i}" for i in range(len(node.output))], domain=node.domain, **{a.name: helper.get_attribute_value(a) for a in node.to_proto().attribute})
         outputs = [helper.make_tensor_value_info(f"o{i}", 0, None) for i in range(len(node.output))]
         g = helper.make_graph([clone], "fold", inputs, outputs)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid(node.domain, 18 if not node.domain else 1)])
@@ -452,17 +445,19 @@ def _reference_eval(node: Any, consts: list[Const | None]) -> list[np.ndarray] |
 
 
 def _dtype_name(elem_type: int) -> str:
-    from onnx import helper
-
     try:
-        return str(np.dtype(helper.tensor_dtype_to_np_dtype(elem_type)))
+        return str(tensor_dtype(elem_type))
     except Exception:
         return "float32"
 
 
-def import_onnx(model: Any, name: str = "", arrays: Mapping[str, np.ndarray] | None = None) -> Graph:
-    """Lower a loaded ModelProto to the IR; ``arrays`` gives initializer data by name (memory-mapped
-    weights that the proto leaves out), the rest is read from the proto."""
+def import_onnx(model: ModelView | Any, name: str = "", arrays: Mapping[str, np.ndarray] | None = None) -> Graph:
+    """Lower a model (a ModelView, or an onnx ModelProto, viewed through its serialized bytes) to the
+    IR; ``arrays`` gives initializer data by name, the rest is read from the model."""
+    if not isinstance(model, ModelView):
+        model = view_of(model.SerializeToString())
+    if model.graph is None:
+        raise ModelError("not a valid ONNX model (no graph)")
     graph = _Importer(model, name, arrays).run()
     fuse_patterns(graph)
     graph.verify()

@@ -24,7 +24,9 @@ from pai_compiler.errors import ModelError
 from pai_compiler.frontends.onnx.movement import DynamicArgument, Movement, movement_shape
 from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, simplify_dim
 from pai_compiler.ir import Dim
+from pai_compiler.frontends.onnx.proto_view import NodeView
 from pai_compiler.ir.shape_program import ShapeProgram
+from pai_compiler.onnx_wire import tensor_dtype
 
 __all__ = ["ShapeData", "SHAPE_DATA_RULES", "make_shape_data", "shape_program"]
 
@@ -126,13 +128,11 @@ SHAPE_DATA_RULES: dict[str, Callable[[list[Operand], dict[str, Any]], tuple[Dim,
 
 
 def _dtype(node: Any, ins: list[Operand], attrs: dict[str, Any]) -> np.dtype:
-    from onnx import helper  # heavy: onnx loads when a model is read
-
     op = node.op_type
     if op in _BOOL_OPS:
         return np.dtype(bool)
     if op == "Cast":
-        return np.dtype(helper.tensor_dtype_to_np_dtype(attrs["to"]))
+        return tensor_dtype(attrs["to"])
     if op == "ConstantOfShape":
         value = attrs.get("value")
         return np.dtype(np.float32) if value is None else np.asarray(value).dtype
@@ -182,7 +182,8 @@ def shape_program(data: ShapeData, opset: int) -> ShapeProgram:
     inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(np.int64)), list(arr.shape)) for name, arr in data.symbolic.items()]
     inits = [numpy_helper.from_array(np.asarray(arr), name) for name, arr in data.leaves.items()]
     out = helper.make_tensor_value_info(data.output, helper.np_dtype_to_tensor_dtype(data.dtype), None)
-    graph = helper.make_graph(list(data.nodes), "shape_data", inputs, [out], initializer=inits)
+    nodes = [n.to_proto() if isinstance(n, NodeView) else n for n in data.nodes]  # the model's nodes are views
+    graph = helper.make_graph(nodes, "shape_data", inputs, [out], initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     try:
         feeds = tuple((name, tuple(arr.shape), tuple(arr.reshape(-1))) for name, arr in data.symbolic.items())

@@ -19,6 +19,7 @@ import sympy
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim
 from pai_compiler.ir.shape_program import gather_elements
+from pai_compiler.onnx_wire import tensor_dtype
 
 __all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype", "float_eps"]
 
@@ -41,14 +42,19 @@ def float_eps(dtype: Any) -> float | None:
     """Machine epsilon of a float dtype, numpy's or ml_dtypes' (bfloat16, float8_*, ...: numpy
     kind ``V``); None for anything that is not a float type."""
     try:
-        import ml_dtypes  # also registers "bfloat16" etc. as numpy dtype names
-    except ImportError:  # onnx needs ml_dtypes, so this is only a safety net
-        ml_dtypes = None
+        dt: np.dtype[Any] | None = np.dtype(dtype)
+    except TypeError:
+        dt = None  # a name only ml_dtypes teaches numpy ("bfloat16")
+    if dt is not None and dt.kind in "fc":
+        return float(np.finfo(dt).eps)
+    if dt is not None and dt.kind != "V":
+        return None
     try:
-        dt = np.dtype(dtype)
-        if np.issubdtype(dt, np.floating):
-            return float(np.finfo(dt).eps)
-        return float(ml_dtypes.finfo(dt).eps) if ml_dtypes is not None else None
+        import ml_dtypes  # heavy (~0.3 s), only for its low-precision floats; registers their names
+    except ImportError:  # onnx needs ml_dtypes, so this is only a safety net
+        return None
+    try:
+        return float(ml_dtypes.finfo(np.dtype(dtype)).eps)
     except (TypeError, ValueError):
         return None
 
@@ -67,7 +73,11 @@ def simplify_dim(d: Any) -> Dim:
 
 @lru_cache(maxsize=8192)
 def _simplify(expr: sympy.Expr) -> sympy.Expr:
-    # every transformer block repeats the same shape expressions; simplify is the loader's hot spot
+    # every transformer block repeats the same shape expressions; simplify is the loader's hot spot.
+    # A number, a symbol or n·a·b… is already simplest (sympy builds it canonical): skipping
+    # simplify there also skips its first-call import of sympy.physics (~0.3 s)
+    if expr.is_Atom or (expr.is_Mul and all(a.is_Symbol or a.is_Integer for a in expr.args)):
+        return expr
     return sympy.simplify(expr)
 
 
@@ -124,11 +134,9 @@ def _reshape(x: np.ndarray, shape: list[int], allowzero: int) -> np.ndarray:
 
 
 def _cast(x: np.ndarray, to: int) -> np.ndarray:
-    from onnx import helper
-
     if x.dtype == object:
         return x
-    return x.astype(helper.tensor_dtype_to_np_dtype(to))
+    return x.astype(tensor_dtype(to))
 
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:

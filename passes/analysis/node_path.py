@@ -145,7 +145,7 @@ def _log_paths(graph: Graph, bind: dict[str, int], convention: Convention) -> fl
     freed after its last use, so memory stays at one layer plus live activations."""
     import torch  # heavy optional dependency: only the path analysis needs it
 
-    return float(count_paths(graph, convention, bind, dtype=torch.float64, keep_values=False).log_paths)
+    return float(count_paths(graph, convention, bind, dtype=torch.float64, keep_values=False, distinct_rows=True).log_paths)
 
 
 def _path_rule(node: Node) -> Any:
@@ -177,7 +177,7 @@ def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None,
 
     dtype = dtype or _indicator_dtype()
     params = {p.name: p for p, _ in _prunable_layers(graph)}
-    it = Interpreter(graph, mode="paths", dtype=dtype, pool="sum", bind=bind)
+    it = Interpreter(graph, mode="paths", dtype=dtype, pool="sum", bind=bind, distinct_rows=True)
     inputs = [v.name for v in graph.inputs]
     forward: dict[str, torch.Tensor] = dict(zip(inputs, ones_inputs(graph, bind, dtype)))
     nodes = [n for n in graph.nodes if n.kind not in (OpKind.INPUT, OpKind.OUTPUT)]
@@ -230,6 +230,8 @@ def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any
     """Re-run ``node`` with autograd; add its input cotangents to ``backward``, OR its weight grads > 0 into ``reached``."""
     import torch  # heavy optional dependency
 
+    if _pass_through(node, forward, cotangents, graph_inputs, backward):
+        return
     args = [_unpack(forward[v.name], dtype) for v in node.inputs]
     args = [a if v.name in graph_inputs or not a.is_floating_point() else a.requires_grad_() for v, a in zip(node.inputs, args)]
     # the interpreter's own paths-mode operand (mask, or ones), fresh: it.weights is empty here
@@ -252,6 +254,25 @@ def _node_vjp(it: Any, node: Node, forward: dict[str, Any], cotangents: list[Any
     for name, g in zip(leaves, got[len(grad_inputs):]):
         if g is not None:
             reached[name] |= (g > 0).numpy()
+
+
+def _pass_through(node: Node, forward: dict[str, Any], cotangents: list[Any], graph_inputs: set[str], backward: dict[str, Any]) -> bool:
+    """The VJP of an identity path rule (norm, activation, softmax) without autograd: its input's
+    cotangent gains the output's, ``sign(g)``, exactly what autograd gives. False (autograd does
+    it) when the rule is another, broadcasts, or the input is not a 0/1 indicator."""
+    import torch  # heavy optional dependency
+
+    from pai_compiler.interp_rules import path_identity  # imports torch
+
+    if len(node.inputs) != 1 or len(cotangents) != 1 or _path_rule(node) is not path_identity:
+        return False
+    v, g = node.inputs[0], cotangents[0]
+    x = forward.get(v.name)
+    if x is None or g is None or v.name in graph_inputs or x.dtype != torch.bool or tuple(x.shape) != tuple(g.shape):
+        return False
+    step = g.sign()
+    backward[v.name] = backward[v.name] + step if v.name in backward else step
+    return True
 
 
 def _unpack(t: torch.Tensor, dtype: Any) -> torch.Tensor:

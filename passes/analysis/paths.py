@@ -74,12 +74,15 @@ def count_paths(
     weights: Mapping[str, torch.Tensor] | None = None,
     keep_values: bool = True,
     on_node: Callable[[Node, list[torch.Tensor]], None] | None = None,
+    distinct_rows: bool = False,
 ) -> PathCount:
     """log P of ``graph`` in ``convention`` (dtype: float32 for ``ref``, float64 for ``exact``, unless given).
 
     ``keep_values=False`` frees every value after its last use (the run keeps only outputs);
     ``on_node(node, outputs)`` sees each node as it is evaluated. Gradients flow when the
-    caller enables them and ``weights`` holds leaves that require grad.
+    caller enables them and ``weights`` holds leaves that require grad. ``distinct_rows``: linear
+    layers multiply each distinct input row once (the interpreter's option; equal tokens of an
+    all-ones forward make a transformer's GEMMs ~100× smaller; gradients stay exact).
     """
     import torch  # heavy optional dependency: only path counting needs it
 
@@ -88,7 +91,8 @@ def count_paths(
     ref = convention == "ref"
     dtype = dtype or (torch.float32 if ref else torch.float64)
     it = Interpreter(graph, mode="paths", dtype=dtype, device=device, weights=weights,
-                     pool="model" if ref else "sum", scaling="dpai" if ref else "exact", bind=bind)
+                     pool="model" if ref else "sum", scaling="dpai" if ref else "exact", bind=bind,
+                     distinct_rows=distinct_rows)
     run = it.run(ones_inputs(graph, bind, dtype, device), keep_values=keep_values, on_node=on_node)
     return PathCount(log_path_count(run, convention), run)
 

@@ -1,0 +1,78 @@
+"""The wire-level ModelProto view reads what onnx itself reads: attributes, types, initializers, errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from pai_compiler.errors import ModelError
+from pai_compiler.frontends.onnx.proto_view import attribute_value, read_model, view_of
+from pai_compiler.frontends.onnx.reader import import_onnx, load_onnx_model
+
+
+def _odd_model() -> onnx.ModelProto:
+    """Every attribute type the view decodes, one it hands to onnx (a graph), odd dims and tensors."""
+    then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)])
+    typed = helper.make_tensor("typed", TensorProto.FLOAT, [2, 2], [1.5, -2.0, 3.25, 0.0])  # float_data, no raw
+    raw = numpy_helper.from_array(np.arange(6, dtype=np.int64).reshape(2, 3) - 3, "raw")
+    node = helper.make_node(
+        "Custom", ["x", "", "w"], ["y", "z"], name="odd", domain="ai.onnx",
+        f=0.1, i=-7, s="héllo", t=raw, typed=typed, floats=[1.0, -0.5, 1e-30], ints=[-1, 0, 2**40, -(2**62)],
+        strings=["a", "bé"], g=then,
+    )
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, None, 0]),
+              helper.make_tensor_value_info("u", TensorProto.INT64, None)]
+    weights = [numpy_helper.from_array(np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "w"),
+               helper.make_tensor("h", TensorProto.FLOAT16, [2], np.array([1.0, 2.0], np.float16).view(np.uint16).tolist())]
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], initializer=weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.x", 2)])
+
+
+def test_view_reads_what_onnx_reads() -> None:
+    model = _odd_model()
+    view = view_of(model.SerializeToString())
+    assert view.ir_version == model.ir_version
+    assert view.opset_import == [("", 18), ("com.x", 2)]
+    assert view.graph is not None and view.graph.name == "g"
+    node, proto = view.graph.node[0], model.graph.node[0]
+    assert (node.name, node.op_type, node.domain, node.input, node.output) == ("odd", "Custom", "ai.onnx", ["x", "", "w"], ["y", "z"])
+    for attr, want in zip(node.attribute, proto.attribute, strict=True):
+        assert attr.name == want.name and attr.type == want.type
+        got, expected = attribute_value(node, attr), helper.get_attribute_value(want)
+        if want.type == want.TENSOR:
+            expected = numpy_helper.to_array(expected)
+            assert got.dtype == expected.dtype and np.array_equal(got, expected)
+        else:
+            assert got == expected, want.name
+    x, u = view.graph.input
+    assert (x.name, x.is_tensor, x.elem_type, x.dims) == ("x", True, TensorProto.FLOAT, ["batch", 3, "", 0])
+    assert (u.name, u.elem_type, u.dims) == ("u", TensorProto.INT64, None)
+    assert [t.name for t in view.graph.initializer] == ["w", "h"]
+
+
+def test_weights_are_views_of_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save(_odd_model(), str(path))
+    view, arrays = read_model(path)
+    assert np.array_equal(arrays["w"], np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4))
+    assert not arrays["w"].flags.writeable and arrays["w"].base is not None
+    assert "h" not in arrays  # float16 given as int32_data: onnx decodes it (tensor_array)
+
+
+def test_model_proto_and_file_lower_alike(tmp_path: Path) -> None:
+    src = Path(__file__).resolve().parents[1] / "examples" / "models" / "tiny_vit.onnx"
+    from pai_compiler.ir import to_text
+
+    assert to_text(load_onnx_model(src)) == to_text(import_onnx(onnx.load(str(src)), name=src.stem))
+
+
+@pytest.mark.parametrize("data", [b"\x0a\xff\xff", b"\x3a\x05\x0a\x01", b"\x0b\x00"])
+def test_malformed_bytes_are_one_line_model_errors(tmp_path: Path, data: bytes) -> None:
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(data)
+    with pytest.raises(ModelError, match="not a valid ONNX model") as info:
+        read_model(path)
+    assert "\n" not in str(info.value)
