@@ -36,6 +36,7 @@ class CompactForms:
 
     compact: Path
     sparse: dict[int, Path]
+    aligned: dict[int, Path] = field(default_factory=dict)  # align -> compact ONNX model with widths multiples of it
     reports: dict[int, Any] = field(default_factory=dict)  # batch -> SparseExecReport
     select_seconds: dict[int, float] = field(default_factory=dict)
 
@@ -60,11 +61,19 @@ class FormTimes:
 
 
 def write_compact_forms(graph: Any, source: Path, stem: Path, batches: Sequence[int], *, earlier: Any = None,
-                        pipeline: str = "", select_repeats: int = 3, threads: int = 1, onnx_advice: bool = False) -> CompactForms:
+                        pipeline: str = "", select_repeats: int = 3, threads: int = 1, onnx_advice: bool = False,
+                        aligns: Sequence[int] = ()) -> CompactForms:
     """Compact ``graph`` (read from ``source``, masks set) in place and write ``{stem}_compact.onnx`` and
     ``{stem}_b{batch}.pt`` per batch. ``earlier``: the CompactReport of dead-node-elim runs already in the
     graph's pipeline (their changes must be in the ONNX rewrite too). ``onnx_advice``: also time the compact
-    ONNX model in each build (the report's ``onnxruntime_ms`` and ``advice``)."""
+    ONNX model in each build (the report's ``onnxruntime_ms`` and ``advice``). ``aligns``: also write
+    ``{stem}_compact_a{n}.onnx``, compacted keeping widths multiples of n (ORT's kernels dislike odd widths)."""
+    aligned: dict[int, Path] = {}
+    for align in aligns:
+        copy = graph.clone()
+        done = compact_graph(copy, align=align)
+        aligned[align] = Path(f"{stem}_compact_a{align}.onnx")
+        write_compact_onnx(copy, source, aligned[align], earlier.then(done) if earlier is not None else done, pipeline=pipeline)
     report = compact_graph(graph)
     report = earlier.then(report) if earlier is not None else report
     compact = Path(f"{stem}_compact.onnx")
@@ -80,7 +89,7 @@ def write_compact_forms(graph: Any, source: Path, stem: Path, batches: Sequence[
         seconds[batch] = time.perf_counter() - start
         sparse[batch] = Path(f"{stem}_b{batch}.pt")
         save_torch_atomic(sparse[batch], module)
-    return CompactForms(compact, sparse, reports, seconds)
+    return CompactForms(compact, sparse, aligned=aligned, reports=reports, select_seconds=seconds)
 
 
 def time_forms(dense: Path, forms: Mapping[str, Path], *, batch: int, threads: int = 1, runs: int = 7, warmup: int = 2,

@@ -5,8 +5,9 @@ alternating in one process. For every run file of ``benchmarks/accuracy.py`` the
 from its seed and checked against the code of the run's own commit (``run_masks.py``); a run whose
 mask is not reproduced is left out of the plot and listed. Each reproduced mask (one per
 (method, sparsity, seed): CPU and GPU runs share it where the check says they trained the same
-mask) becomes three forms (``fast_forms.py``): the masked ONNX model (weights zeroed) and the
-compact ONNX model (``dead-node-elim``) in onnxruntime, and the sparse-execution torch module
+mask) becomes four forms (``fast_forms.py``): the masked ONNX model (weights zeroed), the compact
+ONNX model (``dead-node-elim``) and the same kept at widths multiples of 4 (``--align 4``) in
+onnxruntime, and the sparse-execution torch module
 (per layer dense or sparse kernel, whichever was faster at the batch); each is timed against
 dense ORT at every ``--batches`` size with ``--threads`` threads (ORT intra-op, torch).
 
@@ -53,6 +54,8 @@ __all__ = ["main", "measure", "export_forms", "load_store"]
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
+#: the aligned compact form keeps layer widths multiples of this (docs/compact_speed.md: odd widths slow ORT down)
+ALIGN = 4
 
 
 def load_store(path: Path) -> dict[str, Any]:
@@ -90,7 +93,7 @@ def verify_at_commits(runs: Sequence[run_masks.RunRecord], store: dict[str, Any]
         save_store(path, store)
 
 
-def export_forms(rebuilt: run_masks.RebuiltMask, folder: Path, batches: Sequence[int]) -> dict[str, Any]:
+def export_forms(rebuilt: run_masks.RebuiltMask, folder: Path, batches: Sequence[int]) -> tuple[Path, fast_forms.CompactForms]:
     """Write the masked ONNX model of ``rebuilt`` (zoo weights times the mask) and its compact and sparse forms."""
     case = rebuilt.case
     torch.manual_seed(case.seed)
@@ -108,25 +111,25 @@ def export_forms(rebuilt: run_masks.RebuiltMask, folder: Path, batches: Sequence
     expected = sum(int(m.sum()) for m in rebuilt.masks.values())
     if kept != expected:  # a weight the export changed or a zero the init drew: the forms would not be this mask
         raise SystemExit(f"{case.key}: the exported model keeps {kept} prunable weights, the mask {expected}")
-    forms = fast_forms.write_compact_forms(graph, masked, stem, batches, pipeline=rebuilt.pipeline)
-    return {"masked": masked, "compact": forms.compact, "sparse": forms.sparse, "reports": forms.reports}
+    return masked, fast_forms.write_compact_forms(graph, masked, stem, batches, pipeline=rebuilt.pipeline, aligns=(ALIGN,))
 
 
 def measure(rebuilt: run_masks.RebuiltMask, dense: Path, folder: Path, batches: Sequence[int], threads: int, runs: int,
             warmup: int, budget_s: float) -> dict[str, Any]:
-    """batch -> timing row of the mask's three forms against dense ORT."""
-    files = export_forms(rebuilt, folder, batches)
+    """batch -> timing row of the mask's four forms against dense ORT."""
+    masked, written = export_forms(rebuilt, folder, batches)
     rows = {}
     for batch in batches:
-        forms = {"masked ORT": files["masked"], "compact ORT": files["compact"], "sparse torch": files["sparse"][batch]}
+        forms = {"masked ORT": masked, "compact ORT": written.compact, f"compact ORT a{ALIGN}": written.aligned[ALIGN],
+                 "sparse torch": written.sparse[batch]}
         times = fast_forms.time_forms(dense, forms, batch=batch, threads=threads, runs=runs, warmup=warmup, budget_s=budget_s)
-        report = files["reports"][batch]
+        report = written.reports[batch]
         rows[str(batch)] = {"dense_ort_ms": times.dense_ms, "form_ms": times.form_ms, "fastest": times.fastest(),
                             "max_rel_vs_masked": times.max_rel_vs_first, "threads": threads, "runs": times.runs, "warmup": warmup,
                             "sparse_layers": report.sparse_layers, "layers": len(report.layers)}
         print(f"  b{batch}: dense {times.dense_ms:.2f} ms, " + ", ".join(
             f"{label} {times.speedup(label):.2f}x" for label in forms), flush=True)
-    for path in [files["masked"], files["compact"], *files["sparse"].values()]:
+    for path in [masked, written.compact, *written.aligned.values(), *written.sparse.values()]:
         path.unlink()
     return rows
 

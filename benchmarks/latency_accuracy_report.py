@@ -19,10 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 
 import run_masks  # noqa: E402
 
-__all__ = ["RunRow", "run_rows", "render_markdown", "plot", "FORM_RUNTIME"]
-
-#: each form and the runtime that runs it
-FORM_RUNTIME = {"masked ORT": "onnxruntime", "compact ORT": "onnxruntime", "sparse torch": "torch"}
+__all__ = ["RunRow", "run_rows", "render_markdown", "plot", "runtime_of"]
 METHOD_ORDER = ("random-erk", "magnitude", "snip", "grasp", "synflow", "npb", "dpai", "autosparse")
 
 
@@ -47,6 +44,16 @@ class RunRow:
         """t(dense ORT) / t(form) at ``batch``; the fastest form when ``form`` is None."""
         row = self.timings[batch]
         return row["dense_ort_ms"] / row["form_ms"][form or row["fastest"]]
+
+
+def runtime_of(form: str) -> str:
+    """The runtime a form's label names: the ``... torch`` forms run in torch, the ``... ORT`` ones in onnxruntime."""
+    return "torch" if form.endswith("torch") else "onnxruntime"
+
+
+def forms_of(rows: Sequence[RunRow], batch: str) -> list[str]:
+    """The form labels timed at ``batch``, in the order they were timed."""
+    return list(dict.fromkeys(form for row in rows if row.plotted and batch in row.timings for form in row.timings[batch]["form_ms"]))
 
 
 def run_rows(runs: Sequence[run_masks.RunRecord], store: dict[str, Any], mask_device: str = "cpu") -> list[RunRow]:
@@ -101,11 +108,12 @@ def _header(store: dict[str, Any], rows: Sequence[RunRow], batches: list[str]) -
         "(a shared, busy machine: absolute times are inflated and noisy, the ratios saw the same load).  ",
         f"**Latency: CPU, {some.get('threads', '?')} thread** (onnxruntime intra-op threads = torch threads), batch "
         f"{' and '.join(batches)}; median of the rounds ({rounds_text}) after {some.get('warmup', '?')} warm-up, the "
-        "dense model and the mask's three forms **alternating in one process**. speed-up × = t(dense ResNet-20 in "
+        "dense model and the mask's four forms **alternating in one process**. speed-up × = t(dense ResNet-20 in "
         "onnxruntime) / t(form). Dense ORT (median over the processes): " + ", ".join(f"batch {b}: {dense[b]:.2f} ms" for b in batches)
         + ".  ",
         "Forms: *masked ORT* = the masked ONNX model in onnxruntime (zeros still computed); *compact ORT* = the compact "
-        "ONNX model (`dead-node-elim`, dead channels removed) in onnxruntime; *sparse torch* = the sparse-execution module "
+        "ONNX model (`paic compact`: dead channels removed) in onnxruntime; *compact ORT a4* = the same with `--align 4` "
+        "(widths kept multiples of 4: a few dead channels stay, ORT's kernels dislike odd widths); *sparse torch* = the sparse-execution module "
         "(`paic compact -o X.pt`: each conv/linear dense or sparse, whichever was faster at that batch) in torch. Every "
         "form's output equals the masked model's (max relative error ≤ 1e-5, checked per mask and batch). Accuracy: the "
         "run file's final test accuracy (8-epoch short schedule, see `accuracy.md`); there is no dense training run, so "
@@ -170,17 +178,17 @@ def _cell_table(rows: Sequence[RunRow], batches: list[str]) -> list[str]:
         for b in batches:
             fastest = sorted({r.timings[b]["fastest"] for r in members})
             ms = [r.timings[b]["form_ms"][r.timings[b]["fastest"]] for r in members]
-            parts += [", ".join(f"{f} ({FORM_RUNTIME[f]})" for f in fastest), _spread(ms, ".2f"),
+            parts += [", ".join(f"{f} ({runtime_of(f)})" for f in fastest), _spread(ms, ".2f"),
                       f"**{_spread([r.speedup(b) for r in members], '.2f')}**"]
         lines.append("| " + " | ".join(parts) + " |")
     return lines + [""]
 
 
 def _run_table(rows: Sequence[RunRow], batches: list[str]) -> list[str]:
-    forms = list(FORM_RUNTIME)
+    forms = {b: forms_of(rows, b) for b in batches}
     head = "| block | sparsity | method | seed | test acc. (%) | mask | " + " | ".join(
-        f"b{b} dense ms | " + " | ".join(f"b{b} {f} ×" for f in forms) + f" | b{b} fastest" for b in batches) + " |"
-    lines = ["## Per run", "", head, "|" + "---|" * (6 + (len(forms) + 2) * len(batches))]
+        f"b{b} dense ms | " + " | ".join(f"b{b} {f} ×" for f in forms[b]) + f" | b{b} fastest" for b in batches) + " |"
+    lines = ["## Per run", "", head, "|" + "---|" * (6 + sum(len(forms[b]) + 2 for b in batches))]
     for row in rows:
         if not row.plotted:
             continue
@@ -188,7 +196,8 @@ def _run_table(rows: Sequence[RunRow], batches: list[str]) -> list[str]:
                  f"`{row.digest}`"]
         for b in batches:
             t = row.timings[b]
-            parts += [f"{t['dense_ort_ms']:.2f}", *(f"{row.speedup(b, f):.2f}" for f in forms), t["fastest"]]
+            parts += [f"{t['dense_ort_ms']:.2f}", *(f"{row.speedup(b, f):.2f}" if f in t["form_ms"] else "—" for f in forms[b]),
+                      t["fastest"]]
         lines.append("| " + " | ".join(parts) + " |")
     return lines + [""]
 
