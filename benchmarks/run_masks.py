@@ -178,12 +178,15 @@ def digests_at_commit(commit: str, cases: Sequence[MaskCase], data_dir: Path, *,
         return {}
     trees = Path(trees or Path(tempfile.gettempdir()) / "paic_trees")
     tree = trees / commit
-    if not (tree / "benchmarks" / "accuracy.py").is_file():
-        tree.mkdir(parents=True, exist_ok=True)
+    if not tree.is_dir():
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], capture_output=True, timeout=300)
         if archive.returncode != 0:
             raise RuntimeError(f"commit {commit}: git archive failed: {archive.stderr.decode()[:200].strip()}")
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive.stdout, check=True, timeout=300)
+        trees.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=trees) as partial:  # a tree appears whole or not at all
+            subprocess.run(["tar", "-x", "-C", partial], input=archive.stdout, check=True, timeout=300)
+            os.replace(partial, tree)
+            os.mkdir(partial)  # for the context manager's cleanup
     payload = json.dumps([[c.dataset, c.model, c.method, c.sparsity, c.seed, c.device] for c in cases])
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, __file__, "--tree", str(tree), "--cases", payload, "--data-dir", str(data_dir)],
