@@ -212,7 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         verify_at_commits(runs, store, args.json, args.data_dir, args.mask_device)
         rebuild_and_measure(runs, store, args.json, args)
         store["machine"] = machine()
-        store["command"] = "python benchmarks/latency_accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = " ".join(["python benchmarks/latency_accuracy.py", *(argv if argv is not None else sys.argv[1:])])
+        store["commands"] = [*store.get("commands", []), command]
         save_store(args.json, store)
     all_runs = run_masks.load_runs(args.runs_dir, dataset=args.dataset, model=args.model)
     rows = latency_accuracy_report.run_rows(all_runs, store, args.mask_device)

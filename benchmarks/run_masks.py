@@ -5,7 +5,9 @@ density, not the mask. The mask is rebuilt twice: with the current code (:func:`
 recipe ``accuracy.prune_for_run``) and with the code of the run's own commit
 (:func:`digests_at_commit`: ``git archive`` of that commit, then that tree's own
 ``benchmarks/accuracy.py`` ``run_one`` in a subprocess, its training call intercepted, so the
-recipe is exactly the one that ran). :func:`check_run` calls a run *reproduced* when the two
+recipe is exactly the one that ran). Where a method's current default no longer builds the old
+masks, the current rebuild sets the option that does (:data:`REPRODUCING_OPTIONS`, e.g.
+``dpai{state=weights}``). :func:`check_run` calls a run *reproduced* when the two
 digests are equal and the rebuilt density equals the recorded one. A GPU run pruned on
 ``cuda`` computed its criterion's scores there; a CPU rebuild stands for it only for the
 criteria that never read the device (:data:`DEVICE_FREE`), the others need a rebuild on a GPU.
@@ -31,10 +33,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DEVICE_FREE", "RunRecord", "MaskCase", "RebuiltMask", "MaskCheck", "mask_digest", "load_runs", "rebuild",
+__all__ = ["DEVICE_FREE", "REPRODUCING_OPTIONS", "reproducing_pipeline", "RunRecord", "MaskCase", "RebuiltMask", "MaskCheck", "mask_digest", "load_runs", "rebuild",
            "digests_at_commit", "check_run", "load_accuracy", "attached_masks"]
 
 ROOT = Path(__file__).resolve().parents[1]
+#: options that rebuild the recorded runs' masks where the method's current default no longer does: DPaI's
+#: default ``state`` became ``auto`` (channel mode: one Adam per kernel, rounded once, not per weight every
+#: step), which moves a few weights; ``state=weights`` is the per-weight state the runs had (the check
+#: below still compares every rebuilt mask with the run's own commit, bit for bit)
+REPRODUCING_OPTIONS: dict[str, dict[str, Any]] = {"dpai": {"state": "weights"}}
 #: criteria whose masks do not depend on the pruning device: random scores from numpy, |w| of the
 #: CPU-initialised weights; the ERK allocation is device-free as well
 DEVICE_FREE = frozenset({"random-erk", "random", "magnitude"})
@@ -155,12 +162,26 @@ def _spec(acc: Any, case: MaskCase) -> Any:
     return acc.RunSpec(case.dataset, case.model, case.method, case.sparsity, case.seed, schedule)
 
 
-def rebuild(case: MaskCase, data_dir: Path, *, pipeline: str | None = None) -> RebuiltMask:
-    """The case's mask from the current code (``accuracy.prune_for_run``; ``pipeline`` overrides method/allocation)."""
+def reproducing_pipeline(case: MaskCase) -> str | None:
+    """The run's pipeline (ERK + the method) with :data:`REPRODUCING_OPTIONS` set on the method's pass, or None."""
+    # not at the top: this module also runs on older trees (its _digest_tree), where these may differ
+    from pai_compiler.api import build_passes
+    from pai_compiler.pipeline import format_pipeline
+
+    options = REPRODUCING_OPTIONS.get(case.method)
+    if not options:
+        return None
+    passes = build_passes(method=case.method, sparsity=case.sparsity, allocation="erk")
+    return format_pipeline([dataclasses.replace(p, **options) if p.name == case.method else p for p in passes])
+
+
+def rebuild(case: MaskCase, data_dir: Path) -> RebuiltMask:
+    """The case's mask from the current code: ``accuracy.prune_for_run``, with :func:`reproducing_pipeline` if any."""
     from pai_compiler.lab import zoo  # not at the top: this module also runs on older trees (no pai_compiler.lab)
 
     acc = load_accuracy()
-    model, pruned, _ = acc.prune_for_run(_spec(acc, case), tuple(zoo.input_shape(case.model)), data_dir, pipeline=pipeline)
+    model, pruned, _ = acc.prune_for_run(_spec(acc, case), tuple(zoo.input_shape(case.model)), data_dir,
+                                         pipeline=reproducing_pipeline(case))
     masks = attached_masks(pruned.apply(model))
     return RebuiltMask(case, mask_digest(masks), pruned.density, pruned.pipeline, masks)
 

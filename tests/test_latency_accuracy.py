@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from pai_compiler.pipeline import format_pipeline, parse_pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -46,6 +48,12 @@ def test_mask_digest_sees_every_bit_and_ignores_order() -> None:
     flipped["a.weight"][0, 1] = True
     assert run_masks.mask_digest(flipped) != run_masks.mask_digest(masks)
     assert run_masks.mask_digest({"a.weight": np.ones((2, 6), bool)}) != run_masks.mask_digest({"a.weight": np.ones((3, 4), bool)})
+
+
+def test_reproducing_options_give_a_valid_pipeline() -> None:
+    text = run_masks.reproducing_pipeline(run_masks.MaskCase("cifar10", "resnet20", "dpai", 0.99, 0))
+    assert text == "erk{sparsity=0.99},dpai{state=weights}" and format_pipeline(parse_pipeline(text)) == text
+    assert run_masks.reproducing_pipeline(run_masks.MaskCase("cifar10", "resnet20", "snip", 0.99, 0)) is None
 
 
 def test_rebuild_matches_the_benchmarks_own_run_and_the_check_tells_runs_apart(
