@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 import run_masks  # noqa: E402
 
 __all__ = ["RunRow", "run_rows", "render_markdown", "plot", "runtime_of"]
+#: the forms in the order the tables list them (the latency script's labels)
+FORM_ORDER = ("masked ORT", "compact ORT", "compact ORT a4", "sparse torch")
 METHOD_ORDER = ("random-erk", "magnitude", "snip", "grasp", "synflow", "npb", "dpai", "autosparse")
 
 
@@ -53,8 +55,9 @@ def runtime_of(form: str) -> str:
 
 
 def forms_of(rows: Sequence[RunRow], batch: str) -> list[str]:
-    """The form labels timed at ``batch``, in the order they were timed."""
-    return list(dict.fromkeys(form for row in rows if row.plotted and batch in row.timings for form in row.timings[batch]["form_ms"]))
+    """The form labels timed at ``batch``: the known ones in :data:`FORM_ORDER`, then any other by name."""
+    labels = {form for row in rows if row.plotted and batch in row.timings for form in row.timings[batch]["form_ms"]}
+    return sorted(labels, key=lambda form: (FORM_ORDER.index(form) if form in FORM_ORDER else len(FORM_ORDER), form))
 
 
 def run_rows(runs: Sequence[run_masks.RunRecord], store: dict[str, Any], mask_device: str = "cpu") -> list[RunRow]:
@@ -177,7 +180,7 @@ def _reproduction(rows: Sequence[RunRow]) -> list[str]:
 def _cell_table(rows: Sequence[RunRow], batches: list[str]) -> list[str]:
     head = "| block | sparsity | method | n | test acc. (%) | " + " | ".join(
         f"b{b} fastest form | b{b} ms | **b{b} speed-up ×**" for b in batches) + " |"
-    lines = ["## Per cell (mean ± std over seeds)", "", head, "|" + "---|" * (4 + 3 * len(batches))]
+    lines = ["## Per cell (mean ± std over seeds)", "", head, "|" + "---|" * (5 + 3 * len(batches))]
     for (block, sparsity, method), members in cells(rows).items():
         parts = [block, f"{100 * sparsity:g}%", method, str(len(members)),
                  _spread([100 * r.run.test_accuracy for r in members], ".2f")]
