@@ -237,7 +237,8 @@ def plot(rows: Sequence[RunRow], store: dict[str, Any], out: Path) -> None:
         return
     threads = next(row.timings[batches[0]]["threads"] for row in rows if row.plotted)
     fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches), 5.2), squeeze=False)
-    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHOD_ORDER)}
+    palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # no grey: grey is the dense line
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(METHOD_ORDER)}
     for ax, b in zip(axes[0], batches):
         for (block, sparsity, method), members in cells(rows).items():
             xs, ys = [r.speedup(b) for r in members], [100 * r.run.test_accuracy for r in members]
@@ -252,9 +253,9 @@ def plot(rows: Sequence[RunRow], store: dict[str, Any], out: Path) -> None:
         ax.grid(alpha=0.3)
     methods = [m for m in METHOD_ORDER if any(key[2] == m for key in cells(rows))]
     handles = [Line2D([], [], marker="o", ls="", color=colors[m], label=m) for m in methods]
-    handles += [Line2D([], [], marker="o", ls="", color="grey", label="trained on CPU"),
-                Line2D([], [], marker="^", ls="", color="grey", label="trained on GPU"),
-                Line2D([], [], marker="o", ls="", color="grey", mfc="white", label="open: 99 % (filled: 90 %)")]
+    handles += [Line2D([], [], marker="o", ls="", color="black", label="trained on CPU"),
+                Line2D([], [], marker="^", ls="", color="black", label="trained on GPU"),
+                Line2D([], [], marker="o", ls="", color="black", mfc="white", label="open: 99 % (filled: 90 %)")]
     axes[0][0].legend(handles=handles, fontsize=8, loc="center right")
     fig.suptitle("CIFAR-10 ResNet-20, pruned at init, 8 epochs: accuracy vs measured CPU latency (mean ± std over seeds)")
     fig.tight_layout()
