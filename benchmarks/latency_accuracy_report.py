@@ -170,10 +170,11 @@ def _reproduction(rows: Sequence[RunRow]) -> list[str]:
                   + "; ".join(f"`{old}` → `{new}`" for old, new in changed) + ".", ""]
     left_out = [row for row in rows if not row.plotted]
     if left_out:
-        lines += ["| run file | status | why |", "|---|---|---|"]
+        lines += [f"<details><summary>{len(left_out)} runs left out of the plot, and why</summary>", "",
+                  "| run file | status | why |", "|---|---|---|"]
         lines += [f"| {row.run.file} | {row.check.status if not row.check.reproduced else 'no timings'} | {row.check.note} |"
                   for row in left_out]
-        lines.append("")
+        lines += ["", "</details>", ""]
     return lines
 
 

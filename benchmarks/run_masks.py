@@ -222,7 +222,8 @@ def check_run(run: RunRecord, rebuilt: Mapping[str, Any] | None, at_commit: Mapp
     """Is the rebuilt mask (``RebuiltMask.summary()``) the one ``run`` trained? ``at_commit``: the same case rebuilt
     with the code of the run's commit, or None."""
     if not run.rebuildable(rebuilt["device"] if rebuilt else "cpu"):
-        return MaskCheck("needs GPU", f"pruned on {run.device}: {run.method} scores on the device, a CPU rebuild may differ")
+        return MaskCheck("needs GPU", f"pruned on {run.device}: {run.method} scores on the device, a CPU rebuild may differ "
+                                      "(rebuild with --mask-device cuda on a GPU)")
     if rebuilt is None:
         return MaskCheck("unverified", "not rebuilt")
     if rebuilt["density"] != run.density:  # kept / total of the same layers: equal masks give the same float
