@@ -93,7 +93,8 @@ def verify_at_commits(runs: Sequence[run_masks.RunRecord], store: dict[str, Any]
         save_store(path, store)
 
 
-def export_forms(rebuilt: run_masks.RebuiltMask, folder: Path, batches: Sequence[int]) -> tuple[Path, fast_forms.CompactForms]:
+def export_forms(rebuilt: run_masks.RebuiltMask, folder: Path, batches: Sequence[int], threads: int = 1
+                 ) -> tuple[Path, fast_forms.CompactForms]:
     """Write the masked ONNX model of ``rebuilt`` (zoo weights times the mask) and its compact and sparse forms."""
     case = rebuilt.case
     torch.manual_seed(case.seed)
@@ -111,13 +112,15 @@ def export_forms(rebuilt: run_masks.RebuiltMask, folder: Path, batches: Sequence
     expected = sum(int(m.sum()) for m in rebuilt.masks.values())
     if kept != expected:  # a weight the export changed or a zero the init drew: the forms would not be this mask
         raise SystemExit(f"{case.key}: the exported model keeps {kept} prunable weights, the mask {expected}")
-    return masked, fast_forms.write_compact_forms(graph, masked, stem, batches, pipeline=rebuilt.pipeline, aligns=(ALIGN,))
+    # the sparse module's kernels are chosen at the thread count they will be timed at
+    return masked, fast_forms.write_compact_forms(graph, masked, stem, batches, pipeline=rebuilt.pipeline, aligns=(ALIGN,),
+                                                  threads=threads)
 
 
 def measure(rebuilt: run_masks.RebuiltMask, dense: Path, folder: Path, batches: Sequence[int], threads: int, runs: int,
             warmup: int, budget_s: float) -> dict[str, Any]:
     """batch -> timing row of the mask's four forms against dense ORT."""
-    masked, written = export_forms(rebuilt, folder, batches)
+    masked, written = export_forms(rebuilt, folder, batches, threads)
     rows = {}
     for batch in batches:
         forms = {"masked ORT": masked, "compact ORT": written.compact, f"compact ORT a{ALIGN}": written.aligned[ALIGN],

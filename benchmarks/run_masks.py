@@ -60,7 +60,7 @@ class RunRecord:
     device: str
     commit: str
     pipeline: str
-    density: float
+    density: float | None  # None: the run file predates the field (then only the digests are compared)
     test_accuracy: float
 
     @property
@@ -136,11 +136,11 @@ def load_runs(runs_dir: Path, *, dataset: str, model: str) -> list[RunRecord]:
     runs = []
     for path in sorted(Path(runs_dir).glob("*.json")):
         rec = json.loads(path.read_text())
-        if (rec.get("dataset"), rec.get("model")) != (dataset, model) or rec.get("limit_train"):
+        if (rec.get("dataset"), rec.get("model")) != (dataset, model) or rec.get("limit_train") or rec.get("test_accuracy") is None:
             continue
         runs.append(RunRecord(path.name, rec["dataset"], rec["model"], rec["method"], float(rec["sparsity"]), int(rec["seed"]),
                               str(rec.get("device") or "cpu"), str(rec.get("commit") or ""), str(rec.get("pipeline") or ""),
-                              float(rec["density"]), float(rec["test_accuracy"])))
+                              None if rec.get("density") is None else float(rec["density"]), float(rec["test_accuracy"])))
     return runs
 
 
@@ -226,7 +226,7 @@ def check_run(run: RunRecord, rebuilt: Mapping[str, Any] | None, at_commit: Mapp
                                       "(rebuild with --mask-device cuda on a GPU)")
     if rebuilt is None:
         return MaskCheck("unverified", "not rebuilt")
-    if rebuilt["density"] != run.density:  # kept / total of the same layers: equal masks give the same float
+    if run.density is not None and rebuilt["density"] != run.density:  # kept / total: equal masks, the same float
         return MaskCheck("differs", f"density {rebuilt['density']!r} != recorded {run.density!r}")
     if at_commit is None:
         return MaskCheck("unverified", f"not rebuilt at the run's commit {run.commit[:8]}")
