@@ -226,33 +226,45 @@ def result_path(results_dir: Path, spec: RunSpec) -> Path:
     return Path(results_dir) / f"{spec.key}.json"
 
 
+def prune_for_run(spec: RunSpec, shape: tuple[int, ...], data_dir: Path, *, pipeline: str | None = None) -> tuple[Any, Any, float]:
+    """The run's model (``torch.manual_seed(seed)``, zoo) and its masks from ``pai_compiler.prune`` (ERK + the
+    method, or ``pipeline`` instead), before training: (model, PruneResult, prune seconds); masks not attached.
+
+    ``benchmarks/latency_accuracy.py`` rebuilds a run's mask with this same recipe."""
+    import torch
+
+    import pai_compiler
+    from pai_compiler.lab import zoo
+    from pai_compiler.lab.data import load_prune_batch
+    from pai_compiler.lab.training import NORMALISATION
+
+    mean, std = NORMALISATION[spec.dataset]
+    batch = load_prune_batch(Path(data_dir) / f"{spec.dataset}.npz", samples_per_class=SAMPLES_PER_CLASS, seed=spec.seed,
+                             input_shape=shape, num_classes=10, mean=mean, std=std)
+    torch.manual_seed(spec.seed)
+    model = zoo.build(spec.model, num_classes=10)
+    t0 = time.perf_counter()
+    pruned = pai_compiler.prune(model, torch.randn(2, *shape), sparsity=None if pipeline else spec.sparsity, method=spec.method,
+                                allocation="erk", pipeline=pipeline, seed=spec.seed, device=spec.device, data=batch, report=False)
+    return model, pruned, time.perf_counter() - t0
+
+
 def run_one(spec: RunSpec, results_dir: Path, *, data_dir: Path | None = None, threads: int = 1,
             progress: bool = False) -> dict[str, Any]:
     """Prune, train and test one configuration; write and return its JSON record."""
     import torch
 
     import pai_compiler
-    from pai_compiler.lab import zoo
     from pai_compiler.api import build_passes
     from pai_compiler.pipeline import format_pipeline
-    from pai_compiler.lab.data import load_prune_batch
-    from pai_compiler.lab.training import NORMALISATION, default_data_dir, train
+    from pai_compiler.lab.training import default_data_dir, train
 
     device = spec.device
     torch.set_num_threads(threads)
     data_dir = Path(data_dir) if data_dir else default_data_dir()
     data = _dataset(spec.dataset, data_dir, spec.limit_train)
     shape = tuple(data.input_shape)
-    mean, std = NORMALISATION[spec.dataset]
-    batch = load_prune_batch(data_dir / f"{spec.dataset}.npz", samples_per_class=SAMPLES_PER_CLASS, seed=spec.seed,
-                             input_shape=shape, num_classes=10, mean=mean, std=std)
-
-    torch.manual_seed(spec.seed)
-    model = zoo.build(spec.model, num_classes=10)
-    t0 = time.perf_counter()
-    pruned = pai_compiler.prune(model, torch.randn(2, *shape), sparsity=spec.sparsity, method=spec.method, allocation="erk",
-                                seed=spec.seed, device=device, data=batch, report=False)
-    prune_seconds = time.perf_counter() - t0
+    model, pruned, prune_seconds = prune_for_run(spec, shape, data_dir)
     density = pruned.density
     pruned.apply(model)
     del pruned

@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
 import tempfile
@@ -34,6 +33,10 @@ from typing import Any
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
+
+from fast_forms import check_forms, write_compact_forms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet20", "vgg19", "tiny_vit", "bert")
@@ -101,45 +104,35 @@ def pipeline_for(method: str, sparsity: float, dpai_steps: int) -> str:
 
 
 def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
-    from pai_compiler.api import compact_graph, optimize, save_model
-    from pai_compiler.backends.onnx_compact import write_compact_onnx
-    from pai_compiler.backends.sparse_select import build_sparse_module
-    from pai_compiler.bench import bench_models
+    from pai_compiler.api import optimize, save_model
     from pai_compiler.frontends.onnx.reader import load_onnx_model
-    from pai_compiler.io import save_torch_atomic
 
     graph = load_onnx_model(src)
     start = time.perf_counter()
     result = optimize(graph, pipeline=pipeline_for(method, sparsity, args.dpai_steps), seed=0)
     prune_s = time.perf_counter() - start
     stem = folder / f"{name}_{method}_{sparsity}"
-    masked, compact = Path(f"{stem}_masked.onnx"), Path(f"{stem}_compact.onnx")
+    masked = Path(f"{stem}_masked.onnx")
     save_model(result, src, masked)
-    small = result.graph  # the masked model is written: compact in place (the rewrite needs everything compaction did)
-    write_compact_onnx(small, src, compact, result.compact_report.then(compact_graph(small)), pipeline=result.pipeline)
+    # the masked model is written: compact in place (the rewrite needs everything compaction did)
+    forms = write_compact_forms(result.graph, src, stem, args.batches, earlier=result.compact_report, pipeline=result.pipeline,
+                                select_repeats=args.select_repeats, onnx_advice=True)
     rows = []
     for batch in args.batches:
-        start = time.perf_counter()
-        module, report = build_sparse_module(small, batch=batch, threads=1, repeats=args.select_repeats, warmup=1,
-                                             onnx_twin=lambda path: shutil.copyfile(compact, path))
-        select_s = time.perf_counter() - start
-        fast = Path(f"{stem}_b{batch}.pt")
-        save_torch_atomic(fast, module)
-        check = bench_models([str(masked), str(compact), str(fast)], batch=batch, repeats=1, warmup=0)
-        worst = max(row.max_rel if row.max_rel is not None else float("inf") for row in check.rows)
-        if worst > 1e-5:
-            raise SystemExit(f"{name} {method} {sparsity} b{batch}: compact/sparse output differs from masked (max rel {worst:.2e})")
-        times = time_four(src, masked, compact, module, batch, args.runs, args.warmup)
+        worst = check_forms([masked, forms.compact, forms.sparse[batch]], batch=batch)
+        module = torch.load(forms.sparse[batch], weights_only=False)
+        times = time_four(src, masked, forms.compact, module, batch, args.runs, args.warmup)
+        report = forms.reports[batch]
         rows.append({"model": name, "method": method, "sparsity": sparsity, "batch": batch, "pipeline": result.pipeline,
-                     "prune_s": round(prune_s, 2), "select_s": round(select_s, 2), **times, "max_rel_vs_masked": worst,
+                     "prune_s": round(prune_s, 2), "select_s": round(forms.select_seconds[batch], 2), **times, "max_rel_vs_masked": worst,
                      "sparse_layers": report.sparse_layers, "layers": len(report.layers), "memory_format": report.memory_format,
                      "choices": dict(Counter(layer.choice for layer in report.layers)),
                      "select_dense_ms": report.model_dense_ms, "select_chosen_ms": report.model_chosen_ms,
                      "select_ort_ms": report.onnxruntime_ms, "advice": report.advice})
         print(json.dumps(rows[-1]), flush=True)
-        fast.unlink()
+        forms.sparse[batch].unlink()
     masked.unlink()
-    compact.unlink()
+    forms.compact.unlink()
     return rows
 
 

@@ -1,0 +1,264 @@
+"""Render ``docs/results/latency_accuracy.md`` and ``.png``: test accuracy against speed-up = t(dense ORT) / t(fastest form).
+
+Reads the results file of ``latency_accuracy.py`` (digests at each run's commit, masks rebuilt
+now, timings by mask digest) and the run files. A run is plotted only when its mask check says
+*reproduced* and its mask has timings; the others are listed with the reason. Cells (device
+block, sparsity, method) show mean ± sample std over seeds of the accuracy and of the speed-up.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules, also when imported by path
+
+import run_masks  # noqa: E402
+
+__all__ = ["RunRow", "run_rows", "render_markdown", "plot", "runtime_of"]
+#: the forms in the order the tables list them (the latency script's labels)
+FORM_ORDER = ("masked ORT", "compact ORT", "compact ORT a4", "sparse torch")
+METHOD_ORDER = ("random-erk", "magnitude", "snip", "grasp", "synflow", "npb", "dpai", "autosparse")
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """One run: its record, the mask check, the rebuilt digest and that mask's timings (batch -> row, or empty)."""
+
+    run: run_masks.RunRecord
+    check: run_masks.MaskCheck
+    digest: str | None
+    timings: dict[str, Any]
+    pipeline: str | None = None  # the pipeline the current rebuild ran
+
+    @property
+    def plotted(self) -> bool:
+        return self.check.reproduced and bool(self.timings)
+
+    @property
+    def block(self) -> str:
+        return "GPU" if self.run.device_kind != "cpu" else "CPU"
+
+    def speedup(self, batch: str, form: str | None = None) -> float:
+        """t(dense ORT) / t(form) at ``batch``; the fastest form when ``form`` is None."""
+        row = self.timings[batch]
+        return row["dense_ort_ms"] / row["form_ms"][form or row["fastest"]]
+
+
+def runtime_of(form: str) -> str:
+    """The runtime a form's label names: the ``... torch`` forms run in torch, the ``... ORT`` ones in onnxruntime."""
+    return "torch" if form.endswith("torch") else "onnxruntime"
+
+
+def forms_of(rows: Sequence[RunRow], batch: str) -> list[str]:
+    """The form labels timed at ``batch``: the known ones in :data:`FORM_ORDER`, then any other by name."""
+    labels = {form for row in rows if row.plotted and batch in row.timings for form in row.timings[batch]["form_ms"]}
+    return sorted(labels, key=lambda form: (FORM_ORDER.index(form) if form in FORM_ORDER else len(FORM_ORDER), form))
+
+
+def run_rows(runs: Sequence[run_masks.RunRecord], store: dict[str, Any], mask_device: str = "cpu") -> list[RunRow]:
+    """Every run with its check and timings, in (block, sparsity, method, seed) order."""
+    rows = []
+    for run in runs:
+        case = run.case(mask_device)
+        rebuilt = store["masks"].get(case.key)
+        check = run_masks.check_run(run, rebuilt, store["at_commit"].get(run.commit, {}).get(case.key))
+        digest = rebuilt["digest"] if rebuilt else None
+        timings = store["timings"].get(digest, {}) if check.reproduced and digest else {}
+        rows.append(RunRow(run, check, digest, timings, rebuilt.get("pipeline") if rebuilt else None))
+    order = {m: i for i, m in enumerate(METHOD_ORDER)}
+    return sorted(rows, key=lambda r: (r.block, r.run.sparsity, order.get(r.run.method, 99), r.run.method, r.run.seed))
+
+
+def batches_of(rows: Sequence[RunRow]) -> list[str]:
+    return sorted({b for row in rows if row.plotted for b in row.timings}, key=int)
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return format(values[0], fmt)
+    return f"{format(statistics.fmean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
+
+
+def cells(rows: Sequence[RunRow]) -> dict[tuple[str, float, str], list[RunRow]]:
+    """(block, sparsity, method) -> its plotted runs."""
+    out: dict[tuple[str, float, str], list[RunRow]] = defaultdict(list)
+    for row in rows:
+        if row.plotted:
+            out[(row.block, row.run.sparsity, row.run.method)].append(row)
+    return out
+
+
+def _header(store: dict[str, Any], rows: Sequence[RunRow], batches: list[str]) -> list[str]:
+    info = store.get("machine", {})
+    timed = [row for row in rows if row.plotted]
+    some = timed[0].timings[batches[0]] if timed and batches else {}
+    dense = {b: statistics.median(row.timings[b]["dense_ort_ms"] for row in timed) for b in batches}
+    rounds = {b: sorted({row.timings[b]["runs"] for row in timed}) for b in batches}
+    rounds_text = ", ".join(f"batch {b}: {r[0]}" + (f"–{r[-1]}" if len(r) > 1 else "") for b, r in rounds.items())
+    return [
+        "# Test accuracy against measured latency: CIFAR-10 ResNet-20, each run at its fastest form", "",
+        "Generated by `python benchmarks/latency_accuracy.py` (results file `docs/results/latency_accuracy.json`; "
+        "re-render with `--render-only`). Do not edit by hand.", "",
+        "Commands, in order (each rebuilt every mask; without `--redo` it timed only masks without timings): "
+        + ", ".join(f"`{command}`" for command in store.get("commands", [])) + "  ",
+        f"Machine: {info.get('cpu', '?')}, nproc={info.get('nproc', '?')}, Python {info.get('python', '?')}, torch "
+        f"{info.get('torch', '?')}, onnxruntime {info.get('onnxruntime', '?')}; load average at the end {info.get('load_average', '?')} "
+        "(a shared, busy machine: absolute times are inflated and noisy, the ratios saw the same load).  ",
+        f"**Latency: CPU, {some.get('threads', '?')} thread** (onnxruntime intra-op threads = torch threads), batch "
+        f"{' and '.join(batches)}; median of the rounds ({rounds_text}) after {some.get('warmup', '?')} warm-up, the "
+        "dense model and the mask's four forms **alternating in one process**. speed-up × = t(dense ResNet-20 in "
+        "onnxruntime) / t(form). Dense ORT (median over the processes): " + ", ".join(f"batch {b}: {dense[b]:.2f} ms" for b in batches)
+        + ".  ",
+        "Forms: *masked ORT* = the masked ONNX model in onnxruntime (zeros still computed); *compact ORT* = the compact "
+        "ONNX model (`paic compact`: dead channels removed) in onnxruntime; *compact ORT a4* = the same with `--align 4` "
+        "(widths kept multiples of 4: a few dead channels stay, ORT's kernels dislike odd widths); *sparse torch* = the sparse-execution module "
+        "(`paic compact -o X.pt`: each conv/linear dense or sparse, whichever was faster at that batch) in torch. Every "
+        "form's output equals the masked model's (max relative error ≤ 1e-5, checked per mask and batch). Accuracy: the "
+        "run file's final test accuracy (8-epoch short schedule, see `accuracy.md`); there is no dense training run, so "
+        "dense is the vertical line at 1×.", "",
+    ]
+
+
+def _reading(rows: Sequence[RunRow], batches: list[str]) -> list[str]:
+    """What the table says, computed: per batch and sparsity, which form is fastest how often and the speed-up range."""
+    lines = ["## Reading", ""]
+    for b in batches:
+        for sparsity in sorted({row.run.sparsity for row in rows if row.plotted}):
+            members = [row for row in rows if row.plotted and row.run.sparsity == sparsity]
+            wins: dict[str, int] = defaultdict(int)
+            for row in members:
+                wins[row.timings[b]["fastest"]] += 1
+            speedups = sorted(row.speedup(b) for row in members)
+            masks = len({row.digest for row in members})
+            lines.append(f"- batch {b}, {100 * sparsity:g} % sparse ({len(members)} runs, {masks} masks): fastest form "
+                         + ", ".join(f"{form} in {n}" for form, n in sorted(wins.items(), key=lambda kv: -kv[1]))
+                         + f"; speed-up over dense ORT {speedups[0]:.2f}–{speedups[-1]:.2f}× (median "
+                         f"{statistics.median(speedups):.2f}×).")
+    for b in batches:  # the masked model does the dense model's work: its ratio is the measurement's noise
+        noise = sorted({row.digest: row.speedup(b, "masked ORT") for row in rows if row.plotted}.values())
+        if noise:
+            lines.append(f"- noise gauge, batch {b}: masked ORT (the dense model's work, zeros included) measured "
+                         f"{noise[0]:.2f}–{noise[-1]:.2f}× of dense ORT over {len(noise)} masks (median "
+                         f"{statistics.median(noise):.2f}×); a fastest-form speed-up inside that band is no speed-up.")
+    return lines + [""]
+
+
+def _reproduction(rows: Sequence[RunRow]) -> list[str]:
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for row in rows:
+        counts[(row.block, row.check.status)] += 1
+    summary = "; ".join(f"{block}: " + ", ".join(f"{n} {status}" for (b, status), n in sorted(counts.items()) if b == block)
+                        for block in sorted({b for b, _ in counts}))
+    lines = ["## Mask reproduction", "",
+             "A run file records method, sparsity, seed, pipeline, commit and density, not the mask. Each mask is rebuilt "
+             "from its seed twice: with the current code (`accuracy.prune_for_run`) and with the code of the run's own "
+             "commit (`git archive` of it, its own `benchmarks/accuracy.py` `run_one` with the training call intercepted). "
+             "*reproduced* = the two masks are bit-identical (sha256 of the packed masks) and the density equals the recorded "
+             "one. GPU runs pruned on `cuda`: a CPU rebuild stands for them only for criteria that never read the device "
+             "(random-erk, magnitude); the others are *needs GPU* and left out of the plot.", "",
+             f"Runs: {summary}.", ""]
+    changed = sorted({(row.run.pipeline, row.pipeline) for row in rows if row.pipeline and row.pipeline != row.run.pipeline})
+    if changed:
+        lines += ["Rebuilt with an option the method's current default lacks (its default no longer gives the runs' masks): "
+                  + "; ".join(f"`{old}` → `{new}`" for old, new in changed) + ".", ""]
+    left_out = [row for row in rows if not row.plotted]
+    if left_out:
+        lines += [f"<details><summary>{len(left_out)} runs left out of the plot, and why</summary>", "",
+                  "| run file | status | why |", "|---|---|---|"]
+        lines += [f"| {row.run.file} | {row.check.status if not row.check.reproduced else 'no timings'} | {row.check.note} |"
+                  for row in left_out]
+        lines += ["", "</details>", ""]
+    return lines
+
+
+def _cell_table(rows: Sequence[RunRow], batches: list[str]) -> list[str]:
+    head = "| block | sparsity | method | n | test acc. (%) | " + " | ".join(
+        f"b{b} fastest form | b{b} ms | **b{b} speed-up ×**" for b in batches) + " |"
+    lines = ["## Per cell (mean ± std over seeds)", "", head, "|" + "---|" * (5 + 3 * len(batches))]
+    for (block, sparsity, method), members in cells(rows).items():
+        parts = [block, f"{100 * sparsity:g}%", method, str(len(members)),
+                 _spread([100 * r.run.test_accuracy for r in members], ".2f")]
+        for b in batches:
+            fastest = sorted({r.timings[b]["fastest"] for r in members})
+            ms = [r.timings[b]["form_ms"][r.timings[b]["fastest"]] for r in members]
+            parts += [", ".join(f"{f} ({runtime_of(f)})" for f in fastest), _spread(ms, ".2f"),
+                      f"**{_spread([r.speedup(b) for r in members], '.2f')}**"]
+        lines.append("| " + " | ".join(parts) + " |")
+    return lines + [""]
+
+
+def _run_table(rows: Sequence[RunRow], batches: list[str]) -> list[str]:
+    forms = {b: forms_of(rows, b) for b in batches}
+    head = "| block | sparsity | method | seed | test acc. (%) | mask | " + " | ".join(
+        f"b{b} dense ms | " + " | ".join(f"b{b} {f} ×" for f in forms[b]) + f" | b{b} fastest" for b in batches) + " |"
+    lines = ["## Per run", "", head, "|" + "---|" * (6 + sum(len(forms[b]) + 2 for b in batches))]
+    for row in rows:
+        if not row.plotted:
+            continue
+        parts = [row.block, f"{100 * row.run.sparsity:g}%", row.run.method, str(row.run.seed), f"{100 * row.run.test_accuracy:.2f}",
+                 f"`{row.digest}`"]
+        for b in batches:
+            t = row.timings[b]
+            parts += [f"{t['dense_ort_ms']:.2f}", *(f"{row.speedup(b, f):.2f}" if f in t["form_ms"] else "—" for f in forms[b]),
+                      t["fastest"]]
+        lines.append("| " + " | ".join(parts) + " |")
+    return lines + [""]
+
+
+def render_markdown(rows: Sequence[RunRow], store: dict[str, Any]) -> str:
+    batches = batches_of(rows)
+    lines = _header(store, rows, batches) + _reproduction(rows)
+    if batches:
+        lines += _reading(rows, batches) + _cell_table(rows, batches) + _run_table(rows, batches)
+        lines += ["![test accuracy against speed-up over dense ORT](latency_accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def _stdev(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def plot(rows: Sequence[RunRow], store: dict[str, Any], out: Path) -> None:
+    """One panel per batch: x = speed-up of the fastest form over dense ORT, y = test accuracy; cell means ± std."""
+    import matplotlib  # heavy optional dependency, only to draw the figure
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    batches = batches_of(rows)
+    if not batches:
+        return
+    threads = next(row.timings[batches[0]]["threads"] for row in rows if row.plotted)
+    fig, axes = plt.subplots(1, len(batches), figsize=(6.5 * len(batches) + 1.8, 5.2), squeeze=False)
+    palette = [plt.get_cmap("tab10")(i) for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]  # no grey: grey is the dense line
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(METHOD_ORDER)}
+    for ax, b in zip(axes[0], batches):
+        for (block, sparsity, method), members in cells(rows).items():
+            xs, ys = [r.speedup(b) for r in members], [100 * r.run.test_accuracy for r in members]
+            color = colors.get(method, "black")
+            ax.errorbar(statistics.fmean(xs), statistics.fmean(ys), xerr=_stdev(xs), yerr=_stdev(ys), fmt="o" if block == "CPU" else "^",
+                        color=color, mfc=color if sparsity < 0.95 else "white", capsize=2, ms=7)
+        dense = statistics.median(r.timings[b]["dense_ort_ms"] for r in rows if r.plotted and b in r.timings)
+        ax.axvline(1.0, color="grey", ls="--", lw=1)
+        ax.text(1.0, ax.get_ylim()[1], f" dense ORT {dense:.1f} ms", va="top", ha="left", fontsize=8, color="grey")
+        ax.set_xlabel(f"speed-up of the fastest form over dense ResNet-20 in ORT (×), batch {b}, {threads} thread")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    methods = [m for m in METHOD_ORDER if any(key[2] == m for key in cells(rows))]
+    handles = [Line2D([], [], marker="o", ls="", color=colors[m], label=m) for m in methods]
+    handles += [Line2D([], [], marker="o", ls="", color="black", label="trained on CPU"),
+                Line2D([], [], marker="^", ls="", color="black", label="trained on GPU"),
+                Line2D([], [], marker="o", ls="", color="black", mfc="white", label="open: 99 % (filled: 90 %)")]
+    fig.legend(handles=handles, fontsize=8, loc="center right")  # beside the panels: points fill every corner
+    fig.suptitle("CIFAR-10 ResNet-20, pruned at init, 8 epochs: accuracy vs measured CPU latency (mean ± std over seeds)")
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
