@@ -24,7 +24,7 @@ from pai_compiler.passes.analysis.paths import ones_inputs
 from pai_compiler.passes.criteria.base import apply_scores, resolve_keep
 from pai_compiler.passes.criteria.synflow import SynflowPass, schedule_keep
 from pai_compiler.passes.criteria.synflow_net import is_additive_mask
-from pai_compiler.passes.criteria.synflow_select import SAMPLE_SIZE, topk_mask_into, topk_mask_torch
+from pai_compiler.passes.criteria.synflow_select import SAMPLED_ABOVE, topk_mask_into, topk_mask_torch
 
 torch.set_num_threads(1)
 
@@ -136,7 +136,7 @@ def _arrays(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("n", [1000, 4 * SAMPLE_SIZE + 1, 1_000_003])
+@pytest.mark.parametrize("n", [1000, SAMPLED_ABOVE + 1, 2 * SAMPLED_ABOVE + 3])
 def test_topk_mask_into_equals_rule(n: int) -> None:
     rng = np.random.default_rng(n)
     for label, values in _arrays(rng, n).items():
@@ -149,8 +149,9 @@ def test_topk_mask_into_equals_rule(n: int) -> None:
 
 def test_topk_mask_into_writes_a_slice_in_place() -> None:
     rng = np.random.default_rng(3)
-    scores = torch.as_tensor(np.round(rng.random(600_000), 3))
-    masks = torch.zeros(600_000, dtype=torch.bool)
+    n = SAMPLED_ABOVE + 200_000
+    scores = torch.as_tensor(np.round(rng.random(n), 3))
+    masks = torch.zeros(n, dtype=torch.bool)
     topk_mask_into(scores[100_000:], 123_456, masks[100_000:])
     assert not masks[:100_000].any()
     assert torch.equal(masks[100_000:], topk_mask_torch(scores[100_000:], 123_456))

@@ -93,7 +93,8 @@ class LinearisedNet:
         """``scores`` = |theta ⊙ dR/dtheta| at ``masks`` (pruned weights 0), divided by the round's maximum."""
         import torch  # heavy optional dependency
 
-        torch.mul(self.magnitudes, self.masks, out=self.live)  # w * 1.0 or w * 0.0: the masked weights, exactly
+        self.live.copy_(self.masks)  # 1.0 / 0.0 in place: a bool operand of mul would be converted into a fresh buffer
+        self.live.mul_(self.magnitudes)  # w * 1.0 or w * 0.0: the masked weights, exactly
         leaves = {name: view.requires_grad_(True) for name, view in self.views(self.live).items()}
         self.interp.weights = leaves
         try:

@@ -4,15 +4,16 @@
 index). ``topk_mask_into`` computes the same mask into a preallocated bool buffer; on the CPU
 it finds the threshold t (the k-th largest) without sorting or copying the whole array:
 
-* a strided sample of ``SAMPLE_SIZE`` scores gives two order statistics lo <= hi that bracket
+* a sample of ``SAMPLE_SIZE`` scores (fixed random positions) gives two order statistics lo <= hi that bracket
   t with high probability; two counting passes check G(hi) < k <= GE(lo), where G(x) counts
   scores > x and GE(x) scores >= x, which *proves* lo <= t <= hi;
 * t is then the (k - G(hi))-th largest of the few scores in [lo, hi];
 * the mask is ``scores > t`` plus the first ``k - G(t)`` scores equal to t.
 
-A failed bracket, NaN or -inf at the threshold falls back to ``topk_mask_torch``, so the mask
-is always the rule's; only the time differs (one sort-free pass per comparison instead of a
-full selection over tens of millions of scores every round).
+A missed bracket falls back to a full selection of the non-NaN scores, and a NaN or -inf that
+could reach the threshold to ``topk_mask_torch`` itself, so the mask is always the rule's; only
+the time differs (a few sort-free passes instead of a full selection over tens of millions of
+scores every round).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["SAMPLE_SIZE", "topk_mask_torch", "topk_mask_into", "kth_largest"]
+__all__ = ["SAMPLE_SIZE", "SAMPLED_ABOVE", "topk_mask_torch", "topk_mask_into", "kth_largest"]
 
 SAMPLE_SIZE = 1 << 16
+SAMPLED_ABOVE = 16 * SAMPLE_SIZE  # smaller arrays: one full selection is as quick as the sample
 _TIE_BLOCK = 1 << 20
 _BRACKET_SIGMAS = 5.0  # half-width of the sampled bracket in binomial standard deviations
 
@@ -54,8 +56,13 @@ def _count(compare: np.ufunc, scores: np.ndarray, value: float, scratch: np.ndar
 
 
 def _sample_bracket(scores: np.ndarray, k: int) -> tuple[float, float] | None:
-    """Two sampled order statistics lo <= hi around the k-th largest (None: no finite sample)."""
-    sample = scores[:: max(1, scores.size // SAMPLE_SIZE)]
+    """Two sampled order statistics lo <= hi around the k-th largest (None: no finite sample).
+
+    The sample is drawn at fixed random positions, not strided: a layer's scores repeat with its
+    kernel's period, and a stride in step with it would bias the sample.
+    """
+    positions = np.random.default_rng(scores.size).integers(0, scores.size, SAMPLE_SIZE)
+    sample = scores[positions]
     sample = sample[np.isfinite(sample)]
     if sample.size == 0:
         return None
@@ -68,25 +75,28 @@ def _sample_bracket(scores: np.ndarray, k: int) -> tuple[float, float] | None:
     return float(part[lo_index]), float(part[hi_index])
 
 
+def _kth_largest_by_partition(scores: np.ndarray, k: int) -> float | None:
+    """The k-th largest non-NaN score by a full selection (None: fewer than k are not NaN)."""
+    finite = scores[~np.isnan(scores)]
+    if finite.size < k:
+        return None
+    return float(np.partition(finite, finite.size - k)[finite.size - k])
+
+
 def kth_largest(scores: np.ndarray, k: int, scratch: np.ndarray, spare: np.ndarray) -> float | None:
     """The k-th largest of flat ``scores`` (1 <= k <= size) among its non-NaN entries, or None
-    when a NaN could reach the threshold or the sampled bracket misses it (caller falls back).
+    when fewer than k are not NaN (the caller then applies the rule, NaN as -inf).
 
     ``scratch`` and ``spare`` are bool buffers of the same size, overwritten.
     """
-    if scores.size <= 4 * SAMPLE_SIZE:
-        finite = scores[~np.isnan(scores)]
-        if finite.size < k:
-            return None
-        return float(np.partition(finite, finite.size - k)[finite.size - k])
-    bracket = _sample_bracket(scores, k)
+    bracket = None if scores.size <= SAMPLED_ABOVE else _sample_bracket(scores, k)
     if bracket is None:
-        return None
+        return _kth_largest_by_partition(scores, k)
     lo, hi = bracket
     above_hi = _count(np.greater, scores, hi, scratch)
     at_least_lo = _count(np.greater_equal, scores, lo, scratch)
-    if not above_hi < k <= at_least_lo:  # NaN counts in neither, so too many NaN also lands here
-        return None
+    if not above_hi < k <= at_least_lo:  # the sample missed (rare), or too many NaN: NaN counts in neither
+        return _kth_largest_by_partition(scores, k)
     if lo == hi:
         return lo
     np.less_equal(scores, hi, out=spare)

@@ -1,0 +1,185 @@
+"""Speed and memory of SynFlow (100 rounds) on big models: seconds per round and per 100 rounds, peak RSS, bytes per weight.
+
+Each (model, checkout, precision) runs in its own process with ``OMP_NUM_THREADS`` threads; the
+SynflowPass runs with its real 100-round schedule, and a recorder in place of its progress bar
+stamps the end of every round's scoring. Unless the model is in ``--full``, the child stops after
+``--rounds`` rounds and the 100-round time is **extrapolated**: (setup + round 0) + 99 × the mean
+later round (a round = the previous round's top-k + this round's forward/backward), without
+the final mask assignment; a ``--full`` run reports the measured total as well. Peak RSS comes
+from ``os.wait4``; "B/weight" is (peak RSS - RSS after loading the model) / prunable weights.
+``--baseline DIR`` times another checkout (e.g. ``git archive <commit> | tar -x -C DIR``)
+the same way, alternating with this one per model, so before/after share run conditions.
+
+    python benchmarks/synflow_speed.py [--models resnet20 alexnet ...] [--rounds 3] [--threads 1]
+        [--baseline DIR] [--precisions float64 float32] [--full resnet20 alexnet] [--workdir DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+LIGHT = {"alexnet": "light_bvlc_alexnet", "vgg19": "light_vgg19", "zfnet512": "light_zfnet512", "resnet50_light": "light_resnet50"}
+ZOO = ("resnet50", "vit_b16")
+MODELS = ("resnet20", *LIGHT, *ZOO)
+TARGET_S = 60.0
+CHILD = r"""
+import contextlib, json, os, resource, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[6]))
+from pai_compiler.api import load_model
+from pai_compiler.pass_infra import AnalysisManager, RunContext
+from pai_compiler.passes.criteria import synflow
+path, iterations, timed, precision, sparsity = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+load_start = time.perf_counter()
+graph = load_model(path)
+load_s = time.perf_counter() - load_start
+loaded_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+stamps = []
+
+class Stop(Exception):
+    pass
+
+@contextlib.contextmanager
+def recorder(enabled, label, total, unit="steps", console=None):
+    def update(done, metrics):
+        stamps.append(time.perf_counter())
+        if timed <= done < total:
+            raise Stop
+    yield update
+
+synflow.metric_bar = recorder  # the pass's per-round hook, in every version of it
+load_before = os.getloadavg()[0]
+start = time.perf_counter()
+try:
+    synflow.SynflowPass(sparsity=sparsity, iterations=iterations, precision=precision).run(graph, AnalysisManager(graph, RunContext(progress=True)))
+    total = time.perf_counter() - start
+except Stop:
+    total = None
+numel = sum(p.numel for p in graph.prunable_params())
+print(json.dumps({"numel": numel, "load_s": load_s, "loaded_kb": loaded_kb, "first_s": stamps[0] - start,
+                  "rounds": [b - a for a, b in zip(stamps, stamps[1:])], "total_s": total,
+                  "loadavg": [load_before, os.getloadavg()[0]]}))
+"""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One child's measurement."""
+
+    numel: int
+    first_s: float
+    round_s: float
+    total_s: float | None
+    peak_mb: float
+    loaded_mb: float
+    loadavg: tuple[float, float]
+
+    @property
+    def extrapolated_s(self) -> float:
+        return self.first_s + 99 * self.round_s
+
+    @property
+    def bytes_per_weight(self) -> float:
+        return (self.peak_mb - self.loaded_mb) * 2**20 / self.numel
+
+
+def model_path(name: str, workdir: Path) -> Path:
+    if name == "resnet20":
+        return REPO / "examples" / "models" / "resnet20.onnx"
+    if name in LIGHT:
+        import onnx  # the onnx wheel ships the light models (weights as ConstantOfShape)
+
+        return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{LIGHT[name]}.onnx"
+    path = workdir / f"{name}.onnx"
+    if not path.exists():
+        import torch  # heavy: only to export a zoo model once
+
+        from pai_compiler.backends.torch_onnx import export_onnx
+        from pai_compiler.lab import zoo
+
+        torch.manual_seed(0)
+        print(f"exporting {name} to {path} ...", flush=True)
+        export_onnx(zoo.build(name), zoo.input_shape(name), path)
+    return path
+
+
+def run_child(path: Path, code_root: Path, precision: str, rounds: int, threads: int, sparsity: float) -> Run:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(code_root), os.environ.get("PYTHONPATH", "")])))
+    cmd = [sys.executable, "-c", CHILD, str(path), "100", str(rounds), precision, str(sparsity), str(threads)]
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=tempfile.gettempdir())
+        _, status, usage = os.wait4(proc.pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"synflow on {path.name} ({code_root}) failed: {err.read().decode().strip()[-600:]}")
+        out.seek(0)
+        doc: dict[str, Any] = json.loads(out.read().decode().strip().splitlines()[-1])
+    later = doc["rounds"][1:] or doc["rounds"]  # round 1 may still pay first-touch costs
+    return Run(doc["numel"], doc["first_s"], sum(later) / len(later), doc["total_s"], usage.ru_maxrss / 1024,
+               doc["loaded_kb"] / 1024, tuple(doc["loadavg"]))  # type: ignore[arg-type]
+
+
+def row(name: str, label: str, run: Run, reference: Run | None) -> list[str]:
+    per_100 = f"{run.total_s:.1f} (measured)" if run.total_s is not None else f"{run.extrapolated_s:.1f} (extrap.)"
+    ratio = f"{run.round_s / reference.round_s:,.0f}×" if reference is not None else "n/a"
+    verdict = "ok" if (run.total_s or run.extrapolated_s) < TARGET_S else "over"
+    return [name, label, f"{run.numel:,}", f"{run.round_s:.3f}", per_100, ratio, f"{run.peak_mb:,.0f}", f"{run.bytes_per_weight:.1f}",
+            f"{run.loadavg[0]:.1f}/{run.loadavg[1]:.1f}", verdict]
+
+
+def print_table(rows: list[list[str]]) -> None:
+    header = ["model", "code / precision", "weights", "s/round", "s/100 rounds", "round vs ResNet-20", "peak RSS MB", "B/weight",
+              "load avg", f"< {TARGET_S:.0f} s"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds timed before a child stops (>= 2)")
+    parser.add_argument("--full", nargs="*", default=[], choices=MODELS, help="models run for all 100 rounds")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--precisions", nargs="+", default=["float64"], choices=["float64", "float32"])
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout to time the same way (before)")
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "paic-synflow-bench")
+    args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (a round's time is the gap between two rounds)")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    versions = [("before", args.baseline)] if args.baseline else []
+    versions.append(("after", REPO))
+    print(f"{time.strftime('%Y-%m-%d %H:%M:%S')}: load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; "
+          f"{args.threads} thread(s); sparsity {args.sparsity}; {args.rounds} rounds timed unless --full", flush=True)
+    references: dict[tuple[str, str], Run] = {}
+    rows = []
+    for name in ["resnet20", *[m for m in args.models if m != "resnet20"]]:
+        path = model_path(name, args.workdir)
+        for precision in args.precisions:
+            for label, root in versions:
+                rounds = 100 if name in args.full else args.rounds
+                run = run_child(path, root, precision, rounds, args.threads, args.sparsity)
+                if name == "resnet20":
+                    references[(label, precision)] = run
+                rows.append(row(name, f"{label} / {precision}", run, references.get((label, precision))))
+                print(" ".join(rows[-1]), flush=True)
+    print()
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
