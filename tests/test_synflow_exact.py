@@ -17,7 +17,7 @@ import torch
 
 from pai_compiler.frontends.onnx.reader import load_onnx_model
 from pai_compiler.interp import Interpreter, is_float_array, param_tensor, torch_ready
-from pai_compiler.ir import Graph, Param
+from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, PassManager, RunContext
 from pai_compiler.passes.analysis.bindings import sample_bindings
 from pai_compiler.passes.analysis.paths import ones_inputs
