@@ -93,14 +93,13 @@ def kth_largest(scores: np.ndarray, k: int, scratch: np.ndarray, spare: np.ndarr
     if bracket is None:
         return _kth_largest_by_partition(scores, k)
     lo, hi = bracket
-    above_hi = _count(np.greater, scores, hi, scratch)
+    above_hi = _count(np.greater, scores, hi, spare)
     at_least_lo = _count(np.greater_equal, scores, lo, scratch)
     if not above_hi < k <= at_least_lo:  # the sample missed (rare), or too many NaN: NaN counts in neither
         return _kth_largest_by_partition(scores, k)
     if lo == hi:
         return lo
-    np.less_equal(scores, hi, out=spare)
-    np.logical_and(scratch, spare, out=scratch)
+    np.greater(scratch, spare, out=scratch)  # >= lo and not > hi: the scores in [lo, hi], without another float pass
     between = scores[scratch]
     rank = k - above_hi  # of t among the scores in [lo, hi], from the top
     return float(np.partition(between, between.size - rank)[between.size - rank])
@@ -121,6 +120,8 @@ def topk_mask_into(scores: torch.Tensor, k: int, out: torch.Tensor, scratch: np.
     threshold = kth_largest(values, k, mask, ties)
     if threshold is None or threshold == -math.inf:  # NaN or -inf could tie at the threshold: the rule itself
         out.copy_(topk_mask_torch(scores, k))
+        return
+    if _count(np.greater_equal, values, threshold, mask) == k:  # no tie to break (the common case): one pass
         return
     np.greater(values, threshold, out=mask)
     need = k - int(np.count_nonzero(mask))
