@@ -112,7 +112,8 @@ def model_path(name: str, workdir: Path) -> Path:
     return path
 
 
-def run_child(path: Path, code_root: Path, precision: str, rounds: int, threads: int, sparsity: float) -> Run:
+def run_child(path: Path, code_root: Path, precision: str, rounds: int, threads: int, sparsity: float) -> Run | str:
+    """One child's measurement, or its error's last line (e.g. R overflowing float32)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(code_root), os.environ.get("PYTHONPATH", "")])))
     cmd = [sys.executable, "-c", CHILD, str(path), "100", str(rounds), precision, str(sparsity), str(threads)]
@@ -121,7 +122,8 @@ def run_child(path: Path, code_root: Path, precision: str, rounds: int, threads:
         _, status, usage = os.wait4(proc.pid, 0)
         if os.waitstatus_to_exitcode(status) != 0:
             err.seek(0)
-            raise SystemExit(f"synflow on {path.name} ({code_root}) failed: {err.read().decode().strip()[-600:]}")
+            lines = err.read().decode().strip().splitlines() or ["no output"]
+            return f"failed: {lines[-1][-160:]}"
         out.seek(0)
         doc: dict[str, Any] = json.loads(out.read().decode().strip().splitlines()[-1])
     later = doc["rounds"][1:] or doc["rounds"]  # round 1 may still pay first-touch costs
@@ -172,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
             for label, root in versions:
                 rounds = 100 if name in args.full else args.rounds
                 run = run_child(path, root, precision, rounds, args.threads, args.sparsity)
+                if isinstance(run, str):
+                    rows.append([name, f"{label} / {precision}", run, *[""] * 7])
+                    print(" ".join(rows[-1]), flush=True)
+                    continue
                 if name == "resnet20":
                     references[(label, precision)] = run
                 rows.append(row(name, f"{label} / {precision}", run, references.get((label, precision))))
