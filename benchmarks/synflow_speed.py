@@ -8,10 +8,12 @@ later round (a round = the previous round's top-k + this round's forward/backwar
 the final mask assignment; a ``--full`` run reports the measured total as well. Peak RSS comes
 from ``os.wait4``; "B/weight" is (peak RSS - RSS after loading the model) / prunable weights.
 ``--baseline DIR`` times another checkout (e.g. ``git archive <commit> | tar -x -C DIR``)
-the same way, alternating with this one per model, so before/after share run conditions.
+the same way, alternating with this one per model, so before/after share run conditions; with
+``--alternate N`` one more process per model loads the baseline's ``synflow.py`` beside this
+checkout's and times both N times in turn (same process, same loaded graph): the speed-up column.
 
     python benchmarks/synflow_speed.py [--models resnet20 alexnet ...] [--rounds 3] [--threads 1]
-        [--baseline DIR] [--precisions float64 float32] [--full resnet20 alexnet] [--workdir DIR]
+        [--baseline DIR [--alternate 2]] [--precisions float64 float32] [--full resnet20 alexnet] [--workdir DIR]
 """
 from __future__ import annotations
 
@@ -68,6 +70,46 @@ numel = sum(p.numel for p in graph.prunable_params())
 print(json.dumps({"numel": numel, "load_s": load_s, "loaded_kb": loaded_kb, "first_s": stamps[0] - start,
                   "rounds": [b - a for a, b in zip(stamps, stamps[1:])], "total_s": total,
                   "loadavg": [load_before, os.getloadavg()[0]]}))
+"""
+ALTERNATE = r"""
+import contextlib, importlib.util, json, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[5]))
+from pai_compiler.api import load_model
+from pai_compiler.pass_infra import AnalysisManager, RunContext
+from pai_compiler.passes.criteria import synflow as after
+path, baseline_file, timed, precision, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[6])
+spec = importlib.util.spec_from_file_location("synflow_before", baseline_file)
+before = sys.modules["synflow_before"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+spec.loader.exec_module(before)
+graph = load_model(path)
+
+class Stop(Exception):
+    pass
+
+def seconds_per_round(module):
+    stamps = []
+    @contextlib.contextmanager
+    def recorder(enabled, label, total, unit="steps", console=None):
+        def update(done, metrics):
+            stamps.append(time.perf_counter())
+            if done >= timed:
+                raise Stop
+        yield update
+    module.metric_bar = recorder
+    g = graph.clone()
+    try:
+        module.SynflowPass(sparsity=0.9, iterations=100, precision=precision).run(g, AnalysisManager(g, RunContext(progress=True)))
+    except Stop:
+        pass
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    return sum(gaps) / len(gaps)
+
+out = {"before": [], "after": []}
+for _ in range(repeats):
+    for label, module in (("before", before), ("after", after)):
+        out[label].append(seconds_per_round(module))
+print(json.dumps(out))
 """
 
 
@@ -131,6 +173,22 @@ def run_child(path: Path, code_root: Path, precision: str, rounds: int, threads:
                doc["loaded_kb"] / 1024, tuple(doc["loadavg"]))  # type: ignore[arg-type]
 
 
+def alternate(path: Path, baseline: Path, precision: str, rounds: int, threads: int, repeats: int) -> list[str]:
+    """Before and after in one process, alternating (before, after) ``repeats`` times: a row of s/round and the ratio."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
+    baseline_file = baseline / "passes" / "criteria" / "synflow.py"
+    load = os.getloadavg()[0]
+    cmd = [sys.executable, "-c", ALTERNATE, str(path), str(baseline_file), str(rounds), precision, str(threads), str(repeats)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(), check=False)
+    if done.returncode != 0:
+        return [path.stem, precision, f"failed: {(done.stderr.strip().splitlines() or ['no output'])[-1][-160:]}", "", "", ""]
+    times = json.loads(done.stdout.strip().splitlines()[-1])
+    ratios = sorted(b / a for b, a in zip(times["before"], times["after"]))
+    return [path.stem, precision, " / ".join(f"{t:.3f}" for t in times["before"]), " / ".join(f"{t:.3f}" for t in times["after"]),
+            f"{ratios[len(ratios) // 2]:.2f}×", f"{load:.1f}/{os.getloadavg()[0]:.1f}"]
+
+
 def row(name: str, label: str, run: Run, reference: Run | None) -> list[str]:
     per_100 = f"{run.total_s:.1f} (measured)" if run.total_s is not None else f"{run.extrapolated_s:.1f} (extrap.)"
     ratio = f"{run.round_s / reference.round_s:,.0f}×" if reference is not None else "n/a"
@@ -157,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sparsity", type=float, default=0.9)
     parser.add_argument("--precisions", nargs="+", default=["float64"], choices=["float64", "float32"])
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout to time the same way (before)")
+    parser.add_argument("--alternate", type=int, default=0, metavar="N",
+                        help="with --baseline: also time before and after in one process, alternating N times (ratio table)")
+    parser.add_argument("--no-separate", action="store_true", help="skip the one-process-per-run table (with --alternate)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "paic-synflow-bench")
     args = parser.parse_args(argv)
     if args.rounds < 2:
@@ -168,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} thread(s); sparsity {args.sparsity}; {args.rounds} rounds timed unless --full", flush=True)
     references: dict[tuple[str, str], Run] = {}
     rows = []
-    for name in ["resnet20", *[m for m in args.models if m != "resnet20"]]:
+    for name in [] if args.no_separate else ["resnet20", *[m for m in args.models if m != "resnet20"]]:
         path = model_path(name, args.workdir)
         for precision in args.precisions:
             for label, root in versions:
@@ -182,8 +243,16 @@ def main(argv: list[str] | None = None) -> int:
                     references[(label, precision)] = run
                 rows.append(row(name, f"{label} / {precision}", run, references.get((label, precision))))
                 print(" ".join(rows[-1]), flush=True)
-    print()
-    print_table(rows)
+    if rows:
+        print()
+        print_table(rows)
+    if args.baseline and args.alternate:
+        print(f"\nsame process, alternating before/after {args.alternate}×, {args.rounds} rounds each (s/round):\n")
+        print("| model | precision | before s/round | after s/round | speed-up (median) | load avg |\n|---|---|---|---|---|---|")
+        for name in args.models:
+            for precision in args.precisions:
+                cells = alternate(model_path(name, args.workdir), args.baseline, precision, args.rounds, args.threads, args.alternate)
+                print("| " + " | ".join([name, *cells[1:]]) + " |", flush=True)
     return 0
 
 
