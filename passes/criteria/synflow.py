@@ -16,7 +16,9 @@ d_e = d^((e+1)/E) (``schedule=exp``) or 1 - (1 - d)(e+1)/E (``linear``), globall
 last round keeps exactly the target count. Scores are divided by their
 maximum each round (ranking-invariant) so they stay in range; float64 (the default) keeps R
 finite on deep nets, float32 reproduces the released reference code, and a non-finite R is an
-error rather than a silent random mask. All tensor work, top-k included, runs on ``--device``.
+error rather than a silent random mask. All tensor work, top-k included, runs on ``--device``:
+the round's weights, masks and scores are flat buffers reused in place (``synflow_net``), and on
+the CPU the top-k is an exact sort-free selection (``synflow_select``) with the same ties.
 """
 from __future__ import annotations
 
