@@ -2,7 +2,8 @@
 
 Each (model, checkout, precision) runs in its own process with ``OMP_NUM_THREADS`` threads; the
 SynflowPass runs with its real 100-round schedule, and a recorder in place of its progress bar
-stamps the end of every round's scoring. Unless the model is in ``--full``, the child stops after
+stamps the end of every round's scoring, in CPU seconds (user + sys: a single thread's quiet wall
+time, robust to a busy machine; the times reported) and wall seconds. Unless the model is in ``--full``, the child stops after
 ``--rounds`` rounds and the 100-round time is **extrapolated**: (setup + round 0) + 99 × the mean
 later round (a round = the previous round's top-k + this round's forward/backward), without
 the final mask assignment; a ``--full`` run reports the measured total as well. Peak RSS comes
@@ -53,22 +54,22 @@ class Stop(Exception):
 @contextlib.contextmanager
 def recorder(enabled, label, total, unit="steps", console=None):
     def update(done, metrics):
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), time.process_time()))
         if timed <= done < total:
             raise Stop
     yield update
 
 synflow.metric_bar = recorder  # the pass's per-round hook, in every version of it
 load_before = os.getloadavg()[0]
-start = time.perf_counter()
+start, start_cpu = time.perf_counter(), time.process_time()
 try:
     synflow.SynflowPass(sparsity=sparsity, iterations=iterations, precision=precision).run(graph, AnalysisManager(graph, RunContext(progress=True)))
-    total = time.perf_counter() - start
+    total = [time.perf_counter() - start, time.process_time() - start_cpu]
 except Stop:
     total = None
 numel = sum(p.numel for p in graph.prunable_params())
-print(json.dumps({"numel": numel, "load_s": load_s, "loaded_kb": loaded_kb, "first_s": stamps[0] - start,
-                  "rounds": [b - a for a, b in zip(stamps, stamps[1:])], "total_s": total,
+print(json.dumps({"numel": numel, "load_s": load_s, "loaded_kb": loaded_kb, "first_s": [stamps[0][0] - start, stamps[0][1] - start_cpu],
+                  "rounds": [[b[0] - a[0], b[1] - a[1]] for a, b in zip(stamps, stamps[1:])], "total_s": total,
                   "loadavg": [load_before, os.getloadavg()[0]]}))
 """
 ALTERNATE = r"""
@@ -92,7 +93,7 @@ def seconds_per_round(module):
     @contextlib.contextmanager
     def recorder(enabled, label, total, unit="steps", console=None):
         def update(done, metrics):
-            stamps.append(time.perf_counter())
+            stamps.append(time.process_time())  # CPU seconds: one thread's quiet wall time, robust to a busy machine
             if done >= timed:
                 raise Stop
         yield update
@@ -115,11 +116,12 @@ print(json.dumps(out))
 
 @dataclass(frozen=True)
 class Run:
-    """One child's measurement."""
+    """One child's measurement: CPU seconds (a single thread's quiet wall time), wall seconds beside them."""
 
     numel: int
     first_s: float
     round_s: float
+    round_wall_s: float
     total_s: float | None
     peak_mb: float
     loaded_mb: float
@@ -169,8 +171,9 @@ def run_child(path: Path, code_root: Path, precision: str, rounds: int, threads:
         out.seek(0)
         doc: dict[str, Any] = json.loads(out.read().decode().strip().splitlines()[-1])
     later = doc["rounds"][1:] or doc["rounds"]  # round 1 may still pay first-touch costs
-    return Run(doc["numel"], doc["first_s"], sum(later) / len(later), doc["total_s"], usage.ru_maxrss / 1024,
-               doc["loaded_kb"] / 1024, tuple(doc["loadavg"]))  # type: ignore[arg-type]
+    total = doc["total_s"][1] if doc["total_s"] else None
+    return Run(doc["numel"], doc["first_s"][1], sum(r[1] for r in later) / len(later), sum(r[0] for r in later) / len(later), total,
+               usage.ru_maxrss / 1024, doc["loaded_kb"] / 1024, tuple(doc["loadavg"]))  # type: ignore[arg-type]
 
 
 def alternate(path: Path, baseline: Path, precision: str, rounds: int, threads: int, repeats: int) -> list[str]:
@@ -193,12 +196,12 @@ def row(name: str, label: str, run: Run, reference: Run | None) -> list[str]:
     per_100 = f"{run.total_s:.1f} (measured)" if run.total_s is not None else f"{run.extrapolated_s:.1f} (extrap.)"
     ratio = f"{run.round_s / reference.round_s:,.0f}×" if reference is not None else "n/a"
     verdict = "ok" if (run.total_s or run.extrapolated_s) < TARGET_S else "over"
-    return [name, label, f"{run.numel:,}", f"{run.round_s:.3f}", per_100, ratio, f"{run.peak_mb:,.0f}", f"{run.bytes_per_weight:.1f}",
+    return [name, label, f"{run.numel:,}", f"{run.round_s:.3f}", f"{run.round_wall_s:.3f}", per_100, ratio, f"{run.peak_mb:,.0f}", f"{run.bytes_per_weight:.1f}",
             f"{run.loadavg[0]:.1f}/{run.loadavg[1]:.1f}", verdict]
 
 
 def print_table(rows: list[list[str]]) -> None:
-    header = ["model", "code / precision", "weights", "s/round", "s/100 rounds", "round vs ResNet-20", "peak RSS MB", "B/weight",
+    header = ["model", "code / precision", "weights", "CPU s/round", "wall s/round", "CPU s/100 rounds", "round vs ResNet-20", "peak RSS MB", "B/weight",
               "load avg", f"< {TARGET_S:.0f} s"]
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
@@ -236,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                 rounds = 100 if name in args.full else args.rounds
                 run = run_child(path, root, precision, rounds, args.threads, args.sparsity)
                 if isinstance(run, str):
-                    rows.append([name, f"{label} / {precision}", run, *[""] * 7])
+                    rows.append([name, f"{label} / {precision}", run, *[""] * 8])
                     print(" ".join(rows[-1]), flush=True)
                     continue
                 if name == "resnet20":
@@ -247,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print_table(rows)
     if args.baseline and args.alternate:
-        print(f"\nsame process, alternating before/after {args.alternate}×, {args.rounds} rounds each (s/round):\n")
-        print("| model | precision | before s/round | after s/round | speed-up (median) | load avg |\n|---|---|---|---|---|---|")
+        print(f"\nsame process, alternating before/after {args.alternate}×, {args.rounds} rounds each (CPU s/round):\n")
+        print("| model | precision | before CPU s/round | after CPU s/round | speed-up (median) | load avg |\n|---|---|---|---|---|---|")
         for name in args.models:
             for precision in args.precisions:
                 cells = alternate(model_path(name, args.workdir), args.baseline, precision, args.rounds, args.threads, args.alternate)
