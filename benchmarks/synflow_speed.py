@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -187,9 +188,9 @@ def alternate(path: Path, baseline: Path, precision: str, rounds: int, threads: 
     if done.returncode != 0:
         return [path.stem, precision, f"failed: {(done.stderr.strip().splitlines() or ['no output'])[-1][-160:]}", "", "", ""]
     times = json.loads(done.stdout.strip().splitlines()[-1])
-    ratios = sorted(b / a for b, a in zip(times["before"], times["after"]))
+    ratio = statistics.median(b / a for b, a in zip(times["before"], times["after"]))
     return [path.stem, precision, " / ".join(f"{t:.3f}" for t in times["before"]), " / ".join(f"{t:.3f}" for t in times["after"]),
-            f"{ratios[len(ratios) // 2]:.2f}×", f"{load:.1f}/{os.getloadavg()[0]:.1f}"]
+            f"{ratio:.2f}×", f"{load:.1f}/{os.getloadavg()[0]:.1f}"]
 
 
 def row(name: str, label: str, run: Run, reference: Run | None) -> list[str]:
