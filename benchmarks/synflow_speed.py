@@ -15,6 +15,7 @@ checkout's and times both N times in turn (same process, same loaded graph): the
 
     python benchmarks/synflow_speed.py [--models resnet20 alexnet ...] [--rounds 3] [--threads 1]
         [--baseline DIR [--alternate 2]] [--precisions float64 float32] [--full resnet20 alexnet] [--workdir DIR]
+        [--agreement resnet20 vgg_small tiny_vit]   # float32's 100-round masks against float64's
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 LIGHT = {"alexnet": "light_bvlc_alexnet", "vgg19": "light_vgg19", "zfnet512": "light_zfnet512", "resnet50_light": "light_resnet50"}
 ZOO = ("resnet50", "vit_b16")
 MODELS = ("resnet20", *LIGHT, *ZOO)
+EXAMPLES = ("resnet20", "vgg_small", "tiny_vit")
 TARGET_S = 60.0
 CHILD = r"""
 import contextlib, json, os, resource, sys, time
@@ -114,6 +116,22 @@ for _ in range(repeats):
 print(json.dumps(out))
 """
 
+AGREEMENT = r"""
+import json, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+from pai_compiler.api import load_model
+from pai_compiler.pass_infra import PassManager
+from pai_compiler.passes.criteria.synflow import SynflowPass
+masks = {}
+for precision in ("float64", "float32"):
+    graph = load_model(sys.argv[1])
+    PassManager([SynflowPass(sparsity=float(sys.argv[2]), precision=precision)]).run(graph)
+    masks[precision] = np.concatenate([p.mask.reshape(-1) for p in graph.prunable_params()])
+exact, approx = masks["float64"], masks["float32"]
+print(json.dumps({"kept": int(exact.sum()), "both": int((exact & approx).sum()), "same": float(np.mean(exact == approx))}))
+"""
+
 
 @dataclass(frozen=True)
 class Run:
@@ -138,8 +156,8 @@ class Run:
 
 
 def model_path(name: str, workdir: Path) -> Path:
-    if name == "resnet20":
-        return REPO / "examples" / "models" / "resnet20.onnx"
+    if name in EXAMPLES:
+        return REPO / "examples" / "models" / f"{name}.onnx"
     if name in LIGHT:
         import onnx  # the onnx wheel ships the light models (weights as ConstantOfShape)
 
@@ -193,6 +211,17 @@ def alternate(path: Path, baseline: Path, precision: str, rounds: int, threads: 
             f"{ratio:.2f}×", f"{load:.1f}/{os.getloadavg()[0]:.1f}"]
 
 
+def agreement(path: Path, sparsity: float) -> str:
+    """How much of float64's 100-round mask ``synflow{precision=float32}`` reproduces."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
+    done = subprocess.run([sys.executable, "-c", AGREEMENT, str(path), str(sparsity)], capture_output=True, text=True, env=env,
+                          cwd=tempfile.gettempdir(), check=False)
+    if done.returncode != 0:
+        return f"| {path.stem} | failed: {(done.stderr.strip().splitlines() or ['no output'])[-1][-160:]} | | |"
+    doc = json.loads(done.stdout.strip().splitlines()[-1])
+    return f"| {path.stem} | {doc['kept']:,} | {doc['both'] / max(doc['kept'], 1):.1%} | {doc['same']:.1%} |"
+
+
 def row(name: str, label: str, run: Run, reference: Run | None) -> list[str]:
     per_100 = f"{run.total_s:.1f} (measured)" if run.total_s is not None else f"{run.extrapolated_s:.1f} (extrap.)"
     ratio = f"{run.round_s / reference.round_s:,.0f}×" if reference is not None else "n/a"
@@ -212,7 +241,7 @@ def print_table(rows: list[list[str]]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=sorted({*MODELS, *EXAMPLES}))
     parser.add_argument("--rounds", type=int, default=3, help="rounds timed before a child stops (>= 2)")
     parser.add_argument("--full", nargs="*", default=[], choices=MODELS, help="models run for all 100 rounds")
     parser.add_argument("--threads", type=int, default=1)
@@ -221,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", type=Path, default=None, help="another checkout to time the same way (before)")
     parser.add_argument("--alternate", type=int, default=0, metavar="N",
                         help="with --baseline: also time before and after in one process, alternating N times (ratio table)")
+    parser.add_argument("--agreement", nargs="*", default=[], choices=sorted({*MODELS, *EXAMPLES}),
+                        help="models whose float32 and float64 masks (100 rounds) are compared")
     parser.add_argument("--no-separate", action="store_true", help="skip the one-process-per-run table (with --alternate)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "paic-synflow-bench")
     args = parser.parse_args(argv)
@@ -257,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
             for precision in args.precisions:
                 cells = alternate(model_path(name, args.workdir), args.baseline, precision, args.rounds, args.threads, args.alternate)
                 print("| " + " | ".join([name, *cells[1:]]) + " |", flush=True)
+    if args.agreement:
+        print(f"\nsynflow{{precision=float32}} against the float64 default, 100 rounds, sparsity {args.sparsity}:\n")
+        print("| model | float64 keeps | of which float32 keeps | whole-mask agreement |\n|---|---|---|---|")
+        for name in args.agreement:
+            print(agreement(model_path(name, args.workdir), args.sparsity), flush=True)
     return 0
 
 
