@@ -141,7 +141,9 @@ def test_topk_mask_into_equals_rule(n: int) -> None:
     rng = np.random.default_rng(n)
     for label, values in _arrays(rng, n).items():
         scores = torch.as_tensor(values)
-        for k in sorted({0, 1, 7, n // 100, n // 3, n // 2, n - 5, n - 1, n, int(rng.integers(1, n))}):
+        positive = int(np.count_nonzero(values > 0))  # the edge of a zero mass: the pruned weights' scores
+        edges = {min(n, max(0, positive + d)) for d in (-3, 0, 3)}
+        for k in sorted({0, 1, 7, n // 100, n // 3, n // 2, n - 5, n - 1, n, int(rng.integers(1, n)), *edges}):
             out = torch.ones(n, dtype=torch.bool)  # stale contents must not leak into the mask
             topk_mask_into(scores, k, out, np.ones(n, dtype=bool))
             assert torch.equal(out, topk_mask_torch(scores, k)), f"{label}: n={n} k={k}"

@@ -7,7 +7,9 @@ it finds the threshold t (the k-th largest) without sorting or copying the whole
 * a sample of ``SAMPLE_SIZE`` scores (fixed random positions) gives two order statistics lo <= hi that bracket
   t with high probability; two counting passes check G(hi) < k <= GE(lo), where G(x) counts
   scores > x and GE(x) scores >= x, which *proves* lo <= t <= hi;
-* t is then the (k - G(hi))-th largest of the few scores in [lo, hi];
+* t is then the (k - G(hi))-th largest of the few scores in [lo, hi]; when the bracket holds a
+  mass of equal scores at an end (from round 2 on, the pruned weights' zeros sit at lo), two more
+  counts either prove t = lo or t = hi or narrow the candidates to the open interval (lo, hi);
 * the mask is ``scores > t`` plus the first ``k - G(t)`` scores equal to t.
 
 A missed bracket falls back to a full selection of the non-NaN scores, and a NaN or -inf that
@@ -30,6 +32,7 @@ __all__ = ["SAMPLE_SIZE", "SAMPLED_ABOVE", "topk_mask_torch", "topk_mask_into", 
 SAMPLE_SIZE = 1 << 16
 SAMPLED_ABOVE = 16 * SAMPLE_SIZE  # smaller arrays: one full selection is as quick as the sample
 _TIE_BLOCK = 1 << 20
+_TIE_MASS = 16  # more than 1/16 of the scores in the bracket: look for a tie at its ends before gathering them
 _BRACKET_SIGMAS = 5.0  # half-width of the sampled bracket in binomial standard deviations
 
 
@@ -99,9 +102,16 @@ def kth_largest(scores: np.ndarray, k: int, scratch: np.ndarray, spare: np.ndarr
         return _kth_largest_by_partition(scores, k)
     if lo == hi:
         return lo
-    np.greater(scratch, spare, out=scratch)  # >= lo and not > hi: the scores in [lo, hi], without another float pass
+    if at_least_lo - above_hi > scores.size // _TIE_MASS:  # a mass of equal scores at an end (the pruned weights' zeros)
+        at_least_hi = _count(np.greater_equal, scores, hi, spare)
+        if at_least_hi >= k:
+            return hi  # G(hi) < k <= GE(hi)
+        if _count(np.greater, scores, lo, scratch) < k:
+            return lo  # G(lo) < k <= GE(lo)
+        above_hi = at_least_hi  # t lies strictly between lo and hi: scratch = (> lo), spare = (>= hi)
+    np.greater(scratch, spare, out=scratch)  # in the bracket and not above it, without another float pass
     between = scores[scratch]
-    rank = k - above_hi  # of t among the scores in [lo, hi], from the top
+    rank = k - above_hi  # of t among the scores in the bracket, from the top
     return float(np.partition(between, between.size - rank)[between.size - rank])
 
 
