@@ -9,6 +9,10 @@ read back: each step only ORs "kth_r <= f_r + D" into ``invalid`` and keeps the 
 kth_r - f_r - D. The caller reads both once per window (:meth:`FixedPoolTopK.window_end`),
 replays a window that went invalid from its checkpoint with the checked selection
 (:class:`IncrementalTopK`, host checks every step) and refills when the room runs low.
+On CPU tensors (``host_partition``) the same selection runs in numpy (``_host_picks``): the
+same float32 values, k-th largest and tie rule, the kept entries read as ``pool[selected]`` (row
+after row, ascending flat index: the order the device path scatters them in), and the room,
+drift and tie count kept as host numbers; numpy's per-call cost is a fraction of torch's there.
 Capacities: at the first refill (warm-up, host reads allowed) C_r = #{|S| >= kth_r - margin}
 plus a quarter (a window moves scores by about window x lr, 0.125 at 25 steps and lr 0.005:
 margin 0.5 lasts a few windows), grown by half after a window that was not exact (boundary
@@ -17,11 +21,13 @@ scores bunch up as DPaI runs).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from pai_compiler.passes.criteria.dpai.kernel_state import ScoreSource
 from pai_compiler.passes.criteria.dpai.layout import Layout
-from pai_compiler.passes.criteria.dpai.select import IncrementalTopK
+from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, _Bucket
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +51,7 @@ class FixedPoolTopK(IncrementalTopK):
         self.start_room = torch.full((), math.inf, device=device)  # the room at a window's first step
         self._window_start = True
         self.replays = 0
+        self._host_room = [False, math.inf, math.inf]  # host path: invalid, room, start room
 
     def moved(self, bound: float) -> None:
         super().moved(bound)
@@ -114,6 +121,8 @@ class FixedPoolTopK(IncrementalTopK):
         assert isinstance(scores, ScoreSource)
         if self.capacity is None:
             self.refill(scores)
+        if self.host_partition:
+            return self._host_select(scores)
         drift = scores.drift_tensor(self.reference)
         picks = []
         for bucket in self.buckets:
@@ -130,14 +139,53 @@ class FixedPoolTopK(IncrementalTopK):
             picks.append(self.dense_idx)
         return torch.cat(picks)
 
+    def _host_select(self, scores: ScoreSource) -> torch.Tensor:
+        """:meth:`select` in numpy on CPU tensors (see the module docstring)."""
+        import torch
+
+        drift = np.float32(scores.drift_host(self.reference))
+        picks = []
+        for bucket in self.buckets:
+            chosen, kth, tied = _host_picks(bucket, scores)
+            room = float((kth - bucket.floor.numpy() - drift).min())
+            state = self._host_room
+            state[0] = state[0] or room <= 0
+            state[1] = min(state[1], room)
+            if self._window_start:
+                state[2] = min(state[2], room)
+            self._host_ties += tied
+            picks.append(torch.from_numpy(chosen))
+        self._window_start = False
+        if self.dense_idx.numel():
+            picks.append(self.dense_idx)
+        return torch.cat(picks) if len(picks) > 1 else picks[0]
+
     def window_end(self) -> tuple[bool, float, float]:
         """(every step since the last call was exact, the room at the window's first step, the
         smallest room seen): one host read."""
         import torch
 
         invalid, start, room = torch.stack([self.invalid.to(self.room.dtype), self.start_room, self.room]).tolist()
+        host = self._host_room
+        invalid, start, room = invalid or host[0], min(start, host[2]), min(room, host[1])
+        self._host_room = [False, math.inf, math.inf]
         self.invalid.zero_()
         self.room.fill_(math.inf)
         self.start_room.fill_(math.inf)
         self._window_start = True
         return not invalid, start, room
+
+
+def _host_picks(bucket: _Bucket, source: ScoreSource) -> tuple[np.ndarray, np.ndarray, int]:
+    """``bucket.kth_picks`` in numpy: (kept flat indices row after row, k-th largest per row, tie rows)."""
+    pool: Any = bucket.pool.numpy()
+    vals = source.at_host(pool, bucket.aux)
+    np.copyto(vals, -np.inf, where=bucket.pad.numpy())
+    padded = np.concatenate([vals, bucket.fill.numpy()], 1)
+    col = padded.shape[1] - bucket.kmax  # 0-based rank from the bottom
+    kth = np.partition(padded, col, axis=1)[:, col]
+    above, at = vals > kth[:, None], vals == kth[:, None]
+    need = bucket.keep.numpy() - above.sum(1)
+    counted = np.cumsum(at, 1)
+    selected = above | (at & (counted <= need[:, None]))
+    return pool[selected], kth, int((counted[:, -1] > need).sum())

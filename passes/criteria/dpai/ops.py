@@ -40,6 +40,7 @@ class Ops:
     def transpose(self, x: Any, perm: Sequence[int]) -> Any: ...
     def write(self, out: Any, value: Any, accumulate: bool) -> None: ...
     def fill_zero(self, out: Any) -> None: ...
+    def outer_into(self, out: Any, a: Any, b: Any) -> None: ...  # out[o, i] = a[o] * b[i]
     def scalar(self, x: Any) -> Any: ...  # a 0-d torch tensor of the value
     def normalise(self, x: Any) -> tuple[Any, Any, Any]: ...  # (x / m, saved, log m)
     def normalise_backward(self, gxh: Any, saved: Any, xh: Any) -> Any: ...
@@ -108,6 +109,9 @@ class NumpyOps(Ops):
 
     def fill_zero(self, out: Any) -> None:
         out.fill(0)
+
+    def outer_into(self, out: Any, a: Any, b: Any) -> None:
+        np.multiply(a[:, None], b[None, :], out=out)
 
     def scalar(self, x: Any) -> Any:
         import torch
@@ -183,6 +187,11 @@ class TorchOps(Ops):
 
     def fill_zero(self, out: Any) -> None:
         out.zero_()
+
+    def outer_into(self, out: Any, a: Any, b: Any) -> None:
+        import torch
+
+        torch.mul(a[:, None], b[None, :], out=out)
 
     def scalar(self, x: Any) -> Any:
         return x.detach() if hasattr(x, "detach") else x

@@ -25,7 +25,10 @@ from pai_compiler.passes.criteria.dpai.layout import Layout
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Kept", "SurrogateUpdate", "combine"]
+__all__ = ["Kept", "SurrogateUpdate", "combine", "NODE_MAP_MAX"]
+
+#: up to this many kernels ``per_kernel`` gathers through a kernel -> node map (8 B per kernel)
+NODE_MAP_MAX = 1 << 20
 
 
 def combine(g: torch.Tensor, not_node: torch.Tensor, not_kernel: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -69,6 +72,11 @@ class SurrogateUpdate:
             else:
                 self.node_runs.append((layer.node_offset, layer.node_offset + layer.out_ch, layer.kernel_offset, layer.kernel_offset + layer.kernels, layer.in_ch))
         self.dtype = torch.float32
+        # small models: one gather beats a copy per run (per-op cost dominates); big ones keep the runs
+        self.node_of_kernel: torch.Tensor | None = None
+        if layout.n_kernels <= NODE_MAP_MAX:
+            node_of = [np.repeat(np.arange(n0, n1, dtype=np.int64), in_ch) for n0, n1, _, _, in_ch in self.node_runs]
+            self.node_of_kernel = torch.as_tensor(np.concatenate(node_of) if node_of else np.zeros(0, np.int64), device=device)
         self.ones = torch.ones(len(meta["offset"]), dtype=self.dtype, device=device)
         self.live_table: torch.Tensor | None = None
         if layout.tap_live:
@@ -124,6 +132,8 @@ class SurrogateUpdate:
         builds an index the size of all kernels and is ~30x slower on big models)."""
         import torch
 
+        if self.node_of_kernel is not None:
+            return per_node.index_select(0, self.node_of_kernel)
         out = torch.empty(self.layout.n_kernels, dtype=per_node.dtype, device=per_node.device)
         for n0, n1, k0, k1, in_ch in self.node_runs:
             out[k0:k1].view(n1 - n0, in_ch).copy_(per_node[n0:n1].unsqueeze(1))

@@ -47,6 +47,10 @@ class WeightSource:
         """One use's dlogP/dW (None: no gradient reached it); ``accumulate``: add to earlier uses'."""
         raise NotImplementedError
 
+    def grad_target(self, accumulate: bool) -> Any | None:
+        """Where a use may write its dlogP/dW directly (instead of ``put_grad``), or None."""
+        return None
+
 
 class DenseWeight(WeightSource):
     """A fixed array W and, for a prunable layer, the array its gradient is written to."""
@@ -64,6 +68,9 @@ class DenseWeight(WeightSource):
             self.ops.write(self.grad, gw, accumulate)
         elif not accumulate:
             self.ops.fill_zero(self.grad)
+
+    def grad_target(self, accumulate: bool) -> Any | None:
+        return self.grad if not accumulate else None  # the first write of a step: no temporary, no copy
 
 
 class Weighted(Instr):
@@ -96,6 +103,11 @@ class Weighted(Instr):
         saved, self.saved = self.saved, None
         xh = self.ops.rescaled(saved)
         w, kind, groups = self.weight.matrix(), self.kind, self.groups
+        target = self.weight.grad_target(self.acc) if kind == "mv" else None
+        if target is not None:  # the same products, written in place
+            self.ops.outer_into(target, gy, xh)
+            accumulate(genv, self.ins[0], self.ops.normalise_backward(gy @ w, saved, xh))
+            return
         if kind == "mv":
             gw, gxh = gy[:, None] * xh[None, :], gy @ w
         elif kind == "depthwise":
