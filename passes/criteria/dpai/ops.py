@@ -41,6 +41,7 @@ class Ops:
     def write(self, out: Any, value: Any, accumulate: bool) -> None: ...
     def fill_zero(self, out: Any) -> None: ...
     def outer_into(self, out: Any, a: Any, b: Any) -> None: ...  # out[o, i] = a[o] * b[i]
+    def matmul_into(self, out: Any, a: Any, b: Any) -> None: ...  # out = a @ b
     def scalar(self, x: Any) -> Any: ...  # a 0-d torch tensor of the value
     def normalise(self, x: Any) -> tuple[Any, Any, Any]: ...  # (x / m, saved, log m)
     def normalise_backward(self, gxh: Any, saved: Any, xh: Any) -> Any: ...
@@ -112,6 +113,9 @@ class NumpyOps(Ops):
 
     def outer_into(self, out: Any, a: Any, b: Any) -> None:
         np.multiply(a[:, None], b[None, :], out=out)
+
+    def matmul_into(self, out: Any, a: Any, b: Any) -> None:
+        np.matmul(a, b, out=out)
 
     def scalar(self, x: Any) -> Any:
         import torch
@@ -192,6 +196,11 @@ class TorchOps(Ops):
         import torch
 
         torch.mul(a[:, None], b[None, :], out=out)
+
+    def matmul_into(self, out: Any, a: Any, b: Any) -> None:
+        import torch
+
+        torch.matmul(a, b, out=out)
 
     def scalar(self, x: Any) -> Any:
         return x.detach() if hasattr(x, "detach") else x

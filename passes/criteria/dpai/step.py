@@ -114,18 +114,27 @@ class SurrogateUpdate:
         kernels = torch.zeros(self.layout.n_kernels, dtype=self.dtype, device=self.device).index_add_(0, kept.kernel, effective.to(self.dtype))
         return (kernels > 0).to(self.dtype)
 
-    def coefficient(self, nodes: torch.Tensor, kernels: torch.Tensor | None = None, kept: Kept | None = None, kernel_flag: torch.Tensor | None = None) -> torch.Tensor:
-        """c per kernel with S.grad = g * c: (a(1-b) node[o] - 1) + a b kernel[o,i].
+    def coefficient(self, nodes: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        """c per kernel with S.grad = g * c: (a(1-b) node[o] - 1) + a b kernel[o,i] (dense kernel flags)."""
+        return self.per_kernel(nodes * (self.alpha * (1 - self.beta)) - 1.0).add_(kernels, alpha=self.alpha * self.beta)
 
-        Kernel flags come dense (``kernels``) or per kept entry (``kernel_flag``, equal for
-        every entry of a kernel): only kernels holding kept weights can be effective.
-        """
-        c = self.per_kernel(nodes * (self.alpha * (1 - self.beta)) - 1.0)
-        if kernels is not None:
-            return c.add_(kernels, alpha=self.alpha * self.beta)
-        assert kept is not None and kernel_flag is not None
-        c[kept.kernel] = c[kept.kernel] + kernel_flag * (self.alpha * self.beta)
-        return c
+    def kernel_gradient(self, nodes: torch.Tensor, kept: Kept, kernel_flag: torch.Tensor, wgrad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """G = c * dlogP/dW per kernel into ``out``, kernel flags per kept entry (equal for every
+        entry of a kernel: only kernels holding kept weights can be effective). c is never
+        materialised on big models: one product per run of equal in_ch, then the kept kernels
+        again with their flag (c_node + 0 = c_node, so every product is the one c * dlogP/dW gives)."""
+        import torch
+
+        per_node = nodes * (self.alpha * (1 - self.beta)) - 1.0
+        bonus = kernel_flag * (self.alpha * self.beta)
+        if self.node_of_kernel is not None:
+            c = per_node.index_select(0, self.node_of_kernel)
+            c[kept.kernel] = c[kept.kernel] + bonus
+            return torch.mul(c, wgrad, out=out)
+        for n0, n1, k0, k1, in_ch in self.node_runs:
+            torch.mul(wgrad[k0:k1].view(n1 - n0, in_ch), per_node[n0:n1].unsqueeze(1), out=out[k0:k1].view(n1 - n0, in_ch))
+        out[kept.kernel] = (per_node[kept.node] + bonus) * wgrad[kept.kernel]
+        return out
 
     def per_kernel(self, per_node: torch.Tensor) -> torch.Tensor:
         """Each node's value on its kernels (a broadcast per run of equal in_ch; ``repeat_interleave``

@@ -103,9 +103,13 @@ class Weighted(Instr):
         saved, self.saved = self.saved, None
         xh = self.ops.rescaled(saved)
         w, kind, groups = self.weight.matrix(), self.kind, self.groups
-        target = self.weight.grad_target(self.acc) if kind == "mv" else None
-        if target is not None:  # the same products, written in place
-            self.ops.outer_into(target, gy, xh)
+        target = self.weight.grad_target(self.acc) if kind in ("mv", "full") else None
+        if target is not None:  # the same products, written in place (a one-row GEMM is ~10x slower than the outer product)
+            rows = gy.reshape(-1, w.shape[0]).shape[0]
+            if kind == "mv" or rows == 1:
+                self.ops.outer_into(target, gy.reshape(-1), xh.reshape(-1))
+            else:
+                self.ops.matmul_into(target, gy.reshape(-1, w.shape[0]).T, xh.reshape(-1, w.shape[1]))
             accumulate(genv, self.ins[0], self.ops.normalise_backward(gy @ w, saved, xh))
             return
         if kind == "mv":
