@@ -7,7 +7,8 @@ A linear layer on it then multiplies U (the G distinct rows) instead of every ro
 products back through the row -> group map, and its weight gradient needs only the per-group
 sums of the output gradient; dlogP/dx dedups the output-gradient rows the same way. The counts
 are those of the full products up to float rounding (the row sums run in another order). Rows
-are compared bytewise (exact); with more than half of the rows distinct the plain product runs.
+are compared bytewise (exact); with more than ``MAX_GROUPS`` distinct rows (or more than half)
+the plain product runs.
 """
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RowGroups", "row_groups", "rows_times", "group_gradient_into"]
+__all__ = ["RowGroups", "row_groups", "rows_times", "group_gradient_into", "MAX_GROUPS"]
+
+#: more distinct rows than this and the plain product runs (each group costs a pass over the rows)
+MAX_GROUPS = 8
 
 
 @dataclass
@@ -33,22 +37,25 @@ class RowGroups:
 
 
 def row_groups(rows: np.ndarray) -> RowGroups | None:
-    """The row groups of a 2-d array, or None when at most half of its rows repeat (or it has one row)."""
+    """The row groups of a 2-d float32 array, or None when it has one row or more than
+    ``MAX_GROUPS`` (or half its rows) distinct rows. One vectorised bytewise comparison per group."""
     count = rows.shape[0]
-    if count < 2:
+    limit = min(MAX_GROUPS, count // 2)
+    if count < 2 or limit < 1:
         return None
-    rows = np.ascontiguousarray(rows)
-    group_of: dict[bytes, int] = {}
-    inverse = np.empty(count, dtype=np.int64)
+    bits = np.ascontiguousarray(rows).view(np.uint32)  # bytewise: -0.0 and NaN rows group exactly
+    inverse = np.full(count, -1, dtype=np.int64)
     first: list[int] = []
-    for i in range(count):
-        g = group_of.setdefault(rows[i].tobytes(), len(first))
-        if g == len(first):
-            first.append(i)
-            if 2 * len(first) > count:
-                return None
-        inverse[i] = g
-    return RowGroups(rows[first], inverse)
+    start = 0
+    while start < count:
+        if len(first) == limit:
+            return None
+        same = (bits[start:] == bits[start]).all(1)
+        inverse[start:][same & (inverse[start:] < 0)] = len(first)
+        first.append(start)
+        rest = np.flatnonzero(inverse[start:] < 0)
+        start = start + int(rest[0]) if rest.size else count
+    return RowGroups(np.ascontiguousarray(rows)[first], inverse)
 
 
 def rows_times(rows: np.ndarray, matrix_t: np.ndarray) -> np.ndarray:
@@ -60,9 +67,13 @@ def rows_times(rows: np.ndarray, matrix_t: np.ndarray) -> np.ndarray:
 
 
 def group_gradient_into(out: np.ndarray, groups: RowGroups, grad_rows: np.ndarray) -> np.ndarray:
-    """out[o, i] = sum_r grad_rows[r, o] x[r, i] as one outer product per group (``out`` is written)."""
-    per_group = groups.sums(grad_rows)
-    np.multiply(per_group[0][:, None], groups.unique[0][None, :], out=out)
+    """out[o, i] = sum_r grad_rows[r, o] x[r, i] as one outer product per group (``out`` is written;
+    torch's rank-1 update is ~2x numpy's outer product plus add)."""
+    import torch  # heavy: loaded with the tape already, kept out of this module's import
+
+    per_group = torch.from_numpy(groups.sums(grad_rows))
+    unique, target = torch.from_numpy(groups.unique), torch.from_numpy(out)
+    torch.outer(per_group[0], unique[0], out=target)
     for g in range(1, per_group.shape[0]):
-        out += np.multiply.outer(per_group[g], groups.unique[g])
+        target.addr_(per_group[g], unique[g])
     return out
