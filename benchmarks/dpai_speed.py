@@ -1,5 +1,8 @@
 """DPaI speed: ms per step for paths=channel/ref/exact on ResNet-20, VGG-19, ResNet-18 (CIFAR
-shapes) and, with ``--models``, ResNet-50 and ViT-B/16 at 224x224 (``resnet50``, ``vit_b16``).
+shapes) and, with ``--models``, ResNet-50 and ViT-B/16 at 224x224 (``resnet50``, ``vit_b16``) and
+the onnx wheel's light real architectures at 224x224 (``alexnet``, ``vgg19_224``, ``resnet50_onnx``,
+``zfnet512``: Caffe-zoo exports whose weights are ConstantOfShape nodes, read in place from the
+installed ``onnx`` package, never copied).
 
 Each (model, mode) runs in a fresh subprocess (clean peak memory): ``erk{sparsity=S},dpai{...}``
 on an ONNX export of the zoo model (built into a temporary directory). Reported: loop seconds
@@ -30,15 +33,27 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet20", "vgg19", "resnet18")
 BIG = ("resnet50", "vit_b16")
-ZOO = MODELS + BIG
+#: the onnx wheel's light models (backend test data): name -> file stem
+LIGHT = {"alexnet": "light_bvlc_alexnet", "vgg19_224": "light_vgg19", "resnet50_onnx": "light_resnet50", "zfnet512": "light_zfnet512"}
+ZOO = MODELS + BIG + tuple(LIGHT)
 MODES = ("channel", "ref", "exact")
 #: default steps per (model, mode): 3000 where affordable, a sample elsewhere
 DEFAULT_STEPS = {
     ("resnet20", "channel"): 3000, ("resnet20", "ref"): 200, ("resnet20", "exact"): 100,
     ("vgg19", "channel"): 200, ("vgg19", "ref"): 5, ("vgg19", "exact"): 3,
     ("resnet18", "channel"): 200, ("resnet18", "ref"): 5, ("resnet18", "exact"): 3,
-    **{(m, "channel"): 100 for m in BIG}, **{(m, "ref"): 2 for m in BIG}, **{(m, "exact"): 1 for m in BIG},
+    **{(m, "channel"): 100 for m in BIG + tuple(LIGHT)}, **{(m, "ref"): 2 for m in BIG + tuple(LIGHT)}, **{(m, "exact"): 1 for m in BIG + tuple(LIGHT)},
 }
+
+
+def light_model(model: str) -> Path:
+    """A light model of the installed onnx wheel (its backend test data), located through ``onnx.__file__``."""
+    import onnx
+
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{LIGHT[model]}.onnx"
+    if not path.exists():
+        raise SystemExit(f"dpai_speed: {path} is missing (this onnx wheel has no light models); drop {model} from --models")
+    return path
 
 
 def export(model: str, directory: Path) -> Path:
@@ -47,6 +62,8 @@ def export(model: str, directory: Path) -> Path:
     from pai_compiler.lab import zoo
     from pai_compiler.backends.torch_onnx import export_onnx
 
+    if model in LIGHT:
+        return light_model(model)
     path = directory / f"{model}.onnx"
     if not path.exists():
         torch.manual_seed(0)
@@ -116,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     results.setdefault(model, {}).setdefault(mode, []).append(r)
                     f = r["final"]
-                    print(f"  {model:9s} {mode:8s} seed {seed} {steps:5d} steps  {r['ms_per_step']:9.2f} ms/step  loop {r['loop_s']:7.1f} s  "
+                    print(f"  {model:13s} {mode:8s} seed {seed} {steps:5d} steps  {r['ms_per_step']:9.2f} ms/step  loop {r['loop_s']:7.1f} s  "
                           f"nodes {f['nodes']} kernels {f['kernels']} params {f['params']}", flush=True)
     print()
     _table(results, args.device)
@@ -138,8 +155,8 @@ def _child(path: Path, mode: str, steps: int, seed: int, args: argparse.Namespac
 def _table(results: dict[str, dict[str, list[dict[str, Any]]]], device: str) -> None:
     """Per (model, mode, seed): cost, ratios to channel and to ResNet-20's channel step, memory, metrics."""
     mem = "peak CUDA MB" if device.startswith("cuda") else "peak RSS MB"
-    head = (f"{'model':9s} {'mode':8s} {'seed':>4s} {'state':>7s} {'steps':>6s} {'ms/step':>9s} {'3000 steps':>11s} {'vs channel':>10s} {'vs r20':>8s} "
-            f"{mem:>12s} {'B/weight':>8s} {'log P~':>8s} {'exact':>7s} {'nodes':>6s} {'kernels':>8s} {'params':>7s}")
+    head = (f"{'model':13s} {'mode':8s} {'seed':>4s} {'weights':>8s} {'state':>7s} {'steps':>6s} {'ms/step':>9s} {'100 steps':>10s} {'3000 steps':>11s} "
+            f"{'vs channel':>10s} {'vs r20':>8s} {mem:>12s} {'B/weight':>8s} {'log P~':>8s} {'exact':>7s} {'nodes':>6s} {'kernels':>8s} {'params':>7s}")
     print(head)
     print("-" * len(head))
     r20 = results.get("resnet20", {}).get("channel", [{}])[0].get("ms_per_step")
@@ -154,12 +171,12 @@ def _table(results: dict[str, dict[str, list[dict[str, Any]]]], device: str) -> 
                 grown = r["peak_cuda_mb"] if "peak_cuda_mb" in r else r["peak_rss_mb"] - r["base_rss_mb"]
                 per_weight = grown * 2**20 / max(r["params"], 1)
                 exact = f["log_paths_exact"] if f["log_paths_exact"] is not None else float("nan")
-                print(f"{model:9s} {mode:8s} {r['seed']:4d} {r['state']:>7s} {r['steps']:6d} {r['ms_per_step']:9.2f} {r['ms_per_step'] * 3:10.1f}s {ratio:>10s} {vs_r20:>8s} "
-                      f"{peak:12.0f} {per_weight:8.1f} {f['log_paths'] or float('nan'):8.2f} {exact:7.2f} {f['nodes']:6d} {f['kernels']:8d} {f['params']:7d}")
+                print(f"{model:13s} {mode:8s} {r['seed']:4d} {r['params'] / 1e6:7.2f}M {r['state']:>7s} {r['steps']:6d} {r['ms_per_step']:9.2f} {r['ms_per_step'] / 10:9.1f}s "
+                      f"{r['ms_per_step'] * 3:10.1f}s {ratio:>10s} {vs_r20:>8s} {peak:12.0f} {per_weight:8.1f} {f['log_paths'] or float('nan'):8.2f} {exact:7.2f} {f['nodes']:6d} {f['kernels']:8d} {f['params']:7d}")
         if "channel" in modes and len(modes["channel"]) > 1:
             runs = modes["channel"]
             mean = {k: sum(r["final"][k] for r in runs) / len(runs) for k in ("nodes", "kernels", "params")}
-            print(f"{model:9s} channel mean of {len(runs)} seeds: nodes {mean['nodes']:.1f} kernels {mean['kernels']:.1f} params {mean['params']:.1f}")
+            print(f"{model:13s} channel mean of {len(runs)} seeds: nodes {mean['nodes']:.1f} kernels {mean['kernels']:.1f} params {mean['params']:.1f}")
 
 
 if __name__ == "__main__":

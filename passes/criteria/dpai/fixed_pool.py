@@ -27,7 +27,7 @@ import numpy as np
 
 from pai_compiler.passes.criteria.dpai.kernel_state import ScoreSource
 from pai_compiler.passes.criteria.dpai.layout import Layout
-from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, _Bucket
+from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, _Bucket, kth_smallest
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +67,7 @@ class FixedPoolTopK(IncrementalTopK):
             for r in bucket.rows:
                 layer = self.partial[r]
                 values = source.layer(layer.offset, layer.numel)
-                kth = torch.kthvalue(values, layer.numel - layer.keep + 1).values
+                kth = kth_smallest(values, layer.numel - layer.keep + 1)
                 near = int((values >= kth - self.margin).sum())
                 rows.append(min(layer.numel, max(near + near // 4, layer.keep + 1 + 16)))
             capacity.append(rows)

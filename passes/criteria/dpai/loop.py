@@ -101,7 +101,17 @@ class ChannelStep:
             if grad_out is not None:
                 kernel_flag = (moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
                 self.write_gradient(grad_out, scores, lambda out: update.kernel_gradient(nodes, kept, kernel_flag, wgrad, out))
-        return Measure(log_p, effective, nodes, lambda: torch.count_nonzero((counts > 0) & (wgrad != 0)))
+        return Measure(log_p, effective, nodes, lambda: self._kernel_count(kept, effective))
+
+    def _kernel_count(self, kept: Kept, effective: torch.Tensor) -> torch.Tensor:
+        """Kernels with kept live taps and a nonzero gradient: from the kept entries on sparse big
+        layouts (a sort of the kept kernels, not three passes over every kernel)."""
+        import torch
+
+        counts, wgrad = self.program.counts, self.program.grad
+        if self._written is None:
+            return torch.count_nonzero((counts > 0) & (wgrad != 0))
+        return torch.count_nonzero(torch.unique(kept.kernel[effective]) >= 0)
 
     def write_gradient(self, grad_out: torch.Tensor, scores: torch.Tensor, kernel_gradient: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Per weight: sign(S) * G of its kernel, expanded over the taps."""

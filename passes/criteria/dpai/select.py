@@ -32,7 +32,7 @@ from pai_compiler.passes.criteria.dpai.layout import Layout
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IncrementalTopK", "TieRule", "adam_step_bound", "reference_topk"]
+__all__ = ["IncrementalTopK", "TieRule", "adam_step_bound", "reference_topk", "kth_smallest"]
 
 TieRule = Literal["sort", "index"]
 #: all layers share one bucket when its padded pool (rows x ~3 kmax) stays under this many
@@ -49,6 +49,16 @@ def adam_step_bound(step: int, beta1: float = 0.9, beta2: float = 0.999) -> floa
     r = beta1 * beta1 / beta2
     geometric = (1.0 - r**step) / (1.0 - r)
     return (1.0 - beta1) / math.sqrt(1.0 - beta2) * math.sqrt(geometric) * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) as a 0-d tensor: numpy's introselect on the CPU (several
+    times torch's ``kthvalue`` there, the same value), ``kthvalue`` elsewhere."""
+    import torch
+
+    if values.device.type == "cpu":
+        return torch.tensor(np.partition(values.numpy(), k - 1)[k - 1])
+    return torch.kthvalue(values, k).values
 
 
 def reference_topk(abs_scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -186,7 +196,7 @@ class IncrementalTopK:
         import torch
 
         if self.t0 is None:
-            kth0 = [torch.kthvalue(source.layer(r.offset, r.numel), r.numel - r.keep + 1).values for r in self.partial]
+            kth0 = [kth_smallest(source.layer(r.offset, r.numel), r.numel - r.keep + 1) for r in self.partial]
             lower = torch.stack(kth0) - self.margin
         else:
             lower = self.t0 - (self.drift + self.margin)
