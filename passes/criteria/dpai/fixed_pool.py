@@ -102,7 +102,7 @@ class FixedPoolTopK(IncrementalTopK):
             floors = []
             for i, (r, cap) in enumerate(zip(bucket.rows, rows)):
                 layer = self.partial[r]
-                values, idx = torch.topk(source.layer(layer.offset, layer.numel), cap, sorted=False)
+                values, idx = _top(source.layer(layer.offset, layer.numel), cap, self.host_partition)
                 bucket.pool[i, :cap] = torch.sort(idx).values + layer.offset
                 # a pool holding its whole layer has nothing outside it
                 floors.append(values.amin() if cap < layer.numel else values.new_full((), -math.inf))
@@ -174,6 +174,18 @@ class FixedPoolTopK(IncrementalTopK):
         self.start_room.fill_(math.inf)
         self._window_start = True
         return not invalid, start, room
+
+
+def _top(values: torch.Tensor, count: int, host: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, positions) of ``count`` largest entries, unordered: numpy's introselect on the CPU
+    (several times ``topk``'s speed there). Which of several entries tied at the pool's floor land
+    in it does not matter: a selection is valid only while the k-th largest is above floor + drift."""
+    import torch
+
+    if not host or count >= values.numel():
+        return torch.topk(values, count, sorted=False)
+    idx = torch.from_numpy(np.argpartition(values.numpy(), values.numel() - count)[values.numel() - count :])
+    return values[idx], idx
 
 
 def _host_picks(bucket: _Bucket, source: ScoreSource) -> tuple[np.ndarray, np.ndarray, int]:

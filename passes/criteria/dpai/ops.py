@@ -70,7 +70,7 @@ class NumpyOps(Ops):
         return np.ones(tuple(shape), dtype=np.float32)
 
     def normalise(self, x: Any) -> tuple[Any, Any, Any]:
-        raw = float(x.max()) if x.size else 0.0
+        raw = float(np.maximum.reduce(x, axis=None)) if x.size else 0.0  # x.max() without its Python wrapper
         m = raw if raw > 0 else 1.0
         xh = x / m
         return xh, (x, xh if x.size <= KEEP_SCALED else None, m, raw), math.log(m)
@@ -81,7 +81,7 @@ class NumpyOps(Ops):
         if raw > 0:  # d/dx of (x / max x) and of log max x: the max's share splits evenly over ties
             dm = (1.0 - float(np.vdot(gxh, xh))) / m
             hit = x == raw
-            gx += hit * (dm / np.count_nonzero(hit))
+            np.add(gx, dm / np.count_nonzero(hit), out=gx, where=hit)
         return gx
 
     def log(self, x: Any) -> Any:

@@ -109,6 +109,10 @@ class Weighted(Instr):
         xh = self.ops.rescaled(saved)
         w, kind, groups = self.weight.matrix(), self.kind, self.groups
         target = self.weight.grad_target(self.acc) if kind in ("mv", "full") else None
+        if kind == "mv" and target is not None:  # the same products, written in place
+            self.ops.outer_into(target, gy, xh)
+            accumulate(genv, self.ins[0], self.ops.normalise_backward(gy @ w, saved, xh))
+            return
         if kind == "full" and self.ops.name == "numpy":
             self._token_backward(gy, xh, w, target, saved, genv)
             return
