@@ -9,7 +9,7 @@ read back: each step only ORs "kth_r <= f_r + D" into ``invalid`` and keeps the 
 kth_r - f_r - D. The caller reads both once per window (:meth:`FixedPoolTopK.window_end`),
 replays a window that went invalid from its checkpoint with the checked selection
 (:class:`IncrementalTopK`, host checks every step) and refills when the room runs low.
-On CPU tensors (``host_partition``) the same selection runs in numpy (``_host_picks``): the
+On CPU tensors (``host_partition``) the same selection runs in numpy (``_Bucket.host_picks``): the
 same float32 values, k-th largest and tie rule, the kept entries read as ``pool[selected]`` (row
 after row, ascending flat index: the order the device path scatters them in), and the room,
 drift and tie count kept as host numbers; numpy's per-call cost is a fraction of torch's there.
@@ -21,13 +21,13 @@ scores bunch up as DPaI runs).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pai_compiler.passes.criteria.dpai.kernel_state import ScoreSource
 from pai_compiler.passes.criteria.dpai.layout import Layout
-from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, _Bucket, kth_smallest
+from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, kth_smallest
 
 if TYPE_CHECKING:
     import torch
@@ -146,7 +146,7 @@ class FixedPoolTopK(IncrementalTopK):
         drift = np.float32(scores.drift_host(self.reference))
         picks = []
         for bucket in self.buckets:
-            chosen, kth, tied = _host_picks(bucket, scores)
+            chosen, kth, tied = bucket.host_picks(scores)
             room = float((kth - bucket.floor.numpy() - drift).min())
             state = self._host_room
             state[0] = state[0] or room <= 0
@@ -186,18 +186,3 @@ def _top(values: torch.Tensor, count: int, host: bool) -> tuple[torch.Tensor, to
         return torch.topk(values, count, sorted=False)
     idx = torch.from_numpy(np.argpartition(values.numpy(), values.numel() - count)[values.numel() - count :])
     return values[idx], idx
-
-
-def _host_picks(bucket: _Bucket, source: ScoreSource) -> tuple[np.ndarray, np.ndarray, int]:
-    """``bucket.kth_picks`` in numpy: (kept flat indices row after row, k-th largest per row, tie rows)."""
-    pool: Any = bucket.pool.numpy()
-    vals = source.at_host(pool, bucket.aux)
-    np.copyto(vals, -np.inf, where=bucket.pad.numpy())
-    padded = np.concatenate([vals, bucket.fill.numpy()], 1)
-    col = padded.shape[1] - bucket.kmax  # 0-based rank from the bottom
-    kth = np.partition(padded, col, axis=1)[:, col]
-    above, at = vals > kth[:, None], vals == kth[:, None]
-    need = bucket.keep.numpy() - above.sum(1)
-    counted = np.cumsum(at, 1)
-    selected = above | (at & (counted <= need[:, None]))
-    return pool[selected], kth, int((counted[:, -1] > need).sum())
