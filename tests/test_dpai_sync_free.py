@@ -5,7 +5,8 @@ Counted with the torch profiler (``aten::item``, ``aten::_local_scalar_dense``, 
 between a 50- and a 10-step run that read back the same number of times (one window). The tape
 runs on the torch back-end, Adam on its host-free formula and the k-th largest by ``kthvalue``,
 as on CUDA, so each of their ops is visible too (on the CPU the loop keeps the fused Adam, whose
-step-count read is a load there, and numpy's partition, 6x faster than torch's there).
+step-count read is a load there, and numpy's partition, 6x faster than torch's there). The CPU's numpy
+selection is checked against that device path, pick for pick.
 """
 from __future__ import annotations
 
@@ -80,3 +81,20 @@ def test_host_free_adam_is_torch_adam() -> None:
         ours.step()
         theirs.step()
     torch.testing.assert_close(mine.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_numpy_selection_on_the_cpu_equals_the_device_path() -> None:
+    """On CPU tensors the pool selection, drift and room run in numpy: the same picks every step
+    (same final mask, trajectory and refills) as the torch path a device runs."""
+    g = load_onnx_model(EXAMPLES / "resnet20.onnx")
+    keep = dict(PassManager(parse_pipeline("erk{sparsity=0.99}")).run(g)[0].report.keep)
+    runs = []
+    for host in (True, False):
+        layout, _, update, step = build(g, g.prunable_params(), keep, "channel", 0.99, 0.5, "cpu", sample_bindings(g), "index")
+        view = KernelScores(layout, initial_scores(layout, 3, "cpu"), "cpu")
+        topk = FixedPoolTopK(layout, "cpu", host_partition=host)
+        result = optimise(view.offset, KernelStep(step.program, update), topk, update, steps=120, lr=0.005, view=view, record_every=20)
+        runs.append((result.kept.index.clone(), result.trajectory, topk.rebuilds, topk.tie_events))
+    (idx_host, traj_host, refills_host, ties_host), (idx_dev, traj_dev, refills_dev, ties_dev) = runs
+    assert torch.equal(idx_host, idx_dev) and traj_host == traj_dev
+    assert (refills_host, ties_host) == (refills_dev, ties_dev) and refills_host > 1

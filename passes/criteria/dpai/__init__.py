@@ -5,7 +5,8 @@ Modules by role: ``criterion`` (the pass and its options), ``driver`` (one run: 
 report), ``layout`` (flat score layout), ``select`` (top-k with ties), ``fixed_pool`` (its
 sync-free form), ``kernel_state`` (channel mode's |S0| + kernel offsets), ``step`` (the Adam update),
 ``loop`` (the steps), ``band``/``band_step`` (the boundary-band state), ``channel_program``,
-``tape``, ``ops``, ``torch_ops`` (the channel-mode path program and its gradient),
+``tape``, ``ops``, ``torch_ops`` (the channel-mode path program and its gradient), ``token_rows``
+(a linear layer's identical token rows counted once),
 ``pixel_paths`` (per-pixel reference and exact path counts), ``geometry``, ``report`` (measuring
 a mask), ``outcome`` (``DpaiReport``, what a run reports).
 """

@@ -9,6 +9,10 @@ read back: each step only ORs "kth_r <= f_r + D" into ``invalid`` and keeps the 
 kth_r - f_r - D. The caller reads both once per window (:meth:`FixedPoolTopK.window_end`),
 replays a window that went invalid from its checkpoint with the checked selection
 (:class:`IncrementalTopK`, host checks every step) and refills when the room runs low.
+On CPU tensors (``host_partition``) the same selection runs in numpy (``_Bucket.host_picks``): the
+same float32 values, k-th largest and tie rule, the kept entries read as ``pool[selected]`` (row
+after row, ascending flat index: the order the device path scatters them in), and the room,
+drift and tie count kept as host numbers; numpy's per-call cost is a fraction of torch's there.
 Capacities: at the first refill (warm-up, host reads allowed) C_r = #{|S| >= kth_r - margin}
 plus a quarter (a window moves scores by about window x lr, 0.125 at 25 steps and lr 0.005:
 margin 0.5 lasts a few windows), grown by half after a window that was not exact (boundary
@@ -19,9 +23,11 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from pai_compiler.passes.criteria.dpai.kernel_state import ScoreSource
 from pai_compiler.passes.criteria.dpai.layout import Layout
-from pai_compiler.passes.criteria.dpai.select import IncrementalTopK
+from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, kth_smallest
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +51,7 @@ class FixedPoolTopK(IncrementalTopK):
         self.start_room = torch.full((), math.inf, device=device)  # the room at a window's first step
         self._window_start = True
         self.replays = 0
+        self._host_room = [False, math.inf, math.inf]  # host path: invalid, room, start room
 
     def moved(self, bound: float) -> None:
         super().moved(bound)
@@ -60,7 +67,7 @@ class FixedPoolTopK(IncrementalTopK):
             for r in bucket.rows:
                 layer = self.partial[r]
                 values = source.layer(layer.offset, layer.numel)
-                kth = torch.kthvalue(values, layer.numel - layer.keep + 1).values
+                kth = kth_smallest(values, layer.numel - layer.keep + 1)
                 near = int((values >= kth - self.margin).sum())
                 rows.append(min(layer.numel, max(near + near // 4, layer.keep + 1 + 16)))
             capacity.append(rows)
@@ -95,7 +102,7 @@ class FixedPoolTopK(IncrementalTopK):
             floors = []
             for i, (r, cap) in enumerate(zip(bucket.rows, rows)):
                 layer = self.partial[r]
-                values, idx = torch.topk(source.layer(layer.offset, layer.numel), cap, sorted=False)
+                values, idx = _top(source.layer(layer.offset, layer.numel), cap, self.host_partition)
                 bucket.pool[i, :cap] = torch.sort(idx).values + layer.offset
                 # a pool holding its whole layer has nothing outside it
                 floors.append(values.amin() if cap < layer.numel else values.new_full((), -math.inf))
@@ -114,6 +121,8 @@ class FixedPoolTopK(IncrementalTopK):
         assert isinstance(scores, ScoreSource)
         if self.capacity is None:
             self.refill(scores)
+        if self.host_partition:
+            return self._host_select(scores)
         drift = scores.drift_tensor(self.reference)
         picks = []
         for bucket in self.buckets:
@@ -130,14 +139,50 @@ class FixedPoolTopK(IncrementalTopK):
             picks.append(self.dense_idx)
         return torch.cat(picks)
 
+    def _host_select(self, scores: ScoreSource) -> torch.Tensor:
+        """:meth:`select` in numpy on CPU tensors (see the module docstring)."""
+        import torch
+
+        drift = np.float32(scores.drift_host(self.reference))
+        picks = []
+        for bucket in self.buckets:
+            chosen, kth, tied = bucket.host_picks(scores)
+            room = float((kth - bucket.floor.numpy() - drift).min())
+            state = self._host_room
+            state[0] = state[0] or room <= 0
+            state[1] = min(state[1], room)
+            if self._window_start:
+                state[2] = min(state[2], room)
+            self._host_ties += tied
+            picks.append(torch.from_numpy(chosen))
+        self._window_start = False
+        if self.dense_idx.numel():
+            picks.append(self.dense_idx)
+        return torch.cat(picks) if len(picks) > 1 else picks[0]
+
     def window_end(self) -> tuple[bool, float, float]:
         """(every step since the last call was exact, the room at the window's first step, the
         smallest room seen): one host read."""
         import torch
 
         invalid, start, room = torch.stack([self.invalid.to(self.room.dtype), self.start_room, self.room]).tolist()
+        host = self._host_room
+        invalid, start, room = invalid or host[0], min(start, host[2]), min(room, host[1])
+        self._host_room = [False, math.inf, math.inf]
         self.invalid.zero_()
         self.room.fill_(math.inf)
         self.start_room.fill_(math.inf)
         self._window_start = True
         return not invalid, start, room
+
+
+def _top(values: torch.Tensor, count: int, host: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, positions) of ``count`` largest entries, unordered: numpy's introselect on the CPU
+    (several times ``topk``'s speed there). Which of several entries tied at the pool's floor land
+    in it does not matter: a selection is valid only while the k-th largest is above floor + drift."""
+    import torch
+
+    if not host or count >= values.numel():
+        return torch.topk(values, count, sorted=False)
+    idx = torch.from_numpy(np.argpartition(values.numpy(), values.numel() - count)[values.numel() - count :])
+    return values[idx], idx

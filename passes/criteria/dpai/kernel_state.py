@@ -50,8 +50,18 @@ class ScoreSource:
         """|S| at flat indices ``idx`` (a fresh tensor), ``aux`` from :meth:`prepare`."""
         raise NotImplementedError
 
+    def at_host(self, idx: np.ndarray, aux: Any) -> np.ndarray:
+        """:meth:`at` on CPU tensors, as a writable numpy array (``idx`` a numpy array)."""
+        import torch
+
+        return self.at(torch.from_numpy(idx), aux).numpy()
+
     def snapshot(self) -> Any:
         raise NotImplementedError
+
+    def drift_host(self, snapshot: Any) -> float:
+        """:meth:`drift_tensor` on CPU tensors, as a host number."""
+        return float(self.drift_tensor(snapshot))
 
     def drift(self, snapshot: Any) -> float:
         """max |change of any |S|| since ``snapshot`` (one host sync)."""
@@ -157,8 +167,32 @@ class KernelScores(ScoreSource):
             moved, lift = moved.mul_(live), lift.mul_(live)
         return torch.maximum(moved.add_(base), lift).view(idx.shape)
 
+    def at_host(self, idx: np.ndarray, aux: Any) -> np.ndarray:
+        """:meth:`at` in numpy (CPU): the same float32 operations in the same order."""
+        base, kernel, live = (None if t is None else t.numpy() for t in aux)
+        moved, lift = self.offset.detach().numpy().take(kernel), self.lift.numpy().take(kernel)
+        if live is not None:
+            moved *= live
+            lift *= live
+        moved += base
+        return np.maximum(moved, lift, out=moved).reshape(idx.shape)
+
     def snapshot(self) -> Any:
         return self.offset.detach().clone(), self.lift.clone()
+
+    def drift_host(self, snapshot: Any) -> float:
+        """:meth:`drift_tensor` in numpy (CPU), the same float32 value."""
+        if not self.offset.numel():
+            return 0.0
+        if self._diff is None:
+            import torch
+
+            self._diff = torch.empty_like(self.lift)
+        diff, bound = self._diff.numpy(), 0.0
+        for now, then in ((self.offset.detach(), snapshot[0]), (self.lift, snapshot[1])):
+            np.subtract(now.numpy(), then.numpy(), out=diff)
+            bound = max(bound, float(diff.max()), -float(diff.min()))
+        return bound
 
     def drift_tensor(self, snapshot: Any) -> torch.Tensor:
         """|S_e| is 1-Lipschitz in O_k and in O_k - F_k: the larger of their largest changes."""

@@ -60,51 +60,75 @@ def stats_of(values: list[float]) -> dict[str, float | int]:
     return {"log_paths": values[0], "nodes": int(values[1]), "kernels": int(values[2]), "params": int(values[3])}
 
 
-def _kernel_counts_and_gradient(program: ChannelProgram, update: SurrogateUpdate, kept: Kept) -> tuple[Any, Any, Any, Any]:
-    """Kept taps per kernel into ``program.counts``, then log P and dlogP/dW per kernel:
-    (log P, kernel gradient, counts, which kept taps' kernels have a nonzero gradient)."""
-    program.counts.zero_()
-    program.counts.index_add_(0, kept.kernel, update.ones if kept.live is None else kept.live)
-    log_p = program.forward_backward()
-    wgrad, counts = program.grad, program.counts
-    return log_p, wgrad, counts, wgrad[kept.kernel] != 0
+#: kept entries per kernel below which the counts are cleared at the last step's kept kernels only
+SPARSE_RESET = 1 / 16
 
 
 class ChannelStep:
-    """Channel-level R_P (the fast default): kernel-level gradient, expanded over taps."""
+    """Channel-level R_P (the fast default): kernel-level gradient, expanded over taps.
+
+    Per step: kept taps per kernel into ``program.counts`` (cleared where the last step wrote, on
+    big sparse layouts), log P and dlogP/dW per kernel, the flags, G = c * dlogP/dW per kernel
+    (into a buffer kept across steps: big models fault fresh pages in every step otherwise).
+    """
 
     def __init__(self, program: ChannelProgram, update: SurrogateUpdate) -> None:
         self.program, self.update = program, update
+        self._written: torch.Tensor | None = None  # kernels the last step's counts wrote
+        self._kernel_grad: torch.Tensor | None = None
+
+    def _counts_and_gradient(self, kept: Kept) -> Any:
+        """Kept taps per kernel into ``program.counts``, then log P (dlogP/dW in ``program.grad``)."""
+        counts = self.program.counts
+        if self._written is None:
+            counts.zero_()
+        else:
+            counts.index_fill_(0, self._written, 0.0)
+        counts.index_add_(0, kept.kernel, self.update.ones if kept.live is None else kept.live)
+        self._written = kept.kernel if kept.kernel.numel() < SPARSE_RESET * counts.numel() else None
+        return self.program.forward_backward()
 
     def __call__(self, scores: torch.Tensor, kept: Kept, grad_out: torch.Tensor | None) -> Measure:
         import torch
 
         update = self.update
         with torch.no_grad():
-            log_p, wgrad, counts, moving = _kernel_counts_and_gradient(self.program, update, kept)
+            log_p = self._counts_and_gradient(kept)
+            wgrad, counts = self.program.grad, self.program.counts
+            moving = wgrad[kept.kernel] != 0
             effective = moving if kept.live is None else moving & (kept.live > 0)
             nodes = update.node_flags(effective, kept)
             if grad_out is not None:
                 kernel_flag = (moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
-                self.write_gradient(grad_out, scores, update.coefficient(nodes, kept=kept, kernel_flag=kernel_flag), wgrad)
-        return Measure(log_p, effective, nodes, lambda: ((counts > 0) & (wgrad != 0)).sum())
+                self.write_gradient(grad_out, scores, lambda out: update.kernel_gradient(nodes, kept, kernel_flag, wgrad, out))
+        return Measure(log_p, effective, nodes, lambda: self._kernel_count(kept, effective))
 
-    def write_gradient(self, grad_out: torch.Tensor, scores: torch.Tensor, coefficient: torch.Tensor, wgrad: torch.Tensor) -> None:
-        """Per weight: sign(S) * c * dlogP/dW of its kernel, expanded over the taps."""
+    def _kernel_count(self, kept: Kept, effective: torch.Tensor) -> torch.Tensor:
+        """Kernels with kept live taps and a nonzero gradient: from the kept entries on sparse big
+        layouts (a sort of the kept kernels, not three passes over every kernel)."""
         import torch
 
+        counts, wgrad = self.program.counts, self.program.grad
+        if self._written is None:
+            return torch.count_nonzero((counts > 0) & (wgrad != 0))
+        return torch.count_nonzero(torch.unique(kept.kernel[effective]) >= 0)
+
+    def write_gradient(self, grad_out: torch.Tensor, scores: torch.Tensor, kernel_gradient: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Per weight: sign(S) * G of its kernel, expanded over the taps."""
+        import torch
+
+        if self._kernel_grad is None:
+            self._kernel_grad = torch.empty_like(self.program.grad)
         torch.sign(scores.detach(), out=grad_out)  # then scaled in place: no sign(S) buffer
-        self.update.expand_into(grad_out, None, coefficient.mul_(wgrad))
+        self.update.expand_into(grad_out, None, kernel_gradient(self._kernel_grad))
 
 
 class KernelStep(ChannelStep):
     """Channel-level R_P on the kernel-level state (``kernel_state``): the gradient of the
     kernel offsets O, G = c * dlogP/dW, replaces the per-weight sign(S) * G expansion."""
 
-    def write_gradient(self, grad_out: torch.Tensor, scores: torch.Tensor, coefficient: torch.Tensor, wgrad: torch.Tensor) -> None:
-        import torch
-
-        torch.mul(coefficient, wgrad, out=grad_out)
+    def write_gradient(self, grad_out: torch.Tensor, scores: torch.Tensor, kernel_gradient: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        kernel_gradient(grad_out)
 
 
 class PixelStep:

@@ -40,6 +40,8 @@ class Ops:
     def transpose(self, x: Any, perm: Sequence[int]) -> Any: ...
     def write(self, out: Any, value: Any, accumulate: bool) -> None: ...
     def fill_zero(self, out: Any) -> None: ...
+    def outer_into(self, out: Any, a: Any, b: Any) -> None: ...  # out[o, i] = a[o] * b[i]
+    def matmul_into(self, out: Any, a: Any, b: Any) -> None: ...  # out = a @ b
     def scalar(self, x: Any) -> Any: ...  # a 0-d torch tensor of the value
     def normalise(self, x: Any) -> tuple[Any, Any, Any]: ...  # (x / m, saved, log m)
     def normalise_backward(self, gxh: Any, saved: Any, xh: Any) -> Any: ...
@@ -68,7 +70,7 @@ class NumpyOps(Ops):
         return np.ones(tuple(shape), dtype=np.float32)
 
     def normalise(self, x: Any) -> tuple[Any, Any, Any]:
-        raw = float(x.max()) if x.size else 0.0
+        raw = float(np.maximum.reduce(x, axis=None)) if x.size else 0.0  # x.max() without its Python wrapper
         m = raw if raw > 0 else 1.0
         xh = x / m
         return xh, (x, xh if x.size <= KEEP_SCALED else None, m, raw), math.log(m)
@@ -79,7 +81,7 @@ class NumpyOps(Ops):
         if raw > 0:  # d/dx of (x / max x) and of log max x: the max's share splits evenly over ties
             dm = (1.0 - float(np.vdot(gxh, xh))) / m
             hit = x == raw
-            gx += hit * (dm / np.count_nonzero(hit))
+            np.add(gx, dm / np.count_nonzero(hit), out=gx, where=hit)
         return gx
 
     def log(self, x: Any) -> Any:
@@ -108,6 +110,12 @@ class NumpyOps(Ops):
 
     def fill_zero(self, out: Any) -> None:
         out.fill(0)
+
+    def outer_into(self, out: Any, a: Any, b: Any) -> None:
+        np.multiply(a[:, None], b[None, :], out=out)
+
+    def matmul_into(self, out: Any, a: Any, b: Any) -> None:
+        np.matmul(a, b, out=out)
 
     def scalar(self, x: Any) -> Any:
         import torch
@@ -183,6 +191,16 @@ class TorchOps(Ops):
 
     def fill_zero(self, out: Any) -> None:
         out.zero_()
+
+    def outer_into(self, out: Any, a: Any, b: Any) -> None:
+        import torch
+
+        torch.mul(a[:, None], b[None, :], out=out)
+
+    def matmul_into(self, out: Any, a: Any, b: Any) -> None:
+        import torch
+
+        torch.matmul(a, b, out=out)
 
     def scalar(self, x: Any) -> Any:
         return x.detach() if hasattr(x, "detach") else x

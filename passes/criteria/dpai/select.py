@@ -32,7 +32,7 @@ from pai_compiler.passes.criteria.dpai.layout import Layout
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["IncrementalTopK", "TieRule", "adam_step_bound", "reference_topk"]
+__all__ = ["IncrementalTopK", "TieRule", "adam_step_bound", "reference_topk", "kth_smallest"]
 
 TieRule = Literal["sort", "index"]
 #: all layers share one bucket when its padded pool (rows x ~3 kmax) stays under this many
@@ -49,6 +49,16 @@ def adam_step_bound(step: int, beta1: float = 0.9, beta2: float = 0.999) -> floa
     r = beta1 * beta1 / beta2
     geometric = (1.0 - r**step) / (1.0 - r)
     return (1.0 - beta1) / math.sqrt(1.0 - beta2) * math.sqrt(geometric) * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+
+
+def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value (1-based) as a 0-d tensor: numpy's introselect on the CPU (several
+    times torch's ``kthvalue`` there, the same value), ``kthvalue`` elsewhere."""
+    import torch
+
+    if values.device.type == "cpu":
+        return torch.tensor(np.partition(values.numpy(), k - 1)[k - 1])
+    return torch.kthvalue(values, k).values
 
 
 def reference_topk(abs_scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -127,6 +137,22 @@ class _Bucket:
         picks, tied = self._lowest_first(vals, kth)
         return picks, kth, tied
 
+    def host_picks(self, source: ScoreSource) -> tuple[np.ndarray, np.ndarray, int]:
+        """:meth:`kth_picks` in numpy on CPU tensors: (kept flat indices row after row, k-th largest
+        per row, tie rows). The same float32 values, k-th largest and tie rule; ``pool[selected]``
+        lists each row's kept entries in ascending flat index, the order the scatter writes."""
+        pool = self.pool.numpy()
+        vals = source.at_host(pool, self.aux)
+        np.copyto(vals, -np.inf, where=self.pad.numpy())
+        padded = np.concatenate([vals, self.fill.numpy()], 1)
+        col = padded.shape[1] - self.kmax  # 0-based rank from the bottom
+        kth = np.partition(padded, col, axis=1)[:, col]
+        above, at = vals > kth[:, None], vals == kth[:, None]
+        need = self.keep.numpy() - above.sum(1)
+        counted = np.cumsum(at, 1)
+        selected = above | (at & (counted <= need[:, None]))
+        return pool[selected], kth, int((counted[:, -1] > need).sum())
+
     def top(self, source: ScoreSource) -> tuple[torch.Tensor, ...]:
         """(pool values, top values, top columns, k-th, (k+1)-th largest) per row."""
         import torch
@@ -186,7 +212,7 @@ class IncrementalTopK:
         import torch
 
         if self.t0 is None:
-            kth0 = [torch.kthvalue(source.layer(r.offset, r.numel), r.numel - r.keep + 1).values for r in self.partial]
+            kth0 = [kth_smallest(source.layer(r.offset, r.numel), r.numel - r.keep + 1) for r in self.partial]
             lower = torch.stack(kth0) - self.margin
         else:
             lower = self.t0 - (self.drift + self.margin)
@@ -220,6 +246,8 @@ class IncrementalTopK:
         source = scores if isinstance(scores, ScoreSource) else AbsScores(scores)
         if self.t0 is None:
             self._rebuild(source)
+        if self.ties == "index" and torch.device(self.device).type == "cpu":
+            return self._host_select(source)
         for attempt in range(4):
             tops = [bucket.top(source) for bucket in self.buckets]
             ties = [kth == nxt for _, _, _, kth, nxt in tops]
@@ -240,6 +268,31 @@ class IncrementalTopK:
         if self.dense_idx.numel():
             picks.append(self.dense_idx)
         return torch.cat(picks)
+
+    def _host_select(self, source: ScoreSource) -> torch.Tensor:
+        """:meth:`select` with index ties on CPU tensors: numpy's introselect for the k-th largest
+        (several times ``topk``'s speed on big pools), the same pool checks and rebuilds."""
+        import torch
+
+        for attempt in range(4):
+            found = [bucket.host_picks(source) for bucket in self.buckets]
+            room = min(float((kth - bucket.t0.numpy()).min()) for (_, kth, _), bucket in zip(found, self.buckets)) + self.margin  # type: ignore[union-attr]
+            if room >= self.drift:
+                break
+            if attempt == 3:
+                raise FloatingPointError("dpai: scores are not finite; the top-k pool cannot be maintained")
+            if not self.verified:  # the Adam bound is loose: measure the true drift once
+                self.drift = source.drift(self.reference) * (1 + 1e-6)
+                self.verified = True
+                self.verifications += 1
+                if room >= self.drift:
+                    break
+            self._rebuild(source)
+        self._host_ties += sum(tied for _, _, tied in found)
+        picks = [torch.from_numpy(chosen) for chosen, _, _ in found]
+        if self.dense_idx.numel():
+            picks.append(self.dense_idx)
+        return torch.cat(picks) if len(picks) > 1 else picks[0]
 
     def _picks(self, source: ScoreSource, bucket: _Bucket, top: tuple[torch.Tensor, ...], tie: torch.Tensor, any_tie: bool) -> torch.Tensor:
         """Kept flat indices of one bucket, row after row."""

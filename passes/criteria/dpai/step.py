@@ -25,7 +25,10 @@ from pai_compiler.passes.criteria.dpai.layout import Layout
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Kept", "SurrogateUpdate", "combine"]
+__all__ = ["Kept", "SurrogateUpdate", "combine", "NODE_MAP_MAX"]
+
+#: up to this many kernels ``per_kernel`` gathers through a kernel -> node map (8 B per kernel)
+NODE_MAP_MAX = 1 << 20
 
 
 def combine(g: torch.Tensor, not_node: torch.Tensor, not_kernel: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
@@ -69,6 +72,11 @@ class SurrogateUpdate:
             else:
                 self.node_runs.append((layer.node_offset, layer.node_offset + layer.out_ch, layer.kernel_offset, layer.kernel_offset + layer.kernels, layer.in_ch))
         self.dtype = torch.float32
+        # small models: one gather beats a copy per run (per-op cost dominates); big ones keep the runs
+        self.node_of_kernel: torch.Tensor | None = None
+        if layout.n_kernels <= NODE_MAP_MAX:
+            node_of = [np.repeat(np.arange(n0, n1, dtype=np.int64), in_ch) for n0, n1, _, _, in_ch in self.node_runs]
+            self.node_of_kernel = torch.as_tensor(np.concatenate(node_of) if node_of else np.zeros(0, np.int64), device=device)
         self.ones = torch.ones(len(meta["offset"]), dtype=self.dtype, device=device)
         self.live_table: torch.Tensor | None = None
         if layout.tap_live:
@@ -106,24 +114,35 @@ class SurrogateUpdate:
         kernels = torch.zeros(self.layout.n_kernels, dtype=self.dtype, device=self.device).index_add_(0, kept.kernel, effective.to(self.dtype))
         return (kernels > 0).to(self.dtype)
 
-    def coefficient(self, nodes: torch.Tensor, kernels: torch.Tensor | None = None, kept: Kept | None = None, kernel_flag: torch.Tensor | None = None) -> torch.Tensor:
-        """c per kernel with S.grad = g * c: (a(1-b) node[o] - 1) + a b kernel[o,i].
+    def coefficient(self, nodes: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        """c per kernel with S.grad = g * c: (a(1-b) node[o] - 1) + a b kernel[o,i] (dense kernel flags)."""
+        return self.per_kernel(nodes * (self.alpha * (1 - self.beta)) - 1.0).add_(kernels, alpha=self.alpha * self.beta)
 
-        Kernel flags come dense (``kernels``) or per kept entry (``kernel_flag``, equal for
-        every entry of a kernel): only kernels holding kept weights can be effective.
-        """
-        c = self.per_kernel(nodes * (self.alpha * (1 - self.beta)) - 1.0)
-        if kernels is not None:
-            return c.add_(kernels, alpha=self.alpha * self.beta)
-        assert kept is not None and kernel_flag is not None
-        c[kept.kernel] = c[kept.kernel] + kernel_flag * (self.alpha * self.beta)
-        return c
+    def kernel_gradient(self, nodes: torch.Tensor, kept: Kept, kernel_flag: torch.Tensor, wgrad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """G = c * dlogP/dW per kernel into ``out``, kernel flags per kept entry (equal for every
+        entry of a kernel: only kernels holding kept weights can be effective). c is never
+        materialised on big models: one product per run of equal in_ch, then the kept kernels
+        again with their flag (c_node + 0 = c_node, so every product is the one c * dlogP/dW gives)."""
+        import torch
+
+        per_node = nodes * (self.alpha * (1 - self.beta)) - 1.0
+        bonus = kernel_flag * (self.alpha * self.beta)
+        if self.node_of_kernel is not None:
+            c = per_node.index_select(0, self.node_of_kernel)
+            c[kept.kernel] = c[kept.kernel] + bonus
+            return torch.mul(c, wgrad, out=out)
+        for n0, n1, k0, k1, in_ch in self.node_runs:
+            torch.mul(wgrad[k0:k1].view(n1 - n0, in_ch), per_node[n0:n1].unsqueeze(1), out=out[k0:k1].view(n1 - n0, in_ch))
+        out[kept.kernel] = (per_node[kept.node] + bonus) * wgrad[kept.kernel]
+        return out
 
     def per_kernel(self, per_node: torch.Tensor) -> torch.Tensor:
         """Each node's value on its kernels (a broadcast per run of equal in_ch; ``repeat_interleave``
         builds an index the size of all kernels and is ~30x slower on big models)."""
         import torch
 
+        if self.node_of_kernel is not None:
+            return per_node.index_select(0, self.node_of_kernel)
         out = torch.empty(self.layout.n_kernels, dtype=per_node.dtype, device=per_node.device)
         for n0, n1, k0, k1, in_ch in self.node_runs:
             out[k0:k1].view(n1 - n0, in_ch).copy_(per_node[n0:n1].unsqueeze(1))

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pai_compiler.passes.criteria.dpai.ops import Ops
+from pai_compiler.passes.criteria.dpai.token_rows import RowGroups, group_gradient_into, row_groups, rows_times
 
 __all__ = ["Instr", "WeightSource", "DenseWeight", "Weighted", "Sum", "Scale", "Reshape", "Transpose", "Expand", "Cat", "Split", "accumulate"]
 
@@ -47,6 +48,10 @@ class WeightSource:
         """One use's dlogP/dW (None: no gradient reached it); ``accumulate``: add to earlier uses'."""
         raise NotImplementedError
 
+    def grad_target(self, accumulate: bool) -> Any | None:
+        """Where a use may write its dlogP/dW directly (instead of ``put_grad``), or None."""
+        return None
+
 
 class DenseWeight(WeightSource):
     """A fixed array W and, for a prunable layer, the array its gradient is written to."""
@@ -65,6 +70,9 @@ class DenseWeight(WeightSource):
         elif not accumulate:
             self.ops.fill_zero(self.grad)
 
+    def grad_target(self, accumulate: bool) -> Any | None:
+        return self.grad if not accumulate else None  # the first write of a step: no temporary, no copy
+
 
 class Weighted(Instr):
     """y = W (x / max x): ``mv`` (chan vector), ``grouped``, ``depthwise`` or ``full`` (linear on [..., I])."""
@@ -73,6 +81,7 @@ class Weighted(Instr):
         super().__init__(ops, [src], [dst])
         self.weight, self.acc, self.kind, self.groups, self.logs = weight, accumulate_grad, kind, groups, logs
         self.saved: Any = None
+        self.rows: RowGroups | None = None  # numpy ``full``: the input's distinct rows (``token_rows``)
 
     def forward(self, env: list[Any]) -> None:
         xh, self.saved, log_m = self.ops.normalise(env[self.ins[0]])
@@ -84,6 +93,9 @@ class Weighted(Instr):
             y = w[:, 0] * xh
         elif kind == "grouped":
             y = (w.reshape(self.groups, -1, w.shape[1]) @ xh.reshape(self.groups, -1, 1)).reshape(-1)
+        elif self.ops.name == "numpy":  # a token matrix: each distinct row once
+            self.rows = row_groups(xh.reshape(-1, xh.shape[-1]))
+            y = xh @ w.T if self.rows is None else (self.rows.unique @ w.T)[self.rows.inverse].reshape(xh.shape[:-1] + (w.shape[0],))
         else:
             y = xh @ w.T
         env[self.outs[0]] = y
@@ -96,6 +108,22 @@ class Weighted(Instr):
         saved, self.saved = self.saved, None
         xh = self.ops.rescaled(saved)
         w, kind, groups = self.weight.matrix(), self.kind, self.groups
+        target = self.weight.grad_target(self.acc) if kind in ("mv", "full") else None
+        if kind == "mv" and target is not None:  # the same products, written in place
+            self.ops.outer_into(target, gy, xh)
+            accumulate(genv, self.ins[0], self.ops.normalise_backward(gy @ w, saved, xh))
+            return
+        if kind == "full" and self.ops.name == "numpy":
+            self._token_backward(gy, xh, w, target, saved, genv)
+            return
+        if target is not None:  # the same products, written in place (a one-row GEMM is ~10x slower than the outer product)
+            rows = gy.reshape(-1, w.shape[0]).shape[0]
+            if kind == "mv" or rows == 1:
+                self.ops.outer_into(target, gy.reshape(-1), xh.reshape(-1))
+            else:
+                self.ops.matmul_into(target, gy.reshape(-1, w.shape[0]).T, xh.reshape(-1, w.shape[1]))
+            accumulate(genv, self.ins[0], self.ops.normalise_backward(gy @ w, saved, xh))
+            return
         if kind == "mv":
             gw, gxh = gy[:, None] * xh[None, :], gy @ w
         elif kind == "depthwise":
@@ -108,6 +136,23 @@ class Weighted(Instr):
             gw = gy.reshape(-1, w.shape[0]).T @ xh.reshape(-1, w.shape[1])
             gxh = gy @ w
         self.weight.put_grad(gw, self.acc, w)
+        accumulate(genv, self.ins[0], self.ops.normalise_backward(gxh, saved, xh))
+
+    def _token_backward(self, gy: Any, xh: Any, w: Any, target: Any | None, saved: Any, genv: list[Any]) -> None:
+        """``full`` on numpy: dlogP/dW by the input's row groups (or one outer product for one
+        row), written in place where it may be; dlogP/dx multiplies each distinct gradient row once."""
+        rows, self.rows = self.rows, None
+        grad_rows, x_rows = gy.reshape(-1, w.shape[0]), xh.reshape(-1, w.shape[1])
+        gw = target if target is not None else self.ops.zeros(w.shape)
+        if rows is not None:
+            group_gradient_into(gw, rows, grad_rows)
+        elif grad_rows.shape[0] == 1:  # a one-row GEMM is ~10x slower than the outer product
+            self.ops.outer_into(gw, grad_rows[0], x_rows[0])
+        else:
+            self.ops.matmul_into(gw, grad_rows.T, x_rows)
+        if target is None:
+            self.weight.put_grad(gw, self.acc, w)
+        gxh = rows_times(grad_rows, w).reshape(xh.shape)
         accumulate(genv, self.ins[0], self.ops.normalise_backward(gxh, saved, xh))
 
 
