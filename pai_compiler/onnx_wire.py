@@ -207,13 +207,20 @@ def np_dtype(data_type: int) -> np.dtype[Any] | None:
 
 
 def tensor_dtype(data_type: int) -> np.dtype[Any]:
-    """``onnx.helper.tensor_dtype_to_np_dtype`` without importing onnx for the common types."""
+    """``onnx.helper.tensor_dtype_to_np_dtype`` without importing onnx for the common types; a
+    one-line ModelError for a type onnx does not know either (UNDEFINED, a newer or corrupt number)."""
     found = NUMPY_TYPES.get(data_type) or _OTHER_TYPES.get(data_type)
     if found is not None:
         return found
     from onnx import helper  # heavy: only for the exotic types (bfloat16, float8, int4: ml_dtypes)
 
-    return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+    try:
+        if data_type == 0:
+            raise KeyError(data_type)
+        return np.dtype(helper.tensor_dtype_to_np_dtype(data_type))
+    except KeyError:
+        raise ModelError(f"ONNX data type {data_type} is not a tensor type this onnx knows; re-export the model "
+                         "with a standard element type (float32, float16, int64...)") from None
 
 
 #: every live mapping made by :func:`open_model` (weak: a mapping goes when its last view does)
@@ -247,7 +254,7 @@ def _external_view(ref: TensorRef, folder: Path, maps: dict[Path, Any], dtype: n
     if not location or Path(location).is_absolute() or ".." in Path(location).parts:
         raise ModelError(f"tensor {ref.name!r}: external data location {location!r} must be a relative path inside the model's folder")
     if not target.is_file():
-        raise ModelError(f"missing external data (tensor {ref.name!r}: {location} is not a file beside the model)")
+        raise ModelError(f"missing external data (tensor {ref.name!r}: {location} is not a file beside the model; copy it there)")
     if target not in maps:
         maps[target] = map_file(target)
     data = maps[target]
@@ -319,7 +326,7 @@ def load_full_model(path: str | os.PathLike[str]) -> Any:
 def invalid_model(path: Path, exc: Exception) -> ModelError:
     """The one-line error for a file that does not parse as an ONNX model."""
     first = str(exc).splitlines()[0] if str(exc) else "parse error"
-    return ModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {first})")
+    return ModelError(f"{path}: not a valid ONNX model ({type(exc).__name__}: {first}); re-export or re-copy the file")
 
 
 def weight_views(p: Path, buf: Any, tensors: dict[str, TensorRef], min_bytes: int = STRIP_BYTES) -> dict[str, np.ndarray]:
@@ -330,12 +337,13 @@ def weight_views(p: Path, buf: Any, tensors: dict[str, TensorRef], min_bytes: in
     for ref in tensors.values():
         dtype = np_dtype(ref.data_type)
         if ref.is_external and dtype is None:
-            raise ModelError(f"tensor {ref.name!r}: external data of ONNX type {ref.data_type} is not supported")
+            raise ModelError(f"tensor {ref.name!r}: external data of ONNX type {ref.data_type} is not supported; "
+                             "store this tensor inside the model file (onnx.save(..., save_as_external_data=False))")
         if ref.is_external and dtype is not None:
             arrays[ref.name] = _external_view(ref, p.parent, maps, dtype)
         elif ref.raw is not None and dtype is not None and ref.raw[1] - ref.raw[0] >= min_bytes:
             count = int(np.prod(ref.dims, dtype=np.int64))
             if (ref.raw[1] - ref.raw[0]) != count * dtype.itemsize:
-                raise ModelError(f"tensor {ref.name!r}: raw_data has {ref.raw[1] - ref.raw[0]} bytes, not {ref.dims} of type {ref.data_type}")
+                raise ModelError(f"tensor {ref.name!r}: raw_data has {ref.raw[1] - ref.raw[0]} bytes, not {ref.dims} of type {ref.data_type}; the file is corrupt, re-export it")
             arrays[ref.name] = np.frombuffer(buf, dtype=dtype, count=count, offset=ref.raw[0]).reshape(ref.dims)
     return arrays

@@ -7,7 +7,9 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
 
+from pai_compiler.cli import app
 from pai_compiler.errors import ModelError
 from pai_compiler.frontends.onnx.proto_view import attribute_value, read_model, view_of
 from pai_compiler.frontends.onnx.reader import import_onnx, load_onnx_model
@@ -76,3 +78,66 @@ def test_malformed_bytes_are_one_line_model_errors(tmp_path: Path, data: bytes) 
     with pytest.raises(ModelError, match="not a valid ONNX model") as info:
         read_model(path)
     assert "\n" not in str(info.value)
+
+
+def _conv_model(weight: TensorProto) -> onnx.ModelProto:
+    """One Conv named 'conv0' reading the initializer ``weight`` (name 'w', shape 16x3x3x3)."""
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv0", kernel_shape=[3, 3])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], initializer=[weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _raw_weight(data_type: int, itemsize: int) -> TensorProto:
+    tensor = TensorProto()
+    tensor.name, tensor.data_type = "w", data_type
+    tensor.dims.extend([16, 3, 3, 3])
+    tensor.raw_data = b"\0" * (16 * 27 * itemsize)
+    return tensor
+
+
+def _cli_error(path: Path) -> tuple[int, str]:
+    res = CliRunner().invoke(app, ["audit", str(path)])
+    return res.exit_code, res.stderr if res.stderr_bytes is not None else res.output
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.3, 0.6, 0.9, 0.999])
+def test_truncated_file_is_a_one_line_error_with_the_fix(tmp_path: Path, fraction: float) -> None:
+    whole = _conv_model(numpy_helper.from_array(np.ones((16, 3, 3, 3), np.float32), "w")).SerializeToString()
+    path = tmp_path / "cut.onnx"
+    path.write_bytes(whole[:max(1, int(len(whole) * fraction))])
+    code, err = _cli_error(path)
+    assert code == 1 and "not a valid ONNX model" in err and "re-export" in err and "cut.onnx" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("data_type", [0, 99])
+def test_unknown_dtype_names_the_tensor(tmp_path: Path, data_type: int) -> None:
+    path = tmp_path / "dtype.onnx"
+    onnx.save(_conv_model(_raw_weight(data_type, 4)), str(path))
+    code, err = _cli_error(path)
+    assert code == 1 and "tensor 'w'" in err and f"data type {data_type}" in err and "re-export" in err, err
+    assert err.count("\n") == 1
+
+
+def test_raw_data_of_the_wrong_size_names_the_tensor(tmp_path: Path) -> None:
+    weight = _raw_weight(TensorProto.FLOAT, 4)
+    weight.raw_data = b"\0" * 100
+    path = tmp_path / "short.onnx"
+    onnx.save(_conv_model(weight), str(path))
+    code, err = _cli_error(path)
+    assert code == 1 and "tensor 'w'" in err and "raw_data has 100 bytes" in err and "re-export" in err, err
+
+
+def test_external_data_errors_name_the_tensor_and_the_fix(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.onnx"
+    weight = numpy_helper.from_array(np.ones((16, 3, 3, 3), np.float32), "w")
+    onnx.save(_conv_model(weight), str(missing), save_as_external_data=True, location="missing.data", size_threshold=0)
+    (tmp_path / "missing.data").unlink()
+    code, err = _cli_error(missing)
+    assert code == 1 and "tensor 'w'" in err and "missing.data" in err and "copy it there" in err, err
+    exotic = tmp_path / "bf16.onnx"
+    onnx.save(_conv_model(_raw_weight(TensorProto.BFLOAT16, 2)), str(exotic), save_as_external_data=True,
+              location="bf16.data", size_threshold=0)
+    code, err = _cli_error(exotic)
+    assert code == 1 and "tensor 'w'" in err and "type 16 is not supported" in err and "inside the model file" in err, err

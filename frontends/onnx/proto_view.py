@@ -23,7 +23,7 @@ import numpy as np
 from pai_compiler.errors import ModelError
 from pai_compiler.onnx_wire import (
     TensorRef, WireError, check_model_file, fields, invalid_model, map_file, np_dtype, parse_tensor, read_varint,
-    skeleton_bytes, weight_views,
+    skeleton_bytes, tensor_dtype, weight_views,
 )
 
 __all__ = ["AttributeView", "NodeView", "ValueInfoView", "GraphView", "ModelView", "read_model", "view_of", "value_info_of",
@@ -298,7 +298,16 @@ def tensor_array(buffer: Any, span: tuple[int, int]) -> np.ndarray:
             return np.frombuffer(buffer, dtype=dtype, count=count, offset=ref.raw[0]).reshape(ref.dims)
     from onnx import TensorProto, numpy_helper  # heavy: only for tensors not stored as raw data
 
-    return numpy_helper.to_array(TensorProto.FromString(bytes(buffer[span[0]:span[1]])))
+    try:
+        tensor_dtype(ref.data_type)
+    except ModelError as exc:
+        raise ModelError(f"tensor {ref.name!r}: {exc}") from None
+    try:
+        return numpy_helper.to_array(TensorProto.FromString(bytes(buffer[span[0]:span[1]])))
+    except Exception as exc:  # onnx's ValueError/TypeError for data that does not fill the dims, DecodeError
+        detail = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+        raise ModelError(f"tensor {ref.name!r}: its data does not decode as {list(ref.dims)} of ONNX type "
+                         f"{ref.data_type} ({detail}); the file is corrupt, re-export it") from None
 
 
 def attribute_value(node: NodeView, attr: AttributeView) -> Any:
