@@ -29,7 +29,7 @@ import numpy as np
 
 from pai_compiler.errors import ModelError
 
-__all__ = ["STRIP_BYTES", "WireError", "OnnxFile", "TensorRef", "open_model", "load_full_model", "check_model_file", "check_has_graph", "invalid_model", "release_mapped_pages", "fields", "parse_tensor", "read_varint", "np_dtype", "tensor_dtype", "NUMPY_TYPES", "map_file", "skeleton_bytes", "weight_views", "string_pairs", "string_entry", "tag", "encode_varint"]
+__all__ = ["STRIP_BYTES", "WireError", "OnnxFile", "TensorRef", "open_model", "load_full_model", "check_model_file", "check_has_graph", "invalid_model", "release_mapped_pages", "fields", "parse_tensor", "read_varint", "read_varints", "read_text", "np_dtype", "tensor_dtype", "NUMPY_TYPES", "map_file", "skeleton_bytes", "weight_views", "string_pairs", "string_entry", "tag", "encode_varint"]
 
 #: raw_data of at least this many bytes leaves the skeleton (shape constants stay inline)
 STRIP_BYTES = 1 << 14
@@ -54,6 +54,24 @@ def read_varint(buf: Any, pos: int, end: int) -> tuple[int, int]:
         if byte < 0x80:
             return value, pos
         shift += 7
+
+
+def read_varints(buf: Any, wtype: int, start: int, end: int) -> list[int]:
+    """The values of one field of a repeated integer: a single varint (wire type 0) or a packed run (2)."""
+    if wtype == 0:
+        return [read_varint(buf, start, end)[0]]
+    if wtype != 2:
+        raise WireError(f"integer field with wire type {wtype}")
+    values, pos = [], start
+    while pos < end:
+        value, pos = read_varint(buf, pos, end)
+        values.append(value)
+    return values
+
+
+def read_text(buf: Any, start: int, end: int) -> str:
+    """The UTF-8 text of a string field's value ``buf[start:end]`` (invalid bytes replaced)."""
+    return bytes(buf[start:end]).decode("utf-8", "replace")
 
 
 def encode_varint(value: int) -> bytes:
@@ -129,16 +147,11 @@ def parse_tensor(buf: Any, start: int, end: int) -> TensorRef:
     dims: list[int] = []
     for number, wtype, _, vs, ve in fields(buf, start, end):
         if number == T_NAME and wtype == 2:
-            ref.name = bytes(buf[vs:ve]).decode("utf-8", "replace")
+            ref.name = read_text(buf, vs, ve)
         elif number == T_TYPE and wtype == 0:
             ref.data_type = read_varint(buf, vs, ve)[0]
-        elif number == T_DIMS and wtype == 0:
-            dims.append(read_varint(buf, vs, ve)[0])
-        elif number == T_DIMS and wtype == 2:  # packed
-            pos = vs
-            while pos < ve:
-                value, pos = read_varint(buf, pos, ve)
-                dims.append(value)
+        elif number == T_DIMS and wtype in (0, 2):
+            dims += read_varints(buf, wtype, vs, ve)
         elif number == T_RAW and wtype == 2:
             ref.raw = (vs, ve)
         elif number == T_EXTERNAL and wtype == 2:
@@ -160,7 +173,7 @@ def string_pairs(buf: Any, start: int, end: int) -> Iterator[tuple[str, str]]:
     """StringStringEntryProto fields as ('key'|'value', text)."""
     for number, wtype, _, vs, ve in fields(buf, start, end):
         if wtype == 2 and number in (1, 2):
-            yield ("key" if number == 1 else "value"), bytes(buf[vs:ve]).decode("utf-8", "replace")
+            yield ("key" if number == 1 else "value"), read_text(buf, vs, ve)
 
 
 def _strippable(ref: TensorRef) -> bool:

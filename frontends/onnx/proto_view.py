@@ -22,8 +22,8 @@ import numpy as np
 
 from pai_compiler.errors import ModelError
 from pai_compiler.onnx_wire import (
-    TensorRef, WireError, check_model_file, fields, invalid_model, map_file, np_dtype, parse_tensor, read_varint,
-    skeleton_bytes, tensor_dtype, weight_views,
+    TensorRef, WireError, check_model_file, fields, invalid_model, map_file, np_dtype, parse_tensor, read_text,
+    read_varint, read_varints, skeleton_bytes, tensor_dtype, weight_views,
 )
 
 __all__ = ["AttributeView", "NodeView", "ValueInfoView", "GraphView", "ModelView", "read_model", "view_of", "value_info_of",
@@ -38,10 +38,6 @@ def _int64(value: int) -> int:
     """A varint as protobuf's int64 (negatives are 10-byte two's complement)."""
     value &= (1 << 64) - 1
     return value - (1 << 64) if value & _SIGN else value
-
-
-def _text(buf: Any, start: int, end: int) -> str:
-    return bytes(buf[start:end]).decode("utf-8", "replace")
 
 
 @dataclass
@@ -123,11 +119,11 @@ def _attribute(buf: Any, start: int, end: int) -> AttributeView:
     attr = AttributeView(span=(start, end))
     for number, wtype, _, vs, ve in fields(buf, start, end):
         if number == 1 and wtype == 2:
-            attr.name = _text(buf, vs, ve)
+            attr.name = read_text(buf, vs, ve)
         elif number == 20 and wtype == 0:
             attr.type = read_varint(buf, vs, ve)[0]
         elif number == 21 and wtype == 2:
-            attr.ref_attr_name = _text(buf, vs, ve)
+            attr.ref_attr_name = read_text(buf, vs, ve)
         elif number == 2 and wtype == 5:
             attr.f = struct.unpack_from("<f", buf, vs)[0]
         elif number == 3 and wtype == 0:
@@ -154,15 +150,7 @@ def _floats(buf: Any, wtype: int, start: int, end: int) -> list[float]:
 
 
 def _ints(buf: Any, wtype: int, start: int, end: int) -> list[int]:
-    if wtype == 0:
-        return [_int64(read_varint(buf, start, end)[0])]
-    if wtype != 2:
-        raise WireError(f"int field with wire type {wtype}")
-    out, pos = [], start
-    while pos < end:  # packed
-        value, pos = read_varint(buf, pos, end)
-        out.append(_int64(value))
-    return out
+    return [_int64(value) for value in read_varints(buf, wtype, start, end)]
 
 
 def _node(buf: Any, start: int, end: int) -> NodeView:
@@ -171,17 +159,17 @@ def _node(buf: Any, start: int, end: int) -> NodeView:
         if wtype != 2:
             continue
         if number == 1:
-            node.input.append(_text(buf, vs, ve))
+            node.input.append(read_text(buf, vs, ve))
         elif number == 2:
-            node.output.append(_text(buf, vs, ve))
+            node.output.append(read_text(buf, vs, ve))
         elif number == 3:
-            node.name = _text(buf, vs, ve)
+            node.name = read_text(buf, vs, ve)
         elif number == 4:
-            node.op_type = _text(buf, vs, ve)
+            node.op_type = read_text(buf, vs, ve)
         elif number == 5:
             node.attribute.append(_attribute(buf, vs, ve))
         elif number == 7:
-            node.domain = _text(buf, vs, ve)
+            node.domain = read_text(buf, vs, ve)
     return node
 
 
@@ -189,7 +177,7 @@ def _value_info(buf: Any, start: int, end: int) -> ValueInfoView:
     info = ValueInfoView()
     for number, wtype, _, vs, ve in fields(buf, start, end):
         if number == 1 and wtype == 2:
-            info.name = _text(buf, vs, ve)
+            info.name = read_text(buf, vs, ve)
         elif number == 2 and wtype == 2:
             for tnum, ttype, _, tvs, tve in fields(buf, vs, ve):
                 if tnum == 1 and ttype == 2:
@@ -216,7 +204,7 @@ def _dim(buf: Any, start: int, end: int) -> int | str:
         if number == 1 and wtype == 0:
             value = _int64(read_varint(buf, vs, ve)[0])
         elif number == 2 and wtype == 2:
-            value = _text(buf, vs, ve)
+            value = read_text(buf, vs, ve)
     return value
 
 
@@ -228,7 +216,7 @@ def _graph(buf: Any, start: int, end: int) -> GraphView:
         if number == 1:
             graph.node.append(_node(buf, vs, ve))
         elif number == 2:
-            graph.name = _text(buf, vs, ve)
+            graph.name = read_text(buf, vs, ve)
         elif number == 5:
             graph.initializer.append(parse_tensor(buf, vs, ve))
         elif number == 11:
@@ -249,7 +237,7 @@ def _model(buf: Any) -> ModelView:
             domain, version = "", 0
             for onum, otype, _, ovs, ove in fields(buf, vs, ve):
                 if onum == 1 and otype == 2:
-                    domain = _text(buf, ovs, ove)
+                    domain = read_text(buf, ovs, ove)
                 elif onum == 2 and otype == 0:
                     version = _int64(read_varint(buf, ovs, ove)[0])
             model.opset_import.append((domain, version))
