@@ -25,13 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
+
+from bench_setup import export_zoo_model, run_measured  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("resnet50", "vit_b16")
@@ -77,20 +79,6 @@ class Runs:
         self.stdout = self.stdout or run["stdout"]
 
 
-def export(name: str, folder: Path) -> Path:
-    path = folder / f"{name}.onnx"
-    if not path.exists():
-        import torch
-
-        from pai_compiler.backends.torch_onnx import export_onnx
-        from pai_compiler.lab import zoo
-
-        torch.manual_seed(0)
-        print(f"exporting {name} to {path} ...", flush=True)
-        export_onnx(zoo.build(name), zoo.input_shape(name), path)
-    return path
-
-
 def weight_bytes(path: Path) -> int:
     """Bytes of the model's initializers (what the RSS target is relative to)."""
     from pai_compiler.frontends.onnx.proto_view import read_model
@@ -111,17 +99,10 @@ def env_with_path(threads: int, path: str | None) -> dict[str, str]:
 
 def run_child(cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Wall, CPU and peak RSS of one child process; its stdout is returned."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=tempfile.gettempdir())
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
-        wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0:
-            err.seek(0)
-            raise SystemExit(f"{' '.join(cmd)} failed ({code}): {err.read().decode().strip()[-500:]}")
-        out.seek(0)
-        return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime, "rss_mb": usage.ru_maxrss / 1024, "stdout": out.read().decode()}
+    run = run_measured(cmd, env)
+    if run.code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({run.code}): {run.stderr.strip()[-500:]}")
+    return {"wall": run.wall, "cpu": run.cpu, "rss_mb": run.rss_mb, "stdout": run.stdout}
 
 
 def measure(path: Path, trees: dict[str, str], tool_env: dict[str, str] | None, threads: int, repeat: int) -> dict[str, Runs]:
@@ -189,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[list[str]] = []
     missed: list[str] = []
     for name in args.models:
-        path = export(name, args.workdir)
+        path = export_zoo_model(name, args.workdir)
         print(f"{name}: {weight_bytes(path) / 1e6:.1f} MB of weights", flush=True)
         got, lost = model_rows(name, path, measure(path, trees, tool_env, args.threads, args.repeat), trees, args.threads)
         rows += got

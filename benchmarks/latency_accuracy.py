@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 from collections import defaultdict
@@ -34,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime
 import torch
 
 from pai_compiler.api import load_model
@@ -47,6 +45,7 @@ from pai_compiler.lab.training import default_data_dir
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules, also when imported by path
 
 import fast_forms  # noqa: E402
+from bench_setup import machine  # noqa: E402
 import latency_accuracy_report  # noqa: E402
 import run_masks  # noqa: E402
 
@@ -165,16 +164,6 @@ def rebuild_and_measure(runs: Sequence[run_masks.RunRecord], store: dict[str, An
             store["timings"][rebuilt.digest] = {**have, **measure(rebuilt, dense, Path(tmp), args.batches, args.threads,
                                                                   args.runs, args.warmup, args.budget)}
             save_store(path, store)
-
-
-def machine() -> dict[str, str]:
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg())}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

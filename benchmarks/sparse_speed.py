@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,8 +33,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from pai_compiler.api import compact_graph, optimize, save_model
+from pai_compiler.backends.sparse_select import build_sparse_module
+from pai_compiler.backends.sparse_timing import relative_error, sample_alternating, time_alternating
+from pai_compiler.backends.torch_onnx import export_onnx
+from pai_compiler.frontends.onnx.reader import load_onnx_model
+from pai_compiler.io import atomic_write
+from pai_compiler.lab import zoo
+from pai_compiler.ort import session
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
 
+from bench_setup import export_zoo_model, machine  # noqa: E402
 from fast_forms import check_forms, write_compact_forms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,16 +91,13 @@ def model_path(name: str, folder: Path) -> Path:
     bundled = ROOT / "examples" / "models" / f"{name}.onnx"
     if bundled.exists():
         return bundled
-    from pai_compiler.backends.torch_onnx import export_onnx
-    from pai_compiler.lab import zoo
+    if name != "bert":
+        return export_zoo_model(name, folder)
 
     path = folder / f"{name}.onnx"
     if not path.exists():
         torch.manual_seed(0)
-        if name == "bert":
-            export_onnx(Encoder(), BERT_SHAPE, path)
-        else:
-            export_onnx(zoo.build(name), zoo.input_shape(name), path)
+        export_onnx(Encoder(), BERT_SHAPE, path)
     return path
 
 
@@ -104,9 +110,7 @@ def pipeline_for(method: str, sparsity: float, dpai_steps: int) -> str:
 
 
 def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
-    from pai_compiler.api import optimize, save_model
-    from pai_compiler.frontends.onnx.reader import load_onnx_model
-
+    """Prune ``src`` with ``method`` at ``sparsity``, write the masked, compact and sparse forms, check and time them."""
     graph = load_onnx_model(src)
     start = time.perf_counter()
     result = optimize(graph, pipeline=pipeline_for(method, sparsity, args.dpai_steps), seed=0)
@@ -139,8 +143,6 @@ def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.
 def time_four(src: Path, masked: Path, compact: Path, module: Any, batch: int, runs: int, warmup: int) -> dict[str, float]:
     """Dense, masked and compact ORT and the sparse module on one input, alternating, 1 thread: each
     one's median and fastest ms (``<name>_ms``, ``<name>_fastest_ms``)."""
-    from pai_compiler.ort import session
-
     sessions = {key: session(path, threads=1) for key, path in (("dense_ort", src), ("masked_ort", masked), ("compact_ort", compact))}
     first = next(iter(sessions.values())).get_inputs()[0]
     x = torch.randn([batch, *first.shape[1:]], generator=torch.Generator().manual_seed(0))
@@ -156,8 +158,6 @@ def time_four(src: Path, masked: Path, compact: Path, module: Any, batch: int, r
 
 def odd_widths(runs: int) -> list[dict[str, Any]]:
     """Dense torch conv/linear at an odd compacted width against the aligned one (same layer otherwise)."""
-    from pai_compiler.backends.sparse_timing import time_alternating
-
     cases = [("conv3x3 32x32 b32", 29, 32), ("conv3x3 32x32 b32", 31, 32), ("conv3x3 16x16 b32", 61, 64),
              ("conv3x3 8x8 b32", 125, 128), ("conv3x3 4x4 b32", 509, 512), ("linear b64", 383, 384), ("linear b64", 1021, 1024)]
     rows = []
@@ -181,28 +181,15 @@ def _best_and_median(calls: dict[str, Any], runs: int) -> dict[str, float]:
 
     On a busy machine a millisecond call is either run through or preempted for a whole scheduler
     slice (several ms), so the median flips between the two; the fastest run is its own cost."""
-    for _ in range(2):
-        for call in calls.values():
-            call()
-    samples: dict[str, list[float]] = {name: [] for name in calls}
-    for index in range(runs):
-        for name in list(calls) if index % 2 == 0 else reversed(list(calls)):
-            start = time.perf_counter()
-            calls[name]()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    return {**{name: min(v) for name, v in samples.items()}, **{f"{name}_median": statistics.median(v) for name, v in samples.items()}}
+    samples = sample_alternating(calls, repeats=runs, warmup=2)
+    return {**{name: min(v) * 1e3 for name, v in samples.items()},
+            **{f"{name}_median": statistics.median(v) * 1e3 for name, v in samples.items()}}
 
 
 def overhead(batches: list[int], runs: int) -> list[dict[str, Any]]:
     """Per-call cost of the module itself on the dense example models: the node-by-node interpreter
     loop (the forward before the compiled plan; reached through a layer hook) against the compiled
     forward, a hand-written eager torch model of the same architecture (the zoo's) and dense ORT."""
-    from pai_compiler.api import compact_graph
-    from pai_compiler.backends.sparse_select import build_sparse_module
-    from pai_compiler.backends.sparse_timing import relative_error
-    from pai_compiler.frontends.onnx.reader import load_onnx_model
-    from pai_compiler.lab import zoo
-    from pai_compiler.ort import session
 
     rows = []
     for name in ("resnet20", "tiny_vit"):
@@ -226,18 +213,6 @@ def overhead(batches: list[int], runs: int) -> list[dict[str, Any]]:
             rows.append({"model": name, "batch": batch, "nodes": len(graph.nodes), "format": report.memory_format, "runs": runs, **times})
             print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def machine() -> dict[str, str]:
-    import onnxruntime
-
-    cpu = "?"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"nproc": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg())}
 
 
 def overhead_markdown(rows: list[dict[str, Any]]) -> list[str]:
@@ -331,7 +306,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--from-json", default=None, help="re-render the markdown from a previous --json file")
     args = parser.parse_args(argv)
-    from pai_compiler.io import atomic_write
 
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())

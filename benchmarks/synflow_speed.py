@@ -31,6 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
+
+from bench_setup import export_zoo_model, run_measured  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 LIGHT = {"alexnet": "light_bvlc_alexnet", "vgg19": "light_vgg19", "zfnet512": "light_zfnet512", "resnet50_light": "light_resnet50"}
 ZOO = ("resnet50", "vit_b16")
@@ -162,17 +166,7 @@ def model_path(name: str, workdir: Path) -> Path:
         import onnx  # the onnx wheel ships the light models (weights as ConstantOfShape)
 
         return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{LIGHT[name]}.onnx"
-    path = workdir / f"{name}.onnx"
-    if not path.exists():
-        import torch  # heavy: only to export a zoo model once
-
-        from pai_compiler.backends.torch_onnx import export_onnx
-        from pai_compiler.lab import zoo
-
-        torch.manual_seed(0)
-        print(f"exporting {name} to {path} ...", flush=True)
-        export_onnx(zoo.build(name), zoo.input_shape(name), path)
-    return path
+    return export_zoo_model(name, workdir)
 
 
 def run_child(path: Path, code_root: Path, precision: str, rounds: int, threads: int, sparsity: float) -> Run | str:
@@ -180,19 +174,14 @@ def run_child(path: Path, code_root: Path, precision: str, rounds: int, threads:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                PYTHONPATH=os.pathsep.join(filter(None, [str(code_root), os.environ.get("PYTHONPATH", "")])))
     cmd = [sys.executable, "-c", CHILD, str(path), "100", str(rounds), precision, str(sparsity), str(threads)]
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=tempfile.gettempdir())
-        _, status, usage = os.wait4(proc.pid, 0)
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            lines = err.read().decode().strip().splitlines() or ["no output"]
-            return f"failed: {lines[-1][-160:]}"
-        out.seek(0)
-        doc: dict[str, Any] = json.loads(out.read().decode().strip().splitlines()[-1])
+    child = run_measured(cmd, env)
+    if child.code != 0:
+        return f"failed: {(child.stderr.strip().splitlines() or ['no output'])[-1][-160:]}"
+    doc: dict[str, Any] = json.loads(child.stdout.strip().splitlines()[-1])
     later = doc["rounds"][1:] or doc["rounds"]  # round 1 may still pay first-touch costs
     total = doc["total_s"][1] if doc["total_s"] else None
     return Run(doc["numel"], doc["first_s"][1], sum(r[1] for r in later) / len(later), sum(r[0] for r in later) / len(later), total,
-               usage.ru_maxrss / 1024, doc["loaded_kb"] / 1024, tuple(doc["loadavg"]))  # type: ignore[arg-type]
+               child.rss_mb, doc["loaded_kb"] / 1024, tuple(doc["loadavg"]))  # type: ignore[arg-type]
 
 
 def alternate(path: Path, baseline: Path, precision: str, rounds: int, threads: int, repeats: int) -> list[str]:

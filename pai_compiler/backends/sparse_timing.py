@@ -21,7 +21,7 @@ import torch
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 
-__all__ = ["PLAIN", "LayerTiming", "SparseExecReport", "time_alternating", "relative_error", "example_inputs", "synchronizer"]
+__all__ = ["PLAIN", "LayerTiming", "SparseExecReport", "time_alternating", "sample_alternating", "relative_error", "example_inputs", "synchronizer"]
 
 #: the layer choice that is the dense conv unpacked (F.conv2d): installed like a sparse kernel, not one
 PLAIN = "plain"
@@ -96,6 +96,14 @@ def time_alternating(candidates: Mapping[str, Callable[[], Any]], *, repeats: in
     """Median (``statistic="min"``: fastest) ms of each candidate over ``repeats`` alternating rounds after ``warmup`` runs."""
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r} (expected one of {', '.join(STATISTICS)})")
+    samples = sample_alternating(candidates, repeats=repeats, warmup=warmup, device=device)
+    reduce = min if statistic == "min" else statistics.median
+    return {name: reduce(values) * 1e3 for name, values in samples.items()}
+
+
+def sample_alternating(candidates: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int,
+                       device: str = "cpu") -> dict[str, list[float]]:
+    """Every wall time (s) of each candidate over ``repeats`` alternating rounds after ``warmup`` runs of each."""
     sync = synchronizer(device)
     names = list(candidates)
     for _ in range(warmup):
@@ -109,8 +117,7 @@ def time_alternating(candidates: Mapping[str, Callable[[], Any]], *, repeats: in
             candidates[name]()
             sync()
             samples[name].append(time.perf_counter() - start)
-    reduce = min if statistic == "min" else statistics.median
-    return {name: reduce(values) * 1e3 for name, values in samples.items()}
+    return samples
 
 
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
