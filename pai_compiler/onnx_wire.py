@@ -13,6 +13,10 @@ another file at ``TensorProto.external_data`` (13) ``{location, offset, length}`
 * :func:`load_full_model` loads a whole ``ModelProto`` with its external data, for a writer
   that rewrites the proto (the masked writer's general path, the compact writer).
 * ``pai_compiler.backends.onnx_stream`` writes a masked copy from these byte ranges.
+* :func:`fields`, :func:`read_varint(s) <read_varints>`, :func:`read_text` and :func:`parse_tensor`
+  are the field readers the frontend's ``proto_view`` decodes a whole model with (no onnx
+  import); :func:`weight_views` gives its weights as views of the mapping, each checked against
+  its dims and type, and :func:`tensor_dtype` maps ONNX element types to numpy's.
 """
 from __future__ import annotations
 

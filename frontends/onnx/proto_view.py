@@ -88,6 +88,8 @@ class ValueInfoView:
 
 @dataclass
 class GraphView:
+    """A GraphProto: its nodes, initializers (where their bytes lie), graph inputs and outputs."""
+
     name: str = ""
     node: list[NodeView] = field(default_factory=list)
     initializer: list[TensorRef] = field(default_factory=list)
@@ -112,6 +114,7 @@ class ModelView:
         return onnx.ModelProto.FromString(skeleton_bytes(self.buffer)[0])
 
     def message(self, span: tuple[int, int]) -> bytes:
+        """The serialized sub-message at ``span`` (e.g. a sparse initializer, for onnx to parse)."""
         return bytes(self.buffer[span[0]:span[1]])
 
 
