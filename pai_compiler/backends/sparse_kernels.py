@@ -8,6 +8,13 @@ weights: ``O(nnz * positions + used_taps * positions)`` work instead of
 ``O(out * in * k * k * positions)``. A 1×1 convolution is the same product with one tap per
 channel; a linear layer is ``y^T = W_csr @ x[:, used]^T``. Every kernel is an ``nn.Module`` with
 buffers only, so a model holding them pickles (``torch.save``) and moves (``.to(device)``).
+
+The *window* gather copies nothing per tap: in the flattened padded NCHW image (H × W per
+channel) the used tap ``(c, i, j)`` of image ``b`` reads one contiguous run of length
+``run = (out_h - 1) s_h W + (out_w - 1) s_w + 1`` starting at ``b C H W + c H W + i d_h W + j d_w``.
+The product is taken over whole runs (``W_csr @ runs``, ``run`` columns per image, some of them
+between output positions), and the output is the strided view that keeps position
+``(oh, ow)`` at column ``b run + oh s_h W + ow s_w``.
 """
 from __future__ import annotations
 

@@ -110,12 +110,17 @@ def _layer_timing(module: SparseModule, node: Node, args: list[torch.Tensor], *,
     return row, kernels.get(choice)
 
 
+def _has_2d_conv(graph: Graph) -> bool:
+    """Whether some conv is 2-D (4-d weight): only then can the memory format matter."""
+    return any(n.kind is OpKind.CONV and len(n.params["weight"].shape) == 4 for n in graph.nodes)
+
+
 def choose_memory_format(module: SparseModule, inputs: list[torch.Tensor], *, device: str, repeats: int,
                          warmup: int) -> tuple[str, dict[str, float]]:
     """Set ``module`` (dense) to the faster of contiguous / channels_last; both medians in ms.
 
     A model without 4-d convolutions stays contiguous (nothing to measure)."""
-    if not any(n.kind is OpKind.CONV and len(n.params["weight"].shape) == 4 for n in module.graph.nodes):
+    if not _has_2d_conv(module.graph):
         return "contiguous", {}
     nhwc = copy.deepcopy(module)
     nhwc.set_memory_format("channels_last")
@@ -164,9 +169,7 @@ def _settle(module: SparseModule, inputs: list[torch.Tensor], chosen: list[str],
     keep the fastest, and under ``policy="auto"`` go back to dense unless it beats dense by ``margin``."""
     dense_format = report.memory_format
     other = "contiguous" if dense_format == "channels_last" else "channels_last"
-    twin = None
-    if any(n.kind is OpKind.CONV and len(n.params["weight"].shape) == 4 for n in module.graph.nodes):
-        twin = module.format_twin(other)
+    twin = module.format_twin(other) if _has_2d_conv(module.graph) else None
     candidates = {"dense": lambda: module.run(inputs, sparse=False), "chosen": lambda: module.run(inputs)}
     if twin is not None:
         candidates["other"] = lambda: twin.run(inputs)
