@@ -1,4 +1,4 @@
-"""What the speed benchmarks share: the machine line of a report, zoo models exported once, a measured child process.
+"""What the speed benchmarks share: the machine line of a report, zoo and onnx light models, a measured child process.
 
 ``run_measured(cmd, env)`` runs one child in a scratch folder and reads its own rusage from
 ``os.wait4``: wall seconds, CPU seconds (user + sys, a single thread's quiet wall time and robust
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ChildRun", "machine", "export_zoo_model", "run_measured"]
+__all__ = ["ChildRun", "machine", "export_zoo_model", "onnx_light_model", "run_measured"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,17 @@ def export_zoo_model(name: str, folder: Path) -> Path:
         torch.manual_seed(0)
         print(f"exporting {name} to {path} ...", flush=True)
         export_onnx(zoo.build(name), zoo.input_shape(name), path)
+    return path
+
+
+def onnx_light_model(stem: str) -> Path:
+    """``<stem>.onnx`` of the installed onnx wheel's light models (real architectures whose weights are
+    ConstantOfShape nodes: read in place, never copied); a one-line exit when this wheel lacks it."""
+    import onnx  # heavy: only to locate its backend test data
+
+    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{stem}.onnx"
+    if not path.exists():
+        raise SystemExit(f"{path} is missing (this onnx wheel has no light models); leave {stem} out")
     return path
 
 

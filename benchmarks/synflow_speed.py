@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
 
-from bench_setup import export_zoo_model, run_measured  # noqa: E402
+from bench_setup import export_zoo_model, onnx_light_model, run_measured  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LIGHT = {"alexnet": "light_bvlc_alexnet", "vgg19": "light_vgg19", "zfnet512": "light_zfnet512", "resnet50_light": "light_resnet50"}
@@ -163,9 +163,7 @@ def model_path(name: str, workdir: Path) -> Path:
     if name in EXAMPLES:
         return REPO / "examples" / "models" / f"{name}.onnx"
     if name in LIGHT:
-        import onnx  # the onnx wheel ships the light models (weights as ConstantOfShape)
-
-        return Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{LIGHT[name]}.onnx"
+        return onnx_light_model(LIGHT[name])
     return export_zoo_model(name, workdir)
 
 
