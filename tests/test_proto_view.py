@@ -141,3 +141,13 @@ def test_external_data_errors_name_the_tensor_and_the_fix(tmp_path: Path) -> Non
               location="bf16.data", size_threshold=0)
     code, err = _cli_error(exotic)
     assert code == 1 and "tensor 'w'" in err and "type 16 is not supported" in err and "inside the model file" in err, err
+
+
+def test_cast_to_an_unknown_type_names_the_node(tmp_path: Path) -> None:
+    cast = helper.make_node("Cast", ["x"], ["y"], name="cast0", to=99)
+    graph = helper.make_graph([cast], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    path = tmp_path / "cast.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    code, err = _cli_error(path)
+    assert code == 1 and "node 'cast0' (Cast)" in err and "data type 99" in err and "re-export" in err, err
