@@ -151,3 +151,12 @@ def test_cast_to_an_unknown_type_names_the_node(tmp_path: Path) -> None:
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
     code, err = _cli_error(path)
     assert code == 1 and "node 'cast0' (Cast)" in err and "data type 99" in err and "re-export" in err, err
+
+
+def test_string_weight_is_named_as_a_string_tensor(tmp_path: Path) -> None:
+    weight = helper.make_tensor("w", TensorProto.STRING, [16, 3, 3, 3], [b"a"] * (16 * 27))
+    path = tmp_path / "string.onnx"
+    onnx.save(_conv_model(weight), str(path))
+    code, err = _cli_error(path)
+    assert code == 1 and "conv0" in err and "a string tensor is used as tensor data" in err and "numeric tensor" in err, err
+    assert err.count("\n") == 1 and "symbolic" not in err

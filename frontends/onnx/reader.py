@@ -153,7 +153,9 @@ class _Importer:
         if const.origin is None or const.symbolic:
             data = np.asarray(const.array)
             if data.dtype == object:
-                raise ModelError("a shape-dependent (symbolic) value is used as tensor data, which paic does not support")
+                strings = data.size > 0 and isinstance(data.flat[0], (bytes, str))
+                what = "a string tensor" if strings else "a shape-dependent (symbolic) value"
+                raise ModelError(f"{what} is used as tensor data, which paic does not support; store it as a numeric tensor")
             return Param(self.graph.fresh_name(key), data, prunable=False, out_axis=out_axis, in_axis=in_axis, origin="")
         perm = const.perm or tuple(range(const.array.ndim))
         # axes of the stored tensor that become the operand's out/in axes
