@@ -131,7 +131,7 @@ def optimize(
     prune_tied: Annotated[bool, typer.Option("--prune-tied", help="Prune a weight tied to an embedding table (an LM head); by default it stays dense, with a warning.")] = False,
     report: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report here.")] = None,
     compact: Annotated[bool, typer.Option("--compact", help="Remove dead channels (dead-node-elim) and write the smaller model instead of the masked one.")] = False,
-    align: Annotated[int, typer.Option("--align", help="With --compact: keep layer widths multiples of N (faster ORT kernels; still exact).")] = 1,
+    align: Annotated[str, typer.Option("--align", help="With --compact: keep layer widths multiples of N (faster ORT kernels; still exact); 'auto' (.onnx output): time align 1, 4, 8 and the masked model in onnxruntime (batch 1, 1 thread) and write the fastest.")] = "1",
     force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
     print_ir_after_all: Annotated[bool, typer.Option("--print-ir-after-all", help="Print the IR after every pass (stderr).")] = False,
     timing: Annotated[bool, typer.Option("--timing", help="Print per-pass timings.")] = False,
@@ -145,10 +145,14 @@ def optimize(
         from pai_compiler.io import check_output_path
         from pai_compiler.memory import release_all
 
-        passes = _optimize_passes(sparsity, method, allocation, pipeline, steps, compact=compact, align=align, device=device)
+        from pai_compiler.align_choice import parse_align
+
+        align_value = parse_align(align)
+        passes = _optimize_passes(sparsity, method, allocation, pipeline, steps, compact=compact, align=align_value, device=device)
         is_file = Path(model).exists() or ":" not in model
         out = check_output_path(output, [model] if is_file else [], force=force)
         api.check_output_format(out, torch_source=not is_file, compact=compact or api.has_pass(passes, "dead-node-elim"))
+        _check_auto_output(align_value, out)
         report_path = _report_path(report, out, [model] if is_file else [], force=force)
         graph = api.load_model(model, **_torch_options(input_shape, frontend, prune_tied=prune_tied))
         batch = None
@@ -165,7 +169,7 @@ def optimize(
         release_all()  # the criterion may have read every weight (magnitude) or allocated a lot
         after = audit_totals(result.graph, paths=not no_paths)
         unsaved = len(result.graph.meta["warnings"])
-        compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align, instruments=instruments)
+        compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align_value, instruments=instruments)
         # the run's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(result.warnings), *result.graph.meta["warnings"][unsaved:]]
         doc = optimize_report(result, before, after, model, str(out), warnings)
@@ -176,11 +180,11 @@ def optimize(
             console = _stdout_console()
             render_optimize(console, result, before, after, str(out), timer.timings if timing else [], warnings)
             if compact_doc is not None:
-                render_compact(console, compact_doc, str(out), layers=False)
+                _render_compact_written(console, compact_doc, str(out), layers=False)
 
 
 def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation: str, pipeline: Optional[str], steps: Optional[int],
-                     *, compact: bool, align: int, device: str) -> list[Pass]:
+                     *, compact: bool, align: Optional[int], device: str) -> list[Pass]:
     """The flags' usage checks, before any work, and the passes they build (pipeline text parsed once)."""
     from pai_compiler import api
     from pai_compiler.errors import UsageError
@@ -190,19 +194,41 @@ def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation:
         raise UsageError("--method and --pipeline exclude each other: name the criterion in the pipeline")
     if align != 1 and not compact:
         raise UsageError("--align applies with --compact only")
-    api.check_align(align)
+    if align is not None:
+        api.check_align(align)
     api.check_device(device)
     return api.build_passes(method=method or api.DEFAULT_METHOD, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)
 
 
-def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[str, Any], *, compact: bool, align: int,
+def _check_auto_output(align: Optional[int], out: Path) -> None:
+    """``--align auto`` times compact ONNX candidates: a usage error for any other output."""
+    from pai_compiler import api
+    from pai_compiler.errors import UsageError
+
+    if align is None and api.output_suffix(out) != ".onnx":
+        raise UsageError(f"--align auto picks the fastest compact ONNX model; {out} is not .onnx: use -o X.onnx, or a number "
+                         "(-o X.pt already runs each layer dense or sparse, whichever is faster)")
+
+
+def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[str, Any], *, compact: bool, align: Optional[int],
                     instruments: list[Any]) -> Optional[dict[str, Any]]:
-    """Write the masked model, or with ``--compact`` the compacted one; returns the compaction summary (or None)."""
+    """Write the masked model, or with ``--compact`` the compacted one; returns the compaction summary (or None).
+
+    ``align`` None (``--align auto``): the masked model goes to a temporary file beside ``out``, and the fastest of
+    it and its compact candidates in onnxruntime is written (``pai_compiler.align_choice``)."""
     from pai_compiler import api
 
     if not compact:
         api.save_model(result, model, out)
         return None
+    if align is None:
+        from pai_compiler.align_choice import choose_align, masked_temp
+
+        with masked_temp(out) as masked:
+            api.save_model(result, model, masked)
+            choice = choose_align(masked, out, pipeline=result.pipeline)
+        compacted = result.compact_report.then(api.compact_graph(result.graph, align=choice.chosen or 1, instruments=instruments))
+        return {**compact_summary(after, result.graph, compacted), "align_choice": choice.to_dict()}
     compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments))
     compact_doc = compact_summary(after, result.graph, compacted)
     sparse_doc = api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline)
@@ -289,9 +315,9 @@ def compact(
     model: Annotated[str, typer.Argument(help="A sparse ONNX model (zero weights are taken as pruned).")],
     output: Annotated[str, typer.Option("-o", "--output", help="Output compact model (.onnx, or .pt for a torch module).")],
     report: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report here.")] = None,
-    align: Annotated[int, typer.Option("--align", help="Keep layer widths multiples of N (faster ORT kernels; still exact).")] = 1,
-    batch: Annotated[Optional[int], typer.Option("--batch", help="With -o X.pt: the batch size each layer's dense/sparse kernel is timed at (default 1).")] = None,
-    threads: Annotated[Optional[int], typer.Option("--threads", help="With -o X.pt: torch threads for that timing (default 1).")] = None,
+    align: Annotated[str, typer.Option("--align", help="Keep layer widths multiples of N (faster ORT kernels; still exact); 'auto' (-o X.onnx): compact at align 1, 4 and 8, time them and the masked model alternating in onnxruntime, write the fastest (the masked model unchanged if it wins).")] = "1",
+    batch: Annotated[Optional[int], typer.Option("--batch", help="With -o X.pt or --align auto: the batch size the kernels/models are timed at (default 1).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", help="With -o X.pt or --align auto: torch/onnxruntime threads for that timing (default 1).")] = None,
     device: Annotated[str, typer.Option("--device", help="With -o X.pt: cpu or cuda (where the module will run).")] = "cpu",
     explain: Annotated[bool, typer.Option("--explain", help="List what kept dead channels (reason, node, channel count).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
@@ -299,7 +325,8 @@ def compact(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Remove the dead channels of an already-sparse ONNX MODEL and write the compact model
-    (.pt: a torch module running each conv/linear dense or sparse, whichever is faster)."""
+    (.pt: a torch module running each conv/linear dense or sparse, whichever is faster;
+    --align auto: the fastest of the compact candidates and the masked model in onnxruntime)."""
     with guard(debug):
         from pai_compiler import api
         from pai_compiler.audit import masks_from_zeros
@@ -307,13 +334,7 @@ def compact(
         from pai_compiler.io import check_output_path
 
         out = check_output_path(output, [model], force=force)
-        api.check_output_format(out, torch_source=False, compact=True)
-        if api.output_suffix(out) != ".pt" and (batch is not None or threads is not None or device != "cpu"):
-            raise UsageError("--batch, --threads and --device time the kernels of a torch output: use -o FAST.pt")
-        for flag, value in (("--batch", batch), ("--threads", threads)):
-            if value is not None and value < 1:
-                raise UsageError(f"{flag} must be a positive integer, got {value}")
-        api.check_device(device)
+        align_value = _check_compact_flags(out, align, batch, threads, device)
         report_path = _report_path(report, out, [model], force=force)
         graph = api.load_model(model)
         if graph.meta.get("source_format") != "onnx":
@@ -321,18 +342,25 @@ def compact(
         masks_from_zeros(graph)
         masked = audit_totals(graph)
         unsaved = len(graph.meta["warnings"])
-        compacted = api.compact_graph(graph, align=align)
-        sparse_doc = api.save_compact(graph, model, out, compacted, batch=batch or 1, threads=threads or 1, device=device)
+        choice = None
+        if align_value is None:
+            from pai_compiler.align_choice import choose_align
+
+            choice = choose_align(model, out, batch=batch or 1, threads=threads or 1)
+        compacted = api.compact_graph(graph, align=align_value or (choice.chosen if choice else None) or 1)
+        sparse_doc = None if choice else api.save_compact(graph, model, out, compacted, batch=batch or 1, threads=threads or 1, device=device)
         # the frontend's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(graph.meta["warnings"][:unsaved]), *graph.meta["warnings"][unsaved:]]
         doc = {"model": model, "output": str(out), "paic_version": __version__, **compact_summary(masked, graph, compacted),
                "warnings": warnings}
         if sparse_doc is not None:
             doc["sparse_exec"] = sparse_doc
+        if choice is not None:
+            doc["align_choice"] = choice.to_dict()
         _write_report(report_path, doc)
         if not quiet:
             console = _stdout_console()
-            render_compact(console, doc, str(out))
+            _render_compact_written(console, doc, str(out))
             if sparse_doc is not None:
                 from pai_compiler.bench import render_sparse_exec
 
@@ -343,6 +371,37 @@ def compact(
                 console.print("little was removed: `paic compact --explain` lists what kept the dead channels")
             for w in doc["warnings"]:
                 console.print(f"[yellow]warning:[/] {w}")
+
+
+def _check_compact_flags(out: Path, align: str, batch: Optional[int], threads: Optional[int], device: str) -> Optional[int]:
+    """``paic compact``'s usage checks, before any work; returns the alignment (None: ``--align auto``)."""
+    from pai_compiler import api
+    from pai_compiler.align_choice import parse_align
+    from pai_compiler.errors import UsageError
+
+    api.check_output_format(out, torch_source=False, compact=True)
+    align_value = parse_align(align)
+    _check_auto_output(align_value, out)
+    torch_output = api.output_suffix(out) == ".pt"
+    if not torch_output and (device != "cpu" or (align_value is not None and (batch is not None or threads is not None))):
+        raise UsageError("--batch, --threads and --device time the kernels of a torch output: use -o FAST.pt "
+                         "(or --align auto, which times ONNX candidates at --batch/--threads on the cpu)")
+    for flag, value in (("--batch", batch), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive integer, got {value}")
+    api.check_device(device)
+    return align_value
+
+
+def _render_compact_written(console: Any, doc: dict[str, Any], out: str, *, layers: bool = True) -> None:
+    """The compaction summary, or with ``--align auto`` the choice's line (only that when the masked model stayed)."""
+    choice = doc.get("align_choice")
+    if choice is None or choice["chosen"] != "masked":
+        render_compact(console, doc, out, layers=layers)
+    if choice is not None:
+        from pai_compiler.align_choice import choice_line
+
+        console.print(choice_line(choice), soft_wrap=True)
 
 
 @app.command()
