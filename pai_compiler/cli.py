@@ -145,9 +145,7 @@ def optimize(
         from pai_compiler.io import check_output_path
         from pai_compiler.memory import release_all
 
-        from pai_compiler.align_choice import parse_align
-
-        align_value = parse_align(align)
+        align_value = _parse_align(align)
         passes = _optimize_passes(sparsity, method, allocation, pipeline, steps, compact=compact, align=align_value, device=device)
         is_file = Path(model).exists() or ":" not in model
         out = check_output_path(output, [model] if is_file else [], force=force)
@@ -198,6 +196,13 @@ def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation:
         api.check_align(align)
     api.check_device(device)
     return api.build_passes(method=method or api.DEFAULT_METHOD, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps)
+
+
+def _parse_align(align: str) -> Optional[int]:
+    """``--align``: N, or None for ``auto`` (a usage error names the flag otherwise)."""
+    from pai_compiler.align_choice import parse_align
+
+    return parse_align(align)
 
 
 def _check_auto_output(align: Optional[int], out: Path) -> None:
@@ -376,11 +381,10 @@ def compact(
 def _check_compact_flags(out: Path, align: str, batch: Optional[int], threads: Optional[int], device: str) -> Optional[int]:
     """``paic compact``'s usage checks, before any work; returns the alignment (None: ``--align auto``)."""
     from pai_compiler import api
-    from pai_compiler.align_choice import parse_align
     from pai_compiler.errors import UsageError
 
     api.check_output_format(out, torch_source=False, compact=True)
-    align_value = parse_align(align)
+    align_value = _parse_align(align)
     _check_auto_output(align_value, out)
     torch_output = api.output_suffix(out) == ".pt"
     if not torch_output and (device != "cpu" or (align_value is not None and (batch is not None or threads is not None))):
