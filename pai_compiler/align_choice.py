@@ -21,8 +21,8 @@ from typing import Any
 from pai_compiler import api
 from pai_compiler.audit import masks_from_zeros
 from pai_compiler.backends.onnx_compact import write_compact_onnx
-from pai_compiler.bench import bench_models
-from pai_compiler.errors import PaicError, UsageError
+from pai_compiler.bench import BenchResult, bench_models
+from pai_compiler.errors import ModelError, PaicError, UsageError
 from pai_compiler.io import atomic_write
 
 __all__ = ["ALIGN_CANDIDATES", "AUTO", "EXACT_REL", "AlignCandidate", "AlignChoice", "parse_align", "choose_align", "choice_line", "masked_temp"]
@@ -142,6 +142,16 @@ def masked_temp(out: str | os.PathLike[str]) -> Iterator[Path]:
         _remove(path)
 
 
+def _timed(models: list[str], *, batch: int, threads: int, repeats: int, warmup: int) -> BenchResult:
+    """``bench_models``; an input it cannot make up (a symbolic dim past the batch) is an error naming the fix."""
+    try:
+        return bench_models(models, batch=batch, threads=threads, repeats=repeats, warmup=warmup)
+    except ModelError as exc:
+        reason = str(exc).split("; pass --input-shape")[0]
+        raise ModelError(f"--align auto cannot time the candidates: {reason} (it binds only the batch dim); "
+                         "give a fixed --align N instead (e.g. 4, or 1)") from None
+
+
 def choose_align(source: str | os.PathLike[str], out: str | os.PathLike[str], *, batch: int = 1, threads: int = 1,
                  repeats: int = 10, warmup: int = 3, candidates: Sequence[int] = ALIGN_CANDIDATES,
                  pipeline: str = "") -> AlignChoice:
@@ -154,7 +164,7 @@ def choose_align(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         for align in dict.fromkeys(candidates):
             temps[align] = _temp_beside(out, f"align{align}")
             params[align] = _compact_candidate(source, temps[align], align, pipeline)
-        result = bench_models([source, *map(str, temps.values())], batch=batch, threads=threads, repeats=repeats, warmup=warmup)
+        result = _timed([source, *map(str, temps.values())], batch=batch, threads=threads, repeats=repeats, warmup=warmup)
         masked_row, *rows = result.rows
         timed = tuple(AlignCandidate(align, params[align], row.median_ms, row.max_rel if row.max_rel is not None else float("inf"))
                       for align, row in zip(temps, rows))

@@ -26,7 +26,7 @@ from pai_compiler.errors import UsageError
 BLOCK_KEYS = {"candidates", "masked_ms", "chosen", "batch", "threads", "runtime", "repeats", "warmup", "max_rel_allowed"}
 
 
-def _sparse_convnet(path: Path, seed: int = 0) -> Path:
+def _sparse_convnet(path: Path, seed: int = 0, dims: tuple[object, ...] = ("N", 3, 8, 8)) -> Path:
     """Conv 3->10 (3 dead filters) -> Relu -> Conv 10->6 (1 dead filter) -> Relu -> GlobalAveragePool -> Flatten -> Gemm 6->5."""
     rng = np.random.default_rng(seed)
     w1 = (rng.standard_normal((10, 3, 3, 3)) * (rng.random((10, 3, 3, 3)) < 0.6)).astype(np.float32)
@@ -40,7 +40,7 @@ def _sparse_convnet(path: Path, seed: int = 0) -> Path:
              helper.make_node("Conv", ["r1", "w2"], ["h2"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h2"], ["r2"]),
              helper.make_node("GlobalAveragePool", ["r2"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
              helper.make_node("Gemm", ["f", "fc"], ["y"], transB=1)]
-    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+    graph = helper.make_graph(nodes, "convnet", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
                               [numpy_helper.from_array(a, n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (fc, "fc"))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -165,6 +165,14 @@ def test_usage_errors_name_the_flag(tmp_path: Path, args: list[str], needle: str
     assert result.exit_code == 2 and needle in result.stderr, result.output
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert _leftovers(tmp_path, source) == []
+
+
+def test_a_symbolic_dim_past_the_batch_is_a_one_line_error_naming_the_fix(tmp_path: Path) -> None:
+    source = _sparse_convnet(tmp_path / "sparse.onnx", dims=("N", 3, "H", "W"))
+    result = _cli("compact", str(source), "-o", str(tmp_path / "c.onnx"), "--align", "auto")
+    assert result.exit_code == 1 and "--align auto" in result.stderr and "--align N" in result.stderr, result.output
+    assert "H" in result.stderr and "--input-shape" not in result.stderr  # paic compact has no such flag
+    assert len(result.stderr.strip().splitlines()) == 1 and _leftovers(tmp_path, source) == []
 
 
 def test_parse_align() -> None:
