@@ -232,7 +232,9 @@ def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[s
         with masked_temp(out) as masked:
             api.save_model(result, model, masked)
             choice = choose_align(masked, out, pipeline=result.pipeline)
-        compacted = result.compact_report.then(api.compact_graph(result.graph, align=choice.chosen or 1, instruments=instruments))
+        compacted = result.compact_report  # the masked model stayed: nothing more was removed
+        if choice.chosen is not None:
+            compacted = compacted.then(api.compact_graph(result.graph, align=choice.chosen, instruments=instruments))
         return {**compact_summary(after, result.graph, compacted), "align_choice": choice.to_dict()}
     compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments))
     compact_doc = compact_summary(after, result.graph, compacted)
@@ -352,7 +354,12 @@ def compact(
             from pai_compiler.align_choice import choose_align
 
             choice = choose_align(model, out, batch=batch or 1, threads=threads or 1)
-        compacted = api.compact_graph(graph, align=align_value or (choice.chosen if choice else None) or 1)
+        if choice is not None and choice.chosen is None:
+            from pai_compiler.passes.transform.dead_node_elim import CompactReport
+
+            compacted = CompactReport()  # the masked model stayed: the summary says nothing was removed
+        else:
+            compacted = api.compact_graph(graph, align=align_value or (choice.chosen if choice else None) or 1)
         sparse_doc = None if choice else api.save_compact(graph, model, out, compacted, batch=batch or 1, threads=threads or 1, device=device)
         # the frontend's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(graph.meta["warnings"][:unsaved]), *graph.meta["warnings"][unsaved:]]

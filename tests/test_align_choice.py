@@ -133,8 +133,12 @@ def test_cli_compact_align_auto_reports_its_choice(tmp_path: Path, monkeypatch: 
     assert set(block) == BLOCK_KEYS and block["chosen"] == chosen and block["batch"] == 2 and block["threads"] == 1
     assert block["runtime"] == "onnxruntime" and block["masked_ms"] == medians[0]
     assert [(c["align"], c["median_ms"]) for c in block["candidates"]] == list(zip(ALIGN_CANDIDATES, medians[1:]))
-    if chosen == "masked":
+    doc = json.loads(report.read_text())
+    if chosen == "masked":  # the file and the summary both say nothing was removed
         assert out.read_bytes() == source.read_bytes()
+        assert doc["params_after"] == doc["params_before"] and doc["layers"] == []
+    else:
+        assert doc["params_after"] < doc["params_before"] and doc["layers"]
 
 
 def test_cli_optimize_compact_align_auto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
