@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pai_compiler.passes.criteria.dpai.channel_program import ChannelProgram
-from pai_compiler.passes.criteria.dpai.loop import SPARSE_RESET, Measure
+from pai_compiler.passes.criteria.dpai.loop import Measure
 from pai_compiler.passes.criteria.dpai.step import Kept, SurrogateUpdate
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ class HostKernelStep:
         self.live_start = None if update.live_table is None else update.live_start.numpy()
         self.node_scale, self.kernel_bonus = update.alpha * (1 - update.beta), update.alpha * update.beta
         self.n_nodes = update.layout.n_nodes
-        self._written: np.ndarray | None = None  # kernels the last step's counts wrote
         self._grad_out: tuple[torch.Tensor, np.ndarray] | None = None  # S.grad and its numpy view
 
     def kept(self, keep_idx: torch.Tensor) -> Kept:
@@ -61,14 +60,9 @@ class HostKernelStep:
         return Kept(keep_idx, torch.from_numpy(kernel), torch.from_numpy(node), live)
 
     def _counts(self, kernel: np.ndarray, live: np.ndarray | None) -> None:
-        """Kept live taps per kernel into the counts (cleared where the last step wrote, on sparse layouts)."""
+        """Kept live taps per kernel into the counts (one pass over the kernels: the layouts here are small)."""
         counts = self.counts
-        if self._written is None:
-            counts.fill(0.0)
-        else:
-            counts[self._written] = 0.0
-        np.add.at(counts, kernel, 1.0 if live is None else live)
-        self._written = kernel if kernel.size < SPARSE_RESET * counts.size else None
+        np.copyto(counts, np.bincount(kernel, weights=live, minlength=counts.size))  # exact: sums of 0/1
 
     def __call__(self, scores: torch.Tensor, kept: Kept, grad_out: torch.Tensor | None) -> Measure:
         import torch
@@ -87,18 +81,17 @@ class HostKernelStep:
             c = per_node.take(self.node_of_kernel)
             c[kernel] = c[kernel] + kernel_flag * np.float32(self.kernel_bonus)
             np.multiply(c, wgrad, out=self._view(grad_out))
-        return Measure(log_p, torch.from_numpy(effective), torch.from_numpy(nodes), self._kernel_count(kernel, effective))
+        return Measure(log_p, torch.from_numpy(effective), torch.from_numpy(nodes), self._kernel_count())
 
     def _view(self, grad_out: torch.Tensor) -> np.ndarray:
         if self._grad_out is None or self._grad_out[0] is not grad_out:
             self._grad_out = (grad_out, grad_out.numpy())
         return self._grad_out[1]
 
-    def _kernel_count(self, kernel: np.ndarray, effective: np.ndarray) -> Callable[[], torch.Tensor]:
-        """Kernels with kept live taps and a nonzero gradient (evaluated on read, as ``ChannelStep``'s)."""
+    def _kernel_count(self) -> Callable[[], torch.Tensor]:
+        """Kernels with kept live taps and a nonzero gradient, evaluated on read (``ChannelStep``'s
+        count: the kernels of the effective kept entries)."""
         import torch
 
-        counts, wgrad, dense = self.counts, self.wgrad, self._written is None
-        if dense:
-            return lambda: torch.tensor(np.count_nonzero((counts > 0) & (wgrad != 0)))
-        return lambda: torch.tensor(np.unique(kernel[effective]).size)
+        counts, wgrad = self.counts, self.wgrad
+        return lambda: torch.tensor(np.count_nonzero((counts > 0) & (wgrad != 0)))
