@@ -107,7 +107,7 @@ class FixedPoolTopK(IncrementalTopK):
                 # a pool holding its whole layer has nothing outside it
                 floors.append(values.amin() if cap < layer.numel else values.new_full((), -math.inf))
             bucket.floor = torch.stack(floors)
-            bucket.aux = source.prepare(bucket.pool)
+            bucket.repooled(source)
         self.reference = source.snapshot()
         self.drift = 0.0
         self.rebuilds += 1
