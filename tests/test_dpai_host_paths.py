@@ -1,6 +1,7 @@
 """The CPU's numpy fast paths of DPaI equal the paths they replace, bit for bit.
 
-``HostKernelStep`` (the kernel-state step in numpy) against ``KernelStep`` (torch) over 120 steps;
+``HostKernelStep`` (the kernel-state step in numpy) against ``KernelStep`` (torch) over 120 steps
+(ResNet-20, and a model with dead taps);
 ``HostMatVec`` (the tape's bound numpy mv layer) against the generic ``Weighted`` on one
 forward/backward; ``RaggedPools`` (the host top-k over the pools' real entries) against a sort of
 each row, ties included.
@@ -15,6 +16,7 @@ import torch
 
 import pai_compiler.passes.criteria.dpai.channel_program as channel_program
 from pai_compiler.frontends.onnx.reader import load_onnx_model
+from pai_compiler.ir import Graph, GraphBuilder
 from pai_compiler.pass_infra import PassManager
 from pai_compiler.passes.analysis.bindings import sample_bindings
 from pai_compiler.passes.criteria.dpai.driver import build, initial_scores
@@ -29,21 +31,33 @@ from pai_compiler.pipeline import parse_pipeline
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "models"
 
 
-def _resnet20() -> tuple[object, dict[str, int]]:
+def _resnet20() -> tuple[Graph, dict[str, int]]:
     g = load_onnx_model(EXAMPLES / "resnet20.onnx")
     keep = dict(PassManager(parse_pipeline("erk{sparsity=0.99}")).run(g)[0].report.keep)
     return g, keep
 
 
-def test_host_step_equals_the_torch_kernel_step() -> None:
-    g, keep = _resnet20()
+def _dead_taps() -> tuple[Graph, dict[str, int]]:
+    """3x3 convs on 2x2 and 1x1 maps (dead taps: the live-tap weights of the counts and scores)."""
+    b = GraphBuilder("tiny")
+    x = b.conv(b.input((1, 3, 4, 4)), 16, 3, pad=1)
+    x = b.conv(x, 16, 3, stride=2, pad=1)
+    x = b.conv(x, 12, 3, stride=2, pad=1)
+    g = b.build(b.linear(b.flatten(x), 4))
+    return g, dict(PassManager(parse_pipeline("erk{sparsity=0.6}")).run(g)[0].report.keep)
+
+
+@pytest.mark.parametrize("model,lr", [("resnet20", 0.005), ("dead_taps", 0.05)])
+def test_host_step_equals_the_torch_kernel_step(model: str, lr: float) -> None:
+    g, keep = _resnet20() if model == "resnet20" else _dead_taps()
     runs = []
     for host in (True, False):
         layout, _, update, step = build(g, g.prunable_params(), keep, "channel", 0.99, 0.5, "cpu", sample_bindings(g), "index")  # type: ignore[arg-type]
+        assert bool(layout.tap_live) == (model == "dead_taps")
         view = KernelScores(layout, initial_scores(layout, 3, "cpu"), "cpu")
         kstep = HostKernelStep(step.program, update) if host else KernelStep(step.program, update)
         prepare = kstep.kept if isinstance(kstep, HostKernelStep) else None
-        result = optimise(view.offset, kstep, FixedPoolTopK(layout, "cpu"), update, steps=120, lr=0.005, view=view, record_every=20, prepare=prepare)
+        result = optimise(view.offset, kstep, FixedPoolTopK(layout, "cpu"), update, steps=120, lr=lr, view=view, record_every=20, prepare=prepare)
         runs.append((result.kept.index.clone(), result.trajectory, view.offset.detach().clone(), view.lift.clone()))
     (idx_h, traj_h, off_h, lift_h), (idx_t, traj_t, off_t, lift_t) = runs
     assert torch.equal(idx_h, idx_t) and traj_h == traj_t
