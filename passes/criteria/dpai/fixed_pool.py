@@ -60,8 +60,6 @@ class FixedPoolTopK(IncrementalTopK):
 
     def _size(self, source: ScoreSource) -> None:
         """Capacities from the current scores (warm-up: reads counts back once)."""
-        import torch
-
         capacity = []
         for bucket in self.buckets:
             rows = []
