@@ -32,6 +32,7 @@ from pai_compiler.errors import PaicError
 from pai_compiler.ir import Graph, Node, OpKind
 from pai_compiler.passes.criteria.dpai.layout import LayerInfo, Layout
 from pai_compiler.passes.criteria.dpai.ops import make_ops
+from pai_compiler.passes.criteria.dpai.host_tape import HostMatVec, host_matvec_applies
 from pai_compiler.passes.criteria.dpai.geometry import chan_pool_factor, conv_tap_live, reduction
 from pai_compiler.passes.criteria.dpai.tape import Cat, DenseWeight, Expand, Instr, Reshape, Scale, Split, Sum, Transpose, Weighted, WeightSource
 from pai_compiler.passes.criteria.dpai.torch_ops import TorchOp, TorchWeightedOp
@@ -84,6 +85,10 @@ class ChannelProgram:
         for slot, i in last.items():
             if slot not in keep:
                 self._dies_after.setdefault(i, []).append(slot)
+        # the run's plan, bound once: (forward, slots freed after it) in order, (backward, outputs) in reverse
+        self._env0: list[Any] = [self.consts.get(slot) for slot in range(len(self.stored))]
+        self._forward_plan = [(instr.forward, tuple(self._dies_after.get(i, ()))) for i, instr in enumerate(self.tape)]
+        self._backward_plan = [(instr.backward, instr.outs) for instr in reversed(self.tape)]
 
     # ---- compile ---------------------------------------------------------------------------
     def _new(self, shape: tuple[int, ...], chan: bool = False, name: str | None = None) -> int:
@@ -171,7 +176,10 @@ class ChannelProgram:
         shape = (out_ch,) if chan else self.shapes[node.outputs[0].name]
         dst = self._new(shape, chan, node.outputs[0].name)
         accumulate_grad = layer is not None and self._last_user.get(p.name) is not node
-        self.tape.append(Weighted(self.ops, src, dst, weight, accumulate_grad, kind, groups, self.logs))
+        if host_matvec_applies(self.ops, kind, weight, accumulate_grad):
+            self.tape.append(HostMatVec(self.ops, src, dst, weight, self.logs))  # type: ignore[arg-type]
+        else:
+            self.tape.append(Weighted(self.ops, src, dst, weight, accumulate_grad, kind, groups, self.logs))
 
     def _source(self, layer: LayerInfo) -> WeightSource:
         """The layer's weight source (one per layer, shared by all its uses)."""
@@ -189,15 +197,14 @@ class ChannelProgram:
         import torch  # heavy: torch loads when a program is built, not when dpai is imported
 
         self.logs.clear()
-        env: list[Any] = [None] * len(self.stored)
-        for slot, value in self.consts.items():
-            env[slot] = value
-        for i, instr in enumerate(self.tape):
-            instr.forward(env)
-            for slot in self._dies_after.get(i, ()):
+        env = list(self._env0)
+        memo = self.ops.memo
+        for forward, dies in self._forward_plan:
+            forward(env)
+            for slot in dies:
                 env[slot] = None
-                self.ops.memo.pop(slot, None)
-        self.ops.memo.clear()
+                memo.pop(slot, None)
+        memo.clear()
         totals = [env[slot].sum() * factor for slot, factor, _ in self.outputs]
         total = totals[0]
         for t in totals[1:]:
@@ -215,9 +222,9 @@ class ChannelProgram:
             for slot, factor, shape in self.outputs:
                 genv[slot] = (seed * factor).expand(shape)
             result = log_p
-        for instr in reversed(self.tape):
-            instr.backward(env, genv)
-            for slot in instr.outs:  # read by its producer only
+        for backward, outs in self._backward_plan:
+            backward(env, genv)
+            for slot in outs:  # read by its producer only
                 genv[slot] = None
         return result
 

@@ -34,6 +34,7 @@ from pai_compiler.passes.criteria.dpai.channel_program import ChannelProgram
 from pai_compiler.passes.criteria.dpai.geometry import dead_taps
 from pai_compiler.passes.criteria.dpai.layout import LayerInfo, Layout
 from pai_compiler.passes.criteria.dpai.fixed_pool import FixedPoolTopK
+from pai_compiler.passes.criteria.dpai.host_step import HostKernelStep, host_step_applies
 from pai_compiler.passes.criteria.dpai.kernel_state import KernelScores
 from pai_compiler.passes.criteria.dpai.loop import ChannelStep, KernelStep, PixelStep, optimise
 from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective, value_shapes
@@ -193,11 +194,14 @@ def _full(
     if isinstance(step, ChannelStep) and not per_weight and layout.n_kernels <= KERNEL_SHARE_MAX * layout.numel:
         view = KernelScores(layout, scores, device)
         scores, step = view.offset, KernelStep(step.program, update)
+        if host_step_applies(step.program, update):  # the CPU: numpy on the same buffers
+            step = HostKernelStep(step.program, update)
         if topk.ties == "index":  # sync-free steps (host reads once per window)
             topk = FixedPoolTopK(layout, device)
     initial = topk.select(view)
     setup = time.perf_counter() - start
-    result = optimise(scores, step, topk, update, steps=options.steps, lr=options.lr, progress=progress, view=view)
+    prepare = step.kept if isinstance(step, HostKernelStep) else None
+    result = optimise(scores, step, topk, update, steps=options.steps, lr=options.lr, progress=progress, view=view, prepare=prepare)
     if isinstance(view, KernelScores):
         result.topk["crossed_zero"] = view.crossed()
     final = result.kept.index

@@ -12,7 +12,8 @@ replays a window that went invalid from its checkpoint with the checked selectio
 On CPU tensors (``host_partition``) the same selection runs in numpy (``_Bucket.host_picks``): the
 same float32 values, k-th largest and tie rule, the kept entries read as ``pool[selected]`` (row
 after row, ascending flat index: the order the device path scatters them in), and the room,
-drift and tie count kept as host numbers; numpy's per-call cost is a fraction of torch's there.
+drift and tie count kept as host numbers, and the refills run in numpy too (``argpartition`` per
+layer); numpy's per-call cost is a fraction of torch's there.
 Capacities: at the first refill (warm-up, host reads allowed) C_r = #{|S| >= kth_r - margin}
 plus a quarter (a window moves scores by about window x lr, 0.125 at 25 steps and lr 0.005:
 margin 0.5 lasts a few windows), grown by half after a window that was not exact (boundary
@@ -59,8 +60,6 @@ class FixedPoolTopK(IncrementalTopK):
 
     def _size(self, source: ScoreSource) -> None:
         """Capacities from the current scores (warm-up: reads counts back once)."""
-        import torch
-
         capacity = []
         for bucket in self.buckets:
             rows = []
@@ -99,15 +98,18 @@ class FixedPoolTopK(IncrementalTopK):
             self._size(source)
         assert self.capacity is not None
         for bucket, rows in zip(self.buckets, self.capacity):
-            floors = []
-            for i, (r, cap) in enumerate(zip(bucket.rows, rows)):
-                layer = self.partial[r]
-                values, idx = _top(source.layer(layer.offset, layer.numel), cap, self.host_partition)
-                bucket.pool[i, :cap] = torch.sort(idx).values + layer.offset
-                # a pool holding its whole layer has nothing outside it
-                floors.append(values.amin() if cap < layer.numel else values.new_full((), -math.inf))
-            bucket.floor = torch.stack(floors)
-            bucket.aux = source.prepare(bucket.pool)
+            if self.host_partition:
+                bucket.floor = torch.from_numpy(self._host_refill(bucket.pool.numpy(), bucket.rows, rows, source))
+            else:
+                floors = []
+                for i, (r, cap) in enumerate(zip(bucket.rows, rows)):
+                    layer = self.partial[r]
+                    values, idx = torch.topk(source.layer(layer.offset, layer.numel), cap, sorted=False)
+                    bucket.pool[i, :cap] = torch.sort(idx).values + layer.offset
+                    # a pool holding its whole layer has nothing outside it
+                    floors.append(values.amin() if cap < layer.numel else values.new_full((), -math.inf))
+                bucket.floor = torch.stack(floors)
+            bucket.repooled(source)
         self.reference = source.snapshot()
         self.drift = 0.0
         self.rebuilds += 1
@@ -175,14 +177,21 @@ class FixedPoolTopK(IncrementalTopK):
         self._window_start = True
         return not invalid, start, room
 
-
-def _top(values: torch.Tensor, count: int, host: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, positions) of ``count`` largest entries, unordered: numpy's introselect on the CPU
-    (several times ``topk``'s speed there). Which of several entries tied at the pool's floor land
-    in it does not matter: a selection is valid only while the k-th largest is above floor + drift."""
-    import torch
-
-    if not host or count >= values.numel():
-        return torch.topk(values, count, sorted=False)
-    idx = torch.from_numpy(np.argpartition(values.numpy(), values.numel() - count)[values.numel() - count :])
-    return values[idx], idx
+    def _host_refill(self, pool: np.ndarray, layer_rows: list[int], rows: list[int], source: ScoreSource) -> np.ndarray:
+        """:meth:`refill` of one bucket's ``pool`` (a numpy view) in numpy: each row's top C_r by
+        introselect (several times ``topk``'s speed on the CPU), ascending; returns the rows' floors
+        (the pool's smallest |S|). Which of several entries tied at the floor land in the pool does
+        not matter: a selection is valid only while the k-th largest is above floor + drift."""
+        floors = np.empty(len(rows), dtype=np.float32)
+        for i, (r, cap) in enumerate(zip(layer_rows, rows)):
+            layer = self.partial[r]
+            if cap >= layer.numel:  # a pool holding its whole layer has nothing outside it
+                pool[i, :cap] = np.arange(layer.offset, layer.offset + layer.numel)
+                floors[i] = -math.inf
+                continue
+            values = source.layer_host(layer.offset, layer.numel)
+            idx = np.argpartition(values, layer.numel - cap)[layer.numel - cap :]
+            floors[i] = values[idx].min()
+            idx.sort()
+            pool[i, :cap] = idx + layer.offset
+        return floors

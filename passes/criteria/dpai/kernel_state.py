@@ -50,6 +50,16 @@ class ScoreSource:
         """|S| at flat indices ``idx`` (a fresh tensor), ``aux`` from :meth:`prepare`."""
         raise NotImplementedError
 
+    def layer_host(self, offset: int, numel: int) -> np.ndarray:
+        """:meth:`layer` as a numpy array (CPU tensors)."""
+        return self.layer(offset, numel).numpy()
+
+    def prepare_host(self, idx: np.ndarray) -> Any:
+        """:meth:`prepare` for :meth:`at_host` (``idx`` a numpy array)."""
+        import torch
+
+        return self.prepare(torch.from_numpy(idx))
+
     def at_host(self, idx: np.ndarray, aux: Any) -> np.ndarray:
         """:meth:`at` on CPU tensors, as a writable numpy array (``idx`` a numpy array)."""
         import torch
@@ -109,6 +119,8 @@ class KernelScores(ScoreSource):
         self.floor = torch.zeros(layout.n_kernels, dtype=torch.float32, device=device)  # F = min(0, min_s O(s))
         self.lift = torch.zeros(layout.n_kernels, dtype=torch.float32, device=device)  # O - F >= 0
         self._diff: torch.Tensor | None = None  # drift's buffer
+        on_cpu = torch.device(device).type == "cpu"
+        self._host = (self.offset.detach().numpy(), self.floor.numpy(), self.lift.numpy()) if on_cpu else None
         self._by_offset = {layer.offset: layer for layer in layout.layers}
         self._live_rows = {
             layer.index: torch.as_tensor(layout.tap_live[layer.name], dtype=torch.float32, device=device).view(1, -1)
@@ -127,6 +139,11 @@ class KernelScores(ScoreSource):
     def stepped(self) -> None:
         import torch
 
+        if self._host is not None:  # the CPU: the same float32 operations in numpy (a fraction of torch's call cost)
+            offset, floor, lift = self._host
+            np.minimum(floor, offset, out=floor)
+            np.subtract(offset, floor, out=lift)
+            return
         offset = self.offset.detach()
         torch.minimum(self.floor, offset, out=self.floor)
         torch.sub(offset, self.floor, out=self.lift)
@@ -144,6 +161,16 @@ class KernelScores(ScoreSource):
         layer = self._by_offset[offset]
         o, lift = self._kernel_terms(layer)
         return torch.maximum(self.base[offset : offset + numel].view(layer.kernels, layer.taps) + o, lift).reshape(-1)
+
+    def layer_host(self, offset: int, numel: int) -> np.ndarray:
+        """:meth:`layer` in numpy (CPU): the same float32 operations."""
+        layer = self._by_offset[offset]
+        a, b = layer.kernel_offset, layer.kernel_offset + layer.kernels
+        o, lift = self.offset.detach().numpy()[a:b, None], self.lift.numpy()[a:b, None]
+        live = self._live_rows.get(layer.index)
+        if live is not None:
+            o, lift = o * live.numpy(), lift * live.numpy()
+        return np.maximum(self.base.numpy()[offset : offset + numel].reshape(layer.kernels, layer.taps) + o, lift).reshape(-1)
 
     def prepare(self, idx: torch.Tensor) -> Any:
         """(|S0|, kernel, liveness or None) per pooled entry."""
@@ -167,10 +194,18 @@ class KernelScores(ScoreSource):
             moved, lift = moved.mul_(live), lift.mul_(live)
         return torch.maximum(moved.add_(base), lift).view(idx.shape)
 
+    def prepare_host(self, idx: np.ndarray) -> Any:
+        """:meth:`prepare` as numpy arrays (CPU), for :meth:`at_host`."""
+        import torch
+
+        return tuple(None if t is None else t.numpy() for t in self.prepare(torch.from_numpy(idx)))
+
     def at_host(self, idx: np.ndarray, aux: Any) -> np.ndarray:
-        """:meth:`at` in numpy (CPU): the same float32 operations in the same order."""
-        base, kernel, live = (None if t is None else t.numpy() for t in aux)
-        moved, lift = self.offset.detach().numpy().take(kernel), self.lift.numpy().take(kernel)
+        """:meth:`at` in numpy (CPU): the same float32 operations in the same order (``aux`` from
+        :meth:`prepare` or :meth:`prepare_host`)."""
+        base, kernel, live = (t if t is None or isinstance(t, np.ndarray) else t.numpy() for t in aux)
+        offset, lift = (self.offset.detach().numpy(), self.lift.numpy()) if self._host is None else (self._host[0], self._host[2])
+        moved, lift = offset.take(kernel), lift.take(kernel)
         if live is not None:
             moved *= live
             lift *= live
@@ -189,8 +224,9 @@ class KernelScores(ScoreSource):
 
             self._diff = torch.empty_like(self.lift)
         diff, bound = self._diff.numpy(), 0.0
-        for now, then in ((self.offset.detach(), snapshot[0]), (self.lift, snapshot[1])):
-            np.subtract(now.numpy(), then.numpy(), out=diff)
+        offset, lift = (self.offset.detach().numpy(), self.lift.numpy()) if self._host is None else (self._host[0], self._host[2])
+        for now, then in ((offset, snapshot[0]), (lift, snapshot[1])):
+            np.subtract(now, then.numpy(), out=diff)
             bound = max(bound, float(diff.max()), -float(diff.min()))
         return bound
 

@@ -22,10 +22,11 @@ numel and keep: a ``Layout``, or a ``BandState`` whose layers are its bands.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from pai_compiler.passes.criteria.dpai.host_select import RaggedPools
 from pai_compiler.passes.criteria.dpai.kernel_state import AbsScores, ScoreSource
 from pai_compiler.passes.criteria.dpai.layout import Layout
 
@@ -85,6 +86,9 @@ class _Bucket:
         cols = torch.arange(self.kmax + 1, device=device).unsqueeze(0)
         self.fill = torch.where(cols < (self.kmax - self.keep).unsqueeze(1), math.inf, -math.inf)
         self.width = 0
+        self.ragged: tuple[RaggedPools, Any] | None = None  # the host layout of the pool and its constants
+        self._aux: Any = None
+        self._source: ScoreSource | None = None
         self.t0: torch.Tensor | None = None
         self.total = sum(keeps)
         self.row_start = torch.as_tensor(np.cumsum([0] + keeps[:-1]) - 1, dtype=torch.int64, device=device).unsqueeze(1)
@@ -100,7 +104,20 @@ class _Bucket:
             self.pool[i, : h.numel()] = h
             self.pad[i, : h.numel()] = False
         self.size = sum(int(h.numel()) for h in hits)
-        self.aux = source.prepare(self.pool)
+        self.repooled(source)
+
+    def repooled(self, source: ScoreSource) -> None:
+        """After the pool changed: its per-entry constants and the ragged host layout, each made again on first use."""
+        self._aux, self._source = None, source
+        self.ragged = None
+
+    @property
+    def aux(self) -> Any:
+        """``source.prepare(pool)`` (made on first use: the host selection reads the ragged layout's own)."""
+        if self._aux is None:
+            assert self._source is not None, "a pool is packed or refilled before it is read"
+            self._aux = self._source.prepare(self.pool)
+        return self._aux
 
     def lowest_first(self, vals: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
         """Kept flat indices, row after row: the entries above the k-th largest and, of those
@@ -140,7 +157,14 @@ class _Bucket:
     def host_picks(self, source: ScoreSource) -> tuple[np.ndarray, np.ndarray, int]:
         """:meth:`kth_picks` in numpy on CPU tensors: (kept flat indices row after row, k-th largest
         per row, tie rows). The same float32 values, k-th largest and tie rule; ``pool[selected]``
-        lists each row's kept entries in ascending flat index, the order the scatter writes."""
+        lists each row's kept entries in ascending flat index, the order the scatter writes. Over
+        the real entries only (``host_select.RaggedPools``) where every row holds more than it keeps."""
+        if self.ragged is None and RaggedPools.fits(self.pad.numpy(), self.keep.numpy()):
+            ragged = RaggedPools(self.pool.numpy(), self.pad.numpy(), self.keep.numpy())
+            self.ragged = (ragged, source.prepare_host(ragged.flat))
+        if self.ragged is not None:
+            ragged, aux = self.ragged
+            return ragged.picks(source.at_host(ragged.flat, aux))
         pool = self.pool.numpy()
         vals = source.at_host(pool, self.aux)
         np.copyto(vals, -np.inf, where=self.pad.numpy())
