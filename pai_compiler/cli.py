@@ -349,17 +349,7 @@ def compact(
         masks_from_zeros(graph)
         masked = audit_totals(graph)
         unsaved = len(graph.meta["warnings"])
-        choice = None
-        if align_value is None:
-            from pai_compiler.align_choice import choose_align
-
-            choice = choose_align(model, out, batch=batch or 1, threads=threads or 1)
-        if choice is not None and choice.chosen is None:
-            from pai_compiler.passes.transform.dead_node_elim import CompactReport
-
-            compacted = CompactReport()  # the masked model stayed: the summary says nothing was removed
-        else:
-            compacted = api.compact_graph(graph, align=align_value or (choice.chosen if choice else None) or 1)
+        choice, compacted = _compact_at(graph, model, out, align_value, batch=batch or 1, threads=threads or 1)
         sparse_doc = None if choice else api.save_compact(graph, model, out, compacted, batch=batch or 1, threads=threads or 1, device=device)
         # the frontend's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(graph.meta["warnings"][:unsaved]), *graph.meta["warnings"][unsaved:]]
@@ -402,6 +392,22 @@ def _check_compact_flags(out: Path, align: str, batch: Optional[int], threads: O
             raise UsageError(f"{flag} must be a positive integer, got {value}")
     api.check_device(device)
     return align_value
+
+
+def _compact_at(graph: Any, model: str, out: Path, align: Optional[int], *, batch: int, threads: int) -> tuple[Any, Any]:
+    """Compact ``graph`` in place at ``align``; None (``--align auto``) first writes the fastest form in onnxruntime to
+    ``out`` and compacts at its alignment, or not at all when the masked model stayed. Returns (choice or None, report)."""
+    from pai_compiler import api
+    from pai_compiler.passes.transform.dead_node_elim import CompactReport
+
+    if align is not None:
+        return None, api.compact_graph(graph, align=align)
+    from pai_compiler.align_choice import choose_align
+
+    choice = choose_align(model, out, batch=batch, threads=threads)
+    if choice.chosen is None:  # the masked model stayed: the summary says nothing was removed
+        return choice, CompactReport()
+    return choice, api.compact_graph(graph, align=choice.chosen)
 
 
 def _render_compact_written(console: Any, doc: dict[str, Any], out: str, *, layers: bool = True) -> None:
