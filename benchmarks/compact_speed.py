@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
+from bench_setup import export_zoo_model, machine  # noqa: E402
 DATA = Path(os.environ.get("PAIC_DATA_DIR", ROOT.parent / "shared" / "data")) / "cifar10.npz"
 MODELS = ("resnet20", "vgg19", "tiny_vit")
 METHODS = ("random-erk", "magnitude", "snip", "grasp", "synflow", "dpai")
@@ -43,19 +44,9 @@ SPARSITIES = (0.9, 0.99, 0.9968)
 
 
 def model_path(name: str, folder: Path) -> Path:
+    """The bundled example model ``name``, or the zoo model exported into ``folder``."""
     bundled = ROOT / "examples" / "models" / f"{name}.onnx"
-    if bundled.exists():
-        return bundled
-    from pai_compiler.backends.torch_onnx import export_onnx
-    from pai_compiler.lab import zoo
-
-    path = folder / f"{name}.onnx"
-    if not path.exists():
-        import torch
-
-        torch.manual_seed(0)
-        export_onnx(zoo.build(name), zoo.input_shape(name), path)
-    return path
+    return bundled if bundled.exists() else export_zoo_model(name, folder)
 
 
 def pipeline_for(method: str, sparsity: float, dpai_steps: int) -> str:
@@ -151,21 +142,6 @@ def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.
     for p in (masked, compact, aligned):
         p.unlink()
     return row
-
-
-def machine() -> dict[str, str]:
-    import onnxruntime
-
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"nproc": str(os.cpu_count()), "cpu": cpu, "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
-            "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg())}
 
 
 def _ms(entry: dict[str, float] | None) -> str:
