@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
+from bench_setup import export_zoo_model, onnx_light_model  # noqa: E402
 MODELS = ("resnet20", "vgg19", "resnet18")
 BIG = ("resnet50", "vit_b16")
 #: the onnx wheel's light models (backend test data): name -> file stem
@@ -47,29 +49,9 @@ DEFAULT_STEPS = {
 }
 
 
-def light_model(model: str) -> Path:
-    """A light model of the installed onnx wheel (its backend test data), located through ``onnx.__file__``."""
-    import onnx
-
-    path = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light" / f"{LIGHT[model]}.onnx"
-    if not path.exists():
-        raise SystemExit(f"dpai_speed: {path} is missing (this onnx wheel has no light models); drop {model} from --models")
-    return path
-
-
 def export(model: str, directory: Path) -> Path:
-    import torch
-
-    from pai_compiler.lab import zoo
-    from pai_compiler.backends.torch_onnx import export_onnx
-
-    if model in LIGHT:
-        return light_model(model)
-    path = directory / f"{model}.onnx"
-    if not path.exists():
-        torch.manual_seed(0)
-        export_onnx(zoo.build(model).eval(), zoo.input_shape(model), path, dynamo=False)
-    return path
+    """The ONNX file of ``model``: an onnx-wheel light model in place, or the zoo model exported into ``directory``."""
+    return onnx_light_model(LIGHT[model]) if model in LIGHT else export_zoo_model(model, directory)
 
 
 def run_one(path: Path, mode: str, steps: int, sparsity: float, device: str, threads: int, seed: int = 0) -> dict[str, Any]:
