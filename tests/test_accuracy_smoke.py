@@ -1,14 +1,12 @@
 """Smoke test of the accuracy benchmark: one tiny MNIST run through ``benchmarks/accuracy.py``'s own run function."""
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from bench_modules import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 
 REQUIRED_KEYS = {
     "dataset", "model", "method", "sparsity", "seed", "epochs", "schedule", "schedule_detail", "test_accuracy",
@@ -17,17 +15,8 @@ REQUIRED_KEYS = {
 }
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("paic_bench_accuracy", ROOT / "benchmarks" / "accuracy.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_accuracy_benchmark_smoke(tmp_path: Path, data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    acc = _load_benchmark()
+    acc = load_benchmark("accuracy")
     # LeNet-300-100 at 90 %, random-ERK masks, 2 short epochs on a 5k-image slice, one thread
     schedule = acc.Schedule("smoke", 0.1, 0.9, 1e-4, 64, "cosine", 2)
     spec = acc.RunSpec("mnist", "lenet300", "random-erk", 0.9, 0, schedule, limit_train=5000)
@@ -60,7 +49,7 @@ def test_accuracy_benchmark_smoke(tmp_path: Path, data_dir: Path, monkeypatch: p
 
 
 def test_gpu_runs_have_their_own_files_and_tables(tmp_path: Path) -> None:
-    acc = _load_benchmark()
+    acc = load_benchmark("accuracy")
     schedule = acc.make_schedule("short", acc.SUITES["cifar"][0])
     cpu = acc.RunSpec("cifar10", "resnet20", "dpai", 0.9, 0, schedule)
     gpu = acc.RunSpec("cifar10", "resnet20", "dpai", 0.9, 0, schedule, device="cuda:1")
@@ -68,10 +57,7 @@ def test_gpu_runs_have_their_own_files_and_tables(tmp_path: Path) -> None:
     assert {s.key for s in acc.build_grid(acc.SUITES["cifar"], ["dpai"], "short", device="cuda")} == {
         f"cifar10_resnet20_dpai_sp{sp}_seed{seed}_short8ep_cuda" for sp in (90, 99) for seed in (0, 1)}
 
-    spec = importlib.util.spec_from_file_location("paic_bench_accuracy_report", ROOT / "benchmarks" / "accuracy_report.py")
-    assert spec is not None and spec.loader is not None
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = load_benchmark("accuracy_report")
     base = {"dataset": "cifar10", "model": "resnet20", "method": "dpai", "sparsity": 0.9, "seed": 0, "epochs": 8,
             "schedule": "short", "final_train_loss": 0.7, "prune_seconds": 1.0, "train_seconds": 2.0, "density": 0.1}
     runs = [dict(base, test_accuracy=0.70, device="cpu", _file=cpu.key + ".json"),

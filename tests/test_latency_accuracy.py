@@ -8,31 +8,21 @@ runs apart; the rendered tables plot only the reproduced runs and name each one'
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from bench_modules import load_benchmark
 
 from pai_compiler.pipeline import format_pipeline, parse_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str) -> Any:
-    spec = importlib.util.spec_from_file_location(f"paic_bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-run_masks = _load("run_masks")
-report = _load("latency_accuracy_report")
+run_masks = load_benchmark("run_masks")
+report = load_benchmark("latency_accuracy_report")
 
 
 def _record(path: Path, *, method: str, seed: int, density: float, commit: str, device: str = "cpu", acc: float = 0.9) -> None:

@@ -1,22 +1,17 @@
 """Smoke test of ``benchmarks/synflow_speed.py``: ResNet-20 for two rounds, one process per run and alternating in one process."""
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
+from bench_modules import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_synflow_speed_bench_times_rounds_and_alternates(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    spec = importlib.util.spec_from_file_location("paic_bench_synflow_speed", ROOT / "benchmarks" / "synflow_speed.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("synflow_speed")
     # this checkout as its own baseline: both code paths of the benchmark run, and the two timings are comparable
     assert bench.main(["--models", "resnet20", "--rounds", "2", "--baseline", str(ROOT), "--alternate", "1"]) == 0
     out = capsys.readouterr().out
