@@ -1,4 +1,4 @@
-"""What the speed benchmarks share: the machine line of a report, zoo and onnx light models, a measured child process.
+"""What the speed benchmarks share: the machine line of a report, zoo and onnx light models, the pruning pipeline, a measured child process.
 
 ``run_measured(cmd, env)`` runs one child in a scratch folder and reads its own rusage from
 ``os.wait4``: wall seconds, CPU seconds (user + sys, a single thread's quiet wall time and robust
@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["ChildRun", "machine", "export_zoo_model", "onnx_light_model", "run_measured"]
+__all__ = ["ChildRun", "machine", "export_zoo_model", "onnx_light_model", "pipeline_for", "run_measured"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,15 @@ def export_zoo_model(name: str, folder: Path) -> Path:
         print(f"exporting {name} to {path} ...", flush=True)
         export_onnx(zoo.build(name), zoo.input_shape(name), path)
     return path
+
+
+def pipeline_for(method: str, sparsity: float, dpai_steps: int) -> str:
+    """The pipeline a speed benchmark prunes with: ERK densities, then the method (layer scope where it has one)."""
+    if method == "dpai":
+        return f"erk{{sparsity={sparsity}}},dpai{{steps={dpai_steps}}}"
+    if method == "random-erk":
+        return f"erk{{sparsity={sparsity}}},random-erk"
+    return f"erk{{sparsity={sparsity}}},{method}{{scope=layer}}"
 
 
 def onnx_light_model(stem: str) -> Path:

@@ -36,7 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
-from bench_setup import export_zoo_model, machine  # noqa: E402
+from bench_setup import export_zoo_model, machine, pipeline_for  # noqa: E402
 DATA = Path(os.environ.get("PAIC_DATA_DIR", ROOT.parent / "shared" / "data")) / "cifar10.npz"
 MODELS = ("resnet20", "vgg19", "tiny_vit")
 METHODS = ("random-erk", "magnitude", "snip", "grasp", "synflow", "dpai")
@@ -47,14 +47,6 @@ def model_path(name: str, folder: Path) -> Path:
     """The bundled example model ``name``, or the zoo model exported into ``folder``."""
     bundled = ROOT / "examples" / "models" / f"{name}.onnx"
     return bundled if bundled.exists() else export_zoo_model(name, folder)
-
-
-def pipeline_for(method: str, sparsity: float, dpai_steps: int) -> str:
-    if method == "dpai":
-        return f"erk{{sparsity={sparsity}}},dpai{{steps={dpai_steps}}}"
-    if method == "random-erk":
-        return f"erk{{sparsity={sparsity}}},random-erk"
-    return f"erk{{sparsity={sparsity}}},{method}{{scope=layer}}"
 
 
 def available(methods: list[str]) -> list[str]:

@@ -44,7 +44,7 @@ from pai_compiler.ort import session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
 
-from bench_setup import export_zoo_model, machine  # noqa: E402
+from bench_setup import export_zoo_model, machine, pipeline_for  # noqa: E402
 from fast_forms import check_forms, write_compact_forms  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,14 +99,6 @@ def model_path(name: str, folder: Path) -> Path:
         torch.manual_seed(0)
         export_onnx(Encoder(), BERT_SHAPE, path)
     return path
-
-
-def pipeline_for(method: str, sparsity: float, dpai_steps: int) -> str:
-    if method == "dpai":
-        return f"erk{{sparsity={sparsity}}},dpai{{steps={dpai_steps}}}"
-    if method == "random-erk":
-        return f"erk{{sparsity={sparsity}}},random-erk"
-    return f"erk{{sparsity={sparsity}}},{method}{{scope=layer}}"
 
 
 def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
