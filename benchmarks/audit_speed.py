@@ -46,7 +46,7 @@ t0 = time.perf_counter()
 from pai_compiler.audit import audit_graph
 from pai_compiler.api import load_model
 t1 = time.perf_counter()
-graph = load_model(sys.argv[1])
+graph = load_model(sys.argv[1], static_dims=1)  # as `paic audit` without --bind
 t2 = time.perf_counter()
 doc = audit_graph(graph, paths=sys.argv[2] == "full")
 t3 = time.perf_counter()

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from pai_compiler.backends.onnx_masked import write_masked_onnx
 from pai_compiler.errors import UsageError
-from pai_compiler.frontends.onnx.reader import load_onnx_model
+from pai_compiler.frontends.onnx.reader import StaticDims, load_onnx_model
 from pai_compiler.ir import Graph
 from pai_compiler.pass_infra import AnalysisManager, Instrument, Pass, PassManager, PassRecord, RunContext
 from pai_compiler.passes.allocation.base import Allocation
@@ -36,8 +36,11 @@ ALLOCATIONS = ("erk", "uniform", "global")
 _LAYERWISE_ONLY = {"dpai", "npb", "random-erk"}
 
 
-def load_model(spec: str | os.PathLike[str], **kwargs: Any) -> Graph:
-    """Lower a model file to the IR (ONNX path; ``file.py:attr`` specs when the torch frontend is present)."""
+def load_model(spec: str | os.PathLike[str], *, static_dims: StaticDims = None, **kwargs: Any) -> Graph:
+    """Lower a model file to the IR (ONNX path; ``file.py:attr`` specs when the torch frontend is present).
+
+    ``static_dims`` binds an ONNX file's symbolic dims at load (:func:`load_onnx_model`); a
+    PyTorch spec's shapes come from ``input_shape`` instead, so it is not used there."""
     text = str(spec)
     if ":" in text and not Path(text).exists() and text.split(":", 1)[0].endswith(".py"):
         from pai_compiler.frontends.torch.spec import load_torch_spec  # type: ignore[import-not-found]  # torch: heavy, optional
@@ -47,7 +50,7 @@ def load_model(spec: str | os.PathLike[str], **kwargs: Any) -> Graph:
         if kwargs.get(option, default) not in (default, None):
             raise UsageError(f"{flag} applies to PyTorch models (file.py:attr); {text} is read as an ONNX model, "
                              f"whose inputs and weights come from the file: drop {flag}")
-    return load_onnx_model(text)
+    return load_onnx_model(text, static_dims=static_dims)
 
 
 def build_passes(

@@ -308,7 +308,9 @@ def audit(
         values = parse_bind(bind)
         is_file = Path(model).exists() or ":" not in model
         plot_path = check_output_path(plot, [model] if is_file else [], force=False) if plot else None
-        doc = audit_graph(api.load_model(model, **_torch_options(input_shape, frontend)), bind=values, paths=not no_paths)
+        # unbound symbols count as 1: without --bind, bind them at load (a static graph, no sympy)
+        graph = api.load_model(model, static_dims=None if values else 1, **_torch_options(input_shape, frontend))
+        doc = audit_graph(graph, bind=values, paths=not no_paths)
         if plot_path is not None:
             plot_audit(doc, plot_path)
         if json_output:

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import sympy
 
 from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, prod, simplify_dim
 from pai_compiler.ir import Dim
+from pai_compiler.ir.dims import as_expr, is_symbolic
 
 __all__ = ["MOVEMENT_RULES", "DynamicArgument", "Movement", "movement_shape"]
 
@@ -39,7 +39,7 @@ class Movement:
             c = self.ins[index]
             if not isinstance(c, Const):
                 raise DynamicArgument()
-            return [int(v) if not isinstance(v, sympy.Expr) else v for v in c.array.reshape(-1)]
+            return [v if is_symbolic(v) else int(v) for v in c.array.reshape(-1)]
         return self.attrs.get(key)
 
     def known_shape(self) -> tuple[Dim, ...]:
@@ -56,7 +56,9 @@ def _resolve_reshape(in_shape: tuple[Dim, ...], target: list[Any], allowzero: bo
     dims: list[Any] = [in_shape[i] if (not allowzero and t == 0) else t for i, t in enumerate(target)]
     if any(d == -1 for d in dims):
         known = prod([d for d in dims if d != -1])
-        dims[dims.index(-1)] = simplify_dim(sympy.sympify(prod(in_shape)) / sympy.sympify(known))
+        total = prod(in_shape)
+        exact = isinstance(total, int) and isinstance(known, int) and known != 0 and total % known == 0
+        dims[dims.index(-1)] = total // known if exact else simplify_dim(as_expr(total) / as_expr(known))
     return tuple(simplify_dim(d) for d in dims)
 
 

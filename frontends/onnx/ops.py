@@ -11,13 +11,13 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import sympy
 
 from pai_compiler.frontends.onnx.movement import DynamicArgument, Movement, movement_shape
 from pai_compiler.frontends.onnx.index_ops import INDEX_HANDLERS
-from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, is_float_dtype, prod, simplify_dim
+from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, is_float_dtype, simplify_dim
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim, OpKind, Value
+from pai_compiler.ir.dims import ceil_div, dim_sum, floor_div, plain
 from pai_compiler.onnx_wire import tensor_dtype
 
 __all__ = ["lower_node", "HANDLERS", "POINTWISE_OPS"]
@@ -54,15 +54,14 @@ def _need_value(x: Any, label: str, what: str) -> Value:
 
 
 def _window_out(size: Dim, k: int, stride: int, pb: int, pe: int, dil: int, ceil: bool) -> Dim:
-    num = simplify_dim(sympy.sympify(size) + pb + pe - dil * (k - 1) - 1)
+    num = simplify_dim(plain(size) + pb + pe - dil * (k - 1) - 1)
     if isinstance(num, int):
         q = -(-num // stride) if ceil else num // stride
         out = q + 1
         if ceil and (out - 1) * stride >= (size if isinstance(size, int) else 0) + pb and isinstance(size, int):
             out -= 1
         return out
-    f = sympy.ceiling if ceil else sympy.floor
-    return simplify_dim(f(num / stride) + 1)
+    return simplify_dim((ceil_div if ceil else floor_div)(num, stride) + 1)
 
 
 def _resolve_pads(attrs: dict[str, Any], spatial: tuple[Dim, ...], kernel: list[int], strides: list[int], dil: list[int], label: str) -> list[int]:
@@ -343,7 +342,7 @@ def _concat(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, An
         rank = len(values[0].shape)
         axis = axis % rank
         base = list(broadcast_shapes(*[tuple(d for i, d in enumerate(v.shape) if i != axis) for v in values]))
-        base.insert(axis, prod([v.shape[axis] for v in values]) if False else simplify_dim(sum(sympy.sympify(v.shape[axis]) for v in values)))
+        base.insert(axis, simplify_dim(dim_sum(v.shape[axis] for v in values)))
         shape = tuple(base)
     _emit(imp, OpKind.CONCAT, node, label, values, [shape], attrs={"axis": axis})
 
@@ -383,7 +382,7 @@ def _pad(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any])
     if mode != "constant" or value != 0.0 or x.shape is None or (len(ins) > 3 and ins[3] is not None):
         return _opaque(imp, node, label, ins, attrs, reason="Pad other than zero constant padding")
     n = len(x.shape)
-    shape = tuple(simplify_dim(sympy.sympify(d) + pads[i] + pads[i + n]) for i, d in enumerate(x.shape))
+    shape = tuple(simplify_dim(plain(d) + pads[i] + pads[i + n]) for i, d in enumerate(x.shape))
     _emit(imp, OpKind.RESHAPE, node, label, [x], [shape], attrs={"op": "pad", "pads": pads})
 
 

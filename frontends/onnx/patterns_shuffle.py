@@ -19,10 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import sympy
 
 from pai_compiler.frontends.onnx.pattern_match import remove_dead
 from pai_compiler.ir import Dim, Graph, Node, OpKind, Value
+from pai_compiler.ir.dims import as_expr
 
 __all__ = ["fuse_channel_permutations", "permutation_along"]
 
@@ -32,7 +32,7 @@ _MOVES = ("reshape", "transpose")
 def _concrete(shape: tuple[Dim, ...], size: int) -> tuple[int, ...] | None:
     out = []
     for d in shape:
-        value = d if isinstance(d, int) else sympy.sympify(d).xreplace({s: size for s in sympy.sympify(d).free_symbols})
+        value = d if isinstance(d, int) else as_expr(d).xreplace({s: size for s in as_expr(d).free_symbols})
         if not (isinstance(value, int) or getattr(value, "is_Integer", False)):
             return None
         out.append(int(value))

@@ -14,10 +14,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
-import sympy
 
 from pai_compiler.frontends.onnx.movement import DynamicArgument
 from pai_compiler.frontends.onnx.ops import lower_node
@@ -29,19 +28,28 @@ from pai_compiler.errors import ModelError, PaicError
 from pai_compiler.frontends.onnx.proto_view import ModelView, NodeView, ValueInfoView, attribute_value, read_model, tensor_array, value_info_of, view_of
 from pai_compiler.onnx_wire import tensor_dtype
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
+from pai_compiler.ir.dims import dim_symbol
 
-__all__ = ["load_onnx_model", "import_onnx"]
+__all__ = ["load_onnx_model", "import_onnx", "StaticDims"]
+
+#: symbolic dims bound at load: every one to an int, or those a mapping names (see load_onnx_model)
+StaticDims = Union[int, Mapping[str, int], None]
 
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview", "ai.onnx.preview.training"}
 
 
-def load_onnx_model(path: str | os.PathLike[str]) -> Graph:
+def load_onnx_model(path: str | os.PathLike[str], static_dims: StaticDims = None) -> Graph:
     """Read and lower an ONNX file; every stored weight stays memory-mapped (``proto_view``), and
-    onnx itself is imported only for what the view hands to it (rare encodings, opaque nodes)."""
+    onnx itself is imported only for what the view hands to it (rare encodings, opaque nodes).
+
+    ``static_dims`` binds the file's symbolic dims (``dim_param``s and unnamed dims) at load: an
+    int binds every one, a mapping the dims it names (the others stay symbols). The graph is then
+    static where they were (no sympy, no symbolic shape algebra); ``graph.meta["bound_dims"]``
+    lists what was bound."""
 
     p = Path(path)
     model, arrays = read_model(p)
-    graph = import_onnx(model, name=p.stem, arrays=arrays)
+    graph = import_onnx(model, name=p.stem, arrays=arrays, static_dims=static_dims)
     graph.meta["source_path"] = str(path)
     return graph
 
@@ -95,13 +103,15 @@ def _toposort(nodes: list[Any], available: set[str]) -> list[Any]:
 
 
 class _Importer:
-    def __init__(self, model: ModelView, name: str, arrays: Mapping[str, np.ndarray] | None = None) -> None:
+    def __init__(self, model: ModelView, name: str, arrays: Mapping[str, np.ndarray] | None = None, static_dims: StaticDims = None) -> None:
         self.model = model
+        self.static_dims = static_dims
+        self.bound_dims: dict[str, int] = {}
         self.arrays = arrays or {}
         assert model.graph is not None
         self.graph = Graph(name or model.graph.name or "model")
         self.env: dict[str, Const | ShapeData | Value] = {}
-        self.symbols: dict[str, sympy.Symbol] = {}
+        self.symbols: dict[str, Any] = {}  # dim name -> sympy Symbol
         self.params: dict[str, Param] = {}
         self.twins: dict[str, Param] = {}  # a weight's Params for its other layouts (see _params)
         self.copies: dict[str, int] = {}  # per-use copies made of each shared constant
@@ -116,9 +126,14 @@ class _Importer:
         self.shape_values: dict[str, Value] = {}
 
     # ---- helpers used by op handlers ---------------------------------------------------
-    def symbol(self, name: str) -> sympy.Symbol:
+    def symbol(self, name: str) -> Dim:
+        """The dim named ``name``: its sympy symbol, or its value where ``static_dims`` binds it."""
+        bound = self.static_dims if isinstance(self.static_dims, int) else (self.static_dims or {}).get(name)
+        if bound is not None:
+            self.bound_dims[name] = bound
+            return bound
         if name not in self.symbols:
-            self.symbols[name] = sympy.Symbol(name, integer=True, positive=True)
+            self.symbols[name] = dim_symbol(name)
         return self.symbols[name]
 
     def dims_from_type(self, info: ValueInfoView) -> tuple[Dim, ...] | None:
@@ -248,6 +263,7 @@ class _Importer:
         self._add_outputs()
         self.graph.meta.update(
             symbols=dict(self.symbols),
+            bound_dims=dict(self.bound_dims),
             weight_sources={k: v for k, v in self.weight_sources.items() if k in self.params},
             constant_uses=dict(self.constant_uses),
             opset=self.opset,
@@ -453,14 +469,15 @@ def _dtype_name(elem_type: int) -> str:
         return "float32"
 
 
-def import_onnx(model: ModelView | Any, name: str = "", arrays: Mapping[str, np.ndarray] | None = None) -> Graph:
+def import_onnx(model: ModelView | Any, name: str = "", arrays: Mapping[str, np.ndarray] | None = None, static_dims: StaticDims = None) -> Graph:
     """Lower a model (a ModelView, or an onnx ModelProto, viewed through its serialized bytes) to the
-    IR; ``arrays`` gives initializer data by name, the rest is read from the model."""
+    IR; ``arrays`` gives initializer data by name, the rest is read from the model; ``static_dims``
+    as in :func:`load_onnx_model`."""
     if not isinstance(model, ModelView):
         model = view_of(model.SerializeToString())
     if model.graph is None:
         raise ModelError("not a valid ONNX model (no graph)")
-    graph = _Importer(model, name, arrays).run()
+    graph = _Importer(model, name, arrays, static_dims).run()
     fuse_patterns(graph)
     graph.verify()
     return graph

@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import sympy
 
 from pai_compiler.errors import ModelError
 from pai_compiler.frontends.onnx.movement import DynamicArgument, Movement, movement_shape
 from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, simplify_dim
 from pai_compiler.ir import Dim
+from pai_compiler.ir.dims import ceil_div, dim_sum, is_symbolic, plain, sym
 from pai_compiler.frontends.onnx.proto_view import NodeView
 from pai_compiler.ir.shape_program import ShapeProgram
 from pai_compiler.onnx_wire import tensor_dtype
@@ -54,7 +54,7 @@ def _shape_of(x: Operand) -> tuple[Dim, ...]:
 def _values(x: Operand, what: str) -> list[Dim]:
     if not isinstance(x, Const):
         raise DynamicArgument(f"{what} is computed from run-time sizes")
-    return [simplify_dim(v) if isinstance(v, (sympy.Basic, int, np.integer)) else v for v in x.array.reshape(-1)]
+    return [simplify_dim(v) if isinstance(v, (int, np.integer)) or is_symbolic(v) else v for v in x.array.reshape(-1)]
 
 
 def _broadcast(ins: list[Operand], attrs: dict[str, Any]) -> tuple[Dim, ...]:
@@ -62,8 +62,9 @@ def _broadcast(ins: list[Operand], attrs: dict[str, Any]) -> tuple[Dim, ...]:
 
 
 def _range(ins: list[Operand], attrs: dict[str, Any]) -> tuple[Dim, ...]:
-    start, limit, delta = (sympy.sympify(_values(x, "a Range bound")[0]) for x in ins)
-    return (simplify_dim(sympy.Max(0, sympy.ceiling((limit - start) / delta))),)
+    start, limit, delta = (plain(_values(x, "a Range bound")[0]) for x in ins)
+    count = ceil_div(limit - start, delta)
+    return (simplify_dim(max(0, count) if isinstance(count, int) else sym().Max(0, count)),)
 
 
 def _slice(ins: list[Operand], attrs: dict[str, Any]) -> tuple[Dim, ...]:
@@ -80,7 +81,7 @@ def _slice(ins: list[Operand], attrs: dict[str, Any]) -> tuple[Dim, ...]:
         if step != 1 or (isinstance(start, int) and start < 0) or (isinstance(end, int) and end < 0):
             raise DynamicArgument("a slice with a negative or stepped run-time bound")
         end = size if isinstance(end, int) and end >= 2**31 else end  # x[a:] up to a symbolic size
-        shape[axis] = simplify_dim(sympy.sympify(end) - start)  # an end within the axis (a table cut to the sequence)
+        shape[axis] = simplify_dim(plain(end) - plain(start))  # an end within the axis (a table cut to the sequence)
     return tuple(shape)
 
 
@@ -94,7 +95,7 @@ def _concat(ins: list[Operand], attrs: dict[str, Any]) -> tuple[Dim, ...]:
     shapes = [_shape_of(x) for x in ins if x is not None]
     axis = int(attrs["axis"]) % len(shapes[0])
     out = list(shapes[0])
-    out[axis] = simplify_dim(sum(sympy.sympify(s[axis]) for s in shapes))
+    out[axis] = simplify_dim(dim_sum(s[axis] for s in shapes))
     return tuple(out)
 
 

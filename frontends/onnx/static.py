@@ -14,10 +14,10 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-import sympy
 
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim
+from pai_compiler.ir.dims import as_expr, floor_div, is_symbolic, sym
 from pai_compiler.ir.shape_program import gather_elements
 from pai_compiler.onnx_wire import tensor_dtype
 
@@ -67,18 +67,18 @@ def is_float_dtype(dtype: Any) -> bool:
 def simplify_dim(d: Any) -> Dim:
     if isinstance(d, (int, np.integer)):
         return int(d)
-    d = _simplify(sympy.sympify(d))
+    d = _simplify(as_expr(d))
     return int(d) if d.is_Integer else d
 
 
 @lru_cache(maxsize=8192)
-def _simplify(expr: sympy.Expr) -> sympy.Expr:
+def _simplify(expr: Any) -> Any:
     # every transformer block repeats the same shape expressions; simplify is the loader's hot spot.
     # A number, a symbol or n·a·b… is already simplest (sympy builds it canonical): skipping
     # simplify there also skips its first-call import of sympy.physics (~0.3 s)
     if expr.is_Atom or (expr.is_Mul and all(a.is_Symbol or a.is_Integer for a in expr.args)):
         return expr
-    return sympy.simplify(expr)
+    return sym().simplify(expr)
 
 
 def prod(dims: Sequence[Dim]) -> Dim:
@@ -89,9 +89,7 @@ def prod(dims: Sequence[Dim]) -> Dim:
 
 
 def sym_floor_div(a: Dim, b: Dim) -> Dim:
-    if isinstance(a, int) and isinstance(b, int):
-        return a // b
-    return simplify_dim(sympy.floor(sympy.sympify(a) / sympy.sympify(b)))
+    return simplify_dim(floor_div(a, b))
 
 
 def broadcast_shapes(*shapes: Sequence[Dim]) -> tuple[Dim, ...]:
@@ -183,7 +181,7 @@ STATIC_OPS: dict[str, _OpFn] = {
     "Mod": lambda x, a: [np.mod(x[0], x[1])],
     "Neg": lambda x, a: [-x[0]],
     "Abs": lambda x, a: [np.abs(x[0])],
-    "Sqrt": lambda x, a: [np.vectorize(sympy.sqrt, otypes=[object])(x[0]) if x[0].dtype == object else np.sqrt(x[0])],
+    "Sqrt": lambda x, a: [np.vectorize(lambda v: sym().sqrt(v), otypes=[object])(x[0]) if x[0].dtype == object else np.sqrt(x[0])],
     "Pow": lambda x, a: [np.power(x[0], x[1]).astype(x[0].dtype)],
     "Floor": lambda x, a: [np.floor(x[0])],
     "Ceil": lambda x, a: [np.ceil(x[0])],
@@ -215,7 +213,7 @@ def concretize(a: np.ndarray) -> np.ndarray:
     """An object array whose entries are all plain integers becomes int64."""
     if a.dtype != object:
         return a
-    flat = [simplify_dim(v) if isinstance(v, (sympy.Basic, int, np.integer)) else v for v in a.reshape(-1)]
+    flat = [simplify_dim(v) if isinstance(v, (int, np.integer)) or is_symbolic(v) else v for v in a.reshape(-1)]
     if all(isinstance(v, int) for v in flat):
         return np.array(flat, dtype=np.int64).reshape(a.shape)
     return np.array(flat, dtype=object).reshape(a.shape)

@@ -11,16 +11,19 @@ import copy
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
-import sympy
 
 from pai_compiler.errors import VerificationError
 
 __all__ = ["OpKind", "Dim", "Param", "Value", "Node", "Graph", "WEIGHTED_KINDS"]
 
-Dim = Union[int, sympy.Expr]
+if TYPE_CHECKING:
+    import sympy
+
+#: an int, or a sympy expression over positive-integer symbols (``pai_compiler.ir.dims``)
+Dim = Union[int, "sympy.Expr"]
 
 
 class OpKind(StrEnum):

@@ -34,10 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import sympy
 
 from pai_compiler.errors import ModelError, PaicError
 from pai_compiler.ir.core import Dim, Graph, OpKind, Param, Value
+from pai_compiler.ir.dims import dim_symbol, sym
 
 __all__ = ["IRSyntaxError", "parse"]
 
@@ -49,8 +49,7 @@ _INT = re.compile(r"^-?\d+$")
 _FLOAT = re.compile(r"^-?(\d+\.\d*(e[-+]?\d+)?|\d+e[-+]?\d+|inf|nan)$")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # sympy's printer writes these function names inside symbolic dims; every other word is a dim symbol
-_SYMPY_FUNCTIONS = {"Max": sympy.Max, "Min": sympy.Min, "floor": sympy.floor, "ceiling": sympy.ceiling,
-                    "Mod": sympy.Mod, "Abs": sympy.Abs}
+_SYMPY_FUNCTIONS = ("Max", "Min", "floor", "ceiling", "Mod", "Abs")
 
 
 class IRSyntaxError(ModelError):
@@ -76,7 +75,7 @@ class _Parser:
 
     def __init__(self) -> None:
         self.graph = Graph()
-        self.symbols: dict[str, sympy.Symbol] = {}
+        self.symbols: dict[str, Any] = {}  # name -> sympy Symbol
         self.tied: dict[str, Param] = {}
         self.line = 0
 
@@ -89,13 +88,17 @@ class _Parser:
         if _INT.match(text):
             return int(text)
         names = {w: self.symbol(w) for w in _IDENTIFIER.findall(text) if w not in _SYMPY_FUNCTIONS}
+        sympy = sym()
+        functions = {f: getattr(sympy, f) for f in _SYMPY_FUNCTIONS}
         try:
-            return sympy.sympify(text, locals={**_SYMPY_FUNCTIONS, **names})
+            return sympy.sympify(text, locals={**functions, **names})
         except (sympy.SympifyError, SyntaxError, TypeError) as exc:
             raise self.fail(f"bad dimension {text!r}") from exc
 
-    def symbol(self, name: str) -> sympy.Symbol:
-        return self.symbols.setdefault(name, sympy.Symbol(name, integer=True, positive=True))
+    def symbol(self, name: str) -> Any:
+        if name not in self.symbols:
+            self.symbols[name] = dim_symbol(name)
+        return self.symbols[name]
 
     def shape(self, text: str) -> tuple[Dim, ...] | None:
         if text == "?":

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import sympy
 
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
+from pai_compiler.ir.dims import is_symbolic
 
 __all__ = ["parse_bind", "sample_bindings", "static_batch"]
 
@@ -42,7 +42,7 @@ def sample_bindings(graph: Graph, bind: Mapping[str, int] | None = None) -> dict
     batch: set[str] = set()
     for v in graph.inputs:
         for i, d in enumerate(v.shape or ()):
-            if isinstance(d, sympy.Basic):
+            if is_symbolic(d):
                 names = {s.name for s in d.free_symbols}
                 symbols |= names
                 if i == 0:

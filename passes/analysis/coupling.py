@@ -54,9 +54,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
-import sympy
 
 from pai_compiler.ir import Dim, Graph, Node, OpKind, Param, Value
+from pai_compiler.ir.dims import as_expr, sym
 
 __all__ = ["Track", "Link", "ChannelSpaces", "COUPLING_RULES", "SLICE_RULES", "channel_spaces", "param_slices", "dims_equal"]
 
@@ -134,7 +134,7 @@ class ChannelSpaces:
 def dims_equal(a: Dim, b: Dim) -> bool:
     if isinstance(a, int) and isinstance(b, int):
         return a == b
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    return sym().simplify(as_expr(a) - as_expr(b)) == 0
 
 
 def _prod(dims: tuple[Dim, ...] | list[Dim]) -> Dim:

@@ -1,4 +1,4 @@
-"""Symbolic MAC counts: MACs(node) = fixed(node) + Σ_W sites(node, W) · count(W), in sympy dims.
+"""Symbolic MAC counts: MACs(node) = fixed(node) + Σ_W sites(node, W) · count(W), over the IR's dims.
 
 ``count(W)`` is ``numel(W)`` for **dense** MACs, the kept weights for **nonzero** MACs, and the
 effective weights (kept and on an input->output path, from ``node-path``) for **effective**
@@ -43,23 +43,31 @@ batch-1, symbolic-batch and static-batch exports of one network report the same 
 pointwise, softmax, pool, add, mul): conv + linear + matmul (+ attention) is what torch's
 ``FlopCounterMode`` counts (its FLOPs are 2 × these MACs); the other kinds it leaves out. Dense and nonzero counts need neither
 torch nor a path analysis (``flops{effective=false}``); evaluation binds each symbol by name
-(default 1), e.g. ``{"batch": 32, "seq": 197}``.
+(default 1), e.g. ``{"batch": 32, "seq": 197}``. Counts are ints (and exact fractions for
+live-scaled effective MACs) on a static model, sympy expressions only where a dim is symbolic:
+a static model's audit never imports sympy.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from functools import lru_cache
-from typing import ClassVar, NamedTuple
-
-import sympy
+from typing import TYPE_CHECKING, ClassVar, NamedTuple, Union
 
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Dim, Graph, Node, OpKind, Param
+from pai_compiler.ir.dims import as_expr, dim_symbol, sym
 from pai_compiler.pass_infra import AnalysisManager, AnalysisPass
 from pai_compiler.passes.analysis.bindings import static_batch
 from pai_compiler.passes.analysis.node_path import NodePathPass
+
+if TYPE_CHECKING:
+    import sympy
+
+#: a MAC count: an int, an exact fraction (live-scaled effective MACs) or a sympy expression
+MacCount = Union[int, Fraction, "sympy.Expr"]
 
 __all__ = ["FlopsPass", "FlopsResult", "NodeMacs", "MacCount", "MAC_RULES", "evaluate", "mac_kind", "EFFECTIVE_FALLBACK", "BATCH_SYMBOL"]
 
@@ -176,18 +184,18 @@ def mac_kind(node: Node) -> str:
 class NodeMacs:
     node: str
     kind: str
-    dense: sympy.Expr
-    nonzero: sympy.Expr
-    effective: sympy.Expr | None
+    dense: MacCount
+    nonzero: MacCount
+    effective: MacCount | None
     mac_kind: str = ""
 
 
 @dataclass(frozen=True)
 class FlopsResult:
     nodes: tuple[NodeMacs, ...]
-    dense: sympy.Expr
-    nonzero: sympy.Expr
-    effective: sympy.Expr | None
+    dense: MacCount
+    nonzero: MacCount
+    effective: MacCount | None
     warnings: tuple[str, ...] = ()
     _index: dict[str, NodeMacs] = field(default_factory=dict, repr=False, compare=False)
 
@@ -215,10 +223,12 @@ class FlopsResult:
         }
 
 
-def evaluate(expr: Dim, bind: Mapping[str, int] | None = None) -> int:
-    """An integer MAC count from a sympy expression; every unbound symbol is 1."""
+def evaluate(expr: MacCount, bind: Mapping[str, int] | None = None) -> int:
+    """An integer MAC count (rounded down) from a count; every unbound symbol is 1."""
     if isinstance(expr, int):
         return expr
+    if isinstance(expr, Fraction):  # live fractions of effective MACs (see the docstring)
+        return math.floor(expr)
     return _evaluate(expr, tuple(sorted((bind or {}).items())))
 
 
@@ -227,21 +237,17 @@ def _evaluate(expr: sympy.Expr, bind: tuple[tuple[str, int], ...]) -> int:
     if expr.is_Integer:
         return int(expr)
     values = dict(bind)
-    value = expr.xreplace({s: sympy.Integer(values.get(s.name, 1)) for s in expr.free_symbols})
+    value = expr.xreplace({s: sym().Integer(values.get(s.name, 1)) for s in expr.free_symbols})
     if value.is_Rational and not value.is_Integer:  # live fractions of effective MACs (see the docstring)
-        return int(sympy.floor(value))
+        return int(sym().floor(value))
     if not value.is_Integer:
         raise PaicError(f"MAC count {expr} does not evaluate to an integer at {values} (got {value})")
     return int(value)
 
 
-def _sym(x: Dim) -> sympy.Expr:
-    return sympy.Integer(x) if isinstance(x, int) else x
-
-
 @dataclass(frozen=True)
 class FlopsPass(AnalysisPass[FlopsResult]):
-    """Dense, nonzero and effective MACs per node and in total, as sympy expressions.
+    """Dense, nonzero and effective MACs per node and in total (ints, or sympy expressions over symbolic dims).
 
     ``effective=false`` skips the path analysis (and torch); ``bind`` is handed to the
     ``node-path`` analysis it uses (its non-batch dims); the MACs themselves stay symbolic.
@@ -255,7 +261,7 @@ class FlopsPass(AnalysisPass[FlopsResult]):
         warnings: list[str] = []
         counts = self._effective_counts(graph, am, warnings) if self.effective else None
         batch = static_batch(graph)
-        per_sample = (lambda x: _sym(x) * sympy.Symbol(BATCH_SYMBOL, integer=True, positive=True) / batch) if batch > 1 else _sym  # noqa: E731
+        per_sample = (lambda x: as_expr(x) * dim_symbol(BATCH_SYMBOL) / batch) if batch > 1 else (lambda x: x)  # noqa: E731
         records: list[NodeMacs] = []
         for node in graph.nodes:
             rule = MAC_RULES.get(node.kind, _opaque)
@@ -272,7 +278,7 @@ class FlopsPass(AnalysisPass[FlopsResult]):
                     effective += sites * counts.get(param.name, param.kept())
             records.append(NodeMacs(node.name, node.kind.value, per_sample(dense), per_sample(nonzero),
                                     per_sample(effective) if counts is not None else None, mac_kind(node)))
-        total = lambda key: sympy.Add(*[getattr(r, key) for r in records])  # noqa: E731
+        total = lambda key: sum((getattr(r, key) for r in records), 0)  # noqa: E731
         return FlopsResult(tuple(records), total("dense"), total("nonzero"), total("effective") if counts is not None else None, tuple(warnings))
 
     def _effective_counts(self, graph: Graph, am: AnalysisManager, warnings: list[str]) -> _Effective:
@@ -293,7 +299,7 @@ class _Effective(NamedTuple):
     def get(self, key: str, default: int) -> int:
         return self.weights.get(key, default)
 
-    def scale(self, node: Node, macs: Dim) -> Dim:
+    def scale(self, node: Node, macs: Dim) -> MacCount:
         """A weight-free node's MACs restricted to the live elements of the value it counts."""
         if node.kind not in _LIVE_SCALED or not node.inputs or not node.outputs:
             return macs
@@ -301,7 +307,7 @@ class _Effective(NamedTuple):
         live, numel = self.live.get(counted.name, (1, 1))
         if live >= numel or numel == 0:
             return macs
-        return _sym(macs) * sympy.Rational(live, numel)
+        return macs * Fraction(live, numel)
 
 
 _LIVE_SCALED = frozenset({OpKind.NORM, OpKind.POINTWISE, OpKind.SOFTMAX, OpKind.ADD, OpKind.MUL, OpKind.POOL})

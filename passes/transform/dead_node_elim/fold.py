@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import sympy
 
 from pai_compiler.ir import Graph, Node, OpKind, Param, Value
+from pai_compiler.ir.dims import is_symbol, is_symbolic
 
 __all__ = ["Fold", "ZeroInputValues", "fold_for", "fold_bias", "bias_map", "users_of_storage"]
 
@@ -42,7 +42,7 @@ class ZeroInputValues:
         self.graph = graph
         self.batch_symbols: set[str] = set()
         for v in graph.inputs:
-            if v.shape and isinstance(v.shape[0], sympy.Basic):
+            if v.shape and is_symbolic(v.shape[0]):
                 self.batch_symbols |= {s.name for s in v.shape[0].free_symbols}
         self._it: Any = None
         self.values: Mapping[str, Any] = {}  # every value of the zero-input run
@@ -73,13 +73,13 @@ class ZeroInputValues:
         for node in self.graph.nodes:
             for v in (*node.inputs, *node.outputs):
                 for d in v.shape or ():
-                    if isinstance(d, sympy.Basic):
+                    if is_symbolic(d):
                         symbols |= {s.name for s in d.free_symbols}
         return symbols
 
     def dynamic(self, value: Value) -> bool:
         """Does the value's shape hold a symbol other than the batch size?"""
-        return any(isinstance(d, sympy.Basic) and {s.name for s in d.free_symbols} - self.batch_symbols for d in value.shape or ())
+        return any(is_symbolic(d) and {s.name for s in d.free_symbols} - self.batch_symbols for d in value.shape or ())
 
 
 def _contribution(node: Node, channels: np.ndarray, values: ZeroInputValues) -> tuple[np.ndarray, bool] | None:
@@ -127,7 +127,7 @@ def fold_for(node: Node, channels: np.ndarray, values: ZeroInputValues) -> Fold 
         per_channel = np.moveaxis(k, out_axis, 0).reshape(k.shape[out_axis], -1).mean(axis=1)
         return Fold(node.name, channels, bias=per_channel)
     lead = node.outputs[0].shape[0] if node.outputs[0].shape else None
-    batch_lead = isinstance(lead, int) or (isinstance(lead, sympy.Symbol) and lead.name in values.batch_symbols)
+    batch_lead = isinstance(lead, int) or (is_symbol(lead) and lead.name in values.batch_symbols)
     if not batch_lead or k.shape[0] not in (1, lead):
         return None
     return Fold(node.name, channels, map=k[:1] if not isinstance(lead, int) else k)
