@@ -151,6 +151,7 @@ class Graph:
         self._nodes: list[Node] = []
         self._values: dict[str, Value] = {}
         self._node_names: set[str] = set()
+        self._handed_out: set[str] = set()  # every fresh_name answer: a Param's name is in no other set
 
     # ---- reading -----------------------------------------------------------------------
     @property
@@ -199,9 +200,12 @@ class Graph:
         return [n for n in self._nodes if any(p is param for p in n.params.values())]
 
     def fresh_name(self, base: str) -> str:
+        """``base``, or ``base_N``: a name no value, node or earlier answer has (two constants folded
+        with the same hint get distinct Param names, which every name-keyed weight table needs)."""
         name, i = base, 1
-        while name in self._values or name in self._node_names:
+        while name in self._values or name in self._node_names or name in self._handed_out:
             name, i = f"{base}_{i}", i + 1
+        self._handed_out.add(name)
         return name
 
     # ---- mutation ----------------------------------------------------------------------
@@ -413,5 +417,6 @@ class Graph:
                                   params=new_params, attrs=copy.deepcopy(n.attrs), origin=n.origin)
             for old, new in zip(n.outputs, node.outputs):
                 values[id(old)] = new
+        other._handed_out = set(self._handed_out)
         other.version = 0
         return other
