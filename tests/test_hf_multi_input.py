@@ -25,6 +25,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from pai_compiler.api import optimize, save_model
+from pai_compiler.audit import audit_graph
 from pai_compiler.backends.index_inputs import input_roles
 from pai_compiler.backends.sparse_timing import example_inputs
 from pai_compiler.cli import app
@@ -194,3 +195,23 @@ def test_sparse_module_of_a_static_two_input_export_matches_onnxruntime(tmp_path
         got = torch.load(fast, weights_only=False)(*[torch.from_numpy(v) for v in feed.values()])
     got = (got[0] if isinstance(got, (list, tuple)) else got).numpy()
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_a_dynamo_two_input_export_indexes_the_mask_by_gather_nd(tmp_path: Path) -> None:
+    """The dynamo exporter reads the padding mask as ``mask[batch_idx, kv_idx]`` (GatherND with constant
+    indices): the interpreter runs it, so the lowered graph computes what onnxruntime does on a padded
+    batch, and the audit counts paths (before: an opaque GatherND, paths null, no compact .pt)."""
+    path = tmp_path / "dynamo.onnx"
+    inputs = _tokens()  # sample 1 padded
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_TwoTensors(_bert()), (inputs["input_ids"], inputs["attention_mask"]), str(path), dynamo=True, verbose=False,
+                          input_names=["input_ids", "attention_mask"])
+    assert any(n.op_type == "GatherND" for n in onnx.load(str(path)).graph.node), "the export no longer has the pattern under test"
+    graph = load_onnx_model(path)
+    assert any(n.attrs.get("op") == "gather_nd" for n in graph.nodes)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = Interpreter(graph).run([torch.from_numpy(v) for v in feed.values()]).outputs[0].detach().numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert audit_graph(graph)["totals"]["log_paths"] is not None
