@@ -228,7 +228,8 @@ def eval_static(op_type: str, inputs: list[Const | None], attrs: dict[str, Any])
     arrays = [None if c is None else c.array for c in inputs]
     if fn is not None:
         try:
-            return [concretize(np.asarray(r)) for r in fn(arrays, attrs)]
+            with np.errstate(all="ignore"):  # log(0) = -inf in T5's relative buckets is the intended value, as in onnxruntime
+                return [concretize(np.asarray(r)) for r in fn(arrays, attrs)]
         except (ValueError, TypeError, IndexError, KeyError, AttributeError):
             return None
     return None
