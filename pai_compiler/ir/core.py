@@ -395,6 +395,20 @@ class Graph:
                 raise VerificationError(f"conv {n.name!r}: {w.shape[0]} output channels not divisible by groups={groups}")
 
     # ---- copying -----------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """A flat record per node (values by name): pickling and ``copy.deepcopy`` then recurse no deeper
+        than one node, where following ``inputs``/``producer`` links went as deep as the graph is long
+        (Swin's few hundred nodes exceeded Python's recursion limit)."""
+        nodes = [(n.kind, n.name, [v.name for v in n.inputs], [(v.name, v.shape, v.dtype) for v in n.outputs], n.params, n.attrs, n.origin)
+                 for n in self._nodes]
+        return {"name": self.name, "version": self.version, "meta": self.meta, "nodes": nodes, "handed_out": self._handed_out}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        Graph.__init__(self, state["name"])
+        for kind, name, inputs, outputs, params, attrs, origin in state["nodes"]:
+            self.add_node(kind, name, [self._values[v] for v in inputs], outputs, params=params, attrs=attrs, origin=origin)
+        self.meta, self.version, self._handed_out = state["meta"], state["version"], set(state["handed_out"])
+
     def clone(self) -> Graph:
         """A deep copy: nodes, values, params, masks and attributes are new objects; weight
         arrays are shared read-only (every mutation replaces them through ``set_param_data``)."""
