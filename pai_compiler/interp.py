@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from pai_compiler.errors import PaicError
 from pai_compiler.interp_rules import (
-    add, attention, broadcast_operands, compare, constant, cumsum, embedding, gather_along, path_add, path_embedding, path_identity,
+    add, attention, broadcast_operands, compare, constant, cumsum, embedding, gather_along, gather_nd, path_add, path_embedding, path_identity,
     path_mul, pad_spatial, dynamic_gather, path_shape_data, path_where, pool, real_mul, real_norm, real_pointwise, reshape, shape_data, split, where,
 )
 from pai_compiler.ir import Graph, Node, OpKind, Param, Value
@@ -436,6 +436,7 @@ OPAQUE_RULES: dict[str, tuple[Rule, Rule]] = {
     "compare": (compare, compare),
     "cumsum": (cumsum, cumsum),
     "gather_elements": (gather_along, gather_along),
+    "gather_nd": (gather_nd, gather_nd),
 }
 
 

@@ -27,7 +27,7 @@ __all__ = [
     "RuleContext", "AttentionOutput", "BINARY_FN", "UNARY_FN", "pad_spatial", "pad_all_axes", "real_pointwise",
     "real_norm", "pool", "reshape", "broadcast_operands", "constant", "split", "real_mul", "add", "path_mul",
     "path_identity", "path_add", "attention", "lookup_shape", "embedding", "path_embedding", "COMPARE_FN", "compare", "cumsum",
-    "gather_along",
+    "gather_along", "gather_nd",
 ]
 
 
@@ -485,6 +485,18 @@ def gather_along(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[
     return [torch.gather(data, axis, torch.where(idx < 0, idx + data.shape[axis], idx))]
 
 
+def gather_nd(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """ONNX GatherND on index data (see :func:`pai_compiler.ir.shape_program.gather_nd`)."""
+    data, idx = args
+    batch_dims, depth = int(node.attrs.get("batch_dims", 0)), idx.shape[-1]
+    batch = math.prod(data.shape[:batch_dims])
+    rows = idx.to(device=data.device, dtype=torch.int64).reshape(batch, -1, depth)
+    rows = torch.where(rows < 0, rows + torch.tensor(data.shape[batch_dims:batch_dims + depth], device=data.device), rows)
+    flat = data.reshape(batch, *data.shape[batch_dims:])
+    picked = flat[(torch.arange(batch, device=data.device)[:, None], *rows.unbind(-1))]
+    return [picked.reshape(*idx.shape[:-1], *data.shape[batch_dims + depth:])]
+
+
 def shape_data(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
     """Run the node's :class:`ShapeProgram` at the bound sizes (positions, masks, buckets)."""
     program: ShapeProgram = node.attrs["program"]
@@ -502,7 +514,8 @@ def _run_program(model: bytes, feeds: tuple[tuple[str, tuple[int, ...]], ...], s
 
     inputs = {name: np.array(values, dtype=np.int64).reshape(shape) for (name, values), shape in zip(feeds, shapes)}
     evaluator = ReferenceEvaluator(onnx.load_from_string(model), new_ops=[_gather_elements_op()])
-    return np.asarray(evaluator.run(None, inputs)[0])
+    with np.errstate(all="ignore"):  # log(0) = -inf in T5's relative buckets is the intended value, as in onnxruntime
+        return np.asarray(evaluator.run(None, inputs)[0])
 
 
 @lru_cache(maxsize=1)

@@ -25,7 +25,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from pai_compiler.api import optimize, save_model
+from pai_compiler.audit import audit_graph
 from pai_compiler.backends.index_inputs import input_roles
+from pai_compiler.backends.sparse_timing import example_inputs
 from pai_compiler.cli import app
 from pai_compiler.errors import UsageError
 from pai_compiler.frontends.onnx import load_onnx_model
@@ -167,3 +169,49 @@ def test_data_free_criteria_take_a_mask_input(bert_onnx: Path, method: str) -> N
     for graph in (lower_module(_bert(), _tokens()), load_onnx_model(bert_onnx)):
         result = optimize(graph, sparsity=0.8, method=method, steps=2 if method == "dpai" else None)
         assert _density(result.graph) == pytest.approx(0.2, abs=0.01)
+
+
+def test_sparse_module_of_a_static_two_input_export_matches_onnxruntime(tmp_path: Path) -> None:
+    """At a static batch the exporter folds two embedding ``Add``s into constants (token types at
+    (batch, seq, hidden), positions at (1, seq, hidden)): each is its own Param under its own
+    name, so the sparse module (tensors keyed by name) runs each with its own tensor. Its build
+    check feeds an all-ones mask; a padded mask agrees with onnxruntime too."""
+    path, fast = tmp_path / "static.onnx", tmp_path / "fast.pt"
+    inputs = _tokens()  # sample 1 padded
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_TwoTensors(_bert()), (inputs["input_ids"], inputs["attention_mask"]), str(path), opset_version=17, dynamo=False,
+                          input_names=["input_ids", "attention_mask"], output_names=["y"])
+    graph = load_onnx_model(path)
+    names = [p.name for p in graph.params()]
+    assert len(names) == len(set(names)), "two distinct params share a name"
+    ids, mask = example_inputs(graph, batch=3)
+    assert not ids.any() and bool(mask.all()), "the build check attends every token (an all-zero mask hides them all)"
+    res = CliRunner().invoke(app, ["compact", str(path), "-o", str(fast), "--batch", "3"])
+    assert res.exit_code == 0, res.output
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    with torch.no_grad():
+        got = torch.load(fast, weights_only=False)(*[torch.from_numpy(v) for v in feed.values()])
+    got = (got[0] if isinstance(got, (list, tuple)) else got).numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_a_dynamo_two_input_export_indexes_the_mask_by_gather_nd(tmp_path: Path) -> None:
+    """The dynamo exporter reads the padding mask as ``mask[batch_idx, kv_idx]`` (GatherND with constant
+    indices): the interpreter runs it, so the lowered graph computes what onnxruntime does on a padded
+    batch, and the audit counts paths (before: an opaque GatherND, paths null, no compact .pt)."""
+    path = tmp_path / "dynamo.onnx"
+    inputs = _tokens()  # sample 1 padded
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_TwoTensors(_bert()), (inputs["input_ids"], inputs["attention_mask"]), str(path), dynamo=True, verbose=False,
+                          input_names=["input_ids", "attention_mask"])
+    assert any(n.op_type == "GatherND" for n in onnx.load(str(path)).graph.node), "the export no longer has the pattern under test"
+    graph = load_onnx_model(path)
+    assert any(n.attrs.get("op") == "gather_nd" for n in graph.nodes)
+    feed = {k: v.numpy() for k, v in inputs.items()}
+    want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    got = Interpreter(graph).run([torch.from_numpy(v) for v in feed.values()]).outputs[0].detach().numpy()
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert audit_graph(graph)["totals"]["log_paths"] is not None

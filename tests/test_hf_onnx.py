@@ -224,3 +224,15 @@ def test_static_and_dynamic_exports_agree(exports: Callable[[str, Exporter], Pat
     assert dynamic["log_paths"] == pytest.approx(static["log_paths"], abs=1e-9)
     for kind in ("linear", "matmul"):
         assert dynamic["macs_by_kind"][kind] == static["macs_by_kind"][kind], kind
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", "torchscript-dynamic"])
+def test_t5_buckets_fold_and_run_without_numpy_warnings(exports: Callable[[str, Exporter], Path], exporter: Exporter) -> None:
+    """T5's relative buckets take log(0) = -inf on purpose (onnxruntime does the same): folding them
+    and running them at bound sizes prints no RuntimeWarning on the user's terminal."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        graph = load_onnx_model(exports("t5enc", exporter))
+        assert audit_graph(graph)["totals"]["log_paths"] is not None

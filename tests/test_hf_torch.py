@@ -24,7 +24,7 @@ from pai_compiler.errors import ModelError
 from pai_compiler.frontends.torch.export import lower_export
 from pai_compiler.frontends.torch.fx import lower_fx
 from pai_compiler.frontends.torch.spec import lower_module
-from pai_compiler.interp import Interpreter
+from pai_compiler.interp import Interpreter, rule_for
 from pai_compiler.lab.data import load_batch_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -268,3 +268,28 @@ def test_tie_decision_does_not_depend_on_which_use_comes_first(lower: Any) -> No
     assert [p.origin for p in tied.prunable_params()] == ["embed.weight"]
     tables = [n.params["table"] for n in tied.nodes if n.attrs.get("op") == "embedding"]
     assert len(tables) == 1 and not tables[0].prunable and tables[0].origin == "embed.weight"
+
+
+def _gpt_neo() -> nn.Module:
+    return transformers.GPTNeoModel(transformers.GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=2, vocab_size=VOCAB, max_position_embeddings=32,
+                                                              attention_types=[[["global", "local"], 1]], window_size=4))
+
+
+def test_where_on_a_causal_mask_is_real_semantics() -> None:
+    """GPT-Neo selects its scores with ``where(causal_mask, scores, min)`` (a constant bool buffer) and
+    turns the padding mask additive with ``where(mask, 0, min)``: both are the interpreter's ``where``
+    (the condition gates, paths add), so the lowered graph computes the model on a padded batch and
+    the forward-pass criteria run (before: opaque "where on activations", snip/synflow/dpai refused)."""
+    model, inputs = _built(_gpt_neo), _tokens(padded=True)
+    graph = lower_module(model, inputs)
+    wheres = [n for n in graph.nodes if n.attrs.get("op") == "where"]
+    assert len(wheres) >= 2 and all(rule_for(n, "real") is not None for n in graph.nodes if n.kind.value == "opaque")
+    with torch.no_grad():
+        expected = model(**inputs, use_cache=False).last_hidden_state
+    got = Interpreter(graph).run(list(inputs.values())).outputs[0]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * max(1.0, float(expected.abs().max())))
+    batch = load_batch_for(graph, "random", samples_per_class=1, seed=0)
+    for method in ("snip", "dpai"):
+        result = optimize(graph.clone(), sparsity=0.8, method=method, steps=3 if method == "dpai" else None, data=batch if method == "snip" else None)
+        params = result.graph.prunable_params()
+        assert abs(sum(p.kept() for p in params) / sum(p.numel for p in params) - 0.2) < 0.02

@@ -112,3 +112,25 @@ def test_replace_params_checks_and_bumps_version() -> None:
     assert fc.params["weight"] is new and g.version == v + 1  # refused: nothing changed
     with pytest.raises(VerificationError, match="not in the graph"):
         g.replace_params(small_graph().node("fc1"), {})
+
+
+def test_a_long_graph_pickles_and_deep_copies_without_deep_recursion() -> None:
+    """Graph state is flat (a record per node): pickle and ``copy.deepcopy`` of a graph several times
+    longer than Python's recursion limit give the same graph, the shared Param still one object."""
+    import copy
+    import pickle
+
+    g = Graph("long")
+    x = g.add_node(OpKind.INPUT, "x", [], [("x", (1, 4), "float32")]).outputs[0]
+    shared = Param("w", np.ones((4, 4), np.float32), prunable=True)
+    for i in range(3000):
+        params = {"weight": shared} if i in (0, 2999) else {}
+        kind = OpKind.LINEAR if params else OpKind.POINTWISE
+        x = g.add_node(kind, f"n{i}", [x], [(f"v{i}", (1, 4), "float32")], params=params, attrs={} if params else {"op": "relu"}).outputs[0]
+    g.add_node(OpKind.OUTPUT, "y", [x])
+    g.fresh_name("c")
+    for other in (copy.deepcopy(g), pickle.loads(pickle.dumps(g))):
+        other.verify()
+        assert to_text(other) == to_text(g) and other.version == g.version
+        assert other.node("n0").params["weight"] is other.node("n2999").params["weight"]
+        assert other.fresh_name("c") == "c_1"

@@ -136,3 +136,28 @@ def test_shared_weight_is_one_param() -> None:
     g = import_onnx(_model(nodes, inits, in_shape, out_shape), "t")
     p = g.prunable_params()[0]
     assert len(g.param_users(p)) == 2 and p.out_axis == 1 and p.in_axis == 0
+
+
+@pytest.mark.parametrize(("batch_dims", "index_shape"), [(0, (3, 2)), (0, (2, 2, 1)), (1, (2, 3, 1)), (1, (2, 2))])
+def test_gather_nd_matches_the_onnx_reference(batch_dims: int, index_shape: tuple[int, ...]) -> None:
+    """GatherND (numpy at compile time, torch in the interpreter) against onnx's reference evaluator,
+    negative indices included."""
+    from onnx.reference import ReferenceEvaluator
+
+    from pai_compiler.interp_rules import gather_nd as torch_gather_nd
+    from pai_compiler.ir import Graph, OpKind
+    from pai_compiler.ir.shape_program import gather_nd
+
+    rng = np.random.default_rng(0)
+    data = rng.standard_normal((2, 3, 4)).astype(np.float32)
+    depth = index_shape[-1]
+    bounds = np.asarray(data.shape[batch_dims:batch_dims + depth])
+    indices = (rng.integers(0, 1 << 16, index_shape) % bounds - bounds * rng.integers(0, 2, index_shape)).astype(np.int64)
+    model = helper.make_model(helper.make_graph(
+        [helper.make_node("GatherND", ["d", "i"], ["y"], batch_dims=batch_dims)], "g",
+        [helper.make_tensor_value_info("d", TensorProto.FLOAT, data.shape), helper.make_tensor_value_info("i", TensorProto.INT64, index_shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]))
+    want = ReferenceEvaluator(model).run(None, {"d": data, "i": indices})[0]
+    np.testing.assert_array_equal(gather_nd(data, indices, batch_dims), want)
+    node = Graph().add_node(OpKind.OPAQUE, "g", [], [], attrs={"op": "gather_nd", "batch_dims": batch_dims})
+    np.testing.assert_array_equal(torch_gather_nd(None, node, [torch.from_numpy(data), torch.from_numpy(indices)])[0].numpy(), want)

@@ -1,9 +1,10 @@
-"""ONNX index-data ops on run-time tensors: comparisons and logic (bool), CumSum, GatherElements.
+"""ONNX index-data ops on run-time tensors: comparisons and logic (bool), CumSum, GatherElements, GatherND.
 
 What an exporter leaves of position ids computed from the inputs (``cumsum(ids != pad)``) or of
-a padding mask combined with a causal one (``And``) once the sizes are dynamic. Each becomes an
-opaque node the interpreter runs (``op="compare"`` with ``fn``, ``op="cumsum"``,
-``op="gather_elements"``); such values are integer or bool, so they carry no paths.
+a padding mask combined with a causal one (``And``) once the sizes are dynamic, or of a padding
+mask indexed per (batch, key) position (the dynamo exporter's ``mask[b_idx, kv_idx]``: GatherND).
+Each becomes an opaque node the interpreter runs (``op="compare"`` with ``fn``, ``op="cumsum"``,
+``op="gather_elements"``, ``op="gather_nd"``); such values are integer or bool, so they carry no paths.
 """
 from __future__ import annotations
 
@@ -50,4 +51,14 @@ def _gather_elements(imp: Any, node: Any, label: str, ins: list[Any], attrs: dic
     _add(imp, node, label, [data, idx], idx.shape, data.dtype, {"op": "gather_elements", "axis": int(attrs.get("axis", 0))})
 
 
-INDEX_HANDLERS = {**{op: _compare for op in COMPARE_OPS}, "CumSum": _cumsum, "GatherElements": _gather_elements}
+def _gather_nd(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    data, idx = (imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins))
+    batch_dims = int(attrs.get("batch_dims", 0))
+    depth = idx.shape[-1] if idx.shape else None
+    shape = None if data.shape is None or idx.shape is None or not isinstance(depth, int) else \
+        (*idx.shape[:-1], *data.shape[batch_dims + depth:])
+    _add(imp, node, label, [data, idx], shape, data.dtype, {"op": "gather_nd", "batch_dims": batch_dims})
+
+
+INDEX_HANDLERS = {**{op: _compare for op in COMPARE_OPS}, "CumSum": _cumsum, "GatherElements": _gather_elements,
+                  "GatherND": _gather_nd}

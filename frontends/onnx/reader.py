@@ -457,7 +457,8 @@ def _reference_eval(node: Any, consts: list[Const | None]) -> list[np.ndarray] |
         g = helper.make_graph([clone], "fold", inputs, outputs)
         m = helper.make_model(g, opset_imports=[helper.make_opsetid(node.domain, 18 if not node.domain else 1)])
         feeds = {n: c.array for n, c in zip(names, consts) if c is not None}
-        return [np.asarray(r) for r in ReferenceEvaluator(m).run(None, feeds)]
+        with np.errstate(all="ignore"):  # log(0) = -inf (T5's relative buckets) is the intended value, as in onnxruntime
+            return [np.asarray(r) for r in ReferenceEvaluator(m).run(None, feeds)]
     except Exception:
         return None
 

@@ -18,7 +18,7 @@ import numpy as np
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim
 from pai_compiler.ir.dims import as_expr, floor_div, is_symbolic, sym
-from pai_compiler.ir.shape_program import gather_elements
+from pai_compiler.ir.shape_program import gather_elements, gather_nd
 from pai_compiler.onnx_wire import tensor_dtype
 
 __all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype", "float_eps"]
@@ -199,6 +199,7 @@ STATIC_OPS: dict[str, _OpFn] = {
     "Expand": lambda x, a: [x[0] * np.ones([int(d) for d in _ints(x[1])], dtype=x[0].dtype)],
     "Tile": lambda x, a: [np.tile(x[0], _ints(x[1]))],
     "GatherElements": lambda x, a: [gather_elements(x[0], x[1], a.get("axis", 0))],
+    "GatherND": lambda x, a: [gather_nd(x[0], x[1], int(a.get("batch_dims", 0)))],
     "IsNaN": lambda x, a: [np.isnan(x[0])],
     "ReduceProd": lambda x, a: [np.prod(x[0], keepdims=bool(a.get("keepdims", 1)))],
 }
@@ -225,7 +226,8 @@ def eval_static(op_type: str, inputs: list[Const | None], attrs: dict[str, Any])
     arrays = [None if c is None else c.array for c in inputs]
     if fn is not None:
         try:
-            return [concretize(np.asarray(r)) for r in fn(arrays, attrs)]
+            with np.errstate(all="ignore"):  # log(0) = -inf in T5's relative buckets is the intended value, as in onnxruntime
+                return [concretize(np.asarray(r)) for r in fn(arrays, attrs)]
         except (ValueError, TypeError, IndexError, KeyError, AttributeError):
             return None
     return None

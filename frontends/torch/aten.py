@@ -14,7 +14,7 @@ from typing import Any
 import sympy
 import torch
 
-from pai_compiler.frontends.torch.index_ops import ATEN_INDEX_RULES, COMPARE_NAMES, lower_compare
+from pai_compiler.frontends.torch.index_ops import ATEN_INDEX_RULES, COMPARE_NAMES, lower_compare, lower_where
 from pai_compiler.frontends.torch.operands import BATCH, TorchConst, perm_of
 from pai_compiler.ir import Value
 
@@ -303,8 +303,7 @@ def _where(w: Any, n: Any, a: dict[str, Any]) -> Any:
     """``where(all(x == -inf), 0, softmax(x))`` is ``softmax(x)`` for finite scores."""
     if isinstance(a.get("condition"), SafeSoftmaxGuard) and isinstance(a.get("self"), Zeros) and isinstance(a.get("other"), Value):
         return a["other"]
-    items = [t for t in (a.get("condition"), a.get("self"), a.get("other")) if isinstance(t, (Value, TorchConst))]
-    return w.lw.opaque(n.name, items, [w.shape(n)], str(n.target), "where on activations")
+    return lower_where(w, n, a.get("condition"), a.get("self"), a.get("other"), str(n.target))
 
 
 ATEN_RULES: dict[str, Rule] = {

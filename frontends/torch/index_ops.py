@@ -1,4 +1,4 @@
-"""Index-data rules of both torch frontends: comparisons, ``cumsum`` and ``gather`` on integer/bool tensors.
+"""Index-data rules of both torch frontends: comparisons, ``cumsum``, ``gather`` on integer/bool tensors, ``where`` on a mask.
 
 Position ids computed from the inputs (RoBERTa, OPT: ``mask = ids.ne(pad)``,
 ``positions = cumsum(mask) * mask + pad``) and the token-type ids gathered by them lower to
@@ -19,7 +19,7 @@ import torch
 from pai_compiler.frontends.torch.operands import TorchConst, dtype_name
 from pai_compiler.ir import Value
 
-__all__ = ["ATEN_INDEX_RULES", "FX_INDEX_RULES", "COMPARE_NAMES", "BITWISE_NAMES", "lower_compare"]
+__all__ = ["ATEN_INDEX_RULES", "FX_INDEX_RULES", "COMPARE_NAMES", "BITWISE_NAMES", "lower_compare", "lower_where"]
 
 Rule = Callable[..., Any]
 
@@ -72,6 +72,21 @@ def _gather(w: Any, n: Any, data: Any, dim: int, index: Any, origin: str) -> Any
     if not isinstance(index, Value) or not isinstance(data, (Value, TorchConst)):
         return w.lw.opaque(n.name, [t for t in (data, index) if isinstance(t, (Value, TorchConst))], [w.shape(n)], origin, "gather of constants")
     return w.lw.index_op(n.name, "gather_elements", [data, index], w.shape(n), origin, _out_dtype(w, n) or "int64", axis=int(dim))
+
+
+def lower_where(w: Any, n: Any, cond: Any, x: Any, y: Any, origin: str) -> Any:
+    """``where(cond, x, y)`` with an index-data condition (a causal or padding mask, constant or
+    computed from the inputs) and something computed at run time (a branch, or the condition: a
+    mask turned additive): the interpreter's ``where`` (paths: the condition gates, both branches'
+    paths add, as the ONNX frontend's Where). A condition computed from activations stays opaque."""
+    runtime = [t for t in (cond, x, y) if isinstance(t, Value)]
+    if not runtime or not (isinstance(cond, TorchConst) or _is_index(cond)):
+        items = [t for t in (cond, x, y) if isinstance(t, (Value, TorchConst))]
+        return w.lw.opaque(n.name, items, [w.shape(n)], origin, "where on activations (a condition computed from activations)")
+    like = next((t for t in (x, y) if isinstance(t, Value)), None)
+    x, y = (t if isinstance(t, (Value, TorchConst)) else w.lw.const(t, like) for t in (x, y))
+    dtype = _out_dtype(w, n) or (like.dtype if like is not None else "float32")
+    return w.lw.index_op(n.name, "where", [cond, x, y], w.shape(n), origin, dtype)
 
 
 def _aten_compare(fn: str, bool_only: bool = False) -> Rule:

@@ -18,6 +18,7 @@ from typing import Any
 import sympy
 import torch
 
+from pai_compiler.backends.index_inputs import input_roles
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 
@@ -143,17 +144,21 @@ def _concrete_shape(name: str, shape: Sequence[Any], batch: int) -> list[int]:
 
 
 def example_inputs(graph: Graph, *, batch: int, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
-    """Random float inputs (zeros for integer inputs: valid indices) of ``graph``'s shapes, batch bound."""
+    """Inputs of ``graph``'s shapes, batch bound, by role (:func:`input_roles`): N(0, 1) floats,
+    zeros for embedding indices (a valid row), all ones for an integer or bool mask (an all-zero
+    attention mask hides every token: a degenerate softmax that no comparison can trust)."""
     if batch < 1:
         raise UsageError(f"--batch must be a positive integer, got {batch}")
     generator = torch.Generator().manual_seed(seed)
     feed: list[torch.Tensor] = []
-    for v in graph.inputs:
+    for v, role in zip(graph.inputs, input_roles(graph)):
         if v.shape is None:
             raise UsageError(f"input {v.name!r} has no known shape; export the model with fixed input shapes")
         dims = _concrete_shape(v.name, v.shape, batch)
-        if v.dtype.startswith("float"):
+        if role.kind == "float":
             feed.append(torch.randn(dims, generator=generator).to(device))
         else:
-            feed.append(torch.zeros(dims, dtype=torch.int64, device=device))
+            dtype = torch.bool if v.dtype == "bool" else getattr(torch, v.dtype, torch.int64)
+            fill = torch.ones if role.kind == "mask" else torch.zeros
+            feed.append(fill(dims, dtype=dtype, device=device))
     return feed

@@ -154,6 +154,7 @@ class Graph:
         self._nodes: list[Node] = []
         self._values: dict[str, Value] = {}
         self._node_names: set[str] = set()
+        self._handed_out: set[str] = set()  # every fresh_name answer: a Param's name is in no other set
 
     # ---- reading -----------------------------------------------------------------------
     @property
@@ -202,9 +203,12 @@ class Graph:
         return [n for n in self._nodes if any(p is param for p in n.params.values())]
 
     def fresh_name(self, base: str) -> str:
+        """``base``, or ``base_N``: a name no value, node or earlier answer has (two constants folded
+        with the same hint get distinct Param names, which every name-keyed weight table needs)."""
         name, i = base, 1
-        while name in self._values or name in self._node_names:
+        while name in self._values or name in self._node_names or name in self._handed_out:
             name, i = f"{base}_{i}", i + 1
+        self._handed_out.add(name)
         return name
 
     # ---- mutation ----------------------------------------------------------------------
@@ -394,6 +398,20 @@ class Graph:
                 raise VerificationError(f"conv {n.name!r}: {w.shape[0]} output channels not divisible by groups={groups}")
 
     # ---- copying -----------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """A flat record per node (values by name): pickling and ``copy.deepcopy`` then recurse no deeper
+        than one node, where following ``inputs``/``producer`` links went as deep as the graph is long
+        (Swin's few hundred nodes exceeded Python's recursion limit)."""
+        nodes = [(n.kind, n.name, [v.name for v in n.inputs], [(v.name, v.shape, v.dtype) for v in n.outputs], n.params, n.attrs, n.origin)
+                 for n in self._nodes]
+        return {"name": self.name, "version": self.version, "meta": self.meta, "nodes": nodes, "handed_out": self._handed_out}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        Graph.__init__(self, state["name"])
+        for kind, name, inputs, outputs, params, attrs, origin in state["nodes"]:
+            self.add_node(kind, name, [self._values[v] for v in inputs], outputs, params=params, attrs=attrs, origin=origin)
+        self.meta, self.version, self._handed_out = state["meta"], state["version"], set(state["handed_out"])
+
     def clone(self) -> Graph:
         """A deep copy: nodes, values, params, masks and attributes are new objects; weight
         arrays are shared read-only (every mutation replaces them through ``set_param_data``)."""
@@ -416,5 +434,6 @@ class Graph:
                                   params=new_params, attrs=copy.deepcopy(n.attrs), origin=n.origin)
             for old, new in zip(n.outputs, node.outputs):
                 values[id(old)] = new
+        other._handed_out = set(self._handed_out)
         other.version = 0
         return other

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ShapeProgram", "Feed", "gather_elements"]
+__all__ = ["ShapeProgram", "Feed", "gather_elements", "gather_nd"]
 
 #: (graph input name, its shape, its flattened entries: ints or sympy expressions)
 Feed = tuple[str, tuple[int, ...], tuple[Any, ...]]
@@ -40,3 +40,16 @@ def gather_elements(data: np.ndarray, indices: np.ndarray, axis: int = 0) -> np.
     idx = np.asarray(indices, dtype=np.int64)
     idx = np.where(idx < 0, idx + data.shape[axis], idx)
     return np.take_along_axis(data[window], idx, axis=axis)
+
+
+def gather_nd(data: np.ndarray, indices: np.ndarray, batch_dims: int = 0) -> np.ndarray:
+    """ONNX GatherND: ``out[b..., i...] = data[b..., *indices[b..., i..., :]]`` (``b``: the first
+    ``batch_dims`` axes, shared); the last axis of ``indices`` (length k) addresses data's next k
+    axes, negative entries counted from the end."""
+    k = indices.shape[-1]
+    batch = int(np.prod(data.shape[:batch_dims], dtype=np.int64))
+    rows = np.asarray(indices, dtype=np.int64).reshape(batch, -1, k)
+    rows = np.where(rows < 0, rows + np.asarray(data.shape[batch_dims:batch_dims + k]), rows)
+    flat = data.reshape(batch, *data.shape[batch_dims:])
+    picked = flat[(np.arange(batch)[:, None], *np.moveaxis(rows, -1, 0))]
+    return picked.reshape(*indices.shape[:-1], *data.shape[batch_dims + k:])

@@ -331,7 +331,8 @@ def _reshape(cp: ChannelProgram, node: Node) -> None:
         return
     in_name, out = node.inputs[0].name, node.outputs[0].name
     in_shape, out_shape, slot = cp.shapes[in_name], cp.shapes[out], cp.slot[in_name]
-    src = slot if slot not in cp.chan or math.prod(in_shape[2:]) == 1 else cp._full_slot(in_name)
+    vector_is_tensor = math.prod(in_shape[2:]) == 1 and (not in_shape or in_shape[0] == 1)  # [C] is [1, C, 1...]: not at a static batch > 1
+    src = slot if slot not in cp.chan or vector_is_tensor else cp._full_slot(in_name)
     dst = cp._new(out_shape, name=out)
     if node.attrs["op"] == "reshape":
         cp.tape.append(Reshape(cp.ops, src, dst, cp.stored[src], out_shape))
