@@ -47,9 +47,9 @@ from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.progress import metric_bar
-from pai_compiler.passes.allocation.base import check_sparsity, keep_count
+from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
-from pai_compiler.passes.criteria.base import require_layer_counts, resolve_keep
+from pai_compiler.passes.criteria.base import allocation_patterns, require_layer_counts, resolve_keep
 from pai_compiler.passes.criteria.dpai.outcome import DpaiReport
 
 __all__ = ["DpaiPass", "PathMode", "TieMode", "StateMode"]
@@ -98,7 +98,11 @@ class DpaiPass(TransformPass):
             check_sparsity(self.sparsity, self.name)
 
     def requires(self, graph: Graph, am: AnalysisManager) -> None:
-        require_layer_counts(am, self.name, own_sparsity=self.sparsity is not None)
+        require_layer_counts(am, self.name, own_sparsity=self.sparsity is not None, takes_pattern=True)
+        patterns = allocation_patterns(am)
+        if patterns and self.state == "band":
+            raise UsageError(f"dpai: state=band keeps scores only near each layer's cut, not per N:M group; the pattern of "
+                             f"'{am.provided(Allocation).source}' needs state=auto or full (auto picks full)")  # type: ignore[union-attr]
 
     def keep_counts(self, am: AnalysisManager, params: list[Param]) -> dict[str, int]:
         """ERK counts for ``sparsity``, else the allocation an earlier pass provided."""
@@ -119,15 +123,16 @@ class DpaiPass(TransformPass):
         if not params:
             raise UsageError("dpai: the model has no prunable (conv/linear) weights")
         keep = self.keep_counts(am, params)
+        patterns = dict(allocation_patterns(am)) if self.sparsity is None else {}
         device = torch.device(self.device or am.context.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("dpai: device cuda requested but torch sees no CUDA device")
-        _check_memory(params, keep, self, device.type)
+        _check_memory(params, keep, self, device.type, bool(patterns))
         seed = am.context.seed if self.seed is None else self.seed
         with _progress_bar(am.context.progress, self.steps, self.paths) as progress, single_thread(device):
             report, masks = run_dpai(
                 graph, params, keep, options=self, seed=seed, device=device,
-                bind=am.context.extra.get("bind"), progress=progress,
+                bind=am.context.extra.get("bind"), progress=progress, patterns=patterns,
             )
         for p in params:
             graph.set_mask(p, masks.pop(p.name))
@@ -160,7 +165,7 @@ def _progress_bar(enabled: bool, steps: int, mode: str) -> Iterator[Callable[[in
         yield update
 
 
-def _check_memory(params: list[Param], keep: dict[str, int], options: DpaiPass, device: str) -> None:
+def _check_memory(params: list[Param], keep: dict[str, int], options: DpaiPass, device: str, patterned: bool) -> None:
     """Refuse early, with a clear message, instead of being OOM-killed (CPU only)."""
     from pai_compiler.passes.criteria.dpai.driver import memory_estimate
 
@@ -173,7 +178,7 @@ def _check_memory(params: list[Param], keep: dict[str, int], options: DpaiPass, 
         return
     available = info.get("MemAvailable")
     weights = sum(p.numel for p in params)
-    need, state = memory_estimate(params, keep, options)
+    need, state = memory_estimate(params, keep, options, patterned)
     if available is not None and need > available:
         raise PaicError(
             f"dpai: {weights:,} prunable weights need about {need / 2**30:.1f} GiB on the CPU ({state} state, {options.steps} steps), "
