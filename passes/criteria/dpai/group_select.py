@@ -8,7 +8,8 @@ and the rule is its ``group_ranks``: kept iff rank < N, ties to the lower input 
 keeps exactly N, so the layer keeps numel * N / M, the allocation's count.
 
 There is no pool to maintain: each step reads the layer's |S| once (``ScoreSource.layer``), ranks
-it and lists the kept flat indices in ascending order. The device path does that with fixed
+it (M comparisons per pair of group members, on rows of all groups: ``group_ranks``) and lists
+the kept flat indices in ascending order. The device path does that with fixed
 shapes (the kept count is known: a cumsum scatter, no ``nonzero``, no host read); the host path
 (CPU tensors) runs the same rank rule in numpy on ``ScoreSource.layer_host``, the same float32
 values, and lists the same indices in the same order.
@@ -39,33 +40,29 @@ class GroupTopN:
         self.device = device
         for layer, pattern in zip(self.layers, self.patterns):
             assert layer.in_ch % pattern.m == 0 and layer.keep * pattern.m == layer.numel * pattern.n, layer.name
-        self._ranks: dict[int, tuple[np.ndarray, torch.Tensor | None]] = {}
+        self._host: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @staticmethod
     def shape(layer: LayerInfo, pattern: NMPattern) -> tuple[int, int, int]:
-        """(groups along out x in, M, taps): the layer's flat slice as ``group_ranks`` reads it."""
+        """(groups along out x in, M, taps): the layer's flat slice grouped; ``group_ranks`` reads it with M first."""
         return layer.out_ch * (layer.in_ch // pattern.m), pattern.m, layer.taps
 
-    def _buffers(self, i: int) -> tuple[np.ndarray, torch.Tensor | None]:
-        """The layer's rank buffer (uint8), host and device, made on first use and kept across steps."""
-        import torch
-
-        if i not in self._ranks:
-            shape = self.shape(self.layers[i], self.patterns[i])
-            host = np.empty(shape, dtype=np.uint8)
-            on_cpu = torch.device(self.device).type == "cpu"
-            self._ranks[i] = (host, torch.from_numpy(host) if on_cpu else torch.empty(shape, dtype=torch.uint8, device=self.device))
-        return self._ranks[i]
+    def _buffers(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """The layer's |S| with M first (float32) and its ranks (uint8), host side, kept across steps."""
+        if i not in self._host:
+            groups, m, taps = self.shape(self.layers[i], self.patterns[i])
+            self._host[i] = (np.empty((m, groups, taps), dtype=np.float32), np.empty((m, groups, taps), dtype=np.uint8))
+        return self._host[i]
 
     def picks(self, source: ScoreSource) -> list[torch.Tensor]:
         """One int64 tensor of kept flat indices per patterned layer (fixed shapes, no host read)."""
         import torch
 
         out = []
-        for i, (layer, pattern) in enumerate(zip(self.layers, self.patterns)):
-            ranks = self._buffers(i)[1]
-            assert ranks is not None
-            keep = group_ranks(source.layer(layer.offset, layer.numel).view(ranks.shape), ranks).view(-1) < pattern.n
+        for layer, pattern in zip(self.layers, self.patterns):
+            grouped = source.layer(layer.offset, layer.numel).view(self.shape(layer, pattern)).transpose(0, 1)  # (M, groups, taps)
+            ranks = group_ranks(grouped, torch.empty(grouped.shape, dtype=torch.uint8, device=grouped.device))
+            keep = (ranks < pattern.n).transpose(0, 1).reshape(-1)
             slot = torch.cumsum(keep, 0).sub_(1).where(keep, layer.keep)  # rank among the kept, or the dump slot
             listed = torch.empty(layer.keep + 1, dtype=torch.int64, device=keep.device)
             listed.scatter_(0, slot, torch.arange(layer.offset, layer.offset + layer.numel, device=keep.device))
@@ -76,7 +73,8 @@ class GroupTopN:
         """:meth:`picks` in numpy (CPU tensors): the same ranks, indices and order."""
         out = []
         for i, (layer, pattern) in enumerate(zip(self.layers, self.patterns)):
-            ranks = self._buffers(i)[0]
-            keep = group_ranks(source.layer_host(layer.offset, layer.numel).reshape(ranks.shape), ranks).reshape(-1) < pattern.n
-            out.append(np.flatnonzero(keep) + layer.offset)
+            grouped, ranks = self._buffers(i)
+            np.copyto(grouped, source.layer_host(layer.offset, layer.numel).reshape(self.shape(layer, pattern)).transpose(1, 0, 2))
+            keep = group_ranks(grouped, ranks) < pattern.n
+            out.append(np.flatnonzero(keep.transpose(1, 0, 2)) + layer.offset)
         return out
