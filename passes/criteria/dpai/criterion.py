@@ -35,6 +35,16 @@ instead of every step). ``auto`` takes ``band`` when the bands are
 expected to hold at most a quarter of the weights (tens of steps at lr 0.005), else ``full``. An up-front
 check refuses a run whose measured-per-weight estimate (``_dpai_run.memory_estimate``) exceeds
 MemAvailable.
+
+N:M patterns (``erk{pattern=2:4},dpai``): a layer the allocation patterned is binarised, every step
+and at the end, by the N largest |S| of every M consecutive inputs (same out channel and tap),
+ties to the lower input, through the allocation's own rule (``pattern.group_ranks``, also behind
+``nm_mask``; ``group_select.GroupTopN``), so the optimisation sees exactly the masks it emits;
+other layers keep their top-k. ``ties`` applies to those only (groups always use the pattern's
+rule). ``state=band`` cannot hold a pattern: its bands are the entries near a layer-wide cut,
+and a group's cut is its own N-th largest, which entries far from the layer's cut can cross, so
+patterned runs take full state (``auto`` picks it; ``band`` is refused). dpai's own ``sparsity``
+is refused with a pattern (the allocation's counts rule).
 """
 from __future__ import annotations
 
@@ -61,7 +71,8 @@ StateMode = Literal["auto", "full", "band", "weights"]
 
 @dataclass(frozen=True)
 class DpaiPass(TransformPass):
-    """Optimise per-layer masks for paths, nodes and kernels (needs an allocation or ``sparsity``).
+    """Optimise per-layer masks for paths, nodes and kernels (needs an allocation or ``sparsity``);
+    an allocation's N:M pattern is held on its layers every step.
 
     ``state``: auto, full, band or weights (what is stored per weight).
     """

@@ -6,7 +6,8 @@ device, so a seed gives the same initial mask everywhere. State: ``weights`` (ev
 score; ``build``), ``full`` (the same, but in channel mode |S0| per weight and Adam over kernels,
 ``kernel_state``, when kernels are at most ``KERNEL_SHARE_MAX`` of the weights) or ``band``
 (channel R_P, index ties: only the weights near a top-k boundary, ``_dpai_band``); ``auto``
-takes band when ``band_fraction`` <= ``BAND_MAX``. The loop state is freed before the report's ``initial``/``final`` blocks are measured per pixel in the reference
+takes band when ``band_fraction`` <= ``BAND_MAX``, and full whenever the allocation patterned a
+layer (N:M: per-group top-N every step, ``group_select``; a band is cut per layer, not per group). The loop state is freed before the report's ``initial``/``final`` blocks are measured per pixel in the reference
 convention (max-normalised float32 count, model pooling) whatever ``paths`` drove the
 optimisation, plus the exact log count (float64, sum pooling, no skip weighting); see
 ``_dpai_report``. Peak memory per prunable weight (``memory_estimate``, constants below): band
