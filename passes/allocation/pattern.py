@@ -12,13 +12,14 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Param
 
-__all__ = ["NMPattern", "parse_pattern", "holds_pattern", "nm_mask", "is_nm_mask", "pattern_report"]
+__all__ = ["NMPattern", "parse_pattern", "holds_pattern", "group_ranks", "nm_mask", "is_nm_mask", "pattern_report"]
 
 
 @dataclass(frozen=True)
@@ -57,13 +58,32 @@ def _groups(array: np.ndarray, param: Param, m: int) -> np.ndarray:
     return np.moveaxis(array.reshape(param.shape), param.in_axis, -1).reshape(-1, m)
 
 
+def group_ranks(groups: Any, out: Any) -> Any:
+    """Rank of every entry within its group, into ``out`` (zeroed here; uint8 is enough for M < 256).
+
+    ``groups`` is (M, ...): axis 0 runs along a group, every other position is its own group (keep
+    each row ``groups[k]`` contiguous: numpy is many times slower on short strided rows).
+    rank_j = #{k : s_k > s_j} + #{k < j : s_k = s_j}: the position a stable descending sort gives,
+    so ``out < N`` keeps the N highest, ties to the lower index, exactly N per group (no NaN).
+    One comparison per pair k < j (M(M-1)/2 of them), each adding to the loser's rank. Operators
+    and indexing only: numpy arrays and torch tensors alike (the host and device paths of DPaI's
+    selection run this one rule).
+    """
+    out[...] = 0
+    m = groups.shape[0]
+    for k in range(m):
+        for j in range(k + 1, m):
+            later_wins = groups[j] > groups[k]  # strictly: an equal score earlier in the group wins
+            out[k] += later_wins
+            out[j] += ~later_wins
+    return out
+
+
 def nm_mask(scores: np.ndarray, param: Param, pattern: NMPattern) -> np.ndarray:
     """Bool mask (the weight's shape) keeping the N highest scores of every group of M."""
     groups = _groups(np.asarray(scores, dtype=np.float64), param, pattern.m)
-    groups = np.where(np.isnan(groups), -np.inf, groups)
-    order = np.argsort(-groups, axis=1, kind="stable")  # stable: ties go to the lower index
-    keep = np.zeros(groups.shape, dtype=bool)
-    np.put_along_axis(keep, order[:, : pattern.n], True, axis=1)
+    groups = np.ascontiguousarray(np.where(np.isnan(groups), -np.inf, groups).T)  # (M, G)
+    keep = (group_ranks(groups, np.empty(groups.shape, dtype=np.uint8)) < pattern.n).T
     moved = list(param.shape)
     assert param.in_axis is not None
     moved.append(moved.pop(param.in_axis))

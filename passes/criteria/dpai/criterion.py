@@ -35,6 +35,16 @@ instead of every step). ``auto`` takes ``band`` when the bands are
 expected to hold at most a quarter of the weights (tens of steps at lr 0.005), else ``full``. An up-front
 check refuses a run whose measured-per-weight estimate (``_dpai_run.memory_estimate``) exceeds
 MemAvailable.
+
+N:M patterns (``erk{pattern=2:4},dpai``): a layer the allocation patterned is binarised, every step
+and at the end, by the N largest |S| of every M consecutive inputs (same out channel and tap),
+ties to the lower input, through the allocation's own rule (``pattern.group_ranks``, also behind
+``nm_mask``; ``group_select.GroupTopN``), so the optimisation sees exactly the masks it emits;
+other layers keep their top-k. ``ties`` applies to those only (groups always use the pattern's
+rule). ``state=band`` cannot hold a pattern: its bands are the entries near a layer-wide cut,
+and a group's cut is its own N-th largest, which entries far from the layer's cut can cross, so
+patterned runs take full state (``auto`` picks it; ``band`` is refused). dpai's own ``sparsity``
+is refused with a pattern (the allocation's counts rule).
 """
 from __future__ import annotations
 
@@ -47,9 +57,9 @@ from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.ir import Graph, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.progress import metric_bar
-from pai_compiler.passes.allocation.base import check_sparsity, keep_count
+from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
-from pai_compiler.passes.criteria.base import require_layer_counts, resolve_keep
+from pai_compiler.passes.criteria.base import allocation_patterns, require_layer_counts, resolve_keep
 from pai_compiler.passes.criteria.dpai.outcome import DpaiReport
 
 __all__ = ["DpaiPass", "PathMode", "TieMode", "StateMode"]
@@ -61,7 +71,8 @@ StateMode = Literal["auto", "full", "band", "weights"]
 
 @dataclass(frozen=True)
 class DpaiPass(TransformPass):
-    """Optimise per-layer masks for paths, nodes and kernels (needs an allocation or ``sparsity``).
+    """Optimise per-layer masks for paths, nodes and kernels (needs an allocation or ``sparsity``);
+    an allocation's N:M pattern is held on its layers every step.
 
     ``state``: auto, full, band or weights (what is stored per weight).
     """
@@ -98,7 +109,11 @@ class DpaiPass(TransformPass):
             check_sparsity(self.sparsity, self.name)
 
     def requires(self, graph: Graph, am: AnalysisManager) -> None:
-        require_layer_counts(am, self.name, own_sparsity=self.sparsity is not None)
+        require_layer_counts(am, self.name, own_sparsity=self.sparsity is not None, takes_pattern=True)
+        patterns = allocation_patterns(am)
+        if patterns and self.state == "band":
+            raise UsageError(f"dpai: state=band keeps scores only near each layer's cut, not per N:M group; the pattern of "
+                             f"'{am.provided(Allocation).source}' needs state=auto or full (auto picks full)")  # type: ignore[union-attr]
 
     def keep_counts(self, am: AnalysisManager, params: list[Param]) -> dict[str, int]:
         """ERK counts for ``sparsity``, else the allocation an earlier pass provided."""
@@ -119,15 +134,16 @@ class DpaiPass(TransformPass):
         if not params:
             raise UsageError("dpai: the model has no prunable (conv/linear) weights")
         keep = self.keep_counts(am, params)
+        patterns = dict(allocation_patterns(am)) if self.sparsity is None else {}
         device = torch.device(self.device or am.context.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("dpai: device cuda requested but torch sees no CUDA device")
-        _check_memory(params, keep, self, device.type)
+        _check_memory(params, keep, self, device.type, bool(patterns))
         seed = am.context.seed if self.seed is None else self.seed
         with _progress_bar(am.context.progress, self.steps, self.paths) as progress, single_thread(device):
             report, masks = run_dpai(
                 graph, params, keep, options=self, seed=seed, device=device,
-                bind=am.context.extra.get("bind"), progress=progress,
+                bind=am.context.extra.get("bind"), progress=progress, patterns=patterns,
             )
         for p in params:
             graph.set_mask(p, masks.pop(p.name))
@@ -160,7 +176,7 @@ def _progress_bar(enabled: bool, steps: int, mode: str) -> Iterator[Callable[[in
         yield update
 
 
-def _check_memory(params: list[Param], keep: dict[str, int], options: DpaiPass, device: str) -> None:
+def _check_memory(params: list[Param], keep: dict[str, int], options: DpaiPass, device: str, patterned: bool) -> None:
     """Refuse early, with a clear message, instead of being OOM-killed (CPU only)."""
     from pai_compiler.passes.criteria.dpai.driver import memory_estimate
 
@@ -173,7 +189,7 @@ def _check_memory(params: list[Param], keep: dict[str, int], options: DpaiPass, 
         return
     available = info.get("MemAvailable")
     weights = sum(p.numel for p in params)
-    need, state = memory_estimate(params, keep, options)
+    need, state = memory_estimate(params, keep, options, patterned)
     if available is not None and need > available:
         raise PaicError(
             f"dpai: {weights:,} prunable weights need about {need / 2**30:.1f} GiB on the CPU ({state} state, {options.steps} steps), "

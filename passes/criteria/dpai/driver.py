@@ -6,7 +6,8 @@ device, so a seed gives the same initial mask everywhere. State: ``weights`` (ev
 score; ``build``), ``full`` (the same, but in channel mode |S0| per weight and Adam over kernels,
 ``kernel_state``, when kernels are at most ``KERNEL_SHARE_MAX`` of the weights) or ``band``
 (channel R_P, index ties: only the weights near a top-k boundary, ``_dpai_band``); ``auto``
-takes band when ``band_fraction`` <= ``BAND_MAX``. The loop state is freed before the report's ``initial``/``final`` blocks are measured per pixel in the reference
+takes band when ``band_fraction`` <= ``BAND_MAX``, and full whenever the allocation patterned a
+layer (N:M: per-group top-N every step, ``group_select``; a band is cut per layer, not per group). The loop state is freed before the report's ``initial``/``final`` blocks are measured per pixel in the reference
 convention (max-normalised float32 count, model pooling) whatever ``paths`` drove the
 optimisation, plus the exact log count (float64, sum pooling, no skip weighting); see
 ``_dpai_report``. Peak memory per prunable weight (``memory_estimate``, constants below): band
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pai_compiler.ir import Graph, Param
+from pai_compiler.passes.allocation.pattern import NMPattern
 from pai_compiler.memory import trim_heap
 from pai_compiler.passes.analysis.bindings import sample_bindings
 from pai_compiler.passes.criteria.dpai.band import BandState, band_fraction, drift_bound
@@ -73,12 +75,13 @@ def initial_scores(layout: Layout, seed: int, device: str | torch.device) -> tor
 
 
 def build(
-    graph: Graph, params: list[Param], keep: Mapping[str, int], paths: str, alpha: float, beta: float, device: Any, bind: Mapping[str, int], ties: str = "auto"
+    graph: Graph, params: list[Param], keep: Mapping[str, int], paths: str, alpha: float, beta: float, device: Any, bind: Mapping[str, int], ties: str = "auto",
+    patterns: Mapping[str, NMPattern] | None = None,
 ) -> tuple[Layout, IncrementalTopK, SurrogateUpdate, Callable[..., Any]]:
-    """Layout, top-k, surrogate and the step function for one R_P convention."""
+    """Layout, top-k (per group on the ``patterns`` layers), surrogate and the step function for one R_P convention."""
     shapes = value_shapes(graph, bind, device) if paths == "channel" else {}
     layout = Layout(params, keep, dead_taps(graph, params, shapes) if paths == "channel" else None)
-    topk = IncrementalTopK(layout, device, ties=tie_rule(paths, ties))
+    topk = IncrementalTopK(layout, device, ties=tie_rule(paths, ties), patterns=patterns)
     update = SurrogateUpdate(layout, topk.order, alpha, beta, device)
     if paths == "channel":
         step: Callable[..., Any] = ChannelStep(ChannelProgram(graph, layout, shapes, device, bind), update)
@@ -107,21 +110,22 @@ def single_thread(device: torch.device) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
-def choose_state(state: str, paths: str, ties: str, sizes: Sequence[tuple[int, int]], steps: int, lr: float) -> str:
-    """``band`` or ``full`` (see the module docstring); ``sizes`` = (numel, keep) per layer."""
+def choose_state(state: str, paths: str, ties: str, sizes: Sequence[tuple[int, int]], steps: int, lr: float, patterned: bool = False) -> str:
+    """``band`` or ``full`` (see the module docstring); ``sizes`` = (numel, keep) per layer;
+    ``patterned``: some layer has an N:M pattern (band state cannot hold it: full)."""
     if state != "auto":
         return state
-    if paths != "channel" or tie_rule(paths, ties) != "index":
+    if patterned or paths != "channel" or tie_rule(paths, ties) != "index":
         return "full"
     return "band" if band_fraction(sizes, steps, lr) <= BAND_MAX else "full"
 
 
-def memory_estimate(params: Sequence[Param], keep: Mapping[str, int], options: Any) -> tuple[int, str]:
+def memory_estimate(params: Sequence[Param], keep: Mapping[str, int], options: Any, patterned: bool = False) -> tuple[int, str]:
     """(bytes, state): FULL_BYTES per weight (per-weight state), the kernel state's bytes, or (BAND_BYTES + BAND_TRACKED_BYTES x band share)
     per weight + BAND_LAYER_BYTES per weight of the largest layer."""
     sizes = [(p.numel, keep[p.name]) for p in params]
     weights = sum(n for n, _ in sizes)
-    state = choose_state(getattr(options, "state", "auto"), options.paths, options.ties, sizes, options.steps, options.lr)
+    state = choose_state(getattr(options, "state", "auto"), options.paths, options.ties, sizes, options.steps, options.lr, patterned)
     kernels = sum(p.shape[p.out_axis] * (p.shape[p.in_axis] if p.in_axis is not None else 1) for p in params)
     if state == "full" and options.paths == "channel" and kernels <= KERNEL_SHARE_MAX * weights:
         return int(weights * KERNEL_WEIGHT_BYTES + kernels * KERNEL_BYTES), state
@@ -141,15 +145,20 @@ def run_dpai(
     device: torch.device,
     bind: Mapping[str, int] | None = None,
     progress: Callable[[int, dict[str, Any] | None], None] | None = None,
+    patterns: Mapping[str, NMPattern] | None = None,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Optimise and return (report, masks by param name); on the CPU, call it inside :func:`single_thread`."""
+    """Optimise and return (report, masks by param name); on the CPU, call it inside :func:`single_thread`.
+    ``patterns``: the allocation's N:M layers, binarised per group every step (full state)."""
     import torch
 
     start = time.perf_counter()
     full_bind = sample_bindings(graph, bind)
-    state = choose_state(getattr(options, "state", "auto"), options.paths, options.ties, [(p.numel, keep[p.name]) for p in params], options.steps, options.lr)
+    patterns = patterns or {}
+    sizes = [(p.numel, keep[p.name]) for p in params]
+    state = choose_state(getattr(options, "state", "auto"), options.paths, options.ties, sizes, options.steps, options.lr, bool(patterns))
+    assert not (patterns and state == "band"), "band state keeps no N:M groups (refused in DpaiPass.requires)"
     args = (graph, params, keep, options, seed, device, full_bind, progress, start)
-    layout, result, initial, final, masks, tracked, setup = _band(*args) if state == "band" else _full(*args, per_weight=state == "weights")
+    layout, result, initial, final, masks, tracked, setup = _band(*args) if state == "band" else _full(*args, per_weight=state == "weights", patterns=patterns)
     trim_heap()
     measured = {}
     for name, mask_of in (("initial", initial), ("final", final)):
@@ -178,17 +187,18 @@ def run_dpai(
         "trajectory": result.trajectory,
         "topk": result.topk,
         "dead_taps": sorted(layout.tap_live),
+        "patterns": {name: str(p) for name, p in patterns.items()},
     }
     return report, masks()
 
 
 def _full(
     graph: Graph, params: list[Param], keep: Mapping[str, int], options: Any, seed: int, device: Any, bind: Mapping[str, int], progress: Any, start: float,
-    per_weight: bool = False,
+    per_weight: bool = False, patterns: Mapping[str, NMPattern] | None = None,
 ) -> tuple[Any, ...]:
     """Every weight has a score (the state is freed on return, before the report); channel R_P
     keeps it at kernel level (``kernel_state``: |S0| per weight, Adam over kernels)."""
-    layout, topk, update, step = build(graph, params, keep, options.paths, options.alpha, options.beta, device, bind, options.ties)
+    layout, topk, update, step = build(graph, params, keep, options.paths, options.alpha, options.beta, device, bind, options.ties, patterns)
     scores = initial_scores(layout, seed, device)
     view: Any = scores
     if isinstance(step, ChannelStep) and not per_weight and layout.n_kernels <= KERNEL_SHARE_MAX * layout.numel:
@@ -197,7 +207,7 @@ def _full(
         if host_step_applies(step.program, update):  # the CPU: numpy on the same buffers
             step = HostKernelStep(step.program, update)
         if topk.ties == "index":  # sync-free steps (host reads once per window)
-            topk = FixedPoolTopK(layout, device)
+            topk = FixedPoolTopK(layout, device, patterns=patterns)
     initial = topk.select(view)
     setup = time.perf_counter() - start
     prepare = step.kept if isinstance(step, HostKernelStep) else None

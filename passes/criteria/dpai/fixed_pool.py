@@ -22,10 +22,12 @@ scores bunch up as DPaI runs).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pai_compiler.passes.allocation.pattern import NMPattern
 from pai_compiler.passes.criteria.dpai.kernel_state import ScoreSource
 from pai_compiler.passes.criteria.dpai.layout import Layout
 from pai_compiler.passes.criteria.dpai.select import IncrementalTopK, kth_smallest
@@ -39,13 +41,16 @@ __all__ = ["FixedPoolTopK"]
 class FixedPoolTopK(IncrementalTopK):
     """``select`` as :class:`IncrementalTopK` with ``ties="index"``, but sync-free after :meth:`refill`."""
 
-    def __init__(self, layout: Layout, device: str | torch.device, margin: float = 0.5, host_partition: bool | None = None) -> None:
-        """``host_partition``: the k-th largest by numpy on CPU tensors (default: on the CPU)."""
+    def __init__(self, layout: Layout, device: str | torch.device, margin: float = 0.5, host_partition: bool | None = None,
+                 patterns: Mapping[str, NMPattern] | None = None) -> None:
+        """``host_partition``: the k-th largest (and the patterned layers' group ranks) by numpy on
+        CPU tensors (default: on the CPU); ``patterns``: the allocation's N:M layers (``group_select``)."""
         import torch
 
-        super().__init__(layout, device, ties="index", margin=margin)
+        super().__init__(layout, device, ties="index", margin=margin, patterns=patterns)
         self.host_partition = torch.device(device).type == "cpu" if host_partition is None else host_partition
-        self.checked = IncrementalTopK(layout, device, ties="index", margin=margin)
+        self.host_groups = self.host_partition
+        self.checked = IncrementalTopK(layout, device, ties="index", margin=margin, patterns=patterns)
         self.capacity: list[list[int]] | None = None
         self.invalid = torch.zeros((), dtype=torch.bool, device=device)
         self.room = torch.full((), math.inf, device=device)
@@ -118,9 +123,9 @@ class FixedPoolTopK(IncrementalTopK):
         """Kept flat indices (``self.order`` layout); device-only work once refilled."""
         import torch
 
-        if not self.partial:
-            return self.dense_idx
         assert isinstance(scores, ScoreSource)
+        if not self.partial:
+            return self._joined([], scores)
         if self.capacity is None:
             self.refill(scores)
         if self.host_partition:
@@ -137,9 +142,7 @@ class FixedPoolTopK(IncrementalTopK):
             self._tied = self._tied + tied
             picks.append(chosen)
         self._window_start = False
-        if self.dense_idx.numel():
-            picks.append(self.dense_idx)
-        return torch.cat(picks)
+        return self._joined(picks, scores)
 
     def _host_select(self, scores: ScoreSource) -> torch.Tensor:
         """:meth:`select` in numpy on CPU tensors (see the module docstring)."""
@@ -158,9 +161,7 @@ class FixedPoolTopK(IncrementalTopK):
             self._host_ties += tied
             picks.append(torch.from_numpy(chosen))
         self._window_start = False
-        if self.dense_idx.numel():
-            picks.append(self.dense_idx)
-        return torch.cat(picks) if len(picks) > 1 else picks[0]
+        return self._joined(picks, scores)
 
     def window_end(self) -> tuple[bool, float, float]:
         """(every step since the last call was exact, the room at the window's first step, the

@@ -38,6 +38,7 @@ class DpaiReport:
     trajectory: list[dict[str, Any]]
     topk: dict[str, Any]
     dead_taps: list[str]
+    patterns: dict[str, str] = dataclasses.field(default_factory=dict)  # N:M layers, binarised per group
 
     def as_dict(self) -> dict[str, Any]:
         """The report as plain JSON-ready data (a deep copy)."""

@@ -18,14 +18,21 @@ full sort every step, bit for bit. Layers with keep counts within a factor 2 sha
 pool and one unsorted ``topk`` per step (``_Bucket``). A rebuild scans one layer at a time (no
 temporary the size of all scores). ``layout`` is anything whose ``layers`` have index, offset,
 numel and keep: a ``Layout``, or a ``BandState`` whose layers are its bands.
+
+Layers with an N:M ``pattern`` (from the allocation) take no part in the pools: their kept
+entries are the per-group top-N of every step (``group_select.GroupTopN``, index ties within a
+group whatever ``ties`` says), listed after the pooled layers and before the dense ones.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from pai_compiler.passes.allocation.pattern import NMPattern
+from pai_compiler.passes.criteria.dpai.group_select import GroupTopN
 from pai_compiler.passes.criteria.dpai.host_select import RaggedPools
 from pai_compiler.passes.criteria.dpai.kernel_state import AbsScores, ScoreSource
 from pai_compiler.passes.criteria.dpai.layout import Layout
@@ -190,11 +197,15 @@ class _Bucket:
 class IncrementalTopK:
     """Selects every layer's kept entries from the flat scores; see the module docstring."""
 
-    def __init__(self, layout: Layout, device: str | torch.device, ties: TieRule = "sort", margin: float = 0.25) -> None:
+    def __init__(self, layout: Layout, device: str | torch.device, ties: TieRule = "sort", margin: float = 0.25,
+                 patterns: Mapping[str, NMPattern] | None = None) -> None:
         import torch
 
         self.layout, self.device, self.ties, self.margin = layout, device, ties, float(margin)
-        self.partial = [layer for layer in layout.layers if 0 < layer.keep < layer.numel]
+        self.grouped = GroupTopN(layout, patterns or {}, device)
+        self.host_groups = torch.device(device).type == "cpu"  # the patterned layers' picks in numpy (the same picks)
+        grouped = {layer.index for layer in self.grouped.layers}
+        self.partial = [layer for layer in layout.layers if 0 < layer.keep < layer.numel and layer.index not in grouped]
         dense = [layer for layer in layout.layers if layer.keep == layer.numel]
         dense_idx = [np.arange(layer.offset, layer.offset + layer.numel) for layer in dense]
         self.dense_idx = torch.as_tensor(np.concatenate(dense_idx) if dense_idx else np.zeros(0, np.int64), dtype=torch.int64, device=device)
@@ -210,8 +221,9 @@ class IncrementalTopK:
             rows = sorted(r for r in by_keep if self.partial[r].keep <= 2 * first)
             by_keep = [r for r in by_keep if r not in rows]
             self.buckets.append(_Bucket(rows, [self.partial[r].keep for r in rows], device))
-        #: kept-entry order: the partial layers bucket by bucket, then the dense layers
-        self.order = [self.partial[r].index for bucket in self.buckets for r in bucket.rows] + [layer.index for layer in dense]
+        #: kept-entry order: the partial layers bucket by bucket, then the patterned, then the dense layers
+        self.order = [self.partial[r].index for bucket in self.buckets for r in bucket.rows] + [layer.index for layer in self.grouped.layers]
+        self.order += [layer.index for layer in dense]
         self.t0: torch.Tensor | None = None
         self.drift = 0.0  # bound on any |S| change since the last rebuild
         self.rebuilds = self.verifications = self._host_ties = 0
@@ -265,9 +277,9 @@ class IncrementalTopK:
         """
         import torch
 
-        if not self.partial:
-            return self.dense_idx
         source = scores if isinstance(scores, ScoreSource) else AbsScores(scores)
+        if not self.partial:
+            return self._joined([], source)
         if self.t0 is None:
             self._rebuild(source)
         if self.ties == "index" and torch.device(self.device).type == "cpu":
@@ -288,10 +300,20 @@ class IncrementalTopK:
                 if room >= self.drift:
                     continue
             self._rebuild(source)
-        picks = [self._picks(source, bucket, top, tie, bool(any_tie)) for bucket, top, tie in zip(self.buckets, tops, ties)]
+        return self._joined([self._picks(source, bucket, top, tie, bool(any_tie)) for bucket, top, tie in zip(self.buckets, tops, ties)], source)
+
+    def _joined(self, picks: list[torch.Tensor], source: ScoreSource) -> torch.Tensor:
+        """The pooled layers' ``picks``, then the patterned layers' (in numpy with ``host_groups``), then the dense ones."""
+        import torch
+
+        if self.grouped.layers:
+            host = self.host_groups
+            picks = picks + ([torch.from_numpy(p) for p in self.grouped.host_picks(source)] if host else self.grouped.picks(source))
         if self.dense_idx.numel():
-            picks.append(self.dense_idx)
-        return torch.cat(picks)
+            picks = picks + [self.dense_idx]
+        if not picks:
+            return self.dense_idx
+        return torch.cat(picks) if len(picks) > 1 else picks[0]
 
     def _host_select(self, source: ScoreSource) -> torch.Tensor:
         """:meth:`select` with index ties on CPU tensors: numpy's introselect for the k-th largest
@@ -313,10 +335,7 @@ class IncrementalTopK:
                     break
             self._rebuild(source)
         self._host_ties += sum(tied for _, _, tied in found)
-        picks = [torch.from_numpy(chosen) for chosen, _, _ in found]
-        if self.dense_idx.numel():
-            picks.append(self.dense_idx)
-        return torch.cat(picks) if len(picks) > 1 else picks[0]
+        return self._joined([torch.from_numpy(chosen) for chosen, _, _ in found], source)
 
     def _picks(self, source: ScoreSource, bucket: _Bucket, top: tuple[torch.Tensor, ...], tie: torch.Tensor, any_tie: bool) -> torch.Tensor:
         """Kept flat indices of one bucket, row after row."""
