@@ -28,6 +28,7 @@ from pai_compiler.frontends.params import layout_twin
 from pai_compiler.errors import ModelError, PaicError
 from pai_compiler.frontends.onnx.proto_view import ModelView, NodeView, ValueInfoView, attribute_value, read_model, tensor_array, value_info_of, view_of
 from pai_compiler.onnx_wire import tensor_dtype
+from pai_compiler.progress import PHASE_DELAY, Phases, metric_bar
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
 
 __all__ = ["load_onnx_model", "import_onnx"]
@@ -35,13 +36,14 @@ __all__ = ["load_onnx_model", "import_onnx"]
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview", "ai.onnx.preview.training"}
 
 
-def load_onnx_model(path: str | os.PathLike[str]) -> Graph:
+def load_onnx_model(path: str | os.PathLike[str], *, progress: bool = False) -> Graph:
     """Read and lower an ONNX file; every stored weight stays memory-mapped (``proto_view``), and
-    onnx itself is imported only for what the view hands to it (rare encodings, opaque nodes)."""
+    onnx itself is imported only for what the view hands to it (rare encodings, opaque nodes).
+    ``progress``: a load that runs long shows a bar on stderr (terminals only)."""
 
     p = Path(path)
     model, arrays = read_model(p)
-    graph = import_onnx(model, name=p.stem, arrays=arrays)
+    graph = import_onnx(model, name=p.stem, arrays=arrays, progress=progress)
     graph.meta["source_path"] = str(path)
     return graph
 
@@ -231,7 +233,8 @@ class _Importer:
         return node.outputs[0]
 
     # ---- main walk ---------------------------------------------------------------------
-    def run(self) -> Graph:
+    def run(self, phases: Phases | None = None) -> Graph:
+        """The lowered graph; ``phases`` (a progress feed) ticks once per ONNX node."""
         g = self.model.graph
         assert g is not None
         self._load_initializers()
@@ -244,6 +247,8 @@ class _Importer:
         self.positions = {id(n): i for i, n in enumerate(nodes)}
         for index, node in enumerate(_toposort(nodes, set(self.env))):
             self._lower(node, index)
+            if phases is not None:
+                phases.tick()
         self.visiting = None
         self._add_outputs()
         self.graph.meta.update(
@@ -453,14 +458,23 @@ def _dtype_name(elem_type: int) -> str:
         return "float32"
 
 
-def import_onnx(model: ModelView | Any, name: str = "", arrays: Mapping[str, np.ndarray] | None = None) -> Graph:
+def import_onnx(model: ModelView | Any, name: str = "", arrays: Mapping[str, np.ndarray] | None = None, *, progress: bool = False) -> Graph:
     """Lower a model (a ModelView, or an onnx ModelProto, viewed through its serialized bytes) to the
-    IR; ``arrays`` gives initializer data by name, the rest is read from the model."""
+    IR; ``arrays`` gives initializer data by name, the rest is read from the model. ``progress``: a
+    bar over the ONNX nodes and the pattern/verify phases, drawn only when the load runs long."""
     if not isinstance(model, ModelView):
         model = view_of(model.SerializeToString())
     if model.graph is None:
         raise ModelError("not a valid ONNX model (no graph)")
-    graph = _Importer(model, name, arrays).run()
-    fuse_patterns(graph)
-    graph.verify()
+    total = len(model.graph.node) + 2
+    with metric_bar(progress, "[bold]load[/]", total, unit="nodes", delay=PHASE_DELAY) as bar:
+        phases = Phases(bar, total, every=64)
+        phases.begin("lowering", name)
+        graph = _Importer(model, name, arrays).run(phases)
+        phases.begin("patterns", f"{len(graph.nodes):,} IR nodes")
+        fuse_patterns(graph)
+        phases.tick()
+        phases.begin("verify", f"{len(graph.nodes):,} IR nodes")
+        graph.verify()
+        phases.finish()
     return graph
