@@ -150,21 +150,54 @@ def _torch_load(tmp_path: Path, progress: bool, monkeypatch: pytest.MonkeyPatch)
     return spec.load_torch_spec(f"{tmp_path / 'net.py'}:Net", input_shape="2,4", progress=progress)
 
 
+def _load(tmp: Path, progress: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    return load_onnx_model(EXAMPLES / "resnet20.onnx", progress=progress)
+
+
+def _audit(tmp: Path, progress: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from pai_compiler.audit import audit_graph
+
+    return audit_graph(load_onnx_model(EXAMPLES / "resnet20.onnx"), progress=progress)
+
+
+def _npb(tmp: Path, progress: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    graph = load_onnx_model(EXAMPLES / "vgg_small.onnx")
+    return PassManager(parse_pipeline("erk{sparsity=0.99},npb")).run(graph, AnalysisManager(graph, RunContext(seed=0, progress=progress)))
+
+
+def _dead_node_elim(tmp: Path, progress: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from pai_compiler import api
+
+    return api.compact_graph(api.optimize(str(EXAMPLES / "vgg_small.onnx"), sparsity=0.99, method="synflow").graph, progress=progress)
+
+
+def _sparse_kernels(tmp: Path, progress: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from pai_compiler.backends.sparse_select import build_sparse_module
+
+    return build_sparse_module(_compacted(), repeats=1, warmup=0, progress=progress)
+
+
+def _bench(tmp: Path, progress: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from pai_compiler.bench import bench_models
+
+    return bench_models([str(EXAMPLES / "resnet20.onnx")] * 2, repeats=3, warmup=0, progress=progress)
+
+
+def _align_auto(tmp: Path, progress: bool, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from pai_compiler.align_choice import choose_align
+
+    return choose_align(_sparse_onnx(tmp / f"sparse{progress}.onnx"), tmp / f"out{progress}.onnx", repeats=2, warmup=0, progress=progress)
+
+
+#: bar label -> (the work, given tmp_path, progress and monkeypatch; text its updates must show)
 PHASES = {
-    "load": (lambda tmp, p, mp: load_onnx_model(EXAMPLES / "resnet20.onnx", progress=p), ("verify", "IR nodes")),
-    "paths": (lambda tmp, p, mp: __import__("pai_compiler.audit").audit.audit_graph(load_onnx_model(EXAMPLES / "resnet20.onnx"), progress=p),
-              ("log P",)),
-    "npb": (lambda tmp, p, mp: PassManager(parse_pipeline("erk{sparsity=0.99},npb")).run(
-        graph := load_onnx_model(EXAMPLES / "vgg_small.onnx"), AnalysisManager(graph, RunContext(seed=0, progress=p))), ("kept", "allocated")),
-    "dead-node-elim": (lambda tmp, p, mp: __import__("pai_compiler.api").api.compact_graph(
-        __import__("pai_compiler.api").api.optimize(str(EXAMPLES / "vgg_small.onnx"), sparsity=0.99, method="synflow").graph, progress=p),
-        ("fixpoint", "channels removed")),
-    "sparse kernels": (lambda tmp, p, mp: __import__("pai_compiler.backends.sparse_select").backends.sparse_select.build_sparse_module(
-        _compacted(), repeats=1, warmup=0, progress=p), ("sparse of", "ms")),
-    "bench": (lambda tmp, p, mp: __import__("pai_compiler.bench").bench.bench_models(
-        [str(EXAMPLES / "resnet20.onnx")] * 2, repeats=3, warmup=0, progress=p), ("resnet20.onnx", "ms")),
-    "align auto": (lambda tmp, p, mp: __import__("pai_compiler.align_choice").align_choice.choose_align(
-        _sparse_onnx(tmp / f"sparse{p}.onnx"), tmp / f"out{p}.onnx", repeats=2, warmup=0, progress=p), ("align 8:", "params")),
+    "load": (_load, ("verify", "IR nodes")),
+    "paths": (_audit, ("log P",)),
+    "npb": (_npb, ("kept", "allocated")),
+    "dead-node-elim": (_dead_node_elim, ("fixpoint", "channels removed")),
+    "sparse kernels": (_sparse_kernels, ("sparse of", "ms")),
+    "bench": (_bench, ("resnet20.onnx", "ms")),
+    "align auto": (_align_auto, ("align 8:", "params")),
     "load[/] Net": (_torch_load, ("tracing with torch.fx", "IR nodes (fx)")),
 }
 
