@@ -149,13 +149,13 @@ class NodePathPass(AnalysisPass[NodePathResult]):
         return NodePathResult.from_layers(log_paths, log_dpai, tuple(rows), live)
 
 
-def _log_paths(graph: Graph, bind: dict[str, int], convention: Convention, phases: Phases) -> float:
+def _log_paths(graph: Graph, bind: dict[str, int], convention: Convention, phases: Phases | None = None) -> float:
     """One float64 ones-forward; each layer's 0/1 operand is built when it runs and every value is
-    freed after its last use, so memory stays at one layer plus live activations."""
+    freed after its last use, so memory stays at one layer plus live activations (``phases``: ticked per node)."""
     import torch  # heavy optional dependency: only the path analysis needs it
 
-    return float(count_paths(graph, convention, bind, dtype=torch.float64, keep_values=False, distinct_rows=True,
-                             on_node=lambda node, outputs: phases.tick()).log_paths)
+    tick = None if phases is None else (lambda node, outputs: phases.tick())
+    return float(count_paths(graph, convention, bind, dtype=torch.float64, keep_values=False, distinct_rows=True, on_node=tick).log_paths)
 
 
 def _path_rule(node: Node) -> Any:
