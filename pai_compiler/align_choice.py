@@ -24,6 +24,7 @@ from pai_compiler.backends.onnx_compact import write_compact_onnx
 from pai_compiler.bench import BenchResult, bench_models
 from pai_compiler.errors import ModelError, PaicError, UsageError
 from pai_compiler.io import atomic_write
+from pai_compiler.progress import PHASE_DELAY, metric_bar
 
 __all__ = ["ALIGN_CANDIDATES", "AUTO", "EXACT_REL", "AlignCandidate", "AlignChoice", "parse_align", "choose_align", "choice_line", "masked_temp"]
 
@@ -142,10 +143,11 @@ def masked_temp(out: str | os.PathLike[str]) -> Iterator[Path]:
         _remove(path)
 
 
-def _timed(models: list[str], *, batch: int, threads: int, repeats: int, warmup: int) -> BenchResult:
+def _timed(models: list[str], *, batch: int, threads: int, repeats: int, warmup: int, progress: bool) -> BenchResult:
     """``bench_models``; an input it cannot make up (a symbolic dim past the batch) is an error naming the fix."""
     try:
-        return bench_models(models, batch=batch, threads=threads, repeats=repeats, warmup=warmup)
+        return bench_models(models, batch=batch, threads=threads, repeats=repeats, warmup=warmup, progress=progress,
+                            label="align auto: timing")
     except ModelError as exc:
         reason = str(exc).split("; pass --input-shape")[0]
         raise ModelError(f"--align auto cannot time the candidates: {reason} (it binds only the batch dim); "
@@ -154,17 +156,23 @@ def _timed(models: list[str], *, batch: int, threads: int, repeats: int, warmup:
 
 def choose_align(source: str | os.PathLike[str], out: str | os.PathLike[str], *, batch: int = 1, threads: int = 1,
                  repeats: int = 10, warmup: int = 3, candidates: Sequence[int] = ALIGN_CANDIDATES,
-                 pipeline: str = "") -> AlignChoice:
+                 pipeline: str = "", progress: bool = False) -> AlignChoice:
     """Compact the sparse ONNX ``source`` at every candidate alignment, time them and ``source`` alternating in
-    onnxruntime, and write the fastest (a compact candidate, or ``source`` unchanged) to ``out`` atomically."""
+    onnxruntime, and write the fastest (a compact candidate, or ``source`` unchanged) to ``out`` atomically.
+    ``progress``: a bar over the candidates compacted, then one over the timing rounds (stderr, terminals only)."""
     source, out = os.fspath(source), Path(out)
     temps: dict[int, Path] = {}
     params: dict[int, int] = {}
     try:
-        for align in dict.fromkeys(candidates):
-            temps[align] = _temp_beside(out, f"align{align}")
-            params[align] = _compact_candidate(source, temps[align], align, pipeline)
-        result = _timed([source, *map(str, temps.values())], batch=batch, threads=threads, repeats=repeats, warmup=warmup)
+        aligns = list(dict.fromkeys(candidates))
+        with metric_bar(progress, "[bold]align auto[/]", len(aligns), unit="candidates", delay=PHASE_DELAY) as bar:
+            for done, align in enumerate(aligns, 1):
+                temps[align] = _temp_beside(out, f"align{align}")
+                params[align] = _compact_candidate(source, temps[align], align, pipeline)
+                if bar is not None:
+                    bar(done, " · ".join(f"align {a}: {n:,} params" for a, n in params.items()))
+        result = _timed([source, *map(str, temps.values())], batch=batch, threads=threads, repeats=repeats, warmup=warmup,
+                        progress=progress)
         masked_row, *rows = result.rows
         timed = tuple(AlignCandidate(align, params[align], row.median_ms, row.max_rel if row.max_rel is not None else float("inf"))
                       for align, row in zip(temps, rows))

@@ -36,21 +36,22 @@ ALLOCATIONS = ("erk", "uniform", "global")
 _LAYERWISE_ONLY = {"dpai", "npb", "random-erk"}
 
 
-def load_model(spec: str | os.PathLike[str], *, static_dims: StaticDims = None, **kwargs: Any) -> Graph:
+def load_model(spec: str | os.PathLike[str], *, static_dims: StaticDims = None, progress: bool = False, **kwargs: Any) -> Graph:
     """Lower a model file to the IR (ONNX path; ``file.py:attr`` specs when the torch frontend is present).
 
     ``static_dims`` binds an ONNX file's symbolic dims at load (:func:`load_onnx_model`); a
-    PyTorch spec's shapes come from ``input_shape`` instead, so it is not used there."""
+    PyTorch spec's shapes come from ``input_shape`` instead, so it is not used there.
+    ``progress``: a long load shows its phases on a bar (stderr, terminals only)."""
     text = str(spec)
     if ":" in text and not Path(text).exists() and text.split(":", 1)[0].endswith(".py"):
         from pai_compiler.frontends.torch.spec import load_torch_spec  # type: ignore[import-not-found]  # torch: heavy, optional
 
-        return load_torch_spec(text, **kwargs)
+        return load_torch_spec(text, progress=progress, **kwargs)
     for option, flag, default in (("input_shape", "--input-shape", None), ("frontend", "--frontend", "auto"), ("prune_tied", "--prune-tied", False)):
         if kwargs.get(option, default) not in (default, None):
             raise UsageError(f"{flag} applies to PyTorch models (file.py:attr); {text} is read as an ONNX model, "
                              f"whose inputs and weights come from the file: drop {flag}")
-    return load_onnx_model(text, static_dims=static_dims)
+    return load_onnx_model(text, static_dims=static_dims, progress=progress)
 
 
 def build_passes(
@@ -246,23 +247,24 @@ def save_model(result: OptimizeResult, source: str | os.PathLike[str], out: str 
     write_pt(result, source, out)
 
 
-def compact_graph(graph: Graph, *, align: int = 1, instruments: Sequence[Instrument] = ()) -> CompactReport:
+def compact_graph(graph: Graph, *, align: int = 1, instruments: Sequence[Instrument] = (), progress: bool = False) -> CompactReport:
     """Run ``dead-node-elim`` on ``graph`` in place: dead channels removed, function unchanged.
 
     ``align`` > 1 keeps a few dead channels so conv/linear widths stay multiples of it (faster
     kernels in ONNX Runtime; exact all the same). Returns what it did; merge it after an
-    earlier report of the same graph with ``earlier.then(report)``."""
-    return compact_report_of(PassManager([DeadNodeElimPass(align=align)], instruments=instruments).run(graph))
+    earlier report of the same graph with ``earlier.then(report)``. ``progress``: the rounds may draw a bar (terminals only)."""
+    am = AnalysisManager(graph, RunContext(progress=progress))
+    return compact_report_of(PassManager([DeadNodeElimPass(align=align)], instruments=instruments).run(graph, am))
 
 
 def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], report: CompactReport, *,
-                 pipeline: str = "", batch: int = 1, threads: int = 1, device: str = "cpu") -> dict[str, Any] | None:
+                 pipeline: str = "", batch: int = 1, threads: int = 1, device: str = "cpu", progress: bool = False) -> dict[str, Any] | None:
     """Write a compacted graph: .onnx rewrites the source ONNX model; .pt saves a torch SparseModule
     whose conv/linear layers run dense or sparse, whichever was faster at ``batch``/``threads`` on
     ``device`` (returns that choice, the ``sparse_exec`` report block; None for .onnx).
 
     ``report``: everything dead-node-elim did to ``graph`` since it was read (the ONNX rewrite
-    needs the changed Params, Reshapes and Splits)."""
+    needs the changed Params, Reshapes and Splits). ``progress``: the kernel timing of a .pt shows a bar (terminals only)."""
     from pai_compiler.backends.onnx_compact import write_compact_onnx
 
     if output_suffix(out) == ".onnx":
@@ -276,6 +278,6 @@ def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.Pat
 
     twin = onnx_twin if graph.meta.get("source_format") == "onnx" else None
     module, choice = build_sparse_module(graph, batch=batch, threads=threads, device=device, onnx_twin=twin,
-                                         onnx_name=Path(out).with_suffix(".onnx").name)
+                                         onnx_name=Path(out).with_suffix(".onnx").name, progress=progress)
     save_torch_atomic(out, module)
     return choice.to_dict()

@@ -22,7 +22,7 @@ import numpy as np
 from pai_compiler.errors import PaicError
 from pai_compiler.ir import Graph, Node, Param
 from pai_compiler.memory import release_all
-from pai_compiler.pass_infra import AnalysisManager
+from pai_compiler.pass_infra import AnalysisManager, RunContext
 from pai_compiler.passes.analysis.bindings import parse_bind, static_batch
 from pai_compiler.passes.analysis.flops import BATCH_SYMBOL, EFFECTIVE_FALLBACK, FlopsPass, FlopsResult, evaluate
 from pai_compiler.passes.analysis.node_path import NodePathPass
@@ -66,11 +66,12 @@ def _layer_params(node: Node) -> list[Param]:
 
 
 def audit_graph(graph: Graph, *, bind: str | dict[str, int] | None = None, paths: bool = True,
-                run_warnings: Sequence[str] | None = None) -> dict[str, Any]:
+                run_warnings: Sequence[str] | None = None, progress: bool = False) -> dict[str, Any]:
     """The audit document of ``graph``; masks taken from zero weights are removed again afterwards.
 
     ``run_warnings`` (those of the run that made ``graph``; default: the frontend's, from
-    lowering the model) open the document's list of warnings."""
+    lowering the model) open the document's list of warnings. ``progress``: the path analysis may
+    draw its bar on stderr (a terminal only; the document is the same)."""
     values = parse_bind(bind)
     warnings: list[str] = list(graph.meta.get("warnings", []) if run_warnings is None else run_warnings)
     symbols = {str(s) for s in graph.meta.get("symbols", {})} | ({BATCH_SYMBOL} if static_batch(graph) > 1 else set())
@@ -84,7 +85,7 @@ def audit_graph(graph: Graph, *, bind: str | dict[str, int] | None = None, paths
             zeros = sum(p.numel - p.kept() for p in graph.prunable_params() if p.name in zero_masked)
             warnings.append(f"{zeros:,} zero weight(s) in {len(zero_masked)} unmasked layer(s) counted as pruned")
             warnings += [f"weight {p.name!r} is all zeros: counted as fully pruned" for p in graph.prunable_params() if p.name in zero_masked and p.kept() == 0]
-        doc = _audit(graph, values, paths, warnings)
+        doc = _audit(graph, values, paths, warnings, progress)
     finally:
         for p in graph.prunable_params():
             if p.name in zero_masked:
@@ -92,9 +93,9 @@ def audit_graph(graph: Graph, *, bind: str | dict[str, int] | None = None, paths
     return doc
 
 
-def _audit(graph: Graph, values: dict[str, int], paths: bool, warnings: list[str]) -> dict[str, Any]:
+def _audit(graph: Graph, values: dict[str, int], paths: bool, warnings: list[str], progress: bool) -> dict[str, Any]:
     bind_text = ",".join(f"{k}={v}" for k, v in sorted(values.items()))
-    am = AnalysisManager(graph)
+    am = AnalysisManager(graph, RunContext(progress=progress))
     node_path = None
     if paths:
         release_all()  # the weights were read (zero counts); paths read masks only: drop their pages

@@ -11,14 +11,16 @@ max_abs / max|y0|; a model *agrees* when every output has y0's shape and ``max_r
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+import statistics
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pai_compiler.backends.sparse_timing import time_alternating
+from pai_compiler.backends.sparse_timing import RoundHook, time_alternating
+from pai_compiler.progress import MetricUpdate, metric_bar
 from pai_compiler.errors import ModelError, UsageError
 
 __all__ = ["BenchRow", "BenchResult", "InputSpec", "bench_models", "parse_shape", "render_bench", "render_sparse_exec", "AGREE_REL"]
@@ -173,8 +175,9 @@ def _outputs(models: Sequence[str], runners: list[Runner], feed: list[np.ndarray
 
 
 def bench_models(models: Sequence[str], *, batch: int | None = None, threads: int = 1, input_shape: str | None = None,
-                 repeats: int = 10, warmup: int = 3, seed: int = 0) -> BenchResult:
-    """Time every model on the same input, alternating; rows in the order given."""
+                 repeats: int = 10, warmup: int = 3, seed: int = 0, progress: bool = False, label: str = "bench") -> BenchResult:
+    """Time every model on the same input, alternating; rows in the order given. ``progress``: a bar
+    ``label`` over the rounds with each model's running median (stderr, terminals only, redrawn between rounds)."""
     if not models:
         raise UsageError("give at least one MODEL (.onnx or .pt)")
     for flag, value, low in (("--threads", threads, 1), ("--batch", batch, 1), ("--repeats", repeats, 1), ("--warmup", warmup, 0)):
@@ -193,8 +196,9 @@ def bench_models(models: Sequence[str], *, batch: int | None = None, threads: in
     try:
         outputs = _outputs(models, runners, feed)
         keys = [str(index) for index in range(len(models))]
-        times = time_alternating({key: (lambda run=run: run(feed)) for key, run in zip(keys, runners)},
-                                 repeats=repeats, warmup=warmup)
+        with metric_bar(progress, f"[bold]{label}[/]", repeats, unit="rounds", timed=True) as bar:
+            times = time_alternating({key: (lambda run=run: run(feed)) for key, run in zip(keys, runners)},
+                                     repeats=repeats, warmup=warmup, on_round=_round_metrics(bar, models))
     finally:
         torch.set_num_threads(previous)
     rows = []
@@ -205,6 +209,19 @@ def bench_models(models: Sequence[str], *, batch: int | None = None, threads: in
                              max_abs=max_abs, max_rel=max_rel, agrees=agrees))
     batch_run = int(feed[0].shape[0]) if feed and feed[0].ndim else 1
     return BenchResult(rows=tuple(rows), batch=batch_run, threads=threads, repeats=repeats, warmup=warmup)
+
+
+def _round_metrics(bar: MetricUpdate | None, models: Sequence[str]) -> RoundHook | None:
+    """The timing's round hook for ``bar``: each model's running median, by file name (None without a bar)."""
+    if bar is None:
+        return None
+    names = [Path(m).name for m in models]
+
+    def on_round(done: int, samples: Mapping[str, list[float]]) -> None:
+        medians = (statistics.median(values) * 1e3 for values in samples.values())
+        bar(done, " · ".join(f"{name} {ms:.3f} ms" for name, ms in zip(names, medians)))
+
+    return on_round
 
 
 def _error(value: float | None) -> str:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Optional
 import typer
 
 from pai_compiler._version import __version__
+from pai_compiler.progress import bars_wanted
 from pai_compiler.cli_output import (
     audit_totals, compact_summary, optimize_report, render_compact, render_kept_dead, render_optimize,
 )
@@ -25,6 +26,10 @@ if TYPE_CHECKING:  # the commands import these when they run, so `paic --help` s
     from pai_compiler.pass_infra import Pass
 
 __all__ = ["app", "main"]
+
+# -q on every command with long work: bars (stderr, terminals only, never under --json) are its first casualty
+QUIET_HELP = "Print nothing but errors (no progress bars, no summary)."
+QUIET_RESULT_HELP = "No progress bars (the result itself still prints)."
 
 app = typer.Typer(
     name="paic",
@@ -136,7 +141,7 @@ def optimize(
     print_ir_after_all: Annotated[bool, typer.Option("--print-ir-after-all", help="Print the IR after every pass (stderr).")] = False,
     timing: Annotated[bool, typer.Option("--timing", help="Print per-pass timings.")] = False,
     no_paths: Annotated[bool, typer.Option("--no-paths", help="Skip path/node counts in the before/after totals (faster on huge models).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Prune MODEL before training and write a masked model."""
@@ -152,22 +157,23 @@ def optimize(
         api.check_output_format(out, torch_source=not is_file, compact=compact or api.has_pass(passes, "dead-node-elim"))
         _check_auto_output(align_value, out)
         report_path = _report_path(report, out, [model] if is_file else [], force=force)
-        graph = api.load_model(model, **_torch_options(input_shape, frontend, prune_tied=prune_tied))
+        progress = bars_wanted(quiet=quiet)
+        graph = api.load_model(model, progress=progress, **_torch_options(input_shape, frontend, prune_tied=prune_tied))
         batch = None
         if data is not None:
             from pai_compiler.lab.data import load_batch_for
 
             batch = load_batch_for(graph, data, samples_per_class=samples, seed=seed)
-        before = audit_totals(graph, paths=not no_paths)
+        before = audit_totals(graph, paths=not no_paths, progress=progress)
         timer, instruments = _instruments(timing, print_ir_after_all)
         result = api.optimize(
             graph, passes=passes, seed=seed, exclude=exclude or (), device=device,
-            data=batch, progress=not quiet and sys.stderr.isatty(), instruments=instruments,
+            data=batch, progress=progress, instruments=instruments,
         )
         release_all()  # the criterion may have read every weight (magnitude) or allocated a lot
-        after = audit_totals(result.graph, paths=not no_paths)
+        after = audit_totals(result.graph, paths=not no_paths, progress=progress)
         unsaved = len(result.graph.meta["warnings"])
-        compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align_value, instruments=instruments)
+        compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align_value, instruments=instruments, progress=progress)
         # the run's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(result.warnings), *result.graph.meta["warnings"][unsaved:]]
         doc = optimize_report(result, before, after, model, str(out), warnings)
@@ -216,7 +222,7 @@ def _check_auto_output(align: Optional[int], out: Path) -> None:
 
 
 def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[str, Any], *, compact: bool, align: Optional[int],
-                    instruments: list[Any]) -> Optional[dict[str, Any]]:
+                    instruments: list[Any], progress: bool) -> Optional[dict[str, Any]]:
     """Write the masked model, or with ``--compact`` the compacted one; returns the compaction summary (or None).
 
     ``align`` None (``--align auto``): the masked model goes to a temporary file beside ``out``, and the fastest of
@@ -231,14 +237,14 @@ def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[s
 
         with masked_temp(out) as masked:
             api.save_model(result, model, masked)
-            choice = choose_align(masked, out, pipeline=result.pipeline)
+            choice = choose_align(masked, out, pipeline=result.pipeline, progress=progress)
         compacted = result.compact_report  # the masked model stayed: nothing more was removed
         if choice.chosen is not None:
-            compacted = compacted.then(api.compact_graph(result.graph, align=choice.chosen, instruments=instruments))
+            compacted = compacted.then(api.compact_graph(result.graph, align=choice.chosen, instruments=instruments, progress=progress))
         return {**compact_summary(after, result.graph, compacted), "align_choice": choice.to_dict()}
-    compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments))
+    compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments, progress=progress))
     compact_doc = compact_summary(after, result.graph, compacted)
-    sparse_doc = api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline)
+    sparse_doc = api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline, progress=progress)
     if sparse_doc is not None:
         compact_doc["sparse_exec"] = sparse_doc
     return compact_doc
@@ -296,6 +302,7 @@ def audit(
     no_paths: Annotated[bool, typer.Option("--no-paths", help="Sparsity and MACs only: skip the path analysis (fast, no torch).")] = False,
     input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Example input of a PyTorch model, batch first: 2,3,32,32 (positional) or NAME=2,24:int64 (keyword; repeatable; :DTYPE, default float32).")] = None,
     frontend: Annotated[str, typer.Option("--frontend", help="PyTorch frontend: auto (torch.fx, then torch.export if fx fails), fx or export.")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_RESULT_HELP)] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Report sparsity, MACs (dense/nonzero/effective) and effective paths/nodes of MODEL."""
@@ -308,9 +315,10 @@ def audit(
         values = parse_bind(bind)
         is_file = Path(model).exists() or ":" not in model
         plot_path = check_output_path(plot, [model] if is_file else [], force=False) if plot else None
+        progress = bars_wanted(quiet=quiet, json_output=json_output)
         # unbound symbols count as 1: without --bind, bind them at load (a static graph, no sympy)
-        graph = api.load_model(model, static_dims=None if values else 1, **_torch_options(input_shape, frontend))
-        doc = audit_graph(graph, bind=values, paths=not no_paths)
+        graph = api.load_model(model, static_dims=None if values else 1, progress=progress, **_torch_options(input_shape, frontend))
+        doc = audit_graph(graph, bind=values, paths=not no_paths, progress=progress)
         if plot_path is not None:
             plot_audit(doc, plot_path)
         if json_output:
@@ -330,7 +338,7 @@ def compact(
     device: Annotated[str, typer.Option("--device", help="With -o X.pt: cpu or cuda (where the module will run).")] = "cpu",
     explain: Annotated[bool, typer.Option("--explain", help="List what kept dead channels (reason, node, channel count).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_HELP)] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Remove the dead channels of an already-sparse ONNX MODEL and write the compact model
@@ -345,14 +353,16 @@ def compact(
         out = check_output_path(output, [model], force=force)
         align_value = _check_compact_flags(out, align, batch, threads, device)
         report_path = _report_path(report, out, [model], force=force)
-        graph = api.load_model(model)
+        progress = bars_wanted(quiet=quiet)
+        graph = api.load_model(model, progress=progress)
         if graph.meta.get("source_format") != "onnx":
             raise UsageError("paic compact reads ONNX models; for PyTorch use `paic optimize --compact`")
         masks_from_zeros(graph)
-        masked = audit_totals(graph)
+        masked = audit_totals(graph, progress=progress)
         unsaved = len(graph.meta["warnings"])
-        choice, compacted = _compact_at(graph, model, out, align_value, batch=batch or 1, threads=threads or 1)
-        sparse_doc = None if choice else api.save_compact(graph, model, out, compacted, batch=batch or 1, threads=threads or 1, device=device)
+        choice, compacted = _compact_at(graph, model, out, align_value, batch=batch or 1, threads=threads or 1, progress=progress)
+        sparse_doc = None if choice else api.save_compact(graph, model, out, compacted, batch=batch or 1, threads=threads or 1, device=device,
+                                                          progress=progress)
         # the frontend's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(graph.meta["warnings"][:unsaved]), *graph.meta["warnings"][unsaved:]]
         doc = {"model": model, "output": str(out), "paic_version": __version__, **compact_summary(masked, graph, compacted),
@@ -396,20 +406,20 @@ def _check_compact_flags(out: Path, align: str, batch: Optional[int], threads: O
     return align_value
 
 
-def _compact_at(graph: Any, model: str, out: Path, align: Optional[int], *, batch: int, threads: int) -> tuple[Any, Any]:
+def _compact_at(graph: Any, model: str, out: Path, align: Optional[int], *, batch: int, threads: int, progress: bool) -> tuple[Any, Any]:
     """Compact ``graph`` in place at ``align``; None (``--align auto``) first writes the fastest form in onnxruntime to
     ``out`` and compacts at its alignment, or not at all when the masked model stayed. Returns (choice or None, report)."""
     from pai_compiler import api
     from pai_compiler.passes.transform.dead_node_elim import CompactReport
 
     if align is not None:
-        return None, api.compact_graph(graph, align=align)
+        return None, api.compact_graph(graph, align=align, progress=progress)
     from pai_compiler.align_choice import choose_align
 
-    choice = choose_align(model, out, batch=batch, threads=threads)
+    choice = choose_align(model, out, batch=batch, threads=threads, progress=progress)
     if choice.chosen is None:  # the masked model stayed: the summary says nothing was removed
         return choice, CompactReport()
-    return choice, api.compact_graph(graph, align=choice.chosen)
+    return choice, api.compact_graph(graph, align=choice.chosen, progress=progress)
 
 
 def _render_compact_written(console: Any, doc: dict[str, Any], out: str, *, layers: bool = True) -> None:
@@ -432,13 +442,15 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", help="Timed rounds (the median is reported).")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed runs of each model first.")] = 3,
     json_output: Annotated[bool, typer.Option("--json", help="Print JSON only.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help=QUIET_RESULT_HELP)] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """Median latency of each MODEL on one input, speed-up against the first, and output agreement."""
     with guard(debug):
         from pai_compiler.bench import bench_models, render_bench
 
-        doc = bench_models(models, batch=batch, threads=threads, input_shape=input_shape, repeats=repeats, warmup=warmup).to_dict()
+        doc = bench_models(models, batch=batch, threads=threads, input_shape=input_shape, repeats=repeats, warmup=warmup,
+                           progress=bars_wanted(quiet=quiet, json_output=json_output)).to_dict()
         if json_output:
             sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         else:

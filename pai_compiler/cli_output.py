@@ -71,12 +71,12 @@ def render_kept_dead(console: Any, report: CompactReport, top: int = 12) -> None
     console.print(table)
 
 
-def audit_totals(graph: Any, paths: bool = True) -> dict[str, Any]:
-    """The audit totals of ``graph`` (path and node counts null with ``paths=False``)."""
+def audit_totals(graph: Any, paths: bool = True, progress: bool = False) -> dict[str, Any]:
+    """The audit totals of ``graph`` (path and node counts null with ``paths=False``; ``progress``: bars on a terminal)."""
     from pai_compiler.audit import audit_graph
     from pai_compiler.memory import release_all
 
-    doc = audit_graph(graph, paths=paths)
+    doc = audit_graph(graph, paths=paths, progress=progress)
     release_all()  # the audit read every weight and allocated; what comes next needs memory, not those pages
     return dict(doc["totals"])
 

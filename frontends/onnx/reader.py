@@ -27,6 +27,7 @@ from pai_compiler.frontends.params import layout_twin
 from pai_compiler.errors import ModelError, PaicError
 from pai_compiler.frontends.onnx.proto_view import ModelView, NodeView, ValueInfoView, attribute_value, read_model, tensor_array, value_info_of, view_of
 from pai_compiler.onnx_wire import tensor_dtype
+from pai_compiler.progress import PHASE_DELAY, Phases, metric_bar
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
 from pai_compiler.ir.dims import dim_symbol
 
@@ -38,18 +39,18 @@ StaticDims = Union[int, Mapping[str, int], None]
 KNOWN_DOMAINS = {"", "ai.onnx", "ai.onnx.ml", "com.microsoft", "ai.onnx.preview", "ai.onnx.preview.training"}
 
 
-def load_onnx_model(path: str | os.PathLike[str], static_dims: StaticDims = None) -> Graph:
+def load_onnx_model(path: str | os.PathLike[str], static_dims: StaticDims = None, *, progress: bool = False) -> Graph:
     """Read and lower an ONNX file; every stored weight stays memory-mapped (``proto_view``), and
     onnx itself is imported only for what the view hands to it (rare encodings, opaque nodes).
 
     ``static_dims`` binds the file's symbolic dims (``dim_param``s and unnamed dims) at load: an
     int binds every one, a mapping the dims it names (the others stay symbols). The graph is then
     static where they were (no sympy, no symbolic shape algebra); ``graph.meta["bound_dims"]``
-    lists what was bound."""
+    lists what was bound. ``progress``: a load that runs long shows a bar on stderr (terminals only)."""
 
     p = Path(path)
     model, arrays = read_model(p)
-    graph = import_onnx(model, name=p.stem, arrays=arrays, static_dims=static_dims)
+    graph = import_onnx(model, name=p.stem, arrays=arrays, static_dims=static_dims, progress=progress)
     graph.meta["source_path"] = str(path)
     return graph
 
@@ -246,7 +247,8 @@ class _Importer:
         return node.outputs[0]
 
     # ---- main walk ---------------------------------------------------------------------
-    def run(self) -> Graph:
+    def run(self, phases: Phases | None = None) -> Graph:
+        """The lowered graph; ``phases`` (a progress feed) ticks once per ONNX node."""
         g = self.model.graph
         assert g is not None
         self._load_initializers()
@@ -259,6 +261,8 @@ class _Importer:
         self.positions = {id(n): i for i, n in enumerate(nodes)}
         for index, node in enumerate(_toposort(nodes, set(self.env))):
             self._lower(node, index)
+            if phases is not None:
+                phases.tick()
         self.visiting = None
         self._add_outputs()
         self.graph.meta.update(
@@ -470,15 +474,25 @@ def _dtype_name(elem_type: int) -> str:
         return "float32"
 
 
-def import_onnx(model: ModelView | Any, name: str = "", arrays: Mapping[str, np.ndarray] | None = None, static_dims: StaticDims = None) -> Graph:
+def import_onnx(model: ModelView | Any, name: str = "", arrays: Mapping[str, np.ndarray] | None = None,
+                static_dims: StaticDims = None, *, progress: bool = False) -> Graph:
     """Lower a model (a ModelView, or an onnx ModelProto, viewed through its serialized bytes) to the
     IR; ``arrays`` gives initializer data by name, the rest is read from the model; ``static_dims``
-    as in :func:`load_onnx_model`."""
+    as in :func:`load_onnx_model`. ``progress``: a bar over the ONNX nodes and the pattern/verify
+    phases, drawn only when the load runs long."""
     if not isinstance(model, ModelView):
         model = view_of(model.SerializeToString())
     if model.graph is None:
         raise ModelError("not a valid ONNX model (no graph)")
-    graph = _Importer(model, name, arrays, static_dims).run()
-    fuse_patterns(graph)
-    graph.verify()
+    total = len(model.graph.node) + 2
+    with metric_bar(progress, "[bold]load[/]", total, unit="nodes", delay=PHASE_DELAY) as bar:
+        phases = Phases(bar, total, every=64)
+        phases.begin("lowering", name)
+        graph = _Importer(model, name, arrays, static_dims).run(phases)
+        phases.begin("patterns", f"{len(graph.nodes):,} IR nodes")
+        fuse_patterns(graph)
+        phases.tick()
+        phases.begin("verify", f"{len(graph.nodes):,} IR nodes")
+        graph.verify()
+        phases.finish()
     return graph

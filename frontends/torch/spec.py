@@ -23,11 +23,15 @@ import torch
 
 from pai_compiler.errors import ModelError, UsageError
 from pai_compiler.ir import Graph
+from pai_compiler.progress import Phases, metric_bar
 
 __all__ = ["load_torch_spec", "load_torch_module", "lower_module", "parse_input_shape", "parse_input_specs", "split_spec",
            "InputSpec", "FRONTENDS"]
 
 FRONTENDS = ("auto", "fx", "export")
+#: a module with at least this many parameters shows its trace on a bar (``progress=True``): tracing
+#: is one long call, so the bar is drawn from the start instead of after a delay (ResNet-18 has 11.7 M)
+TRACE_BAR_PARAMS = 5_000_000
 
 
 def split_spec(spec: str) -> tuple[Path, str]:
@@ -153,8 +157,9 @@ def load_torch_module(spec: str) -> Any:
 
 
 def load_torch_spec(spec: str, input_shape: str | Sequence[str] | Sequence[int] | None = None, frontend: str = "auto", *,
-                    prune_in_proj: bool = True, prune_tied: bool = False, **_: Any) -> Graph:
-    """Lower ``file.py:attr`` at the ``--input-shape`` example (see :func:`parse_input_specs`) with ``frontend``."""
+                    prune_in_proj: bool = True, prune_tied: bool = False, progress: bool = False, **_: Any) -> Graph:
+    """Lower ``file.py:attr`` at the ``--input-shape`` example (see :func:`parse_input_specs`) with ``frontend``;
+    ``progress``: a module of ``TRACE_BAR_PARAMS`` parameters or more shows the trace phases on a bar (terminals only)."""
     specs = parse_input_specs(input_shape)
     if not specs:
         raise UsageError(f"{spec} is a PyTorch model: give its input shape with --input-shape, batch first "
@@ -163,13 +168,18 @@ def load_torch_spec(spec: str, input_shape: str | Sequence[str] | Sequence[int] 
     module = load_torch_module(spec)
     name = split_spec(spec)[1]
     options = {"name": name, "prune_in_proj": prune_in_proj, "prune_tied": prune_tied}
-    try:
-        graph = lower_module(module, _example(module, specs, integer=False), frontend, **options)
-    except ModelError:
-        # a model that starts with nn.Embedding reads integer indices: retry with valid ones
-        if any(s.dtype is not None for s in specs) or _index_bound(module) is None:
-            raise
-        graph = lower_module(module, _example(module, specs, integer=True), frontend, **options)  # its own error, if any
+    big = sum(p.numel() for p in module.parameters()) >= TRACE_BAR_PARAMS
+    with metric_bar(progress and big, f"[bold]load[/] {name}", len(FRONTENDS) - 1, unit="traces") as bar:
+        phases = Phases(bar, len(FRONTENDS) - 1)
+        try:
+            graph = lower_module(module, _example(module, specs, integer=False), frontend, phases=phases, **options)
+        except ModelError:
+            # a model that starts with nn.Embedding reads integer indices: retry with valid ones
+            if any(s.dtype is not None for s in specs) or _index_bound(module) is None:
+                raise
+            phases.begin("retrying with integer indices")
+            graph = lower_module(module, _example(module, specs, integer=True), frontend, phases=phases, **options)  # its own error, if any
+        phases.finish(f"{len(graph.nodes):,} IR nodes ({graph.meta.get('frontend', frontend)})")
     graph.meta.update(torch_spec=str(spec), input_shape=list(specs[0].shape))
     return graph
 
@@ -180,24 +190,30 @@ def check_frontend(frontend: str) -> None:
         raise UsageError(f"--frontend must be one of {', '.join(FRONTENDS)}, got {frontend!r}")
 
 
-def lower_module(module: Any, example: Any, frontend: str = "auto", **options: Any) -> Graph:
+def lower_module(module: Any, example: Any, frontend: str = "auto", *, phases: Phases | None = None, **options: Any) -> Graph:
     """Lower an ``nn.Module`` with torch.fx, torch.export, or (``auto``) fx and then export if fx fails.
 
     The graph's ``meta["frontend"]`` names the one used; under ``auto`` a fallback is noted in
-    its warnings with fx's reason, and a double failure reports both.
+    its warnings with fx's reason, and a double failure reports both. ``phases``: a progress feed
+    told which trace runs (one unit per frontend tried).
     """
     from pai_compiler.frontends.torch.export import lower_export
     from pai_compiler.frontends.torch.fx import EXPORT_HINT, lower_fx
 
+    phases = phases or Phases(None, 0)
     check_frontend(frontend)
     if frontend == "export":
+        phases.begin("tracing with torch.export")
         return lower_export(module, example, **options)
     try:
+        phases.begin("tracing with torch.fx")
         return lower_fx(module, example, **options)
     except ModelError as fx_error:
         if frontend == "fx":
             raise
         fx_reason = str(fx_error).removesuffix(EXPORT_HINT)
+    phases.tick()
+    phases.begin("tracing with torch.export (torch.fx failed)")
     try:
         graph = lower_export(module, example, **options)
     except ModelError as export_error:

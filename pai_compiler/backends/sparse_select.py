@@ -41,6 +41,7 @@ from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, Node, OpKind
 from pai_compiler.ort import session
+from pai_compiler.progress import MetricUpdate, metric_bar
 
 OnnxWriter = Callable[[Path], None]
 
@@ -133,8 +134,10 @@ def choose_memory_format(module: SparseModule, inputs: list[torch.Tensor], *, de
 
 
 def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, reference: list[torch.Tensor], device: str, threads: int, repeats: int,
-                   warmup: int, margin: float, layouts: Sequence[str] | None = None, policy: str = "auto") -> SparseExecReport:
-    """Install the faster kernel per layer in ``module``; dense everywhere unless the whole model gains."""
+                   warmup: int, margin: float, layouts: Sequence[str] | None = None, policy: str = "auto",
+                   bar: MetricUpdate | None = None) -> SparseExecReport:
+    """Install the faster kernel per layer in ``module``; dense everywhere unless the whole model gains.
+    ``bar(layers timed, text)`` hears each layer's pick (between timings, never during one)."""
     report = SparseExecReport(device=str(device), batch=int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1,
                               threads=threads, repeats=repeats, warmup=warmup)
     chosen: dict[str, Kernel] = {}
@@ -146,6 +149,8 @@ def choose_kernels(module: SparseModule, inputs: list[torch.Tensor], *, referenc
         report.layers.append(row)
         if kernel is not None:
             chosen[node.name] = kernel
+        if bar is not None:
+            bar(len(report.layers), f"{node.name} -> {row.choice} · {len(chosen)} sparse")
 
     dense_out = module.run(inputs, on_layer=measure)
     for name, kernel in chosen.items():
@@ -193,12 +198,13 @@ def _settle(module: SparseModule, inputs: list[torch.Tensor], chosen: list[str],
 def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, device: str = "cpu", repeats: int = 5,
                         warmup: int = 2, margin: float = 0.95, layouts: Sequence[str] | None = None, policy: str = "auto",
                         inputs: Sequence[torch.Tensor] | None = None, seed: int = 0, onnx_twin: OnnxWriter | None = None,
-                        onnx_name: str = "SMALL.onnx") -> tuple[SparseModule, SparseExecReport]:
+                        onnx_name: str = "SMALL.onnx", progress: bool = False) -> tuple[SparseModule, SparseExecReport]:
     """A ``SparseModule`` for ``graph`` with per-layer kernels chosen by timing on the target shape.
 
     ``onnx_twin(path)`` writes the same compact model as ONNX: it is then timed in onnxruntime
     against the module (see :func:`compare_with_onnxruntime`; ``onnx_name`` is the file the
-    advice tells the user to write)."""
+    advice tells the user to write). ``progress``: a bar over the timed layers on stderr
+    (terminals only; redrawn between timings, no refresh thread)."""
     if threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {threads}")
     if policy not in POLICIES:
@@ -212,13 +218,18 @@ def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, devic
         feed = list(inputs) if inputs is not None else example_inputs(graph, batch=batch, device=device, seed=seed)
         with torch.no_grad():  # the IR's own semantics: what every fusion and kernel must reproduce
             reference = Interpreter(graph, device=device).run(feed, keep_values=False).outputs
-        with torch.no_grad():
+        layers = sum(1 for node in graph.nodes if node.kind in (OpKind.CONV, OpKind.LINEAR))
+        with torch.no_grad(), metric_bar(progress, "[bold]sparse kernels[/]", layers + 1, unit="layers", timed=True) as bar:
             report = choose_kernels(module, feed, reference=reference, device=device, threads=threads, repeats=repeats, warmup=warmup,
-                                    margin=margin, layouts=layouts, policy=policy)
+                                    margin=margin, layouts=layouts, policy=policy, bar=bar)
+            if bar is not None:
+                bar(layers, f"{report.sparse_layers} sparse · timing the model" + (" against onnxruntime" if onnx_twin else ""))
             if onnx_twin is not None:
                 compare_with_onnxruntime(module, feed, report, onnx_twin, onnx_name=onnx_name)
             else:
                 report.onnxruntime_note = "no compact ONNX model to compare with (the source is not ONNX)"
+            if bar is not None:
+                bar(layers + 1, f"{report.sparse_layers} sparse of {layers} · {report.model_chosen_ms:.3f} ms vs {report.model_dense_ms:.3f} dense")
     finally:
         torch.set_num_threads(previous)
     module.drop_unused_weights()

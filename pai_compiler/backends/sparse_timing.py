@@ -22,7 +22,7 @@ from pai_compiler.backends.index_inputs import input_roles
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 
-__all__ = ["PLAIN", "LayerTiming", "SparseExecReport", "time_alternating", "sample_alternating", "relative_error", "example_inputs", "synchronizer"]
+__all__ = ["PLAIN", "LayerTiming", "SparseExecReport", "time_alternating", "sample_alternating", "relative_error", "example_inputs", "synchronizer", "RoundHook"]
 
 #: the layer choice that is the dense conv unpacked (F.conv2d): installed like a sparse kernel, not one
 PLAIN = "plain"
@@ -85,6 +85,10 @@ class SparseExecReport:
         return doc
 
 
+#: ``on_round(rounds done, samples so far)``: told after each alternating round of a timing
+RoundHook = Callable[[int, Mapping[str, list[float]]], None]
+
+
 def synchronizer(device: str) -> Callable[[], None]:
     """Wait for queued device work (CUDA) before reading the clock; a no-op on CPU."""
     if str(device).startswith("cuda"):
@@ -93,18 +97,19 @@ def synchronizer(device: str) -> Callable[[], None]:
 
 
 def time_alternating(candidates: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int,
-                     device: str = "cpu", statistic: str = "median") -> dict[str, float]:
+                     device: str = "cpu", statistic: str = "median", on_round: RoundHook | None = None) -> dict[str, float]:
     """Median (``statistic="min"``: fastest) ms of each candidate over ``repeats`` alternating rounds after ``warmup`` runs."""
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r} (expected one of {', '.join(STATISTICS)})")
-    samples = sample_alternating(candidates, repeats=repeats, warmup=warmup, device=device)
+    samples = sample_alternating(candidates, repeats=repeats, warmup=warmup, device=device, on_round=on_round)
     reduce = min if statistic == "min" else statistics.median
     return {name: reduce(values) * 1e3 for name, values in samples.items()}
 
 
 def sample_alternating(candidates: Mapping[str, Callable[[], Any]], *, repeats: int, warmup: int,
-                       device: str = "cpu") -> dict[str, list[float]]:
-    """Every wall time (s) of each candidate over ``repeats`` alternating rounds after ``warmup`` runs of each."""
+                       device: str = "cpu", on_round: RoundHook | None = None) -> dict[str, list[float]]:
+    """Every wall time (s) of each candidate over ``repeats`` alternating rounds after ``warmup`` runs of each;
+    ``on_round(rounds done, samples so far)`` runs between rounds (a progress bar), outside every timed call."""
     sync = synchronizer(device)
     names = list(candidates)
     for _ in range(warmup):
@@ -118,6 +123,8 @@ def sample_alternating(candidates: Mapping[str, Callable[[], Any]], *, repeats: 
             candidates[name]()
             sync()
             samples[name].append(time.perf_counter() - start)
+        if on_round is not None:
+            on_round(round_index + 1, samples)
     return samples
 
 

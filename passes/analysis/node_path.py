@@ -41,6 +41,7 @@ Other opaque nodes have no path semantics: the pass raises a PaicError naming th
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -51,6 +52,7 @@ from pai_compiler.ir import Graph, Node, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, AnalysisPass
 from pai_compiler.passes.analysis.bindings import parse_bind, sample_bindings, static_batch
 from pai_compiler.passes.analysis.paths import Convention, count_paths, ones_inputs
+from pai_compiler.progress import PHASE_DELAY, Phases, metric_bar
 
 if TYPE_CHECKING:
     import torch
@@ -123,16 +125,23 @@ class NodePathPass(AnalysisPass[NodePathResult]):
                 _path_rule(node)  # refuse before any work
         bind = sample_bindings(graph, parse_bind(self.bind))
         per_sample = math.log(static_batch(graph))
-        with torch.no_grad():
-            log_paths = _log_paths(graph, bind, "exact") - per_sample
-            log_dpai = _log_paths(graph, bind, "ref") - per_sample
-        live: dict[str, tuple[int, int]] = {}
-        try:
-            reached = _weight_reachability(graph, bind, live=live)
-        except (PaicError, NotImplementedError, RuntimeError):
-            # some kernels (e.g. 3-d pooling) have no bfloat16 version: float32 is exact too
-            live.clear()
-            reached = _weight_reachability(graph, bind, dtype=torch.float32, live=live)
+        sweeps = 4 * sum(1 for n in graph.nodes if n.kind not in (OpKind.INPUT, OpKind.OUTPUT))
+        with metric_bar(am.context.progress, "[bold]paths[/]", sweeps, unit="nodes", delay=PHASE_DELAY) as bar:
+            phases = Phases(bar, sweeps, every=16)
+            with torch.no_grad():
+                phases.begin("log P (exact)")
+                log_paths = _log_paths(graph, bind, "exact", phases) - per_sample
+                phases.begin("log P (dpai)", f"log P {log_paths:.2f}")
+                log_dpai = _log_paths(graph, bind, "ref", phases) - per_sample
+            live: dict[str, tuple[int, int]] = {}
+            phases.begin("effective weights", f"log P {log_paths:.2f}")
+            try:
+                reached = _weight_reachability(graph, bind, live=live, on_node=phases.tick)
+            except (PaicError, NotImplementedError, RuntimeError):
+                # some kernels (e.g. 3-d pooling) have no bfloat16 version: float32 is exact too
+                live.clear()
+                reached = _weight_reachability(graph, bind, dtype=torch.float32, live=live, on_node=phases.tick)
+            phases.finish(f"log P {log_paths:.2f}")
         rows = []
         for param, users in _prunable_layers(graph):
             effective = reached[param.name] if param.mask is None else param.mask & reached[param.name]
@@ -140,12 +149,13 @@ class NodePathPass(AnalysisPass[NodePathResult]):
         return NodePathResult.from_layers(log_paths, log_dpai, tuple(rows), live)
 
 
-def _log_paths(graph: Graph, bind: dict[str, int], convention: Convention) -> float:
+def _log_paths(graph: Graph, bind: dict[str, int], convention: Convention, phases: Phases | None = None) -> float:
     """One float64 ones-forward; each layer's 0/1 operand is built when it runs and every value is
-    freed after its last use, so memory stays at one layer plus live activations."""
+    freed after its last use, so memory stays at one layer plus live activations (``phases``: ticked per node)."""
     import torch  # heavy optional dependency: only the path analysis needs it
 
-    return float(count_paths(graph, convention, bind, dtype=torch.float64, keep_values=False, distinct_rows=True).log_paths)
+    tick = None if phases is None else (lambda node, outputs: phases.tick())
+    return float(count_paths(graph, convention, bind, dtype=torch.float64, keep_values=False, distinct_rows=True, on_node=tick).log_paths)
 
 
 def _path_rule(node: Node) -> Any:
@@ -159,12 +169,13 @@ def _path_rule(node: Node) -> Any:
     return rule
 
 
-def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None,
-                         live: dict[str, tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None, live: dict[str, tuple[int, int]] | None = None,
+                         on_node: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
     """``∂(path rule)/∂W > 0`` per prunable weight, from 0/1 forward indicators and 0/1 output grads.
 
     ``live`` (filled when given): per boolean-indicator value, (elements reached from an input
-    that reach an output, all elements), counted once its cotangent is complete.
+    that reach an output, all elements), counted once its cotangent is complete. ``on_node()`` is
+    called after each node of either sweep (a progress tick).
 
     Two sweeps keep memory at the activations plus one layer: the forward sweep (no autograd)
     stores each value's 0/1 indicator; the backward sweep re-runs one node at a time with
@@ -190,6 +201,8 @@ def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None,
             outs = _path_rule(node)(it, node, [_unpack(forward[v.name], dtype) for v in node.inputs])
             for v, t in zip(node.outputs, outs):
                 forward[v.name] = t > 0 if t.is_floating_point() else t  # counts >= 0: kept as booleans (1 byte)
+            if on_node is not None:
+                on_node()
     backward: dict[str, Any] = {}
     for v in graph.outputs:
         backward[v.name] = backward.get(v.name, 0) + torch.ones(forward[v.name].shape, dtype=dtype)
@@ -210,6 +223,8 @@ def _weight_reachability(graph: Graph, bind: dict[str, int], dtype: Any = None,
                     if live is not None:  # every consumer has run: the cotangent is complete
                         _count_live(live, v.name, forward[v.name], backward.get(v.name))
                     forward.pop(v.name)
+            if on_node is not None:
+                on_node()
     return reached
 
 

@@ -41,6 +41,7 @@ from pai_compiler.passes.criteria.base import require_layer_counts, resolve_keep
 from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
 from pai_compiler.passes.criteria.npb.linear import solve_linear
 from pai_compiler.passes.criteria.npb.milp import BlockProblem, ceil_budget, solve_block
+from pai_compiler.progress import metric_bar
 
 __all__ = ["NpbPass", "NpbReport"]
 
@@ -111,18 +112,26 @@ class NpbPass(TransformPass):
         rows: list[dict[str, Any]] = []
         shortcuts: dict[str, bool] = {}
         max_p = self.max_p
-        for node in graph.nodes:
-            if node.kind is OpKind.POOL and node.attrs.get("mode") == "max" and not node.attrs.get("reduce") and max_p > 5:
-                max_p -= 2
-            for p in order.get(id(node), []):
-                shortcut = node.kind is OpKind.CONV and is_shortcut(node, p)
-                shortcuts[p.name] = shortcut
-                rows.append(self._layer(counter, masks, node, p, keep[p.name], max_p, shortcut, rng))
-                if shortcut and max_p > 5:
+        steps = len(params) + int(self.finetune)
+        with metric_bar(am.context.progress, "[bold]npb[/]", steps, unit="layers") as bar:
+            for node in graph.nodes:
+                if node.kind is OpKind.POOL and node.attrs.get("mode") == "max" and not node.attrs.get("reduce") and max_p > 5:
                     max_p -= 2
-        milp_seconds = time.perf_counter() - start
-        conv = {p.name: first_user[p.name].kind is OpKind.CONV for p in params}
-        tuned = fine_tune(counter, masks, shortcuts, conv, rng) if self.finetune else None
+                for p in order.get(id(node), []):
+                    shortcut = node.kind is OpKind.CONV and is_shortcut(node, p)
+                    shortcuts[p.name] = shortcut
+                    rows.append(self._layer(counter, masks, node, p, keep[p.name], max_p, shortcut, rng))
+                    if shortcut and max_p > 5:
+                        max_p -= 2
+                    if bar is not None:
+                        bar(len(rows), _layer_metrics(rows))
+            milp_seconds = time.perf_counter() - start
+            conv = {p.name: first_user[p.name].kind is OpKind.CONV for p in params}
+            if bar is not None and self.finetune:
+                bar(len(rows), f"fine-tuning · kept {sum(r['kept'] for r in rows):,}")
+            tuned = fine_tune(counter, masks, shortcuts, conv, rng) if self.finetune else None
+            if bar is not None:
+                bar(steps, f"kept {int(sum(np.count_nonzero(m) for m in masks.values())):,} of {sum(keep.values()):,} allocated")
         seconds = time.perf_counter() - start
         for p in params:
             graph.set_mask(p, masks[p.name])
@@ -184,3 +193,9 @@ class NpbPass(TransformPass):
             "layer": p.name, "allocated": int(keep), "kept": int(counts.sum()), "blocks": -(-out_ch // block), "max_p": int(cap),
             "shortcut": shortcut, "solve_seconds": seconds, "status": ",".join(sorted(statuses)),
         }
+
+
+def _layer_metrics(rows: list[dict[str, Any]]) -> str:
+    """The bar's live text after a layer: that layer, its kept/allocated weights, and the total kept so far."""
+    last = rows[-1]
+    return f"{last['layer']} {last['kept']:,}/{last['allocated']:,} ({last['status']}) · kept {sum(r['kept'] for r in rows):,}"

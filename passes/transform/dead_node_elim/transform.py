@@ -16,6 +16,7 @@ from pai_compiler.passes.analysis.coupling import channel_spaces
 from pai_compiler.passes.transform.dead_node_elim.apply import apply_plan
 from pai_compiler.passes.transform.dead_node_elim.plan import plan_removal
 from pai_compiler.passes.transform.dead_node_elim.report import CompactReport
+from pai_compiler.progress import PHASE_DELAY, Phases, metric_bar
 
 __all__ = ["DeadNodeElimPass", "MAX_ROUNDS"]
 
@@ -39,13 +40,21 @@ class DeadNodeElimPass(TransformPass):
 
         def one_round() -> bool:
             nonlocal report
+            phases.begin(f"round {report.rounds + 1}: planning")
             cs = channel_spaces(graph)
             plan = plan_removal(graph, cs, fold=self.fold, align=self.align)
             if plan.empty:  # the last planning's kept-dead channels explain what stays
                 report = report.with_kept_dead(tuple(plan.kept_dead.items()), tuple(plan.kept_dead_sources.items()))
                 return False
+            phases.begin(f"round {report.rounds + 1}: removing")
             report = report.then(apply_plan(graph, cs, plan))
+            phases.tick()
+            phases.note = f"{report.removed_atoms:,} channels removed"
             return True
 
-        iterate_to_fixpoint(one_round, max_rounds=MAX_ROUNDS, what="dead-node-elim")
+        # rounds until a fixpoint: the bar's total is the cap, and it fills when the fixpoint is reached
+        with metric_bar(am.context.progress, "[bold]dead-node-elim[/]", MAX_ROUNDS, unit="rounds", delay=PHASE_DELAY) as bar:
+            phases = Phases(bar, MAX_ROUNDS)
+            iterate_to_fixpoint(one_round, max_rounds=MAX_ROUNDS, what="dead-node-elim")
+            phases.finish(f"fixpoint after {report.rounds} round(s) · {report.removed_atoms:,} channels removed")
         return PassResult(modified=report.applied, preserved=frozenset(), report=report)
