@@ -401,7 +401,7 @@ def test_onnxruntime_faster_is_said_in_the_report_and_cli(monkeypatch: pytest.Mo
     lines = [line for line in run.stdout.splitlines() if "compact ONNX" in line]
     assert len(lines) == 1
     if advised:
-        assert "-o fast.onnx" in doc["advice"] and "0.500 ms against 2.000 ms" in doc["advice"]
+        assert "-o fast.onnx --align auto" in doc["advice"] and "0.500 ms against 2.000 ms" in doc["advice"]
         assert doc["advice"] in lines[0]
     else:
         assert doc["advice"] == "" and "not faster" in lines[0]
