@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from pai_compiler.passes.transform.dead_node_elim import CompactReport
 
 __all__ = ["compact_summary", "render_compact", "render_kept_dead", "audit_totals", "layer_rows", "optimize_report",
-           "render_optimize", "fmt"]
+           "render_optimize", "render_compact_written", "fmt"]
 
 
 def compact_summary(masked: dict[str, Any], graph: Any, report: CompactReport) -> dict[str, Any]:
@@ -144,3 +144,14 @@ def fmt(value: Any) -> str:
     if isinstance(value, dict):  # macs_by_kind
         return ", ".join(f"{k} {fmt(v)}" for k, v in value.items())
     return str(value)
+
+
+def render_compact_written(console: Any, doc: dict[str, Any], out: str, *, layers: bool = True) -> None:
+    """The compaction summary, or with ``--align auto`` the choice's line (only that when the masked model stayed)."""
+    choice = doc.get("align_choice")
+    if choice is None or choice["chosen"] != "masked":
+        render_compact(console, doc, out, layers=layers)
+    if choice is not None:
+        from pai_compiler.align_choice import choice_line
+
+        console.print(choice_line(choice), soft_wrap=True)
