@@ -446,14 +446,27 @@ def rule_for(node: Node, mode: Mode) -> Rule | None:
     ``paths`` mode takes the path rule where one exists and the real rule otherwise; an opaque
     node has a rule only when ``attrs["op"]`` is a key of ``OPAQUE_RULES``. A node whose outputs
     are all integer or bool is index data (positions computed from the ids, masks): it carries
-    no paths, so it keeps its real semantics in both modes.
+    no paths, so it keeps its real semantics in both modes. A float value computed from index
+    data alone (an attention mask turned into an additive bias, ``mask * -1e4`` or ``1 - mask``)
+    is a data constant: its real value, but zero paths, as a ``Where`` on the same mask gives.
     """
-    if mode == "paths" and node.kind is not OpKind.OPAQUE and node.outputs and all(is_index_data(v) for v in node.outputs):
-        mode = "real"
     if node.kind is OpKind.OPAQUE:
         pair = OPAQUE_RULES.get(node.attrs.get("op", ""))
         return None if pair is None else pair[mode == "paths"]
+    if mode == "paths" and node.outputs and node.inputs and all(is_index_data(v) for v in node.inputs):
+        real = RULES.get(node.kind)
+        return None if real is None else _index_derived(real)
+    if mode == "paths" and node.outputs and all(is_index_data(v) for v in node.outputs):
+        mode = "real"
     return (PATH_RULES if mode == "paths" else {}).get(node.kind) or RULES.get(node.kind)
+
+
+def _index_derived(real: Rule) -> Rule:
+    """The paths rule of a node that reads index data only: its real outputs, floats as zeros."""
+    def rule(it: Interpreter, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.zeros_like(t, dtype=it.dtype) if t.is_floating_point() else t for t in real(it, node, args)]
+
+    return rule
 
 
 def is_index_data(value: Value) -> bool:
