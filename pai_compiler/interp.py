@@ -6,8 +6,9 @@
   linear / matmul with the mask as weight and no bias, norms, activations, softmax and
   constants-as-bias as identity, data constants as zero (they carry no path), pooling as a
   **sum** (``pool="sum"``) or as the model's own mean/max (``pool="model"``), residual adds
-  summing. A product of two activations (``matmul`` such as attention's Q.K^T and A.V, or an
-  elementwise ``mul``/``div``) follows the *gate rule*: a path goes through one factor while
+  summing; integer/bool values (ids, positions, masks) carry no paths, and a float computed from
+  them alone (a mask as an additive bias) is a data constant (zeros). A product of two
+  activations (``matmul`` such as attention's Q.K^T and A.V, or an elementwise ``mul``/``div``) follows the *gate rule*: a path goes through one factor while
   the other acts as a unit gate, so ``paths(A@B) = paths(A)@1 + 1@paths(B)`` and
   ``paths(a*b) = paths(a) + paths(b)``. Every attention weight (query, key, value, output)
   thus carries paths, and a class token (a constant) receives paths through its keys.
