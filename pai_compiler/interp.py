@@ -6,8 +6,9 @@
   linear / matmul with the mask as weight and no bias, norms, activations, softmax and
   constants-as-bias as identity, data constants as zero (they carry no path), pooling as a
   **sum** (``pool="sum"``) or as the model's own mean/max (``pool="model"``), residual adds
-  summing. A product of two activations (``matmul`` such as attention's Q.K^T and A.V, or an
-  elementwise ``mul``/``div``) follows the *gate rule*: a path goes through one factor while
+  summing; integer/bool values (ids, positions, masks) carry no paths, and a float computed from
+  them alone (a mask as an additive bias) is a data constant (zeros). A product of two
+  activations (``matmul`` such as attention's Q.K^T and A.V, or an elementwise ``mul``/``div``) follows the *gate rule*: a path goes through one factor while
   the other acts as a unit gate, so ``paths(A@B) = paths(A)@1 + 1@paths(B)`` and
   ``paths(a*b) = paths(a) + paths(b)``. Every attention weight (query, key, value, output)
   thus carries paths, and a class token (a constant) receives paths through its keys.
@@ -446,14 +447,27 @@ def rule_for(node: Node, mode: Mode) -> Rule | None:
     ``paths`` mode takes the path rule where one exists and the real rule otherwise; an opaque
     node has a rule only when ``attrs["op"]`` is a key of ``OPAQUE_RULES``. A node whose outputs
     are all integer or bool is index data (positions computed from the ids, masks): it carries
-    no paths, so it keeps its real semantics in both modes.
+    no paths, so it keeps its real semantics in both modes. A float value computed from index
+    data alone (an attention mask turned into an additive bias, ``mask * -1e4`` or ``1 - mask``)
+    is a data constant: its real value, but zero paths, as a ``Where`` on the same mask gives.
     """
-    if mode == "paths" and node.kind is not OpKind.OPAQUE and node.outputs and all(is_index_data(v) for v in node.outputs):
-        mode = "real"
     if node.kind is OpKind.OPAQUE:
         pair = OPAQUE_RULES.get(node.attrs.get("op", ""))
         return None if pair is None else pair[mode == "paths"]
+    if mode == "paths" and node.outputs and node.inputs and all(is_index_data(v) for v in node.inputs):
+        real = RULES.get(node.kind)
+        return None if real is None else _index_derived(real)
+    if mode == "paths" and node.outputs and all(is_index_data(v) for v in node.outputs):
+        mode = "real"
     return (PATH_RULES if mode == "paths" else {}).get(node.kind) or RULES.get(node.kind)
+
+
+def _index_derived(real: Rule) -> Rule:
+    """The paths rule of a node that reads index data only: its real outputs, floats as zeros."""
+    def rule(it: Interpreter, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.zeros_like(t, dtype=it.dtype) if t.is_floating_point() else t for t in real(it, node, args)]
+
+    return rule
 
 
 def is_index_data(value: Value) -> bool:

@@ -97,7 +97,7 @@ def element_edges(g: Graph) -> list[Edge]:
                 for n, c, h, w in itertools.product(*[range(d) for d in x.shape]):  # type: ignore[union-attr]
                     edges.append(((x.name, (n, c, h, w)), (y.name, (n, offset + c, h, w)), None))
                 offset += x.shape[1]  # type: ignore[index]
-        elif node.kind is OpKind.POINTWISE:
+        elif node.kind in (OpKind.POINTWISE, OpKind.SOFTMAX):
             edges += [((node.inputs[0].name, idx), (y.name, idx), None) for idx in out_idx]
         else:
             raise AssertionError(node.kind)
@@ -112,7 +112,8 @@ def brute_force(g: Graph, limit: int = 30_000) -> tuple[int, set[tuple[str, tupl
     for e in edges:
         succ[e[0]].append(e)
         pred[e[1]].append(e)
-    sources = [(v.name, idx) for v in g.inputs for idx in itertools.product(*[range(d) for d in v.shape])]  # type: ignore[union-attr]
+    # paths start at float inputs only: an integer/bool input (indices, a mask) is index data
+    sources = [(v.name, idx) for v in g.inputs if v.dtype.startswith(("float", "bfloat")) for idx in itertools.product(*[range(d) for d in v.shape])]  # type: ignore[union-attr]
     sinks = {(v.name, idx) for v in g.outputs for idx in itertools.product(*[range(d) for d in v.shape])}  # type: ignore[union-attr]
     # a memoised count first, only to skip examples too big to enumerate
     memo: dict[Any, int] = {}

@@ -27,7 +27,7 @@ from pai_compiler.frontends.onnx.patterns_norm import fuse_layer_norms
 from pai_compiler.frontends.onnx.patterns_shuffle import fuse_channel_permutations
 from pai_compiler.ir import Graph, Node, OpKind, Value
 
-__all__ = ["fuse_patterns"]
+__all__ = ["fuse_patterns", "fuse_activations"]
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -154,8 +154,16 @@ def _replace(graph: Graph, mul: Node, x: Value, op: str, attrs: dict[str, object
 
 
 def fuse_patterns(graph: Graph) -> int:
-    """Fuse activations and LayerNorms spelled out of primitives; return how many were fused."""
-    fused = fuse_layer_norms(graph) + fuse_channel_permutations(graph)
+    """Fuse activations, LayerNorms and channel shuffles spelled out of primitives; return how many were fused."""
+    return fuse_layer_norms(graph) + fuse_channel_permutations(graph) + fuse_activations(graph)
+
+
+def fuse_activations(graph: Graph) -> int:
+    """Fuse GELU, SiLU, Mish and HardSwish spelled out of primitives; return how many were fused.
+
+    Both frontends run it (torch.export and fx spell out hand-written activations such as GPT-2's
+    ``gelu_new`` just as ONNX exporters do), so both routes count the same paths."""
+    fused = 0
     removed: set[int] = set()
     for mul in graph.nodes:
         if id(mul) in removed or mul.kind is not OpKind.MUL or mul.attrs.get("op") != "mul" or len(mul.inputs) != 2:

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from pai_compiler.errors import ModelError
+from pai_compiler.frontends.onnx.patterns import fuse_activations
+from pai_compiler.frontends.onnx.patterns_norm import fuse_layer_norms
 from pai_compiler.frontends.params import layout_twin
 from pai_compiler.frontends.torch.operands import BATCH, AttentionWeights, ModuleHandle, TorchConst, dtype_name
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
@@ -428,6 +430,8 @@ class TorchLowering:
         g.meta.update(symbols={"batch": BATCH}, source_format="torch", frontend=self.frontend,
                       input_shape=list(inputs[0].shape) if inputs else None,
                       torch_module=ModuleHandle(self.module), weight_sources={k: "torch" for k in self.params})
+        fuse_layer_norms(g)  # as the ONNX route does: one node per spelled-out norm and activation, the same path counts
+        fuse_activations(g)
         g.verify()
         return g
 
