@@ -7,7 +7,8 @@
   constants-as-bias as identity, data constants as zero (they carry no path), pooling as a
   **sum** (``pool="sum"``) or as the model's own mean/max (``pool="model"``), residual adds
   summing; integer/bool values (ids, positions, masks) carry no paths, and a float computed from
-  them alone (a mask as an additive bias) is a data constant (zeros). A product of two
+  them alone with a bool among them (a mask as an additive bias) is a data constant (zeros); an
+  integer cast to float (uint8 pixels) is data and carries paths. A product of two
   activations (``matmul`` such as attention's Q.K^T and A.V, or an elementwise ``mul``/``div``) follows the *gate rule*: a path goes through one factor while
   the other acts as a unit gate, so ``paths(A@B) = paths(A)@1 + 1@paths(B)`` and
   ``paths(a*b) = paths(a) + paths(b)``. Every attention weight (query, key, value, output)
@@ -448,18 +449,25 @@ def rule_for(node: Node, mode: Mode) -> Rule | None:
     node has a rule only when ``attrs["op"]`` is a key of ``OPAQUE_RULES``. A node whose outputs
     are all integer or bool is index data (positions computed from the ids, masks): it carries
     no paths, so it keeps its real semantics in both modes. A float value computed from index
-    data alone (an attention mask turned into an additive bias, ``mask * -1e4`` or ``1 - mask``)
-    is a data constant: its real value, but zero paths, as a ``Where`` on the same mask gives.
+    data alone with a bool among it (an attention mask turned into an additive bias,
+    ``bool(mask) * 1e4 - 1e4``) is a data constant: its real value, but zero paths, as a
+    ``Where`` on the same mask gives. An integer cast to float (uint8 pixels) stays data: paths.
     """
     if node.kind is OpKind.OPAQUE:
         pair = OPAQUE_RULES.get(node.attrs.get("op", ""))
         return None if pair is None else pair[mode == "paths"]
-    if mode == "paths" and node.outputs and node.inputs and all(is_index_data(v) for v in node.inputs):
+    if mode == "paths" and node.outputs and _predicate_derived(node):
         real = RULES.get(node.kind)
         return None if real is None else _index_derived(real)
     if mode == "paths" and node.outputs and all(is_index_data(v) for v in node.outputs):
         mode = "real"
     return (PATH_RULES if mode == "paths" else {}).get(node.kind) or RULES.get(node.kind)
+
+
+def _predicate_derived(node: Node) -> bool:
+    """A node reading index data only, a bool (a mask, a predicate) among it. An integer value
+    cast to float alone is data entering the network (uint8 pixels), not a mask: it carries paths."""
+    return bool(node.inputs) and all(is_index_data(v) for v in node.inputs) and any(v.dtype == "bool" for v in node.inputs)
 
 
 def _index_derived(real: Rule) -> Rule:

@@ -148,3 +148,31 @@ def test_torch_and_onnx_routes_audit_the_same(factory: object, tmp_path: Path) -
     assert {k: docs[0]["totals"][k] for k in keys} == pytest.approx({k: docs[1]["totals"][k] for k in keys}, rel=1e-12)
     assert [(r["effective_nodes"], r["effective_kernels"]) for r in docs[0]["layers"]] == \
         [(r["effective_nodes"], r["effective_kernels"]) for r in docs[1]["layers"]]
+
+
+def _pixels_model(path: Path, dtype: int) -> Path:
+    """x[1,3,6,6] (uint8 pixels cast to float, or float) -> conv 3x3 -> relu -> flatten -> matmul."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.standard_normal((144, 5)).astype(np.float32), "fc"),
+             numpy_helper.from_array(np.array([1, -1], dtype=np.int64), "shape")]
+    first = helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT) if dtype != TensorProto.FLOAT else helper.make_node("Identity", ["x"], ["xf"])
+    nodes = [first, helper.make_node("Conv", ["xf", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Reshape", ["r", "shape"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    graph = helper.make_graph(nodes, "pixels", [helper.make_tensor_value_info("x", dtype, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_integer_pixels_cast_to_float_carry_paths(tmp_path: Path) -> None:
+    # an integer input cast to float is data entering the network, not a mask: same counts as a float input
+    from onnx import TensorProto
+
+    pixels = audit_graph(load_onnx_model(_pixels_model(tmp_path / "u8.onnx", TensorProto.UINT8)))["totals"]
+    floats = audit_graph(load_onnx_model(_pixels_model(tmp_path / "f32.onnx", TensorProto.FLOAT)))["totals"]
+    assert pixels["log_paths"] is not None and math.isfinite(pixels["log_paths"])
+    assert (pixels["log_paths"], pixels["effective_nodes"]) == (floats["log_paths"], floats["effective_nodes"])
