@@ -126,14 +126,18 @@ def _load(path: str, threads: int) -> _Loaded:
         raise UsageError(f"MODEL {path}: no such file")
     suffix = file.suffix.lower()
     if suffix == ".onnx":
-        from pai_compiler.api import load_model  # only for a model with integer inputs: their roles
-
         run, specs = _onnx_runner(file, threads)
-        return _Loaded(run, "onnxruntime", specs, lambda: load_model(file))
+        return _Loaded(run, "onnxruntime", specs, lambda: _onnx_graph(file))
     if suffix in (".pt", ".pth"):
         run, torch_specs, graph = _torch_runner(file)
         return _Loaded(run, "torch", torch_specs, lambda: graph)
     raise UsageError(f"MODEL {path}: unknown format {suffix or '(none)'!r}; paic bench runs .onnx and .pt files")
+
+
+def _onnx_graph(file: Path) -> Any:
+    from pai_compiler.api import load_model  # the IR of the model: only a model with integer inputs needs it (their roles)
+
+    return load_model(file)
 
 
 def _integer_roles(model: _Loaded) -> dict[str, InputRole]:
