@@ -1,7 +1,10 @@
 """``paic bench``: median latency of ONNX / torch models on one input, speed-up = t(first) / t(model).
 
 Every model gets the same random input (from ``--input-shape``, else the first model's input
-shapes with the batch dim bound by ``--batch``). ``.onnx`` files run in onnxruntime with
+shapes with the batch dim bound by ``--batch``): N(0, 1) floats, and for an integer input what
+``--data random`` feeds (``lab.data.role_array`` by the first model's input roles): indices uniform
+below the smallest embedding table it picks rows of, all ones for a mask (an all-zero mask would
+compare fully masked models). ``.onnx`` files run in onnxruntime with
 ``threads`` intra-op threads, ``.pt`` files (a whole pickled module, e.g. ``paic compact -o
 FAST.pt``) in torch with ``torch.set_num_threads(threads)``. After ``warmup`` runs of each,
 the models run ``repeats`` rounds in alternating order and each gets its median wall time.
@@ -15,19 +18,23 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pai_compiler.backends.sparse_timing import RoundHook, time_alternating
 from pai_compiler.progress import MetricUpdate, metric_bar
-from pai_compiler.errors import ModelError, UsageError
+from pai_compiler.errors import ModelError, PaicError, UsageError
+
+if TYPE_CHECKING:
+    from pai_compiler.backends.index_inputs import InputRole
 
 __all__ = ["BenchRow", "BenchResult", "InputSpec", "bench_models", "parse_shape", "render_bench", "render_sparse_exec", "AGREE_REL"]
 
 #: largest max_rel for which two models' outputs agree
 AGREE_REL = 1e-4
 Runner = Callable[[list[np.ndarray]], list[np.ndarray]]
+GraphSource = Callable[[], Any]  # the model's IR graph, built on demand (only integer inputs need it)
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,16 @@ class InputSpec:
     name: str
     shape: tuple[int | str, ...]
     dtype: str
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """One loaded model: how to run it, its runtime, its input specs (None: unknown) and its IR graph on demand."""
+
+    run: Runner
+    runtime: str
+    specs: list[InputSpec] | None
+    graph: GraphSource
 
 
 @dataclass(frozen=True)
@@ -70,14 +87,14 @@ def _onnx_runner(path: Path, threads: int) -> tuple[Runner, list[InputSpec]]:
         sess = session(path, device="cpu", threads=threads)
     except Exception as exc:  # onnxruntime raises its own types for a broken file
         raise ModelError(f"{path}: onnxruntime cannot load it: {' '.join(str(exc).split())[:200]}") from None
-    kinds = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32"}
+    kinds = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
     specs = [InputSpec(i.name, tuple(d if isinstance(d, int) else str(d) for d in i.shape), kinds.get(i.type, "float32"))
              for i in sess.get_inputs()]
     names = [s.name for s in specs]
     return lambda feed: list(sess.run(None, dict(zip(names, feed)))), specs
 
 
-def _torch_runner(path: Path) -> tuple[Runner, list[InputSpec] | None]:
+def _torch_runner(path: Path) -> tuple[Runner, list[InputSpec] | None, Any]:
     import torch  # heavy optional dependency, only for .pt models
 
     try:
@@ -100,25 +117,46 @@ def _torch_runner(path: Path) -> tuple[Runner, list[InputSpec] | None]:
         outs = out if isinstance(out, (tuple, list)) else [out]
         return [t.detach().cpu().numpy() for t in outs]
 
-    return run, specs
+    return run, specs, graph
 
 
-def _load(path: str, threads: int) -> tuple[Runner, str, list[InputSpec] | None]:
+def _load(path: str, threads: int) -> _Loaded:
     file = Path(path)
     if not file.is_file():
         raise UsageError(f"MODEL {path}: no such file")
     suffix = file.suffix.lower()
     if suffix == ".onnx":
         run, specs = _onnx_runner(file, threads)
-        return run, "onnxruntime", specs
+        return _Loaded(run, "onnxruntime", specs, lambda: _onnx_graph(file))
     if suffix in (".pt", ".pth"):
-        run, torch_specs = _torch_runner(file)
-        return run, "torch", torch_specs
+        run, torch_specs, graph = _torch_runner(file)
+        return _Loaded(run, "torch", torch_specs, lambda: graph)
     raise UsageError(f"MODEL {path}: unknown format {suffix or '(none)'!r}; paic bench runs .onnx and .pt files")
 
 
-def _feed(specs: list[InputSpec] | None, first: str, batch: int, shape: tuple[int, ...] | None, seed: int) -> list[np.ndarray]:
-    """The input for every model: ``shape`` for the first input, else the specs with a symbolic batch dim = ``batch``."""
+def _onnx_graph(file: Path) -> Any:
+    from pai_compiler.api import load_model  # the IR of the model: only a model with integer inputs needs it (their roles)
+
+    return load_model(file)
+
+
+def _integer_roles(model: _Loaded) -> dict[str, InputRole]:
+    """The roles of the model's inputs by name when it has an integer input (else none needed, {})."""
+    if not model.specs or all(np.dtype(spec.dtype).kind == "f" for spec in model.specs):
+        return {}
+    from pai_compiler.backends.index_inputs import input_roles  # imports the IR; only integer inputs need it
+
+    try:
+        graph = model.graph()
+    except PaicError:  # runs in onnxruntime but not in paic's IR: all ones (a valid index, an open mask)
+        return {}
+    return {} if graph is None else {role.name: role for role in input_roles(graph)}
+
+
+def _feed(specs: list[InputSpec] | None, first: str, batch: int, shape: tuple[int, ...] | None, seed: int,
+          roles: Mapping[str, InputRole]) -> list[np.ndarray]:
+    """The input for every model: ``shape`` for the first input, else the specs with a symbolic batch dim = ``batch``;
+    floats N(0, 1), integers by ``roles`` (see the module docstring), all ones without a role."""
     if specs is None and shape is None:
         raise ModelError(f"{first}: input shape unknown (a plain torch module); pass --input-shape, e.g. 1,3,32,32")
     specs = specs or [InputSpec("input", shape or (), "float32")]
@@ -133,8 +171,16 @@ def _feed(specs: list[InputSpec] | None, first: str, batch: int, shape: tuple[in
         if unknown:
             raise ModelError(f"{first}: input {spec.name!r} has symbolic dim(s) {', '.join(unknown)}; pass --input-shape "
                              "(the full shape of the first input, batch first)")
-        kind = np.dtype(spec.dtype) if spec.dtype in ("float32", "float64", "int64", "int32") else np.dtype("float32")
-        feed.append(rng.standard_normal(dims).astype(kind) if kind.kind == "f" else np.zeros(dims, dtype=kind))
+        kind = np.dtype(spec.dtype) if spec.dtype in ("float32", "float64", "int64", "int32", "bool") else np.dtype("float32")
+        role = roles.get(spec.name)
+        if kind.kind == "f":
+            feed.append(rng.standard_normal(dims).astype(kind))
+        elif role is not None and role.kind != "float":
+            from pai_compiler.lab.data import role_array  # the lab's --data random (imports sympy)
+
+            feed.append(role_array(role, [int(d) for d in dims], rng).astype(kind))
+        else:
+            feed.append(np.ones(dims, dtype=kind))
     return feed
 
 
@@ -189,8 +235,8 @@ def bench_models(models: Sequence[str], *, batch: int | None = None, threads: in
     import torch  # heavy optional dependency: the thread count of the torch models
 
     loaded = [_load(path, threads) for path in models]
-    runners = [entry[0] for entry in loaded]
-    feed = _feed(loaded[0][2], models[0], batch or 1, shape, seed)
+    runners = [entry.run for entry in loaded]
+    feed = _feed(loaded[0].specs, models[0], batch or 1, shape, seed, _integer_roles(loaded[0]))
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -202,9 +248,9 @@ def bench_models(models: Sequence[str], *, batch: int | None = None, threads: in
     finally:
         torch.set_num_threads(previous)
     rows = []
-    for key, path, (_, runtime, _), out in zip(keys, models, loaded, outputs):
+    for key, path, model, out in zip(keys, models, loaded, outputs):
         max_abs, max_rel, agrees = _agreement(out, outputs[0])
-        rows.append(BenchRow(model=os.fspath(path), runtime=runtime, median_ms=round(times[key], 4),
+        rows.append(BenchRow(model=os.fspath(path), runtime=model.runtime, median_ms=round(times[key], 4),
                              speedup=round(times["0"] / times[key], 4) if times[key] > 0 else float("inf"),
                              max_abs=max_abs, max_rel=max_rel, agrees=agrees))
     batch_run = int(feed[0].shape[0]) if feed and feed[0].ndim else 1

@@ -128,3 +128,41 @@ def test_bench_model_errors_exit_1(models: Path) -> None:
         bench_models([str(models / "plain.pt")], repeats=1, warmup=0)
     with pytest.raises(UsageError):
         bench_models([])
+
+
+class _MaskedMean(torch.nn.Module):
+    """Embedding rows averaged over the unmasked positions: a fully masked input gives the bias alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(5, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).float()
+        return self.head((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1.0))
+
+
+
+def _text_model(net: torch.nn.Module, path: Path) -> str:
+    import warnings
+
+    ids, mask = torch.zeros(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (ids, mask), str(path), dynamo=False, opset_version=17, input_names=["input_ids", "attention_mask"])
+    return str(path)
+
+
+def test_bench_feeds_an_open_mask_and_valid_indices(tmp_path: Path) -> None:
+    """Integer inputs get what --data random feeds: an all-ones attention mask and indices below the
+    table size (5 rows here: onnxruntime refuses an index out of range). Before, both were zeros: the
+    mask hid every token, so two models with different embeddings 'agreed' (each output was the bias)."""
+    torch.manual_seed(0)
+    first = _MaskedMean().eval()
+    torch.manual_seed(1)
+    second = _MaskedMean().eval()
+    second.head.load_state_dict(first.head.state_dict())  # the models differ only in their embedding tables
+    paths = [_text_model(first, tmp_path / "a.onnx"), _text_model(second, tmp_path / "b.onnx")]
+    result = bench_models(paths, repeats=1, warmup=0)
+    assert result.rows[0].agrees and result.rows[0].max_abs == 0.0
+    assert not result.rows[1].agrees and result.rows[1].max_rel is not None and result.rows[1].max_rel > 0.01

@@ -331,3 +331,22 @@ def test_attention_heads_compact(tmp_path: Path, exporter: str) -> None:
     projections = [name for name, counts in out.items() if counts == (32, 16)]
     assert len(projections) == 3, out  # q, k and v lost two whole heads
     assert sorted(c for c in into.values() if c is not None and c[0] == 32 and c[1] != 32) == [(32, 16)], into  # o
+
+
+def test_dynamo_dynamic_batch_flatten_with_allowzero_compacts(tmp_path: Path) -> None:
+    """dynamo flattens (N, C, 1, 1) with Reshape(allowzero=1) to a shape whose N is symbolic: the new
+    shape copies N with 0, which needs allowzero=0 (the same meaning without a literal 0). Before:
+    "Reshape ... has allowzero=1 and a symbolic dim" (HF RegNet, dynamo export with dynamic batch)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                              torch.nn.Linear(16, 4)).eval()
+    src = tmp_path / "dyn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(src), dynamo=True, verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch", min=2)},))
+    assert [a.i for n in onnx.load(src).graph.node if n.op_type == "Reshape" for a in n.attribute if a.name == "allowzero"] == [1]
+    x = np.random.default_rng(0).standard_normal((3, 3, 8, 8)).astype(np.float32)
+    graph, small, _ = compact_and_compare(src, tmp_path, x)
+    assert params(small) < params(graph)
+    assert run(tmp_path / "compact.onnx", x).shape == (3, 4)

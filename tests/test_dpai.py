@@ -354,22 +354,3 @@ def test_memory_check_refuses_with_a_clear_message(monkeypatch: pytest.MonkeyPat
     with pytest.raises(PaicError, match=r"need about .* GiB on the CPU \(full state, 10 steps\), only .* GiB is available"):
         _run(g, "erk{sparsity=0.9},dpai{steps=10}")
 
-
-def test_dpai_on_a_static_batch_export_with_pool_and_flatten(tmp_path: Path) -> None:
-    """A TorchScript export at a static batch 2 flattens the pooled (2, C, 1, 1) to (2, C): the channel
-    program's [C] vector stands for [1, C, 1, 1] only at batch 1, so it is materialised first
-    (before: "cannot reshape array of size 32 into shape (2,32)", e.g. on HF ResNet)."""
-    import warnings
-
-    from pai_compiler.api import optimize
-
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                              torch.nn.Linear(8, 4)).eval()
-    path = tmp_path / "static2.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(2, 3, 8, 8),), str(path), dynamo=False, opset_version=17)
-    result = optimize(str(path), sparsity=0.5, method="dpai", steps=3)
-    params = result.graph.prunable_params()
-    assert 0.45 < sum(p.kept() for p in params) / sum(p.numel for p in params) < 0.55

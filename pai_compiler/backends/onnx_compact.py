@@ -217,7 +217,11 @@ class _Rewriter:
             else:
                 raise PaicError(f"compact ONNX: cannot express the new shape {list(out)} of Reshape {on.name!r}")
         if any(a.name == "allowzero" and a.i for a in on.attribute) and 0 in target:
-            raise PaicError(f"compact ONNX: Reshape {on.name!r} has allowzero=1 and a symbolic dim")
+            if 0 in out:  # a literal empty dim and a copied one: no single flag says both
+                raise PaicError(f"compact ONNX: Reshape {on.name!r} has allowzero=1, a symbolic dim and an empty dim")
+            for a in on.attribute:  # no literal 0 in the shape: allowzero=0 means the same, and 0 copies the symbolic dim (dynamo exports)
+                if a.name == "allowzero":
+                    a.i = 0
         _set_input(on, 1, self.add_init(f"{on.name or node.name}_shape", np.array(target, dtype=np.int64)))
 
     def gather(self, node: Node, on: Any) -> None:

@@ -33,7 +33,7 @@ from pai_compiler.backends.index_inputs import InputRole, input_index_entries, i
 from pai_compiler.errors import UsageError
 from pai_compiler.passes.analysis.bindings import sample_bindings
 
-__all__ = ["Batch", "load_prune_batch", "load_batch_for", "load_index_batch", "other_inputs", "RANDOM_DATA"]
+__all__ = ["Batch", "load_prune_batch", "load_batch_for", "load_index_batch", "other_inputs", "role_array", "RANDOM_DATA"]
 
 RANDOM_DATA = "random"
 
@@ -272,14 +272,17 @@ def other_inputs(roles: Sequence[InputRole], shapes: Mapping[str, tuple[int, ...
         if role.kind != "mask" and not random:
             raise UsageError(f"input {role.name!r} ({role.kind}) gets no data from a file (x_train feeds the first input only); "
                              "use --data random, or export the model with that input folded in")
-        rng = np.random.default_rng([seed, index])
-        if role.kind == "indices":
-            out[role.name] = rng.integers(0, int(role.entries or 1), size=(samples, *shape), dtype=np.int64).astype(role.dtype)
-        elif role.kind == "mask":
-            out[role.name] = np.ones((samples, *shape), dtype=np.bool_ if role.dtype == "bool" else role.dtype)
-        else:
-            out[role.name] = rng.standard_normal((samples, *shape)).astype(np.float32)
+        out[role.name] = role_array(role, (samples, *shape), np.random.default_rng([seed, index]))
     return out
+
+
+def role_array(role: InputRole, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+    """A random array for one input by its role: indices uniform in ``[0, entries)``, an all-ones mask, N(0, 1) floats."""
+    if role.kind == "indices":
+        return rng.integers(0, int(role.entries or 1), size=tuple(shape), dtype=np.int64).astype(role.dtype)
+    if role.kind == "mask":
+        return np.ones(tuple(shape), dtype=np.bool_ if role.dtype == "bool" else role.dtype)
+    return rng.standard_normal(tuple(shape)).astype(np.float32)
 
 
 def load_index_batch(

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pai_compiler.errors import PaicError
+from pai_compiler.errors import ModelError, PaicError
 from pai_compiler.ir import Graph, Node, OpKind
 from pai_compiler.passes.criteria.dpai.layout import LayerInfo, Layout
 from pai_compiler.passes.criteria.dpai.ops import make_ops
@@ -120,8 +120,13 @@ class ChannelProgram:
                         users.setdefault(p.name, []).append(node)
         self._last_user = {name: nodes[-1] for name, nodes in users.items()}
         self._uses = {name: len(nodes) for name, nodes in users.items()}
+        self._node_of: list[Node] = []  # tape index -> the node it was compiled from
         for node in self.graph.nodes:
-            CHANNEL_RULES[node.kind](self, node)
+            try:
+                CHANNEL_RULES[node.kind](self, node)
+            except (ValueError, IndexError, KeyError, RuntimeError) as exc:
+                raise _unsupported(node, exc) from exc
+            self._node_of += [node] * (len(self.tape) - len(self._node_of))
 
     def _torch_op(self, node: Node) -> None:
         from pai_compiler.interp import rule_for  # heavy: interp imports torch
@@ -156,10 +161,10 @@ class ChannelProgram:
         p = node.params["weight"]
         layer = self._layer_of.get(p.name)
         src = self.slot[node.inputs[0].name]
-        if chan and src not in self.chan:  # a real map (after a reshape): take each channel's interior value, its max
-            spatial = tuple(range(2, len(self.shapes[node.inputs[0].name])))
+        if chan and src not in self.chan:  # a real map (after a reshape or pad): each channel's interior value, its max over batch and pixels
+            not_channel = (0, *range(2, len(self.shapes[node.inputs[0].name])))
             collapsed = self._new((self.shapes[node.inputs[0].name][1],), True)
-            self.tape.append(TorchOp(self.ops, [src], [collapsed], lambda a: [a[0].amax(dim=spatial).reshape(-1)]))
+            self.tape.append(TorchOp(self.ops, [src], [collapsed], lambda a: [a[0].amax(dim=not_channel)]))
             src = collapsed
         elif not chan:
             src = self._full_slot(node.inputs[0].name)
@@ -199,11 +204,15 @@ class ChannelProgram:
         self.logs.clear()
         env = list(self._env0)
         memo = self.ops.memo
-        for forward, dies in self._forward_plan:
-            forward(env)
-            for slot in dies:
-                env[slot] = None
-                memo.pop(slot, None)
+        index = 0
+        try:
+            for index, (forward, dies) in enumerate(self._forward_plan):
+                forward(env)
+                for slot in dies:
+                    env[slot] = None
+                    memo.pop(slot, None)
+        except (ValueError, IndexError, RuntimeError) as exc:  # a shape this rule did not foresee: name the node, not numpy
+            raise _unsupported(self._node_of[index], exc) from exc
         memo.clear()
         totals = [env[slot].sum() * factor for slot, factor, _ in self.outputs]
         total = totals[0]
@@ -222,11 +231,22 @@ class ChannelProgram:
             for slot, factor, shape in self.outputs:
                 genv[slot] = (seed * factor).expand(shape)
             result = log_p
-        for backward, outs in self._backward_plan:
-            backward(env, genv)
-            for slot in outs:  # read by its producer only
-                genv[slot] = None
+        index = 0
+        try:
+            for index, (backward, outs) in enumerate(self._backward_plan):
+                backward(env, genv)
+                for slot in outs:  # read by its producer only
+                    genv[slot] = None
+        except (ValueError, IndexError, RuntimeError) as exc:
+            raise _unsupported(self._node_of[len(self.tape) - 1 - index], exc) from exc
         return result
+
+
+def _unsupported(node: Node, exc: BaseException) -> ModelError:
+    """One line naming the node the channel-level count failed on (numpy's or torch's own message in brackets)."""
+    detail = " ".join(str(exc).split())[:160] or type(exc).__name__
+    return ModelError(f"dpai: node {node.name!r} ({node.kind.value}): the channel-level path count cannot run it ({detail}); "
+                      "try dpai{paths=ref} (per pixel) or another criterion")
 
 
 # ---- the compile rules, one per op kind ------------------------------------------------------
@@ -249,10 +269,11 @@ def _constant(cp: ChannelProgram, node: Node) -> None:
 
 
 def _output(cp: ChannelProgram, node: Node) -> None:
-    """A model output is summed after the forward (a chan value stands for every pixel of its map)."""
+    """A model output is summed after the forward (a chan value stands for every pixel of its map, in every sample of a static batch)."""
     name = node.inputs[0].name
     slot = cp.slot[name]
-    factor = math.prod(cp.shapes[name][2:]) if slot in cp.chan else 1
+    shape = cp.shapes[name]
+    factor = math.prod(shape[:1] + shape[2:]) if slot in cp.chan else 1
     cp.outputs.append((slot, float(factor), cp.stored[slot]))
 
 
@@ -320,8 +341,10 @@ def _pool(cp: ChannelProgram, node: Node) -> None:
         src = scaled
     if len(out_shape) > 2:
         cp.slot[out] = src
-    else:
+    elif out_shape[:1] == (1,):  # (1, C): the vector itself
         cp.tape.append(Reshape(cp.ops, src, cp._new(out_shape, name=out), cp.stored[src], out_shape))
+    else:  # (N, C) at a static batch N > 1: one copy per sample
+        cp.tape.append(Expand(cp.ops, src, cp._new(out_shape, name=out), out_shape))
 
 
 def _reshape(cp: ChannelProgram, node: Node) -> None:

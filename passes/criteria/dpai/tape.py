@@ -219,7 +219,7 @@ class Transpose(Instr):
 
 
 class Expand(Instr):
-    """A chan vector [C] -> the full map [1, C, *spatial] it stands for."""
+    """A chan vector [C] -> the full map [N, C, *spatial] it stands for (every sample of a static batch N alike)."""
 
     def __init__(self, ops: Ops, src: int, dst: int, shape: Sequence[int]) -> None:
         super().__init__(ops, [src], [dst])
