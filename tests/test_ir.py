@@ -134,3 +134,17 @@ def test_a_long_graph_pickles_and_deep_copies_without_deep_recursion() -> None:
         assert to_text(other) == to_text(g) and other.version == g.version
         assert other.node("n0").params["weight"] is other.node("n2999").params["weight"]
         assert other.fresh_name("c") == "c_1"
+
+
+def test_a_graph_pickled_by_an_earlier_paic_still_loads() -> None:
+    """Before the flat state, a Graph pickled its attribute dict (``_nodes``, ``_values``, ...): a ``.pt``
+    module saved then must still load."""
+    g = Graph("old")
+    x = g.add_node(OpKind.INPUT, "x", [], [("x", (1, 4), "float32")]).outputs[0]
+    y = g.add_node(OpKind.LINEAR, "fc", [x], [("y", (1, 4), "float32")], params={"weight": Param("w", np.ones((4, 4), np.float32), prunable=True)}).outputs[0]
+    g.add_node(OpKind.OUTPUT, "out", [y])
+    old_state = {k: v for k, v in g.__dict__.items() if k != "_handed_out"}
+    revived = Graph.__new__(Graph)
+    revived.__setstate__(old_state)
+    revived.verify()
+    assert to_text(revived) == to_text(g) and revived.fresh_name("fc") == "fc_1"

@@ -407,6 +407,10 @@ class Graph:
         return {"name": self.name, "version": self.version, "meta": self.meta, "nodes": nodes, "handed_out": self._handed_out}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_nodes" in state:  # pickled by an earlier paic (its attribute dict): a .pt module saved before
+            self.__dict__.update(state)
+            self.__dict__.setdefault("_handed_out", set())
+            return
         Graph.__init__(self, state["name"])
         for kind, name, inputs, outputs, params, attrs, origin in state["nodes"]:
             self.add_node(kind, name, [self._values[v] for v in inputs], outputs, params=params, attrs=attrs, origin=origin)
