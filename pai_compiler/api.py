@@ -209,12 +209,17 @@ def optimize(
     """Prune ``model`` (a path or an IR Graph, which is modified) and return the result.
 
     ``passes`` (built by the caller, e.g. with :func:`build_passes`) replaces the flags
-    sparsity/method/allocation/pipeline/steps."""
+    sparsity/method/allocation/pipeline/steps. ``data`` (snip/grasp/autosparse): a loaded batch,
+    or what ``--data`` takes, an ``.npz`` path or ``"random"`` (10 samples per class, ``seed``)."""
     check_device(device)
     if passes is None:
         passes = build_passes(method=method, sparsity=sparsity, allocation=allocation, pipeline=pipeline, steps=steps)
     passes = list(passes)
     graph = model if isinstance(model, Graph) else load_model(model)
+    if isinstance(data, (str, os.PathLike)):
+        from pai_compiler.lab.data import load_batch_for
+
+        data = load_batch_for(graph, data, seed=seed)
     exclusion = apply_exclude(graph, exclude)
     warnings = [*graph.meta["warnings"], *exclusion.warnings]  # the frontend's (from lowering the model), then --exclude's
     if not graph.prunable_params():

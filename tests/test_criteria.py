@@ -496,3 +496,15 @@ def test_loader_mnist(data_dir: Path) -> None:
     np.testing.assert_allclose(batch.meta["std"], [pixels.std()], atol=1e-4)
     flat = load_prune_batch(path, samples_per_class=2, seed=0, input_shape=(784,))
     assert flat.x.shape == (20, 784)
+
+
+def test_api_optimize_takes_data_as_the_cli_does() -> None:
+    """``data="random"`` (or an .npz path) through the Python API, as ``--data``: the same masks as a batch loaded first."""
+    from pai_compiler.api import load_model, optimize
+    from pai_compiler.lab.data import load_batch_for
+
+    model = Path(__file__).resolve().parents[1] / "examples" / "models" / "vgg_small.onnx"
+    by_name = optimize(model, sparsity=0.9, method="snip", data="random", seed=3).masks
+    batch = load_batch_for(load_model(model), "random", seed=3)
+    loaded = optimize(model, sparsity=0.9, method="snip", data=batch, seed=3).masks
+    assert by_name.keys() == loaded.keys() and all(np.array_equal(by_name[k], loaded[k]) for k in by_name)
