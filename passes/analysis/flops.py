@@ -66,10 +66,10 @@ from pai_compiler.passes.analysis.node_path import NodePathPass
 if TYPE_CHECKING:
     import sympy
 
-#: a MAC count: an int, an exact fraction (live-scaled effective MACs) or a sympy expression
-MacCount = Union[int, Fraction, "sympy.Expr"]
+#: a MAC count's value: an int, an exact fraction (live-scaled effective MACs) or a sympy expression
+MacValue = Union[int, Fraction, "sympy.Expr"]
 
-__all__ = ["FlopsPass", "FlopsResult", "NodeMacs", "MacCount", "MAC_RULES", "evaluate", "mac_kind", "EFFECTIVE_FALLBACK", "BATCH_SYMBOL"]
+__all__ = ["FlopsPass", "FlopsResult", "NodeMacs", "MacCount", "MacValue", "MAC_RULES", "evaluate", "mac_kind", "EFFECTIVE_FALLBACK", "BATCH_SYMBOL"]
 
 #: the symbol a static batch becomes (MACs per sample unless bound)
 BATCH_SYMBOL = "batch"
@@ -184,18 +184,18 @@ def mac_kind(node: Node) -> str:
 class NodeMacs:
     node: str
     kind: str
-    dense: MacCount
-    nonzero: MacCount
-    effective: MacCount | None
+    dense: MacValue
+    nonzero: MacValue
+    effective: MacValue | None
     mac_kind: str = ""
 
 
 @dataclass(frozen=True)
 class FlopsResult:
     nodes: tuple[NodeMacs, ...]
-    dense: MacCount
-    nonzero: MacCount
-    effective: MacCount | None
+    dense: MacValue
+    nonzero: MacValue
+    effective: MacValue | None
     warnings: tuple[str, ...] = ()
     _index: dict[str, NodeMacs] = field(default_factory=dict, repr=False, compare=False)
 
@@ -223,7 +223,7 @@ class FlopsResult:
         }
 
 
-def evaluate(expr: MacCount, bind: Mapping[str, int] | None = None) -> int:
+def evaluate(expr: MacValue, bind: Mapping[str, int] | None = None) -> int:
     """An integer MAC count (rounded down) from a count; every unbound symbol is 1."""
     if isinstance(expr, int):
         return expr
@@ -299,7 +299,7 @@ class _Effective(NamedTuple):
     def get(self, key: str, default: int) -> int:
         return self.weights.get(key, default)
 
-    def scale(self, node: Node, macs: Dim) -> MacCount:
+    def scale(self, node: Node, macs: Dim) -> MacValue:
         """A weight-free node's MACs restricted to the live elements of the value it counts."""
         if node.kind not in _LIVE_SCALED or not node.inputs or not node.outputs:
             return macs
