@@ -244,6 +244,13 @@ def _advice_cell(row: dict[str, Any]) -> str:
     return f"use .onnx (ORT {row['select_ort_ms']:.2f} ms)" if row.get("advice") else "keep .pt"
 
 
+def _load_words(*loads: str) -> str:
+    """How busy the 2 cores were, from the 1-minute load averages at the start and the end."""
+    if max(float(text.split()[0]) for text in loads) < 1.5:
+        return "**Quiet machine** (the run itself the main load)."
+    return "**The machine was busy** (cores shared with other jobs), so absolute times are inflated and noisy."
+
+
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[str, str], command: str, load_start: str,
              widths: list[dict[str, Any]], overheads: list[dict[str, Any]]) -> str:
     lines = [
@@ -251,9 +258,8 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[st
         f"Command: `{command}`  ",
         f"Machine: {info['cpu']}, nproc={info['nproc']}, Python {info['python']}, torch {info['torch']}, onnxruntime "
         f"{info['onnxruntime']}; **1 thread** (ORT intra-op threads = 1, `torch.set_num_threads(1)`).  ",
-        f"Load average at the start: {load_start}; at the end: {info['load_average']}. **The machine was busy** (2 cores "
-        "shared with other engineers' test runs), so absolute times are inflated and noisy; the four models of a row ran "
-        "alternating, so their ratios saw the same load.  ",
+        f"Load average at the start: {load_start}; at the end: {info['load_average']}. {_load_words(load_start, info['load_average'])} "
+        "The four models of a row ran alternating, so their ratios saw the same load.  ",
         f"Latency: median (and fastest) wall time of {args.runs} runs after {args.warmup} warm-up runs, ms. × = t(dense ORT) / "
         "t(model) (> 1 is faster), median against median and fastest against fastest (on this shared machine a call is either "
         "run through or preempted for a scheduler slice: the fastest run is the model's own cost). The sparse module picked each layer's kernel by timing at the row's batch "
