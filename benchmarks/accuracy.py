@@ -46,6 +46,8 @@ DEFAULT_RESULTS = ROOT / "docs" / "results" / "runs"
 
 #: candidate criteria in report order; the ones registered in this install are used
 KNOWN_METHODS = ("random-erk", "magnitude", "snip", "grasp", "synflow", "npb", "dpai", "autosparse")
+#: named variants of a criterion (a method name with options): the latency knob's settings
+METHOD_VARIANTS = {"dpai-lat50": "dpai{latency=0.5}", "dpai-lat100": "dpai{latency=1.0}"}
 #: criteria that read the prune batch (they all get it; these are the ones that need it)
 DATA_DRIVEN = frozenset({"snip", "grasp", "autosparse"})
 #: slow criteria: by default they run only for the first ``--slow-seeds`` seeds of each cell (none
@@ -147,7 +149,7 @@ def available_methods() -> list[str]:
     from pai_compiler.registry import available_passes
 
     have = set(available_passes())
-    return [m for m in KNOWN_METHODS if m in have]
+    return [m for m in KNOWN_METHODS if m in have] + [m for m, v in METHOD_VARIANTS.items() if v.split("{")[0] in have]
 
 
 def build_grid(suites: Sequence[Suite], methods: Sequence[str], schedule: str, *, sparsities: Sequence[float] | None = None,
@@ -243,10 +245,17 @@ def prune_for_run(spec: RunSpec, shape: tuple[int, ...], data_dir: Path, *, pipe
                              input_shape=shape, num_classes=10, mean=mean, std=std)
     torch.manual_seed(spec.seed)
     model = zoo.build(spec.model, num_classes=10)
+    pipeline = pipeline or variant_pipeline(spec)
     t0 = time.perf_counter()
     pruned = pai_compiler.prune(model, torch.randn(2, *shape), sparsity=None if pipeline else spec.sparsity, method=spec.method,
                                 allocation="erk", pipeline=pipeline, seed=spec.seed, device=spec.device, data=batch, report=False)
     return model, pruned, time.perf_counter() - t0
+
+
+def variant_pipeline(spec: RunSpec) -> str | None:
+    """The pipeline of a named variant (``METHOD_VARIANTS``): ERK at the run's sparsity, then the options; None for a plain method."""
+    variant = METHOD_VARIANTS.get(spec.method)
+    return None if variant is None else f"erk{{sparsity={spec.sparsity}}},{variant}"
 
 
 def run_one(spec: RunSpec, results_dir: Path, *, data_dir: Path | None = None, threads: int = 1,
@@ -285,7 +294,8 @@ def run_one(spec: RunSpec, results_dir: Path, *, data_dir: Path | None = None, t
         "final_train_accuracy": hist[-1]["train_accuracy"] if hist else None,
         "prune_seconds": prune_seconds, "train_seconds": out["seconds"], "threads": threads, "device": device,
         "commit": git["commit"], "commit_dirty": git["dirty"], "paic_version": pai_compiler.__version__,
-        "pipeline": format_pipeline(build_passes(method=spec.method, sparsity=spec.sparsity, allocation="erk")), "allocation": "erk",
+        "pipeline": variant_pipeline(spec) or format_pipeline(build_passes(method=spec.method, sparsity=spec.sparsity, allocation="erk")),
+        "allocation": "erk",
         "density": density,
         "masked_nonzero": out["masked_nonzero"], "train_samples": out["train_samples"], "test_samples": int(len(data.y_test)),
         "limit_train": spec.limit_train,
@@ -449,7 +459,7 @@ def specs_from_args(args: argparse.Namespace) -> list[RunSpec]:
             raise SystemExit(f"--models: {', '.join(sorted(unknown))} not in suite {args.suite}")
         suites = [s for s in suites if s.model in models]
     have = available_methods()
-    methods = parse_list(args.methods, str) or have
+    methods = parse_list(args.methods, str) or [m for m in have if m not in METHOD_VARIANTS]
     missing = [m for m in methods if m not in have]
     if missing:
         raise SystemExit(f"--methods: {', '.join(missing)} not registered (available: {', '.join(have)})")
