@@ -149,7 +149,7 @@ def available_methods() -> list[str]:
     from pai_compiler.registry import available_passes
 
     have = set(available_passes())
-    return [m for m in KNOWN_METHODS if m in have] + [m for m, v in METHOD_VARIANTS.items() if v.split("{")[0] in have]
+    return [m for m in KNOWN_METHODS if m in have]
 
 
 def build_grid(suites: Sequence[Suite], methods: Sequence[str], schedule: str, *, sparsities: Sequence[float] | None = None,
@@ -459,8 +459,8 @@ def specs_from_args(args: argparse.Namespace) -> list[RunSpec]:
             raise SystemExit(f"--models: {', '.join(sorted(unknown))} not in suite {args.suite}")
         suites = [s for s in suites if s.model in models]
     have = available_methods()
-    methods = parse_list(args.methods, str) or [m for m in have if m not in METHOD_VARIANTS]
-    missing = [m for m in methods if m not in have]
+    methods = parse_list(args.methods, str) or have
+    missing = [m for m in methods if m not in have and METHOD_VARIANTS.get(m, "{").split("{")[0] not in have]
     if missing:
         raise SystemExit(f"--methods: {', '.join(missing)} not registered (available: {', '.join(have)})")
     return build_grid(suites, methods, args.schedule, sparsities=parse_list(args.sparsities, float),

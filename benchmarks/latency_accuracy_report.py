@@ -22,7 +22,7 @@ import run_masks  # noqa: E402
 __all__ = ["RunRow", "run_rows", "render_markdown", "plot", "runtime_of"]
 #: the forms in the order the tables list them (the latency script's labels)
 FORM_ORDER = ("masked ORT", "compact ORT", "compact ORT a4", "sparse torch")
-METHOD_ORDER = ("random-erk", "magnitude", "snip", "grasp", "synflow", "npb", "dpai", "autosparse")
+METHOD_ORDER = ("random-erk", "magnitude", "snip", "grasp", "synflow", "npb", "dpai", "dpai-lat50", "dpai-lat100", "autosparse")
 
 
 @dataclass(frozen=True)
