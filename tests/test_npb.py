@@ -131,6 +131,32 @@ def test_linear_program_solved_exactly() -> None:
         assert _objective(prob, mask.reshape(-1).astype(float)) == pytest.approx(_objective(prob, solve_block(prob).counts), abs=1e-9)
 
 
+def test_pointwise_conv_block_solved_exactly_with_beta() -> None:
+    """A 1x1 conv block (one tap per kernel) with the kernel regulariser on: the linear closed form
+    reaches HiGHS's optimum (beta adds beta/n per kept weight, the same for all)."""
+    rng = np.random.default_rng(1)
+    for _ in range(40):
+        n_in, n_out = int(rng.integers(1, 8)), int(rng.integers(1, 6))
+        p_in = np.maximum(rng.integers(0, 4, n_in), np.arange(n_in) == 0) * 0.37
+        budget, alpha, beta = int(rng.integers(1, n_in * n_out + 1)), float(rng.choice([0.01, 0.5])), float(rng.choice([1.0, 0.001]))
+        prob = BlockProblem(np.tile(np.arange(n_in), n_out), np.repeat(np.arange(n_out), n_in), n_in, n_out, p_in, budget, 1, alpha, beta, 1)
+        counts = solve_linear(p_in, n_out, budget, alpha, 1, rng).reshape(-1).astype(float)
+        assert _objective(prob, counts) == pytest.approx(_objective(prob, solve_block(prob).counts), abs=1e-9)
+
+
+def test_chunked_pointwise_conv_takes_the_closed_form() -> None:
+    """A 1x1 conv with more kernels than chunk_above is solved block by block in closed form, budgets kept."""
+    b = GraphBuilder("pw")
+    h = b.relu(b.conv(b.input((1, 8, 4, 4)), 48, 3, pad=1))
+    g = b.build(b.conv(h, 40, 1))
+    first, pointwise = (p.name for p in g.prunable_params())
+    report = PassManager(parse_pipeline("erk{sparsity=0.9},npb{chunk_above=256,chunk=16}")).run(g, AnalysisManager(g, RunContext(seed=0)))[-1].report
+    rows = {row["layer"]: row for row in report.layers}
+    assert rows[pointwise]["status"] == "exact" and rows[pointwise]["blocks"] == 3
+    assert rows[first]["status"] != "exact"
+    assert all(row["kept"] <= row["allocated"] + row["blocks"] for row in report.layers)
+
+
 @pytest.mark.parametrize("sparsity", [0.95, 0.98])
 def test_mlp_reads_every_input_and_keeps_weights_effective(sparsity: float) -> None:
     """LeNet-300-100: the layer's program (not identical 10-row blocks) spreads fc1 over the pixels and
