@@ -460,7 +460,7 @@ def specs_from_args(args: argparse.Namespace) -> list[RunSpec]:
         suites = [s for s in suites if s.model in models]
     have = available_methods()
     methods = parse_list(args.methods, str) or have
-    missing = [m for m in methods if m not in have and METHOD_VARIANTS.get(m, "{").split("{")[0] not in have]
+    missing = [m for m in methods if METHOD_VARIANTS.get(m, m).split("{")[0] not in have]  # a variant needs its criterion
     if missing:
         raise SystemExit(f"--methods: {', '.join(missing)} not registered (available: {', '.join(have)})")
     return build_grid(suites, methods, args.schedule, sparsities=parse_list(args.sparsities, float),
