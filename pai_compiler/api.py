@@ -61,18 +61,24 @@ def build_passes(
     allocation: str = "erk",
     pipeline: str | None = None,
     steps: int | None = None,
+    latency: float | None = None,
 ) -> list[Pass]:
-    """The passes for the CLI flags: ``pipeline`` text parsed (once), else an allocation and a criterion built directly."""
+    """The passes for the CLI flags: ``pipeline`` text parsed (once), else an allocation and a criterion built directly.
+    ``steps`` and ``latency`` are dpai's options (``latency``: its latency knob, 0 to 1)."""
+    dpai_options = {key: value for key, value in (("steps", steps), ("latency", latency)) if value is not None}
     if pipeline:
         if sparsity is not None:
             raise UsageError("--sparsity does not combine with --pipeline; put it in the pipeline, e.g. 'erk{sparsity=0.95},...'")
+        if dpai_options:
+            flag, value = next(iter(dpai_options.items()))
+            raise UsageError(f"--{flag} does not combine with --pipeline; put it in the pipeline, e.g. 'erk{{sparsity=0.95}},dpai{{{flag}={value}}}'")
         return parse_pipeline(pipeline)
     if sparsity is None:
         raise UsageError("--sparsity is required (e.g. --sparsity 0.95) unless --pipeline is given")
     if allocation not in ALLOCATIONS:
         raise UsageError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got {allocation!r}")
-    if steps is not None and method != "dpai":
-        raise UsageError("--steps applies to --method dpai only")
+    if dpai_options and method != "dpai":
+        raise UsageError(f"--{next(iter(dpai_options))} applies to --method dpai only")
     if isinstance(sparsity, numbers.Real) and not isinstance(sparsity, bool):
         sparsity = float(sparsity)  # a numpy float prints as np.float64(...) in the pipeline text; the pass checks the range
     if allocation == "global":
@@ -80,8 +86,8 @@ def build_passes(
             raise UsageError(f"--method {method} needs a per-layer allocation (--allocation erk or uniform)")
         return [make_pass(method, sparsity=sparsity, **_global_scope(method))]
     budget = make_pass(allocation, sparsity=sparsity)
-    if steps is not None:
-        return [budget, make_pass(method, steps=steps)]
+    if dpai_options:
+        return [budget, make_pass(method, **dpai_options)]
     return [budget, make_pass(method) if method in _LAYERWISE_ONLY else make_pass(method, scope="layer")]
 
 
@@ -200,6 +206,7 @@ def optimize(
     passes: Sequence[Pass] | None = None,
     seed: int = 0,
     steps: int | None = None,
+    latency: float | None = None,
     exclude: Sequence[str] = (),
     device: str = "cpu",
     data: Any = None,
@@ -209,11 +216,11 @@ def optimize(
     """Prune ``model`` (a path or an IR Graph, which is modified) and return the result.
 
     ``passes`` (built by the caller, e.g. with :func:`build_passes`) replaces the flags
-    sparsity/method/allocation/pipeline/steps. ``data`` (snip/grasp/autosparse): a loaded batch,
+    sparsity/method/allocation/pipeline/steps/latency. ``data`` (snip/grasp/autosparse): a loaded batch,
     or what ``--data`` takes, an ``.npz`` path or ``"random"`` (10 samples per class, ``seed``)."""
     check_device(device)
     if passes is None:
-        passes = build_passes(method=method, sparsity=sparsity, allocation=allocation, pipeline=pipeline, steps=steps)
+        passes = build_passes(method=method, sparsity=sparsity, allocation=allocation, pipeline=pipeline, steps=steps, latency=latency)
     passes = list(passes)
     graph = model if isinstance(model, Graph) else load_model(model)
     if isinstance(data, (str, os.PathLike)):

@@ -60,6 +60,8 @@ def test_errors_name_the_bad_token(text: str, needle: str) -> None:
     [
         ({"method": "dpai", "sparsity": 0.95}, "erk{sparsity=0.95},dpai"),
         ({"method": "dpai", "sparsity": 0.99, "steps": 40}, "erk{sparsity=0.99},dpai{steps=40}"),
+        ({"method": "dpai", "sparsity": 0.99, "latency": 0.5}, "erk{sparsity=0.99},dpai{latency=0.5}"),
+        ({"method": "dpai", "sparsity": 0.99, "steps": 9, "latency": 1.0}, "erk{sparsity=0.99},dpai{steps=9,latency=1.0}"),
         ({"method": "magnitude", "sparsity": 0.9, "allocation": "uniform"}, "uniform{sparsity=0.9},magnitude{scope=layer}"),
         ({"method": "random-erk", "sparsity": 0.99}, "erk{sparsity=0.99},random-erk"),
         ({"method": "npb", "sparsity": 0.9}, "erk{sparsity=0.9},npb"),
@@ -79,6 +81,10 @@ def test_flags_build_pass_instances(flags: dict[str, object], text: str) -> None
     [
         ({"method": "dpai", "sparsity": 0.9, "allocation": "global"}, "needs a per-layer allocation"),
         ({"method": "magnitude", "sparsity": 0.9, "steps": 3}, "--steps applies to --method dpai only"),
+        ({"method": "snip", "sparsity": 0.9, "latency": 0.5}, "--latency applies to --method dpai only"),
+        ({"pipeline": "erk{sparsity=0.9},dpai", "steps": 3}, "--steps does not combine with --pipeline; put it in the pipeline, e.g. 'erk{sparsity=0.95},dpai{steps=3}'"),
+        ({"pipeline": "erk{sparsity=0.9},dpai", "latency": 0.5}, "--latency does not combine with --pipeline"),
+        ({"method": "dpai", "sparsity": 0.9, "latency": 2.0}, "dpai: latency must be in [0, 1]"),
         ({"method": "magnitude", "sparsity": 0.9, "pipeline": "magnitude{sparsity=0.9}"}, "does not combine"),
         ({"method": "sparsity", "sparsity": 0.9}, "unknown option 'scope' for pass 'sparsity'"),
         ({"method": "magnitude", "sparsity": 1.5}, "erk: sparsity must be in (0, 1)"),
