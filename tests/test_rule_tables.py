@@ -1,6 +1,6 @@
 """Every per-op rule table covers every OpKind, or names why a kind is handled elsewhere.
 
-The tables: channel coupling and Param slicing (``passes/analysis/coupling.py``), the DPaI
+The tables: channel coupling and Param slicing (``passes/analysis/coupling/``), the DPaI
 channel program (``passes/criteria/dpai/channel_program.py``), the interpreter's real and
 path-count semantics (``pai_compiler/interp.py``) and the MAC counts
 (``passes/analysis/flops.py``). A new OpKind fails here until each table has a rule for it
