@@ -33,7 +33,7 @@ class InputRole:
 def _role(x: Value) -> InputRole:
     if x.dtype.startswith(("float", "bfloat")):
         return InputRole(x.name, "float", x.dtype)
-    from pai_compiler.interp import index_lookups  # heavy: interp imports torch, which a float input never needs
+    from pai_compiler.interp_tables import index_lookups  # heavy: interp imports torch, which a float input never needs
 
     lookups = index_lookups(x)
     if not lookups:
@@ -52,7 +52,7 @@ def input_index_entries(graph: Graph) -> int | None:
     x = graph.inputs[0] if graph.inputs else None
     if x is None or x.dtype.startswith("float"):
         return None
-    from pai_compiler.interp import index_lookups, indexes_lookups_only  # heavy: interp imports torch, which a float input never needs
+    from pai_compiler.interp_tables import index_lookups, indexes_lookups_only  # heavy: interp imports torch, which a float input never needs
 
     if not indexes_lookups_only(x):
         return None

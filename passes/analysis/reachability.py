@@ -30,7 +30,7 @@ __all__ = ["path_rule", "weight_reachability"]
 
 def path_rule(node: Node) -> Any:
     """The interpreter's paths-mode rule of ``node``; a PaicError naming the node when it has none."""
-    from pai_compiler.interp import rule_for  # imports torch
+    from pai_compiler.interp_tables import rule_for  # imports torch
 
     rule = rule_for(node, "paths")
     if rule is None and node.kind is OpKind.OPAQUE:
@@ -148,7 +148,7 @@ def _pass_through(node: Node, forward: dict[str, Any], cotangents: list[Any], gr
     it) when the rule is another, broadcasts, or the input is not a 0/1 indicator."""
     import torch  # heavy optional dependency
 
-    from pai_compiler.interp_rules import path_identity  # imports torch
+    from pai_compiler.interp_path_rules import path_identity  # imports torch
 
     if len(node.inputs) != 1 or len(cotangents) != 1 or path_rule(node) is not path_identity:
         return False
