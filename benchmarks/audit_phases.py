@@ -28,6 +28,7 @@ def phases(path: str) -> dict[str, float]:
     from pai_compiler.api import load_model
     from pai_compiler.audit import audit_graph
     from pai_compiler.passes.analysis import node_path
+    from pai_compiler.passes.analysis.reachability import weight_reachability
     from pai_compiler.passes.analysis.bindings import parse_bind, sample_bindings
 
     marks.append(("paic imports", clock()))
@@ -42,7 +43,7 @@ def phases(path: str) -> dict[str, float]:
         marks.append(("log P exact", clock()))
         node_path._log_paths(graph, bind, "ref")
         marks.append(("log P DPaI", clock()))
-    node_path._weight_reachability(graph, bind, live={})
+    weight_reachability(graph, bind, live={})
     marks.append(("reachability", clock()))
     audit_graph(graph, paths=True)
     marks.append(("whole audit_graph", clock()))

@@ -2,7 +2,7 @@
 
 Every model gets the same random input (from ``--input-shape``, else the first model's input
 shapes with the batch dim bound by ``--batch``): N(0, 1) floats, and for an integer input what
-``--data random`` feeds (``lab.data.role_array`` by the first model's input roles): indices uniform
+``--data random`` feeds (``backends.index_inputs.role_array`` by the first model's input roles): indices uniform
 below the smallest embedding table it picks rows of, all ones for a mask (an all-zero mask would
 compare fully masked models). ``.onnx`` files run in onnxruntime with
 ``threads`` intra-op threads, ``.pt`` files (a whole pickled module, e.g. ``paic compact -o
@@ -176,7 +176,7 @@ def _feed(specs: list[InputSpec] | None, first: str, batch: int, shape: tuple[in
         if kind.kind == "f":
             feed.append(rng.standard_normal(dims).astype(kind))
         elif role is not None and role.kind != "float":
-            from pai_compiler.lab.data import role_array  # the lab's --data random (imports sympy)
+            from pai_compiler.backends.index_inputs import role_array  # imports the IR; only integer inputs need it
 
             feed.append(role_array(role, [int(d) for d in dims], rng).astype(kind))
         else:

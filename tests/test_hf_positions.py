@@ -26,7 +26,8 @@ from pai_compiler.frontends.onnx import load_onnx_model
 from pai_compiler.frontends.torch.export import lower_export
 from pai_compiler.frontends.torch.fx import lower_fx
 from pai_compiler.frontends.torch.spec import lower_module
-from pai_compiler.interp import Interpreter, indexes_lookups_only
+from pai_compiler.interp import Interpreter
+from pai_compiler.interp_tables import indexes_lookups_only
 from pai_compiler.ir import Graph, OpKind
 from pai_compiler.passes.analysis.paths import ones_inputs
 

@@ -24,7 +24,8 @@ from pai_compiler.errors import ModelError
 from pai_compiler.frontends.torch.export import lower_export
 from pai_compiler.frontends.torch.fx import lower_fx
 from pai_compiler.frontends.torch.spec import lower_module
-from pai_compiler.interp import Interpreter, rule_for
+from pai_compiler.interp import Interpreter
+from pai_compiler.interp_tables import rule_for
 from pai_compiler.lab.data import load_batch_for
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -148,3 +148,17 @@ def test_a_graph_pickled_by_an_earlier_paic_still_loads() -> None:
     revived.__setstate__(old_state)
     revived.verify()
     assert to_text(revived) == to_text(g) and revived.fresh_name("fc") == "fc_1"
+
+
+def test_a_graph_pickled_when_the_node_types_lived_in_ir_core_still_loads() -> None:
+    """OpKind, Param, Value and Node moved from ``ir.core`` to ``ir.nodes``: a ``.pt`` module pickled
+    before names them ``pai_compiler.ir.core.X``, which must still resolve to the same classes."""
+    import pickle
+
+    g = small_graph()
+    g.set_mask(g.node("fc1").params["weight"], np.ones(g.node("fc1").params["weight"].shape, dtype=bool))
+    data = pickle.dumps(g, protocol=2)  # protocol 2 names a class as text: ``c<module>\n<name>\n``
+    assert b"cpai_compiler.ir.nodes\n" in data
+    revived = pickle.loads(data.replace(b"cpai_compiler.ir.nodes\n", b"cpai_compiler.ir.core\n"))
+    revived.verify()
+    assert to_text(revived) == to_text(g)

@@ -144,7 +144,7 @@ def test_gather_nd_matches_the_onnx_reference(batch_dims: int, index_shape: tupl
     negative indices included."""
     from onnx.reference import ReferenceEvaluator
 
-    from pai_compiler.interp_rules import gather_nd as torch_gather_nd
+    from pai_compiler.interp_index_rules import gather_nd as torch_gather_nd
     from pai_compiler.ir import Graph, OpKind
     from pai_compiler.ir.shape_program import gather_nd
 

@@ -10,7 +10,8 @@ import sympy
 import torch
 
 from pai_compiler.errors import PaicError
-from pai_compiler.interp import RULES, InterpResult, Interpreter, rule_for
+from pai_compiler.interp import InterpResult, Interpreter
+from pai_compiler.interp_tables import RULES, rule_for
 from pai_compiler.ir import Graph, OpKind, Param
 from pai_compiler.passes.analysis.bindings import parse_bind, sample_bindings, static_batch
 from pai_compiler.passes.analysis.paths import count_paths, ones_inputs, path_gradients

@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pai_compiler.frontends.onnx.reader import load_onnx_model  # noqa: E402
-from pai_compiler.interp import _equal_row_runs, _linear_by_distinct_rows  # noqa: E402
+from pai_compiler.interp_tables import _equal_row_runs, _linear_by_distinct_rows  # noqa: E402
 from pai_compiler.passes.analysis.paths import count_paths, path_gradients  # noqa: E402
 
 TINY_VIT = Path(__file__).resolve().parents[1] / "examples" / "models" / "tiny_vit.onnx"

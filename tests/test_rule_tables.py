@@ -1,8 +1,8 @@
 """Every per-op rule table covers every OpKind, or names why a kind is handled elsewhere.
 
-The tables: channel coupling and Param slicing (``passes/analysis/coupling.py``), the DPaI
+The tables: channel coupling and Param slicing (``passes/analysis/coupling/``), the DPaI
 channel program (``passes/criteria/dpai/channel_program.py``), the interpreter's real and
-path-count semantics (``pai_compiler/interp.py``) and the MAC counts
+path-count semantics (``pai_compiler/interp_tables.py``) and the MAC counts
 (``passes/analysis/flops.py``). A new OpKind fails here until each table has a rule for it
 or an exemption below that says where the kind is handled.
 """
@@ -15,7 +15,7 @@ import pytest
 
 from pai_compiler.frontends.onnx.movement import MOVEMENT_RULES
 from pai_compiler.frontends.onnx.ops import HANDLERS
-from pai_compiler.interp import OPAQUE_RULES, PATH_RULES, RULES
+from pai_compiler.interp_tables import OPAQUE_RULES, PATH_RULES, RULES
 from pai_compiler.ir import OpKind
 from pai_compiler.passes.analysis.coupling import COUPLING_RULES, SLICE_RULES
 from pai_compiler.passes.analysis.flops import MAC_RULES
@@ -39,8 +39,8 @@ TABLES = [
     RuleTable("coupling.COUPLING_RULES", COUPLING_RULES),
     RuleTable("coupling.SLICE_RULES", SLICE_RULES),
     RuleTable("channel_program.CHANNEL_RULES", CHANNEL_RULES),
-    RuleTable("interp.RULES", RULES, {OpKind.INPUT: _RUN_LOOP, OpKind.OUTPUT: _RUN_LOOP, OpKind.OPAQUE: _BY_OP_NAME}),
-    RuleTable("interp.PATH_RULES", PATH_RULES, {
+    RuleTable("interp_tables.RULES", RULES, {OpKind.INPUT: _RUN_LOOP, OpKind.OUTPUT: _RUN_LOOP, OpKind.OPAQUE: _BY_OP_NAME}),
+    RuleTable("interp_tables.PATH_RULES", PATH_RULES, {
         OpKind.INPUT: _RUN_LOOP, OpKind.OUTPUT: _RUN_LOOP, OpKind.OPAQUE: _BY_OP_NAME,
         OpKind.RESHAPE: _REAL_IS_PATH, OpKind.CONCAT: _REAL_IS_PATH, OpKind.SPLIT: _REAL_IS_PATH,
     }),
@@ -71,7 +71,7 @@ def test_rules_are_callable_and_keyed_by_kind(table: RuleTable) -> None:
 
 def test_path_rules_fall_back_to_a_real_rule() -> None:
     """The kinds PATH_RULES leaves to the real semantics do have a real rule."""
-    path_table = next(t for t in TABLES if t.name == "interp.PATH_RULES")
+    path_table = next(t for t in TABLES if t.name == "interp_tables.PATH_RULES")
     fallbacks = [kind for kind, reason in path_table.exempt.items() if reason == _REAL_IS_PATH]
     assert fallbacks and all(kind in RULES for kind in fallbacks)
 

@@ -1,6 +1,6 @@
 """ONNX frontend: ``reader`` lowers an ONNX model to the IR (``load_onnx_model``); ``ops`` maps ONNX ops
-to IR nodes, ``static`` evaluates shape arithmetic at compile time, ``patterns`` and
-``patterns_norm`` fuse exporter idioms (GELU, LayerNorm, …) into single nodes.
+to IR nodes, ``static`` evaluates shape arithmetic at compile time; ``passes/transform/patterns`` (shared with the
+torch frontend) fuses exporter idioms (GELU, LayerNorm, …) into single nodes.
 """
 from __future__ import annotations
 

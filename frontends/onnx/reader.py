@@ -21,7 +21,6 @@ import numpy as np
 from pai_compiler.frontends.onnx.movement import DynamicArgument
 from pai_compiler.frontends.onnx.ops import lower_node
 from pai_compiler.frontends.onnx.shape_data import ShapeData, make_shape_data, shape_program
-from pai_compiler.frontends.onnx.patterns import fuse_patterns
 from pai_compiler.frontends.onnx.static import Const, concretize, eval_static, is_float_dtype
 from pai_compiler.frontends.params import layout_twin
 from pai_compiler.errors import ModelError, PaicError
@@ -30,6 +29,7 @@ from pai_compiler.onnx_wire import tensor_dtype
 from pai_compiler.progress import PHASE_DELAY, Phases, metric_bar
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
 from pai_compiler.ir.dims import dim_symbol
+from pai_compiler.passes.transform.patterns import fuse_patterns
 
 __all__ = ["load_onnx_model", "import_onnx", "StaticDims"]
 

@@ -18,10 +18,11 @@ import numpy as np
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim
 from pai_compiler.ir.dims import as_expr, floor_div, is_symbolic, sym
+from pai_compiler.ir.dtypes import float_eps
 from pai_compiler.ir.shape_program import gather_elements, gather_nd
 from pai_compiler.onnx_wire import tensor_dtype
 
-__all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype", "float_eps"]
+__all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype"]
 
 
 @dataclass
@@ -36,27 +37,6 @@ class Const:
     @property
     def symbolic(self) -> bool:
         return self.array.dtype == object
-
-
-def float_eps(dtype: Any) -> float | None:
-    """Machine epsilon of a float dtype, numpy's or ml_dtypes' (bfloat16, float8_*, ...: numpy
-    kind ``V``); None for anything that is not a float type."""
-    try:
-        dt: np.dtype[Any] | None = np.dtype(dtype)
-    except TypeError:
-        dt = None  # a name only ml_dtypes teaches numpy ("bfloat16")
-    if dt is not None and dt.kind in "fc":
-        return float(np.finfo(dt).eps)
-    if dt is not None and dt.kind != "V":
-        return None
-    try:
-        import ml_dtypes  # heavy (~0.3 s), only for its low-precision floats; registers their names
-    except ImportError:  # onnx needs ml_dtypes, so this is only a safety net
-        return None
-    try:
-        return float(ml_dtypes.finfo(np.dtype(dtype)).eps)
-    except (TypeError, ValueError):
-        return None
 
 
 def is_float_dtype(dtype: Any) -> bool:

@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from pai_compiler.errors import ModelError
-from pai_compiler.frontends.onnx.patterns import fuse_activations
-from pai_compiler.frontends.onnx.patterns_norm import fuse_layer_norms
 from pai_compiler.frontends.params import layout_twin
 from pai_compiler.frontends.torch.operands import BATCH, AttentionWeights, ModuleHandle, TorchConst, dtype_name
 from pai_compiler.ir import Dim, Graph, OpKind, Param, Value
+from pai_compiler.passes.transform.patterns import fuse_activations, fuse_layer_norms
 
 __all__ = ["TorchLowering"]
 

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from pai_compiler.backends.sparse_kernels import dense_conv
 from pai_compiler.backends.sparse_pool import window_pool_2d
 from pai_compiler.errors import PaicError
-from pai_compiler.interp import Interpreter, rule_for
+from pai_compiler.interp import Interpreter
 from pai_compiler.interp_rules import BINARY_FN, UNARY_FN
+from pai_compiler.interp_tables import rule_for
 from pai_compiler.ir import Graph, Node, OpKind
 
 __all__ = ["ForwardPlan", "Step", "PlannedModule", "compile_plan", "signature_of", "Signature"]

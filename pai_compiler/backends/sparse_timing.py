@@ -15,10 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import sympy
 import torch
 
-from pai_compiler.backends.index_inputs import input_roles
+from pai_compiler.backends.index_inputs import input_roles, role_array
 from pai_compiler.errors import UsageError
 from pai_compiler.ir import Graph
 
@@ -152,11 +153,12 @@ def _concrete_shape(name: str, shape: Sequence[Any], batch: int) -> list[int]:
 
 def example_inputs(graph: Graph, *, batch: int, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
     """Inputs of ``graph``'s shapes, batch bound, by role (:func:`input_roles`): N(0, 1) floats,
-    zeros for embedding indices (a valid row), all ones for an integer or bool mask (an all-zero
-    attention mask hides every token: a degenerate softmax that no comparison can trust)."""
+    else :func:`role_array` (seeded): valid embedding indices, all ones for an integer or bool mask
+    (an all-zero attention mask hides every token: a degenerate softmax that no comparison can trust)."""
     if batch < 1:
         raise UsageError(f"--batch must be a positive integer, got {batch}")
     generator = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
     feed: list[torch.Tensor] = []
     for v, role in zip(graph.inputs, input_roles(graph)):
         if v.shape is None:
@@ -165,7 +167,5 @@ def example_inputs(graph: Graph, *, batch: int, device: str = "cpu", seed: int =
         if role.kind == "float":
             feed.append(torch.randn(dims, generator=generator).to(device))
         else:
-            dtype = torch.bool if v.dtype == "bool" else getattr(torch, v.dtype, torch.int64)
-            fill = torch.ones if role.kind == "mask" else torch.zeros
-            feed.append(fill(dims, dtype=dtype, device=device))
+            feed.append(torch.from_numpy(role_array(role, dims, rng)).to(device))
     return feed

@@ -27,7 +27,8 @@ from pai_compiler.backends.sparse_kernels import SparseConv2d, SparseLinear, den
 from pai_compiler.backends.sparse_operator import OPERATOR_LIMIT, ConvOperator, operator_entries
 from pai_compiler.backends.sparse_plan import ForwardPlan, Signature, compile_plan, signature_of
 from pai_compiler.errors import PaicError
-from pai_compiler.interp import Interpreter, is_float_array, rule_for, torch_ready
+from pai_compiler.interp import Interpreter, is_float_array, torch_ready
+from pai_compiler.interp_tables import rule_for
 from pai_compiler.ir import Graph, Node, OpKind, Param
 
 __all__ = ["SparseModule", "sparse_kernel", "Kernel", "OPERATOR"]

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from pai_compiler.ir.builder import GraphBuilder
-from pai_compiler.ir.core import WEIGHTED_KINDS, Dim, Graph, Node, OpKind, Param, Value
+from pai_compiler.ir.core import Graph
+from pai_compiler.ir.nodes import WEIGHTED_KINDS, Dim, Node, OpKind, Param, Value
 from pai_compiler.ir.parser import IRSyntaxError, parse
 from pai_compiler.ir.printer import format_shape, to_text
 

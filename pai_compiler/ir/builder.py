@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from pai_compiler.ir.core import Dim, Graph, OpKind, Param, Value
+from pai_compiler.ir.core import Graph
+from pai_compiler.ir.nodes import Dim, OpKind, Param, Value
 
 __all__ = ["GraphBuilder"]
 

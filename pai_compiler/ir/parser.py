@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 
 from pai_compiler.errors import ModelError, PaicError
-from pai_compiler.ir.core import Dim, Graph, OpKind, Param, Value
+from pai_compiler.ir.core import Graph
 from pai_compiler.ir.dims import dim_symbol, sym
+from pai_compiler.ir.nodes import Dim, OpKind, Param, Value
 
 __all__ = ["IRSyntaxError", "parse"]
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from pai_compiler.ir.core import Dim, Graph, Node
+from pai_compiler.ir.core import Graph
+from pai_compiler.ir.nodes import Dim, Node
 
 __all__ = ["to_text", "format_shape"]
 

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 import sympy
 
-from pai_compiler.backends.index_inputs import InputRole, input_index_entries, input_roles
+from pai_compiler.backends.index_inputs import InputRole, input_index_entries, input_roles, role_array
 from pai_compiler.errors import UsageError
 from pai_compiler.passes.analysis.bindings import sample_bindings
 
-__all__ = ["Batch", "load_prune_batch", "load_batch_for", "load_index_batch", "other_inputs", "role_array", "RANDOM_DATA"]
+__all__ = ["Batch", "load_prune_batch", "load_batch_for", "load_index_batch", "other_inputs", "RANDOM_DATA"]
 
 RANDOM_DATA = "random"
 
@@ -274,15 +274,6 @@ def other_inputs(roles: Sequence[InputRole], shapes: Mapping[str, tuple[int, ...
                              "use --data random, or export the model with that input folded in")
         out[role.name] = role_array(role, (samples, *shape), np.random.default_rng([seed, index]))
     return out
-
-
-def role_array(role: InputRole, shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
-    """A random array for one input by its role: indices uniform in ``[0, entries)``, an all-ones mask, N(0, 1) floats."""
-    if role.kind == "indices":
-        return rng.integers(0, int(role.entries or 1), size=tuple(shape), dtype=np.int64).astype(role.dtype)
-    if role.kind == "mask":
-        return np.ones(tuple(shape), dtype=np.bool_ if role.dtype == "bool" else role.dtype)
-    return rng.standard_normal(tuple(shape)).astype(np.float32)
 
 
 def load_index_batch(

@@ -88,7 +88,7 @@ def masked_weights(leaves: dict[str, torch.Tensor], masks: dict[str, torch.Tenso
 
 def model_io(graph: Graph, owner: str) -> tuple[Value, Value]:
     """The first input (float, or embedding indices: the labels' sample) and the first output of the model, checked for a classifier."""
-    from pai_compiler.interp import indexes_lookups_only
+    from pai_compiler.interp_tables import indexes_lookups_only
 
     inputs = graph.inputs
     if not inputs:

@@ -42,7 +42,7 @@ def is_additive_mask(p: Param) -> bool:
 def _check_inputs(graph: Graph) -> None:
     """SynFlow feeds all-ones float inputs: an integer input is accepted as lookup indices, or as a
     mask that picks no embedding row (ones: attend everything), not as both."""
-    from pai_compiler.interp import index_lookups, indexes_lookups_only  # imports torch (heavy)
+    from pai_compiler.interp_tables import index_lookups, indexes_lookups_only  # imports torch (heavy)
 
     for v in graph.inputs:
         if not v.dtype.startswith("float") and not indexes_lookups_only(v) and index_lookups(v):

@@ -41,7 +41,7 @@ from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.passes.allocation.base import check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.analysis.bindings import sample_bindings
-from pai_compiler.passes.analysis.node_path import is_shortcut
+from pai_compiler.passes.analysis.layer_paths import is_shortcut
 from pai_compiler.passes.criteria.base import require_layer_counts, resolve_keep
 from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
 from pai_compiler.passes.criteria.npb.linear import solve_linear

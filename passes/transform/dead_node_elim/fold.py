@@ -87,7 +87,7 @@ def _contribution(node: Node, channels: np.ndarray, values: ZeroInputValues) -> 
     import torch  # heavy: see ZeroInputValues.interpreter
     import torch.nn.functional as F
 
-    from pai_compiler.interp import conv_forward  # heavy: imports torch
+    from pai_compiler.interp_tables import conv_forward  # heavy: imports torch
 
     it = values.interpreter()
     if it is None:

@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
-from pai_compiler.frontends.onnx.static import float_eps
 from pai_compiler.ir import Graph, Node, OpKind, Value
+from pai_compiler.ir.dtypes import float_eps
 
 __all__ = ["const_value", "const_close", "pointwise_of", "remove_dead"]
 

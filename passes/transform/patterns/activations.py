@@ -1,4 +1,4 @@
-"""Frontend fusions: recognise decomposed activations and norms and make them one node.
+"""Activation fusions: recognise decomposed activations (and, via ``fuse_patterns``, norms and shuffles) and make them one node.
 
 Exporters spell activations out of primitives; left alone, the ``Mul`` of two activations
 would *multiply* path counts (the gate rule), so each pattern below becomes the unary node it
@@ -15,17 +15,17 @@ the same value ``x``; anything else is left untouched.
 * SiLU ``x * sigmoid(x)`` -> ``silu``; Mish ``x * tanh(softplus(x))`` -> ``mish``;
   HardSwish ``x * HardSigmoid(x; alpha=1/6, beta=0.5)`` -> ``hardswish``.
 * LayerNorm spelled with ReduceMean/Sub/Pow/Sqrt/Div (opset < 17) -> ``norm{type=layer}``,
-  see ``patterns_norm``. Channel shuffles (reshape/transpose chains that permute one axis) ->
-  ``reshape{op=gather}``, see ``patterns_shuffle``. The matchers both use live in ``pattern_match``.
+  see ``layer_norm``. Channel shuffles (reshape/transpose chains that permute one axis) ->
+  ``reshape{op=gather}``, see ``shuffle``. The matchers all use live in ``match``.
 """
 from __future__ import annotations
 
 import math
 
-from pai_compiler.frontends.onnx.pattern_match import const_close, pointwise_of, remove_dead
-from pai_compiler.frontends.onnx.patterns_norm import fuse_layer_norms
-from pai_compiler.frontends.onnx.patterns_shuffle import fuse_channel_permutations
 from pai_compiler.ir import Graph, Node, OpKind, Value
+from pai_compiler.passes.transform.patterns.layer_norm import fuse_layer_norms
+from pai_compiler.passes.transform.patterns.match import const_close, pointwise_of, remove_dead
+from pai_compiler.passes.transform.patterns.shuffle import fuse_channel_permutations
 
 __all__ = ["fuse_patterns", "fuse_activations"]
 

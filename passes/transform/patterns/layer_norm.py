@@ -1,4 +1,4 @@
-"""Frontend fusion: LayerNorm spelled out of primitives -> one ``norm{type=layer}`` node.
+"""LayerNorm fusion: LayerNorm spelled out of primitives -> one ``norm{type=layer}`` node.
 
 The TorchScript exporter below opset 17 (and other converters) write ``nn.LayerNorm`` as
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 
-from pai_compiler.frontends.onnx.pattern_match import const_close, const_value, pointwise_of, remove_dead
 from pai_compiler.ir import Graph, Node, OpKind, Param, Value
+from pai_compiler.passes.transform.patterns.match import const_close, const_value, pointwise_of, remove_dead
 
 __all__ = ["fuse_layer_norms"]
 

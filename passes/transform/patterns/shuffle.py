@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from pai_compiler.frontends.onnx.pattern_match import remove_dead
 from pai_compiler.ir import Dim, Graph, Node, OpKind, Value
 from pai_compiler.ir.dims import as_expr
+from pai_compiler.passes.transform.patterns.match import remove_dead
 
 __all__ = ["fuse_channel_permutations", "permutation_along"]
 
