@@ -129,7 +129,7 @@ class ChannelProgram:
             self._node_of += [node] * (len(self.tape) - len(self._node_of))
 
     def _torch_op(self, node: Node) -> None:
-        from pai_compiler.interp import rule_for  # heavy: interp imports torch
+        from pai_compiler.interp_tables import rule_for  # heavy: the rule tables import torch
 
         rule = rule_for(node, "paths")  # an embedding lookup (opaque, op="embedding"): a path source
         if rule is None or node.kind is OpKind.ATTENTION:
