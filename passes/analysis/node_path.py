@@ -314,10 +314,12 @@ def _indicator_dtype() -> Any:
 
 
 def _prunable_layers(graph: Graph) -> list[tuple[Param, list[Node]]]:
+    """Each layer weight (``graph.layer_params()``: the prunable ones and a tied head kept dense) and its nodes."""
+    layers = {id(p) for p in graph.layer_params()}
     seen: dict[int, tuple[Param, list[Node]]] = {}
-    for node in graph.weighted_nodes():
+    for node in graph.layer_nodes():
         for p in node.params.values():
-            if p.prunable:
+            if id(p) in layers:
                 seen.setdefault(id(p), (p, []))[1].append(node)
     return list(seen.values())
 
