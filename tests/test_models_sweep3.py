@@ -245,3 +245,31 @@ def test_sizes_computed_in_float_bind_to_integers() -> None:
     assert bound_dims((0.0, 1.0, sympy.ceiling(1.0 * batch), 8), {"batch": 2}) == [0, 1, 2, 8]
     with pytest.raises(PaicError, match="not bound"):
         bound_dims((0.5,), {})
+
+
+class _Alibi(nn.Module):
+    """BLOOM's attention scores: ``baddbmm(alibi, q, k^T, beta=1, alpha=1/sqrt(d))`` (also with beta != 1)."""
+
+    def __init__(self, beta: float) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.register_buffer("alibi", torch.randn(1, 5, 5))  # broadcast over the batch
+        self.beta = beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.baddbmm(self.alibi, self.q(x), self.k(x).transpose(1, 2), beta=self.beta, alpha=0.25)
+        return torch.softmax(scores, -1) @ self.v(x)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("beta", [1.0, 0.5])
+def test_baddbmm_lowers_to_matmul_scale_add(frontend: str, beta: float) -> None:
+    from pai_compiler.interp import Interpreter
+    from pai_compiler.ir import OpKind
+
+    torch.manual_seed(0)
+    model, x = _Alibi(beta).eval(), torch.randn(2, 5, 8)
+    graph = lower_module(model, (x,), frontend)
+    assert not [n.name for n in graph.nodes if n.kind is OpKind.OPAQUE]  # was aten.baddbmm: no paic rule
+    with torch.no_grad():
+        torch.testing.assert_close(Interpreter(graph).run([x]).outputs[0], model(x), rtol=1e-5, atol=1e-6)

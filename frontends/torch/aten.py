@@ -61,6 +61,10 @@ def _matmul(w: Any, n: Any, a: dict[str, Any]) -> Any:
     return w.lw.matmul(n.name, first, second, w.shape(n), w.origin(n))
 
 
+def _baddbmm(w: Any, n: Any, a: dict[str, Any]) -> Any:
+    return w.lw.baddbmm(n.name, a.get("self"), a["batch1"], a["batch2"], w.shape(n), w.origin(n), alpha=a.get("alpha", 1), beta=a.get("beta", 1))
+
+
 def _batch_norm(w: Any, n: Any, a: dict[str, Any]) -> Any:
     if a.get("training") or not isinstance(a["running_mean"], TorchConst):
         return w.lw.opaque(n.name, [a["input"]], [w.shape(n)], str(n.target), "batch norm in training mode")
@@ -309,7 +313,7 @@ def _where(w: Any, n: Any, a: dict[str, Any]) -> Any:
 ATEN_RULES: dict[str, Rule] = {
     "eq": _guard, "logical_not": _guard, "any": _guard, "full_like": _full_like, "where": _where,
     "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _conv,
-    "linear": _linear, "addmm": _addmm, "embedding": _embedding, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
+    "linear": _linear, "addmm": _addmm, "embedding": _embedding, "mm": _matmul, "bmm": _matmul, "matmul": _matmul, "baddbmm": _baddbmm,
     "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _batch_norm,
     "layer_norm": _layer_norm, "native_layer_norm": _layer_norm, "group_norm": _group_norm, "native_group_norm": _group_norm,
     "gelu": lambda w, n, a: w.lw.pointwise(n.name, a["self"], "gelu", w.origin(n), approximate=a.get("approximate", "none")),

@@ -366,6 +366,10 @@ def _matmul(w: Any, n: Any, a: Any, b: Any) -> Any:
     return w.lw.matmul(n.name, a, b, w.shape(n), n.name)
 
 
+def _baddbmm(w: Any, n: Any, bias: Any, batch1: Any, batch2: Any, *, beta: float = 1, alpha: float = 1) -> Any:
+    return w.lw.baddbmm(n.name, bias, batch1, batch2, w.shape(n), n.name, alpha=alpha, beta=beta)
+
+
 def _f_linear(w: Any, n: Any, input: Value, weight: Any, bias: Any = None) -> Any:  # noqa: A002
     if not isinstance(weight, TorchConst) or isinstance(bias, Value):
         return w.lw.opaque(n.name, [input, weight] + ([bias] if bias is not None else []), [w.shape(n)], "linear", "linear with an activation weight")
@@ -451,7 +455,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.maximum: _binary("max"), torch.minimum: _binary("min"),
     operator.neg: _unary("neg"),
     operator.matmul: _matmul, torch.matmul: _matmul, "Tensor.matmul": _matmul, torch.bmm: _matmul, "Tensor.bmm": _matmul,
-    torch.mm: _matmul, "Tensor.mm": _matmul,
+    torch.mm: _matmul, "Tensor.mm": _matmul, torch.baddbmm: _baddbmm, "Tensor.baddbmm": _baddbmm,
     F.relu: _unary("relu"), F.relu_: _unary("relu"), F.silu: _unary("silu"), F.mish: _unary("mish"), F.selu: _unary("selu"),
     F.hardswish: _unary("hardswish"), F.softsign: _unary("softsign"), F.sigmoid: _unary("sigmoid"), F.tanh: _unary("tanh"),
     F.hardsigmoid: _unary("hardsigmoid", alpha=1.0 / 6.0, beta=0.5), F.relu6: _unary("clip", min=0.0, max=6.0),
