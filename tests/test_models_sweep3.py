@@ -273,3 +273,22 @@ def test_baddbmm_lowers_to_matmul_scale_add(frontend: str, beta: float) -> None:
     assert not [n.name for n in graph.nodes if n.kind is OpKind.OPAQUE]  # was aten.baddbmm: no paic rule
     with torch.no_grad():
         torch.testing.assert_close(Interpreter(graph).run([x]).outputs[0], model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_reshape_chain_after_unknown_sizes_is_left_alone() -> None:
+    """MobileViT's TorchScript export: Resize leaves (unk, unk, unk, unk) before a reshape/transpose
+    chain; binding every symbol to 2 or 3 gives sizes that disagree, which crashed the permutation
+    search ('cannot reshape array of size 1 into shape (64,2,1,2)': audit, optimize, exit 1 internal)."""
+    import sympy
+
+    from pai_compiler.frontends.onnx.patterns_shuffle import fuse_channel_permutations
+    from pai_compiler.ir import GraphBuilder, OpKind
+
+    b = GraphBuilder()
+    x = b.input(tuple(sympy.Symbol(f"unk_{i}", integer=True, positive=True) for i in range(4)))
+    y = b.op(OpKind.RESHAPE, [x], (64, 2, 1, 2), attrs={"op": "reshape"})
+    y = b.op(OpKind.RESHAPE, [y], (64, 1, 2, 2), attrs={"op": "transpose", "perm": [0, 2, 1, 3]})
+    y = b.op(OpKind.RESHAPE, [y], (2, 32, 1, 4), attrs={"op": "reshape"})
+    graph = b.build(y)
+    assert fuse_channel_permutations(graph) == 0
+    assert [n.attrs.get("op") for n in graph.nodes if n.kind is OpKind.RESHAPE] == ["reshape", "transpose", "reshape"]
