@@ -292,3 +292,53 @@ def test_reshape_chain_after_unknown_sizes_is_left_alone() -> None:
     graph = b.build(y)
     assert fuse_channel_permutations(graph) == 0
     assert [n.attrs.get("op") for n in graph.nodes if n.kind is OpKind.RESHAPE] == ["reshape", "transpose", "reshape"]
+
+
+class _L2Norms(nn.Module):
+    """ConvNeXt-v2's global response norm (vector_norm over H, W) and Swin-v2's cosine attention
+    (F.normalize: x.norm(2, -1).clamp_min(eps)), the ops ONNX writes as ReduceL2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(1, 8, 1, 1))
+        self.q, self.k = nn.Linear(8, 8), nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        g = torch.linalg.vector_norm(h, ord=2, dim=(2, 3), keepdim=True)
+        h = h + self.gamma * (h * (g / (g.mean(dim=1, keepdim=True) + 1e-6)))
+        t = h.flatten(2).transpose(1, 2)  # (batch, 16 tokens, 8)
+        q, k = nn.functional.normalize(self.q(t), dim=-1), nn.functional.normalize(self.k(t), dim=-1)
+        return self.fc((torch.softmax(q @ k.transpose(1, 2), -1) @ t).mean(1))
+
+
+def test_l2_norms_lower_in_every_route_and_compact(tmp_path: Path) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    from pai_compiler.interp import Interpreter
+    from pai_compiler.ir import OpKind
+
+    torch.manual_seed(0)
+    model, x = _L2Norms().eval(), torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        want = model(x)
+    source = _export(model, (x,), tmp_path / "l2.onnx", dynamo=False)
+    graphs = [lower_module(model, (x,), "fx"), lower_module(model, (x,), "export"), load_onnx_model(source)]
+    for graph in graphs:
+        assert not [n.name for n in graph.nodes if n.kind is OpKind.OPAQUE]  # was linalg_vector_norm / clamp_min / ReduceL2
+        torch.testing.assert_close(Interpreter(graph).run([x]).outputs[0], want, rtol=1e-5, atol=1e-6)
+    paths = [audit_graph(g)["totals"] for g in graphs]
+    assert paths[0]["log_paths"] == pytest.approx(paths[2]["log_paths"], rel=1e-12) == pytest.approx(paths[1]["log_paths"], rel=1e-12)
+    assert paths[0]["effective_nodes"] == paths[1]["effective_nodes"] == paths[2]["effective_nodes"]
+    runner, masked = CliRunner(), tmp_path / "m.onnx"
+    res = runner.invoke(app, ["optimize", str(source), "-o", str(masked), "--method", "synflow", "--sparsity", "0.8", "-q"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["compact", str(masked), "-o", str(tmp_path / "c.pt"), "--batch", "2", "-q"])
+    assert res.exit_code == 0, res.output
+    reference = ort.InferenceSession(str(masked), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        got = torch.load(tmp_path / "c.pt", weights_only=False)(x)
+    np.testing.assert_allclose(got.numpy(), reference, rtol=1e-4, atol=1e-6)
