@@ -1,6 +1,7 @@
 """``paic audit``: sparsity, MACs (dense / nonzero / effective) and effective paths/nodes as JSON.
 
-density = nonzero_params / params over prunable weights; MACs from the ``flops`` pass evaluated
+density = nonzero_params / params over layer weights (prunable ones, and an LM head tied to
+the token embedding and kept dense: its nodes count as the ONNX exports' untied copy's do); MACs from the ``flops`` pass evaluated
 at ``bind`` (every unbound symbol = 1); ``log_paths`` (exact, sum pooling), ``log_paths_dpai``
 and the effective counts from the ``node-path`` pass. With ``paths=False`` the path analysis
 is skipped and torch is never imported: ``log_paths*``, ``effective_*`` and
@@ -61,8 +62,8 @@ def masks_from_zeros(graph: Graph) -> list[str]:
     return changed
 
 
-def _layer_params(node: Node) -> list[Param]:
-    return [p for p in node.params.values() if p.prunable]
+def _layer_params(node: Node, layers: set[int]) -> list[Param]:
+    return [p for p in node.params.values() if id(p) in layers]
 
 
 def audit_graph(graph: Graph, *, bind: str | dict[str, int] | None = None, paths: bool = True,
@@ -107,7 +108,8 @@ def _audit(graph: Graph, values: dict[str, int], paths: bool, warnings: list[str
     warnings += [w for w in flops.warnings if node_path is not None or not w.startswith(EFFECTIVE_FALLBACK)]
     if paths and node_path is None:
         warnings.append("macs_effective equals macs_nonzero (no path analysis)")
-    layers = [_layer_row(node, flops, node_path, values) for node in graph.weighted_nodes()]
+    weights = {id(p) for p in graph.layer_params()}
+    layers = [_layer_row(node, weights, flops, node_path, values) for node in graph.layer_nodes()]
     doc = {"model": graph.name, "totals": _totals(graph, flops, node_path, values), "layers": layers, "warnings": warnings}
     for key in ("log_paths", "log_paths_dpai"):
         value = doc["totals"][key]
@@ -119,7 +121,7 @@ def _audit(graph: Graph, values: dict[str, int], paths: bool, warnings: list[str
 
 
 def _totals(graph: Graph, flops: FlopsResult, node_path: Any, bind: dict[str, int]) -> dict[str, Any]:
-    params = graph.prunable_params()
+    params = graph.layer_params()
     total = sum(p.numel for p in params)
     kept = sum(p.kept() for p in params)
     macs = flops.evaluate(bind)
@@ -142,8 +144,8 @@ def _totals(graph: Graph, flops: FlopsResult, node_path: Any, bind: dict[str, in
     }
 
 
-def _layer_row(node: Node, flops: FlopsResult, node_path: Any, bind: dict[str, int]) -> dict[str, Any]:
-    params = _layer_params(node)
+def _layer_row(node: Node, weights: set[int], flops: FlopsResult, node_path: Any, bind: dict[str, int]) -> dict[str, Any]:
+    params = _layer_params(node, weights)
     numel = sum(p.numel for p in params)
     kept = sum(p.kept() for p in params)
     macs = flops.node(node.name)

@@ -161,10 +161,13 @@ def _feed(specs: list[InputSpec] | None, first: str, batch: int, shape: tuple[in
         raise ModelError(f"{first}: input shape unknown (a plain torch module); pass --input-shape, e.g. 1,3,32,32")
     specs = specs or [InputSpec("input", shape or (), "float32")]
     batch = shape[0] if shape is not None else batch
+    # the first input's symbolic dims, bound by --input-shape, bind the same names elsewhere (an attention mask's seq)
+    bound = {str(d): int(v) for d, v in zip(specs[0].shape, shape or ()) if not isinstance(d, int)}
     rng = np.random.default_rng(seed)
     feed: list[np.ndarray] = []
     for index, spec in enumerate(specs):
-        dims: list[int | str] = list(shape) if index == 0 and shape is not None else list(spec.shape)
+        dims: list[int | str] = (list(shape) if index == 0 and shape is not None
+                                 else [d if isinstance(d, int) else bound.get(str(d), d) for d in spec.shape])
         if dims and not isinstance(dims[0], int):
             dims[0] = batch
         unknown = [str(d) for d in dims if not isinstance(d, int)]

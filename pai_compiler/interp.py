@@ -71,6 +71,8 @@ def bound_dims(shape: Any, bind: Mapping[str, int]) -> list[int]:
             out.append(d)
         else:
             value = sympy.sympify(d).subs({sympy.Symbol(k, integer=True, positive=True): v for k, v in bind.items()})
+            if value.is_number and value.is_finite and float(value).is_integer():  # 0.0: a size computed in float, no symbol left
+                value = sympy.Integer(int(value))
             if not value.is_Integer:
                 raise PaicError(f"dimension {d} is not bound; pass --bind {d}=N")
             out.append(int(value))

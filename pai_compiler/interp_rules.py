@@ -161,6 +161,8 @@ def pool(it: RuleContext, node: Node, args: list[torch.Tensor], *, as_sum: bool 
             return [torch.amax(x, dim=axes, keepdim=keep)]
         if mode == "sum":
             return [torch.sum(x, dim=axes, keepdim=keep)]
+        if mode == "l2":  # ReduceL2 / linalg.vector_norm: a path count reduces as a sum (as_sum), a value as its norm
+            return [torch.linalg.vector_norm(x, 2, dim=axes, keepdim=keep)]
         return [torch.mean(x, dim=axes, keepdim=keep)]
     k, s, pads, n = a["kernel_shape"], a["strides"], a["pads"], len(a["kernel_shape"])
     ceil = a.get("ceil_mode", False)

@@ -230,10 +230,21 @@ def index_lookups(value: Value) -> list[Node]:
     return found
 
 
+#: ONNX op types / torch module names of layers on the activations that paic has no semantics
+#: for: no static input shape folds them away, so the re-export hint would mislead
+_NO_SEMANTICS = frozenset({"LSTM", "GRU", "RNN", "ConvTranspose", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
+                           "EmbeddingBag", "Loop", "Scan", "DepthToSpace", "SpaceToDepth", "PixelShuffle", "PixelUnshuffle"})
+
+
 def no_rule_message(node: Node, mode: Mode) -> str:
     """One line: the node, why it is opaque, and what the user can do about it."""
     op_type = node.attrs.get("op_type", "") if node.kind is OpKind.OPAQUE else ""
     why = f": {node.attrs['reason']}" if node.attrs.get("reason") else ""
-    return (f"node {node.name!r} ({node.kind.value}{'/' + op_type if op_type else ''}): cannot be evaluated ({mode} mode){why}; "
+    where = f"node {node.name!r} ({node.kind.value}{'/' + op_type if op_type else ''}): cannot be evaluated ({mode} mode)"
+    if op_type in _NO_SEMANTICS:
+        kind = "recurrent layers (LSTM, GRU, RNN)" if op_type in ("LSTM", "GRU", "RNN") else op_type
+        return (f"{where}: paic has no semantics for {kind} yet; prune with a criterion that runs no forward pass "
+                "(magnitude, random, random-erk) and write ONNX (-o X.onnx), which onnxruntime runs as is")
+    return (f"{where}{why}; "
             "re-export with static input shapes (TorchScript: no dynamic_axes; dynamo: no dynamic_shapes) so it folds at "
             "compile time, or prune with a criterion that runs no forward pass (magnitude, random, random-erk)")

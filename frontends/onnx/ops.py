@@ -317,7 +317,7 @@ def _reduce(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, An
     axes = sorted(a % rank for a in axes)
     keep = bool(attrs.get("keepdims", 1))
     shape = tuple((1 if i in axes else d) for i, d in enumerate(x.shape) if keep or i not in axes)
-    mode = {"ReduceMean": "avg", "ReduceMax": "max", "ReduceSum": "sum"}[node.op_type]
+    mode = {"ReduceMean": "avg", "ReduceMax": "max", "ReduceSum": "sum", "ReduceL2": "l2"}[node.op_type]
     _emit(imp, OpKind.POOL, node, label, [x], [shape], attrs={"mode": mode, "reduce": True, "axes": axes, "keepdims": keep})
 
 
@@ -477,7 +477,7 @@ HANDLERS: dict[str, Handler] = {
     "BatchNormalization": _norm, "LayerNormalization": _norm, "InstanceNormalization": _norm, "GroupNormalization": _norm,
     "LRN": _lrn, "Softmax": _softmax, "LogSoftmax": _softmax,
     "MaxPool": _pool, "AveragePool": _pool, "GlobalAveragePool": _pool, "GlobalMaxPool": _pool,
-    "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce,
+    "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce, "ReduceL2": _reduce,
     "Reshape": _movement, "Flatten": _movement, "Transpose": _movement, "Squeeze": _movement, "Unsqueeze": _movement,
     "Slice": _movement, "Gather": _gather, "Expand": _movement,
     "Concat": _concat, "Split": _split, "Pad": _pad, "IsNaN": _isnan, "Where": _where,

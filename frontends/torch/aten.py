@@ -61,6 +61,10 @@ def _matmul(w: Any, n: Any, a: dict[str, Any]) -> Any:
     return w.lw.matmul(n.name, first, second, w.shape(n), w.origin(n))
 
 
+def _baddbmm(w: Any, n: Any, a: dict[str, Any]) -> Any:
+    return w.lw.baddbmm(n.name, a.get("self"), a["batch1"], a["batch2"], w.shape(n), w.origin(n), alpha=a.get("alpha", 1), beta=a.get("beta", 1))
+
+
 def _batch_norm(w: Any, n: Any, a: dict[str, Any]) -> Any:
     if a.get("training") or not isinstance(a["running_mean"], TorchConst):
         return w.lw.opaque(n.name, [a["input"]], [w.shape(n)], str(n.target), "batch norm in training mode")
@@ -231,6 +235,13 @@ def _reduce(mode: str) -> Rule:
     return rule
 
 
+def _vector_norm(w: Any, n: Any, a: dict[str, Any]) -> Any:
+    """``linalg.vector_norm(x, 2, dim, keepdim)`` (F.normalize, ConvNeXt-v2's GRN): an L2 reduction."""
+    if a.get("ord", 2) != 2 or a.get("dtype") is not None:
+        return w.lw.opaque(n.name, [a["self"]], [w.shape(n)], str(n.target), f"vector norm of order {a.get('ord')}")
+    return _reduce("l2")(w, n, a)
+
+
 def _softmax(log: bool) -> Rule:
     return lambda w, n, a: w.lw.softmax(n.name, a["self"], a["dim"], w.origin(n), log=log)
 
@@ -309,11 +320,11 @@ def _where(w: Any, n: Any, a: dict[str, Any]) -> Any:
 ATEN_RULES: dict[str, Rule] = {
     "eq": _guard, "logical_not": _guard, "any": _guard, "full_like": _full_like, "where": _where,
     "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _conv,
-    "linear": _linear, "addmm": _addmm, "embedding": _embedding, "mm": _matmul, "bmm": _matmul, "matmul": _matmul,
+    "linear": _linear, "addmm": _addmm, "embedding": _embedding, "mm": _matmul, "bmm": _matmul, "matmul": _matmul, "baddbmm": _baddbmm,
     "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _batch_norm,
     "layer_norm": _layer_norm, "native_layer_norm": _layer_norm, "group_norm": _group_norm, "native_group_norm": _group_norm,
     "gelu": lambda w, n, a: w.lw.pointwise(n.name, a["self"], "gelu", w.origin(n), approximate=a.get("approximate", "none")),
-    "hardtanh": _clamp, "clamp": _clamp, "clip": _clamp, "leaky_relu": _leaky_relu, "elu": _elu, "softplus": _softplus,
+    "hardtanh": _clamp, "clamp": _clamp, "clip": _clamp, "clamp_min": _clamp, "clamp_max": _clamp, "leaky_relu": _leaky_relu, "elu": _elu, "softplus": _softplus,
     "hardsigmoid": _unary("hardsigmoid", alpha=1.0 / 6.0, beta=0.5),
     "dropout": _alias, "dropout_": _alias, "feature_dropout": _alias, "alpha_dropout": _alias, "native_dropout": _dropout_pair,
     "_assert_tensor_metadata": _nothing, "_assert_scalar": _nothing, "_assert_async": _nothing, "clone": _alias, "contiguous": _alias, "alias": _alias, "detach": _alias, "lift_fresh_copy": _alias,
@@ -331,6 +342,7 @@ ATEN_RULES: dict[str, Rule] = {
     "avg_pool1d": _pool("avg"), "avg_pool2d": _pool("avg"), "avg_pool3d": _pool("avg"),
     "adaptive_avg_pool1d": _adaptive("avg"), "adaptive_avg_pool2d": _adaptive("avg"), "_adaptive_avg_pool2d": _adaptive("avg"),
     "adaptive_avg_pool3d": _adaptive("avg"), "mean": _reduce("avg"), "sum": _reduce("sum"), "amax": _reduce("max"),
+    "linalg_vector_norm": _vector_norm,
     "softmax": _softmax(False), "_softmax": _softmax(False), "log_softmax": _softmax(True), "_log_softmax": _softmax(True),
     "rsqrt": lambda w, n, a: w.lw.binary(n.name, "pow", a["self"], -0.5, w.shape(n), w.origin(n)),  # RMSNorm's 1/sqrt
     "scaled_dot_product_attention": _sdpa, "constant_pad_nd": _pad, "pad": _pad, "sym_size": _sym_size,

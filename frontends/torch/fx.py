@@ -38,7 +38,11 @@ EXPORT_HINT = " (try --frontend export)"  # torch.export handles data-dependent 
 
 class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return type(m) in MODULE_RULES or super().is_leaf_module(m, qualname)
+        # a torch.nn container without a rule (nn.TransformerEncoderLayer) is traced through: its
+        # submodules and functional calls have rules, while as a leaf it would be one opaque node
+        if type(m) in MODULE_RULES:
+            return True
+        return super().is_leaf_module(m, qualname) and next(m.children(), None) is None
 
 
 class _Meta:

@@ -259,6 +259,19 @@ class TorchLowering:
         operands = [self.value(t, f"{label}_{i}") for i, t in enumerate((a, b))]
         return self.emit(OpKind.MATMUL, label, operands, [shape], origin=origin)[0]
 
+    def baddbmm(self, label: str, bias: Any, batch1: Any, batch2: Any, shape: tuple[Dim, ...], origin: str, *,
+                alpha: float = 1, beta: float = 1) -> Value:
+        """``beta*bias + alpha*(batch1 @ batch2)`` (BLOOM's ALiBi attention scores): matmul, scale, add."""
+        scores = self.matmul(f"{label}_bmm", batch1, batch2, shape, origin)
+        if alpha != 1:
+            scores = self.binary(f"{label}_alpha", "mul", scores, float(alpha), shape, origin)
+        if beta == 0 or bias is None:
+            return scores
+        if beta != 1:
+            bias = (self.binary(f"{label}_beta", "mul", bias, float(beta), bias.shape, origin) if isinstance(bias, Value)
+                    else TorchConst(self.const(bias).value * beta))
+        return self.binary(label, "add", bias, scores, shape, origin)
+
     def softmax(self, label: str, x: Value, axis: int, origin: str, *, log: bool = False) -> Value:
         return self.emit(OpKind.SOFTMAX, label, [x], [x.shape], attrs={"axis": int(axis), "log": log}, origin=origin)[0]
 

@@ -356,6 +356,29 @@ def _reduce(mode: str) -> Rule:
     return rule
 
 
+def _vector_norm(w: Any, n: Any, x: Value, ord: Any = 2, dim: Any = None, keepdim: bool = False, *, dtype: Any = None) -> Any:
+    """``torch.linalg.vector_norm(x, 2, dim, keepdim)``: an L2 reduction (other orders stay opaque)."""
+    if ord != 2 or dtype is not None or isinstance(dim, bool):
+        return w.lw.opaque(n.name, [x], [w.shape(n)], str(n.target), f"vector norm of order {ord}")
+    return _reduce("l2")(w, n, x, dim, keepdim)
+
+
+def _tensor_norm(w: Any, n: Any, x: Value, p: Any = "fro", dim: Any = None, keepdim: bool = False, dtype: Any = None) -> Any:
+    """``x.norm(p, dim, keepdim)`` / ``torch.norm`` (F.normalize's spelling): the L2 norm for p = 2 or 'fro'."""
+    return _vector_norm(w, n, x, 2 if p in (2, 2.0, "fro") else p, dim, keepdim, dtype=dtype)
+
+
+def _normalize(w: Any, n: Any, x: Value, p: Any = 2.0, dim: int = 1, eps: float = 1e-12, out: Any = None) -> Any:
+    """``F.normalize`` (Swin-v2's cosine attention): ``x / clamp_min(‖x‖₂ over dim, eps)``, as torch.export spells it."""
+    if p not in (2, 2.0) or out is not None or not isinstance(dim, int):
+        return w.lw.opaque(n.name, [x], [w.shape(n)], "normalize", f"normalize with p={p}")
+    axis = dim % len(x.shape)
+    kept = tuple(1 if i == axis else d for i, d in enumerate(x.shape))
+    norm = w.lw.reduce(f"{n.name}_norm", x, "l2", [axis], True, kept, n.name)
+    norm = w.lw.pointwise(f"{n.name}_eps", norm, "clip", n.name, min=float(eps), max=float("inf"))
+    return w.lw.binary(n.name, "div", x, norm, w.shape(n), n.name)
+
+
 def _softmax(log: bool) -> Rule:
     def rule(w: Any, n: Any, x: Value, dim: int | None = None, _stacklevel: int = 3, dtype: Any = None) -> Any:
         return w.lw.softmax(n.name, x, -1 if dim is None else dim, n.name, log=log)
@@ -364,6 +387,10 @@ def _softmax(log: bool) -> Rule:
 
 def _matmul(w: Any, n: Any, a: Any, b: Any) -> Any:
     return w.lw.matmul(n.name, a, b, w.shape(n), n.name)
+
+
+def _baddbmm(w: Any, n: Any, bias: Any, batch1: Any, batch2: Any, *, beta: float = 1, alpha: float = 1) -> Any:
+    return w.lw.baddbmm(n.name, bias, batch1, batch2, w.shape(n), n.name, alpha=alpha, beta=beta)
 
 
 def _f_linear(w: Any, n: Any, input: Value, weight: Any, bias: Any = None) -> Any:  # noqa: A002
@@ -451,12 +478,14 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.maximum: _binary("max"), torch.minimum: _binary("min"),
     operator.neg: _unary("neg"),
     operator.matmul: _matmul, torch.matmul: _matmul, "Tensor.matmul": _matmul, torch.bmm: _matmul, "Tensor.bmm": _matmul,
-    torch.mm: _matmul, "Tensor.mm": _matmul,
+    torch.mm: _matmul, "Tensor.mm": _matmul, torch.baddbmm: _baddbmm, "Tensor.baddbmm": _baddbmm,
     F.relu: _unary("relu"), F.relu_: _unary("relu"), F.silu: _unary("silu"), F.mish: _unary("mish"), F.selu: _unary("selu"),
     F.hardswish: _unary("hardswish"), F.softsign: _unary("softsign"), F.sigmoid: _unary("sigmoid"), F.tanh: _unary("tanh"),
     F.hardsigmoid: _unary("hardsigmoid", alpha=1.0 / 6.0, beta=0.5), F.relu6: _unary("clip", min=0.0, max=6.0),
     F.gelu: _gelu, F.leaky_relu: _leaky_relu, F.elu: _elu, F.hardtanh: _hardtanh, F.softplus: _softplus,
     torch.clamp: _clamp, torch.clip: _clamp, "Tensor.clamp": _clamp, "Tensor.clip": _clamp,
+    torch.clamp_min: _clamp, "Tensor.clamp_min": _clamp, torch.clamp_max: lambda w, n, x, max: _clamp(w, n, x, max=max),  # noqa: A006
+    "Tensor.clamp_max": lambda w, n, x, max: _clamp(w, n, x, max=max),  # noqa: A006
     F.dropout: _alias, F.dropout1d: _alias, F.dropout2d: _alias, F.dropout3d: _alias, F.alpha_dropout: _alias,
     "Tensor.contiguous": _alias, "Tensor.clone": _alias, "Tensor.detach": _alias, torch.clone: _alias,
     "Tensor.to": _to, "Tensor.float": _to, "Tensor.type_as": _to, "Tensor.type": _to, "Tensor.double": _to,
@@ -476,6 +505,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.unbind: _split_like(unbind=True), "Tensor.unbind": _split_like(unbind=True),
     torch.mean: _reduce("avg"), "Tensor.mean": _reduce("avg"), torch.sum: _reduce("sum"), "Tensor.sum": _reduce("sum"),
     torch.amax: _reduce("max"), "Tensor.amax": _reduce("max"),
+    torch.linalg.vector_norm: _vector_norm, F.normalize: _normalize, torch.norm: _tensor_norm, "Tensor.norm": _tensor_norm,
     F.softmax: _softmax(False), torch.softmax: _softmax(False), "Tensor.softmax": _softmax(False),
     F.log_softmax: _softmax(True), torch.log_softmax: _softmax(True), "Tensor.log_softmax": _softmax(True),
     F.linear: _f_linear, F.conv1d: _f_conv, F.conv2d: _f_conv, F.conv3d: _f_conv,

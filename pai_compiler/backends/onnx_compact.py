@@ -90,9 +90,9 @@ class _Rewriter:
         kind = self.sources[p.origin]
         if kind == "initializer":
             t = self.inits[p.origin]
-            old = numpy_helper.to_array(t)
-            if old.shape == array.shape and np.array_equal(old, array):
+            if _unchanged(numpy_helper.to_array(t), array):
                 return
+            old = numpy_helper.to_array(t)
             t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array.astype(old.dtype, copy=False)), p.origin))
         elif kind == "sparse_initializer":
             for i, st in enumerate(self.g.sparse_initializer):
@@ -101,6 +101,8 @@ class _Rewriter:
                     break
             self.g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), p.origin))
         elif kind in ("constant_node", "constant_of_shape"):
+            if _unchanged(self._static(p.origin), array):  # kept as written (a Loop's scalar condition stays a scalar)
+                return
             node = self.producers[p.origin]
             del node.attribute[:]
             del node.input[:]
@@ -321,17 +323,34 @@ def _set_int_attr(on: Any, key: str, value: int) -> None:
     on.attribute.extend(kept + [helper.make_attribute(key, value)])
 
 
+def _unchanged(old: np.ndarray | None, new: np.ndarray) -> bool:
+    """The same values in the same order: the IR may hold a scalar as (1,) or a bias as [C, 1, 1]; the
+    file keeps its own shape then, which its consumers expect."""
+    return old is not None and old.size == new.size and np.array_equal(old.reshape(-1), new.reshape(-1))
+
+
+def _reads(node: Any) -> set[str]:
+    """The names ``node`` reads: its inputs and, through a Loop/If/Scan body, the outer-scope
+    values its subgraphs use (a superset: names the body defines itself are harmless here)."""
+    names = {i for i in node.input if i}
+    for attribute in node.attribute:
+        for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            for inner in body.node:
+                names |= _reads(inner)
+    return names
+
+
 def _drop_unused(g: Any) -> None:
     """Remove nodes whose outputs nothing reads (not graph outputs), then unused initializers."""
     outputs = {o.name for o in g.output}
     while True:
-        used = {i for n in g.node for i in n.input if i} | outputs
+        used = {i for n in g.node for i in _reads(n)} | outputs
         dead = [i for i, n in enumerate(g.node) if not any(o in used for o in n.output if o)]
         if not dead:
             break
         for i in reversed(dead):
             del g.node[i]
-    used = {i for n in g.node for i in n.input if i} | outputs | {i.name for i in g.input}
+    used = {i for n in g.node for i in _reads(n)} | outputs | {i.name for i in g.input}
     keep = [t for t in g.initializer if t.name in used]
     if len(keep) != len(g.initializer):
         del g.initializer[:]

@@ -143,11 +143,11 @@ def _pointwise(it: Interpreter, node: Node) -> Call | None:
 
 
 def _reduce(node: Node) -> Call | None:
-    """A reducing pool (mean, max or sum over ``axes``) with its axes bound; windowed pools take the rule."""
+    """A reducing pool (mean, max, sum or L2 norm over ``axes``) with its axes bound; windowed pools take the rule."""
     a = node.attrs
     if not a.get("reduce"):
         return None
-    reduce = {"max": torch.amax, "sum": torch.sum}.get(a["mode"], torch.mean)
+    reduce = {"max": torch.amax, "sum": torch.sum, "l2": partial(torch.linalg.vector_norm, ord=2)}.get(a["mode"], torch.mean)
     return partial(reduce, dim=a["axes"], keepdim=a.get("keepdims", True))
 
 

@@ -57,12 +57,33 @@ def _quiet() -> Iterator[None]:
     try:
         for logger in loggers:
             logger.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink), _native_output_silenced():
             warnings.simplefilter("ignore")
             yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _native_output_silenced() -> Iterator[None]:
+    """Point file descriptors 1 and 2 at /dev/null: the TorchScript exporter's C++ side prints the
+    whole graph when an op has no symbolic ("Torch IR graph at exception"), before paic falls back
+    to the dynamo exporter; Python-level redirection does not reach it."""
+    try:
+        saved = [os.dup(1), os.dup(2)]
+    except OSError:  # no usable descriptors (embedded interpreters): nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            for fd in (1, 2):
+                os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 @contextlib.contextmanager

@@ -71,6 +71,21 @@ class Graph:
     def prunable_params(self) -> list[Param]:
         return [p for p in self.params() if p.prunable]
 
+    def layer_params(self) -> list[Param]:
+        """The weights the audit counts as layers: every prunable Param, and a conv/linear weight
+        kept dense because an embedding lookup reads the same tensor (an LM head tied to the token
+        embedding). Such a head is a weight layer whose output channels are nodes however it is
+        stored: the ONNX exporters' transposed copy of it is a plain prunable weight."""
+        key = lambda p: p.storage if isinstance(p.storage, str) else id(p)  # noqa: E731
+        tables = {key(p) for n in self._nodes if n.kind is OpKind.OPAQUE and n.attrs.get("op") == "embedding" for p in n.params.values()}
+        layer_weights = {id(n.params["weight"]) for n in self._nodes if n.kind in (OpKind.CONV, OpKind.LINEAR) and "weight" in n.params}
+        return [p for p in self.params() if p.prunable or (p.in_axis is not None and id(p) in layer_weights and key(p) in tables)]
+
+    def layer_nodes(self) -> list[Node]:
+        """Nodes holding at least one of :meth:`layer_params`, in order."""
+        layers = {id(p) for p in self.layer_params()}
+        return [n for n in self._nodes if any(id(p) in layers for p in n.params.values())]
+
     def weighted_nodes(self) -> list[Node]:
         """Nodes holding at least one prunable Param (conv, linear, attention), in order."""
         return [n for n in self._nodes if any(p.prunable for p in n.params.values())]

@@ -42,11 +42,13 @@ class LayerPaths:
 
 
 def prunable_layers(graph: Graph) -> list[tuple[Param, list[Node]]]:
-    """Each prunable Param once (tied weights: one entry), with the weighted nodes that use it."""
+    """Each layer weight once (``graph.layer_params()``: the prunable ones and a tied head kept
+    dense; tied weights: one entry), with the layer nodes that use it."""
+    layers = {id(p) for p in graph.layer_params()}
     seen: dict[int, tuple[Param, list[Node]]] = {}
-    for node in graph.weighted_nodes():
+    for node in graph.layer_nodes():
         for p in node.params.values():
-            if p.prunable:
+            if id(p) in layers:
                 seen.setdefault(id(p), (p, []))[1].append(node)
     return list(seen.values())
 

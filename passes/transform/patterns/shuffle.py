@@ -48,10 +48,14 @@ def _run_chain(chain: list[Node], size: int) -> tuple[np.ndarray, np.ndarray] | 
     y = index
     for node in chain:
         if node.attrs["op"] == "transpose":
+            if len(node.attrs["perm"]) != y.ndim:
+                return None
             y = np.transpose(y, node.attrs["perm"])
         else:
             target = _concrete(node.outputs[0].shape or (), size)
-            if target is None:
+            # sizes that disagree at this binding (a symbol standing for a product, a shape the
+            # exporter left unknown): not provably a permutation, so the chain stays as it is
+            if target is None or int(np.prod(target)) != y.size:
                 return None
             y = y.reshape(target)
     return index, y
