@@ -12,7 +12,8 @@ rule in ``OPAQUE_RULES`` (see :func:`rule_for`); every other opaque node stops t
 with a ``PaicError``. Such ops: ``op="shape_data"`` (a tensor computed from the bound sizes
 only, e.g. positions or masks: its ``ShapeProgram``; in paths mode a float one is zeros),
 ``op="gather"`` (an activation gathered by run-time indices: values and counts alike),
-``op="where"`` (ONNX Where; paths: either branch's counts, summed) and the **embedding lookup** (``op="embedding"``: the rows
+``op="where"`` (ONNX Where; paths: either branch's counts, summed), ``op="resize"`` (nearest/linear
+resizing, :mod:`pai_compiler.interp_resize`) and the **embedding lookup** (``op="embedding"``: the rows
 of a constant, non-prunable ``table`` Param picked along ``axis`` by a dynamic integer input,
 ONNX ``Gather`` semantics, negative indices included). In ``real`` mode it is the lookup
 (``lookup="ones"`` makes it output ones instead: SynFlow's all-ones input); in ``paths`` mode
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 
 from pai_compiler.errors import PaicError
 from pai_compiler.interp_index_rules import compare, cumsum, dynamic_gather, embedding, gather_along, gather_nd, reshape, shape_data, where
+from pai_compiler.interp_resize import path_resize, resize
 from pai_compiler.interp_path_rules import attention, path_add, path_embedding, path_identity, path_mul, path_shape_data, path_where
 from pai_compiler.interp_rules import RuleContext, add, broadcast_operands, constant, pad_spatial, pool, real_mul, real_norm, real_pointwise, split
 from pai_compiler.ir import Node, OpKind, Value
@@ -159,6 +161,7 @@ OPAQUE_RULES: dict[str, tuple[Rule, Rule]] = {
     "cumsum": (cumsum, cumsum),
     "gather_elements": (gather_along, gather_along),
     "gather_nd": (gather_nd, gather_nd),
+    "resize": (resize, path_resize),
 }
 
 
@@ -241,6 +244,8 @@ def no_rule_message(node: Node, mode: Mode) -> str:
     op_type = node.attrs.get("op_type", "") if node.kind is OpKind.OPAQUE else ""
     why = f": {node.attrs['reason']}" if node.attrs.get("reason") else ""
     where = f"node {node.name!r} ({node.kind.value}{'/' + op_type if op_type else ''}): cannot be evaluated ({mode} mode)"
+    if node.attrs.get("fix"):  # the frontend knew what the user can do (a resize mode paic has no rule for)
+        return f"{where}{why}; {node.attrs['fix']}"
     if op_type in _NO_SEMANTICS:
         kind = "recurrent layers (LSTM, GRU, RNN)" if op_type in ("LSTM", "GRU", "RNN") else op_type
         return (f"{where}: paic has no semantics for {kind} yet; prune with a criterion that runs no forward pass "

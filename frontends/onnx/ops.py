@@ -14,6 +14,7 @@ import numpy as np
 
 from pai_compiler.frontends.onnx.movement import DynamicArgument, Movement, movement_shape
 from pai_compiler.frontends.onnx.index_ops import INDEX_HANDLERS
+from pai_compiler.frontends.onnx.resize import RESIZE_FIX, UnsupportedResize, resize_spec
 from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, is_float_dtype, simplify_dim
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim, OpKind, Value
@@ -459,7 +460,18 @@ def _where(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any
     imp.env[node.output[0]] = ir.outputs[0]
 
 
-def _opaque(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any], reason: str = "") -> None:
+def _resize(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    """Resize / Upsample, nearest or linear: an opaque ``op="resize"`` node (``frontends/onnx/resize.py``);
+    any other resize stays opaque with the reason and the user's fix."""
+    x = _need_value(ins[0], label, "input")
+    try:
+        out_attrs, shape = resize_spec(node.op_type, imp.opset.get("", 13), x, ins, attrs)
+    except UnsupportedResize as exc:
+        return _opaque(imp, node, label, ins, attrs, reason=f"{node.op_type} with {exc}", fix=RESIZE_FIX)
+    _emit(imp, OpKind.OPAQUE, node, label, [x], [shape], attrs={"op": "resize", **out_attrs, "op_type": node.op_type, "domain": node.domain})
+
+
+def _opaque(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any], reason: str = "", fix: str = "") -> None:
     values = [imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins) if x is not None]
     shapes = [imp.inferred_shape(o) if o else None for o in node.output]
     why = reason or f"operator {node.op_type} is not in paic's op table"
@@ -467,7 +479,7 @@ def _opaque(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, An
     dtype = values[0].dtype if values else "float32"
     outs = [(o, s, dtype) for o, s in zip(node.output, shapes) if o]
     ir = imp.graph.add_node(OpKind.OPAQUE, imp.graph.fresh_name(label), values, outs,
-                            attrs={"op_type": node.op_type, "domain": node.domain, "reason": why}, origin=node.name)
+                            attrs={"op_type": node.op_type, "domain": node.domain, "reason": why, **({"fix": fix} if fix else {})}, origin=node.name)
     for v in ir.outputs:
         imp.env[v.name] = v
 
@@ -480,7 +492,7 @@ HANDLERS: dict[str, Handler] = {
     "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce, "ReduceL2": _reduce,
     "Reshape": _movement, "Flatten": _movement, "Transpose": _movement, "Squeeze": _movement, "Unsqueeze": _movement,
     "Slice": _movement, "Gather": _gather, "Expand": _movement,
-    "Concat": _concat, "Split": _split, "Pad": _pad, "IsNaN": _isnan, "Where": _where,
+    "Concat": _concat, "Split": _split, "Pad": _pad, "IsNaN": _isnan, "Where": _where, "Resize": _resize, "Upsample": _resize,
 }
 HANDLERS.update({op: _binary for op in _BINARY})
 HANDLERS.update({op: _pointwise for op in POINTWISE_OPS})

@@ -227,6 +227,18 @@ def _adaptive(mode: str) -> Rule:
     return rule
 
 
+def _upsample(mode: str) -> Rule:
+    """``aten.upsample_{nearest,linear,bilinear,trilinear}{1,2,3}d`` (``.vec``: ``scale_factors``; ``.default``: ``scales_*``)."""
+    def rule(w: Any, n: Any, a: dict[str, Any]) -> Any:
+        scales = a.get("scale_factors")
+        if scales is None:
+            per_axis = [a[k] for k in ("scales", "scales_d", "scales_h", "scales_w") if k in a]
+            scales = per_axis if per_axis and all(s is not None for s in per_axis) else None
+        x = a.get("input", a.get("self"))
+        return w.lw.resize(n.name, x, mode, a.get("align_corners"), scales, False, w.shape(n), w.origin(n))
+    return rule
+
+
 def _reduce(mode: str) -> Rule:
     def rule(w: Any, n: Any, a: dict[str, Any]) -> Any:
         dim = a.get("dim")
@@ -346,6 +358,8 @@ ATEN_RULES: dict[str, Rule] = {
     "softmax": _softmax(False), "_softmax": _softmax(False), "log_softmax": _softmax(True), "_log_softmax": _softmax(True),
     "rsqrt": lambda w, n, a: w.lw.binary(n.name, "pow", a["self"], -0.5, w.shape(n), w.origin(n)),  # RMSNorm's 1/sqrt
     "scaled_dot_product_attention": _sdpa, "constant_pad_nd": _pad, "pad": _pad, "sym_size": _sym_size,
+    "upsample_nearest1d": _upsample("nearest"), "upsample_nearest2d": _upsample("nearest"), "upsample_nearest3d": _upsample("nearest"),
+    "upsample_linear1d": _upsample("linear"), "upsample_bilinear2d": _upsample("bilinear"), "upsample_trilinear3d": _upsample("trilinear"),
 }
 for _op in ("relu", "relu_", "sigmoid", "tanh", "silu", "silu_", "mish", "hardswish", "selu", "exp", "log", "sqrt", "neg",
             "abs", "erf", "sin", "cos", "reciprocal", "sign", "floor", "ceil", "round", "softsign"):

@@ -412,6 +412,25 @@ class TorchLowering:
             return self.pool(label, x, mode, k, k, 0, 1, False, True, shape, origin)
         return self.opaque(label, [x], [shape], origin, f"adaptive {mode} pooling to {out} from {spatial}")
 
+    def resize(self, label: str, x: Value, mode: str, align_corners: Any, scales: Any, antialias: bool, shape: tuple[Dim, ...], origin: str) -> Value:
+        """``F.interpolate`` / ``nn.Upsample`` / ``aten.upsample_*``: an opaque ``op="resize"`` node
+        (``pai_compiler/interp_resize.py``) for nearest and (bi/tri)linear; ``scales`` are the
+        kernel's scale factors (None: torch uses in/out). Torch multiplies by the inverse scale
+        (``torch_coordinates``). Other modes stay opaque with the fix."""
+        n = len(x.shape) - 2
+        linear = mode in ("linear", "bilinear", "trilinear")
+        if (mode != "nearest" and not linear) or antialias or n < 1:
+            fix = ("paic evaluates nearest and (bi/tri)linear resizes only: use mode='nearest' or 'bilinear' (no antialias), "
+                   "or prune with a criterion that runs no forward pass (magnitude, random, random-erk)")
+            out = self.opaque(label, [x], [shape], origin, f"interpolate mode {mode!r}{' with antialias' if antialias else ''}")
+            self.graph.set_attr(out.producer, "fix", fix)
+            return out
+        attrs: dict[str, Any] = {"op": "resize", "mode": "linear" if linear else "nearest",
+                                 "coordinate_mode": ("align_corners" if align_corners else "half_pixel") if linear else "asymmetric",
+                                 "nearest_mode": "floor", "scales": None if scales is None else [float(v) for v in _as_list(scales, n)],
+                                 "torch_coordinates": True, "op_type": origin, "domain": f"torch.{self.frontend}"}
+        return self.emit(OpKind.OPAQUE, label, [x], [shape], attrs=attrs, origin=origin)[0]
+
     def embedding(self, label: str, indices: Value, table: TorchConst, shape: tuple[Dim, ...], origin: str, op_type: str) -> Value:
         """An embedding lookup ``table[indices]`` (axis 0): an ``opaque`` node with
         ``op="embedding"`` over the indices and the dense, non-prunable ``table`` Param, the

@@ -146,6 +146,10 @@ def _pad_module(w: Any, n: Any, mod: Any, x: Value) -> Any:
     return w.lw.pad(n.name, x, mod.padding, w.shape(n), n.target)
 
 
+def _upsample_module(w: Any, n: Any, mod: nn.Upsample, x: Value) -> Any:
+    return _f_interpolate(w, n, x, mod.size, mod.scale_factor, mod.mode, mod.align_corners, mod.recompute_scale_factor)
+
+
 def _mha_module(w: Any, n: Any, mod: nn.MultiheadAttention, query: Value, key: Value, value: Value,
                 key_padding_mask: Any = None, need_weights: bool = True, attn_mask: Any = None,
                 average_attn_weights: bool = True, is_causal: bool = False) -> Any:
@@ -174,6 +178,7 @@ MODULE_RULES: dict[type, Rule] = {
     nn.Dropout3d: _alias_module, nn.AlphaDropout: _alias_module,
     nn.ZeroPad2d: _pad_module, nn.ConstantPad1d: _pad_module, nn.ConstantPad2d: _pad_module, nn.ConstantPad3d: _pad_module,
     nn.MultiheadAttention: _mha_module,
+    nn.Upsample: _upsample_module, nn.UpsamplingNearest2d: _upsample_module, nn.UpsamplingBilinear2d: _upsample_module,
 }
 for _act in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.ELU, nn.CELU, nn.Softplus, nn.Hardsigmoid,
              nn.SiLU, nn.Sigmoid, nn.Tanh, nn.SELU, nn.Softsign, nn.Hardswish, nn.Mish):
@@ -449,6 +454,13 @@ def _f_adaptive(mode: str) -> Rule:
     return rule
 
 
+def _f_interpolate(w: Any, n: Any, input: Value, size: Any = None, scale_factor: Any = None, mode: str = "nearest",  # noqa: A002
+                   align_corners: Any = None, recompute_scale_factor: Any = None, antialias: bool = False) -> Any:
+    """``F.interpolate``: the kernel sees the scale factors unless a size is given or they are recomputed."""
+    scales = scale_factor if size is None and not recompute_scale_factor else None
+    return w.lw.resize(n.name, input, mode, align_corners, scales, bool(antialias), w.shape(n), n.name)
+
+
 def _f_pad(w: Any, n: Any, input: Value, pad: Any, mode: str = "constant", value: Any = None) -> Any:  # noqa: A002
     if mode != "constant" or value not in (None, 0, 0.0):
         return w.lw.opaque(n.name, [input], [w.shape(n)], "pad", f"{mode} padding with value {value}")
@@ -514,7 +526,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.avg_pool1d: _f_avg_pool, F.avg_pool2d: _f_avg_pool, F.avg_pool3d: _f_avg_pool,
     F.adaptive_avg_pool1d: _f_adaptive("avg"), F.adaptive_avg_pool2d: _f_adaptive("avg"), F.adaptive_avg_pool3d: _f_adaptive("avg"),
     F.adaptive_max_pool1d: _f_adaptive("max"), F.adaptive_max_pool2d: _f_adaptive("max"), F.adaptive_max_pool3d: _f_adaptive("max"),
-    F.pad: _f_pad, F.scaled_dot_product_attention: _f_sdpa, F.embedding: _f_embedding,
+    F.pad: _f_pad, F.interpolate: _f_interpolate, F.upsample: _f_interpolate, F.scaled_dot_product_attention: _f_sdpa, F.embedding: _f_embedding,
 }
 for _name, _op in UNARY.items():
     for _key in (getattr(torch, _name, None), f"Tensor.{_name}"):
