@@ -13,6 +13,7 @@ node for node:
   of the map right after its layer (the layer's output is renamed, so consumers see the sum);
 * a channel gather whose indices shrank (a plain Gather, or a fused channel shuffle: an ONNX
   ``Gather`` replaces the reshape/transpose chain) gets its new indices;
+* a ``Resize`` by constant ``sizes`` gets its new channel count;
 * ``Reshape`` targets of reshaped values become constants (symbolic dims: ``0`` = copy the
   input dim at that index, else a single ``-1``); ``Split`` sizes and Conv ``group`` follow;
 * ``value_info`` is cleared (ORT re-infers it), nodes and initializers left without a use
@@ -256,6 +257,20 @@ class _Rewriter:
         on.attribute.extend(kept)
         _set_input(on, 1, self.add_init(f"{on.name or node.name}_split", sizes))
 
+    def resize(self, node: Node, on: Any) -> None:
+        """A Resize by constant ``sizes``: its channel entry follows the compacted channel count."""
+        out = node.outputs[0].shape
+        if on is None or on.op_type != "Resize" or len(on.input) < 4 or not on.input[3] or out is None or not isinstance(out[1], int):
+            return
+        sizes = self._static(on.input[3])
+        axes = next((list(a.ints) for a in on.attribute if a.name == "axes"), None)
+        position = [a % len(out) for a in axes].index(1) if axes and 1 in [a % len(out) for a in axes] else (None if axes else 1)
+        if sizes is None or position is None or int(sizes[position]) == out[1]:
+            return
+        sizes = sizes.copy()
+        sizes[position] = out[1]
+        _set_input(on, 3, self.add_init(f"{on.name or node.name}_sizes", sizes.astype(np.int64)))
+
     def run(self, pipeline: str) -> Any:
         reshapes, splits = set(self.report.reshapes), set(self.report.splits)
         self.changed = set(self.report.changed_params)
@@ -290,6 +305,8 @@ class _Rewriter:
                 self.gather(node, on)
             elif node.kind is OpKind.RESHAPE and node.name in reshapes:
                 self.reshape(node, on)
+            elif node.kind is OpKind.OPAQUE and node.attrs.get("op") == "resize":
+                self.resize(node, on)
             elif node.kind is OpKind.SPLIT and node.name in splits:
                 self.split(node, on)
             elif node.kind is OpKind.CONSTANT:

@@ -36,8 +36,8 @@ constant       a data constant adopts the track of the operand it is combined wi
 output         pinned: the model's output shape never changes.
 matmul         two activations batched over the same tracked leading axis (attention heads:
                Q·Kᵀ, A·V): atoms join and pass; anything else pinned, result untracked.
-attention,     pinned, result untracked (a fused attention op; opaque semantics).
-opaque
+attention,     pinned, result untracked (a fused attention op; opaque semantics); an opaque
+opaque         resize (``op="resize"``, spatial axes only) passes its atoms, like pooling.
 reshape (heads) splitting the channel dim H·D into (H, D): each head's D channels are one
                atom tracked on the head axis (a head goes whole); merging back is a flatten.
 =============  ===========================================================================

@@ -162,6 +162,13 @@ def _pin_all(node: Node, b: TrackBuilder) -> None:
     b.mix(node, "product of activations / fused attention / opaque operator")
 
 
+def _opaque(node: Node, b: TrackBuilder) -> None:
+    """A resize (``op="resize"``) works per channel on the spatial axes: atoms pass. Any other opaque operator: pinned."""
+    if node.attrs.get("op") == "resize":
+        return _unary_pass(node, b, lambda k: None if k >= 2 else k)
+    _pin_all(node, b)
+
+
 CouplingRule = Callable[[Node, TrackBuilder], None]
 
 COUPLING_RULES: dict[OpKind, CouplingRule] = {
@@ -181,7 +188,7 @@ COUPLING_RULES: dict[OpKind, CouplingRule] = {
     OpKind.SPLIT: split_rule,
     OpKind.MATMUL: _matmul,
     OpKind.ATTENTION: _pin_all,
-    OpKind.OPAQUE: _pin_all,
+    OpKind.OPAQUE: _opaque,
 }
 
 
