@@ -14,8 +14,9 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from pai_compiler.api import compact_graph, load_model, save_compact
+from pai_compiler.api import compact_graph, load_model, optimize, save_compact
 from pai_compiler.audit import audit_graph, masks_from_zeros
+from pai_compiler.errors import PaicError
 from pai_compiler.frontends.onnx import load_onnx_model
 from pai_compiler.frontends.torch.spec import lower_module
 from pai_compiler.interp import Interpreter
@@ -36,7 +37,11 @@ def _resize_model(path: Path, in_shape: list[int], *, scales: list[float] | None
         inits.append(numpy_helper.from_array(np.asarray(scales, dtype=np.float32), "scales"))
         names.append("scales")
     else:
-        names += ["", "scales" if scales is not None else ""]
+        names += ["roi" if opset < 13 else "", "scales" if scales is not None or opset < 13 else ""]
+        if opset < 13:  # roi and scales are required inputs there (empty when unused)
+            inits.append(numpy_helper.from_array(np.zeros(0, dtype=np.float32), "roi"))
+        if scales is None and opset < 13:
+            inits.append(numpy_helper.from_array(np.zeros(0, dtype=np.float32), "scales"))
         if scales is not None:
             inits.append(numpy_helper.from_array(np.asarray(scales, dtype=np.float32), "scales"))
         else:
@@ -199,3 +204,142 @@ def test_compaction_is_exact(tmp_path: Path, case: str) -> None:
             with torch.no_grad():
                 got = torch.load(out, weights_only=False)(torch.from_numpy(x)).numpy()
         np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _conv_resize_conv(path: Path, resize: dict[str, object], spatial: list[int]) -> tuple[Path, np.ndarray, np.ndarray]:
+    """x (1, 2, *spatial) -> 1x1 Conv(2->3, sparse) -> Resize -> 1x1 Conv(3->2, sparse) -> y."""
+    rng = np.random.default_rng(len(spatial))
+    k = [1] * len(spatial)
+    w1 = (rng.random((3, 2, *k)) < 0.6).astype(np.float32) * rng.standard_normal((3, 2, *k)).astype(np.float32)
+    w2 = (rng.random((2, 3, *k)) < 0.6).astype(np.float32) * rng.standard_normal((2, 3, *k)).astype(np.float32)
+    inits = {"w1": w1, "w2": w2, **{key: np.asarray(v, dtype=np.int64 if key == "sizes" else np.float32) for key, v in resize.items() if key in ("scales", "sizes")}}
+    ins = ["a", "", "scales" if "scales" in resize else "", "sizes" if "sizes" in resize else ""]
+    attrs = {key: v for key, v in resize.items() if key not in ("scales", "sizes")}
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"]), helper.make_node("Resize", ins, ["r"], **attrs), helper.make_node("Conv", ["r", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, *spatial])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(v, key) for key, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path, w1.reshape(3, 2) != 0, w2.reshape(2, 3) != 0
+
+
+def _resize_reads(path: Path, shape: tuple[int, ...]) -> dict[tuple[int, ...], list[tuple[int, ...]]]:
+    """Brute force, by onnxruntime: for each input element of the Resize alone, the output elements a one-hot there changes."""
+    model = onnx.load(str(path))
+    resize = next(n for n in model.graph.node if n.op_type == "Resize")
+    resize.input[0], resize.output[0] = "x", "y"
+    graph = helper.make_graph([resize], "r", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], list(model.graph.initializer))
+    single = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    single.ir_version = 8
+    sess = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"])
+    reads: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+    for idx in itertools.product(*map(range, shape)):
+        one_hot = np.zeros(shape, dtype=np.float32)
+        one_hot[idx] = 1.0
+        reads[idx] = [tuple(int(i) for i in o) for o in np.argwhere(sess.run(None, {"x": one_hot})[0] != 0)]
+    return reads
+
+
+def _brute_force_paths(path: Path, w1: np.ndarray, w2: np.ndarray, spatial: list[int]) -> int:
+    """Every x -> y path of the unrolled graph, enumerated element by element (1x1 convs: kept weights only)."""
+    reads = _resize_reads(path, (1, 3, *spatial))
+    count = 0
+    for _c, o1 in itertools.product(range(2), range(3)):
+        if not w1[o1, _c]:
+            continue
+        for pixel in itertools.product(*map(range, spatial)):
+            for out in reads[(0, o1, *pixel)]:
+                count += sum(int(w2[o2, out[1]]) for o2 in range(2))
+    return count
+
+
+PATH_CASES = [
+    ({"scales": [1, 1, 2, 2], "mode": "nearest"}, [3, 4]), ({"scales": [1, 1, 2.5, 1.5], "mode": "linear"}, [3, 4]),
+    ({"sizes": [1, 3, 2, 3], "mode": "linear", "coordinate_transformation_mode": "align_corners"}, [3, 4]),
+    ({"scales": [1, 1, 0.5, 0.75], "mode": "linear", "coordinate_transformation_mode": "half_pixel"}, [4, 4]),
+    ({"sizes": [1, 3, 5, 3], "mode": "nearest", "nearest_mode": "round_prefer_ceil"}, [3, 4]),
+    ({"scales": [1, 1, 3], "mode": "linear", "coordinate_transformation_mode": "asymmetric"}, [4]),
+    ({"scales": [1, 1, 2, 1, 2], "mode": "linear", "coordinate_transformation_mode": "pytorch_half_pixel"}, [2, 2, 3]),
+]
+
+
+@pytest.mark.parametrize("resize,spatial", PATH_CASES)
+def test_paths_equal_brute_force(tmp_path: Path, resize: dict[str, object], spatial: list[int]) -> None:
+    source, w1, w2 = _conv_resize_conv(tmp_path / "p.onnx", resize, spatial)
+    count = _brute_force_paths(source, w1, w2, spatial)
+    assert count > 0
+    assert audit_graph(load_onnx_model(source))["totals"]["log_paths"] == pytest.approx(np.log(count), abs=1e-9)
+
+
+LEGACY = [
+    ("Resize", 10, {"scales": [1, 1, 0.6, 0.5], "mode": "nearest"}), ("Resize", 10, {"scales": [1, 1, 1.5, 2], "mode": "linear"}),
+    ("Resize", 11, {"scales": [1, 1, 0.6, 1.7], "mode": "linear"}), ("Resize", 13, {"sizes": [1, 2, 3, 11], "mode": "nearest"}),
+    ("Resize", 18, {"sizes": [8, 3], "axes": [3, 2], "mode": "linear"}), ("Resize", 18, {"scales": [2.0], "axes": [-1], "mode": "nearest"}),
+    ("Upsample", 9, {"scales": [1, 1, 2, 3], "mode": "nearest"}), ("Upsample", 9, {"scales": [1, 1, 2, 1.5], "mode": "linear"}),
+]
+
+
+@pytest.mark.parametrize("op_type,opset,how", LEGACY)
+def test_older_opsets_and_axes_match_onnxruntime(tmp_path: Path, op_type: str, opset: int, how: dict[str, object]) -> None:
+    x = np.random.default_rng(opset).standard_normal((1, 2, 5, 6)).astype(np.float32)
+    path = _resize_model(tmp_path / "m.onnx", [1, 2, 5, 6], opset=opset, op_type=op_type, **how)  # type: ignore[arg-type]
+    assert _ours_vs_ort(path, x) <= 1e-6
+
+
+def test_upsample_7_scales_attribute(tmp_path: Path) -> None:
+    node = helper.make_node("Upsample", ["X"], ["Y"], name="up", scales=[1.0, 1.0, 2.0, 2.0], mode="linear")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 2, 3, 4])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 7)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "u.onnx"))
+    assert _ours_vs_ort(tmp_path / "u.onnx", np.random.default_rng(0).standard_normal((1, 2, 3, 4)).astype(np.float32)) <= 1e-6
+
+
+@pytest.mark.parametrize("attrs", [{"mode": "cubic"}, {"mode": "linear", "antialias": 1},
+                                   {"mode": "linear", "coordinate_transformation_mode": "tf_crop_and_resize"}])
+def test_unsupported_resize_refuses_in_one_line(tmp_path: Path, attrs: dict[str, object]) -> None:
+    path = _resize_model(tmp_path / "m.onnx", [1, 2, 5, 6], scales=[1, 1, 2, 2], **attrs)  # type: ignore[arg-type]
+    g = load_onnx_model(path)
+    assert audit_graph(g)["totals"]["log_paths"] is None
+    with pytest.raises(PaicError) as exc:
+        Interpreter(g).run([torch.zeros(1, 2, 5, 6)])
+    message = str(exc.value)
+    assert "\n" not in message and "resize0" in message and "mode='nearest' or 'bilinear'" in message and "magnitude" in message, message
+
+
+def test_unsupported_torch_interpolate_refuses_in_one_line() -> None:
+    x = torch.randn(1, 2, 5, 6)
+    for options in ({"scale_factor": 2, "mode": "bicubic"}, {"scale_factor": 0.5, "mode": "bilinear", "antialias": True}):
+        g = lower_module(_Interp(**options), (x,), "fx")
+        with pytest.raises(PaicError) as exc:
+            Interpreter(g).run([x])
+        assert "\n" not in str(exc.value) and "interpolate" in str(exc.value) and "mode='nearest' or 'bilinear'" in str(exc.value)
+
+
+@pytest.mark.parametrize("case", ["nearest", "bilinear"])
+def test_path_and_data_criteria_run_through_a_resize(tmp_path: Path, case: str) -> None:
+    """Before: snip/grasp/synflow/dpai/npb refused the opaque node. DPaI's channel program runs it per pixel (its path rule)."""
+    model = _UpCNN(**UP_CASES[case]).eval()
+    source = _export(model, torch.randn(1, 3, 5, 6), tmp_path / "m.onnx")
+    for method, extra in (("synflow", {}), ("npb", {}), ("dpai", {"steps": 5}), ("snip", {"data": "random"}), ("grasp", {"data": "random"})):
+        masks = []
+        for graph in (load_onnx_model(source), lower_module(model, (torch.randn(1, 3, 5, 6),), "fx")):
+            result = optimize(graph, sparsity=0.5, method=method, **extra)  # type: ignore[arg-type]
+            masks.append({p.origin: p.mask for p in result.graph.prunable_params()})
+        assert all(m is not None and 0.3 < m.mean() < 0.7 for m in masks[0].values()), method
+        if method in ("synflow", "npb"):  # path criteria: the two routes count the same paths, so they keep the same weights
+            assert all(np.array_equal(masks[0][k], masks[1][k]) for k in masks[0]), method
+
+
+def test_flops_of_a_resize(tmp_path: Path) -> None:
+    from pai_compiler.pass_infra import AnalysisManager
+    from pai_compiler.passes.analysis.flops import FlopsPass
+
+    for mode, macs in (("nearest", 0), ("linear", 1 * 2 * 10 * 12 * 4)):
+        g = load_onnx_model(_resize_model(tmp_path / f"{mode}.onnx", [1, 2, 5, 6], scales=[1, 1, 2, 2], mode=mode))
+        result = AnalysisManager(g).get(FlopsPass(effective=False))
+        (node,) = [n for n in g.nodes if n.kind is OpKind.OPAQUE]
+        assert result.node(node.name).dense == macs and not result.warnings, result

@@ -22,7 +22,8 @@ pool           windowed: numel(out) · ∏kernel; reduce (global pool, ReduceMea
 others         input, output, constant, reshape, concat, split: 0.
 embedding      an embedding lookup (opaque, ``op="embedding"``): 0 (data movement); a tensor
                computed from sizes (``op="shape_data"``) or a gather by run-time indices: 0;
-               a select (``op="where"``): numel(out).
+               a select (``op="where"``): numel(out); a resize (``op="resize"``): nearest 0
+               (a gather), linear numel(out) · 2^(spatial axes).
 opaque         0, with a warning (and so is any node whose output shape is unknown).
 =============  ========================================================================
 
@@ -149,6 +150,8 @@ def _opaque(node: Node) -> MacCount:
         return MacCount(0)
     if node.attrs.get("op") == "where" and node.outputs[0].shape is not None:  # a select: one op per element, like a pointwise op
         return _numel_out(node)
+    if node.attrs.get("op") == "resize" and node.outputs[0].shape is not None:  # nearest: a gather; linear: 2 reads per spatial axis
+        return MacCount(0) if node.attrs["mode"] == "nearest" else MacCount(_prod(node.outputs[0].shape) * 2 ** (len(node.outputs[0].shape) - 2))
     op = node.attrs.get("op_type", "?")
     return MacCount(0, (), f"node {node.name!r} is opaque ({op}): its MACs are unknown and counted as 0")
 
