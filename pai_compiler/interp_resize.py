@@ -106,8 +106,8 @@ def axis_taps(in_size: int, out_size: int, scale: float | None, mode: str, coord
     return ((first, w_first), (second, w_second))
 
 
-def _apply(it: RuleContext, node: Node, x: torch.Tensor, *, paths: bool) -> torch.Tensor:
-    a = node.attrs
+def _apply(it: RuleContext, node: Node, args: list[torch.Tensor], *, paths: bool) -> torch.Tensor:
+    a, x = node.attrs, args[0]
     out_shape = it.dims(node.outputs[0].shape)
     if x.dim() != len(out_shape) or x.dim() < 3:
         raise PaicError(f"node {node.name!r}: resize needs an N, C, spatial... input of the output's rank {len(out_shape)}")
@@ -132,9 +132,9 @@ def _apply(it: RuleContext, node: Node, x: torch.Tensor, *, paths: bool) -> torc
 
 def resize(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
     """The resize's real output: per spatial axis, the weighted sum of the rows it reads."""
-    return [_apply(it, node, args[0], paths=False)]
+    return [_apply(it, node, args, paths=False)]
 
 
 def path_resize(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
     """Paths: each output element sums the paths of the input elements it reads with a nonzero coefficient."""
-    return [_apply(it, node, args[0], paths=True)]
+    return [_apply(it, node, args, paths=True)]

@@ -1,7 +1,7 @@
 """Count paic's internal imports by floor: cycles, upward imports, private cross-package imports.
 
 Floors (DESIGN.md), lowest first: ir (1); infra (2: pass_infra, pipeline, registry, interp,
-interp_rules, interp_index_rules, interp_path_rules, interp_tables, io, errors, progress, memory, onnx_wire, ort, _version); passes (3); frontends and backends
+interp_rules, interp_index_rules, interp_path_rules, interp_resize, interp_tables, io, errors, progress, memory, onnx_wire, ort, _version); passes (3); frontends and backends
 (4, never each other); faces (5: api, cli, prune, audit, bench) and the lab (5: zoo, data,
 training, autosparse label collection). Every ``import`` statement of every module counts,
 module-level and function-local. Run ``python scripts/import_graph.py`` for the summary;
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = {"pai_compiler": ROOT / "pai_compiler", "pai_compiler.passes": ROOT / "passes",
                 "pai_compiler.frontends": ROOT / "frontends"}
 FOUNDATION = {"errors", "_version"}  # floor 0: leaves every floor may import
-INFRA = {"pass_infra", "pipeline", "registry", "interp", "interp_rules", "interp_index_rules", "interp_path_rules", "interp_tables", "io", "progress", "memory", "onnx_wire", "ort",
+INFRA = {"pass_infra", "pipeline", "registry", "interp", "interp_rules", "interp_index_rules", "interp_path_rules", "interp_resize", "interp_tables", "io", "progress", "memory", "onnx_wire", "ort",
          "__init__"}
 FACES = {"api", "cli", "cli_output", "prune", "audit", "bench"}
 

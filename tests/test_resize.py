@@ -343,3 +343,19 @@ def test_flops_of_a_resize(tmp_path: Path) -> None:
         result = AnalysisManager(g).get(FlopsPass(effective=False))
         (node,) = [n for n in g.nodes if n.kind is OpKind.OPAQUE]
         assert result.node(node.name).dense == macs and not result.warnings, result
+
+
+def test_sizes_computed_from_symbolic_dims_fold(tmp_path: Path) -> None:
+    """``interpolate(scale_factor=1.5, recompute_scale_factor=True)`` with dynamic H, W: the exporter
+    computes the sizes as Floor(Cast(H) * 1.5); they fold to floor(1.5*H), bound at run time."""
+    model = _UpCNN(scale_factor=1.5, mode="bilinear", recompute_scale_factor=True).eval()
+    path = tmp_path / "dyn.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.randn(1, 3, 4, 5),), str(path), opset_version=17, input_names=["x"],
+                          dynamic_axes={"x": {0: "N", 2: "H", 3: "W"}}, dynamo=False)
+    g = load_onnx_model(path)
+    _only_resize(g)
+    x = torch.randn(2, 3, 6, 7)
+    with torch.no_grad():
+        ours = Interpreter(g, bind={"N": 2, "H": 6, "W": 7}).run([x]).outputs[0]
+    assert ours.shape == (2, 6, 9, 10) and torch.allclose(ours, model(x), atol=1e-5)

@@ -2,7 +2,8 @@
 
 :func:`resize_spec` reads the node's scales (``out = ⌊in · s⌋``, float32 as onnxruntime computes
 it; ``⌊in · p / q⌋`` for a symbolic size and a scale ``p / q``) or sizes (constants, or a shape
-computation the frontend folded into symbolic dims), ``axes`` (opset 18) and the attributes,
+computation the frontend folded into symbolic dims: ``Floor(H · 1.5)`` is ``floor(1.5·H)``),
+``axes`` (opset 18) and the attributes,
 and returns the attrs of the opaque ``op="resize"`` node the interpreter evaluates
 (:mod:`pai_compiler.interp_resize`). Anything else raises :class:`UnsupportedResize` with the
 reason and the user's fix; the caller keeps the node opaque with both.
