@@ -359,3 +359,28 @@ def test_sizes_computed_from_symbolic_dims_fold(tmp_path: Path) -> None:
     with torch.no_grad():
         ours = Interpreter(g, bind={"N": 2, "H": 6, "W": 7}).run([x]).outputs[0]
     assert ours.shape == (2, 6, 9, 10) and torch.allclose(ours, model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["nearest", "bilinear"])
+def test_dpai_channel_connectivity_equals_per_pixel(tmp_path: Path, case: str) -> None:
+    """DPaI's channel program runs a resize through its path rule (per pixel, the fallback for
+    operators without a channel rule): the surviving nodes, kernels and weights it sees equal the
+    per-pixel objective's; ``dpai{paths=ref}`` (per pixel) runs too."""
+    from pai_compiler.passes.analysis.bindings import sample_bindings
+    from pai_compiler.passes.criteria.dpai.driver import build
+    from pai_compiler.passes.criteria.dpai.loop import PixelStep
+    from pai_compiler.passes.criteria.dpai.pixel_paths import PixelObjective
+    from pai_compiler.pass_infra import PassManager
+    from pai_compiler.pipeline import parse_pipeline
+
+    g = load_onnx_model(_export(_UpCNN(**UP_CASES[case]).eval(), torch.randn(1, 3, 5, 6), tmp_path / "m.onnx"))
+    keep = dict(PassManager(parse_pipeline("erk{sparsity=0.7}")).run(g)[0].report.keep)
+    layout, topk, update, step = build(g, g.prunable_params(), keep, "channel", 0.99, 0.5, "cpu", sample_bindings(g), "auto")
+    scores = torch.rand(layout.numel, generator=torch.Generator().manual_seed(3))
+    kept = update.kept(topk.select(scores))
+    chan = step(scores, kept, None).read()
+    pixel = PixelStep(PixelObjective(g, layout, "ref", "cpu", sample_bindings(g)), update)(torch.ones(layout.numel), kept, None).read()
+    assert (chan["nodes"], chan["kernels"], chan["params"]) == (pixel["nodes"], pixel["kernels"], pixel["params"])
+    assert np.isfinite(chan["log_paths"]) and np.isfinite(pixel["log_paths"])
+    result = optimize(load_onnx_model(tmp_path / "m.onnx"), pipeline="erk{sparsity=0.7},dpai{steps=3,paths=ref}")
+    assert all(p.mask is not None for p in result.graph.prunable_params())
