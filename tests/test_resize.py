@@ -126,14 +126,16 @@ def test_torch_route_matches_interpolate(frontend: str) -> None:
 class _UpCNN(nn.Module):
     """conv -> resize -> relu -> conv: the resize sits between two prunable layers."""
 
-    def __init__(self, **options: object) -> None:
+    def __init__(self, module: bool = False, **options: object) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
         self.options = options
+        self.up = nn.Upsample(**options) if module else None  # type: ignore[arg-type]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c2(torch.relu(F.interpolate(self.c1(x), **self.options)))  # type: ignore[arg-type]
+        h = self.c1(x)
+        return self.c2(torch.relu(self.up(h) if self.up is not None else F.interpolate(h, **self.options)))  # type: ignore[arg-type]
 
 
 UP_CASES = {"nearest": {"scale_factor": 2, "mode": "nearest"}, "bilinear": {"scale_factor": 2, "mode": "bilinear"},
@@ -147,9 +149,11 @@ def _export(model: nn.Module, x: torch.Tensor, path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("module", [True, False])
 @pytest.mark.parametrize("case", sorted(UP_CASES))
-def test_torch_and_onnx_routes_agree(tmp_path: Path, case: str) -> None:
-    model, x = _UpCNN(**UP_CASES[case]).eval(), torch.randn(1, 3, 5, 6)
+def test_torch_and_onnx_routes_agree(tmp_path: Path, case: str, module: bool) -> None:
+    """nn.Upsample / F.interpolate: torch.fx, torch.export and the ONNX export count the same paths."""
+    model, x = _UpCNN(module, **UP_CASES[case]).eval(), torch.randn(1, 3, 5, 6)
     source = _export(model, x, tmp_path / "m.onnx")
     graphs = [lower_module(model, (x,), "fx"), lower_module(model, (x,), "export"), load_onnx_model(source)]
     for g in graphs:
