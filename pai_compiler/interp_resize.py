@@ -65,7 +65,7 @@ def _nearest(x: np.ndarray, nearest_mode: str, scale: np.float32) -> np.ndarray:
     if nearest_mode == "simple":
         return np.ceil(wide) if scale < 1 else np.trunc(wide)
     if nearest_mode in ("round_prefer_ceil", "round_prefer_floor"):
-        # a coordinate within one float32 ulp of a half is a tie, as onnxruntime rounds (3.4999998 = 7 * 2 / 4)
+        # a coordinate within one float32 ulp of a half is a tie, as onnxruntime rounds (2 / float32(4/7) = 3.4999998: 3.5)
         tie = np.abs(wide - (np.floor(wide) + 0.5)) <= np.spacing(np.abs(x).astype(np.float32)).astype(np.float64)
         nearest = np.floor(wide + 0.5)
         return np.where(tie, np.floor(wide) + (nearest_mode == "round_prefer_ceil"), nearest)
