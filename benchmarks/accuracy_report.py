@@ -147,7 +147,7 @@ def render_markdown(runs: list[dict[str, Any]], acc: Any) -> str:
                              f"{_mean([r['final_train_loss'] for r in rs]):.3f} | {_mean([r['prune_seconds'] for r in rs]):.1f} | "
                              f"{_mean([r['train_seconds'] for r in rs]):.0f} | {_mean([r['density'] for r in rs]):.4f} |")
         lines += ["", "</details>", ""]
-    lines += render_observations(blocks)
+    lines += render_observations(blocks, known)
     lines += render_coverage(runs, acc)
     lines += NOTES
     commits = sorted({(r.get("commit") or "?")[:10] + ("+dirty" if r.get("commit_dirty") else "") for r in runs})
@@ -196,8 +196,8 @@ NOTES = [
 ]
 
 
-def render_observations(blocks: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]]) -> list[str]:
-    """Where DPaI is (not) the best method of a row, and diverged runs, computed from the cells."""
+def render_observations(blocks: dict[tuple[Any, ...], dict[str, list[dict[str, Any]]]], known: tuple[str, ...]) -> list[str]:
+    """Where DPaI is (not) the best of the ``known`` methods of a row, and diverged runs, computed from the cells."""
     wins, losses, diverged = [], [], []
     for key, cells in sorted(blocks.items()):
         title = block_title(key)
@@ -213,7 +213,8 @@ def render_observations(blocks: dict[tuple[Any, ...], dict[str, list[dict[str, A
                 continue
             means = {m: _mean([r["test_accuracy"] for r in rs]) for m, rs in row.items()}
             d = means["dpai"]
-            others = {m: v for m, v in means.items() if m != "dpai" and not math.isnan(v)}
+            # other criteria only: a variant of dpai (dpai-lat50: the latency knob) is not a rival method
+            others = {m: v for m, v in means.items() if m in known and m != "dpai" and not math.isnan(v)}
             if not others:
                 continue
             best_m = max(others, key=others.get)
