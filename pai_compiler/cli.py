@@ -67,7 +67,7 @@ def optimize(
         from pai_compiler.memory import release_all
 
         align_value = parse_align_flag(align)
-        passes = _optimize_passes(sparsity, method, allocation, pipeline, (steps, latency), compact=compact, align=align_value, device=device)
+        passes = _optimize_passes(sparsity, method, allocation, pipeline, steps=steps, latency=latency, compact=compact, align=align_value, device=device)
         is_file = Path(model).exists() or ":" not in model
         out = check_output_path(output, [model] if is_file else [], force=force)
         api.check_output_format(out, torch_source=not is_file, compact=compact or api.has_pass(passes, "dead-node-elim"))
@@ -114,14 +114,14 @@ def _prune_data(graph: Any, data: Optional[str], samples: int, seed: int) -> Any
     return load_batch_for(graph, data, samples_per_class=samples, seed=seed)
 
 
-def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation: str, pipeline: Optional[str],
-                     dpai_flags: tuple[Optional[int], Optional[str]], *, compact: bool, align: Optional[int], device: str) -> list[Pass]:
+def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation: str, pipeline: Optional[str], *,
+                     steps: Optional[int], latency: Optional[str], compact: bool, align: Optional[int], device: str) -> list[Pass]:
     """The flags' usage checks, before any work, and the passes they build (pipeline text parsed once)."""
     from pai_compiler import api
     from pai_compiler.errors import UsageError
 
     sparsity_value = parse_float_flag("--sparsity", sparsity)
-    steps, latency = dpai_flags[0], parse_float_flag("--latency", dpai_flags[1])
+    latency_value = parse_float_flag("--latency", latency)
     if method is not None and pipeline is not None:
         raise UsageError("--method and --pipeline exclude each other: name the criterion in the pipeline")
     if align != 1 and not compact:
@@ -129,7 +129,8 @@ def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation:
     if align is not None:
         api.check_align(align)
     api.check_device(device)
-    return api.build_passes(method=method or api.DEFAULT_METHOD, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps, latency=latency)
+    return api.build_passes(method=method or api.DEFAULT_METHOD, sparsity=sparsity_value, allocation=allocation, pipeline=pipeline, steps=steps,
+                            latency=latency_value)
 
 
 def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[str, Any], *, compact: bool, align: Optional[int],

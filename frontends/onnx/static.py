@@ -125,6 +125,13 @@ def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a / b
 
 
+def _unary(x: np.ndarray, numeric: Callable[[np.ndarray], np.ndarray], symbolic: str) -> np.ndarray:
+    """Sqrt/Floor/Ceil of static data: numpy's on numbers, sympy's function ``symbolic`` on symbolic sizes (object arrays)."""
+    if x.dtype != object:
+        return numeric(x)
+    return np.vectorize(lambda v: getattr(sym(), symbolic)(v), otypes=[object])(x)
+
+
 def _const_of_shape(shape: np.ndarray, value: Any) -> np.ndarray:
     fill = np.zeros(1, np.float32) if value is None else value.reshape(-1)
     return np.full([int(d) for d in shape.reshape(-1)], fill[0], dtype=fill.dtype)
@@ -161,10 +168,10 @@ STATIC_OPS: dict[str, _OpFn] = {
     "Mod": lambda x, a: [np.mod(x[0], x[1])],
     "Neg": lambda x, a: [-x[0]],
     "Abs": lambda x, a: [np.abs(x[0])],
-    "Sqrt": lambda x, a: [np.vectorize(lambda v: sym().sqrt(v), otypes=[object])(x[0]) if x[0].dtype == object else np.sqrt(x[0])],
+    "Sqrt": lambda x, a: [_unary(x[0], np.sqrt, "sqrt")],
     "Pow": lambda x, a: [np.power(x[0], x[1]).astype(x[0].dtype)],
-    "Floor": lambda x, a: [np.vectorize(lambda v: sym().floor(v), otypes=[object])(x[0]) if x[0].dtype == object else np.floor(x[0])],
-    "Ceil": lambda x, a: [np.vectorize(lambda v: sym().ceiling(v), otypes=[object])(x[0]) if x[0].dtype == object else np.ceil(x[0])],
+    "Floor": lambda x, a: [_unary(x[0], np.floor, "floor")],
+    "Ceil": lambda x, a: [_unary(x[0], np.ceil, "ceiling")],
     "Equal": lambda x, a: [np.equal(x[0], x[1])],
     "Less": lambda x, a: [np.less(x[0], x[1])],
     "Greater": lambda x, a: [np.greater(x[0], x[1])],

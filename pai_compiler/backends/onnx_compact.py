@@ -91,9 +91,9 @@ class _Rewriter:
         kind = self.sources[p.origin]
         if kind == "initializer":
             t = self.inits[p.origin]
-            if _unchanged(numpy_helper.to_array(t), array):
-                return
             old = numpy_helper.to_array(t)
+            if _unchanged(old, array):
+                return
             t.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array.astype(old.dtype, copy=False)), p.origin))
         elif kind == "sparse_initializer":
             for i, st in enumerate(self.g.sparse_initializer):
@@ -264,7 +264,8 @@ class _Rewriter:
             return
         sizes = self._static(on.input[3])
         axes = next((list(a.ints) for a in on.attribute if a.name == "axes"), None)
-        position = [a % len(out) for a in axes].index(1) if axes and 1 in [a % len(out) for a in axes] else (None if axes else 1)
+        listed = [a % len(out) for a in axes] if axes else None  # opset 18: sizes only for these axes
+        position = 1 if listed is None else (listed.index(1) if 1 in listed else None)
         if sizes is None or position is None or int(sizes[position]) == out[1]:
             return
         sizes = sizes.copy()
