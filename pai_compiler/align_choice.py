@@ -22,34 +22,18 @@ from pai_compiler import api
 from pai_compiler.audit import masks_from_zeros
 from pai_compiler.backends.onnx_compact import write_compact_onnx
 from pai_compiler.bench import BenchResult, bench_models
-from pai_compiler.errors import ModelError, PaicError, UsageError
+from pai_compiler.errors import ModelError, PaicError
 from pai_compiler.io import atomic_write
 from pai_compiler.progress import PHASE_DELAY, metric_bar
 
-__all__ = ["ALIGN_CANDIDATES", "AUTO", "EXACT_REL", "AlignCandidate", "AlignChoice", "parse_align", "choose_align", "choice_line", "masked_temp"]
+__all__ = ["ALIGN_CANDIDATES", "EXACT_REL", "AlignCandidate", "AlignChoice", "choose_align", "choice_line", "masked_temp"]
 
 #: the alignments tried by ``--align auto`` (1: no dead channel kept; 4, 8: ORT's SIMD block widths).
 #: 16 was measured too (ResNet-20, 99 % SynFlow and DPaI masks, batch 1 and 8, 1 thread): always
 #: ~1.5x slower than align 1, so it is not tried; 4 or 1 won, 8 was within noise of 4.
 ALIGN_CANDIDATES = (1, 4, 8)
-AUTO = "auto"
 #: largest max_rel a compact candidate may differ from the masked model by
 EXACT_REL = 1e-5
-
-
-def parse_align(value: str | int, flag: str = "--align") -> int | None:
-    """``--align``: a positive integer N, or ``auto`` (returned as None); a usage error names the flag otherwise."""
-    text = str(value).strip().lower()
-    if text == AUTO:
-        return None
-    try:
-        align = int(text)
-    except ValueError:
-        raise UsageError(f"{flag} must be a positive integer or 'auto', got {value!r}") from None
-    if align < 1:
-        raise UsageError(f"{flag} must be a positive integer or 'auto', got {value!r}")
-    api.check_align(align)
-    return align
 
 
 @dataclass(frozen=True)

@@ -114,11 +114,23 @@ def parse_float_flag(name: str, value: Optional[str]) -> Optional[float]:
 
 
 
-def parse_align_flag(align: str) -> Optional[int]:
-    """``--align``: N, or None for ``auto`` (a usage error names the flag otherwise)."""
-    from pai_compiler.align_choice import parse_align
+def parse_align_flag(value: str | int, flag: str = "--align") -> Optional[int]:
+    """``--align``: a positive integer N, or None for ``auto``; a usage error names the flag
+    otherwise (string checks only: a usage error never waits for torch)."""
+    from pai_compiler import api
+    from pai_compiler.errors import UsageError
 
-    return parse_align(align)
+    text = str(value).strip().lower()
+    if text == "auto":
+        return None
+    try:
+        align = int(text)
+    except ValueError:
+        raise UsageError(f"{flag} must be a positive integer or 'auto', got {value!r}") from None
+    if align < 1:
+        raise UsageError(f"{flag} must be a positive integer or 'auto', got {value!r}")
+    api.check_align(align)
+    return align
 
 
 def check_auto_output(align: Optional[int], out: Path) -> None:

@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from pai_compiler import align_choice
-from pai_compiler.align_choice import ALIGN_CANDIDATES, EXACT_REL, choose_align, parse_align
+from pai_compiler.align_choice import ALIGN_CANDIDATES, EXACT_REL, choose_align
+from pai_compiler.cli_app import parse_align_flag as parse_align
 from pai_compiler.bench import BenchResult, bench_models
 from pai_compiler.cli import app
 from pai_compiler.errors import UsageError
