@@ -15,7 +15,9 @@ node for node:
   ``Gather`` replaces the reshape/transpose chain) gets its new indices;
 * a ``Resize`` by constant ``sizes`` gets its new channel count;
 * ``Reshape`` targets of reshaped values become constants (symbolic dims: ``0`` = copy the
-  input dim at that index, else a single ``-1``); ``Split`` sizes and Conv ``group`` follow;
+  input dim at that index, else a single ``-1``); where two symbolic dims need more than that,
+  ``Where(changed, new, exported shape)`` keeps the exported runtime entries of the unchanged
+  dims; ``Split`` sizes and Conv ``group`` follow;
 * ``value_info`` is cleared (ORT re-infers it), nodes and initializers left without a use
   are dropped, metadata records the paic version and pipeline.
 
@@ -213,12 +215,13 @@ class _Rewriter:
         for i, d in enumerate(out):
             if isinstance(d, int):
                 target.append(d)
-            elif x is not None and i < len(x) and sympy.simplify(sympy.sympify(x[i]) - d) == 0:
+            elif x is not None and i < len(x) and _same_dim(x[i], d):
                 target.append(0)
             elif -1 not in target:
                 target.append(-1)
             else:
-                raise PaicError(f"compact ONNX: cannot express the new shape {list(out)} of Reshape {on.name!r}")
+                self._runtime_reshape(node, on, out)
+                return
         if any(a.name == "allowzero" and a.i for a in on.attribute) and 0 in target:
             if 0 in out:  # a literal empty dim and a copied one: no single flag says both
                 raise PaicError(f"compact ONNX: Reshape {on.name!r} has allowzero=1, a symbolic dim and an empty dim")
@@ -226,6 +229,32 @@ class _Rewriter:
                 if a.name == "allowzero":
                     a.i = 0
         _set_input(on, 1, self.add_init(f"{on.name or node.name}_shape", np.array(target, dtype=np.int64)))
+
+    def _runtime_reshape(self, node: Node, on: Any, out: tuple[Any, ...]) -> None:
+        """Two symbolic dims no constant can state (e.g. [batch, seq, 255]): the exported shape
+        tensor keeps its runtime entries where the dim did not change, and
+        ``Where(changed, new, shape)`` puts the new channel counts in (ONNX opset >= 9)."""
+        from onnx import helper
+
+        source = node.attrs.get("source_shape")
+        fail = f"compact ONNX: cannot express the new shape {list(out)} of Reshape {on.name!r}"
+        if source is None or len(source) != len(out) or len(on.input) < 2 or self._opset() < 9:
+            raise PaicError(fail)
+        changed = [isinstance(d, int) and not _same_dim(s, d) for s, d in zip(source, out)]
+        if any(c and not isinstance(d, int) for c, d in zip(changed, out)) or any(
+                not c and not _same_dim(s, d) for c, s, d in zip(changed, source, out)):
+            raise PaicError(fail + " (a changed dim is symbolic)")
+        if any(c and d == 0 for c, d in zip(changed, out)):
+            raise PaicError(fail + " (an empty dim)")
+        flags = self.add_init(f"{on.name or node.name}_changed_dims", np.array(changed, dtype=bool))
+        values = self.add_init(f"{on.name or node.name}_new_dims", np.array([d if c else 0 for c, d in zip(changed, out)], dtype=np.int64))
+        shape = self.fresh(f"{on.name or node.name}_shape")
+        index = next(i for i, n in enumerate(self.g.node) if n is on)
+        self.g.node.insert(index, helper.make_node("Where", [flags, values, on.input[1]], [shape], name=shape))
+        _set_input(self.g.node[index + 1], 1, shape)
+
+    def _opset(self) -> int:
+        return next((int(o.version) for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 1)
 
     def gather(self, node: Node, on: Any) -> None:
         """A channel gather with new indices: an ONNX Gather (a fused shuffle's chain is dropped)."""
@@ -322,6 +351,11 @@ class _Rewriter:
             items["paic.pipeline"] = pipeline
         set_metadata(self.model, items)
         return self.model
+
+
+def _same_dim(a: Any, b: Any) -> bool:
+    """Two dims (ints or sympy expressions) are equal for every binding."""
+    return bool(sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0)
 
 
 def _set_input(on: Any, index: int, name: str) -> None:

@@ -130,6 +130,8 @@ def _follow_shapes(graph: Graph, keep: dict[str, np.ndarray], groups_before: dic
             graph.set_attr(node, "indices_shape", [len(new)])
             log.reshapes.append(node.name)
         elif node.kind is OpKind.RESHAPE and node.attrs.get("op") == "reshape" and changed_out and node.attrs.get("shape") is not None:
+            if "source_shape" not in node.attrs:  # the exported model's target: a writer may reuse its symbolic entries
+                graph.set_attr(node, "source_shape", list(node.attrs["shape"]))
             graph.set_attr(node, "shape", list(node.outputs[0].shape or ()))
             log.reshapes.append(node.name)
         elif node.kind is OpKind.SPLIT and node.inputs[0].name in keep:
