@@ -127,23 +127,25 @@ def masked_temp(out: str | os.PathLike[str]) -> Iterator[Path]:
         _remove(path)
 
 
-def _timed(models: list[str], *, batch: int, threads: int, repeats: int, warmup: int, progress: bool) -> BenchResult:
+def _timed(models: list[str], *, batch: int, threads: int, repeats: int, warmup: int, progress: bool,
+           input_shape: str | None) -> BenchResult:
     """``bench_models``; an input it cannot make up (a symbolic dim past the batch) is an error naming the fix."""
     try:
-        return bench_models(models, batch=batch, threads=threads, repeats=repeats, warmup=warmup, progress=progress,
-                            label="align auto: timing")
+        return bench_models(models, batch=None if input_shape else batch, threads=threads, input_shape=input_shape, repeats=repeats,
+                            warmup=warmup, progress=progress, label="align auto: timing")
     except ModelError as exc:
         reason = str(exc).split("; pass --input-shape")[0]
-        raise ModelError(f"--align auto cannot time the candidates: {reason} (it binds only the batch dim); "
-                         "give a fixed --align N instead (e.g. 4, or 1)") from None
+        raise ModelError(f"--align auto cannot time the candidates: {reason}; pass --input-shape (the first input's full "
+                         "shape, batch first, e.g. 1,128) or give a fixed --align N (e.g. 4, or 1)") from None
 
 
 def choose_align(source: str | os.PathLike[str], out: str | os.PathLike[str], *, batch: int = 1, threads: int = 1,
                  repeats: int = 10, warmup: int = 3, candidates: Sequence[int] = ALIGN_CANDIDATES,
-                 pipeline: str = "", progress: bool = False) -> AlignChoice:
+                 pipeline: str = "", progress: bool = False, input_shape: str | None = None) -> AlignChoice:
     """Compact the sparse ONNX ``source`` at every candidate alignment, time them and ``source`` alternating in
     onnxruntime, and write the fastest (a compact candidate, or ``source`` unchanged) to ``out`` atomically.
-    ``progress``: a bar over the candidates compacted, then one over the timing rounds (stderr, terminals only)."""
+    ``progress``: a bar over the candidates compacted, then one over the timing rounds (stderr, terminals only).
+    ``input_shape``: the first input's full shape to time at (``paic bench --input-shape``)."""
     source, out = os.fspath(source), Path(out)
     temps: dict[int, Path] = {}
     params: dict[int, int] = {}
@@ -156,7 +158,7 @@ def choose_align(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                 if bar is not None:
                     bar(done, " · ".join(f"align {a}: {n:,} params" for a, n in params.items()))
         result = _timed([source, *map(str, temps.values())], batch=batch, threads=threads, repeats=repeats, warmup=warmup,
-                        progress=progress)
+                        progress=progress, input_shape=input_shape)
         masked_row, *rows = result.rows
         timed = tuple(AlignCandidate(align, params[align], row.median_ms, row.max_rel if row.max_rel is not None else float("inf"))
                       for align, row in zip(temps, rows))

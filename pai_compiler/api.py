@@ -270,13 +270,15 @@ def compact_graph(graph: Graph, *, align: int = 1, instruments: Sequence[Instrum
 
 
 def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.PathLike[str], report: CompactReport, *,
-                 pipeline: str = "", batch: int = 1, threads: int = 1, device: str = "cpu", progress: bool = False) -> dict[str, Any] | None:
+                 pipeline: str = "", batch: int = 1, threads: int = 1, device: str = "cpu", progress: bool = False,
+                 input_shape: tuple[int, ...] | None = None) -> dict[str, Any] | None:
     """Write a compacted graph: .onnx rewrites the source ONNX model; .pt saves a torch SparseModule
     whose conv/linear layers run dense or sparse, whichever was faster at ``batch``/``threads`` on
     ``device`` (returns that choice, the ``sparse_exec`` report block; None for .onnx).
 
     ``report``: everything dead-node-elim did to ``graph`` since it was read (the ONNX rewrite
-    needs the changed Params, Reshapes and Splits). ``progress``: the kernel timing of a .pt shows a bar (terminals only)."""
+    needs the changed Params, Reshapes and Splits). ``progress``: the kernel timing of a .pt shows a bar (terminals only).
+    ``input_shape``: the first input's full shape to time at (binds symbolic dims past the batch)."""
     from pai_compiler.backends.onnx_compact import write_compact_onnx
 
     if output_suffix(out) == ".onnx":
@@ -290,6 +292,6 @@ def save_compact(graph: Graph, source: str | os.PathLike[str], out: str | os.Pat
 
     twin = onnx_twin if graph.meta.get("source_format") == "onnx" else None
     module, choice = build_sparse_module(graph, batch=batch, threads=threads, device=device, onnx_twin=twin,
-                                         onnx_name=Path(out).with_suffix(".onnx").name, progress=progress)
+                                         onnx_name=Path(out).with_suffix(".onnx").name, progress=progress, input_shape=input_shape)
     save_torch_atomic(out, module)
     return choice.to_dict()

@@ -18,7 +18,7 @@ import typer
 
 from pai_compiler.cli_app import (
     QUIET_HELP, QUIET_RESULT_HELP, app, check_auto_output, checked_report_path, guard, parse_align_flag, parse_float_flag, stdout_console,
-    torch_options, write_report,
+    split_timing_shape, torch_options, write_report,
 )
 from pai_compiler.cli_autosparse import autosparse_app
 from pai_compiler.cli_compact import bench, compact
@@ -47,7 +47,7 @@ def optimize(
     device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
     data: Annotated[Optional[str], typer.Option("--data", help="Prune data for snip/grasp: an .npz with x_train/y_train (e.g. cifar10.npz), or 'random'.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Samples per class taken from --data.")] = 10,
-    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Example input of a PyTorch model, batch first: 2,3,32,32 (positional) or NAME=2,24:int64 (keyword; repeatable; :DTYPE, default float32).")] = None,
+    input_shape: Annotated[Optional[list[str]], typer.Option("--input-shape", help="Example input of a PyTorch model, batch first: 2,3,32,32 (positional) or NAME=2,24:int64 (keyword; repeatable; :DTYPE, default float32). ONNX model with --compact: the first input's full shape to time at (e.g. 1,128).")] = None,
     frontend: Annotated[str, typer.Option("--frontend", help="PyTorch frontend: auto (torch.fx, then torch.export if fx fails), fx or export.")] = "auto",
     prune_tied: Annotated[bool, typer.Option("--prune-tied", help="Prune a weight tied to an embedding table (an LM head); by default it stays dense, with a warning.")] = False,
     report: Annotated[Optional[str], typer.Option("--report", help="Write the JSON report here.")] = None,
@@ -74,6 +74,7 @@ def optimize(
         check_auto_output(align_value, out)
         report_path = checked_report_path(report, out, [model] if is_file else [], force=force)
         progress = bars_wanted(quiet=quiet)
+        input_shape, timing_shape = split_timing_shape(input_shape, onnx_model=is_file, compact=compact)
         graph = api.load_model(model, progress=progress, **torch_options(input_shape, frontend, prune_tied=prune_tied))
         batch = _prune_data(graph, data, samples, seed)
         before = audit_totals(graph, paths=not no_paths, progress=progress)
@@ -85,7 +86,8 @@ def optimize(
         release_all()  # the criterion may have read every weight (magnitude) or allocated a lot
         after = audit_totals(result.graph, paths=not no_paths, progress=progress)
         unsaved = len(result.graph.meta["warnings"])
-        compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align_value, instruments=instruments, progress=progress)
+        compact_doc = _save_optimized(result, model, out, after, compact=compact, align=align_value, instruments=instruments, progress=progress,
+                                      timing_shape=timing_shape)
         # the run's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(result.warnings), *result.graph.meta["warnings"][unsaved:]]
         doc = optimize_report(result, before, after, model, str(out), warnings)
@@ -134,7 +136,7 @@ def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation:
 
 
 def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[str, Any], *, compact: bool, align: Optional[int],
-                    instruments: list[Any], progress: bool) -> Optional[dict[str, Any]]:
+                    instruments: list[Any], progress: bool, timing_shape: Optional[str] = None) -> Optional[dict[str, Any]]:
     """Write the masked model, or with ``--compact`` the compacted one; returns the compaction summary (or None).
 
     ``align`` None (``--align auto``): the masked model goes to a temporary file beside ``out``, and the fastest of
@@ -149,14 +151,19 @@ def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[s
 
         with masked_temp(out) as masked:
             api.save_model(result, model, masked)
-            choice = choose_align(masked, out, pipeline=result.pipeline, progress=progress)
+            choice = choose_align(masked, out, pipeline=result.pipeline, progress=progress, input_shape=timing_shape)
         compacted = result.compact_report  # the masked model stayed: nothing more was removed
         if choice.chosen is not None:
             compacted = compacted.then(api.compact_graph(result.graph, align=choice.chosen, instruments=instruments, progress=progress))
         return {**compact_summary(after, result.graph, compacted), "align_choice": choice.to_dict()}
     compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments, progress=progress))
     compact_doc = compact_summary(after, result.graph, compacted)
-    sparse_doc = api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline, progress=progress)
+    shape = None
+    if timing_shape is not None:
+        from pai_compiler.bench import parse_shape
+
+        shape = parse_shape(timing_shape)
+    sparse_doc = api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline, progress=progress, input_shape=shape)
     if sparse_doc is not None:
         compact_doc["sparse_exec"] = sparse_doc
     return compact_doc

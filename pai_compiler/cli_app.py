@@ -167,6 +167,20 @@ def checked_report_path(report: Optional[str], out: Path, inputs: list[str], *, 
     return path
 
 
+def split_timing_shape(input_shape: Optional[list[str]], *, onnx_model: bool, compact: bool) -> tuple[Optional[list[str]], Optional[str]]:
+    """optimize's ``--input-shape`` as (a PyTorch model's example input, the timing shape): for an ONNX
+    model with ``--compact`` it is the first input's full shape the .pt kernels or the ``--align auto``
+    candidates are timed at (one positional value); otherwise it stays the torch frontend's."""
+    from pai_compiler.errors import UsageError
+
+    if not input_shape or not onnx_model or not compact:
+        return input_shape, None
+    if len(input_shape) != 1 or "=" in input_shape[0] or ":" in input_shape[0]:
+        raise UsageError("with an ONNX model and --compact, --input-shape is the first input's full shape to time at, "
+                         f"batch first, e.g. 1,128 (one value, no NAME= or :DTYPE); got {' '.join(input_shape)!r}")
+    return None, input_shape[0]
+
+
 def torch_options(input_shape: Optional[list[str]], frontend: str, *, prune_tied: bool = False) -> dict[str, Any]:
     """load_model options for a file.py:attr spec (an ONNX model refuses the torch-only ones)."""
     from pai_compiler.errors import UsageError

@@ -28,6 +28,7 @@ def compact(
     align: Annotated[str, typer.Option("--align", help="Keep layer widths multiples of N (faster ORT kernels; still exact); 'auto' (-o X.onnx): compact at align 1, 4 and 8, time them and the masked model alternating in onnxruntime, write the fastest (the masked model unchanged if it wins).")] = "1",
     batch: Annotated[Optional[int], typer.Option("--batch", help="With -o X.pt or --align auto: the batch size the kernels/models are timed at (default 1).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", help="With -o X.pt or --align auto: torch/onnxruntime threads for that timing (default 1).")] = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="With -o X.pt or --align auto: the first input's full shape to time at, batch first, e.g. 1,128 (binds symbolic dims such as seq).")] = None,
     device: Annotated[str, typer.Option("--device", help="With -o X.pt: cpu or cuda (where the module will run).")] = "cpu",
     explain: Annotated[bool, typer.Option("--explain", help="List what kept dead channels (reason, node, channel count).")] = False,
     force: Annotated[bool, typer.Option("--force", help="Allow overwriting the input file.")] = False,
@@ -44,7 +45,8 @@ def compact(
         from pai_compiler.io import check_output_path
 
         out = check_output_path(output, [model], force=force)
-        align_value = _check_compact_flags(out, align, batch, threads, device)
+        align_value, shape = _check_compact_flags(out, align, batch, threads, device, input_shape)
+        batch = shape[0] if shape is not None else batch
         report_path = checked_report_path(report, out, [model], force=force)
         progress = bars_wanted(quiet=quiet)
         graph = api.load_model(model, progress=progress)
@@ -53,9 +55,10 @@ def compact(
         masks_from_zeros(graph)
         masked = audit_totals(graph, progress=progress)
         unsaved = len(graph.meta["warnings"])
-        choice, compacted = _compact_at(graph, model, out, align_value, batch=batch or 1, threads=threads or 1, progress=progress)
+        choice, compacted = _compact_at(graph, model, out, align_value, batch=batch or 1, threads=threads or 1, progress=progress,
+                                        input_shape=input_shape)
         sparse_doc = None if choice else api.save_compact(graph, model, out, compacted, batch=batch or 1, threads=threads or 1, device=device,
-                                                          progress=progress)
+                                                          progress=progress, input_shape=shape)
         # the frontend's warnings, then those the backend noted on the graph while writing
         warnings = [*dict.fromkeys(graph.meta["warnings"][:unsaved]), *graph.meta["warnings"][unsaved:]]
         doc = {"model": model, "output": str(out), "paic_version": __version__, **compact_summary(masked, graph, compacted),
@@ -80,8 +83,10 @@ def compact(
                 console.print(f"[yellow]warning:[/] {w}")
 
 
-def _check_compact_flags(out: Path, align: str, batch: Optional[int], threads: Optional[int], device: str) -> Optional[int]:
-    """``paic compact``'s usage checks, before any work; returns the alignment (None: ``--align auto``)."""
+def _check_compact_flags(out: Path, align: str, batch: Optional[int], threads: Optional[int], device: str,
+                         input_shape: Optional[str]) -> tuple[Optional[int], Optional[tuple[int, ...]]]:
+    """``paic compact``'s usage checks, before any work; returns the alignment (None: ``--align auto``)
+    and the parsed ``--input-shape``."""
     from pai_compiler import api
     from pai_compiler.errors import UsageError
 
@@ -89,17 +94,26 @@ def _check_compact_flags(out: Path, align: str, batch: Optional[int], threads: O
     align_value = parse_align_flag(align)
     check_auto_output(align_value, out)
     torch_output = api.output_suffix(out) == ".pt"
-    if not torch_output and (device != "cpu" or (align_value is not None and (batch is not None or threads is not None))):
-        raise UsageError("--batch, --threads and --device time the kernels of a torch output: use -o FAST.pt "
-                         "(or --align auto, which times ONNX candidates at --batch/--threads on the cpu)")
+    timed = batch is not None or threads is not None or input_shape is not None
+    if not torch_output and (device != "cpu" or (align_value is not None and timed)):
+        raise UsageError("--batch, --threads, --input-shape and --device time the kernels of a torch output: use -o FAST.pt "
+                         "(or --align auto, which times ONNX candidates at --batch/--threads/--input-shape on the cpu)")
     for flag, value in (("--batch", batch), ("--threads", threads)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be a positive integer, got {value}")
+    shape = None
+    if input_shape is not None:
+        from pai_compiler.bench import parse_shape  # imports torch: only with the flag
+
+        shape = parse_shape(input_shape)
+    if shape is not None and batch is not None and shape[0] != batch:
+        raise UsageError(f"--batch {batch} contradicts --input-shape {input_shape} (batch first); give one of them")
     api.check_device(device)
-    return align_value
+    return align_value, shape
 
 
-def _compact_at(graph: Any, model: str, out: Path, align: Optional[int], *, batch: int, threads: int, progress: bool) -> tuple[Any, Any]:
+def _compact_at(graph: Any, model: str, out: Path, align: Optional[int], *, batch: int, threads: int, progress: bool,
+                input_shape: Optional[str] = None) -> tuple[Any, Any]:
     """Compact ``graph`` in place at ``align``; None (``--align auto``) first writes the fastest form in onnxruntime to
     ``out`` and compacts at its alignment, or not at all when the masked model stayed. Returns (choice or None, report)."""
     from pai_compiler import api
@@ -109,7 +123,7 @@ def _compact_at(graph: Any, model: str, out: Path, align: Optional[int], *, batc
         return None, api.compact_graph(graph, align=align, progress=progress)
     from pai_compiler.align_choice import choose_align
 
-    choice = choose_align(model, out, batch=batch, threads=threads, progress=progress)
+    choice = choose_align(model, out, batch=batch, threads=threads, progress=progress, input_shape=input_shape)
     if choice.chosen is None:  # the masked model stayed: the summary says nothing was removed
         return choice, CompactReport()
     return choice, api.compact_graph(graph, align=choice.chosen, progress=progress)

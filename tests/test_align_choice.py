@@ -176,8 +176,10 @@ def test_a_symbolic_dim_past_the_batch_is_a_one_line_error_naming_the_fix(tmp_pa
     source = _sparse_convnet(tmp_path / "sparse.onnx", dims=("N", 3, "H", "W"))
     result = _cli("compact", str(source), "-o", str(tmp_path / "c.onnx"), "--align", "auto")
     assert result.exit_code == 1 and "--align auto" in result.stderr and "--align N" in result.stderr, result.output
-    assert "H" in result.stderr and "--input-shape" not in result.stderr  # paic compact has no such flag
+    assert "H" in result.stderr and "--input-shape" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and _leftovers(tmp_path, source) == []
+    bound = _cli("compact", str(source), "-o", str(tmp_path / "c.onnx"), "--align", "auto", "--input-shape", "1,3,16,16")
+    assert bound.exit_code == 0 and (tmp_path / "c.onnx").exists(), bound.output
 
 
 def test_parse_align() -> None:

@@ -72,3 +72,50 @@ def test_two_symbolic_dims_in_a_reshape_compact_exactly(tmp_path: Path, dynamo: 
         want, have = ref.run(None, {"x": x})[0], got.run(None, {"x": x})[0]
         assert have.shape == (batch, seq, D)
         np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+
+
+def test_torch_output_times_at_the_given_input_shape_and_runs_at_any(tmp_path: Path) -> None:
+    """``-o X.pt`` on a [batch, seq] model: without ``--input-shape`` one usage line naming it; with it,
+    a module timed at that shape that matches the source at other (batch, seq) too."""
+    source = _export(tmp_path / "ffn.onnx", dynamo=False, fold=True)
+    out = tmp_path / "fast.pt"
+    refused = CliRunner().invoke(app, ["compact", str(source), "-o", str(out), "-q"])
+    assert refused.exit_code == 2 and "--input-shape" in refused.stderr and "seq" in refused.stderr, refused.output
+    assert len(refused.stderr.strip().splitlines()) == 1 and not out.exists()
+    result = CliRunner().invoke(app, ["compact", str(source), "-o", str(out), "--input-shape", "2,7,8", "-q", "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    module = torch.load(str(out), weights_only=False)
+    ref = ort.InferenceSession(str(source))
+    for batch, seq in [(1, 3), (3, 11)]:
+        x = np.random.default_rng(seq).standard_normal((batch, seq, D)).astype(np.float32)
+        with torch.no_grad():
+            have = module(torch.from_numpy(x)).numpy()
+        want = ref.run(None, {"x": x})[0]
+        np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    auto = CliRunner().invoke(app, ["compact", str(source), "-o", str(tmp_path / "auto.onnx"), "--align", "auto", "--input-shape", "1,5,8", "-q"])
+    assert auto.exit_code == 0, auto.output
+
+
+@pytest.mark.parametrize("args,needle", [(["--input-shape", "1,5,8"], "torch output"), (["-o", "X.pt", "--input-shape", "2,5,8", "--batch", "3"], "contradicts"),
+                                         (["-o", "X.pt", "--input-shape", "1,x"], "comma-separated")], ids=["onnx-output", "batch", "malformed"])
+def test_input_shape_usage_errors(tmp_path: Path, args: list[str], needle: str) -> None:
+    source = _export(tmp_path / "ffn.onnx", dynamo=False, fold=True)
+    out = ["-o", str(tmp_path / "c.onnx")] if "-o" not in args else []
+    args = [str(tmp_path / a) if a.endswith(".pt") else a for a in args]
+    result = CliRunner().invoke(app, ["compact", str(source), *out, *args])
+    assert result.exit_code == 2 and needle in result.stderr, result.output
+
+
+def test_optimize_compact_takes_the_timing_shape_of_an_onnx_model(tmp_path: Path) -> None:
+    """``paic optimize X.onnx --compact -o Y.pt --input-shape 1,5,8``: the shape the kernels are timed at."""
+    source = _export(tmp_path / "ffn.onnx", dynamo=False, fold=True)
+    base = ["optimize", str(source), "-m", "magnitude", "-s", "0.5", "--compact", "-q"]
+    refused = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "a.pt")])
+    assert refused.exit_code == 2 and "--input-shape" in refused.stderr, refused.output
+    result = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "a.pt"), "--input-shape", "1,5,8"])
+    assert result.exit_code == 0, result.output
+    x = np.ones((2, 3, D), dtype=np.float32)
+    with torch.no_grad():
+        assert torch.load(str(tmp_path / "a.pt"), weights_only=False)(torch.from_numpy(x)).shape == (2, 3, D)
+    keyword = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "b.pt"), "--input-shape", "x=1,5,8"])
+    assert keyword.exit_code == 2 and "one value" in keyword.stderr, keyword.output

@@ -200,13 +200,15 @@ def _settle(module: SparseModule, inputs: list[torch.Tensor], chosen: list[str],
 def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, device: str = "cpu", repeats: int = 5,
                         warmup: int = 2, margin: float = 0.95, layouts: Sequence[str] | None = None, policy: str = "auto",
                         inputs: Sequence[torch.Tensor] | None = None, seed: int = 0, onnx_twin: OnnxWriter | None = None,
-                        onnx_name: str = "SMALL.onnx", progress: bool = False) -> tuple[SparseModule, SparseExecReport]:
+                        onnx_name: str = "SMALL.onnx", progress: bool = False,
+                        input_shape: Sequence[int] | None = None) -> tuple[SparseModule, SparseExecReport]:
     """A ``SparseModule`` for ``graph`` with per-layer kernels chosen by timing on the target shape.
 
     ``onnx_twin(path)`` writes the same compact model as ONNX: it is then timed in onnxruntime
     against the module (see :func:`compare_with_onnxruntime`; ``onnx_name`` is the file the
     advice tells the user to write). ``progress``: a bar over the timed layers on stderr
-    (terminals only; redrawn between timings, no refresh thread)."""
+    (terminals only; redrawn between timings, no refresh thread). ``input_shape``: the first
+    input's full shape, binding its symbolic dims (see :func:`example_inputs`)."""
     if threads < 1:
         raise UsageError(f"--threads must be a positive integer, got {threads}")
     if policy not in POLICIES:
@@ -217,7 +219,7 @@ def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, devic
         module = SparseModule(graph)
         fuse_for_inference(module)
         module = module.to(device).eval()
-        feed = list(inputs) if inputs is not None else example_inputs(graph, batch=batch, device=device, seed=seed)
+        feed = list(inputs) if inputs is not None else example_inputs(graph, batch=batch, device=device, seed=seed, shape=input_shape)
         with torch.no_grad():  # the IR's own semantics: what every fusion and kernel must reproduce
             reference = Interpreter(graph, device=device).run(feed, keep_values=False).outputs
         layers = sum(1 for node in graph.nodes if node.kind in (OpKind.CONV, OpKind.LINEAR))

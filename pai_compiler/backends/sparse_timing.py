@@ -137,7 +137,8 @@ def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref.double()).abs().max()) / scale
 
 
-def _concrete_shape(name: str, shape: Sequence[Any], batch: int) -> list[int]:
+def _concrete_shape(name: str, shape: Sequence[Any], batch: int, bound: Mapping[str, int]) -> list[int]:
+    """``shape`` with the first dim ``batch`` and other symbols from ``bound`` (by name)."""
     dims: list[int] = []
     for index, d in enumerate(shape):
         if isinstance(d, int):
@@ -145,25 +146,38 @@ def _concrete_shape(name: str, shape: Sequence[Any], batch: int) -> list[int]:
         elif index == 0:
             dims.append(batch)
         else:
-            symbol = d.name if isinstance(d, sympy.Symbol) else str(d)
-            raise UsageError(f"input {name!r} has the symbolic dim {symbol!r} besides the batch; export the model "
-                             "with fixed shapes (only the first dim is bound, by --batch)")
+            expr = sympy.sympify(d)
+            expr = expr.subs({s: bound[s.name] for s in expr.free_symbols if s.name in bound})
+            if not expr.is_Integer:
+                raise UsageError(f"input {name!r} has the symbolic dim {d} besides the batch; pass --input-shape (the first input's "
+                                 "full shape, batch first, e.g. 1,128) or export the model with fixed shapes")
+            dims.append(int(expr))
     return dims
 
 
-def example_inputs(graph: Graph, *, batch: int, device: str = "cpu", seed: int = 0) -> list[torch.Tensor]:
+def example_inputs(graph: Graph, *, batch: int, device: str = "cpu", seed: int = 0,
+                   shape: Sequence[int] | None = None) -> list[torch.Tensor]:
     """Inputs of ``graph``'s shapes, batch bound, by role (:func:`input_roles`): N(0, 1) floats,
     else :func:`role_array` (seeded): valid embedding indices, all ones for an integer or bool mask
-    (an all-zero attention mask hides every token: a degenerate softmax that no comparison can trust)."""
+    (an all-zero attention mask hides every token: a degenerate softmax that no comparison can trust).
+    ``shape``: the first input's full shape (``--input-shape``); its symbolic dims bind the same
+    symbols in the other inputs (an attention mask's seq), and its first dim is the batch."""
+    if shape is not None:
+        first = graph.inputs[0].shape if graph.inputs else None
+        if first is None or len(first) != len(shape) or any(isinstance(d, int) and d != s for d, s in zip(first, shape)):
+            raise UsageError(f"--input-shape {','.join(map(str, shape))} does not fit input "
+                             f"{graph.inputs[0].name if graph.inputs else '?'!r} of shape {list(first) if first else '?'}")
+        batch = int(shape[0])
     if batch < 1:
         raise UsageError(f"--batch must be a positive integer, got {batch}")
+    bound = {str(d): int(s) for d, s in zip(graph.inputs[0].shape or (), shape or ()) if isinstance(d, sympy.Symbol)}
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     feed: list[torch.Tensor] = []
     for v, role in zip(graph.inputs, input_roles(graph)):
         if v.shape is None:
             raise UsageError(f"input {v.name!r} has no known shape; export the model with fixed input shapes")
-        dims = _concrete_shape(v.name, v.shape, batch)
+        dims = _concrete_shape(v.name, v.shape, batch, bound)
         if role.kind == "float":
             feed.append(torch.randn(dims, generator=generator).to(device))
         else:
