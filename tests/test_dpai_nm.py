@@ -142,7 +142,6 @@ def test_host_and_device_group_picks_agree_on_ties() -> None:
 @pytest.mark.parametrize(("pipeline", "match"), [
     ("erk{pattern=2:4},dpai{steps=2,state=band}", "state=band keeps scores only near each layer's cut"),
     ("erk{pattern=2:4},dpai{steps=2,sparsity=0.9}", "own sparsity would replace the N:M counts"),
-    ("uniform{pattern=2:4},npb", "npb's own per-layer top-k cannot hold it yet"),
 ])
 def test_unsupported_combinations_are_refused_with_the_fix(pipeline: str, match: str) -> None:
     with pytest.raises(PaicError, match=match) as info:

@@ -48,7 +48,8 @@ def test_bad_pattern_is_a_usage_error(text: str) -> None:
     assert info.value.exit_code == UsageError.exit_code
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "magnitude{scope=layer}", "random", "random-erk", "synflow{iterations=3}", "snip", "grasp", "dpai{steps=5}"])
+@pytest.mark.parametrize("criterion", ["magnitude", "magnitude{scope=layer}", "random", "random-erk", "synflow{iterations=3}", "snip", "grasp", "dpai{steps=5}",
+                                       "npb", "npb{chunk_above=64,chunk=8}"])
 def test_every_scoring_criterion_keeps_n_of_m(criterion: str) -> None:
     graph = load_model(str(VGG))
     data = load_batch_for(graph, "random", samples_per_class=2, seed=0) if criterion in ("snip", "grasp") else None
@@ -63,7 +64,11 @@ def test_every_scoring_criterion_keeps_n_of_m(criterion: str) -> None:
     assert any("not a multiple of 4" in w for w in result.warnings)  # the 3-channel first conv stays unpatterned
 
 
-def test_npb_refuses_a_pattern_with_the_fix() -> None:
-    with pytest.raises(PaicError, match="scoring criteria") as info:
-        optimize(VGG, pipeline="uniform{pattern=2:4},npb")
-    assert info.value.exit_code == UsageError.exit_code
+def test_npb_pattern_leaves_patterned_layers_to_the_programs_and_repeats() -> None:
+    """npb with 2:4: the fix-up leaves patterned layers alone (a moved weight would break a group),
+    and the same seed gives the same masks."""
+    runs = [optimize(load_model(str(VGG)), pipeline="uniform{sparsity=0.5,pattern=2:4},npb", seed=3) for _ in range(2)]
+    report = runs[0].records[-1].report
+    patterned = set(runs[0].allocation.patterns)
+    assert {row["layer"] for row in report.finetune["layers"] if row.get("pattern")} == patterned
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(runs[0].graph.prunable_params(), runs[1].graph.prunable_params()))

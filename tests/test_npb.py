@@ -177,3 +177,52 @@ def test_mlp_reads_every_input_and_keeps_weights_effective(sparsity: float) -> N
     assert paths.effective_params == kept and kept >= 0.85 * records[-1].report.allocated
     if sparsity == 0.95:  # the ERK budget covers every input and hidden unit: as many effective nodes as random ERK
         assert paths.effective_nodes == paths.total_nodes == 410 and fc1.any(axis=1).all()
+
+
+def _groups_of(n_kernels: int, m: int) -> np.ndarray:
+    return np.arange(n_kernels) // m
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.01, 1.0), (0.5, 0.0), (0.9, 0.3)])
+def test_nm_block_program_matches_brute_force(alpha: float, beta: float) -> None:
+    """2:4 at 2 taps: every group of 4 kernels (one output, 4 inputs) holds exactly 4 kept taps;
+    HiGHS's optimum equals the brute-force one over every count vector that does."""
+    n_in, n_out, taps, max_p = 4, 2, 2, 2
+    kin, kout = np.tile(np.arange(n_in), n_out), np.repeat(np.arange(n_out), n_in)
+    group_of = _groups_of(n_in * n_out, 4)
+    prob = BlockProblem(kin, kout, n_in, n_out, np.array([3.0, 1.0, 2.0, 2.0]), 2 * taps * n_out, max_p, alpha, beta, 1,
+                        group_of=group_of, group_total=2 * taps)
+    sol = solve_block(prob)
+    assert sol.status == "optimal" and (np.bincount(group_of, weights=sol.counts) == 2 * taps).all()
+    feasible = (np.array(c) for c in itertools.product(range(max_p + 1), repeat=n_in * n_out))
+    best = max(_objective(prob, c) for c in feasible if (np.bincount(group_of, weights=c) == 2 * taps).all())
+    assert _objective(prob, sol.counts) == pytest.approx(best, abs=1e-6)
+
+
+def test_nm_linear_program_solved_exactly() -> None:
+    """N:M linear layers: the per-group closed form reaches HiGHS's optimum with the group equalities,
+    and every row keeps exactly N of each group."""
+    rng = np.random.default_rng(2)
+    for _ in range(40):
+        n, m = [(1, 2), (2, 4), (1, 4), (3, 4)][int(rng.integers(0, 4))]
+        n_in, n_out = m * int(rng.integers(1, 4)), int(rng.integers(1, 6))
+        p_in = np.maximum(rng.integers(0, 4, n_in), np.arange(n_in) == 0) * rng.choice([1.0, 0.37])
+        alpha, min_n = float(rng.choice([0.0, 0.01, 0.5, 1.0])), int(rng.integers(0, 3))
+        budget = n_out * n_in * n // m
+        mask = solve_linear(p_in, n_out, budget, alpha, min_n, rng, (n, m))
+        assert mask.shape == (n_out, n_in) and (mask.reshape(n_out, -1, m).sum(axis=2) == n).all()
+        prob = BlockProblem(np.tile(np.arange(n_in), n_out), np.repeat(np.arange(n_out), n_in), n_in, n_out, p_in, budget, 1, alpha, 0.0, min_n,
+                            group_of=_groups_of(n_in * n_out, m), group_total=n)
+        assert _objective(prob, mask.reshape(-1).astype(float)) == pytest.approx(_objective(prob, solve_block(prob).counts), abs=1e-9)
+
+
+def test_nm_taps_are_dealt_n_per_tap() -> None:
+    """A group's kept taps land N at every tap position, each kernel's count on distinct taps."""
+    from pai_compiler.passes.criteria.npb.criterion import _dealt_taps
+
+    rng = np.random.default_rng(0)
+    taps, m, n = 9, 4, 2
+    counts = np.array([[9, 9, 0, 0], [5, 4, 5, 4], [3, 6, 2, 7]]).reshape(-1)  # each group: n * taps = 18
+    mask = _dealt_taps(counts, taps, m, rng)
+    assert (mask.sum(axis=1) == counts).all()
+    assert (mask.reshape(-1, m, taps).sum(axis=1) == n).all()

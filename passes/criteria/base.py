@@ -76,14 +76,11 @@ def resolve_keep(am: AnalysisManager, params: list[Param], sparsity: float | Non
     return int(sum(allocation.get(p.name, p.numel) for p in params))
 
 
-def require_layer_counts(am: AnalysisManager, owner: str, *, own_sparsity: bool, takes_pattern: bool = False) -> None:
-    """Precondition of a criterion with its own per-layer top-k (dpai, npb): per-layer keep
-    counts from an earlier allocation (or its own ``sparsity``), and no N:M pattern it cannot
-    hold (``takes_pattern``: it binarises patterned layers per group, so the allocation's counts rule)."""
+def require_layer_counts(am: AnalysisManager, owner: str, *, own_sparsity: bool) -> None:
+    """Precondition of a criterion with its own per-layer selection (dpai, npb): per-layer keep
+    counts from an earlier allocation (or its own ``sparsity``); with an N:M pattern the
+    allocation's counts rule (both keep N of every M in patterned layers), so no own sparsity."""
     provided = am.provided(Allocation)
-    if provided is not None and provided.patterns and not takes_pattern:
-        raise UsageError(f"{owner}: the N:M pattern of '{provided.source}' is chosen by the scoring criteria (magnitude, snip, "
-                         f"grasp, synflow, random, random-erk, autosparse, dpai); {owner}'s own per-layer top-k cannot hold it yet")
     if provided is not None and provided.patterns and own_sparsity:
         raise UsageError(f"{owner}: its own sparsity would replace the N:M counts of '{provided.source}'; drop {owner}'s sparsity "
                          f"(the pattern sets it) or the pattern")

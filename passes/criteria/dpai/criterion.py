@@ -130,7 +130,7 @@ class DpaiPass(TransformPass):
         return self.alpha * (1.0 - self.latency)
 
     def requires(self, graph: Graph, am: AnalysisManager) -> None:
-        require_layer_counts(am, self.name, own_sparsity=self.sparsity is not None, takes_pattern=True)
+        require_layer_counts(am, self.name, own_sparsity=self.sparsity is not None)
         patterns = allocation_patterns(am)
         if patterns and self.state == "band":
             raise UsageError(f"dpai: state=band keeps scores only near each layer's cut, not per N:M group; the pattern of "

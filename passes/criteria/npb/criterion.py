@@ -25,6 +25,13 @@ pointwise convs (minutes per model), the closed form milliseconds. Unchunked 1x1
 shortcuts) stay with HiGHS, whose pick among equal optima the recorded runs reproduce. Budgets follow the
 allocation (ERK) up to those documented deviations (ResNet-20 at 99 %: 2767 kept instead of
 2718 in the reference).
+
+An N:M pattern from the allocation (``erk{sparsity=0.5,pattern=2:4},npb``) keeps N of every M
+consecutive input channels at each tap: the programs gain one equality per group of M kernels
+(N x taps kept taps; max_p raised to ceil(N taps / M) where it is lower), linear layers and 1x1
+blocks take the closed form's per-group version, each group's taps are dealt to the kernel
+positions so every tap gets exactly N, and the fix-up leaves patterned layers alone (moving a
+weight would break its group).
 """
 from __future__ import annotations
 
@@ -35,14 +42,15 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pai_compiler.errors import UsageError
+from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.ir import Graph, Node, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.passes.allocation.base import check_sparsity, keep_count
 from pai_compiler.passes.allocation.erk import erk_densities
 from pai_compiler.passes.analysis.bindings import sample_bindings
 from pai_compiler.passes.analysis.layer_paths import is_shortcut
-from pai_compiler.passes.criteria.base import require_layer_counts, resolve_keep
+from pai_compiler.passes.allocation.pattern import NMPattern
+from pai_compiler.passes.criteria.base import allocation_patterns, require_layer_counts, resolve_keep
 from pai_compiler.passes.criteria.npb.finetune import PathCounter, fine_tune
 from pai_compiler.passes.criteria.npb.linear import solve_linear
 from pai_compiler.passes.criteria.npb.milp import BlockProblem, ceil_budget, solve_block
@@ -105,6 +113,7 @@ class NpbPass(TransformPass):
             resolved = resolve_keep(am, params, None, "layer", self.name)
             assert isinstance(resolved, dict)
             keep = resolved
+        patterns = dict(allocation_patterns(am)) if self.sparsity is None else {}
         seed = am.context.seed if self.seed is None else self.seed
         rng = np.random.default_rng(seed)
         start = time.perf_counter()
@@ -125,7 +134,7 @@ class NpbPass(TransformPass):
                 for p in order.get(id(node), []):
                     shortcut = node.kind is OpKind.CONV and is_shortcut(node, p)
                     shortcuts[p.name] = shortcut
-                    rows.append(self._layer(counter, masks, node, p, keep[p.name], max_p, shortcut, rng))
+                    rows.append(self._layer(counter, masks, node, p, keep[p.name], max_p, shortcut, rng, patterns.get(p.name)))
                     if shortcut and max_p > 5:
                         max_p -= 2
                     if bar is not None:
@@ -134,7 +143,7 @@ class NpbPass(TransformPass):
             conv = {p.name: first_user[p.name].kind is OpKind.CONV for p in params}
             if bar is not None and self.finetune:
                 bar(len(rows), f"fine-tuning · kept {sum(r['kept'] for r in rows):,}")
-            tuned = fine_tune(counter, masks, shortcuts, conv, rng) if self.finetune else None
+            tuned = fine_tune(counter, masks, shortcuts, conv, rng, fixed=set(patterns)) if self.finetune else None
             if bar is not None:
                 bar(steps, f"kept {int(sum(np.count_nonzero(m) for m in masks.values())):,} of {sum(keep.values()):,} allocated")
         seconds = time.perf_counter() - start
@@ -152,14 +161,16 @@ class NpbPass(TransformPass):
         )
         return PassResult(modified=True, preserved=frozenset(), report=report)
 
-    def _layer(self, counter: PathCounter, masks: dict[str, np.ndarray], node: Node, p: Param, keep: int, max_p: int, shortcut: bool, rng: np.random.Generator) -> dict[str, Any]:
+    def _layer(self, counter: PathCounter, masks: dict[str, np.ndarray], node: Node, p: Param, keep: int, max_p: int, shortcut: bool,
+               rng: np.random.Generator, pattern: NMPattern | None = None) -> dict[str, Any]:
         """Decide one layer's mask (in ``masks``); returns its report row."""
         oi = p.to_oi(np.zeros(p.shape, dtype=bool)).shape
         conv = node.kind is OpKind.CONV
         p_in = counter.input_mass(masks, node, 1 if conv else -1, p)
+        nm = None if pattern is None else (pattern.n, pattern.m)
         if not conv:  # the whole layer's program, solved exactly (``_npb_linear``)
             start = time.perf_counter()
-            mask = solve_linear(p_in, oi[0], keep, self.alpha, self.min_n, rng)
+            mask = solve_linear(p_in, oi[0], keep, self.alpha, self.min_n, rng, nm)
             masks[p.name] = p.from_oi(mask.reshape(oi)).copy()
             return {"layer": p.name, "allocated": int(keep), "kept": int(mask.sum()), "blocks": 1, "max_p": 1,
                     "shortcut": False, "solve_seconds": time.perf_counter() - start, "status": "exact"}
@@ -174,7 +185,9 @@ class NpbPass(TransformPass):
         else:
             cap, beta = 1, SHORTCUT_BETA
         block = self.chunk if groups == 1 and kernels > self.chunk_above else out_ch
-        density = keep / p.numel
+        density = keep / p.numel if nm is None else nm[0] / nm[1]
+        if nm is not None:
+            cap = max(cap, -(-nm[0] * taps // nm[1]))  # N taps x N per group must fit in M kernels
         counts = np.zeros(kernels, dtype=np.int64)
         seconds, statuses = 0.0, set()
         for lo in range(0, out_ch, block):
@@ -185,10 +198,11 @@ class NpbPass(TransformPass):
             prob = BlockProblem(
                 kernel_in=np.searchsorted(used_in, kernel_in[sel]), kernel_out=kernel_out[sel] - lo, n_in=used_in.size, n_out=hi - lo,
                 p_in=p_in[used_in], budget=budget, max_p=max(cap, math.ceil(budget / max((hi - lo) * per_group, 1))), alpha=self.alpha, beta=beta, min_n=self.min_n,
+                group_of=None if nm is None else np.arange(sel.stop - sel.start) // nm[1], group_total=0 if nm is None else nm[0] * taps,
             )
             if taps == 1 and groups == 1 and kernels > self.chunk_above:  # a chunked 1x1 conv: each block is a linear layer's program
                 start = time.perf_counter()
-                counts[sel] = solve_linear(prob.p_in, prob.n_out, budget, self.alpha, self.min_n, rng).reshape(-1)
+                counts[sel] = solve_linear(prob.p_in, prob.n_out, budget, self.alpha, self.min_n, rng, nm).reshape(-1)
                 seconds += time.perf_counter() - start
                 statuses.add("exact")
                 continue
@@ -196,14 +210,34 @@ class NpbPass(TransformPass):
             counts[sel] = np.minimum(sol.counts, taps)
             seconds += sol.seconds
             statuses.add(sol.status)
-        # each kernel keeps ``counts`` taps at random positions
-        ranks = np.argsort(np.argsort(rng.random((kernels, taps)), axis=1), axis=1)
-        mask_oi = (ranks < counts[:, None]).reshape(oi)
+        if nm is not None and not (counts.reshape(-1, nm[1]).sum(axis=1) == nm[0] * taps).all():
+            raise PaicError(f"npb: layer {p.name!r}: the N:M program stopped before every group held {nm[0] * taps} taps "
+                            f"(status {','.join(sorted(statuses))}); raise npb{{time_limit=...}}")
+        mask_oi = (_random_taps(counts, taps, rng) if nm is None else _dealt_taps(counts, taps, nm[1], rng)).reshape(oi)
         masks[p.name] = p.from_oi(mask_oi).copy()
         return {
             "layer": p.name, "allocated": int(keep), "kept": int(counts.sum()), "blocks": -(-out_ch // block), "max_p": int(cap),
             "shortcut": shortcut, "solve_seconds": seconds, "status": ",".join(sorted(statuses)),
         }
+
+
+def _random_taps(counts: np.ndarray, taps: int, rng: np.random.Generator) -> np.ndarray:
+    """(kernels, taps) bool: each kernel keeps ``counts`` taps at random positions."""
+    ranks = np.argsort(np.argsort(rng.random((counts.size, taps)), axis=1), axis=1)
+    return ranks < counts[:, None]
+
+
+def _dealt_taps(counts: np.ndarray, taps: int, m: int, rng: np.random.Generator) -> np.ndarray:
+    """(kernels, taps) bool for N:M groups of ``m`` kernels, each group's counts summing to N taps:
+    its kept taps, kernel after kernel, are dealt round the tap positions in a seeded order, so
+    every tap keeps exactly N of the group and a kernel's c <= taps taps are distinct."""
+    groups = counts.size // m
+    kernel = np.repeat(np.arange(counts.size), counts).reshape(groups, -1)  # every group holds N x taps
+    order = np.argsort(rng.random((groups, taps)), axis=1)
+    tap = np.take_along_axis(order, np.arange(kernel.shape[1])[None, :] % taps, axis=1) if kernel.size else kernel
+    mask = np.zeros((counts.size, taps), dtype=bool)
+    mask[kernel.reshape(-1), tap.reshape(-1)] = True
+    return mask
 
 
 def _layer_metrics(rows: list[dict[str, Any]]) -> str:

@@ -15,7 +15,7 @@ reads only the hidden units with the most paths (LeNet-300 at 98 %: 3348 of 3621
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -69,7 +69,8 @@ class PathCounter:
         return float(log_p.detach()), {name: (np.zeros(t.shape) if g is None else g.numpy()) for (name, t), g in zip(leaves.items(), grads)}
 
 
-def fine_tune(counter: PathCounter, masks: dict[str, np.ndarray], shortcut: Mapping[str, bool], conv: Mapping[str, bool], rng: np.random.Generator | None = None) -> dict[str, Any]:
+def fine_tune(counter: PathCounter, masks: dict[str, np.ndarray], shortcut: Mapping[str, bool], conv: Mapping[str, bool], rng: np.random.Generator | None = None,
+              fixed: Collection[str] = ()) -> dict[str, Any]:
     """Apply the fix-up in place on ``masks`` (natural shapes); returns per-layer statistics.
 
     As the reference for conv layers: effectiveness comes from one gradient taken before the
@@ -79,12 +80,17 @@ def fine_tune(counter: PathCounter, masks: dict[str, np.ndarray], shortcut: Mapp
     gradient then finds what is still ineffective, which is dropped and becomes the carry
     (a layer left alone passes the carry on unchanged). Linear layers: see the module docstring
     (``rng`` places their weights; without one they are left alone, as in the reference).
+    Layers in ``fixed`` (N:M patterned: a moved weight would break its group) are left alone and
+    pass the carry on.
     """
     _, stale = counter.gradient(masks)
     carry = 0
     rows = []
     for p in counter.params:
         before = int(np.count_nonzero(masks[p.name]))
+        if p.name in fixed:
+            rows.append({"layer": p.name, "ineffective": None, "carry": carry, "kept": before, "pattern": True})
+            continue
         if not conv.get(p.name):
             if rng is None:
                 rows.append({"layer": p.name, "ineffective": None, "carry": carry, "kept": before})

@@ -18,6 +18,12 @@ inputs (seeded random order for the remainder); the outputs are wired least-load
 more than 5120 weights into blocks of 10 rows solved independently, which on an MLP gives the
 same solution in every block (LeNet-300 at 95 %: fc1 read 302 of 784 pixels, and its lumpy row
 degrees made fc2 read only 60 of 300 hidden units).
+
+With an N:M pattern (every output row keeps N of each M consecutive inputs) the program gains the
+constraints sum_{i in group} M[o, i] = N for every row and group: each output then has exactly
+N n_in / M weights (its node term is fixed) and the objective splits into one program per group,
+sum_{i in group} d_i = N n_out, solved by the same unit gains (the layer's normalisers); the wiring
+gives every row exactly N of each group (the group's weights dealt round the rows in a seeded order).
 """
 from __future__ import annotations
 
@@ -25,11 +31,12 @@ import numpy as np
 
 from pai_compiler.passes.criteria.npb.milp import max_path_bound
 
-__all__ = ["input_degrees", "solve_linear", "wire"]
+__all__ = ["input_degrees", "solve_linear", "wire", "wire_groups"]
 
 
-def input_degrees(p_in: np.ndarray, n_out: int, budget: int, alpha: float, min_n: int, rng: np.random.Generator) -> np.ndarray:
-    """Optimal kept weights per input (int array) for the program above."""
+def input_degrees(p_in: np.ndarray, n_out: int, budget: int, alpha: float, min_n: int, rng: np.random.Generator,
+                  pattern: tuple[int, int] | None = None) -> np.ndarray:
+    """Optimal kept weights per input (int array) for the program above (``pattern`` (N, M): N n_out per group of M inputs)."""
     p = np.asarray(p_in, dtype=np.float64)
     n_in = p.size
     total = min(int(budget), n_in * int(n_out))
@@ -52,7 +59,19 @@ def input_degrees(p_in: np.ndarray, n_out: int, budget: int, alpha: float, min_n
     gain = np.round(gain / top, 9) if top > 0 else gain
     order = np.argsort(-gain, kind="stable")
     gain, size, owner = gain[order], size[order], owner[order]
-    left = total
+    if pattern is None:
+        _spend(gain, size, owner, total, deg, rng)
+        return deg
+    n, m = pattern
+    for start in range(0, n_in, m):  # one program per group, in the layer's sorted gain order
+        inside = (owner >= start) & (owner < start + m)
+        _spend(gain[inside], size[inside], owner[inside], n * int(n_out), deg, rng)
+    return deg
+
+
+def _spend(gain: np.ndarray, size: np.ndarray, owner: np.ndarray, left: int, deg: np.ndarray, rng: np.random.Generator) -> None:
+    """Add ``left`` weights to ``deg`` by the best unit gains (sorted descending; ``size`` weights per
+    gain group of input ``owner``), ties water-filled with a seeded remainder."""
     lo = 0
     while left > 0 and lo < gain.size:
         hi = lo + int(np.searchsorted(-gain[lo:], -gain[lo], side="right"))  # groups tied with group lo
@@ -76,7 +95,6 @@ def input_degrees(p_in: np.ndarray, n_out: int, budget: int, alpha: float, min_n
             np.add.at(deg, owner[lo:hi], give)
             left = 0
         lo = hi
-    return deg
 
 
 def wire(deg: np.ndarray, n_out: int, rng: np.random.Generator) -> np.ndarray:
@@ -97,6 +115,22 @@ def wire(deg: np.ndarray, n_out: int, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
-def solve_linear(p_in: np.ndarray, n_out: int, budget: int, alpha: float, min_n: int, rng: np.random.Generator) -> np.ndarray:
-    """The layer's (n_out, n_in) bool mask: :func:`input_degrees` wired by :func:`wire`."""
-    return wire(input_degrees(p_in, n_out, budget, alpha, min_n, rng), n_out, rng)
+def wire_groups(deg: np.ndarray, n_out: int, pattern: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """(n_out, n_in) bool mask with input degrees ``deg`` (each group of M summing to N n_out, each
+    <= n_out) and exactly N of every group in each row: a group's weights, input after input, are
+    dealt to the rows in a seeded cyclic order, so an input's d_i weights land on d_i distinct rows."""
+    n, m = pattern
+    mask = np.zeros((int(n_out), deg.size), dtype=bool)
+    for start in range(0, deg.size, m):
+        inputs = np.repeat(np.arange(start, start + m), deg[start : start + m])
+        rows = rng.permutation(int(n_out))[np.arange(inputs.size) % int(n_out)]
+        mask[rows, inputs] = True
+    return mask
+
+
+def solve_linear(p_in: np.ndarray, n_out: int, budget: int, alpha: float, min_n: int, rng: np.random.Generator,
+                 pattern: tuple[int, int] | None = None) -> np.ndarray:
+    """The layer's (n_out, n_in) bool mask: :func:`input_degrees` wired by :func:`wire` (with an N:M
+    ``pattern``: per group, wired by :func:`wire_groups`)."""
+    deg = input_degrees(p_in, n_out, budget, alpha, min_n, rng, pattern)
+    return wire(deg, n_out, rng) if pattern is None else wire_groups(deg, n_out, pattern, rng)

@@ -11,7 +11,9 @@ P_in[c] the path mass entering input channel c and C = #inputs + #outputs:
     s.t. sum_k M[k] <= n
 
 u, v and w are continuous; at the optimum they equal pos(min_n - ...) and pos(1 - M), as in the
-reference's cvxpy formulation.
+reference's cvxpy formulation. An N:M pattern adds sum_{k in group} M[k] = group_total for every
+group of M kernels (consecutive input channels of one output: N of M weights at each tap means
+N x taps kept taps per group; :func:`~pai_compiler.passes.criteria.npb.criterion` places them).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class BlockProblem:
     alpha: float
     beta: float
     min_n: int
+    group_of: np.ndarray | None = None  # N:M: the pattern group of each kernel
+    group_total: int = 0  # kept taps every group holds exactly
 
 
 @dataclass(frozen=True)
@@ -102,6 +106,11 @@ def solve_block(prob: BlockProblem, time_limit: float = 60.0) -> BlockSolution:
         rows.append(coo_matrix((np.ones(2 * n_k), (r, np.concatenate([ks, w0 + ks]))), shape=(n_k, n_var)).tocsr())
         lower.append(np.ones(n_k))
         upper.append(np.full(n_k, np.inf))
+    if prob.group_of is not None:
+        n_groups = int(prob.group_of.max()) + 1
+        rows.append(coo_matrix((np.ones(n_k), (prob.group_of, ks)), shape=(n_groups, n_var)).tocsr())
+        lower.append(np.full(n_groups, float(prob.group_total)))
+        upper.append(np.full(n_groups, float(prob.group_total)))
     constraint = LinearConstraint(vstack(rows).tocsr(), np.concatenate(lower), np.concatenate(upper))
     hi = np.concatenate([np.full(n_k, float(prob.max_p)), np.full(prob.n_in + prob.n_out, float(prob.min_n)), np.ones(n_k if use_w else 0)])
     integrality = np.concatenate([np.ones(n_k), np.zeros(n_var - n_k)])
