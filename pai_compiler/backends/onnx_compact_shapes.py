@@ -69,9 +69,8 @@ class ShapeRewrites:
         fail = f"compact ONNX: cannot express the new shape {list(out)} of Reshape {on.name!r}"
         if source is None or len(source) != len(out) or len(on.input) < 2 or self._opset() < 9:
             raise PaicError(fail)
-        changed = [isinstance(d, int) and not _same_dim(s, d) for s, d in zip(source, out)]
-        if any(c and not isinstance(d, int) for c, d in zip(changed, out)) or any(
-                not c and not _same_dim(s, d) for c, s, d in zip(changed, source, out)):
+        changed = [not _same_dim(s, d) for s, d in zip(source, out)]
+        if any(c and not isinstance(d, int) for c, d in zip(changed, out)):
             raise PaicError(fail + " (a changed dim is symbolic)")
         if any(c and d == 0 for c, d in zip(changed, out)):
             raise PaicError(fail + " (an empty dim)")
