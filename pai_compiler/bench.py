@@ -308,6 +308,11 @@ def render_sparse_exec(console: Any, doc: dict[str, Any]) -> None:
     note = f" ({doc['fallback']})" if doc["fallback"] else ""
     console.print(f"model: dense {doc['model_dense_ms']:.3f} ms → chosen {doc['model_chosen_ms']:.3f} ms "
                   f"({doc['speedup']:.2f}×), {doc['sparse_layers']} sparse layer(s){note}")
+    times = doc.get("forward_ms") or {}
+    if doc.get("forward") == "traced":
+        console.print(f"forward: TorchScript trace of the plan, {times['traced']:.3f} ms against {times['plan']:.3f} ms for the plan")
+    elif doc.get("forward_note"):
+        console.print(f"forward: plan ({doc['forward_note']})")
     if doc.get("advice"):
         console.print(f"[yellow]note:[/] {doc['advice']}", soft_wrap=True)  # one line, whatever the terminal width
     elif doc.get("onnxruntime_ms") is not None:

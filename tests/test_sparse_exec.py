@@ -48,7 +48,7 @@ EXAMPLES = ROOT / "examples" / "models"
 LAYER_KEYS = {"node", "kind", "weight_shape", "density", "columns_used", "columns", "choice", "dense_ms", "sparse_ms", "reason"}
 REPORT_KEYS = {"schema", "device", "batch", "threads", "repeats", "warmup", "layers", "model_dense_ms", "model_chosen_ms",
                "fallback", "memory_format", "memory_format_ms", "max_relative_error", "sparse_layers", "speedup", "onnxruntime_ms",
-               "onnxruntime_note", "advice"}
+               "onnxruntime_note", "advice", "forward", "forward_ms", "forward_note"}
 
 
 def _sparse(shape: tuple[int, ...], density: float, seed: int) -> torch.Tensor:
@@ -397,7 +397,7 @@ def test_onnxruntime_faster_is_said_in_the_report_and_cli(monkeypatch: pytest.Mo
     run = CliRunner().invoke(app, ["compact", str(tmp_path / "wide.onnx"), "-o", str(tmp_path / "fast.pt"), "--report", str(tmp_path / "r.json")])
     assert run.exit_code == 0, run.output
     doc = json.loads((tmp_path / "r.json").read_text())["sparse_exec"]
-    assert set(doc) == REPORT_KEYS and doc["schema"] == 2 and doc["onnxruntime_ms"] == ort_ms and not doc["onnxruntime_note"]
+    assert set(doc) == REPORT_KEYS and doc["schema"] == 3 and doc["onnxruntime_ms"] == ort_ms and not doc["onnxruntime_note"]
     lines = [line for line in run.stdout.splitlines() if "compact ONNX" in line]
     assert len(lines) == 1
     if advised:

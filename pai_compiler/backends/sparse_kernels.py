@@ -227,7 +227,8 @@ def _onednn_ready(x: torch.Tensor) -> bool:
 class PackedConv2d(nn.Module):
     """The dense 2-D conv (+ an optional fused ReLU) on CPU through oneDNN with the weight
     reordered once per input shape (``torch.ops.mkldnn._convolution_pointwise``, what inductor
-    emits); elsewhere, or with ``packed=False``, ``F.conv2d``. The packed weight is a cache, rebuilt after unpickling."""
+    emits); elsewhere, with ``packed=False`` or while ``torch.jit.trace`` records it (the tracer takes no opaque oneDNN
+    tensor), ``F.conv2d``. The packed weight is a cache, rebuilt after unpickling."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pads: list[int], strides: list[int],
                  dilations: list[int], groups: int, relu: bool = False, packed: bool = True) -> None:
@@ -247,7 +248,7 @@ class PackedConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         symmetric = self.pads[:2] == self.pads[2:]
-        if self.packed and symmetric and _onednn_ready(x):
+        if self.packed and symmetric and _onednn_ready(x) and not torch.jit.is_tracing():
             key = (tuple(x.shape), self.weight.data_ptr())
             packed = self._packed.get(key)
             if packed is None:

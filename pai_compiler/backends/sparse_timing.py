@@ -30,7 +30,7 @@ PLAIN = "plain"
 #: what time_alternating reports of each candidate's runs
 STATISTICS = ("median", "min")
 #: the report's schema version (its keys are stable)
-SCHEMA = 2  # 2: onnxruntime_ms and advice
+SCHEMA = 3  # 2: onnxruntime_ms and advice; 3: forward, forward_ms, forward_note
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class SparseExecReport:
     onnxruntime_ms: float | None = None  # the compact ONNX model in onnxruntime, same feed and threads (None: not measured)
     onnxruntime_note: str = ""  # why it was not measured, or did not count
     advice: str = ""  # one line when onnxruntime runs the compact ONNX model faster than this module
+    forward: str = "plan"  # how calls run the chosen kernels: plan (the Python loop) or traced (its TorchScript trace)
+    forward_ms: dict[str, float] = field(default_factory=dict)  # the chosen kernels' median per forward form (empty: not timed)
+    forward_note: str = ""  # why the trace was not timed or not taken
 
     @property
     def sparse_layers(self) -> int:

@@ -7,8 +7,10 @@ lookups; node by node only when a layer hook watches); ``install(node, kernel)``
 conv/linear node run a :mod:`~pai_compiler.backends.sparse_kernels` or
 :mod:`~pai_compiler.backends.sparse_operator` kernel instead of its dense layer (``dense=True``:
 a packed dense layer, see :mod:`~pai_compiler.backends.sparse_fusion`, which also folds
-BatchNorms and ReLUs into convs), ``set_memory_format`` holds 4-d tensors channels_last. Which
-kernel each layer gets is measured in :mod:`~pai_compiler.backends.sparse_select`. The module
+BatchNorms and ReLUs into convs), ``set_memory_format`` holds 4-d tensors channels_last;
+``forward_form = "traced"`` runs the plan's checked TorchScript trace instead of its Python loop
+(:mod:`~pai_compiler.backends.sparse_traced`; a per-signature cache, never pickled). Which
+kernel each layer gets, and which forward, is measured in :mod:`~pai_compiler.backends.sparse_select`. The module
 is for inference (weights are buffers; train the ``CompactModule``), pickles whole
 (``torch.save`` / ``torch.load(..., weights_only=False)``) and moves with ``.to(device)``.
 """
@@ -26,12 +28,13 @@ from torch import nn
 from pai_compiler.backends.sparse_kernels import SparseConv2d, SparseLinear, dense_conv
 from pai_compiler.backends.sparse_operator import OPERATOR_LIMIT, ConvOperator, operator_entries
 from pai_compiler.backends.sparse_plan import ForwardPlan, Signature, compile_plan, signature_of
+from pai_compiler.backends.sparse_traced import TraceKey, TracedForward, trace_key, trace_plan
 from pai_compiler.errors import PaicError
 from pai_compiler.interp import Interpreter, is_float_array, torch_ready
 from pai_compiler.interp_tables import rule_for
 from pai_compiler.ir import Graph, Node, OpKind, Param
 
-__all__ = ["SparseModule", "sparse_kernel", "Kernel", "OPERATOR"]
+__all__ = ["SparseModule", "sparse_kernel", "Kernel", "OPERATOR", "FORWARDS", "TRACED"]
 
 Kernel = nn.Module
 LayerHook = Callable[[Node, list[torch.Tensor]], None]
@@ -39,6 +42,9 @@ LayerHook = Callable[[Node, list[torch.Tensor]], None]
 OPERATOR = "operator"
 #: most input signatures whose compiled forward a module keeps
 PLAN_CACHE = 8
+#: how a module runs its plan: the Python loop (plan) or its TorchScript trace (traced), see sparse_traced
+FORWARDS = ("plan", "traced")
+TRACED = "traced"
 
 
 class _ModuleInterpreter(Interpreter):
@@ -100,10 +106,13 @@ class SparseModule(nn.Module):
         self._shape_memo: dict[Any, Any] = {}
         self._symbolic: list[tuple[int, int, str]] | None = None
         self._plans: dict[tuple[Signature, bool], ForwardPlan] = {}  # per input signature (and sparse or not)
+        self.forward_form = "plan"  # or "traced": calls run the plan's TorchScript trace where one checks out
+        self._traces: dict[TraceKey, TracedForward] = {}  # per input signature and strides: a cache, never pickled
 
     def invalidate_plans(self) -> None:
-        """Forget the compiled forwards (they hold the kernels and tensors of the time they were built)."""
+        """Forget the compiled forwards and their traces (they hold the kernels and tensors of the time they were built)."""
         self._plans = {}
+        self._traces = {}
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseModule:  # .to(), .float(): new tensors, stale plans
         self.invalidate_plans()
@@ -205,10 +214,26 @@ class SparseModule(nn.Module):
             found = self._plans[key] = compile_plan(self, inputs, sparse=sparse)
         return found
 
+    def traced(self, inputs: Sequence[torch.Tensor]) -> TracedForward:
+        """The checked TorchScript trace of the plan for ``inputs``' signature and strides (built on first use,
+        then cached; its ``forward`` is None, with the reason, where tracing failed or differed)."""
+        key = trace_key(inputs)
+        found = self._traces.get(key)
+        if found is None:
+            if len(self._traces) >= PLAN_CACHE:
+                self._traces.clear()
+            found = self._traces[key] = trace_plan(self.plan(inputs), inputs, self)
+        return found
+
     def run(self, inputs: Sequence[torch.Tensor], on_layer: LayerHook | None = None, *, sparse: bool = True) -> list[torch.Tensor]:
         """Evaluate the graph (``sparse=False``: every layer on its dense kernel); with ``on_layer(node, args)``,
-        seeing the inputs of every conv/linear node, node by node through the interpreter instead of the plan."""
+        seeing the inputs of every conv/linear node, node by node through the interpreter instead of the plan.
+        With ``forward_form == "traced"`` the chosen kernels run through the plan's checked trace (the plan where there is none)."""
         if on_layer is None:
+            if sparse and self.forward_form == TRACED:
+                traced = self.traced(inputs)
+                if traced.forward is not None:
+                    return traced.run(inputs)
             return self.plan(inputs, sparse=sparse).run(inputs)
         it = self.bound_interpreter(inputs)
         device = it.device
@@ -268,12 +293,13 @@ class SparseModule(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_rules={}, _shape_memo={}, _symbolic=None, _plans={})  # per-process caches (rules may be lambdas)
+        state.update(_rules={}, _shape_memo={}, _symbolic=None, _plans={}, _traces={})  # per-process caches (rules may be lambdas)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("_plans", {})  # a module pickled before plans existed
+        for name, default in (("_plans", {}), ("_traces", {}), ("forward_form", "plan")):  # a module pickled before these existed
+            self.__dict__.setdefault(name, default)
 
     def forward(self, *inputs: torch.Tensor) -> Any:
         outs = self.run(list(inputs))
