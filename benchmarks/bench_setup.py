@@ -59,9 +59,12 @@ def export_zoo_model(name: str, folder: Path) -> Path:
 
 
 def pipeline_for(method: str, sparsity: float, dpai_steps: int) -> str:
-    """The pipeline a speed benchmark prunes with: ERK densities, then the method (layer scope where it has one)."""
+    """The pipeline a speed benchmark prunes with: ERK densities, then the method (layer scope where it has one);
+    ``dpai-latNN`` is DPaI with the latency knob at NN/100 (``dpai{latency=0.5}`` for dpai-lat50)."""
     if method == "dpai":
         return f"erk{{sparsity={sparsity}}},dpai{{steps={dpai_steps}}}"
+    if method.startswith("dpai-lat"):
+        return f"erk{{sparsity={sparsity}}},dpai{{steps={dpai_steps},latency={int(method[len('dpai-lat'):]) / 100}}}"
     if method == "random-erk":
         return f"erk{{sparsity={sparsity}}},random-erk"
     return f"erk{{sparsity={sparsity}}},{method}{{scope=layer}}"

@@ -124,7 +124,8 @@ def run_case(name: str, src: Path, method: str, sparsity: float, args: argparse.
                      "sparse_layers": report.sparse_layers, "layers": len(report.layers), "memory_format": report.memory_format,
                      "choices": dict(Counter(layer.choice for layer in report.layers)),
                      "select_dense_ms": report.model_dense_ms, "select_chosen_ms": report.model_chosen_ms,
-                     "select_ort_ms": report.onnxruntime_ms, "advice": report.advice})
+                     "select_ort_ms": report.onnxruntime_ms, "advice": report.advice, "forward": report.forward,
+                     "forward_ms": report.forward_ms, "forward_note": report.forward_note})
         print(json.dumps(rows[-1]), flush=True)
         forms.sparse[batch].unlink()
     masked.unlink()
@@ -237,6 +238,14 @@ def _kernels_cell(row: dict[str, Any]) -> str:
     return ", ".join(f"{name.split('/')[-1]} {n}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1])) or "-"
 
 
+def _forward_cell(row: dict[str, Any]) -> str:
+    """How the module runs (plan or its TorchScript trace) and the build's medians of the candidates, e.g.
+    ``traced (plan 1.31, traced 0.83, traced_dense 0.74)``; rows of an older JSON have none."""
+    times = row.get("forward_ms") or {}
+    detail = ", ".join(f"{name} {ms:.2f}" for name, ms in times.items())
+    return f"{row.get('forward', 'plan')} ({detail})" if detail else row.get("forward", "plan")
+
+
 def _advice_cell(row: dict[str, Any]) -> str:
     """What the build said about onnxruntime: 'ORT x ms' where it advised writing the .onnx instead."""
     if row.get("select_ort_ms") is None:
@@ -266,15 +275,15 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace, info: dict[st
         f"({args.select_repeats} alternating repeats); \"sparse layers\" counts layers on a sparse kernel. Compact and sparse "
         "outputs equal the masked model's (max relative error ≤ 1e-5, checked on every row).", "",
         "| model | method | sparsity | batch | dense ORT ms | masked ORT × | compact ORT × | sparse torch ms | **sparse torch ×** "
-        "| fastest: dense ORT ms | sparse torch ms | **sparse torch ×** | sparse layers | kernels | format | ORT advice |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| fastest: dense ORT ms | sparse torch ms | **sparse torch ×** | sparse layers | kernels | format | forward (build ms) | ORT advice |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         x = r["dense_ort_ms"]
         lines.append(f"| {r['model']} | {r['method']} | {100 * r['sparsity']:.4g}% | {r['batch']} | {x:.2f} | "
                      f"{x / r['masked_ort_ms']:.2f}× | {x / r['compact_ort_ms']:.2f}× | {r['sparse_torch_ms']:.2f} | "
                      f"**{x / r['sparse_torch_ms']:.2f}×** | {_fastest_cells(r)} | {r['sparse_layers']}/{r['layers']} | "
-                     f"{_kernels_cell(r)} | {r['memory_format']} | {_advice_cell(r)} |")
+                     f"{_kernels_cell(r)} | {r['memory_format']} | {_forward_cell(r)} | {_advice_cell(r)} |")
     if overheads:
         lines += overhead_markdown(overheads)
     lines += ["", "## Odd compacted widths in torch (dense, 1 thread)", "",

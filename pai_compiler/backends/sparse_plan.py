@@ -193,10 +193,13 @@ def _norm(it: Interpreter, node: Node) -> Call | None:
 
 
 def _gather(node: Node) -> Call:
-    """Constant indices along ``axis`` (negative ones read from the end), resolved on the first call."""
+    """Constant indices along ``axis`` (negative ones read from the end), resolved on the first call; one
+    scalar index is a ``select`` (a view: attention's q/k/v picked from a stacked projection, no copy)."""
     a = node.attrs
     indices = torch.as_tensor(np.asarray(a["indices"], dtype=np.int64).reshape(a["indices_shape"]))
     axis = a["axis"]
+    if indices.dim() == 0:
+        return partial(torch.select, dim=axis, index=int(indices))  # select reads a negative index from the end too
     resolved: list[Any] = []
 
     def run(x: torch.Tensor) -> torch.Tensor:
