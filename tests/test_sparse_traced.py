@@ -140,7 +140,7 @@ def _fixed_forward_times(times: Mapping[str, float]) -> Any:
     return fake
 
 
-@pytest.mark.parametrize("traced_ms,chosen", [(0.5, TRACED), (2.0, "plan")])
+@pytest.mark.parametrize("traced_ms,chosen", [(0.5, TRACED), (2.0, "plan"), (0.97, "plan")])  # 0.97: within the 0.95 margin
 def test_build_takes_the_trace_only_where_it_is_faster(monkeypatch: pytest.MonkeyPatch, traced_ms: float, chosen: str) -> None:
     monkeypatch.setattr(sparse_select, "time_alternating", _fixed_forward_times({"plan": 1.0, TRACED: traced_ms}))
     masked, graph = _pruned("vgg_small")
@@ -149,5 +149,19 @@ def test_build_takes_the_trace_only_where_it_is_faster(monkeypatch: pytest.Monke
     assert doc["forward"] == chosen == module.forward_form and doc["forward_ms"] == {"plan": 1.0, TRACED: traced_ms}
     assert bool(doc["forward_note"]) == (chosen == "plan")
     x = _input(masked, 2, 6)
+    with torch.no_grad():
+        assert relative_error(_reloaded(module)(x), Interpreter(masked).run([x]).outputs[0]) <= 1e-5
+
+
+def test_a_faster_traced_dense_model_puts_every_layer_back_to_dense(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sparse layers win one by one and as a plan, but traced, the dense model is faster: it is what the module runs."""
+    times = {"dense": 2.0, "plain": 3.0, "chosen": 1.0, "other": 1.5, "plan": 1.0, TRACED: 0.8, "traced_dense": 0.5}
+    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_forward_times(times))
+    masked, graph = _pruned("vgg_small")
+    module, report = build_sparse_module(graph, batch=1, repeats=1, warmup=0)
+    assert report.forward == TRACED == module.forward_form and report.forward_ms == {"plan": 1.0, TRACED: 0.8, "traced_dense": 0.5}
+    assert not module.kernel_of and report.sparse_layers == 0 and "traced, the dense model ran 0.500 ms" in report.fallback
+    assert all(row.choice == "dense" for row in report.layers)
+    x = _input(masked, 1, 7)
     with torch.no_grad():
         assert relative_error(_reloaded(module)(x), Interpreter(masked).run([x]).outputs[0]) <= 1e-5

@@ -220,9 +220,9 @@ def _checked_trace(module: SparseModule, inputs: list[torch.Tensor], reference: 
 
 
 def choose_forward(module: SparseModule, inputs: list[torch.Tensor], report: SparseExecReport, *, reference: list[torch.Tensor],
-                   policy: str = "auto") -> None:
+                   policy: str = "auto", margin: float = 0.95) -> None:
     """Run the module's calls through the plan's TorchScript trace where it equals the masked model (max relative
-    error ``<= EXACT``) and is faster than the plan (medians, alternating). Under ``policy="auto"`` with sparse
+    error ``<= EXACT``) and beats the plan by ``margin`` (medians, alternating). Under ``policy="auto"`` with sparse
     layers, the traced *dense* model is a candidate too (tracing can cut the dense layers' cost more than the
     sparse ones'): if it wins, every layer goes back to dense. The report says which and why."""
     traced, why = _checked_trace(module, inputs, reference, sparse=True)
@@ -236,9 +236,9 @@ def choose_forward(module: SparseModule, inputs: list[torch.Tensor], report: Spa
         candidates[TRACED_DENSE] = lambda: dense.run(inputs)
     times = time_alternating(candidates, repeats=report.repeats, warmup=report.warmup, device=report.device)
     report.forward_ms = {name: round(ms, 4) for name, ms in times.items()}
-    best = min(times, key=times.__getitem__)
-    if best == "plan":
-        report.forward_note = f"the trace ran {times[TRACED]:.3f} ms against {times['plan']:.3f} ms for the plan"
+    best = min((name for name in times if name != "plan"), key=times.__getitem__)
+    if times[best] >= margin * times["plan"]:
+        report.forward_note = f"the trace ran {times[best]:.3f} ms against {times['plan']:.3f} ms for the plan"
         return
     module.forward_form = report.forward = TRACED
     if best == TRACED_DENSE:
@@ -276,7 +276,7 @@ def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, devic
         with torch.no_grad(), metric_bar(progress, "[bold]sparse kernels[/]", layers + 1, unit="layers", timed=True) as bar:
             report = choose_kernels(module, feed, reference=reference, device=device, threads=threads, repeats=repeats, warmup=warmup,
                                     margin=margin, layouts=layouts, policy=policy, bar=bar)
-            choose_forward(module, feed, report, reference=reference, policy=policy)
+            choose_forward(module, feed, report, reference=reference, policy=policy, margin=margin)
             if bar is not None:
                 bar(layers, f"{report.sparse_layers} sparse · timing the model" + (" against onnxruntime" if onnx_twin else ""))
             if onnx_twin is not None:

@@ -32,7 +32,7 @@ __all__ = ["TracedForward", "TraceKey", "trace_key", "trace_plan", "EXACT_TRACE"
 EXACT_TRACE = 1e-6
 #: calls of a fresh traced forward before it is checked and timed (TorchScript's executor
 #: profiles and specialises the graph on its first calls)
-TRACE_WARMUP = 3
+TRACE_WARMUP = 2
 #: the seed of the second input a trace is checked on
 CHECK_SEED = 20261207
 
