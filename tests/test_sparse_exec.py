@@ -30,7 +30,7 @@ from typer.testing import CliRunner
 
 from pai_compiler import api
 from pai_compiler.audit import masks_from_zeros
-from pai_compiler.backends import sparse_select, sparse_timing
+from pai_compiler.backends import sparse_forward, sparse_select, sparse_timing
 from pai_compiler.backends.sparse_fusion import fuse_for_inference
 from pai_compiler.backends.sparse_kernels import GATHERS, PackedConv2d, SparseConv2d, SparseLinear
 from pai_compiler.backends.sparse_operator import ConvOperator
@@ -239,6 +239,12 @@ def test_every_conv_form_in_a_model_equals_the_masked_interpreter(form: str) -> 
         assert relative_error(_reloaded(module)(x), ref) <= 1e-5
 
 
+def _patch_times(monkeypatch: pytest.MonkeyPatch, fake: Callable[..., dict[str, float]]) -> None:
+    """Every timing of the build (layers, the model, onnxruntime, the forward forms) by ``fake``."""
+    for module in (sparse_select, sparse_forward):
+        monkeypatch.setattr(module, "time_alternating", fake)
+
+
 def _fixed_times(per_layer: Mapping[str, float], model: Mapping[str, float], versus_ort: Mapping[str, float] | None = None) -> Callable[..., dict[str, float]]:
     """A stand-in for time_alternating: layer candidates get ``per_layer``, the whole-model check ``model``,
     the module against onnxruntime ``versus_ort``."""
@@ -257,7 +263,7 @@ def _fixed_times(per_layer: Mapping[str, float], model: Mapping[str, float], ver
 ])
 def test_auto_choice_keeps_faster_kernels_and_never_a_slower_model(monkeypatch: pytest.MonkeyPatch, model_times: dict[str, float],
                                                                    fallback: bool) -> None:
-    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_times({"dense": 2.0, "csr": 1.0, "csr/copy": 1.0, "csr/index": 1.5}, model_times))
+    _patch_times(monkeypatch, _fixed_times({"dense": 2.0, "csr": 1.0, "csr/copy": 1.0, "csr/index": 1.5}, model_times))
     graph = api.load_model(EXAMPLES / "vgg_small.onnx")
     api.optimize(graph, sparsity=0.9, method="magnitude")
     api.compact_graph(graph)
@@ -276,7 +282,7 @@ def test_auto_choice_keeps_faster_kernels_and_never_a_slower_model(monkeypatch: 
 
 
 def test_auto_choice_keeps_a_slower_sparse_layer_dense(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_times({"dense": 1.0, "csr": 3.0, "csr/copy": 3.0, "csr/index": 2.0}, {}))
+    _patch_times(monkeypatch, _fixed_times({"dense": 1.0, "csr": 3.0, "csr/copy": 3.0, "csr/index": 2.0}, {}))
     graph = api.load_model(EXAMPLES / "resnet20.onnx")
     api.optimize(graph, sparsity=0.95, method="random-erk")
     api.compact_graph(graph)
@@ -392,7 +398,7 @@ def test_conv1d_with_fused_relu_is_exact(tmp_path: Path) -> None:
 @pytest.mark.parametrize("ort_ms,advised", [(0.5, True), (3.0, False)])
 def test_onnxruntime_faster_is_said_in_the_report_and_cli(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, ort_ms: float,
                                                           advised: bool) -> None:
-    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_times({"dense": 1.0}, {}, {"torch": 2.0, "onnxruntime": ort_ms}))
+    _patch_times(monkeypatch, _fixed_times({"dense": 1.0}, {}, {"torch": 2.0, "onnxruntime": ort_ms}))
     onnx.save(_wide_model(np.random.default_rng(2), density=0.1), tmp_path / "wide.onnx")
     run = CliRunner().invoke(app, ["compact", str(tmp_path / "wide.onnx"), "-o", str(tmp_path / "fast.pt"), "--report", str(tmp_path / "r.json")])
     assert run.exit_code == 0, run.output

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from pai_compiler import api
-from pai_compiler.backends import sparse_select, sparse_traced
+from pai_compiler.backends import sparse_forward, sparse_select, sparse_traced
 from pai_compiler.backends.sparse_select import build_sparse_module
 from pai_compiler.backends.sparse_timing import relative_error
 from pai_compiler.backends.torch_sparse import TRACED, SparseModule
@@ -142,7 +142,8 @@ def _fixed_forward_times(times: Mapping[str, float]) -> Any:
 
 @pytest.mark.parametrize("traced_ms,chosen", [(0.5, TRACED), (2.0, "plan"), (0.97, "plan")])  # 0.97: within the 0.95 margin
 def test_build_takes_the_trace_only_where_it_is_faster(monkeypatch: pytest.MonkeyPatch, traced_ms: float, chosen: str) -> None:
-    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_forward_times({"plan": 1.0, TRACED: traced_ms}))
+    for module in (sparse_select, sparse_forward):
+        monkeypatch.setattr(module, "time_alternating", _fixed_forward_times({"plan": 1.0, TRACED: traced_ms}))
     masked, graph = _pruned("vgg_small")
     module, report = build_sparse_module(graph, batch=1, repeats=1, warmup=0, policy="sparse")
     doc = report.to_dict()
@@ -156,7 +157,8 @@ def test_build_takes_the_trace_only_where_it_is_faster(monkeypatch: pytest.Monke
 def test_a_faster_traced_dense_model_puts_every_layer_back_to_dense(monkeypatch: pytest.MonkeyPatch) -> None:
     """Sparse layers win one by one and as a plan, but traced, the dense model is faster: it is what the module runs."""
     times = {"dense": 2.0, "plain": 3.0, "chosen": 1.0, "other": 1.5, "plan": 1.0, TRACED: 0.8, "traced_dense": 0.5}
-    monkeypatch.setattr(sparse_select, "time_alternating", _fixed_forward_times(times))
+    for module in (sparse_select, sparse_forward):
+        monkeypatch.setattr(module, "time_alternating", _fixed_forward_times(times))
     masked, graph = _pruned("vgg_small")
     module, report = build_sparse_module(graph, batch=1, repeats=1, warmup=0)
     assert report.forward == TRACED == module.forward_form and report.forward_ms == {"plan": 1.0, TRACED: 0.8, "traced_dense": 0.5}

@@ -14,8 +14,8 @@ equals the dense one (max relative error ``<= EXACT``); then the whole model is 
 with the choice, and with the choice in the other memory format (medians, alternating), and if
 neither choice is faster every layer goes back to dense — the auto choice is never slower than
 the compact dense model. ``policy="sparse"`` installs every exact sparse kernel (tests,
-experiments), ``policy="dense"`` none. Last, the chosen forward is traced (:mod:`~pai_compiler.backends.sparse_traced`:
-TorchScript, no Python per op) and timed against the plan, alternating; the trace runs the
+experiments), ``policy="dense"`` none. Last, :func:`~pai_compiler.backends.sparse_forward.choose_forward`
+times the plan against its TorchScript trace (and the traced dense model): a trace runs the
 module's calls only where it equals the masked model and is faster (``forward`` in the report). Given ``onnx_twin`` (a writer of the same compact model
 as ONNX) and onnxruntime, the finished module is also timed against the compact ONNX model in
 onnxruntime (alternating, same feed and threads): where that is faster, the report's
@@ -40,8 +40,8 @@ import torch
 from pai_compiler.backends.sparse_fusion import fuse_for_inference
 from pai_compiler.backends.sparse_kernels import GATHERS, PackedConv2d, layout_fits
 from pai_compiler.backends.sparse_timing import PLAIN, LayerTiming, SparseExecReport, example_inputs, relative_error, time_alternating
-from pai_compiler.backends.sparse_traced import TracedForward, trace_plan
-from pai_compiler.backends.torch_sparse import OPERATOR, TRACED, Kernel, SparseModule, sparse_kernel
+from pai_compiler.backends.sparse_forward import back_to_dense, choose_forward
+from pai_compiler.backends.torch_sparse import OPERATOR, Kernel, SparseModule, sparse_kernel
 from pai_compiler.errors import PaicError, UsageError
 from pai_compiler.interp import Interpreter
 from pai_compiler.ir import Graph, Node, OpKind
@@ -50,16 +50,13 @@ from pai_compiler.progress import MetricUpdate, metric_bar
 
 OnnxWriter = Callable[[Path], None]
 
-__all__ = ["build_sparse_module", "choose_kernels", "choose_memory_format", "choose_forward", "compare_with_onnxruntime", "EXACT", "POLICIES",
-           "OnnxWriter"]
+__all__ = ["build_sparse_module", "choose_kernels", "choose_memory_format", "compare_with_onnxruntime", "EXACT", "POLICIES", "OnnxWriter"]
 
 #: auto: the faster per layer, never slower as a model; sparse: every layer with a sparse form
 #: (exactness tests, experiments); dense: none (the compact model in torch)
 POLICIES = ("auto", "sparse", "dense")
 #: the largest relative error a sparse kernel may have against the dense layer
 EXACT = 1e-5
-#: the forward candidate that is the trace of the all-dense plan
-TRACED_DENSE = "traced_dense"
 #: onnxruntime's fused kernels round differently: the agreement its timing needs to count
 ORT_AGREE = 1e-4
 
@@ -196,54 +193,7 @@ def _settle(module: SparseModule, inputs: list[torch.Tensor], chosen: list[str],
         if report.memory_format != dense_format:
             module.set_memory_format(dense_format)
             report.memory_format = dense_format
-        _back_to_dense(module, report, f"the sparse choice ran {times['chosen']:.3f} ms against {times['dense']:.3f} ms dense: every layer dense")
-        report.model_chosen_ms = report.model_dense_ms
-
-
-def _back_to_dense(module: SparseModule, report: SparseExecReport, why: str) -> None:
-    """Every layer back on its dense kernel, the report's rows and ``fallback`` saying ``why``."""
-    for name in list(module.kernel_of):
-        module.install(name, None)
-    report.fallback = why
-    report.layers = [replace(row, choice="dense", reason=row.reason + "; model-level fallback") for row in report.layers]
-
-
-def _checked_trace(module: SparseModule, inputs: list[torch.Tensor], reference: list[torch.Tensor], *, sparse: bool) -> tuple[TracedForward | None, str]:
-    """The trace of the module's plan (``sparse=False``: every layer dense) if it equals the masked model, else (None, why)."""
-    traced = module.traced(inputs) if sparse else trace_plan(module.plan(inputs, sparse=False), inputs, module)
-    if traced.forward is None:
-        return None, traced.reason
-    error = max((relative_error(got, ref) for got, ref in zip(traced.run(inputs), reference) if ref.is_floating_point()), default=0.0)
-    if error > EXACT:
-        return None, f"the trace differs from the masked model (max relative error {error:.1e})"
-    return traced, ""
-
-
-def choose_forward(module: SparseModule, inputs: list[torch.Tensor], report: SparseExecReport, *, reference: list[torch.Tensor],
-                   policy: str = "auto", margin: float = 0.95) -> None:
-    """Run the module's calls through the plan's TorchScript trace where it equals the masked model (max relative
-    error ``<= EXACT``) and beats the plan by ``margin`` (medians, alternating). Under ``policy="auto"`` with sparse
-    layers, the traced *dense* model is a candidate too (tracing can cut the dense layers' cost more than the
-    sparse ones'): if it wins, every layer goes back to dense. The report says which and why."""
-    traced, why = _checked_trace(module, inputs, reference, sparse=True)
-    if traced is None:
-        report.forward_note = why
-        return
-    plan = module.plan(inputs)
-    candidates = {"plan": lambda: plan.run(inputs), TRACED: lambda: traced.run(inputs)}
-    dense = _checked_trace(module, inputs, reference, sparse=False)[0] if policy == "auto" and module.kernel_of else None
-    if dense is not None:
-        candidates[TRACED_DENSE] = lambda: dense.run(inputs)
-    times = time_alternating(candidates, repeats=report.repeats, warmup=report.warmup, device=report.device)
-    report.forward_ms = {name: round(ms, 4) for name, ms in times.items()}
-    best = min((name for name in times if name != "plan"), key=times.__getitem__)
-    if times[best] >= margin * times["plan"]:
-        report.forward_note = f"the trace ran {times[best]:.3f} ms against {times['plan']:.3f} ms for the plan"
-        return
-    module.forward_form = report.forward = TRACED
-    if best == TRACED_DENSE:
-        _back_to_dense(module, report, f"traced, the dense model ran {times[TRACED_DENSE]:.3f} ms against {times[TRACED]:.3f} ms "
-                                       "with the sparse choice: every layer dense")
+        back_to_dense(module, report, f"the sparse choice ran {times['chosen']:.3f} ms against {times['dense']:.3f} ms dense: every layer dense")
         report.model_chosen_ms = report.model_dense_ms
 
 
@@ -276,7 +226,7 @@ def build_sparse_module(graph: Graph, *, batch: int = 1, threads: int = 1, devic
         with torch.no_grad(), metric_bar(progress, "[bold]sparse kernels[/]", layers + 1, unit="layers", timed=True) as bar:
             report = choose_kernels(module, feed, reference=reference, device=device, threads=threads, repeats=repeats, warmup=warmup,
                                     margin=margin, layouts=layouts, policy=policy, bar=bar)
-            choose_forward(module, feed, report, reference=reference, policy=policy, margin=margin)
+            choose_forward(module, feed, report, reference=reference, exact=EXACT, policy=policy, margin=margin)
             if bar is not None:
                 bar(layers, f"{report.sparse_layers} sparse · timing the model" + (" against onnxruntime" if onnx_twin else ""))
             if onnx_twin is not None:

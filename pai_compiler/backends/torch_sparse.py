@@ -10,7 +10,8 @@ a packed dense layer, see :mod:`~pai_compiler.backends.sparse_fusion`, which als
 BatchNorms and ReLUs into convs), ``set_memory_format`` holds 4-d tensors channels_last;
 ``forward_form = "traced"`` runs the plan's checked TorchScript trace instead of its Python loop
 (:mod:`~pai_compiler.backends.sparse_traced`; a per-signature cache, never pickled). Which
-kernel each layer gets, and which forward, is measured in :mod:`~pai_compiler.backends.sparse_select`. The module
+kernel each layer gets is measured in :mod:`~pai_compiler.backends.sparse_select`, which forward in
+:mod:`~pai_compiler.backends.sparse_forward`. The module
 is for inference (weights are buffers; train the ``CompactModule``), pickles whole
 (``torch.save`` / ``torch.load(..., weights_only=False)``) and moves with ``.to(device)``.
 """
