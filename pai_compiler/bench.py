@@ -311,7 +311,8 @@ def render_sparse_exec(console: Any, doc: dict[str, Any]) -> None:
     times = doc.get("forward_ms") or {}
     if doc.get("forward") == "traced":
         traced_ms = min(ms for name, ms in times.items() if name != "plan")  # the traced choice, or the traced dense model
-        console.print(f"forward: TorchScript trace of the plan, {traced_ms:.3f} ms against {times['plan']:.3f} ms for the plan")
+        console.print(f"forward: TorchScript trace of the plan at the timed input shape (others run the plan), "
+                      f"{traced_ms:.3f} ms against {times['plan']:.3f} ms for the plan")
     elif doc.get("forward_note"):
         console.print(f"forward: plan ({doc['forward_note']})")
     if doc.get("advice"):

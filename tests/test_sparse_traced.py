@@ -167,3 +167,19 @@ def test_a_faster_traced_dense_model_puts_every_layer_back_to_dense(monkeypatch:
     x = _input(masked, 1, 7)
     with torch.no_grad():
         assert relative_error(_reloaded(module)(x), Interpreter(masked).run([x]).outputs[0]) <= 1e-5
+
+
+def test_the_build_traces_only_the_timed_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A built module takes its trace at the signature it was timed at; another batch runs the plan
+    (no trace on the fly), equal to the masked model, and the timed shape re-traces once after load."""
+    for module in (sparse_select, sparse_forward):
+        monkeypatch.setattr(module, "time_alternating", _fixed_forward_times({"plan": 1.0, TRACED: 0.5}))
+    masked, graph = _pruned("vgg_small")
+    module, _ = build_sparse_module(graph, batch=1, repeats=1, warmup=0, policy="sparse")
+    reloaded = _reloaded(module)
+    assert reloaded.forward_form == TRACED and reloaded.trace_signatures is not None and len(reloaded.trace_signatures) == 1
+    with torch.no_grad():
+        for batch, traces in ((3, 0), (1, 1), (2, 1)):
+            x = _input(masked, batch, batch)
+            assert relative_error(reloaded(x), Interpreter(masked).run([x]).outputs[0]) <= 1e-5
+            assert len(reloaded._traces) == traces, batch

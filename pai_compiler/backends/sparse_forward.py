@@ -6,8 +6,10 @@ masked model's outputs (max relative error ``<= exact``) and times the plan, the
 ``policy="auto"`` with sparse layers, the trace of the all-dense plan (alternating medians, as every
 choice of the build: under the tracer a packed oneDNN conv runs as ``F.conv2d``, which can beat the
 sparse kernels on tiny layers). A traced form is kept only when it beats the plan by ``margin``;
-the traced dense model puts every layer back to dense (:func:`back_to_dense`). The report's
-``forward``, ``forward_ms`` and ``forward_note`` say which ran and why.
+the traced dense model puts every layer back to dense (:func:`back_to_dense`). The trace runs for
+the input signature timed here only (``SparseModule.trace_signatures``): a call of another shape
+runs the plan rather than tracing on the fly. The report's ``forward``, ``forward_ms`` and
+``forward_note`` say which ran and why.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from dataclasses import replace
 
 import torch  # the candidates are torch calls (imported with sparse_select)
 
+from pai_compiler.backends.sparse_plan import signature_of
 from pai_compiler.backends.sparse_timing import SparseExecReport, relative_error, time_alternating
 from pai_compiler.backends.sparse_traced import TracedForward, trace_plan
 from pai_compiler.backends.torch_sparse import TRACED, SparseModule
@@ -67,6 +70,7 @@ def choose_forward(module: SparseModule, inputs: list[torch.Tensor], report: Spa
         report.forward_note = f"the trace ran {times[best]:.3f} ms against {times['plan']:.3f} ms for the plan"
         return
     module.forward_form = report.forward = TRACED
+    module.trace_signatures = {signature_of(inputs)}  # the shape timed here; other shapes run the plan (no trace on the fly)
     if best == TRACED_DENSE:
         back_to_dense(module, report, f"traced, the dense model ran {times[TRACED_DENSE]:.3f} ms against {times[TRACED]:.3f} ms "
                                        "with the sparse choice: every layer dense")

@@ -108,6 +108,9 @@ class SparseModule(nn.Module):
         self._symbolic: list[tuple[int, int, str]] | None = None
         self._plans: dict[tuple[Signature, bool], ForwardPlan] = {}  # per input signature (and sparse or not)
         self.forward_form = "plan"  # or "traced": calls run the plan's TorchScript trace where one checks out
+        #: with "traced": the input signatures that take the trace (the build's: the shape it timed); None: every one.
+        #: Other shapes run the plan, so a new sequence length never pays a trace (about 1.5 s on a small GPT-2)
+        self.trace_signatures: set[Signature] | None = None
         self._traces: dict[TraceKey, TracedForward] = {}  # per input signature and strides: a cache, never pickled
 
     def invalidate_plans(self) -> None:
@@ -231,7 +234,7 @@ class SparseModule(nn.Module):
         seeing the inputs of every conv/linear node, node by node through the interpreter instead of the plan.
         With ``forward_form == "traced"`` the chosen kernels run through the plan's checked trace (the plan where there is none)."""
         if on_layer is None:
-            if sparse and self.forward_form == TRACED:
+            if sparse and self.forward_form == TRACED and (self.trace_signatures is None or signature_of(inputs) in self.trace_signatures):
                 traced = self.traced(inputs)
                 if traced.forward is not None:
                     return traced.run(inputs)
@@ -299,7 +302,7 @@ class SparseModule(nn.Module):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        for name, default in (("_plans", {}), ("_traces", {}), ("forward_form", "plan")):  # a module pickled before these existed
+        for name, default in (("_plans", {}), ("_traces", {}), ("forward_form", "plan"), ("trace_signatures", None)):  # pickled before these existed
             self.__dict__.setdefault(name, default)
 
     def forward(self, *inputs: torch.Tensor) -> Any:
