@@ -217,7 +217,8 @@ def lower_module(module: Any, example: Any, frontend: str = "auto", *, phases: P
     try:
         graph = lower_export(module, example, **options)
     except ModelError as export_error:
-        raise ModelError(f"neither frontend lowers {type(module).__name__}: torch.fx: {fx_reason}; torch.export: {export_error}") from export_error
+        raise ModelError(f"neither frontend lowers {type(module).__name__}: torch.fx: {fx_reason}; torch.export: {export_error}; "
+                         "the ONNX route may: export it with torch.onnx.export and give paic the .onnx file") from export_error
     graph.meta["warnings"].insert(0, f"lowered with torch.export (--frontend auto; torch.fx failed: {fx_reason})")
     return graph
 
