@@ -12,7 +12,9 @@ residual adds sum, pooling keeps the model's mean/max, data constants are zero, 
 follow the gate rule paths(a@b) = paths(a)@1 + 1@paths(b)), on the chan vector where that is
 exact and on the materialised tensor otherwise (reshape, matmul, attention...). Attention
 weights therefore get real path gradients: Q, K and V reach the output through the two gated
-matmuls. DPaI's normalisation is kept: each conv/linear input is divided by its max m_l and
+matmuls, which run as row and column sums (``gate``: no GEMMs with all-ones matrices); a gather
+by constant indices (q, k, v out of a packed projection) is a ``Take`` with an exact backward.
+DPaI's normalisation is kept: each conv/linear input is divided by its max m_l and
 log P = log(sum(out)) + sum_l log m_l. Forward and backward run on a hand-written tape
 (``_dpai_tape``), in numpy on the CPU and in torch on other devices. The prunable weights W are
 slices of one flat kernel-level buffer ``counts`` (gradient: ``grad``) unless ``sources`` gives
