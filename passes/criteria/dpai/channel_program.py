@@ -12,7 +12,9 @@ residual adds sum, pooling keeps the model's mean/max, data constants are zero, 
 follow the gate rule paths(a@b) = paths(a)@1 + 1@paths(b)), on the chan vector where that is
 exact and on the materialised tensor otherwise (reshape, matmul, attention...). Attention
 weights therefore get real path gradients: Q, K and V reach the output through the two gated
-matmuls. DPaI's normalisation is kept: each conv/linear input is divided by its max m_l and
+matmuls, which run as row and column sums (``gate``: no GEMMs with all-ones matrices); a gather
+by constant indices (q, k, v out of a packed projection) is a ``Take`` with an exact backward.
+DPaI's normalisation is kept: each conv/linear input is divided by its max m_l and
 log P = log(sum(out)) + sum_l log m_l. Forward and backward run on a hand-written tape
 (``_dpai_tape``), in numpy on the CPU and in torch on other devices. The prunable weights W are
 slices of one flat kernel-level buffer ``counts`` (gradient: ``grad``) unless ``sources`` gives
@@ -33,8 +35,9 @@ from pai_compiler.ir import Graph, Node, OpKind
 from pai_compiler.passes.criteria.dpai.layout import LayerInfo, Layout
 from pai_compiler.passes.criteria.dpai.ops import make_ops
 from pai_compiler.passes.criteria.dpai.host_tape import HostMatVec, host_matvec_applies
+from pai_compiler.passes.criteria.dpai.gate import GateMatMul, gate_matmul_applies
 from pai_compiler.passes.criteria.dpai.geometry import chan_pool_factor, conv_tap_live, reduction
-from pai_compiler.passes.criteria.dpai.tape import Cat, DenseWeight, Expand, Instr, Reshape, Scale, Split, Sum, Transpose, Weighted, WeightSource
+from pai_compiler.passes.criteria.dpai.tape import Cat, DenseWeight, Expand, Instr, Reshape, Scale, Split, Sum, Take, Transpose, Weighted, WeightSource
 from pai_compiler.passes.criteria.dpai.torch_ops import TorchOp, TorchWeightedOp
 
 if TYPE_CHECKING:
@@ -302,6 +305,21 @@ def _sum(cp: ChannelProgram, node: Node) -> None:
     cp.tape.append(Sum(cp.ops, full, cp._new(out_shape, name=out), [reduction(cp.stored[s], out_shape) for s in full]))
 
 
+def _matmul(cp: ChannelProgram, node: Node) -> None:
+    """A product of two activations: the gate rule by row and column sums (``gate``) where both are
+    stacks of matrices and the node has the plain gate rule; otherwise the interpreter's rule."""
+    from pai_compiler.interp_path_rules import path_mul  # heavy: the rule tables import torch
+    from pai_compiler.interp_tables import rule_for  # heavy: as above
+
+    a, b = node.inputs
+    shapes = cp.shapes[a.name], cp.shapes[b.name]
+    if rule_for(node, "paths") is not path_mul or not gate_matmul_applies(*shapes):
+        cp._torch_op(node)
+        return
+    out = node.outputs[0].name
+    cp.tape.append(GateMatMul(cp.ops, cp._full_slot(a.name), cp._full_slot(b.name), cp._new(cp.shapes[out], name=out), shapes[0], shapes[1], cp.shapes[out]))
+
+
 def _axis(cp: ChannelProgram, node: Node) -> int:
     out_shape = cp.shapes[node.outputs[0].name] if node.outputs else ()
     return int(node.attrs.get("axis", 0)) % max(len(out_shape), 1)
@@ -348,7 +366,11 @@ def _pool(cp: ChannelProgram, node: Node) -> None:
 
 
 def _reshape(cp: ChannelProgram, node: Node) -> None:
-    """Reshape and transpose move the values (a chan vector is materialised when it must be); other data movement: the path rule."""
+    """Reshape and transpose move the values (a chan vector is materialised when it must be), a gather
+    by constant indices picks them (``Take``); other data movement: the path rule."""
+    if node.attrs.get("op") == "gather":
+        _take(cp, node)
+        return
     if node.attrs.get("op") not in ("reshape", "transpose"):
         cp._torch_op(node)
         return
@@ -366,6 +388,30 @@ def _reshape(cp: ChannelProgram, node: Node) -> None:
         cp.tape.append(Transpose(cp.ops, src, dst, node.attrs["perm"]))
 
 
+def _take(cp: ChannelProgram, node: Node) -> None:
+    """A gather by constant indices (q, k and v out of a packed projection; a class token): ``Take``
+    where the node has the plain rule (not one reading index data); otherwise the interpreter's rule."""
+    from pai_compiler.interp_index_rules import reshape  # heavy: the rule tables import torch
+    from pai_compiler.interp_tables import rule_for  # heavy: as above
+
+    in_name, out = node.inputs[0].name, node.outputs[0].name
+    in_shape, a = cp.shapes[in_name], node.attrs
+    axis = int(a["axis"]) % len(in_shape)
+    flat = np.asarray(a["indices"], dtype=np.int64).reshape(-1)
+    flat = np.where(flat < 0, flat + in_shape[axis], flat)
+    if rule_for(node, "paths") is not reshape or flat.size == 0 or flat.min() < 0 or flat.max() >= in_shape[axis]:
+        cp._torch_op(node)  # out of range: the interpreter's rule says so
+        return
+    index = flat if cp.ops.name == "numpy" else _index_tensor(flat, cp._it.device)
+    cp.tape.append(Take(cp.ops, cp._full_slot(in_name), cp._new(cp.shapes[out], name=out), index, axis, in_shape, cp.shapes[out]))
+
+
+def _index_tensor(flat: np.ndarray, device: Any) -> Any:
+    import torch  # heavy: torch loads when a program is built, not when dpai is imported
+
+    return torch.from_numpy(flat).to(device)
+
+
 #: how each op kind compiles to tape instructions
 CHANNEL_RULES: dict[OpKind, ChannelRule] = {
     OpKind.INPUT: _input,
@@ -374,7 +420,7 @@ CHANNEL_RULES: dict[OpKind, ChannelRule] = {
     OpKind.CONV: lambda cp, node: cp._weighted(node, chan=True),
     OpKind.LINEAR: lambda cp, node: cp._weighted(node, chan=False),
     OpKind.ATTENTION: lambda cp, node: cp._attention(node),
-    OpKind.MATMUL: lambda cp, node: cp._torch_op(node),
+    OpKind.MATMUL: _matmul,
     OpKind.ADD: _sum,
     OpKind.MUL: _sum,
     OpKind.CONCAT: _concat,

@@ -95,12 +95,14 @@ class ChannelStep:
         with torch.no_grad():
             log_p = self._counts_and_gradient(kept)
             wgrad, counts = self.program.grad, self.program.counts
-            moving = wgrad[kept.kernel] != 0
+            at_kept = wgrad[kept.kernel]  # one gather, read again by the kernel gradient
+            moving = at_kept != 0
             effective = moving if kept.live is None else moving & (kept.live > 0)
             nodes = update.node_flags(effective, kept)
             if grad_out is not None:
-                kernel_flag = (moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
-                self.write_gradient(grad_out, scores, lambda out: update.kernel_gradient(nodes, kept, kernel_flag, wgrad, out))
+                # every kept kernel has counts >= 1 unless dead taps are weighted out (then read them)
+                kernel_flag = (moving if kept.live is None else moving & (counts[kept.kernel] > 0)).to(wgrad.dtype)
+                self.write_gradient(grad_out, scores, lambda out: update.kernel_gradient(nodes, kept, kernel_flag, wgrad, out, at_kept))
         return Measure(log_p, effective, nodes, lambda: self._kernel_count(kept, effective))
 
     def _kernel_count(self, kept: Kept, effective: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,8 @@ class Ops:
     def outer_into(self, out: Any, a: Any, b: Any) -> None: ...  # out[o, i] = a[o] * b[i]
     def matmul_into(self, out: Any, a: Any, b: Any) -> None: ...  # out = a @ b
     def scalar(self, x: Any) -> Any: ...  # a 0-d torch tensor of the value
+    def take(self, x: Any, index: Any, axis: int) -> Any: ...  # x's entries ``index`` (1-d) along ``axis``
+    def take_backward(self, g: Any, index: Any, axis: int, shape: Sequence[int]) -> Any: ...  # zeros(shape), g added at ``index``, in index order
     def normalise(self, x: Any) -> tuple[Any, Any, Any]: ...  # (x / m, saved, log m)
     def normalise_backward(self, gxh: Any, saved: Any, xh: Any) -> Any: ...
 
@@ -121,6 +123,20 @@ class NumpyOps(Ops):
         import torch
 
         return torch.tensor(float(x))
+
+    def take(self, x: Any, index: Any, axis: int) -> Any:
+        return np.take(x, index, axis=axis)
+
+    def take_backward(self, g: Any, index: Any, axis: int, shape: Sequence[int]) -> Any:
+        out = np.zeros(tuple(shape), dtype=np.float32)
+        moved, gm = np.moveaxis(out, axis, 0), np.moveaxis(g, axis, 0)
+        if index.size == 1:  # a basic slice (0 + g, as index_add adds)
+            moved[int(index[0])] += gm[0]
+        elif np.unique(index).size == index.size:
+            moved[index] += gm
+        else:  # index_add's order: duplicates add in turn (np.add.at is ~50x slower than the slices above)
+            np.add.at(moved, index, gm)
+        return out
 
 
 class TorchOps(Ops):
@@ -204,6 +220,12 @@ class TorchOps(Ops):
 
     def scalar(self, x: Any) -> Any:
         return x.detach() if hasattr(x, "detach") else x
+
+    def take(self, x: Any, index: Any, axis: int) -> Any:
+        return x.index_select(axis, index)
+
+    def take_backward(self, g: Any, index: Any, axis: int, shape: Sequence[int]) -> Any:
+        return self.zeros(shape).index_add_(axis, index, g)
 
 
 def make_ops(device: Any) -> Ops:

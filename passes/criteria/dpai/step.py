@@ -118,11 +118,13 @@ class SurrogateUpdate:
         """c per kernel with S.grad = g * c: (a(1-b) node[o] - 1) + a b kernel[o,i] (dense kernel flags)."""
         return self.per_kernel(nodes * (self.alpha * (1 - self.beta)) - 1.0).add_(kernels, alpha=self.alpha * self.beta)
 
-    def kernel_gradient(self, nodes: torch.Tensor, kept: Kept, kernel_flag: torch.Tensor, wgrad: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def kernel_gradient(self, nodes: torch.Tensor, kept: Kept, kernel_flag: torch.Tensor, wgrad: torch.Tensor, out: torch.Tensor,
+                        at_kept: torch.Tensor | None = None) -> torch.Tensor:
         """G = c * dlogP/dW per kernel into ``out``, kernel flags per kept entry (equal for every
         entry of a kernel: only kernels holding kept weights can be effective). c is never
         materialised on big models: one product per run of equal in_ch, then the kept kernels
-        again with their flag (c_node + 0 = c_node, so every product is the one c * dlogP/dW gives)."""
+        again with their flag (c_node + 0 = c_node, so every product is the one c * dlogP/dW gives).
+        ``at_kept``: ``wgrad[kept.kernel]`` if the caller has it (a gather from all kernels saved)."""
         import torch
 
         per_node = nodes * (self.alpha * (1 - self.beta)) - 1.0
@@ -133,7 +135,7 @@ class SurrogateUpdate:
             return torch.mul(c, wgrad, out=out)
         for n0, n1, k0, k1, in_ch in self.node_runs:
             torch.mul(wgrad[k0:k1].view(n1 - n0, in_ch), per_node[n0:n1].unsqueeze(1), out=out[k0:k1].view(n1 - n0, in_ch))
-        out[kept.kernel] = (per_node[kept.node] + bonus) * wgrad[kept.kernel]
+        out[kept.kernel] = (per_node[kept.node] + bonus) * (wgrad[kept.kernel] if at_kept is None else at_kept)
         return out
 
     def per_kernel(self, per_node: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ the kernel-level matrix W; its backward hands dlogP/dW (an outer product) to the
 weight source and returns dlogP/dx through W^T and the max. A source (``DenseWeight``: fixed
 arrays, e.g. slices of the flat kernel buffers; or one rebuilt on demand from a compact state)
 gives W with ``matrix()`` and takes the gradient with ``put_grad``. Sums,
-scalings, reshapes, transposes, expansions, concat and split have exact backwards; any other
+scalings, reshapes, transposes, expansions, concat, split and gathers by constant indices (``Take``)
+have exact backwards; any other
 op runs its interpreter rule under torch autograd (``TorchOp``). Gradients of a value used
 several times are added (never in place, as arrays may be shared). Ops that run a torch rule
 under autograd (``TorchOp``, ``TorchWeightedOp``) live in ``_dpai_torchops``.
@@ -18,7 +19,7 @@ from typing import Any
 from pai_compiler.passes.criteria.dpai.ops import Ops
 from pai_compiler.passes.criteria.dpai.token_rows import RowGroups, group_gradient_into, row_groups, rows_times
 
-__all__ = ["Instr", "WeightSource", "DenseWeight", "Weighted", "Sum", "Scale", "Reshape", "Transpose", "Expand", "Cat", "Split", "accumulate"]
+__all__ = ["Instr", "WeightSource", "DenseWeight", "Weighted", "Sum", "Scale", "Reshape", "Transpose", "Expand", "Cat", "Split", "Take", "accumulate"]
 
 
 def accumulate(genv: list[Any], slot: int, g: Any) -> None:
@@ -266,3 +267,23 @@ class Split(Instr):
             return
         parts = [self.ops.zeros(shape) if g is None else g for g, shape in zip(grads, self.shapes)]
         accumulate(genv, self.ins[0], self.ops.cat(parts, self.axis))
+
+
+class Take(Instr):
+    """y = x's entries at constant ``indices`` along ``axis`` (ONNX Gather: the index array's shape
+    replaces the axis); backward adds the gradient back at those indices (in order, as
+    ``index_select``'s backward does), zeros elsewhere."""
+
+    def __init__(self, ops: Ops, src: int, dst: int, indices: Any, axis: int, in_shape: Sequence[int], out_shape: Sequence[int]) -> None:
+        super().__init__(ops, [src], [dst])
+        self.index, self.axis = indices, axis
+        self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
+        self.taken = self.in_shape[:axis] + (len(indices),) + self.in_shape[axis + 1 :]  # before the index shape is restored
+
+    def forward(self, env: list[Any]) -> None:
+        env[self.outs[0]] = self.ops.take(env[self.ins[0]], self.index, self.axis).reshape(self.out_shape)
+
+    def backward(self, env: list[Any], genv: list[Any]) -> None:
+        g = genv[self.outs[0]]
+        if g is not None:
+            accumulate(genv, self.ins[0], self.ops.take_backward(g.reshape(self.taken), self.index, self.axis, self.in_shape))

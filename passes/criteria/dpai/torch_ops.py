@@ -1,7 +1,8 @@
 """Tape instructions that run an interpreter rule under torch autograd (channel-level tape).
 
-``TorchOp`` covers every op without a hand-written backward (reshapes by gather, products by
-the gate rule paths(a@b) = paths(a)@1 + 1@paths(b), ...); ``TorchWeightedOp`` a weighted node
+``TorchOp`` covers every op without a hand-written backward (slices, pads, dynamic gathers,
+products of vectors by the gate rule paths(a@b) = paths(a)@1 + 1@paths(b), ...; products of
+matrix stacks run as sums, ``gate``); ``TorchWeightedOp`` a weighted node
 without one (fused attention), whose kernel-level weights are differentiable leaves. Inputs
 are converted to torch once per forward (``torch_input``), and between forward and backward
 only the autograd graph holds memory: the rule reads x - 0 (bit-identical to x, the 0 a 0-d
