@@ -178,6 +178,9 @@ def split_timing_shape(input_shape: Optional[list[str]], *, onnx_model: bool, co
     if len(input_shape) != 1 or "=" in input_shape[0] or ":" in input_shape[0]:
         raise UsageError("with an ONNX model and --compact, --input-shape is the first input's full shape to time at, "
                          f"batch first, e.g. 1,128 (one value, no NAME= or :DTYPE); got {' '.join(input_shape)!r}")
+    from pai_compiler.bench import parse_shape  # imports torch: only with the flag, and before the run
+
+    parse_shape(input_shape[0])  # a malformed shape is a usage error now, not after pruning
     return None, input_shape[0]
 
 

@@ -119,3 +119,5 @@ def test_optimize_compact_takes_the_timing_shape_of_an_onnx_model(tmp_path: Path
         assert torch.load(str(tmp_path / "a.pt"), weights_only=False)(torch.from_numpy(x)).shape == (2, 3, D)
     keyword = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "b.pt"), "--input-shape", "x=1,5,8"])
     assert keyword.exit_code == 2 and "one value" in keyword.stderr, keyword.output
+    malformed = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "c.pt"), "--input-shape", "1,five"])
+    assert malformed.exit_code == 2 and "comma-separated" in malformed.stderr and not (tmp_path / "c.pt").exists(), malformed.output
