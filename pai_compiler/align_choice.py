@@ -128,10 +128,11 @@ def masked_temp(out: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def _timed(models: list[str], *, batch: int, threads: int, repeats: int, warmup: int, progress: bool,
-           input_shape: str | None) -> BenchResult:
+           input_shape: tuple[int, ...] | None) -> BenchResult:
     """``bench_models``; an input it cannot make up (a symbolic dim past the batch) is an error naming the fix."""
     try:
-        return bench_models(models, batch=None if input_shape else batch, threads=threads, input_shape=input_shape, repeats=repeats,
+        shape = None if input_shape is None else ",".join(map(str, input_shape))
+        return bench_models(models, batch=None if input_shape else batch, threads=threads, input_shape=shape, repeats=repeats,
                             warmup=warmup, progress=progress, label="align auto: timing")
     except ModelError as exc:
         reason = str(exc).split("; pass --input-shape")[0]
@@ -141,7 +142,7 @@ def _timed(models: list[str], *, batch: int, threads: int, repeats: int, warmup:
 
 def choose_align(source: str | os.PathLike[str], out: str | os.PathLike[str], *, batch: int = 1, threads: int = 1,
                  repeats: int = 10, warmup: int = 3, candidates: Sequence[int] = ALIGN_CANDIDATES,
-                 pipeline: str = "", progress: bool = False, input_shape: str | None = None) -> AlignChoice:
+                 pipeline: str = "", progress: bool = False, input_shape: tuple[int, ...] | None = None) -> AlignChoice:
     """Compact the sparse ONNX ``source`` at every candidate alignment, time them and ``source`` alternating in
     onnxruntime, and write the fastest (a compact candidate, or ``source`` unchanged) to ``out`` atomically.
     ``progress``: a bar over the candidates compacted, then one over the timing rounds (stderr, terminals only).

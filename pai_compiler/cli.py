@@ -136,7 +136,7 @@ def _optimize_passes(sparsity: Optional[str], method: Optional[str], allocation:
 
 
 def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[str, Any], *, compact: bool, align: Optional[int],
-                    instruments: list[Any], progress: bool, timing_shape: Optional[str] = None) -> Optional[dict[str, Any]]:
+                    instruments: list[Any], progress: bool, timing_shape: Optional[tuple[int, ...]] = None) -> Optional[dict[str, Any]]:
     """Write the masked model, or with ``--compact`` the compacted one; returns the compaction summary (or None).
 
     ``align`` None (``--align auto``): the masked model goes to a temporary file beside ``out``, and the fastest of
@@ -158,12 +158,7 @@ def _save_optimized(result: OptimizeResult, model: str, out: Path, after: dict[s
         return {**compact_summary(after, result.graph, compacted), "align_choice": choice.to_dict()}
     compacted = result.compact_report.then(api.compact_graph(result.graph, align=align, instruments=instruments, progress=progress))
     compact_doc = compact_summary(after, result.graph, compacted)
-    shape = None
-    if timing_shape is not None:
-        from pai_compiler.bench import parse_shape
-
-        shape = parse_shape(timing_shape)
-    sparse_doc = api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline, progress=progress, input_shape=shape)
+    sparse_doc = api.save_compact(result.graph, model, out, compacted, pipeline=result.pipeline, progress=progress, input_shape=timing_shape)
     if sparse_doc is not None:
         compact_doc["sparse_exec"] = sparse_doc
     return compact_doc

@@ -167,7 +167,8 @@ def checked_report_path(report: Optional[str], out: Path, inputs: list[str], *, 
     return path
 
 
-def split_timing_shape(input_shape: Optional[list[str]], *, onnx_model: bool, compact: bool) -> tuple[Optional[list[str]], Optional[str]]:
+def split_timing_shape(input_shape: Optional[list[str]], *, onnx_model: bool,
+                       compact: bool) -> tuple[Optional[list[str]], Optional[tuple[int, ...]]]:
     """optimize's ``--input-shape`` as (a PyTorch model's example input, the timing shape): for an ONNX
     model with ``--compact`` it is the first input's full shape the .pt kernels or the ``--align auto``
     candidates are timed at (one positional value); otherwise it stays the torch frontend's."""
@@ -180,8 +181,7 @@ def split_timing_shape(input_shape: Optional[list[str]], *, onnx_model: bool, co
                          f"batch first, e.g. 1,128 (one value, no NAME= or :DTYPE); got {' '.join(input_shape)!r}")
     from pai_compiler.bench import parse_shape  # imports torch: only with the flag, and before the run
 
-    parse_shape(input_shape[0])  # a malformed shape is a usage error now, not after pruning
-    return None, input_shape[0]
+    return None, parse_shape(input_shape[0])  # a malformed shape is a usage error now, not after pruning
 
 
 def torch_options(input_shape: Optional[list[str]], frontend: str, *, prune_tied: bool = False) -> dict[str, Any]:

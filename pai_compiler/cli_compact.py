@@ -56,7 +56,7 @@ def compact(
         masked = audit_totals(graph, progress=progress)
         unsaved = len(graph.meta["warnings"])
         choice, compacted = _compact_at(graph, model, out, align_value, batch=batch or 1, threads=threads or 1, progress=progress,
-                                        input_shape=input_shape)
+                                        input_shape=shape)
         sparse_doc = None if choice else api.save_compact(graph, model, out, compacted, batch=batch or 1, threads=threads or 1, device=device,
                                                           progress=progress, input_shape=shape)
         # the frontend's warnings, then those the backend noted on the graph while writing
@@ -113,7 +113,7 @@ def _check_compact_flags(out: Path, align: str, batch: Optional[int], threads: O
 
 
 def _compact_at(graph: Any, model: str, out: Path, align: Optional[int], *, batch: int, threads: int, progress: bool,
-                input_shape: Optional[str] = None) -> tuple[Any, Any]:
+                input_shape: Optional[tuple[int, ...]] = None) -> tuple[Any, Any]:
     """Compact ``graph`` in place at ``align``; None (``--align auto``) first writes the fastest form in onnxruntime to
     ``out`` and compacts at its alignment, or not at all when the masked model stayed. Returns (choice or None, report)."""
     from pai_compiler import api

@@ -119,12 +119,12 @@ class SurrogateUpdate:
         return self.per_kernel(nodes * (self.alpha * (1 - self.beta)) - 1.0).add_(kernels, alpha=self.alpha * self.beta)
 
     def kernel_gradient(self, nodes: torch.Tensor, kept: Kept, kernel_flag: torch.Tensor, wgrad: torch.Tensor, out: torch.Tensor,
-                        at_kept: torch.Tensor | None = None) -> torch.Tensor:
+                        at_kept: torch.Tensor) -> torch.Tensor:
         """G = c * dlogP/dW per kernel into ``out``, kernel flags per kept entry (equal for every
         entry of a kernel: only kernels holding kept weights can be effective). c is never
         materialised on big models: one product per run of equal in_ch, then the kept kernels
         again with their flag (c_node + 0 = c_node, so every product is the one c * dlogP/dW gives).
-        ``at_kept``: ``wgrad[kept.kernel]`` if the caller has it (a gather from all kernels saved)."""
+        ``at_kept``: ``wgrad[kept.kernel]``, gathered once by the caller (its flags read it too)."""
         import torch
 
         per_node = nodes * (self.alpha * (1 - self.beta)) - 1.0
@@ -135,7 +135,7 @@ class SurrogateUpdate:
             return torch.mul(c, wgrad, out=out)
         for n0, n1, k0, k1, in_ch in self.node_runs:
             torch.mul(wgrad[k0:k1].view(n1 - n0, in_ch), per_node[n0:n1].unsqueeze(1), out=out[k0:k1].view(n1 - n0, in_ch))
-        out[kept.kernel] = (per_node[kept.node] + bonus) * (wgrad[kept.kernel] if at_kept is None else at_kept)
+        out[kept.kernel] = (per_node[kept.node] + bonus) * at_kept
         return out
 
     def per_kernel(self, per_node: torch.Tensor) -> torch.Tensor:
