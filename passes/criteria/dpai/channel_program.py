@@ -171,15 +171,16 @@ class ChannelProgram:
             src = collapsed
         elif not chan:
             src = self._full_slot(node.inputs[0].name)
-        out_ch = p.shape[p.out_axis]
-        in_ch = p.shape[p.in_axis] if p.in_axis is not None else 1
+        groups = int(node.attrs.get("groups", 1)) if chan else 1
         if layer is not None:
+            out_ch, in_ch = p.shape[p.out_axis], p.shape[p.in_axis] if p.in_axis is not None else 1
             weight = self._source(layer)
-        else:  # a dense, non-prunable weight: every live tap counts
+        else:  # a dense, non-prunable weight (e.g. computed by weight norm: no layout axes): every live tap counts
+            x_shape, y_shape = self.shapes[node.inputs[0].name], self.shapes[node.outputs[0].name]
+            out_ch, in_ch = (y_shape[1], x_shape[1] // groups) if chan else (y_shape[-1], x_shape[-1])
             live = conv_tap_live(node, self.shapes[node.inputs[0].name], self.shapes[node.outputs[0].name]).sum() if chan else 1
             w = torch.full((out_ch, in_ch), float(live))
             weight = DenseWeight(self.ops, self.ops.wrap(w.to(self._it.device) if self.ops.name == "torch" else w), None)
-        groups = int(node.attrs.get("groups", 1)) if chan else 1
         kind = "full" if not chan else "mv" if groups == 1 else "depthwise" if in_ch == 1 and out_ch == groups else "grouped"
         shape = (out_ch,) if chan else self.shapes[node.outputs[0].name]
         dst = self._new(shape, chan, node.outputs[0].name)
