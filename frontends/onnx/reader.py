@@ -5,9 +5,10 @@ evaluated statically (shape subgraphs, folded constants); a node on constants wh
 depends on a symbol (``Range(0, seq)``, a table sliced to ``seq``, a mask expanded to the batch)
 is kept as ``ShapeData`` and recomputed at run time (``shape_data``); any other node becomes IR
 nodes through the op table in ``ops``. Weights may be initializers, ``Constant`` or
-``ConstantOfShape`` outputs (possibly through Identity/Transpose/Cast); each prunable Param
-remembers where it came from (``graph.meta["weight_sources"]``) so the backend can write the
-mask back. Unknown operators become ``opaque`` nodes and are listed in the warnings.
+``ConstantOfShape`` outputs (possibly through Identity/Transpose/Cast), or computed from them
+at compile time (``computed``: torch prune's ``Mul(mask, weight_orig)``, weight norm); each
+prunable Param remembers where it came from (``graph.meta["weight_sources"]``, and
+``computed_uses`` for computed ones) so the backend can write the mask back. Unknown operators become ``opaque`` nodes and are listed in the warnings.
 """
 from __future__ import annotations
 

@@ -115,7 +115,7 @@ class _Rewriter(ShapeRewrites):
             node.op_type, node.domain = "Constant", ""
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(array), f"{p.origin}_value")))
         elif kind == "computed":  # a new initializer; the computation is dropped as unused
-            rewire_computed(self.model, self.by_index, self.computed_uses.get(p.origin, []), array, f"{p.name}_compact")
+            self.names.add(rewire_computed(self.model, self.by_index, self.computed_uses.get(p.origin, []), array, f"{p.name}_compact"))
         else:
             raise PaicError(f"compact ONNX: cannot write weight {p.origin!r} (unknown source {kind!r})")
 
