@@ -60,7 +60,7 @@ def test_onnx_light_architectures(path: Path) -> None:
     """Real architectures whose weights come from ConstantOfShape nodes."""
     g = load_onnx_model(path)
     assert g.prunable_params(), "conv/linear weights must be found"
-    assert all(g.meta["weight_sources"][p.origin] in ("constant_of_shape", "initializer", "constant_node") for p in g.prunable_params())
+    assert all(g.meta["weight_sources"][p.origin] in ("constant_of_shape", "initializer", "constant_node", "computed") for p in g.prunable_params())
     shape = [int(d) for d in g.inputs[0].shape]
     assert_matches_ort(path, g, np.random.RandomState(0).rand(*shape).astype(np.float32))
 

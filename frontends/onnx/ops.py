@@ -228,7 +228,10 @@ def _cast_like(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str,
     if isinstance(ins[0], Const):  # a constant cast like an activation stays a constant
         c = ins[0]
         same_kind = is_float_dtype(c.array.dtype) and is_float_dtype(dtype)
-        imp.env[node.output[0]] = Const(c.array.astype(dtype), c.origin if same_kind else None, c.perm if same_kind else None, c.broadcast_to)
+        if (c.origin is not None and same_kind) or c.broadcast_to is not None:
+            imp.env[node.output[0]] = Const(c.array.astype(dtype), c.origin if same_kind else None, c.perm if same_kind else None, c.broadcast_to)
+        else:
+            imp.env[node.output[0]] = Const.folded(c.array.astype(dtype), node.output[0])
         return
     x = ins[0]
     _emit(imp, OpKind.POINTWISE, node, label, [x], [x.shape], attrs={"op": "cast", "to": dtype}, dtype=dtype)

@@ -5,9 +5,10 @@ evaluated statically (shape subgraphs, folded constants); a node on constants wh
 depends on a symbol (``Range(0, seq)``, a table sliced to ``seq``, a mask expanded to the batch)
 is kept as ``ShapeData`` and recomputed at run time (``shape_data``); any other node becomes IR
 nodes through the op table in ``ops``. Weights may be initializers, ``Constant`` or
-``ConstantOfShape`` outputs (possibly through Identity/Transpose/Cast); each prunable Param
-remembers where it came from (``graph.meta["weight_sources"]``) so the backend can write the
-mask back. Unknown operators become ``opaque`` nodes and are listed in the warnings.
+``ConstantOfShape`` outputs (possibly through Identity/Transpose/Cast), or computed from them
+at compile time (``computed``: torch prune's ``Mul(mask, weight_orig)``, weight norm); each
+prunable Param remembers where it came from (``graph.meta["weight_sources"]``, and
+``computed_uses`` for computed ones) so the backend can write the mask back. Unknown operators become ``opaque`` nodes and are listed in the warnings.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from pai_compiler.frontends.onnx.computed import computed_weight_name
 from pai_compiler.frontends.onnx.movement import DynamicArgument
 from pai_compiler.frontends.onnx.ops import lower_node
 from pai_compiler.frontends.onnx.shape_data import ShapeData, make_shape_data, shape_program
@@ -122,6 +124,9 @@ class _Importer:
         self.visiting: tuple[int, list[Any]] | None = None  # (ONNX node index, its lowered inputs)
         self.claimed: set[int] = set()  # inputs of the visited node already given a constant use
         self.weight_sources: dict[str, str] = {}
+        # a computed weight's ONNX value -> where ONNX nodes read it as a weight (see ``computed``)
+        self.computed_uses: dict[str, list[tuple[int, int]]] = {}
+        self.producers: dict[str, Any] | None = None  # ONNX value -> its node, built for the first computed weight
         self.warnings: list[str] = self.graph.meta["warnings"]
         self.inferred: dict[str, tuple[Dim, ...]] | None = None
         self.opset = {domain or "": version for domain, version in model.opset_import}
@@ -166,7 +171,12 @@ class _Importer:
         return self.inferred.get(name)
 
     def param(self, const: Const, key: str, *, prunable: bool, out_axis: int = 0, in_axis: int | None = 1) -> Param:
-        """A Param for a constant operand. A stored weight maps back to its origin tensor."""
+        """A Param for a constant operand. A stored weight maps back to its origin tensor; a
+        weight computed from stored tensors is its computed ONNX value (``_computed_param``)."""
+        if prunable and const.origin is None and const.computed is not None and const.broadcast_to is None:
+            use = self._operand_index(const)
+            if use is not None:
+                return self._computed_param(const, use, out_axis, in_axis)
         if const.origin is None or const.symbolic:
             data = np.asarray(const.array)
             if data.dtype == object:
@@ -198,21 +208,49 @@ class _Importer:
             self.constant_uses[p.name] = use
         return p
 
+    def _computed_param(self, const: Const, use: tuple[int, int], out_axis: int, in_axis: int | None) -> Param:
+        """The prunable Param of a weight computed from stored tensors: one per computed ONNX value
+        (every reader of that value shares it, a tie), named after the tensor it is made from."""
+        value = const.computed
+        assert value is not None
+        self.computed_uses.setdefault(value, []).append(use)
+        existing = self.params.get(value)
+        if existing is not None:
+            return layout_twin(existing, out_axis, in_axis, self.twins, self.warnings)
+        if self.producers is None:
+            self.producers = {o: n for n in self.model.graph.node for o in n.output if o}  # type: ignore[union-attr]
+        data = np.asarray(const.array)
+        name = computed_weight_name(value, data.size, self.producers, self.stored, self.readers)
+        p = Param(self.graph.fresh_name(name), data, prunable=True, out_axis=out_axis, in_axis=in_axis, origin=value)
+        self.params[value] = p
+        self.weight_sources[value] = "computed"
+        return p
+
+    def _operand_index(self, const: Const) -> tuple[int, int] | None:
+        """(ONNX node index, input index) where the node being lowered reads ``const``; an input
+        already claimed is skipped (one initializer at several inputs: dynamo's BN with var = scale)."""
+        if self.visiting is None:
+            return None
+        node_index, inputs = self.visiting
+        index = next((i for i, x in enumerate(inputs) if x is const and i not in self.claimed), None)
+        if index is None:
+            return None
+        self.claimed.add(index)
+        return node_index, index
+
     def _constant_use(self, const: Const) -> tuple[int, int, tuple[int, ...] | None] | None:
         """Where the ONNX node being lowered reads ``const``: (node index, input index, axis order
         of the stored tensor), or None when it reads a derived tensor (cast, broadcast, computed)
         that a per-use copy could not be written back as."""
-        if self.visiting is None or const.broadcast_to is not None or const.origin is None:
+        if const.broadcast_to is not None or const.origin is None:
             return None
         if const.array.dtype != self.stored[const.origin].dtype:
             return None
-        node_index, inputs = self.visiting
-        for input_index, x in enumerate(inputs):
-            if x is const and input_index not in self.claimed:  # one initializer at several inputs (dynamo: BN's var = scale)
-                self.claimed.add(input_index)
-                perm = None if const.perm is None or const.perm == tuple(range(len(const.perm))) else const.perm
-                return node_index, input_index, perm
-        return None
+        where = self._operand_index(const)
+        if where is None:
+            return None
+        perm = None if const.perm is None or const.perm == tuple(range(len(const.perm))) else const.perm
+        return where[0], where[1], perm
 
     def operand_value(self, x: Const | ShapeData | Value, hint: str) -> Value:
         """A Value for an operand; constants become CONSTANT nodes, size-computed data a ``shape_data`` node."""
@@ -272,6 +310,7 @@ class _Importer:
             bound_dims=dict(self.bound_dims),
             weight_sources={k: v for k, v in self.weight_sources.items() if k in self.params},
             constant_uses=dict(self.constant_uses),
+            computed_uses={k: list(v) for k, v in self.computed_uses.items()},
             opset=self.opset,
             source_format="onnx",
             ir_version=int(self.model.ir_version),
@@ -394,7 +433,7 @@ class _Importer:
             if op == "Cast":
                 to = tensor_dtype(attrs["to"])
                 if not (is_float_dtype(to) and is_float_dtype(arr.dtype)):
-                    self.env[node.output[0]] = Const(arr.astype(to))
+                    self.env[node.output[0]] = Const.folded(arr.astype(to), node.output[0])
                     return True
                 self.env[node.output[0]] = Const(arr.astype(to), first.origin, first.perm)
                 return True
@@ -428,7 +467,7 @@ class _Importer:
                 return False
         for name, arr in zip(node.output, result):
             if name:
-                self.env[name] = Const(arr)
+                self.env[name] = Const.folded(arr, name)
         return True
 
 

@@ -27,16 +27,26 @@ __all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes
 
 @dataclass
 class Const:
-    """A tensor known at compile time. ``origin``/``perm``: stored weight and its axis order."""
+    """A tensor known at compile time. ``origin``/``perm``: stored weight and its axis order.
+    ``computed``: for a float tensor computed from constants (no single origin, e.g. a pruned
+    weight ``Mul(mask, weight_orig)`` or weight norm's ``g * v / ||v||``), the ONNX value that
+    holds it, so a layer reading it can own it as a weight (the backend rewires that input)."""
 
     array: np.ndarray
     origin: str | None = None
     perm: tuple[int, ...] | None = None
     broadcast_to: tuple[Dim, ...] | None = None  # Expand(const, symbolic shape)
+    computed: str | None = None
 
     @property
     def symbolic(self) -> bool:
         return self.array.dtype == object
+
+    @staticmethod
+    def folded(array: np.ndarray, value: str) -> Const:
+        """The folded ``array`` of ONNX value ``value``; a float one remembers where it was computed."""
+        dtype = np.asarray(array).dtype
+        return Const(array, computed=value if dtype != object and is_float_dtype(dtype) else None)
 
 
 def is_float_dtype(dtype: Any) -> bool:

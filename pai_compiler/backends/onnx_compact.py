@@ -6,7 +6,9 @@ node for node:
 
 * every weight with an ONNX source (initializer, ``Constant``, ``ConstantOfShape``, sparse
   initializer) gets the IR's data times its mask — the sliced Conv/Gemm/MatMul/BN weights,
-  biases and constants, BN running means that absorbed folded constants;
+  biases and constants, BN running means that absorbed folded constants; a weight the model
+  computes from stored tensors (torch prune's ``Mul(mask, weight_orig)``, weight norm) becomes
+  a new initializer that its layers read (the computation is then dropped as unused);
 * a folded bias the layer did not have becomes a new initializer: Conv's third input,
   Gemm's ``C`` (with ``beta=1``), or an ``Add`` after a ``MatMul``;
 * a folded **bias map** (IR ``pointwise add`` with ``folded="bias_map"``) becomes an ``Add``
@@ -36,7 +38,7 @@ import numpy as np
 
 from pai_compiler._version import __version__
 from pai_compiler.backends.onnx_compact_shapes import ShapeRewrites, set_input as _set_input
-from pai_compiler.backends.onnx_masked import _check_like_source, set_metadata
+from pai_compiler.backends.onnx_masked import _check_like_source, rewire_computed, set_metadata
 from pai_compiler.errors import PaicError
 from pai_compiler.io import atomic_write
 from pai_compiler.ir import Graph, Node, OpKind, Param
@@ -61,6 +63,7 @@ class _Rewriter(ShapeRewrites):
         self.sources: dict[str, str] = graph.meta.get("weight_sources", {})
         self.uses: dict[str, tuple[int, int, tuple[int, ...] | None]] = graph.meta.get("constant_uses", {})
         self.by_index = list(self.g.node)  # before any insertion: constant_uses index the source's nodes
+        self.computed_uses: dict[str, list[tuple[int, int]]] = graph.meta.get("computed_uses", {})
         self.changed: set[str] = set()
 
     def fresh(self, base: str) -> str:
@@ -111,6 +114,8 @@ class _Rewriter(ShapeRewrites):
             del node.input[:]
             node.op_type, node.domain = "Constant", ""
             node.attribute.append(helper.make_attribute("value", numpy_helper.from_array(np.ascontiguousarray(array), f"{p.origin}_value")))
+        elif kind == "computed":  # a new initializer; the computation is dropped as unused
+            self.names.add(rewire_computed(self.model, self.by_index, self.computed_uses.get(p.origin, []), array, f"{p.name}_compact"))
         else:
             raise PaicError(f"compact ONNX: cannot write weight {p.origin!r} (unknown source {kind!r})")
 

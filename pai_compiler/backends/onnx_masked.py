@@ -3,7 +3,10 @@
 Everything else is kept as it was: node order and names, opset, other initializers byte for
 byte. A weight stored as an initializer is rewritten in place; one produced by a ``Constant``
 node gets a new ``value``; one produced by ``ConstantOfShape`` is replaced, at the same
-position and with the same output name, by a ``Constant`` holding the masked tensor. The
+position and with the same output name, by a ``Constant`` holding the masked tensor. A weight
+the model computes from stored tensors (torch prune's ``Mul(mask, weight_orig)``, weight norm)
+becomes a new initializer holding the computed weight times its mask, and the nodes that read
+it as a weight read that instead (``rewire_computed``; the computation is left dead). The
 paic version and pipeline go into ``metadata_props``. The file is written atomically.
 
 Initializer weights (raw or external data) are streamed from the source file without loading
@@ -16,7 +19,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +32,7 @@ from pai_compiler.io import atomic_write
 from pai_compiler.ir import Graph, Param
 from pai_compiler.onnx_wire import load_full_model, open_model
 
-__all__ = ["masked_model", "write_masked_onnx", "set_metadata"]
+__all__ = ["masked_model", "write_masked_onnx", "set_metadata", "rewire_computed"]
 
 _TWO_GB = 2**31 - 1
 
@@ -49,6 +52,31 @@ def set_metadata(model: Any, items: Mapping[str, str]) -> None:
         entry.key, entry.value = key, value
 
 
+def rewire_computed(model: Any, nodes: Sequence[Any], uses: Sequence[Sequence[int]], array: np.ndarray, base: str) -> str:
+    """Add ``array`` as a new initializer (a fresh name from ``base``) and point every use
+    ``(node index, input index)`` of a computed weight (``graph.meta["computed_uses"]``; indices
+    into ``nodes``, the source's node list) at it. Returns the initializer's name."""
+    from onnx import helper, numpy_helper
+
+    if not uses:
+        raise PaicError(f"cannot write computed weight {base!r}: no ONNX node is recorded as reading it")
+    g = model.graph
+    taken = {t.name for t in g.initializer} | {i.name for i in g.input} | {o for n in g.node for o in n.output}
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+    if model.ir_version < 4:  # IR 3 lists every initializer as a graph input
+        g.input.append(helper.make_tensor_value_info(name, g.initializer[-1].data_type, list(array.shape)))
+    for node_index, input_index in uses:
+        node = nodes[node_index]
+        inputs = list(node.input)
+        inputs[input_index] = name
+        del node.input[:]
+        node.input.extend(inputs)
+    return name
+
+
 def masked_model(graph: Graph, model: Any, *, pipeline: str = "") -> Any:
     """Apply ``graph``'s masks to ``model`` (a ModelProto, modified in place and returned)."""
     from onnx import helper, numpy_helper
@@ -61,6 +89,8 @@ def masked_model(graph: Graph, model: Any, *, pipeline: str = "") -> Any:
     inits = {t.name: t for t in model.graph.initializer}
     sparse = {t.values.name: t for t in model.graph.sparse_initializer}
     producers = {o: n for n in model.graph.node for o in n.output}
+    nodes = list(model.graph.node)
+    computed_uses: dict[str, list[tuple[int, int]]] = graph.meta.get("computed_uses", {})
     for origin, p in masked.items():
         kind = sources[origin]
         array = _masked_array(p.data, p.mask)  # type: ignore[arg-type]
@@ -93,6 +123,8 @@ def masked_model(graph: Graph, model: Any, *, pipeline: str = "") -> Any:
                 node.op_type = "Constant"
                 node.domain = ""
             node.attribute.append(helper.make_attribute("value", value))
+        elif kind == "computed":
+            rewire_computed(model, nodes, computed_uses.get(origin, []), array, f"{p.name}_masked")
         else:
             raise PaicError(f"cannot write mask of {origin!r}: unknown weight source {kind!r}")
     set_metadata(model, _metadata_items(pipeline))
