@@ -347,6 +347,7 @@ ATEN_RULES: dict[str, Rule] = {
     "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape, "unflatten": _reshape,
     "squeeze": _reshape, "unsqueeze": _reshape, "view_as": _reshape, "reshape_as": _reshape,
     "permute": _permute("permute"), "transpose": _permute("transpose"), "t": _permute("t"), "numpy_T": _permute("t"),
+    "roll": lambda w, n, a: w.lw.roll(n.name, a["self"], a["shifts"], a.get("dims"), w.origin(n)),
     "expand": _expand, "expand_as": _expand, "stack": _stack, "relu6": _unary("clip", min=0.0, max=6.0), "select": _select, "slice": _slice, "cat": _cat, "concat": _cat,
     "split": _split, "split_with_sizes": _split, "chunk": _split, "unbind": _split,
     "max_pool1d": _pool("max"), "max_pool2d": _pool("max"), "max_pool3d": _pool("max"),

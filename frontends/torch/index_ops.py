@@ -109,6 +109,8 @@ FX_INDEX_RULES: dict[Any, Rule] = {
     operator.gt: _fx_compare("gt"), operator.ge: _fx_compare("ge"), operator.invert: _fx_compare("not", bool_only=True),
     operator.and_: _fx_compare("and", bool_only=True), operator.or_: _fx_compare("or", bool_only=True), operator.xor: _fx_compare("xor", bool_only=True),
     torch.cumsum: lambda w, n, x, dim, *rest, **kw: _cumsum(w, n, x, dim, n.name),
+    torch.masked_fill: lambda w, n, x, mask, value, *rest, **kw: lower_where(w, n, mask, value, x, n.name),
+    "Tensor.masked_fill": lambda w, n, x, mask, value, *rest, **kw: lower_where(w, n, mask, value, x, n.name),
     "Tensor.cumsum": lambda w, n, x, dim, *rest, **kw: _cumsum(w, n, x, dim, n.name),
     torch.gather: lambda w, n, x, dim, index, *rest, **kw: _gather(w, n, x, dim, index, n.name),
     "Tensor.gather": lambda w, n, x, dim, index, *rest, **kw: _gather(w, n, x, dim, index, n.name),

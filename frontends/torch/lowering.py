@@ -379,6 +379,22 @@ class TorchLowering:
         values = [self.value(t, f"{label}_{i}") for i, t in enumerate(items)]
         return self.emit(OpKind.CONCAT, label, values, [shape], attrs={"axis": int(axis) % len(shape)}, origin=origin)[0]
 
+    def roll(self, label: str, x: Value, shifts: Any, dims: Any, origin: str) -> Value:
+        """``torch.roll`` along ``dims`` (Swin's shifted windows): per axis, the last ``shift`` entries
+        moved to the front, i.e. concat(x[size - shift:], x[:size - shift]); an opaque node where a
+        rolled axis has a symbolic size or ``dims`` is not given (a roll of the flattened tensor)."""
+        shifts_, dims_ = [shifts] if isinstance(shifts, int) else list(shifts), [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
+        sizes = [x.shape[int(d) % len(x.shape)] for d in dims_]
+        if not dims_ or len(shifts_) != len(dims_) or not all(isinstance(n, int) for n in sizes):
+            return self.opaque(label, [x], [x.shape], "roll", "roll of a flattened tensor or along a symbolic axis")
+        for shift, dim, size in zip(shifts_, dims_, sizes):
+            s, axis = int(shift) % size, int(dim) % len(x.shape)
+            if s:
+                parts = [self.slice(f"{label}_tail", x, axis, size - s, size, 1, (*x.shape[:axis], s, *x.shape[axis + 1:]), origin),
+                         self.slice(f"{label}_head", x, axis, 0, size - s, 1, (*x.shape[:axis], size - s, *x.shape[axis + 1:]), origin)]
+                x = self.concat(label, parts, axis, x.shape, origin)
+        return x
+
     def split(self, label: str, x: Value, sizes: Sequence[int], axis: int, shapes: Sequence[tuple[Dim, ...]], origin: str) -> list[Value]:
         axis %= len(x.shape)
         return self.emit(OpKind.SPLIT, label, [x], list(shapes), attrs={"axis": axis, "sizes": [int(s) for s in sizes]}, origin=origin)

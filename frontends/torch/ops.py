@@ -481,6 +481,8 @@ UNARY = {
 }
 
 FUNCTION_RULES: dict[Any, Rule] = {
+    torch.roll: lambda w, n, x, shifts, dims=None: w.lw.roll(n.name, x, shifts, dims, n.name),
+    "Tensor.roll": lambda w, n, x, shifts, dims=None: w.lw.roll(n.name, x, shifts, dims, n.name),
     operator.add: _binary("add"), operator.iadd: _binary("add"), torch.add: _binary("add"), "Tensor.add": _binary("add"),
     operator.sub: _binary("sub"), operator.isub: _binary("sub"), torch.sub: _binary("sub"), "Tensor.sub": _binary("sub"),
     torch.rsub: _binary("sub", swap=True), "Tensor.rsub": _binary("sub", swap=True),
