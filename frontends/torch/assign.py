@@ -16,6 +16,7 @@ bound that depends on the batch, or a strided assignment, stays opaque with the 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import sympy
@@ -27,7 +28,7 @@ from pai_compiler.ir import Dim, Value
 
 __all__ = ["ATEN_ASSIGN_RULES"]
 
-Rule = Any
+Rule = Callable[..., Any]
 
 
 def _filled(w: Any, n: Any, value: Any) -> TorchConst:
@@ -64,20 +65,20 @@ def _copy(w: Any, n: Any, a: dict[str, Any]) -> Any:
 
 def _narrow(w: Any, n: Any, x: Any, dim: int, start: int, end: int) -> Any:
     """``x[start:end]`` along ``dim`` (a constant stays a constant)."""
-    shape: tuple[Dim, ...] = (*x_shape(x)[:dim], end - start, *x_shape(x)[dim + 1:])
+    shape: tuple[Dim, ...] = (*_shape_of(x)[:dim], end - start, *_shape_of(x)[dim + 1:])
     if isinstance(x, TorchConst):
         return fold_at_batch(n.name, lambda t: t.narrow(dim, start, end - start), ((x,), {}), w.example_batch, shape)
     return w.lw.slice(f"{n.name}_keep", x, dim, start, end, 1, shape, w.origin(n))
 
 
 def _unsqueeze(w: Any, n: Any, x: Any, dim: int) -> Any:
-    shape = (*x_shape(x)[:dim], 1, *x_shape(x)[dim:])
+    shape = (*_shape_of(x)[:dim], 1, *_shape_of(x)[dim:])
     if isinstance(x, TorchConst):
         return fold_at_batch(n.name, lambda t: t.unsqueeze(dim), ((x,), {}), w.example_batch, shape)
     return w.lw.reshape(f"{n.name}_unsqueeze", x, shape, w.origin(n))
 
 
-def x_shape(x: Any) -> tuple[Dim, ...]:
+def _shape_of(x: Any) -> tuple[Dim, ...]:
     """The (symbolic) shape of a Value or compile-time constant."""
     if isinstance(x, Value):
         return tuple(x.shape)
@@ -86,7 +87,7 @@ def x_shape(x: Any) -> tuple[Dim, ...]:
 
 def _scatter_into(w: Any, n: Any, x: Any, src: Any, dim: int, start: int, end: int) -> Any:
     """``x`` with ``src`` in place of ``x[start:end]`` along ``dim``: a concat of the kept parts and ``src``."""
-    size = x_shape(x)[dim]
+    size = _shape_of(x)[dim]
     parts = [_narrow(w, n, x, dim, 0, start)] if start > 0 else []
     parts.append(src)
     if end < size:
@@ -110,8 +111,8 @@ def _bounds(size: Dim, start: Any, end: Any) -> tuple[int, int] | None:
 
 def _slice_scatter(w: Any, n: Any, a: dict[str, Any]) -> Any:
     x, src = a["self"], a["src"]
-    dim = int(a.get("dim") or 0) % len(x_shape(x))
-    bounds = _bounds(x_shape(x)[dim], a.get("start"), a.get("end"))
+    dim = int(a.get("dim") or 0) % len(_shape_of(x))
+    bounds = _bounds(_shape_of(x)[dim], a.get("start"), a.get("end"))
     if (a.get("step") or 1) != 1 or bounds is None:
         why = "strided slice assignment" if (a.get("step") or 1) != 1 else "slice assignment with a batch-dependent bound"
         return w.lw.opaque(n.name, [x, src], [w.shape(n)], str(n.target), why)
@@ -122,8 +123,8 @@ def _slice_scatter(w: Any, n: Any, a: dict[str, Any]) -> Any:
 
 def _select_scatter(w: Any, n: Any, a: dict[str, Any]) -> Any:
     x, src = a["self"], a["src"]
-    dim = int(a["dim"]) % len(x_shape(x))
-    size = x_shape(x)[dim]
+    dim = int(a["dim"]) % len(_shape_of(x))
+    size = _shape_of(x)[dim]
     if not isinstance(size, int):
         return w.lw.opaque(n.name, [x, src], [w.shape(n)], str(n.target), "assignment to one index of a batch-sized axis")
     index = int(a["index"]) % size
