@@ -247,6 +247,8 @@ def index_lookups(value: Value) -> list[Node]:
 #: for: no static input shape folds them away, so the re-export hint would mislead
 _NO_SEMANTICS = frozenset({"LSTM", "GRU", "RNN", "ConvTranspose", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
                            "EmbeddingBag", "Loop", "Scan", "DepthToSpace", "SpaceToDepth", "PixelShuffle", "PixelUnshuffle"})
+#: random draws: in an exported network, dropout (or stochastic depth) left in training mode
+_RANDOM = frozenset({"RandomUniformLike", "RandomNormalLike", "RandomUniform", "RandomNormal", "Bernoulli", "Multinomial"})
 
 
 def no_rule_message(node: Node, mode: Mode) -> str:
@@ -256,6 +258,9 @@ def no_rule_message(node: Node, mode: Mode) -> str:
     where = f"node {node.name!r} ({node.kind.value}{'/' + op_type if op_type else ''}): cannot be evaluated ({mode} mode)"
     if node.attrs.get("fix"):  # the frontend knew what the user can do (a resize mode paic has no rule for)
         return f"{where}{why}; {node.attrs['fix']}"
+    if op_type in _RANDOM:
+        return (f"{where}: the model draws random numbers, i.e. it was exported in training mode (dropout); "
+                "call model.eval() before exporting")
     if op_type in _NO_SEMANTICS:
         kind = "recurrent layers (LSTM, GRU, RNN)" if op_type in ("LSTM", "GRU", "RNN") else op_type
         return (f"{where}: paic has no semantics for {kind} yet; prune with a criterion that runs no forward pass "

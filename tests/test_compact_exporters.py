@@ -350,3 +350,28 @@ def test_dynamo_dynamic_batch_flatten_with_allowzero_compacts(tmp_path: Path) ->
     graph, small, _ = compact_and_compare(src, tmp_path, x)
     assert params(small) < params(graph)
     assert run(tmp_path / "compact.onnx", x).shape == (3, 4)
+
+
+def test_constant_read_at_two_inputs_of_one_node_compacts(tmp_path: Path) -> None:
+    """Fresh BatchNorms as the dynamo exporter writes LeViT's: one initializer is both scale and var
+    (ones), another both bias and mean (zeros), and every BN of the width reads the pair: each input
+    of each node gets its own copy (the checker used to refuse the compact model: 8 vs 4 channels)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(a.astype(np.float32), name) for name, a in (
+        ("w1", rng.standard_normal((8, 3, 3, 3))), ("w2", rng.standard_normal((8, 8, 3, 3))), ("fc", rng.standard_normal((8 * 36, 4))),
+        ("ones", np.ones(8)), ("zeros", np.zeros(8)))]
+    nodes = []
+    for i, w in enumerate(("w1", "w2")):
+        x = "x" if i == 0 else f"r{i - 1}"
+        nodes += [helper.make_node("Conv", [x, w], [f"c{i}"], pads=[1, 1, 1, 1]),
+                  helper.make_node("BatchNormalization", [f"c{i}", "ones", "zeros", "zeros", "ones"], [f"b{i}"]),
+                  helper.make_node("Relu", [f"b{i}"], [f"r{i}"])]
+    nodes += [helper.make_node("Flatten", ["r1"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["y"])]
+    graph = helper.make_graph(nodes, "shared_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    src = tmp_path / "shared_bn.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    _, small, _ = compact_and_compare(src, tmp_path, rng.standard_normal((1, 3, 6, 6)).astype(np.float32))
+    assert [p.shape[0] for p in small.prunable_params()][:2] == [4, 4]  # 60 % of each conv's rows gone

@@ -172,6 +172,26 @@ def test_unsupported_op_names_node_and_fix(tmp_path: Path) -> None:
     assert "'odd'" in message and "Hardmax" in message and "re-export with static input shapes" in message and "magnitude" in message
 
 
+def test_dropout_exported_in_training_mode_says_to_export_after_eval(tmp_path: Path) -> None:
+    """Dropout left in training mode exports as a random draw: the error says to call model.eval()."""
+    import onnx
+    from onnx import helper
+
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4])
+    w = helper.make_tensor("w", onnx.TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).reshape(-1).tolist())
+    half = helper.make_tensor("half", onnx.TensorProto.FLOAT, [], [0.5])
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("RandomUniformLike", ["h"], ["u"], name="drop"),
+             helper.make_node("Less", ["u", "half"], ["keep"]), helper.make_node("Cast", ["keep"], ["k"], to=onnx.TensorProto.FLOAT),
+             helper.make_node("Mul", ["h", "k"], ["y"])]
+    path = tmp_path / "train_mode.onnx"
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w, half]), opset_imports=[helper.make_opsetid("", 17)]), path)
+    result = CliRunner().invoke(app, ["optimize", str(path), "-o", str(tmp_path / "out.onnx"), "-s", "0.5", "-m", "synflow"])
+    assert result.exit_code == 1
+    message = " ".join(result.output.split())
+    assert "'drop'" in message and "training mode" in message and "model.eval()" in message
+
+
 def _gather_by_sizes_model(path: Path) -> Path:
     """x (N, 4) -> x @ W (W = 3 * I) -> flatten -> Gather by Range(0, 4N) (as dynamo lowers as_strided) -> y (4N,)."""
     import onnx

@@ -226,3 +226,26 @@ def test_nm_taps_are_dealt_n_per_tap() -> None:
     mask = _dealt_taps(counts, taps, m, rng)
     assert (mask.sum(axis=1) == counts).all()
     assert (mask.reshape(-1, m, taps).sum(axis=1) == n).all()
+
+
+def test_weights_dropped_by_the_fix_up_are_reported() -> None:
+    """Depthwise blocks at 90 %: the fix-up drops weights on no input->output path (the reference's
+    rule), so fewer than allocated are kept; the run says so instead of silently missing --sparsity."""
+    import torch
+    from torch import nn
+
+    from pai_compiler.api import optimize
+    from pai_compiler.frontends.torch.spec import lower_module
+
+    def block(c_in: int, c_out: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_in, 3, padding=1, groups=c_in), nn.ReLU(), nn.Conv2d(c_in, c_out, 1), nn.ReLU()]
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), *block(16, 32), *block(32, 64), *block(64, 64),
+                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    result = optimize(lower_module(module, torch.randn(1, 3, 8, 8)), sparsity=0.9, method="npb")
+    report = result.records[-1].report
+    assert isinstance(report, NpbReport) and report.kept < 0.99 * report.allocated
+    kept = sum(int(p.mask_or_ones().sum()) for p in result.graph.prunable_params())
+    assert [w for w in result.warnings if w.startswith(f"npb kept {kept:,} of the {report.allocated:,} allocated")]
+    assert not [w for w in optimize(load_onnx_model(EXAMPLES / "vgg_small.onnx"), sparsity=0.9, method="npb").warnings if w.startswith("npb kept")]

@@ -120,6 +120,7 @@ class _Importer:
         # backend gives a resized copy of a shared constant its own initializer there
         self.constant_uses: dict[str, tuple[int, int, tuple[int, ...] | None]] = {}
         self.visiting: tuple[int, list[Any]] | None = None  # (ONNX node index, its lowered inputs)
+        self.claimed: set[int] = set()  # inputs of the visited node already given a constant use
         self.weight_sources: dict[str, str] = {}
         self.warnings: list[str] = self.graph.meta["warnings"]
         self.inferred: dict[str, tuple[Dim, ...]] | None = None
@@ -207,7 +208,8 @@ class _Importer:
             return None
         node_index, inputs = self.visiting
         for input_index, x in enumerate(inputs):
-            if x is const:
+            if x is const and input_index not in self.claimed:  # one initializer at several inputs (dynamo: BN's var = scale)
+                self.claimed.add(input_index)
                 perm = None if const.perm is None or const.perm == tuple(range(len(const.perm))) else const.perm
                 return node_index, input_index, perm
         return None
@@ -351,7 +353,7 @@ class _Importer:
                 ins.append(None)
                 continue
             ins.append(self.env[name])
-        self.visiting = (self.positions[id(node)], ins)
+        self.visiting, self.claimed = (self.positions[id(node)], ins), set()
         attrs = _attrs(node)
         label = node.name or f"{node.op_type}_{index}"
         if node.op_type == "Constant":

@@ -149,13 +149,17 @@ class NpbPass(TransformPass):
         seconds = time.perf_counter() - start
         for p in params:
             graph.set_mask(p, masks[p.name])
+        kept, allocated = int(sum(np.count_nonzero(m) for m in masks.values())), int(sum(keep.values()))
+        if kept < 0.99 * allocated:  # the fix-up drops weights that carry no path (the reference's rule): say so
+            am.warn(f"npb kept {kept:,} of the {allocated:,} allocated weights ({100 * kept / allocated:.1f}%): its fix-up drops "
+                    "weights that lie on no input->output path, as the reference does; ask for a lower --sparsity to keep more")
         report = NpbReport(
             seconds=seconds,
             milp_seconds=milp_seconds,
             solve_seconds=sum(r["solve_seconds"] for r in rows),
             seed=seed,
-            kept=int(sum(np.count_nonzero(m) for m in masks.values())),
-            allocated=int(sum(keep.values())),
+            kept=kept,
+            allocated=allocated,
             layers=rows,
             finetune=tuned,
         )

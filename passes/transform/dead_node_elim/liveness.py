@@ -19,7 +19,7 @@ WEIGHTED = (OpKind.CONV, OpKind.LINEAR)
 def connectivity(node: Node, cs: ChannelSpaces) -> np.ndarray:
     """(len y, len x) bool: output index o reads input index i through a kept weight."""
     w = node.params["weight"]
-    oi = w.to_oi(w.mask_or_ones())
+    oi = w.to_oi(w.mask_or_ones() if w.prunable else w.data != 0)  # a dense layer is tightened by zeroing its weights
     n_out = oi.shape[0]
     if cs.track(node.outputs[0]) is not None and n_out != cs.size(node.outputs[0]):
         # the Param's out/in axes do not describe this use (a hand-built graph): every output

@@ -1,4 +1,4 @@
-"""DPaI's channel tape on convs whose weight is not prunable (computed by weight norm: no layout axes)."""
+"""Dense weights computed by the model (weight norm: a non-prunable Param without layout axes): DPaI's channel tape and compaction."""
 from __future__ import annotations
 
 import torch
@@ -40,3 +40,37 @@ def test_channel_tape_counts_a_weight_normed_conv_like_the_per_pixel_count() -> 
         chan = step(initial_scores(layout, 1, "cpu"), kept, None).read()
         pixel = PixelStep(PixelObjective(g, layout, "ref", "cpu", sample_bindings(g)), update)(torch.ones(layout.numel), kept, None).read()
         assert (chan["nodes"], chan["kernels"], chan["params"]) == (pixel["nodes"], pixel["kernels"], pixel["params"])
+
+
+class _Residual(nn.Module):
+    """h = conv(x); y = weight_normed(h) + h: dead rows of ``conv`` leave constant channels that
+    the residual keeps, so compaction folds them into the dense (computed) weight's consumer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.normed = nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3, padding=1, groups=2), dim=2)
+        self.head = nn.Conv1d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.head(torch.relu(self.normed(h) + h))
+
+
+def test_compaction_reaches_a_fixpoint_when_it_zeroes_a_dense_weight() -> None:
+    """Dense weights are tightened by zeroing them; connectivity must see the zeros, or the same fold
+    is planned again every round (wav2vec2: "dead-node-elim still changed after 16 rounds")."""
+    from pai_compiler.api import compact_graph
+    from pai_compiler.interp import Interpreter
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10)
+    g = lower_module(_Residual().eval(), x)
+    conv = next(n for n in g.nodes if n.kind.value == "conv" and n.params["weight"].prunable and n.params["weight"].shape[0] == 8)
+    mask = conv.params["weight"].mask_or_ones().copy()
+    mask[[1, 4, 6]] = False  # three whole rows: constant (bias-only) channels that the residual keeps
+    g.set_mask(conv.params["weight"], mask)
+    before = Interpreter(g).run([x]).outputs[0]
+    report = compact_graph(g)
+    assert report.rounds >= 1
+    torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], before, rtol=1e-5, atol=1e-6)
