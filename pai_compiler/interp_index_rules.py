@@ -2,9 +2,12 @@
 
 ``reshape`` (reshape/transpose/slice/gather/pad/expand... on one tensor), ``embedding`` (ONNX
 ``Gather`` of a table's rows by integer indices, negative ones included), ``where``,
-``dynamic_gather``, ``compare``, ``cumsum``, ``gather_along`` / ``gather_nd`` and
+``dynamic_gather``, ``compare``, ``cumsum``, ``gather_along`` / ``gather_nd``, ``scatter_nd`` /
+``scatter_along`` (ONNX ScatterND / ScatterElements: ``out = data`` with ``updates`` written at the
+indexed positions, ``out[indices[i]] = updates[i]``; ``reduction="add"`` adds them instead) and
 ``shape_data`` (a ``ShapeProgram`` run at the bound sizes): real semantics, which the ``paths``
-mode shares for index data (paths move exactly as values do through data movement).
+mode shares for index data and for data movement (paths move exactly as values do: a scattered
+position carries the update's paths, every other position the data's).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pai_compiler.ir.shape_program import ShapeProgram, gather_elements
 
 __all__ = [
     "reshape", "pad_all_axes", "lookup_shape", "embedding", "where", "dynamic_gather", "COMPARE_FN", "compare", "cumsum",
-    "gather_along", "gather_nd", "shape_data",
+    "gather_along", "gather_nd", "scatter_nd", "scatter_along", "shape_data",
 ]
 
 
@@ -165,6 +168,49 @@ def gather_nd(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[tor
     flat = data.reshape(batch, *data.shape[batch_dims:])
     picked = flat[(torch.arange(batch, device=data.device)[:, None], *rows.unbind(-1))]
     return [picked.reshape(*idx.shape[:-1], *data.shape[batch_dims + depth:])]
+
+
+def _wrap(idx: torch.Tensor, sizes: torch.Tensor | int) -> torch.Tensor:
+    """Integer indices as int64, negative ones counted from the end (``i + size``)."""
+    idx = idx.to(torch.int64)
+    return torch.where(idx < 0, idx + sizes, idx)
+
+
+def _adds(node: Node) -> bool:
+    """True for ``reduction="add"``, False for ``"none"``; any other reduction is an error naming the node."""
+    reduction = node.attrs.get("reduction", "none")
+    if reduction not in ("none", "add"):
+        raise PaicError(f"node {node.name!r}: scatter reduction {reduction!r} has no rule (paic evaluates 'none' and 'add')")
+    return reduction == "add"
+
+
+def scatter_nd(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """ONNX ScatterND: a copy of ``data`` with ``out[indices[j]] = updates[j]`` for every index tuple
+    ``indices[j]`` (the last axis of ``indices``, of length ``k``, addresses the first ``k`` axes of
+    ``data``; ``updates`` has shape ``indices.shape[:-1] + data.shape[k:]``); ``reduction="add"`` adds."""
+    data, idx, updates = args
+    depth = idx.shape[-1]
+    rest = data.shape[depth:]
+    sizes = torch.tensor(data.shape[:depth], dtype=torch.int64, device=data.device)
+    rows = _wrap(idx.to(data.device).reshape(-1, depth), sizes)
+    strides = torch.tensor([math.prod(data.shape[i + 1:depth]) for i in range(depth)], dtype=torch.int64, device=data.device)
+    flat_index = (rows * strides).sum(dim=1)
+    flat = data.reshape(-1, *rest).clone()
+    values = updates.to(device=data.device, dtype=data.dtype).reshape(-1, *rest)
+    out = flat.index_add(0, flat_index, values) if _adds(node) else flat.index_copy(0, flat_index, values)
+    return [out.reshape(data.shape)]
+
+
+def scatter_along(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """ONNX ScatterElements (``torch.scatter``): ``out[i][indices[i][j]] = updates[i][j]`` on axis 1;
+    ``reduction="add"`` adds (``scatter_add``)."""
+    data, idx, updates = args
+    axis = int(node.attrs.get("axis", 0)) % data.dim()
+    idx = _wrap(idx.to(data.device), data.shape[axis])
+    values = updates.to(device=data.device, dtype=data.dtype)
+    if _adds(node):
+        return [torch.scatter_add(data, axis, idx, values)]
+    return [torch.scatter(data, axis, idx, values)]
 
 
 def shape_data(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:

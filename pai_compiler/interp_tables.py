@@ -12,7 +12,8 @@ rule in ``OPAQUE_RULES`` (see :func:`rule_for`); every other opaque node stops t
 with a ``PaicError``. Such ops: ``op="shape_data"`` (a tensor computed from the bound sizes
 only, e.g. positions or masks: its ``ShapeProgram``; in paths mode a float one is zeros),
 ``op="gather"`` (an activation gathered by run-time indices: values and counts alike),
-``op="where"`` (ONNX Where; paths: either branch's counts, summed), ``op="resize"`` (nearest/linear
+``op="where"`` (ONNX Where; paths: either branch's counts, summed), ``op="scatter_nd"`` /
+``op="scatter_elements"`` (ONNX ScatterND / ScatterElements: data movement, paths as values), ``op="resize"`` (nearest/linear
 resizing, :mod:`pai_compiler.interp_resize`) and the **embedding lookup** (``op="embedding"``: the rows
 of a constant, non-prunable ``table`` Param picked along ``axis`` by a dynamic integer input,
 ONNX ``Gather`` semantics, negative indices included). In ``real`` mode it is the lookup
@@ -35,7 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from pai_compiler.errors import PaicError
-from pai_compiler.interp_index_rules import compare, cumsum, dynamic_gather, embedding, gather_along, gather_nd, reshape, shape_data, where
+from pai_compiler.interp_index_rules import (compare, cumsum, dynamic_gather, embedding, gather_along, gather_nd, reshape, scatter_along, scatter_nd,
+                                             shape_data, where)
 from pai_compiler.interp_resize import path_resize, resize
 from pai_compiler.interp_path_rules import attention, path_add, path_embedding, path_identity, path_mul, path_shape_data, path_where
 from pai_compiler.interp_rules import RuleContext, add, broadcast_operands, constant, pad_spatial, pool, real_mul, real_norm, real_pointwise, split
@@ -161,6 +163,8 @@ OPAQUE_RULES: dict[str, tuple[Rule, Rule]] = {
     "cumsum": (cumsum, cumsum),
     "gather_elements": (gather_along, gather_along),
     "gather_nd": (gather_nd, gather_nd),
+    "scatter_nd": (scatter_nd, scatter_nd),
+    "scatter_elements": (scatter_along, scatter_along),
     "resize": (resize, path_resize),
 }
 
@@ -209,17 +213,23 @@ def is_index_data(value: Value) -> bool:
 def indexes_lookups_only(value: Value) -> bool:
     """True when every reader of ``value`` is an embedding lookup (it is only ever indices),
     directly, through data movement (``input_ids.view(-1, seq)``: a RESHAPE node) or through
-    index arithmetic that the interpreter runs (RoBERTa's positions ``cumsum(ids != pad) * mask + pad``):
-    a node whose outputs are all integer/bool and, in turn, only index lookups."""
+    index arithmetic that the interpreter runs (RoBERTa's positions ``cumsum(ids != pad) * mask + pad``,
+    BART's ``shift_tokens_right``: a scatter): a node whose outputs are all integer/bool and, in turn,
+    only index lookups. Past the value itself, index data that nothing reads (an exporter's leftover
+    ``shifted[:, 0]``) indexes nothing and is accepted."""
+    return bool(value.uses) and _feeds_lookups_only(value)
+
+
+def _feeds_lookups_only(value: Value) -> bool:
     def indexes(n: Node) -> bool:
         if n.kind is OpKind.OPAQUE and n.attrs.get("op") == "embedding":
             return n.inputs[0] is value
         if n.kind is OpKind.RESHAPE and n.inputs[0] is value:
-            return indexes_lookups_only(n.outputs[0])
+            return _feeds_lookups_only(n.outputs[0])
         return (bool(n.outputs) and all(is_index_data(v) for v in n.outputs) and rule_for(n, "real") is not None
-                and all(indexes_lookups_only(v) for v in n.outputs))
+                and all(_feeds_lookups_only(v) for v in n.outputs))
 
-    return bool(value.uses) and all(indexes(n) for n in value.uses)
+    return all(indexes(n) for n in value.uses)
 
 
 def index_lookups(value: Value) -> list[Node]:

@@ -1,10 +1,14 @@
-"""ONNX index-data ops on run-time tensors: comparisons and logic (bool), CumSum, GatherElements, GatherND.
+"""ONNX index-data ops on run-time tensors: comparisons and logic (bool), CumSum, GatherElements, GatherND, ScatterND, ScatterElements.
 
 What an exporter leaves of position ids computed from the inputs (``cumsum(ids != pad)``) or of
 a padding mask combined with a causal one (``And``) once the sizes are dynamic, or of a padding
 mask indexed per (batch, key) position (the dynamo exporter's ``mask[b_idx, kv_idx]``: GatherND).
 Each becomes an opaque node the interpreter runs (``op="compare"`` with ``fn``, ``op="cumsum"``,
 ``op="gather_elements"``, ``op="gather_nd"``); such values are integer or bool, so they carry no paths.
+ScatterND / ScatterElements (``op="scatter_nd"`` / ``op="scatter_elements"``: ``data`` with ``updates``
+written at the indexed positions) are what exporters make of a slice assignment
+(``shifted[:, 1:] = ids[:, :-1]`` in BART's ``shift_tokens_right``, a key/value cache update): data
+movement of any dtype, its output the data's shape and dtype.
 """
 from __future__ import annotations
 
@@ -13,8 +17,10 @@ from typing import Any
 from pai_compiler.frontends.onnx.static import broadcast_shapes
 from pai_compiler.ir import OpKind
 
-__all__ = ["INDEX_HANDLERS", "COMPARE_OPS"]
+__all__ = ["INDEX_HANDLERS", "COMPARE_OPS", "SCATTER_REDUCTIONS"]
 
+#: the scatter reductions the interpreter evaluates (ONNX's ``mul``/``max``/``min`` stay opaque)
+SCATTER_REDUCTIONS = ("none", "add")
 #: ONNX op_type -> the interpreter's ``compare`` function
 COMPARE_OPS = {"Equal": "eq", "Less": "lt", "LessOrEqual": "le", "Greater": "gt", "GreaterOrEqual": "ge",
                "And": "and", "Or": "or", "Xor": "xor", "Not": "not"}
@@ -60,5 +66,19 @@ def _gather_nd(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str,
     _add(imp, node, label, [data, idx], shape, data.dtype, {"op": "gather_nd", "batch_dims": batch_dims})
 
 
+def _scatter(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    data, idx, updates = (imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins))
+    reduction = attrs.get("reduction", "none")
+    reduction = reduction.decode() if isinstance(reduction, bytes) else str(reduction)
+    if reduction not in SCATTER_REDUCTIONS:
+        why = f"{node.op_type} with reduction {reduction!r} (paic evaluates {' and '.join(map(repr, SCATTER_REDUCTIONS))})"
+        imp.warnings.append(f"node {label!r} ({node.op_type}) is opaque: {why}")
+        _add(imp, node, label, [data, idx, updates], data.shape, data.dtype, {"reason": why})
+        return
+    extra = {"axis": int(attrs.get("axis", 0))} if node.op_type == "ScatterElements" else {}
+    op = "scatter_nd" if node.op_type == "ScatterND" else "scatter_elements"
+    _add(imp, node, label, [data, idx, updates], data.shape, data.dtype, {"op": op, "reduction": reduction, **extra})
+
+
 INDEX_HANDLERS = {**{op: _compare for op in COMPARE_OPS}, "CumSum": _cumsum, "GatherElements": _gather_elements,
-                  "GatherND": _gather_nd}
+                  "GatherND": _gather_nd, "ScatterND": _scatter, "ScatterElements": _scatter, "Scatter": _scatter}

@@ -2,7 +2,10 @@
 
 ``MOVEMENT_RULES`` maps an op_type to its rule: (input shape, operands, ONNX attrs) -> (output
 shape, the RESHAPE node's attrs). Reshape resolves ``0`` (copy, unless ``allowzero``) and ``-1``
-(numel(in) / numel(known)); slice sizes are ``len(range(*slice(start, end, step).indices(d)))``.
+(numel(in) / numel(known)); slice sizes are ``len(range(*slice(start, end, step).indices(d)))``, on
+a symbolic dim ``d`` ``ceil((end' - start') / step)`` with a negative bound read as ``d + bound`` and
+one past ``2^31`` as ``d`` (``ids[:, :-1]`` on a dynamic sequence is ``seq - 1``; the dim is taken to
+hold the constant bounds, as the model's own code takes it to).
 A rule raises :class:`DynamicArgument` for an argument known only at run time (or a shape it
 cannot follow); the caller then keeps the node opaque.
 """
@@ -16,7 +19,7 @@ import numpy as np
 
 from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, prod, simplify_dim
 from pai_compiler.ir import Dim
-from pai_compiler.ir.dims import as_expr, is_symbolic
+from pai_compiler.ir.dims import as_expr, ceil_div, is_symbolic
 
 __all__ = ["MOVEMENT_RULES", "DynamicArgument", "Movement", "movement_shape"]
 
@@ -108,9 +111,21 @@ def _slice(m: Movement) -> Shaped:
         if not isinstance(s[axis], int):
             if start == 0 and step == 1 and end >= 2**31:  # x[0:] on a symbolic dim: the whole dim
                 continue
-            raise DynamicArgument()
+            shape[axis] = _symbolic_slice_size(s[axis], start, end, step)
+            continue
         shape[axis] = len(range(*slice(start, end, step).indices(s[axis])))
     return tuple(shape), {"op": "slice", "starts": starts, "ends": ends, "axes": axes, "steps": steps}
+
+
+def _symbolic_slice_size(size: Dim, start: Any, end: Any, step: Any) -> Dim:
+    """``ceil((end' - start') / step)`` on a symbolic dim (a bound ``b < 0`` is ``size + b``, ``b >= 2^31`` is ``size``)."""
+    if any(is_symbolic(v) for v in (start, end, step)) or step <= 0:
+        raise DynamicArgument()
+
+    def bound(v: int) -> Any:
+        return as_expr(size) if v >= 2**31 else (as_expr(size) + v if v < 0 else v)
+
+    return simplify_dim(ceil_div(bound(end) - bound(start), step) if step > 1 else bound(end) - bound(start))
 
 
 def _gather(m: Movement) -> Shaped:

@@ -258,6 +258,8 @@ class _Importer:
             return x
         if isinstance(x, ShapeData):
             return self._shape_data_value(x)
+        if x.perm is not None and tuple(x.perm) != tuple(range(len(x.perm))):
+            x = Const(np.asarray(x.array), broadcast_to=x.broadcast_to)  # a transposed stored tensor: its own copy, in the operand's axis order
         shape = x.broadcast_to or tuple(int(d) for d in x.array.shape)
         p = self.param(x, f"{hint}_const", prunable=False)
         node = self.graph.add_node(

@@ -14,8 +14,9 @@ from typing import Any
 import sympy
 import torch
 
+from pai_compiler.frontends.torch.assign import ATEN_ASSIGN_RULES
 from pai_compiler.frontends.torch.index_ops import ATEN_INDEX_RULES, COMPARE_NAMES, lower_compare, lower_where
-from pai_compiler.frontends.torch.operands import BATCH, TorchConst, perm_of
+from pai_compiler.frontends.torch.operands import BATCH, TorchConst, dtype_name, perm_of
 from pai_compiler.ir import Value
 
 __all__ = ["ATEN_RULES", "Rule", "SafeSoftmaxGuard", "Zeros"]
@@ -243,7 +244,9 @@ def _reduce(mode: str) -> Rule:
     def rule(w: Any, n: Any, a: dict[str, Any]) -> Any:
         dim = a.get("dim")
         axes = None if dim is None else ([dim] if isinstance(dim, int) else list(dim))
-        return w.lw.reduce(n.name, a["self"], mode, axes, bool(a.get("keepdim")), w.shape(n), w.origin(n))
+        val = n.meta.get("val")
+        return w.lw.reduce(n.name, a["self"], mode, axes, bool(a.get("keepdim")), w.shape(n), w.origin(n),
+                           dtype=dtype_name(val) if isinstance(val, torch.Tensor) else None)
     return rule
 
 
@@ -365,5 +368,6 @@ ATEN_RULES: dict[str, Rule] = {
 for _op in ("relu", "relu_", "sigmoid", "tanh", "silu", "silu_", "mish", "hardswish", "selu", "exp", "log", "sqrt", "neg",
             "abs", "erf", "sin", "cos", "reciprocal", "sign", "floor", "ceil", "round", "softsign"):
     ATEN_RULES.setdefault(_op, _unary(_op.rstrip("_")))
+ATEN_RULES.update(ATEN_ASSIGN_RULES)
 for _op, _rule in ATEN_INDEX_RULES.items():
     ATEN_RULES.setdefault(_op, _rule)  # eq and logical_not keep the safe-softmax guard, which falls back to them

@@ -75,6 +75,8 @@ def lower_export(module: nn.Module, example: Any, *, name: str | None = None, pr
                                          strict=False)
                 if decompose:
                     ep = ep.run_decompositions()
+                elif _writes_through_alias(ep.graph):
+                    ep = ep.run_decompositions({})  # functionalize only: in-place ops become their functional forms
         except Exception as exc:
             msg = " ".join(str(exc).split())[:300]
             raise ModelError(f"torch.export cannot export {type(module).__name__}: {type(exc).__name__}: {msg}") from exc
@@ -90,6 +92,31 @@ def _accepts(module: nn.Module, argument: str) -> bool:
         return argument in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _writes_through_alias(graph: torch.fx.Graph) -> bool:
+    """True when an in-place op writes into a view, an input, or a tensor that is read again
+    (``shifted[:, 1:] = ids[:, :-1]``: ``copy_`` into a slice of ``shifted``). The walker reads an
+    in-place op as its functional form, which is exact only when nothing else sees the write
+    (``relu_`` on a conv's output); otherwise the program is functionalized first."""
+    for n in graph.nodes:
+        schema = getattr(n.target, "_schema", None)
+        if n.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for i, arg in enumerate(schema.arguments):
+            if arg.alias_info is None or not arg.alias_info.is_write:
+                continue
+            x = n.args[i] if i < len(n.args) else n.kwargs.get(arg.name)
+            if isinstance(x, torch.fx.Node) and (x.op == "placeholder" or len(x.users) > 1 or _is_view(x)):
+                return True
+    return False
+
+
+def _is_view(n: torch.fx.Node) -> bool:
+    """An ATen call whose result aliases its input without writing it (``slice``, ``select``, ``view``)."""
+    schema = getattr(n.target, "_schema", None)
+    alias = schema.returns[0].alias_info if schema is not None and schema.returns else None
+    return alias is not None and not alias.is_write
 
 
 def _dynamic_shapes(module: nn.Module, call: Example, keywords: dict[str, Any], batch: Any) -> Any:

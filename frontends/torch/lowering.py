@@ -412,10 +412,13 @@ class TorchLowering:
             attrs["count_include_pad"] = bool(count_include_pad)
         return self.emit(OpKind.POOL, label, [x], [shape], attrs=attrs, origin=origin)[0]
 
-    def reduce(self, label: str, x: Value, mode: str, axes: Sequence[int] | None, keepdims: bool, shape: tuple[Dim, ...], origin: str) -> Value:
+    def reduce(self, label: str, x: Value, mode: str, axes: Sequence[int] | None, keepdims: bool, shape: tuple[Dim, ...], origin: str,
+               dtype: str | None = None) -> Value:
+        """A reduction; ``dtype`` the result's where it differs from ``x``'s (a count of a bool mask is int64)."""
         rank = len(x.shape)
         axes = sorted({int(a) % rank for a in (range(rank) if axes is None or len(axes) == 0 else axes)})
-        return self.emit(OpKind.POOL, label, [x], [shape], attrs={"mode": mode, "reduce": True, "axes": axes, "keepdims": bool(keepdims)}, origin=origin)[0]
+        return self.emit(OpKind.POOL, label, [x], [shape], attrs={"mode": mode, "reduce": True, "axes": axes, "keepdims": bool(keepdims)},
+                         origin=origin, dtype=dtype)[0]
 
     def adaptive_pool(self, label: str, x: Value, mode: str, output_size: Any, shape: tuple[Dim, ...], origin: str) -> Value:
         n = len(x.shape) - 2

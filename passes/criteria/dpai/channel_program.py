@@ -126,7 +126,7 @@ class ChannelProgram:
         self._node_of: list[Node] = []  # tape index -> the node it was compiled from
         for node in self.graph.nodes:
             try:
-                CHANNEL_RULES[node.kind](self, node)
+                _index_data_or_rule(node)(self, node)
             except (ValueError, IndexError, KeyError, RuntimeError) as exc:
                 raise _unsupported(node, exc) from exc
             self._node_of += [node] * (len(self.tape) - len(self._node_of))
@@ -255,6 +255,16 @@ def _unsupported(node: Node, exc: BaseException) -> ModelError:
 
 # ---- the compile rules, one per op kind ------------------------------------------------------
 ChannelRule = Callable[[ChannelProgram, Node], None]
+
+
+def _index_data_or_rule(node: Node) -> ChannelRule:
+    """The node's compile rule; a node computing index data only (integer/bool: ``ids.ne(pad).sum(1) - 1``,
+    an integer constant) runs the interpreter's rule, which keeps its real value in paths mode."""
+    from pai_compiler.interp_tables import is_index_data  # heavy: the rule tables import torch
+
+    if node.kind not in (OpKind.INPUT, OpKind.OUTPUT) and node.outputs and all(is_index_data(v) for v in node.outputs):
+        return ChannelProgram._torch_op
+    return CHANNEL_RULES[node.kind]
 
 
 def _input(cp: ChannelProgram, node: Node) -> None:
