@@ -37,3 +37,30 @@ def test_roll_and_masked_fill_lower_as_data_movement(frontend: str) -> None:
             torch.testing.assert_close(Interpreter(g).run([xb]).outputs[0], module(xb), rtol=1e-5, atol=1e-6)
     result = optimize(g, sparsity=0.5, method="synflow")  # paths move through the rolls as values do
     assert all(p.mask is not None for p in result.graph.prunable_params())
+
+
+class _WindowMask(nn.Module):
+    """Swin's shifted-window mask: a (windows, s, s) buffer expanded over the batch and reshaped to
+    (batch * windows, 1, s, s), added to per-window scores."""
+
+    def __init__(self, windows: int = 3, s: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, s)
+        self.register_buffer("mask", torch.randn(windows, s, s))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, windows * s, 5)
+        windows, s = self.mask.shape[0], self.mask.shape[1]
+        h = self.proj(x).reshape(-1, s, s)  # (batch * windows, s, s)
+        scores = (h @ h.transpose(1, 2)).unsqueeze(1)
+        mask = self.mask.unsqueeze(1).unsqueeze(0).expand(x.shape[0], -1, -1, -1, -1).reshape(-1, 1, s, s)
+        return (scores + mask).softmax(-1)
+
+
+def test_a_constant_expanded_over_the_batch_then_reshaped_stays_right_at_every_batch() -> None:
+    torch.manual_seed(0)
+    module = _WindowMask().eval()
+    g = lower_module(module, torch.randn(2, 12, 5), "export")
+    for batch in (2, 3, 1):
+        x = torch.randn(batch, 12, 5)
+        with torch.no_grad():
+            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)

@@ -230,8 +230,12 @@ class _ExportWalker:
         if not has_value:
             if packet == "expand" and isinstance(args[0], TorchConst):
                 return self.lw.expand(n.name, args[0], self.shape(n), self.origin(n))
-            if packet in ("view", "reshape", "_unsafe_view") and isinstance(args[0], TorchConst) and args[0].broadcast_to == self.shape(n):
-                return args[0]  # core ATen spells x @ W as bmm(view(expand(x)), view(expand(W^T)))
+            if packet in ("view", "reshape", "_unsafe_view") and isinstance(args[0], TorchConst) and args[0].broadcast_to is not None:
+                if args[0].broadcast_to == self.shape(n):
+                    return args[0]  # core ATen spells x @ W as bmm(view(expand(x)), view(expand(W^T)))
+                # the batch axis merged into others (Swin's window mask: (batch, nw, ...) -> (batch*nw, ...)):
+                # no folded constant is right at every batch, so the reshape runs in the model
+                return self.lw.reshape(n.name, self.lw.value(args[0], n.name), self.shape(n), self.origin(n))
             if packet in ("t", "permute", "transpose", "numpy_T") and isinstance(args[0], TorchConst) and args[0].broadcast_to is None and args[0].varies_at_batch is None:
                 c = args[0]
                 perm = perm_of({"numpy_T": "t"}.get(packet, packet), c.value.dim(), args[1:])
