@@ -64,3 +64,27 @@ def test_a_constant_expanded_over_the_batch_then_reshaped_stays_right_at_every_b
         x = torch.randn(batch, 12, 5)
         with torch.no_grad():
             torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+
+
+class _CastExpanded(nn.Module):
+    """Buffers expanded over the batch, then cast (Funnel's ``type_as`` of its position features)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(6, 6)
+        self.register_buffer("positions", torch.arange(6).view(1, 6))
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 6).view(1, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x) * self.positions.expand(x.shape[0], -1).to(torch.float32)
+        return h * self.scale.expand(x.shape[0], -1).type_as(h)
+
+
+def test_a_cast_of_a_constant_expanded_over_the_batch_stays_a_constant() -> None:
+    torch.manual_seed(0)
+    module = _CastExpanded().eval()
+    g = lower_module(module, torch.randn(2, 6), "export")
+    for batch in (2, 3):
+        x = torch.randn(batch, 6)
+        with torch.no_grad():
+            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ to its input; the safe-softmax guard of core ATen folds away.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -134,6 +135,9 @@ def _logical_and(w: Any, n: Any, a: dict[str, Any]) -> Any:
 def _to_copy(w: Any, n: Any, a: dict[str, Any]) -> Any:
     x = a["self"]
     dtype = str(n.meta["val"].dtype).removeprefix("torch.")
+    if isinstance(x, TorchConst):  # a constant expanded over the batch (or computed at it): cast, it stays a constant
+        same = x.tensor.dtype == getattr(torch, dtype)
+        return x if same else dataclasses.replace(x, tensor=x.tensor.to(getattr(torch, dtype)), fqn=None)
     return x if dtype == x.dtype else w.lw.pointwise(n.name, x, "cast", w.origin(n), to=dtype)
 
 
