@@ -26,7 +26,7 @@ from pai_compiler.ir import Node
 from pai_compiler.ir.shape_program import ShapeProgram, gather_elements
 
 __all__ = [
-    "reshape", "pad_all_axes", "lookup_shape", "embedding", "where", "dynamic_gather", "COMPARE_FN", "compare", "cumsum",
+    "reshape", "pad_all_axes", "lookup_shape", "embedding", "where", "dynamic_gather", "COMPARE_FN", "compare", "cumsum", "arg_reduce",
     "gather_along", "gather_nd", "scatter_nd", "scatter_along", "shape_data",
 ]
 
@@ -148,6 +148,18 @@ def cumsum(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.
     target = getattr(torch, node.outputs[0].dtype, None) if node.outputs else None
     out = out.to(target) if isinstance(target, torch.dtype) and not target.is_floating_point else out  # torch widens, ONNX keeps
     return [out.flip(axis) if node.attrs.get("reverse") else out]
+
+
+def arg_reduce(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Index data: the position of the first max (``fn="max"``) or min along ``axis`` (ONNX ArgMax/ArgMin,
+    ``torch.argmax``: the first of equal values; ``select_last_index`` takes the last), int64."""
+    x = args[0].long() if args[0].dtype == torch.bool else args[0]
+    axis, keep = int(node.attrs.get("axis", 0)) % max(x.dim(), 1), bool(node.attrs.get("keepdims", True))
+    if node.attrs.get("select_last_index"):
+        size = x.shape[axis]
+        x = x.flip(axis)
+    out = (torch.argmax if node.attrs.get("fn", "max") == "max" else torch.argmin)(x, dim=axis, keepdim=keep)
+    return [size - 1 - out if node.attrs.get("select_last_index") else out]
 
 
 def gather_along(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pai_compiler.errors import PaicError
-from pai_compiler.interp_index_rules import (compare, cumsum, dynamic_gather, embedding, gather_along, gather_nd, reshape, scatter_along, scatter_nd,
+from pai_compiler.interp_index_rules import (arg_reduce, compare, cumsum, dynamic_gather, embedding, gather_along, gather_nd, reshape, scatter_along, scatter_nd,
                                              shape_data, where)
 from pai_compiler.interp_resize import path_resize, resize
 from pai_compiler.interp_path_rules import attention, path_add, path_embedding, path_identity, path_mul, path_shape_data, path_where
@@ -161,6 +161,7 @@ OPAQUE_RULES: dict[str, tuple[Rule, Rule]] = {
     "where": (where, path_where),
     "compare": (compare, compare),
     "cumsum": (cumsum, cumsum),
+    "arg_reduce": (arg_reduce, arg_reduce),
     "gather_elements": (gather_along, gather_along),
     "gather_nd": (gather_nd, gather_nd),
     "scatter_nd": (scatter_nd, scatter_nd),
@@ -215,7 +216,7 @@ def indexes_lookups_only(value: Value) -> bool:
     directly, through data movement (``input_ids.view(-1, seq)``: a RESHAPE node) or through
     index arithmetic that the interpreter runs (RoBERTa's positions ``cumsum(ids != pad) * mask + pad``,
     BART's ``shift_tokens_right``: a scatter): a node whose outputs are all integer/bool and, in turn,
-    only index lookups. Past the value itself, index data that nothing reads (an exporter's leftover
+    only index lookups; or as the positions a gather picks (GPT-2's classifier pools its last non-pad token). Past the value itself, index data that nothing reads (an exporter's leftover
     ``shifted[:, 0]``) indexes nothing and is accepted."""
     return bool(value.uses) and _feeds_lookups_only(value)
 
@@ -224,12 +225,18 @@ def _feeds_lookups_only(value: Value) -> bool:
     def indexes(n: Node) -> bool:
         if n.kind is OpKind.OPAQUE and n.attrs.get("op") == "embedding":
             return n.inputs[0] is value
+        if n.kind is OpKind.OPAQUE and n.attrs.get("op") in _PICKS and value is n.inputs[-1] and value is not n.inputs[0]:
+            return True  # positions picked out of other data (a classifier's last non-pad token)
         if n.kind is OpKind.RESHAPE and n.inputs[0] is value:
             return _feeds_lookups_only(n.outputs[0])
         return (bool(n.outputs) and all(is_index_data(v) for v in n.outputs) and rule_for(n, "real") is not None
                 and all(_feeds_lookups_only(v) for v in n.outputs))
 
     return all(indexes(n) for n in value.uses)
+
+
+#: opaque index ops whose last input picks positions of the first (the picks carry no paths)
+_PICKS = frozenset({"gather_elements", "gather_nd", "gather"})
 
 
 def index_lookups(value: Value) -> list[Node]:

@@ -1,4 +1,4 @@
-"""ONNX index-data ops on run-time tensors: comparisons and logic (bool), CumSum, GatherElements, GatherND, ScatterND, ScatterElements.
+"""ONNX index-data ops on run-time tensors: comparisons and logic (bool), CumSum, ArgMax/ArgMin, GatherElements, GatherND, ScatterND, ScatterElements.
 
 What an exporter leaves of position ids computed from the inputs (``cumsum(ids != pad)``) or of
 a padding mask combined with a causal one (``And``) once the sizes are dynamic, or of a padding
@@ -52,6 +52,17 @@ def _cumsum(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, An
          {"op": "cumsum", "axis": int(axis_array.reshape(-1)[0]), "exclusive": bool(attrs.get("exclusive", 0)), "reverse": bool(attrs.get("reverse", 0))})
 
 
+def _arg_reduce(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = imp.operand_value(ins[0], f"{label}_0")
+    axis, keep = int(attrs.get("axis", 0)), bool(attrs.get("keepdims", 1))
+    shape = None
+    if x.shape is not None:
+        axis %= len(x.shape)
+        shape = tuple(1 if i == axis else d for i, d in enumerate(x.shape)) if keep else tuple(d for i, d in enumerate(x.shape) if i != axis)
+    _add(imp, node, label, [x], shape, "int64", {"op": "arg_reduce", "fn": node.op_type[3:].lower(), "axis": axis, "keepdims": keep,
+                                               "select_last_index": bool(attrs.get("select_last_index", 0))})
+
+
 def _gather_elements(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
     data, idx = (imp.operand_value(x, f"{label}_{i}") for i, x in enumerate(ins))
     _add(imp, node, label, [data, idx], idx.shape, data.dtype, {"op": "gather_elements", "axis": int(attrs.get("axis", 0))})
@@ -80,5 +91,5 @@ def _scatter(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, A
     _add(imp, node, label, [data, idx, updates], data.shape, data.dtype, {"op": op, "reduction": reduction, **extra})
 
 
-INDEX_HANDLERS = {**{op: _compare for op in COMPARE_OPS}, "CumSum": _cumsum, "GatherElements": _gather_elements,
+INDEX_HANDLERS = {**{op: _compare for op in COMPARE_OPS}, "CumSum": _cumsum, "ArgMax": _arg_reduce, "ArgMin": _arg_reduce, "GatherElements": _gather_elements,
                   "GatherND": _gather_nd, "ScatterND": _scatter, "ScatterElements": _scatter, "Scatter": _scatter}

@@ -119,8 +119,26 @@ def _index(w: Any, n: Any, a: dict[str, Any]) -> Any:
         if (per_sample is not None and rows_t.shape[0] == w.example_batch and torch.equal(rows_t, per_sample.expand_as(rows_t))
                 and cols.broadcast_to is None and cols_t.dim() == rows_t.dim() and cols_t.shape[0] == 1 and all(s == 1 for s in rows_t.shape[1:])):
             return w.lw.gather(n.name, x, 1, cols_t[0].long(), shape, w.origin(n))
+    if isinstance(x, Value) and len(indices) == 2 and _is_batch_arange(w, indices[0]) and isinstance(indices[1], Value) and len(indices[1].shape) == 1:
+        return _per_sample_pick(w, n, x, indices[1], shape)
     items = [x, *[i for i in indices if isinstance(i, (Value, TorchConst))]]
     return w.lw.opaque(n.name, items, [shape], str(n.target), "advanced indexing other than a per-sample gather")
+
+
+def _is_batch_arange(w: Any, rows: Any) -> bool:
+    """``rows`` is ``arange(batch)`` (a constant computed at the example batch)."""
+    return (isinstance(rows, TorchConst) and rows.broadcast_to is None and rows.value.dim() == 1
+            and rows.value.shape[0] == w.example_batch and torch.equal(rows.value.long(), torch.arange(w.example_batch)))
+
+
+def _per_sample_pick(w: Any, n: Any, x: Value, picks: Value, shape: tuple[Any, ...]) -> Value:
+    """``x[arange(batch), picks]``: sample b's row ``picks[b]`` along axis 1 (the last-token pooling of
+    GPT-2/Llama sequence classifiers) = gather_elements on axis 1 with ``picks`` broadcast over the rest."""
+    batch, rest = x.shape[0], tuple(x.shape[2:])
+    index = w.lw.reshape(f"{n.name}_pick", picks, (batch, 1, *[1] * len(rest)), w.origin(n))
+    index = w.lw.expand(f"{n.name}_pick_expand", index, (batch, 1, *rest), w.origin(n))
+    picked = w.lw.index_op(n.name, "gather_elements", [x, index], (batch, 1, *rest), w.origin(n), x.dtype, axis=1)
+    return w.lw.reshape(f"{n.name}_squeeze", picked, shape, w.origin(n))
 
 
 def _logical_and(w: Any, n: Any, a: dict[str, Any]) -> Any:

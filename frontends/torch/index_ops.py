@@ -68,6 +68,12 @@ def _cumsum(w: Any, n: Any, x: Any, dim: int, origin: str) -> Any:
     return w.lw.index_op(n.name, "cumsum", [x], w.shape(n), origin, _out_dtype(w, n) or "int64", axis=int(dim))
 
 
+def _arg_reduce(w: Any, n: Any, fn: str, x: Any, dim: Any, keepdim: bool, origin: str) -> Any:
+    if not _is_index(x) or dim is None:
+        return w.lw.opaque(n.name, [x], [w.shape(n)], origin, f"arg{fn} of floats or of the flattened tensor (only integer/bool index data along an axis has a rule)")
+    return w.lw.index_op(n.name, "arg_reduce", [x], w.shape(n), origin, "int64", fn=fn, axis=int(dim), keepdims=bool(keepdim))
+
+
 def _gather(w: Any, n: Any, data: Any, dim: int, index: Any, origin: str) -> Any:
     if not isinstance(index, Value) or not isinstance(data, (Value, TorchConst)):
         return w.lw.opaque(n.name, [t for t in (data, index) if isinstance(t, (Value, TorchConst))], [w.shape(n)], origin, "gather of constants")
@@ -102,6 +108,8 @@ ATEN_INDEX_RULES: dict[str, Rule] = {
     **{name: _aten_compare(fn, bool_only=True) for name, fn in BITWISE_NAMES.items()},
     "cumsum": lambda w, n, a: _cumsum(w, n, a["self"], a["dim"], str(n.target)),
     "gather": lambda w, n, a: _gather(w, n, a["self"], a["dim"], a["index"], str(n.target)),
+    "argmax": lambda w, n, a: _arg_reduce(w, n, "max", a["self"], a.get("dim"), a.get("keepdim", False), str(n.target)),
+    "argmin": lambda w, n, a: _arg_reduce(w, n, "min", a["self"], a.get("dim"), a.get("keepdim", False), str(n.target)),
 }
 
 FX_INDEX_RULES: dict[Any, Rule] = {
@@ -113,6 +121,10 @@ FX_INDEX_RULES: dict[Any, Rule] = {
     "Tensor.masked_fill": lambda w, n, x, mask, value, *rest, **kw: lower_where(w, n, mask, value, x, n.name),
     "Tensor.cumsum": lambda w, n, x, dim, *rest, **kw: _cumsum(w, n, x, dim, n.name),
     torch.gather: lambda w, n, x, dim, index, *rest, **kw: _gather(w, n, x, dim, index, n.name),
+    torch.argmax: lambda w, n, x, dim=None, keepdim=False: _arg_reduce(w, n, "max", x, dim, keepdim, n.name),
+    "Tensor.argmax": lambda w, n, x, dim=None, keepdim=False: _arg_reduce(w, n, "max", x, dim, keepdim, n.name),
+    torch.argmin: lambda w, n, x, dim=None, keepdim=False: _arg_reduce(w, n, "min", x, dim, keepdim, n.name),
+    "Tensor.argmin": lambda w, n, x, dim=None, keepdim=False: _arg_reduce(w, n, "min", x, dim, keepdim, n.name),
     "Tensor.gather": lambda w, n, x, dim, index, *rest, **kw: _gather(w, n, x, dim, index, n.name),
 }
 for _names, _bool_only in ((COMPARE_NAMES, False), (BITWISE_NAMES, True)):
