@@ -1,4 +1,4 @@
-"""torch frontend data movement: ``torch.roll`` (Swin's shifted windows) and ``masked_fill``, under fx and torch.export."""
+"""torch frontend data movement and aliases: ``torch.roll`` (Swin's shifted windows), ``masked_fill``, constants expanded over the batch, arithmetic aliases."""
 from __future__ import annotations
 
 import pytest
@@ -88,3 +88,27 @@ def test_a_cast_of_a_constant_expanded_over_the_batch_stays_a_constant() -> None
         x = torch.randn(batch, 6)
         with torch.no_grad():
             torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+
+
+class _Aliases(nn.Module):
+    """torch's spelled-out arithmetic aliases (ConvBERT's ``torch.multiply``): multiply, divide, subtract, true_divide."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, g = self.a(x), self.b(x)
+        y = torch.multiply(h, g).subtract(h)
+        return torch.true_divide(torch.divide(y, 2.0), g.abs() + 1.0)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_arithmetic_aliases_lower(frontend: str) -> None:
+    torch.manual_seed(0)
+    module = _Aliases().eval()
+    g = lower_module(module, torch.randn(2, 4), frontend)
+    assert not [n.name for n in g.nodes if n.attrs.get("reason")]
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)

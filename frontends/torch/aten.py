@@ -369,6 +369,7 @@ ATEN_RULES: dict[str, Rule] = {
     "logical_and": _logical_and,
     "add": _binary("add"), "add_": _binary("add"), "sub": _binary("sub"), "rsub": _binary("sub", swap=True),
     "mul": _binary("mul"), "div": _binary("div"), "pow": _binary("pow"), "maximum": _binary("max"), "minimum": _binary("min"),
+    "multiply": _binary("mul"), "subtract": _binary("sub"), "divide": _binary("div"), "true_divide": _binary("div"),  # aliases export keeps
     "view": _reshape, "reshape": _reshape, "_unsafe_view": _reshape, "flatten": _reshape, "unflatten": _reshape,
     "squeeze": _reshape, "unsqueeze": _reshape, "view_as": _reshape, "reshape_as": _reshape,
     "permute": _permute("permute"), "transpose": _permute("transpose"), "t": _permute("t"), "numpy_T": _permute("t"),

@@ -487,6 +487,8 @@ FUNCTION_RULES: dict[Any, Rule] = {
     operator.sub: _binary("sub"), operator.isub: _binary("sub"), torch.sub: _binary("sub"), "Tensor.sub": _binary("sub"),
     torch.rsub: _binary("sub", swap=True), "Tensor.rsub": _binary("sub", swap=True),
     operator.mul: _binary("mul"), operator.imul: _binary("mul"), torch.mul: _binary("mul"), "Tensor.mul": _binary("mul"),
+    torch.multiply: _binary("mul"), "Tensor.multiply": _binary("mul"), torch.subtract: _binary("sub"), "Tensor.subtract": _binary("sub"),
+    torch.divide: _binary("div"), "Tensor.divide": _binary("div"), torch.true_divide: _binary("div"), "Tensor.true_divide": _binary("div"),
     operator.truediv: _binary("div"), operator.itruediv: _binary("div"), torch.div: _binary("div"), "Tensor.div": _binary("div"),
     operator.pow: _binary("pow"), torch.pow: _binary("pow"), "Tensor.pow": _binary("pow"),
     torch.maximum: _binary("max"), torch.minimum: _binary("min"),
