@@ -79,14 +79,14 @@ def _scatter_nd_reference(data: np.ndarray, indices: np.ndarray, updates: np.nda
     return out
 
 
-def _scatter_model(op: str, data_shape: list[int], index_shape: list[int], dtype: int, **attrs: object) -> onnx.ModelProto:
+def _scatter_model(op: str, data_shape: list[int], index_shape: list[int], dtype: int, opset: int = 18, **attrs: object) -> onnx.ModelProto:
     node = helper.make_node(op, ["data", "indices", "updates"], ["y"], **attrs)
-    update_shape = index_shape if op == "ScatterElements" else index_shape[:-1] + data_shape[index_shape[-1]:]
+    update_shape = index_shape if op != "ScatterND" else index_shape[:-1] + data_shape[index_shape[-1]:]
     graph = helper.make_graph([node], "scatter", [helper.make_tensor_value_info("data", dtype, data_shape),
                                                    helper.make_tensor_value_info("indices", TensorProto.INT64, index_shape),
                                                    helper.make_tensor_value_info("updates", dtype, update_shape)],
                               [helper.make_tensor_value_info("y", dtype, data_shape)])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
 
 
 @pytest.mark.parametrize("reduction", ["none", "add"])
@@ -111,14 +111,16 @@ def test_scatter_nd_matches_numpy(tmp_path: Path, reduction: str, dtype: int) ->
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6)
 
 
-def test_scatter_elements_matches_numpy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("op,opset", [("ScatterElements", 18), ("Scatter", 10)])
+def test_scatter_elements_matches_numpy(tmp_path: Path, op: str, opset: int) -> None:
+    """Along axis 1 (opset 9/10's Scatter is ScatterElements under its old name, its axis included)."""
     rng = np.random.default_rng(1)
     data = rng.normal(size=(3, 6)).astype(np.float32)
     indices = np.stack([rng.permutation(6)[:4] for _ in range(3)]).astype(np.int64)
     indices[1, 0] -= 6
     updates = rng.normal(size=(3, 4)).astype(np.float32)
     path = tmp_path / "scatter_elements.onnx"
-    onnx.save(_scatter_model("ScatterElements", [3, 6], [3, 4], TensorProto.FLOAT, axis=1), path)
+    onnx.save(_scatter_model(op, [3, 6], [3, 4], TensorProto.FLOAT, opset, axis=1), path)
     graph = load_onnx_model(path)
     _no_unknown_opaque(graph)
     expected = data.copy()

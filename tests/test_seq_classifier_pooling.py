@@ -106,3 +106,20 @@ def test_arg_reduce_equals_torch_and_numpy() -> None:
         want = (a.shape[axis] - 1 - pick(np.flip(a, axis), axis=axis)) if last else pick(a, axis=axis)
         want = np.expand_dims(want, axis) if keep else want
         np.testing.assert_array_equal(got.numpy(), want)
+
+
+def test_onnx_argmax_of_activations_stays_opaque(tmp_path: Path) -> None:
+    """An ArgMax of float logits carries no paths: no rule (as on the torch route), named in the warnings."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.eye(4, dtype=np.float32).reshape(-1).tolist())
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("ArgMax", ["h"], ["y"], axis=1, keepdims=0, name="pick")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT64, [2])], [w])
+    path = tmp_path / "argmax.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    g = load_onnx_model(path)
+    node = next(n for n in g.nodes if n.name == "pick")
+    assert node.attrs.get("reason") and node.attrs.get("op") != "arg_reduce"
+    assert any("'pick'" in w and "floats" in w for w in g.meta["warnings"])

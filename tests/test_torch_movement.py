@@ -112,3 +112,23 @@ def test_arithmetic_aliases_lower(frontend: str) -> None:
     x = torch.randn(3, 4)
     with torch.no_grad():
         torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+
+
+class _RolledBuffer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(5, 5)
+        self.register_buffer("table", torch.arange(10.0).view(2, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x) + torch.roll(self.table, 2, 1)[:1]
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_roll_of_a_constant_folds(frontend: str) -> None:
+    torch.manual_seed(0)
+    module = _RolledBuffer().eval()
+    g = lower_module(module, torch.randn(2, 5), frontend)
+    x = torch.randn(3, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)

@@ -55,6 +55,11 @@ def _cumsum(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, An
 def _arg_reduce(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
     x = imp.operand_value(ins[0], f"{label}_0")
     axis, keep = int(attrs.get("axis", 0)), bool(attrs.get("keepdims", 1))
+    if x.dtype.startswith(("float", "bfloat")):  # the argmax of activations (logits) is no path carrier: no rule, as the torch route
+        why = f"{node.op_type} of floats (only integer/bool index data has a rule)"
+        imp.warnings.append(f"node {label!r} ({node.op_type}) is opaque: {why}")
+        _add(imp, node, label, [x], None, "int64", {"reason": why})
+        return
     shape = None
     if x.shape is not None:
         axis %= len(x.shape)
@@ -86,7 +91,7 @@ def _scatter(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, A
         imp.warnings.append(f"node {label!r} ({node.op_type}) is opaque: {why}")
         _add(imp, node, label, [data, idx, updates], data.shape, data.dtype, {"reason": why})
         return
-    extra = {"axis": int(attrs.get("axis", 0))} if node.op_type == "ScatterElements" else {}
+    extra = {"axis": int(attrs.get("axis", 0))} if node.op_type != "ScatterND" else {}  # Scatter (opset 9/10) = ScatterElements
     op = "scatter_nd" if node.op_type == "ScatterND" else "scatter_elements"
     _add(imp, node, label, [data, idx, updates], data.shape, data.dtype, {"op": op, "reduction": reduction, **extra})
 

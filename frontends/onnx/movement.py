@@ -109,7 +109,7 @@ def _slice(m: Movement) -> Shaped:
     shape = list(s)
     for start, end, axis, step in zip(starts, ends, axes, steps):
         if not isinstance(s[axis], int):
-            if start == 0 and step == 1 and end >= 2**31:  # x[0:] on a symbolic dim: the whole dim
+            if start == 0 and step == 1 and end >= 2**31 - 1:  # x[0:] on a symbolic dim: the whole dim
                 continue
             shape[axis] = _symbolic_slice_size(s[axis], start, end, step)
             continue
@@ -118,12 +118,14 @@ def _slice(m: Movement) -> Shaped:
 
 
 def _symbolic_slice_size(size: Dim, start: Any, end: Any, step: Any) -> Dim:
-    """``ceil((end' - start') / step)`` on a symbolic dim (a bound ``b < 0`` is ``size + b``, ``b >= 2^31`` is ``size``)."""
-    if any(is_symbolic(v) for v in (start, end, step)) or step <= 0:
+    """``ceil((end' - start') / step)`` on a symbolic dim (a bound ``b < 0`` is ``size + b``, ``b >= 2^31 - 1`` is
+    ``size``: INT64_MAX from torch, INT32_MAX from some converters). A positive end may clip or not depending
+    on the size (``x[:, :5]`` on ``seq``): no single expression, so it stays a run-time argument."""
+    if any(is_symbolic(v) for v in (start, end, step)) or step <= 0 or 0 <= end < 2**31 - 1:
         raise DynamicArgument()
 
     def bound(v: int) -> Any:
-        return as_expr(size) if v >= 2**31 else (as_expr(size) + v if v < 0 else v)
+        return as_expr(size) if v >= 2**31 - 1 else (as_expr(size) + v if v < 0 else v)
 
     return simplify_dim(ceil_div(bound(end) - bound(start), step) if step > 1 else bound(end) - bound(start))
 

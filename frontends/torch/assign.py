@@ -23,7 +23,7 @@ import sympy
 import torch
 
 from pai_compiler.frontends.torch.index_ops import lower_where
-from pai_compiler.frontends.torch.operands import TorchConst, dtype_name, fold_at_batch
+from pai_compiler.frontends.torch.operands import TorchConst, cast_const, dtype_name, fold_at_batch
 from pai_compiler.ir import Dim, Value
 
 __all__ = ["ATEN_ASSIGN_RULES"]
@@ -57,7 +57,7 @@ def _copy(w: Any, n: Any, a: dict[str, Any]) -> Any:
     """``copy(x, src)``: ``src`` in ``x``'s dtype and shape (``x``'s values are overwritten)."""
     src, shape, dtype = a["src"], w.shape(n), dtype_name(n.meta["val"])
     if isinstance(src, TorchConst):
-        return w.lw.expand(n.name, TorchConst(src.value.to(n.meta["val"].dtype), broadcast_to=src.broadcast_to), shape, w.origin(n))
+        return w.lw.expand(n.name, cast_const(src, n.meta["val"].dtype), shape, w.origin(n))
     if src.dtype != dtype:
         src = w.lw.pointwise(f"{n.name}_cast", src, "cast", w.origin(n), to=dtype)
     return w.lw.expand(n.name, src, shape, w.origin(n))

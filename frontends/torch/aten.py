@@ -8,7 +8,6 @@ to its input; the safe-softmax guard of core ATen folds away.
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from pai_compiler.frontends.torch.assign import ATEN_ASSIGN_RULES
 from pai_compiler.frontends.torch.index_ops import ATEN_INDEX_RULES, COMPARE_NAMES, lower_compare, lower_where
-from pai_compiler.frontends.torch.operands import BATCH, TorchConst, dtype_name, perm_of
+from pai_compiler.frontends.torch.operands import BATCH, TorchConst, cast_const, dtype_name, perm_of
 from pai_compiler.ir import Value
 
 __all__ = ["ATEN_RULES", "Rule", "SafeSoftmaxGuard", "Zeros"]
@@ -119,15 +118,17 @@ def _index(w: Any, n: Any, a: dict[str, Any]) -> Any:
         if (per_sample is not None and rows_t.shape[0] == w.example_batch and torch.equal(rows_t, per_sample.expand_as(rows_t))
                 and cols.broadcast_to is None and cols_t.dim() == rows_t.dim() and cols_t.shape[0] == 1 and all(s == 1 for s in rows_t.shape[1:])):
             return w.lw.gather(n.name, x, 1, cols_t[0].long(), shape, w.origin(n))
-    if isinstance(x, Value) and len(indices) == 2 and _is_batch_arange(w, indices[0]) and isinstance(indices[1], Value) and len(indices[1].shape) == 1:
-        return _per_sample_pick(w, n, x, indices[1], shape)
+    picks = indices[1] if len(indices) == 2 else None
+    if (isinstance(x, Value) and _is_batch_arange(w, indices[0]) and isinstance(picks, Value) and picks.shape is not None
+            and len(picks.shape) == 1 and picks.shape[0] == x.shape[0]):
+        return _per_sample_pick(w, n, x, picks, shape)
     items = [x, *[i for i in indices if isinstance(i, (Value, TorchConst))]]
     return w.lw.opaque(n.name, items, [shape], str(n.target), "advanced indexing other than a per-sample gather")
 
 
 def _is_batch_arange(w: Any, rows: Any) -> bool:
     """``rows`` is ``arange(batch)`` (a constant computed at the example batch)."""
-    return (isinstance(rows, TorchConst) and rows.broadcast_to is None and rows.value.dim() == 1
+    return (isinstance(rows, TorchConst) and rows.varies_at_batch is not None and rows.broadcast_to is None and rows.value.dim() == 1
             and rows.value.shape[0] == w.example_batch and torch.equal(rows.value.long(), torch.arange(w.example_batch)))
 
 
@@ -154,8 +155,7 @@ def _to_copy(w: Any, n: Any, a: dict[str, Any]) -> Any:
     x = a["self"]
     dtype = str(n.meta["val"].dtype).removeprefix("torch.")
     if isinstance(x, TorchConst):  # a constant expanded over the batch (or computed at it): cast, it stays a constant
-        same = x.tensor.dtype == getattr(torch, dtype)
-        return x if same else dataclasses.replace(x, tensor=x.tensor.to(getattr(torch, dtype)), fqn=None)
+        return cast_const(x, getattr(torch, dtype))
     return x if dtype == x.dtype else w.lw.pointwise(n.name, x, "cast", w.origin(n), to=dtype)
 
 

@@ -231,8 +231,12 @@ class _ExportWalker:
             if packet == "expand" and isinstance(args[0], TorchConst):
                 return self.lw.expand(n.name, args[0], self.shape(n), self.origin(n))
             if packet in ("view", "reshape", "_unsafe_view") and isinstance(args[0], TorchConst) and args[0].broadcast_to is not None:
-                if args[0].broadcast_to == self.shape(n):
-                    return args[0]  # core ATen spells x @ W as bmm(view(expand(x)), view(expand(W^T)))
+                c, out = args[0], self.shape(n)
+                if c.broadcast_to == out:
+                    return c  # core ATen spells x @ W as bmm(view(expand(x)), view(expand(W^T)))
+                if (c.perm is None and c.tensor.dim() == len(c.broadcast_to) and c.tensor.shape[0] == 1 and out and out[0] == c.broadcast_to[0]
+                        and all(isinstance(d, int) for d in (*out[1:], *c.broadcast_to[1:]))):
+                    return TorchConst(c.tensor.reshape(1, *out[1:]), broadcast_to=out)  # the batch axis stays leading: still a constant
                 # the batch axis merged into others (Swin's window mask: (batch, nw, ...) -> (batch*nw, ...)):
                 # no folded constant is right at every batch, so the reshape runs in the model
                 return self.lw.reshape(n.name, self.lw.value(args[0], n.name), self.shape(n), self.origin(n))

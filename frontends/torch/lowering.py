@@ -379,15 +379,20 @@ class TorchLowering:
         values = [self.value(t, f"{label}_{i}") for i, t in enumerate(items)]
         return self.emit(OpKind.CONCAT, label, values, [shape], attrs={"axis": int(axis) % len(shape)}, origin=origin)[0]
 
-    def roll(self, label: str, x: Value, shifts: Any, dims: Any, origin: str) -> Value:
+    def roll(self, label: str, x: Any, shifts: Any, dims: Any, origin: str) -> Any:
         """``torch.roll`` along ``dims`` (Swin's shifted windows): per axis, the last ``shift`` entries
-        moved to the front, i.e. concat(x[size - shift:], x[:size - shift]); an opaque node where a
-        rolled axis has a symbolic size or ``dims`` is not given (a roll of the flattened tensor)."""
-        shifts_, dims_ = [shifts] if isinstance(shifts, int) else list(shifts), [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
-        sizes = [x.shape[int(d) % len(x.shape)] for d in dims_]
-        if not dims_ or len(shifts_) != len(dims_) or not all(isinstance(n, int) for n in sizes):
-            return self.opaque(label, [x], [x.shape], "roll", "roll of a flattened tensor or along a symbolic axis")
-        for shift, dim, size in zip(shifts_, dims_, sizes):
+        moved to the front, i.e. concat(x[size - shift:], x[:size - shift]); a constant rolls at compile
+        time; an opaque node where a rolled axis has a symbolic size or ``dims`` is not given (a roll of
+        the flattened tensor)."""
+        shift_list = [shifts] if isinstance(shifts, int) else list(shifts)
+        dim_list = [] if dims is None else [dims] if isinstance(dims, int) else list(dims)
+        if isinstance(x, TorchConst) and x.broadcast_to is None and x.varies_at_batch is None:
+            return TorchConst(torch.roll(x.value, shift_list, dim_list or None))
+        x = self.value(x, label)
+        sizes = [x.shape[int(d) % len(x.shape)] for d in dim_list]
+        if not dim_list or len(shift_list) != len(dim_list) or not all(isinstance(n, int) for n in sizes):
+            return self.opaque(label, [x], [x.shape], origin, "roll of a flattened tensor or along a symbolic axis")
+        for shift, dim, size in zip(shift_list, dim_list, sizes):
             s, axis = int(shift) % size, int(dim) % len(x.shape)
             if s:
                 parts = [self.slice(f"{label}_tail", x, axis, size - s, size, 1, (*x.shape[:axis], s, *x.shape[axis + 1:]), origin),

@@ -18,7 +18,7 @@ from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim
 
 __all__ = ["BATCH", "ModuleHandle", "TorchConst", "AttentionWeights", "Example", "example_inputs", "normalize_example",
-           "dtype_name", "perm_of", "fold_at_batch"]
+           "dtype_name", "perm_of", "fold_at_batch", "cast_const"]
 
 BATCH = sympy.Symbol("batch", integer=True, positive=True)
 
@@ -142,6 +142,14 @@ def _concrete(a: Any, batch: int) -> Any:
             return a.value
         return a.value.expand(tuple(_concrete(d, batch) for d in a.broadcast_to))
     return a
+
+
+def cast_const(c: TorchConst, dtype: torch.dtype) -> TorchConst:
+    """``c`` in ``dtype``, still a constant: its axis order applied, its broadcast and its example-batch
+    mark kept (a cast ``arange(batch)`` still varies with the batch); no longer a parameter (no FQN)."""
+    if c.tensor.dtype == dtype:
+        return c
+    return TorchConst(c.value.to(dtype), None, None, c.broadcast_to, c.varies_at_batch)
 
 
 def fold_at_batch(label: str, fn: Callable[..., Any], plain: tuple[Any, Any], batch: int, shape: Any) -> Any:

@@ -178,7 +178,7 @@ class ChannelProgram:
         else:  # a dense, non-prunable weight (e.g. computed by weight norm: no layout axes): every live tap counts
             x_shape, y_shape = self.shapes[node.inputs[0].name], self.shapes[node.outputs[0].name]
             out_ch, in_ch = (y_shape[1], x_shape[1] // groups) if chan else (y_shape[-1], x_shape[-1])
-            live = conv_tap_live(node, self.shapes[node.inputs[0].name], self.shapes[node.outputs[0].name]).sum() if chan else 1
+            live = conv_tap_live(node, x_shape, y_shape).sum() if chan else 1
             w = torch.full((out_ch, in_ch), float(live))
             weight = DenseWeight(self.ops, self.ops.wrap(w.to(self._it.device) if self.ops.name == "torch" else w), None)
         kind = "full" if not chan else "mv" if groups == 1 else "depthwise" if in_ch == 1 and out_ch == groups else "grouped"

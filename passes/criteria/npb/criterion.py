@@ -75,6 +75,13 @@ class NpbReport:
     finetune: dict[str, Any] | None
 
 
+def _warn_dropped(am: AnalysisManager, kept: int, allocated: int) -> None:
+    """The fix-up drops weights that carry no path (the reference's rule): below 99 % of the budget, say so."""
+    if kept < 0.99 * allocated:
+        am.warn(f"npb kept {kept:,} of the {allocated:,} allocated weights ({100 * kept / allocated:.1f}%): its fix-up drops "
+                "weights that lie on no input->output path, as the reference does; ask for a lower --sparsity to keep more")
+
+
 @dataclass(frozen=True)
 class NpbPass(TransformPass):
     """Per-layer integer programs balancing effective nodes and paths (needs an allocation or ``sparsity``)."""
@@ -150,9 +157,7 @@ class NpbPass(TransformPass):
         for p in params:
             graph.set_mask(p, masks[p.name])
         kept, allocated = int(sum(np.count_nonzero(m) for m in masks.values())), int(sum(keep.values()))
-        if kept < 0.99 * allocated:  # the fix-up drops weights that carry no path (the reference's rule): say so
-            am.warn(f"npb kept {kept:,} of the {allocated:,} allocated weights ({100 * kept / allocated:.1f}%): its fix-up drops "
-                    "weights that lie on no input->output path, as the reference does; ask for a lower --sparsity to keep more")
+        _warn_dropped(am, kept, allocated)
         report = NpbReport(
             seconds=seconds,
             milp_seconds=milp_seconds,
