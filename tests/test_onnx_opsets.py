@@ -193,3 +193,13 @@ def test_softmax11_between_convs_prunes_and_compacts(tmp_path: Path) -> None:
     x = rng.standard_normal((2, 3, 5, 5)).astype(np.float32)
     assert _rel(_ours(pruned, x), _ort(pruned, x)) <= 1e-5
     assert _rel(_ort(small, x), _ort(pruned, x)) <= 1e-5
+
+
+@pytest.mark.parametrize("op_type", ["Hardmax", "ReduceMin", "ReduceL1", "ReduceSumSquare", "ReduceLogSumExp", "LpNormalization"])
+def test_op_without_semantics_says_so(tmp_path: Path, op_type: str) -> None:
+    """An op paic cannot run is named with the fix that works (no forward pass), not 're-export with static shapes'."""
+    path = _model(tmp_path / "op.onnx", [helper.make_node(op_type, ["X"], ["Y"], name="op0", axis=1) if op_type in ("Hardmax", "LpNormalization")
+                                         else helper.make_node(op_type, ["X"], ["Y"], name="op0", axes=[1])], [2, 3, 4], 11)
+    with pytest.raises(PaicError, match=rf"'op0'.*no semantics for {op_type}.*no forward pass") as info:
+        Interpreter(load_onnx_model(path), mode="real").run([torch.zeros(2, 3, 4)])
+    assert "static input shapes" not in str(info.value)
