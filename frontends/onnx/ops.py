@@ -15,7 +15,7 @@ import numpy as np
 from pai_compiler.frontends.onnx.movement import DynamicArgument, Movement, movement_shape
 from pai_compiler.frontends.onnx.index_ops import INDEX_HANDLERS
 from pai_compiler.frontends.onnx.resize import RESIZE_FIX, UnsupportedResize, resize_spec
-from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, is_float_dtype, simplify_dim
+from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, is_float_dtype, prod, simplify_dim
 from pai_compiler.errors import ModelError
 from pai_compiler.ir import Dim, OpKind, Value
 from pai_compiler.ir.dims import ceil_div, dim_sum, floor_div, plain
@@ -30,6 +30,7 @@ POINTWISE_OPS = {
     "HardSigmoid", "HardSwish", "Exp", "Log", "Sqrt", "Neg", "Abs", "Reciprocal", "Identity", "Dropout",
     "Cast", "Sin", "Cos", "Floor", "Ceil", "Round", "Mish", "ThresholdedRelu", "Sign", "Clip",
 }
+PAD_FIX = "paic evaluates zero constant padding by constant pads only: pad with zeros (F.pad mode='constant', value=0), or prune with a criterion that runs no forward pass (magnitude, random, random-erk)"
 _BINARY = {"Add": "add", "Sub": "sub", "Mul": "mul", "Div": "div", "Pow": "pow", "Max": "max", "Min": "min"}
 
 
@@ -279,9 +280,29 @@ def _lrn(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any])
 
 
 def _softmax(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    """Softmax/LogSoftmax over ``axis``; before opset 13 over the input coerced to 2-D at
+    ``axis`` (default 1): ``(prod(shape[:axis]), prod(shape[axis:]))``, then back."""
     x = _need_value(ins[0], label, "input")
-    default_axis = -1 if imp.opset.get("", 13) >= 13 else 1
-    _emit(imp, OpKind.SOFTMAX, node, label, [x], [x.shape], attrs={"axis": int(attrs.get("axis", default_axis)), "log": node.op_type == "LogSoftmax"})
+    log = node.op_type == "LogSoftmax"
+    if imp.opset.get("", 13) >= 13:
+        return _emit(imp, OpKind.SOFTMAX, node, label, [x], [x.shape], attrs={"axis": int(attrs.get("axis", -1)), "log": log})
+    if x.shape is None:
+        return _opaque(imp, node, label, ins, attrs, reason=f"{node.op_type}-{imp.opset['']} of unknown rank")
+    rank = len(x.shape)
+    axis = int(attrs.get("axis", 1)) % rank if rank else 0
+    if all(d == 1 for d in x.shape[axis + 1 :]):  # one non-trivial axis at or after ``axis``: a plain softmax over it
+        return _emit(imp, OpKind.SOFTMAX, node, label, [x], [x.shape], attrs={"axis": axis if axis < rank else -1, "log": log})
+    flat = (prod(x.shape[:axis]), prod(x.shape[axis:]))
+    rows = _reshape_value(imp, x, flat, label + "_2d")
+    ir = imp.graph.add_node(OpKind.SOFTMAX, imp.graph.fresh_name(label + "_2d"), [rows], [(imp.graph.fresh_name(x.name + "_sm"), flat, x.dtype)],
+                            attrs={"axis": 1, "log": log}, origin=node.name)
+    _emit(imp, OpKind.RESHAPE, node, label, [ir.outputs[0]], [x.shape], attrs={"op": "reshape", "shape": list(x.shape)})
+
+
+def _reshape_value(imp: Any, x: Value, shape: tuple[Dim, ...], label: str) -> Value:
+    ir = imp.graph.add_node(OpKind.RESHAPE, imp.graph.fresh_name(label), [x], [(imp.graph.fresh_name(x.name + "_r"), shape, x.dtype)],
+                            attrs={"op": "reshape", "shape": list(shape)})
+    return ir.outputs[0]
 
 
 def _pool(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
@@ -375,17 +396,28 @@ def _split(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any
 def _pad(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
     x = _need_value(ins[0], label, "input")
     mode = attrs.get("mode", "constant")
-    pads = attrs.get("pads")
+    pads = attrs.get("pads")  # Pad-2: pads and value are attributes; Pad-11: inputs; Pad-18: axes too
     if len(ins) > 1 and ins[1] is not None:
-        if not isinstance(ins[1], Const):
-            return _opaque(imp, node, label, ins, attrs, reason="Pad with dynamic pads")
+        if not isinstance(ins[1], Const) or ins[1].symbolic:
+            return _opaque(imp, node, label, ins, attrs, reason="Pad with dynamic pads", fix=PAD_FIX)
         pads = [int(v) for v in ins[1].array.reshape(-1)]
-    value = 0.0
+    value = float(attrs.get("value", 0.0))
     if len(ins) > 2 and ins[2] is not None:
+        if not isinstance(ins[2], Const):
+            return _opaque(imp, node, label, ins, attrs, reason="Pad with a dynamic value", fix=PAD_FIX)
         value = float(np.asarray(ins[2].array).reshape(-1)[0])
-    if mode != "constant" or value != 0.0 or x.shape is None or (len(ins) > 3 and ins[3] is not None):
-        return _opaque(imp, node, label, ins, attrs, reason="Pad other than zero constant padding")
+    if mode != "constant" or value != 0.0 or x.shape is None or pads is None:
+        what = f"mode {mode!r}" if mode != "constant" else (f"value {value}" if value != 0.0 else "unknown rank")
+        return _opaque(imp, node, label, ins, attrs, reason=f"Pad with {what}", fix=PAD_FIX)
     n = len(x.shape)
+    if len(ins) > 3 and ins[3] is not None:
+        if not isinstance(ins[3], Const):
+            return _opaque(imp, node, label, ins, attrs, reason="Pad with dynamic axes", fix=PAD_FIX)
+        axes = [int(a) % n for a in ins[3].array.reshape(-1)]
+        full = [0] * 2 * n
+        for i, axis in enumerate(axes):
+            full[axis], full[axis + n] = pads[i], pads[i + len(axes)]
+        pads = full
     shape = tuple(simplify_dim(plain(d) + pads[i] + pads[i + n]) for i, d in enumerate(x.shape))
     _emit(imp, OpKind.RESHAPE, node, label, [x], [shape], attrs={"op": "pad", "pads": pads})
 

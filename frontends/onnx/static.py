@@ -109,6 +109,18 @@ def _axis_list(node_attrs: dict[str, Any], inputs: list[np.ndarray | None], inde
     return node_attrs.get(key)
 
 
+def _slice_arguments(x: list[Any], a: dict[str, Any]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Slice's starts, ends, axes and steps: inputs 1-4 (opset 10+) or the attributes (Slice-1, which has no steps)."""
+    starts, ends = _axis_list(a, x, 1, "starts") or [], _axis_list(a, x, 2, "ends") or []
+    return starts, ends, _axis_list(a, x, 3) or list(range(len(starts))), _axis_list(a, x, 4, "steps") or [1] * len(starts)
+
+
+def _reduce_axes(x: list[Any], a: dict[str, Any]) -> tuple[int, ...] | None:
+    """A reduction's axes (the ``axes`` attribute, or input 1 from opset 18); None (all axes) when empty."""
+    axes = _axis_list(a, x, 1)
+    return tuple(axes) if axes else None
+
+
 def _slice(x: np.ndarray, starts: list[int], ends: list[int], axes: list[int], steps: list[int]) -> np.ndarray:
     index = [slice(None)] * x.ndim
     for s, e, a, st in zip(starts, ends, axes, steps):
@@ -162,15 +174,7 @@ STATIC_OPS: dict[str, _OpFn] = {
     "Flatten": lambda x, a: [x[0].reshape(int(np.prod(x[0].shape[: a.get("axis", 1)])), -1)],
     "Cast": lambda x, a: [_cast(x[0], a["to"])],
     "CastLike": lambda x, a: [x[0] if x[0].dtype == object else x[0].astype(x[1].dtype)],
-    "Slice": lambda x, a: [
-        _slice(
-            x[0],
-            _ints(x[1]),
-            _ints(x[2]),
-            _ints(x[3]) if len(x) > 3 and x[3] is not None else list(range(len(_ints(x[1])))),
-            _ints(x[4]) if len(x) > 4 and x[4] is not None else [1] * len(_ints(x[1])),
-        )
-    ],
+    "Slice": lambda x, a: [_slice(x[0], *_slice_arguments(x, a))],
     "Add": lambda x, a: [x[0] + x[1]],
     "Sub": lambda x, a: [x[0] - x[1]],
     "Mul": lambda x, a: [x[0] * x[1]],
@@ -198,7 +202,7 @@ STATIC_OPS: dict[str, _OpFn] = {
     "GatherElements": lambda x, a: [gather_elements(x[0], x[1], a.get("axis", 0))],
     "GatherND": lambda x, a: [gather_nd(x[0], x[1], int(a.get("batch_dims", 0)))],
     "IsNaN": lambda x, a: [np.isnan(x[0])],
-    "ReduceProd": lambda x, a: [np.prod(x[0], keepdims=bool(a.get("keepdims", 1)))],
+    "ReduceProd": lambda x, a: [np.prod(x[0], axis=_reduce_axes(x, a), keepdims=bool(a.get("keepdims", 1)))],
 }
 
 

@@ -112,6 +112,10 @@ class ShapeRewrites:
         kept = [a for a in on.attribute if a.name not in ("split", "num_outputs")]
         del on.attribute[:]
         on.attribute.extend(kept)
+        if self._opset() < 13:  # Split-2/11 take the sizes as the ``split`` attribute, not an input
+            from onnx import helper  # heavy: onnx only where the rewriter already runs
+            on.attribute.append(helper.make_attribute("split", [int(v) for v in sizes]))
+            return
         set_input(on, 1, self.add_init(f"{on.name or node.name}_split", sizes))
 
     def resize(self, node: Node, on: Any) -> None:
