@@ -114,6 +114,10 @@ def test_masks_of_the_zeros_write_the_input_function(exports: dict[str, Path], t
     write_masked_onnx(graph, exports["fold0"], out)
     np.testing.assert_array_equal(_ort(out, X), _ort(exports["fold0"], X))
     _close(_ir(graph, X), _ort(exports["fold1"], X))
+    written = onnx.load(str(out)).graph  # the layers read the new masked initializers, not the Mul(mask, weight_orig)
+    inits = {t.name for t in written.initializer}
+    weights = [n.input[1] for n in written.node if n.op_type in ("Conv", "Gemm")]
+    assert weights and all(w in inits and w.endswith("_masked") for w in weights)
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".pt"])

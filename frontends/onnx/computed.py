@@ -11,7 +11,7 @@ inputs at it (``pai_compiler.backends.onnx_masked.rewire_computed``).
 The Param is named after the stored tensor it is made from: among the stored tensors the
 computation reads (breadth first from the value), the first float one of the weight's size that
 is not a 0/1 mask (``0.weight_orig``, not ``0.weight_mask``; weight norm's ``v``, not ``g``);
-failing that the first of the weight's size, failing that the computed value's own name. A
+failing that the first float one of the weight's size (a 0/1 tensor), failing that the computed value's own name. A
 stored tensor that nodes outside the computation read may get a Param of its own under its
 name, so the computed weight is then called ``<tensor>.computed``.
 """
