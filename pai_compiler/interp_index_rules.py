@@ -41,7 +41,7 @@ def reshape(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch
         return [x.permute(a["perm"])]
     if op == "gather":
         idx = torch.as_tensor(np.asarray(a["indices"], dtype=np.int64).reshape(a["indices_shape"]), device=x.device)
-        idx = torch.where(idx < 0, idx + x.shape[a["axis"]], idx)
+        idx = _wrap(idx, x.shape[a["axis"]])
         flat = torch.index_select(x, a["axis"], idx.reshape(-1))
         return [flat.reshape(*x.shape[: a["axis"]], *idx.shape, *x.shape[a["axis"] + 1 :])]
     if op == "slice":
@@ -96,7 +96,7 @@ def embedding(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[tor
     idx = idx.to(device=table.device, dtype=torch.int64)
     if idx.numel() and (bool((idx < -n).any()) or bool((idx >= n).any())):
         raise PaicError(f"node {node.name!r} (embedding): indices run {int(idx.min())}..{int(idx.max())}, the table has {n} entries on axis {axis}")
-    idx = torch.where(idx < 0, idx + n, idx)
+    idx = _wrap(idx, n)
     flat = torch.index_select(table, axis, idx.reshape(-1))
     return [flat.reshape(lookup_shape(node, tuple(table.shape), idx))]
 
@@ -113,7 +113,7 @@ def dynamic_gather(it: RuleContext, node: Node, args: list[torch.Tensor]) -> lis
     data, idx = args
     axis = node.attrs.get("axis", 0) % data.dim()
     idx = idx.to(device=data.device, dtype=torch.int64)
-    idx = torch.where(idx < 0, idx + data.shape[axis], idx)
+    idx = _wrap(idx, data.shape[axis])
     flat = torch.index_select(data, axis, idx.reshape(-1))
     return [flat.reshape(*data.shape[:axis], *idx.shape, *data.shape[axis + 1 :])]
 
@@ -167,7 +167,7 @@ def gather_along(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[
     data, idx = args
     axis = int(node.attrs.get("axis", 0)) % data.dim()
     idx = idx.to(device=data.device, dtype=torch.int64)
-    return [torch.gather(data, axis, torch.where(idx < 0, idx + data.shape[axis], idx))]
+    return [torch.gather(data, axis, _wrap(idx, data.shape[axis]))]
 
 
 def gather_nd(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -176,7 +176,7 @@ def gather_nd(it: RuleContext, node: Node, args: list[torch.Tensor]) -> list[tor
     batch_dims, depth = int(node.attrs.get("batch_dims", 0)), idx.shape[-1]
     batch = math.prod(data.shape[:batch_dims])
     rows = idx.to(device=data.device, dtype=torch.int64).reshape(batch, -1, depth)
-    rows = torch.where(rows < 0, rows + torch.tensor(data.shape[batch_dims:batch_dims + depth], device=data.device), rows)
+    rows = _wrap(rows, torch.tensor(data.shape[batch_dims:batch_dims + depth], device=data.device))
     flat = data.reshape(batch, *data.shape[batch_dims:])
     picked = flat[(torch.arange(batch, device=data.device)[:, None], *rows.unbind(-1))]
     return [picked.reshape(*idx.shape[:-1], *data.shape[batch_dims + depth:])]
