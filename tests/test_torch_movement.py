@@ -132,3 +132,27 @@ def test_roll_of_a_constant_folds(frontend: str) -> None:
     x = torch.randn(3, 5)
     with torch.no_grad():
         torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+
+
+class _RepeatedBias(nn.Module):
+    """Bloom's alibi: a (heads, 1, seq) constant ``repeat``ed over the batch, added to (batch*heads, seq, seq) scores."""
+
+    def __init__(self, heads: int = 2, seq: int = 4) -> None:
+        super().__init__()
+        self.proj = nn.Linear(3, heads * seq)
+        self.register_buffer("bias", torch.randn(heads, 1, seq))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, seq, 3)
+        heads, seq = self.bias.shape[0], self.bias.shape[2]
+        scores = self.proj(x).view(x.shape[0], seq, heads, seq).transpose(1, 2).reshape(-1, seq, seq)
+        return (scores + self.bias.repeat(x.shape[0], 1, 1)).softmax(-1)
+
+
+def test_a_constant_repeated_over_the_batch_stays_right_at_every_batch() -> None:
+    torch.manual_seed(0)
+    module = _RepeatedBias().eval()
+    g = lower_module(module, torch.randn(2, 4, 3), "export")
+    for batch in (2, 3, 1):
+        x = torch.randn(batch, 4, 3)
+        with torch.no_grad():
+            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)

@@ -240,6 +240,8 @@ class _ExportWalker:
                 # the batch axis merged into others (Swin's window mask: (batch, nw, ...) -> (batch*nw, ...)):
                 # no folded constant is right at every batch, so the reshape runs in the model
                 return self.lw.reshape(n.name, self.lw.value(args[0], n.name), self.shape(n), self.origin(n))
+            if packet == "repeat" and isinstance(args[0], TorchConst) and any(isinstance(r, sympy.Basic) for r in args[1]):
+                return self._tile(n, args[0], list(args[1]))  # Bloom's alibi.repeat(batch, 1, 1)
             if packet in ("t", "permute", "transpose", "numpy_T") and isinstance(args[0], TorchConst) and args[0].broadcast_to is None and args[0].varies_at_batch is None:
                 c = args[0]
                 perm = perm_of({"numpy_T": "t"}.get(packet, packet), c.value.dim(), args[1:])
@@ -250,6 +252,17 @@ class _ExportWalker:
         if rule is None or not hasattr(n.target, "_schema"):
             return self.lw.opaque(n.name, [a for a in leaves if isinstance(a, (Value, TorchConst))], self._shapes(n), str(n.target), f"ATen op {n.target} has no paic rule")
         return rule(self, n, _bind(n.target, args, kwargs))
+
+    def _tile(self, n: torch.fx.Node, c: TorchConst, repeats: list[Any]) -> Value:
+        """``c.repeat(*repeats)`` with a batch-sized count: each axis split in (count, size), expanded
+        over the counts and merged back, which is right at every batch (a fold is right at one)."""
+        x = self.lw.value(c, n.name)
+        sizes = [1] * (len(repeats) - len(x.shape)) + list(x.shape)
+        split = tuple(d for size in sizes for d in (1, size))
+        tiled = tuple(d for count, size in zip(repeats, sizes) for d in (count, size))
+        x = self.lw.reshape(f"{n.name}_split", x, split, self.origin(n))
+        x = self.lw.expand(f"{n.name}_tile", x, tiled, self.origin(n))
+        return self.lw.reshape(n.name, x, self.shape(n), self.origin(n))
 
     def _shapes(self, n: torch.fx.Node) -> list[Any]:
         s = self.meta_shape(n.meta.get("val"))
