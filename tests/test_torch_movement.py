@@ -156,3 +156,32 @@ def test_a_constant_repeated_over_the_batch_stays_right_at_every_batch() -> None
         x = torch.randn(batch, 4, 3)
         with torch.no_grad():
             torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+
+
+class _Composites(nn.Module):
+    """einsum attention (Funnel), repeat_interleave of a count, pixel_shuffle/unshuffle: composite ops
+    that torch.export keeps and paic lowers through torch's own decomposition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.proj = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 2, 4, 4)
+        y = nn.functional.pixel_unshuffle(nn.functional.pixel_shuffle(self.conv(x), 2), 2)  # (batch, 8, 4, 4)
+        h = self.proj(y.flatten(2).transpose(1, 2))  # (batch, 16, 8)
+        scores = torch.einsum("bqd,bkd->bqk", h, h).softmax(-1)
+        out = torch.einsum("bqk,bkd->bqd", scores, h)
+        return out.repeat_interleave(2, dim=1)
+
+
+def test_composite_ops_lower_through_their_decomposition() -> None:
+    torch.manual_seed(0)
+    module = _Composites().eval()
+    g = lower_module(module, torch.randn(2, 2, 4, 4), "export")
+    assert not [n.name for n in g.nodes if n.attrs.get("reason")]
+    for batch in (2, 3):
+        x = torch.randn(batch, 2, 4, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+    assert all(p.mask is not None for p in optimize(g, sparsity=0.5, method="synflow").graph.prunable_params())

@@ -73,10 +73,12 @@ def lower_export(module: nn.Module, example: Any, *, name: str | None = None, pr
             with _export_context():
                 ep = torch.export.export(module, wide.positional, kwargs=keywords, dynamic_shapes=_dynamic_shapes(module, wide, keywords, batch),
                                          strict=False)
+                composite = _composite_ops(ep.graph)
                 if decompose:
                     ep = ep.run_decompositions()
-                elif _writes_through_alias(ep.graph):
-                    ep = ep.run_decompositions({})  # functionalize only: in-place ops become their functional forms
+                elif composite or _writes_through_alias(ep.graph):
+                    table = torch.export.default_decompositions()  # functionalizes too: in-place ops become functional
+                    ep = ep.run_decompositions({op: table[op] for op in composite})
         except Exception as exc:
             msg = " ".join(str(exc).split())[:300]
             raise ModelError(f"torch.export cannot export {type(module).__name__}: {type(exc).__name__}: {msg}") from exc
@@ -92,6 +94,15 @@ def _accepts(module: nn.Module, argument: str) -> bool:
         return argument in inspect.signature(module.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _composite_ops(graph: torch.fx.Graph) -> set[Any]:
+    """The ops of ``graph`` that lower through torch's own decomposition (``einsum`` into permutes,
+    views and ``bmm``: Funnel's attention; ``repeat_interleave`` of a count, ``pixel_shuffle`` into
+    views, expands and permutes), each decomposed alone so the rest keeps its form."""
+    aten = torch.ops.aten
+    wanted = {aten.einsum.default, aten.repeat_interleave.self_int, aten.pixel_shuffle.default, aten.pixel_unshuffle.default}
+    return {n.target for n in graph.nodes if n.op == "call_function" and n.target in wanted}
 
 
 def _writes_through_alias(graph: torch.fx.Graph) -> bool:
