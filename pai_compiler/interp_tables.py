@@ -253,7 +253,7 @@ def index_lookups(value: Value) -> list[Node]:
 #: ONNX op types / torch module names of layers on the activations that paic has no semantics
 #: for: no static input shape folds them away, so the re-export hint would mislead
 _NO_SEMANTICS = frozenset({"LSTM", "GRU", "RNN", "ConvTranspose", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-                           "EmbeddingBag", "Loop", "Scan", "DepthToSpace", "SpaceToDepth", "PixelShuffle", "PixelUnshuffle",
+                           "EmbeddingBag", "Loop", "Scan",
                            "Hardmax", "Mean", "ReduceMin", "ReduceL1", "ReduceSumSquare", "ReduceProd", "ReduceLogSum",
                            "ReduceLogSumExp", "LpNormalization", "LpPool", "GlobalLpPool"})
 #: random draws: in an exported network, dropout (or stochastic depth) left in training mode

@@ -185,3 +185,26 @@ def test_composite_ops_lower_through_their_decomposition() -> None:
         with torch.no_grad():
             torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
     assert all(p.mask is not None for p in optimize(g, sparsity=0.5, method="synflow").graph.prunable_params())
+
+
+class _Shuffles(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 8, 3, padding=1)
+        self.up, self.down = nn.PixelShuffle(2), nn.PixelUnshuffle(2)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(self.up(self.conv(x)))
+        return self.head(nn.functional.pixel_unshuffle(nn.functional.pixel_shuffle(y, 2), 2))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_pixel_shuffle_modules_and_functions(frontend: str) -> None:
+    torch.manual_seed(0)
+    module = _Shuffles().eval()
+    g = lower_module(module, torch.randn(2, 2, 4, 6), frontend)
+    assert not [n.name for n in g.nodes if n.kind.value == "opaque"]
+    x = torch.randn(3, 2, 4, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ import numpy as np
 
 from pai_compiler.frontends.onnx.movement import DynamicArgument, Movement, movement_shape
 from pai_compiler.frontends.onnx.index_ops import INDEX_HANDLERS
+from pai_compiler.frontends.onnx.space_depth import SPACE_DEPTH_HANDLERS
 from pai_compiler.frontends.onnx.resize import RESIZE_FIX, UnsupportedResize, resize_spec
 from pai_compiler.frontends.onnx.static import Const, broadcast_shapes, is_float_dtype, prod, simplify_dim
 from pai_compiler.errors import ModelError
@@ -532,6 +533,7 @@ HANDLERS: dict[str, Handler] = {
 HANDLERS.update({op: _binary for op in _BINARY})
 HANDLERS.update({op: _pointwise for op in POINTWISE_OPS})
 HANDLERS.update(INDEX_HANDLERS)
+HANDLERS.update(SPACE_DEPTH_HANDLERS)
 
 
 def lower_node(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:

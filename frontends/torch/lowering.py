@@ -379,6 +379,19 @@ class TorchLowering:
         values = [self.value(t, f"{label}_{i}") for i, t in enumerate(items)]
         return self.emit(OpKind.CONCAT, label, values, [shape], attrs={"axis": int(axis) % len(shape)}, origin=origin)[0]
 
+    def pixel_shuffle(self, label: str, x: Value, factor: int, inverse: bool, origin: str) -> Value:
+        """``pixel_shuffle`` (``inverse``: ``pixel_unshuffle``) by ``factor`` r on (N, C, H, W) as
+        reshape -> permute -> reshape: (N, C/r², r, r, H, W) -> (0, 1, 4, 2, 5, 3) -> (N, C/r², H r, W r),
+        and back for the inverse: (N, C, H/r, r, W/r, r) -> (0, 1, 3, 5, 2, 4) -> (N, C r², H/r, W/r)."""
+        n, c, h, w = x.shape
+        r = int(factor)
+        if inverse:
+            split, perm, out = (n, c, h // r, r, w // r, r), [0, 1, 3, 5, 2, 4], (n, c * r * r, h // r, w // r)
+        else:
+            split, perm, out = (n, c // (r * r), r, r, h, w), [0, 1, 4, 2, 5, 3], (n, c // (r * r), h * r, w * r)
+        y = self.transpose(f"{label}_permute", self.reshape(f"{label}_split", x, split, origin), perm, origin)
+        return self.reshape(label, y, out, origin)
+
     def roll(self, label: str, x: Any, shifts: Any, dims: Any, origin: str) -> Any:
         """``torch.roll`` along ``dims`` (Swin's shifted windows): per axis, the last ``shift`` entries
         moved to the front, i.e. concat(x[size - shift:], x[:size - shift]); a constant rolls at compile

@@ -178,6 +178,8 @@ MODULE_RULES: dict[type, Rule] = {
     nn.Dropout3d: _alias_module, nn.AlphaDropout: _alias_module,
     nn.ZeroPad2d: _pad_module, nn.ConstantPad1d: _pad_module, nn.ConstantPad2d: _pad_module, nn.ConstantPad3d: _pad_module,
     nn.MultiheadAttention: _mha_module,
+    nn.PixelShuffle: lambda w, n, mod, x: w.lw.pixel_shuffle(n.name, x, mod.upscale_factor, False, n.target),
+    nn.PixelUnshuffle: lambda w, n, mod, x: w.lw.pixel_shuffle(n.name, x, mod.downscale_factor, True, n.target),
     nn.Upsample: _upsample_module, nn.UpsamplingNearest2d: _upsample_module, nn.UpsamplingBilinear2d: _upsample_module,
 }
 for _act in (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.LeakyReLU, nn.GELU, nn.ELU, nn.CELU, nn.Softplus, nn.Hardsigmoid,
@@ -481,6 +483,8 @@ UNARY = {
 }
 
 FUNCTION_RULES: dict[Any, Rule] = {
+    nn.functional.pixel_shuffle: lambda w, n, x, upscale_factor: w.lw.pixel_shuffle(n.name, x, upscale_factor, False, n.name),
+    nn.functional.pixel_unshuffle: lambda w, n, x, downscale_factor: w.lw.pixel_shuffle(n.name, x, downscale_factor, True, n.name),
     torch.roll: lambda w, n, x, shifts, dims=None: w.lw.roll(n.name, x, shifts, dims, n.name),
     "Tensor.roll": lambda w, n, x, shifts, dims=None: w.lw.roll(n.name, x, shifts, dims, n.name),
     operator.add: _binary("add"), operator.iadd: _binary("add"), torch.add: _binary("add"), "Tensor.add": _binary("add"),
