@@ -208,3 +208,31 @@ def test_pixel_shuffle_modules_and_functions(frontend: str) -> None:
     x = torch.randn(3, 2, 4, 6)
     with torch.no_grad():
         torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+
+
+class _ConstantIndex(nn.Module):
+    """nn.Unfold (im2col, decomposed into constant-index gathers: ConvBERT) and x[:, idx0, idx1] with
+    broadcasting constant index tensors (negative ones included) on adjacent axes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.unfold = nn.Unfold(kernel_size=(3, 1), padding=(1, 0))
+        self.register_buffer("rows", torch.tensor([[0], [3], [-1]]))
+        self.register_buffer("cols", torch.tensor([1, -2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (batch, 2, 5, 4)
+        h = self.conv(x)
+        picked = h[:, :, self.rows, self.cols]  # (batch, 4, 3, 2)
+        return torch.cat([self.unfold(h).flatten(1), picked.flatten(1)], dim=1)
+
+
+def test_constant_index_tensors_gather_on_merged_axes() -> None:
+    torch.manual_seed(0)
+    module = _ConstantIndex().eval()
+    g = lower_module(module, torch.randn(2, 2, 5, 4), "export")
+    assert not [n.name for n in g.nodes if n.attrs.get("reason")]
+    for batch in (2, 3):
+        x = torch.randn(batch, 2, 5, 4)
+        with torch.no_grad():
+            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-5)

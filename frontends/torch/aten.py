@@ -15,8 +15,8 @@ import sympy
 import torch
 
 from pai_compiler.frontends.torch.assign import ATEN_ASSIGN_RULES
-from pai_compiler.frontends.torch.index_ops import ATEN_INDEX_RULES, COMPARE_NAMES, lower_compare, lower_where
-from pai_compiler.frontends.torch.operands import BATCH, TorchConst, cast_const, dtype_name, perm_of
+from pai_compiler.frontends.torch.index_ops import ATEN_INDEX_RULES, COMPARE_NAMES, lower_compare, lower_index, lower_where
+from pai_compiler.frontends.torch.operands import TorchConst, cast_const, dtype_name, perm_of
 from pai_compiler.ir import Value
 
 __all__ = ["ATEN_RULES", "Rule", "SafeSoftmaxGuard", "Zeros"]
@@ -101,45 +101,6 @@ def _nothing(w: Any, n: Any, a: dict[str, Any]) -> None:
 def _dropout_pair(w: Any, n: Any, a: dict[str, Any]) -> Any:
     """``native_dropout`` in eval mode: the input and an unused mask."""
     return (a["input"], None)
-
-
-def _index(w: Any, n: Any, a: dict[str, Any]) -> Any:
-    """``x[arange(batch)[:, None, ...], idx]``: each sample's own row picked by constant ``idx`` = a gather on axis 1.
-
-    (The attention-mask builders of Hugging Face models index a padding mask this way.)
-    """
-    x, indices = a["self"], list(a["indices"])
-    shape = w.shape(n)
-    if isinstance(x, Value) and len(indices) == 2 and all(isinstance(i, TorchConst) for i in indices):
-        rows, cols = indices[0], indices[1]
-        rows_t = rows.value if rows.broadcast_to is None else rows.value.expand(tuple(int(d.subs(BATCH, w.example_batch)) if isinstance(d, sympy.Basic) else d for d in rows.broadcast_to))
-        cols_t = cols.value
-        per_sample = torch.arange(rows_t.shape[0]).reshape(-1, *([1] * (rows_t.dim() - 1))) if rows_t.dim() else None
-        if (per_sample is not None and rows_t.shape[0] == w.example_batch and torch.equal(rows_t, per_sample.expand_as(rows_t))
-                and cols.broadcast_to is None and cols_t.dim() == rows_t.dim() and cols_t.shape[0] == 1 and all(s == 1 for s in rows_t.shape[1:])):
-            return w.lw.gather(n.name, x, 1, cols_t[0].long(), shape, w.origin(n))
-    picks = indices[1] if len(indices) == 2 else None
-    if (isinstance(x, Value) and _is_batch_arange(w, indices[0]) and isinstance(picks, Value) and picks.shape is not None
-            and len(picks.shape) == 1 and picks.shape[0] == x.shape[0]):
-        return _per_sample_pick(w, n, x, picks, shape)
-    items = [x, *[i for i in indices if isinstance(i, (Value, TorchConst))]]
-    return w.lw.opaque(n.name, items, [shape], str(n.target), "advanced indexing other than a per-sample gather")
-
-
-def _is_batch_arange(w: Any, rows: Any) -> bool:
-    """``rows`` is ``arange(batch)`` (a constant computed at the example batch)."""
-    return (isinstance(rows, TorchConst) and rows.varies_at_batch is not None and rows.broadcast_to is None and rows.value.dim() == 1
-            and rows.value.shape[0] == w.example_batch and torch.equal(rows.value.long(), torch.arange(w.example_batch)))
-
-
-def _per_sample_pick(w: Any, n: Any, x: Value, picks: Value, shape: tuple[Any, ...]) -> Value:
-    """``x[arange(batch), picks]``: sample b's row ``picks[b]`` along axis 1 (the last-token pooling of
-    GPT-2/Llama sequence classifiers) = gather_elements on axis 1 with ``picks`` broadcast over the rest."""
-    batch, rest = x.shape[0], tuple(x.shape[2:])
-    index = w.lw.reshape(f"{n.name}_pick", picks, (batch, 1, *[1] * len(rest)), w.origin(n))
-    index = w.lw.expand(f"{n.name}_pick_expand", index, (batch, 1, *rest), w.origin(n))
-    picked = w.lw.index_op(n.name, "gather_elements", [x, index], (batch, 1, *rest), w.origin(n), x.dtype, axis=1)
-    return w.lw.reshape(f"{n.name}_squeeze", picked, shape, w.origin(n))
 
 
 def _logical_and(w: Any, n: Any, a: dict[str, Any]) -> Any:
@@ -365,7 +326,7 @@ ATEN_RULES: dict[str, Rule] = {
     "hardsigmoid": _unary("hardsigmoid", alpha=1.0 / 6.0, beta=0.5),
     "dropout": _alias, "dropout_": _alias, "feature_dropout": _alias, "alpha_dropout": _alias, "native_dropout": _dropout_pair,
     "_assert_tensor_metadata": _nothing, "_assert_scalar": _nothing, "_assert_async": _nothing, "clone": _alias, "contiguous": _alias, "alias": _alias, "detach": _alias, "lift_fresh_copy": _alias,
-    "_to_copy": _to_copy, "to": _to_copy, "type_as": lambda w, n, a: _to_copy(w, n, {"self": a["self"]}), "index": _index, "__and__": _logical_and, "bitwise_and": _logical_and,
+    "_to_copy": _to_copy, "to": _to_copy, "type_as": lambda w, n, a: _to_copy(w, n, {"self": a["self"]}), "index": lower_index, "__and__": _logical_and, "bitwise_and": _logical_and,
     "logical_and": _logical_and,
     "add": _binary("add"), "add_": _binary("add"), "sub": _binary("sub"), "rsub": _binary("sub", swap=True),
     "mul": _binary("mul"), "div": _binary("div"), "pow": _binary("pow"), "maximum": _binary("max"), "minimum": _binary("min"),

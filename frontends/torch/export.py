@@ -101,7 +101,7 @@ def _composite_ops(graph: torch.fx.Graph) -> set[Any]:
     views and ``bmm``: Funnel's attention; ``repeat_interleave`` of a count, ``pixel_shuffle`` into
     views, expands and permutes), each decomposed alone so the rest keeps its form."""
     aten = torch.ops.aten
-    wanted = {aten.einsum.default, aten.repeat_interleave.self_int, aten.pixel_shuffle.default, aten.pixel_unshuffle.default}
+    wanted = {aten.einsum.default, aten.repeat_interleave.self_int, aten.pixel_shuffle.default, aten.pixel_unshuffle.default, aten.im2col.default}
     return {n.target for n in graph.nodes if n.op == "call_function" and n.target in wanted}
 
 

@@ -1,4 +1,5 @@
-"""Index-data rules of both torch frontends: comparisons, ``cumsum``, ``gather`` on integer/bool tensors, ``where`` on a mask.
+"""Index-data rules of both torch frontends: comparisons, ``cumsum``, ``gather``, ``argmax`` on integer/bool tensors, ``where`` on a mask,
+and advanced indexing by constants or per sample (``lower_index``).
 
 Position ids computed from the inputs (RoBERTa, OPT: ``mask = ids.ne(pad)``,
 ``positions = cumsum(mask) * mask + pad``) and the token-type ids gathered by them lower to
@@ -10,16 +11,18 @@ through such positions is a path source like any other lookup of the ids.
 """
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from typing import Any
 
+import sympy
 import torch
 
-from pai_compiler.frontends.torch.operands import TorchConst, dtype_name
+from pai_compiler.frontends.torch.operands import BATCH, TorchConst, dtype_name
 from pai_compiler.ir import Value
 
-__all__ = ["ATEN_INDEX_RULES", "FX_INDEX_RULES", "COMPARE_NAMES", "BITWISE_NAMES", "lower_compare", "lower_where"]
+__all__ = ["ATEN_INDEX_RULES", "FX_INDEX_RULES", "COMPARE_NAMES", "BITWISE_NAMES", "lower_compare", "lower_where", "lower_index"]
 
 Rule = Callable[..., Any]
 
@@ -78,6 +81,70 @@ def _gather(w: Any, n: Any, data: Any, dim: int, index: Any, origin: str) -> Any
     if not isinstance(index, Value) or not isinstance(data, (Value, TorchConst)):
         return w.lw.opaque(n.name, [t for t in (data, index) if isinstance(t, (Value, TorchConst))], [w.shape(n)], origin, "gather of constants")
     return w.lw.index_op(n.name, "gather_elements", [data, index], w.shape(n), origin, _out_dtype(w, n) or "int64", axis=int(dim))
+
+
+def lower_index(w: Any, n: Any, a: dict[str, Any]) -> Any:
+    """``x[arange(batch)[:, None, ...], idx]``: each sample's own row picked by constant ``idx`` = a gather on axis 1.
+
+    (The attention-mask builders of Hugging Face models index a padding mask this way.)
+    """
+    x, indices = a["self"], list(a["indices"])
+    shape = w.shape(n)
+    if isinstance(x, Value) and len(indices) == 2 and all(isinstance(i, TorchConst) for i in indices):
+        rows, cols = indices[0], indices[1]
+        rows_t = rows.value if rows.broadcast_to is None else rows.value.expand(tuple(int(d.subs(BATCH, w.example_batch)) if isinstance(d, sympy.Basic) else d for d in rows.broadcast_to))
+        cols_t = cols.value
+        per_sample = torch.arange(rows_t.shape[0]).reshape(-1, *([1] * (rows_t.dim() - 1))) if rows_t.dim() else None
+        if (per_sample is not None and rows_t.shape[0] == w.example_batch and torch.equal(rows_t, per_sample.expand_as(rows_t))
+                and cols.broadcast_to is None and cols_t.dim() == rows_t.dim() and cols_t.shape[0] == 1 and all(s == 1 for s in rows_t.shape[1:])):
+            return w.lw.gather(n.name, x, 1, cols_t[0].long(), shape, w.origin(n))
+    picks = indices[1] if len(indices) == 2 else None
+    if (isinstance(x, Value) and _is_batch_arange(w, indices[0]) and isinstance(picks, Value) and picks.shape is not None
+            and len(picks.shape) == 1 and picks.shape[0] == x.shape[0]):
+        return _per_sample_pick(w, n, x, picks, shape)
+    constant = _constant_index(w, n, x, indices, shape)
+    if constant is not None:
+        return constant
+    items = [x, *[i for i in indices if isinstance(i, (Value, TorchConst))]]
+    return w.lw.opaque(n.name, items, [shape], str(n.target), "advanced indexing other than a per-sample gather")
+
+
+def _constant_index(w: Any, n: Any, x: Any, indices: list[Any], shape: tuple[Any, ...]) -> Value | None:
+    """``x[..., i0, i1, ...]`` with constant index tensors on adjacent static axes (im2col's
+    decomposition): those axes merged into one and gathered at the linear index
+    ``sum_k i_k * stride_k``; None when the indexing is of another kind."""
+    at = [k for k, i in enumerate(indices) if i is not None]
+    if not isinstance(x, Value) or not at or at != list(range(at[0], at[-1] + 1)):
+        return None
+    consts = [indices[k] for k in at]
+    sizes = [x.shape[k] for k in at]
+    if not all(isinstance(c, TorchConst) and c.broadcast_to is None and c.varies_at_batch is None for c in consts) or not all(isinstance(d, int) for d in sizes):
+        return None
+    parts = torch.broadcast_tensors(*[c.value.long() for c in consts])
+    linear = torch.zeros_like(parts[0])
+    for part, size in zip(parts, sizes):
+        linear = linear * size + torch.where(part < 0, part + size, part)
+    a = at[0]
+    if tuple(shape) != (*x.shape[:a], *linear.shape, *x.shape[at[-1] + 1:]):
+        return None
+    merged = w.lw.reshape(f"{n.name}_merge", x, (*x.shape[:a], math.prod(sizes), *x.shape[at[-1] + 1:]), w.origin(n))
+    return w.lw.gather(n.name, merged, a, linear, shape, w.origin(n))
+
+
+def _is_batch_arange(w: Any, rows: Any) -> bool:
+    """``rows`` is ``arange(batch)`` (a constant computed at the example batch)."""
+    return (isinstance(rows, TorchConst) and rows.varies_at_batch is not None and rows.broadcast_to is None and rows.value.dim() == 1
+            and rows.value.shape[0] == w.example_batch and torch.equal(rows.value.long(), torch.arange(w.example_batch)))
+
+
+def _per_sample_pick(w: Any, n: Any, x: Value, picks: Value, shape: tuple[Any, ...]) -> Value:
+    """``x[arange(batch), picks]``: sample b's row ``picks[b]`` along axis 1 (the last-token pooling of
+    GPT-2/Llama sequence classifiers) = gather_elements on axis 1 with ``picks`` broadcast over the rest."""
+    batch, rest = x.shape[0], tuple(x.shape[2:])
+    index = w.lw.reshape(f"{n.name}_pick", picks, (batch, 1, *[1] * len(rest)), w.origin(n))
+    index = w.lw.expand(f"{n.name}_pick_expand", index, (batch, 1, *rest), w.origin(n))
+    picked = w.lw.index_op(n.name, "gather_elements", [x, index], (batch, 1, *rest), w.origin(n), x.dtype, axis=1)
+    return w.lw.reshape(f"{n.name}_squeeze", picked, shape, w.origin(n))
 
 
 def lower_where(w: Any, n: Any, cond: Any, x: Any, y: Any, origin: str) -> Any:
