@@ -11,6 +11,9 @@ Rules (``MAC_RULES``, keyed by OpKind; N = batch, numel = product of a value's d
 conv           sites = N · ∏ out_spatial per weight: dense = N·∏out·Cout·(Cin/groups)·∏k.
                Every tap counts, padded ones too (as FlopCounterMode/fvcore do), so
                nonzero = N · ∏ out_spatial · nnz(mask) exactly.
+deconv         sites = N · ∏ in_spatial per weight (conv_transpose): dense = N·∏in·Cin·(Cout/groups)·∏k
+               (each input pixel scatters through every tap, cropped ones too, as
+               FlopCounterMode counts it); nonzero = N · ∏ in_spatial · nnz(mask).
 linear         sites = ∏ batch dims of the input (all but the last): dense = ∏batch·out·in,
                nonzero = ∏batch · nnz(mask).
 matmul         two activations: numel(out) · K (K = last dim of the first operand).
@@ -105,6 +108,13 @@ def _conv(node: Node) -> MacCount:
     return MacCount(0, ((node.params["weight"], out[0] * _prod(out[2:])),))
 
 
+def _conv_transpose(node: Node) -> MacCount:
+    """Every input position meets every weight once: sites = N · ∏ in_spatial."""
+    x = node.inputs[0].shape
+    assert x is not None
+    return MacCount(0, ((node.params["weight"], x[0] * _prod(x[2:])),))
+
+
 def _linear(node: Node) -> MacCount:
     shape = node.inputs[0].shape
     assert shape is not None
@@ -158,6 +168,7 @@ def _opaque(node: Node) -> MacCount:
 
 MAC_RULES: dict[OpKind, Callable[[Node], MacCount]] = {
     OpKind.CONV: _conv,
+    OpKind.CONV_TRANSPOSE: _conv_transpose,
     OpKind.LINEAR: _linear,
     OpKind.MATMUL: _matmul,
     OpKind.ATTENTION: _attention,
