@@ -22,7 +22,7 @@ import numpy as np
 
 from pai_compiler.ir import Graph, Node, OpKind, Param
 
-__all__ = ["LayerPaths", "prunable_layers", "layer_stats", "is_shortcut"]
+__all__ = ["LayerPaths", "prunable_layers", "layer_stats", "is_shortcut", "output_channels"]
 
 _THROUGH = (OpKind.NORM, OpKind.POINTWISE)
 
@@ -64,7 +64,7 @@ def layer_stats(param: Param, users: list[Node], effective: np.ndarray) -> Layer
     node = users[0]
     if node.kind is OpKind.CONV_TRANSPOSE:
         pairs = _transposed_pairs(pairs, int(node.attrs.get("groups", 1)))
-        n_out = pairs.shape[0]
+    n_out = output_channels(param, node)
     per_out = pairs.any(axis=1)
     shortcut = node.kind is OpKind.CONV and is_shortcut(node, param)
     if node.kind in (OpKind.CONV, OpKind.CONV_TRANSPOSE):
@@ -76,6 +76,13 @@ def layer_stats(param: Param, users: list[Node], effective: np.ndarray) -> Layer
         effective_params=int(np.count_nonzero(effective)), effective_nodes=int(per_out.sum()), total_nodes=n_out,
         effective_kernels=int(pairs.sum()) if param.in_axis is not None else int(per_out.sum()), npb_nodes=npb, shortcut=shortcut,
     )
+
+
+def output_channels(param: Param, node: Node) -> int:
+    """The layer's output channels: the weight's out axis, times the groups for a transposed
+    conv (its weight holds out/groups of them)."""
+    groups = int(node.attrs.get("groups", 1)) if node.kind is OpKind.CONV_TRANSPOSE else 1
+    return param.shape[param.out_axis] * groups
 
 
 def _transposed_pairs(pairs: np.ndarray, groups: int) -> np.ndarray:
