@@ -82,7 +82,6 @@ def _warn_dropped(am: AnalysisManager, kept: int, allocated: int) -> None:
                 "weights that lie on no input->output path, as the reference does; ask for a lower --sparsity to keep more")
 
 
-@dataclass(frozen=True)
 def _refuse_transposed(graph: Graph) -> None:
     """NPB's per-layer programs are written for conv (out, in/groups, k) and linear layers only."""
     for node in graph.weighted_nodes():
@@ -91,6 +90,7 @@ def _refuse_transposed(graph: Graph) -> None:
                              "prune with synflow, snip, grasp, magnitude or dpai{paths=ref}")
 
 
+@dataclass(frozen=True)
 class NpbPass(TransformPass):
     """Per-layer integer programs balancing effective nodes and paths (needs an allocation or ``sparsity``)."""
 
