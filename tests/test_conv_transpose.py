@@ -22,7 +22,7 @@ from pai_compiler.errors import PaicError
 from pai_compiler.frontends.onnx import load_onnx_model
 from pai_compiler.frontends.torch.spec import lower_module
 from pai_compiler.interp import Interpreter
-from pai_compiler.ir import Graph, OpKind
+from pai_compiler.ir import Graph, GraphBuilder, OpKind, parse, to_text
 from pai_compiler.pass_infra import AnalysisManager
 from pai_compiler.passes.analysis.flops import FlopsPass
 
@@ -149,6 +149,26 @@ def test_unsupported_attributes_refuse_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(PaicError, match=r"node .*ConvTranspose output size 20 exceeds .*re-export with explicit pads") as info:
         load_onnx_model(source)
     assert "\n" not in str(info.value)
+
+
+DECODER_TEXT = """graph decoder {
+  %x: float32[1,4,3,3] = input()
+  %deconv1: float32[1,6,6,6] = conv_transpose(%x) {dilations=[1,1], groups=2, kernel_shape=[3,3], output_padding=[1,1], pads=[1,1,1,1], strides=[2,2]} [weight: deconv1.weight[4, 3, 3, 3] kept 108/108]
+  output(%deconv1)
+}
+"""
+
+
+def test_builder_prints_and_parses_the_golden_text() -> None:
+    b = GraphBuilder("decoder")
+    g = b.build(b.conv_transpose(b.input((1, 4, 3, 3)), 6, 3, stride=2, pad=1, output_padding=1, groups=2))
+    assert to_text(g) == DECODER_TEXT
+    parsed = parse(DECODER_TEXT)
+    weight = parsed.node("deconv1").params["weight"]
+    assert to_text(parsed) == DECODER_TEXT and (weight.out_axis, weight.in_axis) == (1, 0)
+    x = torch.randn(1, 4, 3, 3)
+    want = F.conv_transpose2d(x, torch.from_numpy(g.node("deconv1").params["weight"].data), stride=2, padding=1, output_padding=1, groups=2)
+    np.testing.assert_allclose(_real(g, x)[0].numpy(), want.numpy(), rtol=1e-5, atol=1e-6)
 
 
 # ---- paths and effective weights against brute force -------------------------------------------------
@@ -282,3 +302,36 @@ def test_compaction_is_exact(tmp_path: Path, suffix: str) -> None:
         with torch.no_grad():
             got = torch.load(tmp_path / "compact.pt", weights_only=False)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_source_writes_masked_and_compact_pt(tmp_path: Path) -> None:
+    """A ``file.py:attr`` model: the .pt state dict carries the deconv's mask; the compact module equals the IR's masked forward."""
+    from pai_compiler.api import load_model
+
+    source = tmp_path / "encdec.py"
+    source.write_text("import torch\nfrom torch import nn\n\n\n" + _module_source())
+    spec = f"{source}:EncDec"
+    result = optimize(load_model(spec, input_shape="1,3,8,8"), sparsity=0.8, method="synflow")
+    (node,) = _deconv(result.graph)
+    save_model(result, spec, tmp_path / "pruned.pt")
+    saved = torch.load(tmp_path / "pruned.pt", weights_only=False)
+    assert np.array_equal(saved["masks"][node.params["weight"].origin].numpy().astype(bool), node.params["weight"].mask)
+    x = _x()
+    (want,) = _real(result.graph, x)
+    model = EncDec().eval()
+    model.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        for name, mask in saved["masks"].items():
+            model.get_parameter(name).mul_(mask.to(torch.float32))
+        np.testing.assert_allclose(model(x).numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+    report = compact_graph(result.graph)
+    save_compact(result.graph, spec, tmp_path / "fast.pt", report)
+    with torch.no_grad():
+        got = torch.load(tmp_path / "fast.pt", weights_only=False)(x)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def _module_source() -> str:
+    import inspect
+
+    return inspect.getsource(EncDec)
