@@ -3,7 +3,7 @@
 ``count(W)`` is ``numel(W)`` for **dense** MACs, the kept weights for **nonzero** MACs, and the
 effective weights (kept and on an input->output path, from ``node-path``) for **effective**
 MACs, i.e. what survives dead-node elimination. One MAC is one multiply-accumulate; FLOPs =
-2 × MACs for conv, linear and matmul (the ``FlopCounterMode`` convention), nowhere else.
+2 × MACs for conv, transposed conv, linear and matmul (the ``FlopCounterMode`` convention), nowhere else.
 
 Rules (``MAC_RULES``, keyed by OpKind; N = batch, numel = product of a value's dims):
 
@@ -43,8 +43,8 @@ A model exported with a static batch
 B > 1 (every input and output leads with B) is counted per sample: each count is divided by B
 and multiplied by the symbol ``batch`` (unbound = 1; ``--bind batch=N`` counts N samples), so
 batch-1, symbolic-batch and static-batch exports of one network report the same MACs.
-``FlopsResult.by_kind`` splits the dense total by kind (conv, linear, matmul, attention, norm,
-pointwise, softmax, pool, add, mul): conv + linear + matmul (+ attention) is what torch's
+``FlopsResult.by_kind`` splits the dense total by kind (conv, conv_transpose, linear, matmul, attention, norm,
+pointwise, softmax, pool, add, mul): conv + conv_transpose + linear + matmul (+ attention) is what torch's
 ``FlopCounterMode`` counts (its FLOPs are 2 × these MACs); the other kinds it leaves out. Dense and nonzero counts need neither
 torch nor a path analysis (``flops{effective=false}``); evaluation binds each symbol by name
 (default 1), e.g. ``{"batch": 32, "seq": 197}``. Counts are ints (and exact fractions for
