@@ -22,7 +22,7 @@ from pai_compiler.errors import PaicError
 from pai_compiler.frontends.onnx import load_onnx_model
 from pai_compiler.frontends.torch.spec import lower_module
 from pai_compiler.interp import Interpreter
-from pai_compiler.ir import Graph, GraphBuilder, OpKind, parse, to_text
+from pai_compiler.ir import Graph, GraphBuilder, Node, OpKind, parse, to_text
 from pai_compiler.pass_infra import AnalysisManager
 from pai_compiler.passes.analysis.flops import FlopsPass
 
@@ -66,7 +66,7 @@ def _real(graph: Graph, *xs: torch.Tensor) -> list[torch.Tensor]:
         return list(Interpreter(graph, mode="real").run(list(xs)).outputs)
 
 
-def _deconv(graph: Graph) -> list:
+def _deconv(graph: Graph) -> list[Node]:
     return [n for n in graph.nodes if n.kind is OpKind.CONV_TRANSPOSE]
 
 
@@ -335,3 +335,19 @@ def _module_source() -> str:
     import inspect
 
     return inspect.getsource(EncDec)
+
+
+def test_compact_module_trains_the_deconv_weight() -> None:
+    """``CompactModule``: the transposed conv's weight and bias are parameters (trainable), its mask a buffer."""
+    from pai_compiler.backends.torch_compact import compact_module
+
+    result = optimize(lower_module(EncDec().eval(), (_x(),), "fx"), sparsity=0.8, method="synflow")
+    module = compact_module(result.graph)
+    (node,) = _deconv(result.graph)
+    trainable = {name for name, _ in module.named_parameters()}
+    weight, bias = (node.params[k].name.replace(".", "_") for k in ("weight", "bias"))
+    assert {weight, bias} <= trainable, trainable
+    assert f"{weight}_mask" in {name for name, _ in module.named_buffers()}
+    x = _x()
+    with torch.no_grad():
+        np.testing.assert_allclose(module(x).numpy(), _real(result.graph, x)[0].numpy(), rtol=1e-5, atol=1e-5)
