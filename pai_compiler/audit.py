@@ -25,6 +25,7 @@ from pai_compiler.ir import Graph, Node, Param
 from pai_compiler.memory import release_all
 from pai_compiler.pass_infra import AnalysisManager, RunContext
 from pai_compiler.passes.analysis.bindings import parse_bind, static_batch
+from pai_compiler.passes.analysis.layer_paths import output_channels
 from pai_compiler.passes.analysis.flops import BATCH_SYMBOL, EFFECTIVE_FALLBACK, FlopsPass, FlopsResult, evaluate
 from pai_compiler.passes.analysis.node_path import NodePathPass
 
@@ -122,6 +123,10 @@ def _audit(graph: Graph, values: dict[str, int], paths: bool, warnings: list[str
 
 def _totals(graph: Graph, flops: FlopsResult, node_path: Any, bind: dict[str, int]) -> dict[str, Any]:
     params = graph.layer_params()
+    first_user: dict[int, Node] = {}
+    for node in graph.layer_nodes():
+        for p in node.params.values():
+            first_user.setdefault(id(p), node)
     total = sum(p.numel for p in params)
     kept = sum(p.kept() for p in params)
     macs = flops.evaluate(bind)
@@ -139,7 +144,7 @@ def _totals(graph: Graph, flops: FlopsResult, node_path: Any, bind: dict[str, in
         "effective_nodes": node_path.effective_nodes if have else None,
         "effective_nodes_npb": node_path.effective_nodes_npb if have else None,
         "effective_kernels": node_path.effective_kernels if have else None,
-        "total_nodes": sum(p.shape[p.out_axis] for p in params),
+        "total_nodes": sum(output_channels(p, first_user[id(p)]) for p in params),
         "macs_by_kind": flops.by_kind(bind),
     }
 
@@ -161,7 +166,7 @@ def _layer_row(node: Node, weights: set[int], flops: FlopsResult, node_path: Any
         "macs_nonzero": evaluate(macs.nonzero, bind),
         "macs_effective": None if macs.effective is None else evaluate(macs.effective, bind),
         "effective_nodes": None if rows is None else sum(r.effective_nodes for r in rows),
-        "total_nodes": sum(p.shape[p.out_axis] for p in params),
+        "total_nodes": sum(output_channels(p, node) for p in params),
         "effective_kernels": None if rows is None else sum(r.effective_kernels for r in rows),
     }
 

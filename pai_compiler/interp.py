@@ -40,7 +40,7 @@ import torch
 from pai_compiler.errors import PaicError
 from pai_compiler.interp_path_rules import attention
 from pai_compiler.interp_tables import Mode, no_rule_message, rule_for
-from pai_compiler.ir import Graph, Node, OpKind, Param
+from pai_compiler.ir import WEIGHTED_KINDS, Graph, Node, OpKind, Param
 
 __all__ = ["Interpreter", "InterpResult", "NodeEvaluation", "bound_dims", "param_tensor", "torch_ready", "is_float_array"]
 
@@ -251,7 +251,7 @@ class Interpreter:
         node_scale: Any = 0.0
         if self.scaling == "exact" and args:
             args, node_scale = self._align(node, args, [state.scale[v.name] for v in node.inputs])
-        if self.scaling == "dpai" and node.kind in (OpKind.CONV, OpKind.LINEAR, OpKind.ATTENTION):
+        if self.scaling == "dpai" and node.kind in WEIGHTED_KINDS:
             m = args[0].max()
             if m > 0:
                 args = [args[0] / m, *args[1:]]

@@ -1,7 +1,7 @@
 """The interpreter's rule tables: which rule evaluates a node, per ``OpKind`` and mode, and the conv/linear rules.
 
 ``RULES`` holds the real semantics, ``PATH_RULES`` the ``paths`` semantics where it differs
-(conv/linear with the mask as weight and no bias, norms/activations/softmax as identity, data
+(conv/transposed conv/linear with the mask as weight and no bias, norms/activations/softmax as identity, data
 constants as zero, pooling as a sum or the model's own, products by the gate rule); bodies in
 :mod:`pai_compiler.interp_rules` (pointwise, norms, pooling, adds), :mod:`pai_compiler.interp_index_rules`
 (reshapes, lookups, gathers, index arithmetic) and :mod:`pai_compiler.interp_path_rules` (path
@@ -44,7 +44,7 @@ from pai_compiler.interp_rules import RuleContext, add, broadcast_operands, cons
 from pai_compiler.ir import Node, OpKind, Value
 
 __all__ = [
-    "Mode", "Rule", "RULES", "PATH_RULES", "OPAQUE_RULES", "rule_for", "no_rule_message", "conv_forward", "is_index_data",
+    "Mode", "Rule", "RULES", "PATH_RULES", "OPAQUE_RULES", "rule_for", "no_rule_message", "conv_forward", "conv_transpose_forward", "is_index_data",
     "indexes_lookups_only", "index_lookups",
 ]
 
@@ -61,6 +61,26 @@ def conv_forward(it: RuleContext, node: Node, args: list[torch.Tensor], *, bias:
     if conv is None:
         raise PaicError(f"conv {node.name!r}: {w.dim() - 2}-d convolution is not supported")
     return [conv(x, w, b, stride=node.attrs["strides"], dilation=node.attrs["dilations"], groups=node.attrs["groups"])]
+
+
+def conv_transpose_forward(it: RuleContext, node: Node, args: list[torch.Tensor], *, bias: bool = True) -> list[torch.Tensor]:
+    """A transposed conv's output: the full transposed conv (no pads), then ``pads`` cropped from
+    each end and ``output_padding`` zeros appended at the end (one ``F.pad``, negative = crop),
+    then the bias. Stored weight (in, out/groups, k...), as torch and ONNX keep it."""
+    w = it.weight(node.params["weight"])
+    spatial = w.dim() - 2
+    deconv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}.get(spatial)
+    if deconv is None:
+        raise PaicError(f"conv_transpose {node.name!r}: {spatial}-d transposed convolution is not supported")
+    y = deconv(args[0], w, None, stride=node.attrs["strides"], dilation=node.attrs["dilations"], groups=node.attrs["groups"])
+    pads, extra = node.attrs["pads"], node.attrs["output_padding"]
+    flat: list[int] = []
+    for i in reversed(range(spatial)):
+        flat += [-pads[i], extra[i] - pads[i + spatial]]
+    y = F.pad(y, flat) if any(flat) else y
+    if bias and "bias" in node.params:
+        y = y + it.weight(node.params["bias"]).reshape(-1, *[1] * spatial)
+    return [y]
 
 
 def _linear(it: RuleContext, node: Node, args: list[torch.Tensor], *, bias: bool = True) -> list[torch.Tensor]:
@@ -122,6 +142,7 @@ class _DistinctRowsLinear(torch.autograd.Function):
 RULES: dict[OpKind, Rule] = {
     OpKind.CONSTANT: constant,
     OpKind.CONV: conv_forward,
+    OpKind.CONV_TRANSPOSE: conv_transpose_forward,
     OpKind.LINEAR: _linear,
     OpKind.MATMUL: lambda it, n, a: [torch.matmul(a[0], a[1])],
     OpKind.ADD: add,
@@ -141,6 +162,7 @@ RULES: dict[OpKind, Rule] = {
 PATH_RULES: dict[OpKind, Rule] = {
     OpKind.CONSTANT: lambda it, n, a: [torch.zeros(it.dims(n.outputs[0].shape), dtype=it.dtype, device=it.device)],
     OpKind.CONV: lambda it, n, a: conv_forward(it, n, a, bias=False),
+    OpKind.CONV_TRANSPOSE: lambda it, n, a: conv_transpose_forward(it, n, a, bias=False),
     OpKind.LINEAR: lambda it, n, a: _linear(it, n, a, bias=False),
     OpKind.ADD: path_add,
     OpKind.MUL: path_mul,
@@ -252,8 +274,7 @@ def index_lookups(value: Value) -> list[Node]:
 
 #: ONNX op types / torch module names of layers on the activations that paic has no semantics
 #: for: no static input shape folds them away, so the re-export hint would mislead
-_NO_SEMANTICS = frozenset({"LSTM", "GRU", "RNN", "ConvTranspose", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d",
-                           "EmbeddingBag", "Loop", "Scan",
+_NO_SEMANTICS = frozenset({"LSTM", "GRU", "RNN", "EmbeddingBag", "Loop", "Scan",
                            "Hardmax", "Mean", "ReduceMin", "ReduceL1", "ReduceSumSquare", "ReduceProd", "ReduceLogSum",
                            "ReduceLogSumExp", "LpNormalization", "LpPool", "GlobalLpPool"})
 #: random draws: in an exported network, dropout (or stochastic depth) left in training mode

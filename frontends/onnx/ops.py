@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from pai_compiler.frontends.onnx.conv_transpose import conv_transpose_spec
 from pai_compiler.frontends.onnx.movement import DynamicArgument, Movement, movement_shape
 from pai_compiler.frontends.onnx.index_ops import INDEX_HANDLERS
 from pai_compiler.frontends.onnx.space_depth import SPACE_DEPTH_HANDLERS
@@ -111,6 +112,22 @@ def _conv(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]
         params["bias"] = imp.param(ins[2], "conv_bias", prunable=False, out_axis=0, in_axis=None)
     _emit(imp, OpKind.CONV, node, label, [x], [out_shape], params=params,
           attrs={"strides": strides, "pads": pads, "dilations": dil, "groups": groups, "kernel_shape": kshape})
+
+
+def _conv_transpose(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "ConvTranspose input")
+    w = ins[1]
+    if not isinstance(w, Const) or w.symbolic:
+        return _opaque(imp, node, label, ins, attrs, reason="ConvTranspose with a non-constant weight")
+    if w.array.ndim < 3:
+        raise ModelError(f"ConvTranspose weight {w.origin or ''!r} has rank {w.array.ndim}; expected (in, out/groups, *kernel)")
+    ir_attrs, out_spatial = conv_transpose_spec(attrs, None if x.shape is None else x.shape[2:], [int(d) for d in w.array.shape[2:]], label)
+    out_channels = int(w.array.shape[1]) * ir_attrs["groups"]
+    out_shape = None if out_spatial is None else (x.shape[0], out_channels, *out_spatial)  # type: ignore[index]
+    params = {"weight": imp.param(w, "conv_transpose_weight", prunable=True, out_axis=1, in_axis=0)}
+    if len(ins) > 2 and ins[2] is not None:
+        params["bias"] = imp.param(ins[2], "conv_transpose_bias", prunable=False, out_axis=0, in_axis=None)
+    _emit(imp, OpKind.CONV_TRANSPOSE, node, label, [x], [out_shape], params=params, attrs=ir_attrs)
 
 
 def _linear_from(imp: Any, node: Any, label: str, x: Value, w: Const, transposed_w: bool, bias: Any, alpha: float, beta: float) -> None:
@@ -521,7 +538,7 @@ def _opaque(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, An
 
 
 HANDLERS: dict[str, Handler] = {
-    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "Sum": _sum, "PRelu": _prelu, "CastLike": _cast_like,
+    "Conv": _conv, "ConvTranspose": _conv_transpose, "Gemm": _gemm, "MatMul": _matmul, "Sum": _sum, "PRelu": _prelu, "CastLike": _cast_like,
     "BatchNormalization": _norm, "LayerNormalization": _norm, "InstanceNormalization": _norm, "GroupNormalization": _norm,
     "LRN": _lrn, "Softmax": _softmax, "LogSoftmax": _softmax,
     "MaxPool": _pool, "AveragePool": _pool, "GlobalAveragePool": _pool, "GlobalMaxPool": _pool,

@@ -30,8 +30,11 @@ def _const_or_none(x: Any) -> TorchConst | None:
 
 
 def _conv(w: Any, n: Any, a: dict[str, Any]) -> Any:
-    if a.get("transposed") or not isinstance(a["weight"], TorchConst) or isinstance(a["bias"], Value):
-        return w.lw.opaque(n.name, [a["input"], a["weight"]], [w.shape(n)], str(n.target), "transposed convolution or activation weight")
+    if not isinstance(a["weight"], TorchConst) or isinstance(a["bias"], Value):
+        return w.lw.opaque(n.name, [a["input"], a["weight"]], [w.shape(n)], str(n.target), "convolution with an activation weight")
+    if a.get("transposed") or "conv_transpose" in str(n.target):  # aten.convolution(transposed=True), aten.conv_transpose{1,2,3}d
+        return w.lw.conv_transpose(n.name, a["input"], a["weight"], _const_or_none(a["bias"]), a["stride"], a["padding"], a.get("output_padding", 0),
+                                   a["dilation"], a["groups"], w.shape(n), w.origin(n))
     return w.lw.conv(n.name, a["input"], a["weight"], _const_or_none(a["bias"]), a["stride"], a["padding"], a["dilation"], a["groups"], w.shape(n), w.origin(n))
 
 
@@ -318,6 +321,7 @@ def _where(w: Any, n: Any, a: dict[str, Any]) -> Any:
 ATEN_RULES: dict[str, Rule] = {
     "eq": _guard, "logical_not": _guard, "any": _guard, "full_like": _full_like, "where": _where,
     "conv1d": _conv, "conv2d": _conv, "conv3d": _conv, "convolution": _conv,
+    "conv_transpose1d": _conv, "conv_transpose2d": _conv, "conv_transpose3d": _conv,
     "linear": _linear, "addmm": _addmm, "embedding": _embedding, "mm": _matmul, "bmm": _matmul, "matmul": _matmul, "baddbmm": _baddbmm,
     "batch_norm": _batch_norm, "_native_batch_norm_legit_no_training": _batch_norm,
     "layer_norm": _layer_norm, "native_layer_norm": _layer_norm, "group_norm": _group_norm, "native_group_norm": _group_norm,

@@ -180,6 +180,25 @@ class TorchLowering:
         attrs = {"strides": strides, "pads": pads, "dilations": dil, "groups": int(groups), "kernel_shape": kernel}
         return self.emit(OpKind.CONV, label, [x], [shape], params=params, attrs=attrs, origin=origin)[0]
 
+    def conv_transpose(self, label: str, x: Value, w: TorchConst, b: TorchConst | None, stride: Any, padding: Any, output_padding: Any,
+                       dilation: Any, groups: int, shape: tuple[Dim, ...], origin: str) -> Value:
+        """A transposed conv, weight (in, out/groups, k...); ``output_padding`` is read off the traced
+        output size where it is static (so a module called with ``output_size`` lowers exactly)."""
+        kernel = [int(d) for d in w.value.shape[2:]]
+        n = len(kernel)
+        strides, dil, pad = _ints(stride, n), _ints(dilation, n), _ints(padding, n)
+        extra = _ints(output_padding, n)
+        if x.shape is not None:
+            for i in range(n):
+                size, out = x.shape[2 + i], shape[2 + i]
+                if isinstance(size, int) and isinstance(out, int):
+                    extra[i] = out - ((size - 1) * strides[i] - 2 * pad[i] + dil[i] * (kernel[i] - 1) + 1)
+        params = {"weight": self.param(w, f"{label}_weight", prunable=True, out_axis=1, in_axis=0)}
+        if b is not None:
+            params["bias"] = self.param(b, f"{label}_bias", prunable=False, out_axis=0, in_axis=None)
+        attrs = {"strides": strides, "pads": pad + pad, "dilations": dil, "output_padding": extra, "groups": int(groups), "kernel_shape": kernel}
+        return self.emit(OpKind.CONV_TRANSPOSE, label, [x], [shape], params=params, attrs=attrs, origin=origin)[0]
+
     def linear(self, label: str, x: Value, w: TorchConst, b: TorchConst | None, shape: tuple[Dim, ...], origin: str,
                *, transposed: bool = False) -> Value:
         """``y = x @ W^T + b`` with W (out, in); ``transposed`` when the operand is (in, out) (``x @ W``)."""

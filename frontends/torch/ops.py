@@ -43,6 +43,12 @@ def _conv_module(w: Any, n: Any, mod: nn.Module, x: Value) -> Any:
                      mod.stride, mod.padding, mod.dilation, mod.groups, w.shape(n), n.target)
 
 
+def _conv_transpose_module(w: Any, n: Any, mod: nn.Module, x: Value, output_size: Any = None) -> Any:
+    """``output_size`` is already in the traced output shape, which sets ``output_padding``."""
+    return w.lw.conv_transpose(n.name, x, TorchConst(mod.weight, f"{n.target}.weight"), _c(mod.bias, f"{n.target}.bias"),
+                               mod.stride, mod.padding, mod.output_padding, mod.dilation, mod.groups, w.shape(n), n.target)
+
+
 def _linear_module(w: Any, n: Any, mod: nn.Linear, x: Value) -> Any:
     return w.lw.linear(n.name, x, TorchConst(mod.weight, f"{n.target}.weight"), _c(mod.bias, f"{n.target}.bias"), w.shape(n), n.target)
 
@@ -164,6 +170,7 @@ def _mha_module(w: Any, n: Any, mod: nn.MultiheadAttention, query: Value, key: V
 
 MODULE_RULES: dict[type, Rule] = {
     nn.Conv1d: _conv_module, nn.Conv2d: _conv_module, nn.Conv3d: _conv_module,
+    nn.ConvTranspose1d: _conv_transpose_module, nn.ConvTranspose2d: _conv_transpose_module, nn.ConvTranspose3d: _conv_transpose_module,
     nn.Linear: _linear_module, nn.Embedding: _embedding_module,
     nn.BatchNorm1d: _batch_norm_module, nn.BatchNorm2d: _batch_norm_module, nn.BatchNorm3d: _batch_norm_module,
     nn.LayerNorm: _layer_norm_module, nn.GroupNorm: _group_norm_module,
@@ -406,6 +413,13 @@ def _f_linear(w: Any, n: Any, input: Value, weight: Any, bias: Any = None) -> An
     return w.lw.linear(n.name, input, weight, bias, w.shape(n), n.name)
 
 
+def _f_conv_transpose(w: Any, n: Any, input: Value, weight: Any, bias: Any = None, stride: Any = 1, padding: Any = 0,  # noqa: A002
+                      output_padding: Any = 0, groups: int = 1, dilation: Any = 1) -> Any:
+    if not isinstance(weight, TorchConst) or isinstance(bias, Value):
+        return w.lw.opaque(n.name, [input, weight], [w.shape(n)], "conv_transpose", "transposed convolution with an activation weight")
+    return w.lw.conv_transpose(n.name, input, weight, bias, stride, padding, output_padding, dilation, groups, w.shape(n), n.name)
+
+
 def _f_embedding(w: Any, n: Any, input: Value, weight: Any, padding_idx: Any = None, max_norm: Any = None,  # noqa: A002
                  norm_type: float = 2.0, scale_grad_by_freq: bool = False, sparse: bool = False) -> Any:
     if not isinstance(weight, TorchConst) or weight.broadcast_to is not None or max_norm is not None:
@@ -529,6 +543,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     F.softmax: _softmax(False), torch.softmax: _softmax(False), "Tensor.softmax": _softmax(False),
     F.log_softmax: _softmax(True), torch.log_softmax: _softmax(True), "Tensor.log_softmax": _softmax(True),
     F.linear: _f_linear, F.conv1d: _f_conv, F.conv2d: _f_conv, F.conv3d: _f_conv,
+    F.conv_transpose1d: _f_conv_transpose, F.conv_transpose2d: _f_conv_transpose, F.conv_transpose3d: _f_conv_transpose,
     F.layer_norm: _f_layer_norm, F.batch_norm: _f_batch_norm, F.group_norm: _f_group_norm,
     F.max_pool1d: _f_max_pool, F.max_pool2d: _f_max_pool, F.max_pool3d: _f_max_pool,
     F.avg_pool1d: _f_avg_pool, F.avg_pool2d: _f_avg_pool, F.avg_pool3d: _f_avg_pool,

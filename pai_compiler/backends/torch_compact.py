@@ -23,7 +23,7 @@ import torch  # a module class needs nn.Module at import time (like pai_compiler
 from torch import nn
 
 from pai_compiler.interp import Interpreter, is_float_array, torch_ready
-from pai_compiler.ir import Graph, OpKind, Param
+from pai_compiler.ir import WEIGHTED_KINDS, Graph, OpKind, Param
 
 __all__ = ["CompactModule", "compact_module"]
 
@@ -42,7 +42,7 @@ def _trainable(graph: Graph) -> dict[str, bool]:
     roles: dict[str, bool] = {}
     for node in graph.nodes:
         for key, p in node.params.items():
-            if node.kind in (OpKind.CONV, OpKind.LINEAR, OpKind.ATTENTION):
+            if node.kind in WEIGHTED_KINDS:
                 train = True
             elif node.kind is OpKind.NORM:
                 train = key in ("scale", "bias")

@@ -80,6 +80,20 @@ class GraphBuilder:
         attrs = {"strides": [stride] * 2, "pads": [pad] * 4, "dilations": [dilation] * 2, "groups": groups, "kernel_shape": [kernel] * 2}
         return self.op(OpKind.CONV, [x], (batch, out_channels, *spatial), params=params, attrs=attrs, name=name)
 
+    def conv_transpose(self, x: Value, out_channels: int, kernel: int, *, stride: int = 1, pad: int = 0, output_padding: int = 0,
+                       dilation: int = 1, groups: int = 1, bias: bool = False, weight: Param | None = None) -> Value:
+        """A 2-D transposed convolution (NCHW), square kernel, symmetric padding; weight (in, out/groups, k, k)."""
+        batch, channels, height, width = _require_shape(x, 4)
+        name = self.fresh("deconv")
+        shape = (int(channels), out_channels // groups, kernel, kernel)
+        params = {"weight": weight or self.param(f"{name}.weight", shape, out_axis=1, in_axis=0)}
+        if bias:
+            params["bias"] = self.param(f"{name}.bias", (out_channels,), prunable=False, data=np.zeros(out_channels, np.float32))
+        spatial = [(int(s) - 1) * stride - 2 * pad + dilation * (kernel - 1) + 1 + output_padding for s in (height, width)]
+        attrs = {"strides": [stride] * 2, "pads": [pad] * 4, "dilations": [dilation] * 2, "output_padding": [output_padding] * 2,
+                 "groups": groups, "kernel_shape": [kernel] * 2}
+        return self.op(OpKind.CONV_TRANSPOSE, [x], (batch, out_channels, *spatial), params=params, attrs=attrs, name=name)
+
     def linear(self, x: Value, out_features: int, *, transposed: bool = False, bias: bool = False,
                weight: Param | None = None) -> Value:
         """``x @ W^T`` over the last axis; ``transposed`` stores W as (in, out), as ONNX MatMul does."""

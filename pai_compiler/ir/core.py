@@ -78,7 +78,7 @@ class Graph:
         stored: the ONNX exporters' transposed copy of it is a plain prunable weight."""
         key = lambda p: p.storage if isinstance(p.storage, str) else id(p)  # noqa: E731
         tables = {key(p) for n in self._nodes if n.kind is OpKind.OPAQUE and n.attrs.get("op") == "embedding" for p in n.params.values()}
-        layer_weights = {id(n.params["weight"]) for n in self._nodes if n.kind in (OpKind.CONV, OpKind.LINEAR) and "weight" in n.params}
+        layer_weights = {id(n.params["weight"]) for n in self._nodes if n.kind in (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.LINEAR) and "weight" in n.params}
         return [p for p in self.params() if p.prunable or (p.in_axis is not None and id(p) in layer_weights and key(p) in tables)]
 
     def layer_nodes(self) -> list[Node]:

@@ -30,6 +30,7 @@ class OpKind(StrEnum):
     OUTPUT = "output"
     CONSTANT = "constant"  # a data constant used as an operand (class token, positions)
     CONV = "conv"
+    CONV_TRANSPOSE = "conv_transpose"  # weight (in, out/groups, k...): out_axis=1, in_axis=0
     LINEAR = "linear"  # activation x constant weight, over the last axis
     MATMUL = "matmul"  # two activations (attention Q.K^T, A.V)
     ADD = "add"  # two or more activations summed (residual); attrs["op"] in add/sub
@@ -45,7 +46,7 @@ class OpKind(StrEnum):
     OPAQUE = "opaque"
 
 
-WEIGHTED_KINDS = frozenset({OpKind.CONV, OpKind.LINEAR, OpKind.ATTENTION})
+WEIGHTED_KINDS = frozenset({OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.LINEAR, OpKind.ATTENTION})
 
 
 @dataclass(eq=False)
@@ -155,3 +156,9 @@ def verify_node_params(n: Node) -> None:
             raise VerificationError(f"conv {n.name!r}: weight rank {w.data.ndim} < 3")
         if w.shape[0] % groups:
             raise VerificationError(f"conv {n.name!r}: {w.shape[0]} output channels not divisible by groups={groups}")
+    if n.kind is OpKind.CONV_TRANSPOSE and w is not None:
+        groups = int(n.attrs.get("groups", 1))
+        if w.data.ndim < 3 or w.out_axis != 1 or w.in_axis != 0:
+            raise VerificationError(f"conv_transpose {n.name!r}: weight must be (in, out/groups, *kernel) with out_axis=1, in_axis=0")
+        if w.shape[0] % groups:
+            raise VerificationError(f"conv_transpose {n.name!r}: {w.shape[0]} input channels not divisible by groups={groups}")

@@ -144,6 +144,8 @@ class _Parser:
         inputs = [self.input_value(a) for a in _split_top(match["args"], ",", self)] if match["args"].strip() else []
         attrs, specs = self.attrs_and_params(match["rest"])
         params = {spec.key: self.param(spec) for spec in specs}
+        if kind is OpKind.CONV_TRANSPOSE and "weight" in params:  # the kind names its layout: (in, out/groups, k...)
+            params["weight"].out_axis, params["weight"].in_axis = 1, 0
         name = self.graph.fresh_name(outputs[0][0] if outputs else "out")
         try:
             self.graph.add_node(kind, name, inputs, outputs, params=params, attrs=attrs)

@@ -3,7 +3,7 @@
 ``count(W)`` is ``numel(W)`` for **dense** MACs, the kept weights for **nonzero** MACs, and the
 effective weights (kept and on an input->output path, from ``node-path``) for **effective**
 MACs, i.e. what survives dead-node elimination. One MAC is one multiply-accumulate; FLOPs =
-2 × MACs for conv, linear and matmul (the ``FlopCounterMode`` convention), nowhere else.
+2 × MACs for conv, transposed conv, linear and matmul (the ``FlopCounterMode`` convention), nowhere else.
 
 Rules (``MAC_RULES``, keyed by OpKind; N = batch, numel = product of a value's dims):
 
@@ -11,6 +11,9 @@ Rules (``MAC_RULES``, keyed by OpKind; N = batch, numel = product of a value's d
 conv           sites = N · ∏ out_spatial per weight: dense = N·∏out·Cout·(Cin/groups)·∏k.
                Every tap counts, padded ones too (as FlopCounterMode/fvcore do), so
                nonzero = N · ∏ out_spatial · nnz(mask) exactly.
+deconv         sites = N · ∏ in_spatial per weight (conv_transpose): dense = N·∏in·Cin·(Cout/groups)·∏k
+               (each input pixel scatters through every tap, cropped ones too, as
+               FlopCounterMode counts it); nonzero = N · ∏ in_spatial · nnz(mask).
 linear         sites = ∏ batch dims of the input (all but the last): dense = ∏batch·out·in,
                nonzero = ∏batch · nnz(mask).
 matmul         two activations: numel(out) · K (K = last dim of the first operand).
@@ -40,8 +43,8 @@ A model exported with a static batch
 B > 1 (every input and output leads with B) is counted per sample: each count is divided by B
 and multiplied by the symbol ``batch`` (unbound = 1; ``--bind batch=N`` counts N samples), so
 batch-1, symbolic-batch and static-batch exports of one network report the same MACs.
-``FlopsResult.by_kind`` splits the dense total by kind (conv, linear, matmul, attention, norm,
-pointwise, softmax, pool, add, mul): conv + linear + matmul (+ attention) is what torch's
+``FlopsResult.by_kind`` splits the dense total by kind (conv, conv_transpose, linear, matmul, attention, norm,
+pointwise, softmax, pool, add, mul): conv + conv_transpose + linear + matmul (+ attention) is what torch's
 ``FlopCounterMode`` counts (its FLOPs are 2 × these MACs); the other kinds it leaves out. Dense and nonzero counts need neither
 torch nor a path analysis (``flops{effective=false}``); evaluation binds each symbol by name
 (default 1), e.g. ``{"batch": 32, "seq": 197}``. Counts are ints (and exact fractions for
@@ -105,6 +108,13 @@ def _conv(node: Node) -> MacCount:
     return MacCount(0, ((node.params["weight"], out[0] * _prod(out[2:])),))
 
 
+def _conv_transpose(node: Node) -> MacCount:
+    """Every input position meets every weight once: sites = N · ∏ in_spatial."""
+    x = node.inputs[0].shape
+    assert x is not None
+    return MacCount(0, ((node.params["weight"], x[0] * _prod(x[2:])),))
+
+
 def _linear(node: Node) -> MacCount:
     shape = node.inputs[0].shape
     assert shape is not None
@@ -158,6 +168,7 @@ def _opaque(node: Node) -> MacCount:
 
 MAC_RULES: dict[OpKind, Callable[[Node], MacCount]] = {
     OpKind.CONV: _conv,
+    OpKind.CONV_TRANSPOSE: _conv_transpose,
     OpKind.LINEAR: _linear,
     OpKind.MATMUL: _matmul,
     OpKind.ATTENTION: _attention,

@@ -9,6 +9,8 @@
 * A conv is a **shortcut** when its name/origin says ``shortcut``/``downsample`` or when it is
   a 1×1 conv whose output reaches an ``add`` through norm/pointwise nodes only while its input
   also feeds another conv.
+* A transposed conv (weight (in, out/groups, k...)) counts as the conv with the same
+  input->output channel connections.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import numpy as np
 
 from pai_compiler.ir import Graph, Node, OpKind, Param
 
-__all__ = ["LayerPaths", "prunable_layers", "layer_stats", "is_shortcut"]
+__all__ = ["LayerPaths", "prunable_layers", "layer_stats", "is_shortcut", "output_channels"]
 
 _THROUGH = (OpKind.NORM, OpKind.POINTWISE)
 
@@ -59,10 +61,13 @@ def layer_stats(param: Param, users: list[Node], effective: np.ndarray) -> Layer
     n_out = oi.shape[0]
     n_in = oi.shape[1] if param.in_axis is not None else 1
     pairs = oi.reshape(n_out, n_in, -1).any(axis=2)  # (out, in): one pass over the weight
-    per_out = pairs.any(axis=1)
     node = users[0]
+    if node.kind is OpKind.CONV_TRANSPOSE:
+        pairs = _transposed_pairs(pairs, int(node.attrs.get("groups", 1)))
+    n_out = output_channels(param, node)
+    per_out = pairs.any(axis=1)
     shortcut = node.kind is OpKind.CONV and is_shortcut(node, param)
-    if node.kind is OpKind.CONV:
+    if node.kind in (OpKind.CONV, OpKind.CONV_TRANSPOSE):
         npb = 0 if shortcut else int(_conv_input_channels(pairs, int(node.attrs.get("groups", 1))).sum())
     else:
         npb = int(per_out.sum()) + (int(pairs.any(axis=0).sum()) if param.in_axis is not None else 0)
@@ -71,6 +76,21 @@ def layer_stats(param: Param, users: list[Node], effective: np.ndarray) -> Layer
         effective_params=int(np.count_nonzero(effective)), effective_nodes=int(per_out.sum()), total_nodes=n_out,
         effective_kernels=int(pairs.sum()) if param.in_axis is not None else int(per_out.sum()), npb_nodes=npb, shortcut=shortcut,
     )
+
+
+def output_channels(param: Param, node: Node) -> int:
+    """The layer's output channels: the weight's out axis, times the groups for a transposed
+    conv (its weight holds out/groups of them)."""
+    groups = int(node.attrs.get("groups", 1)) if node.kind is OpKind.CONV_TRANSPOSE else 1
+    return param.shape[param.out_axis] * groups
+
+
+def _transposed_pairs(pairs: np.ndarray, groups: int) -> np.ndarray:
+    """A transposed conv's (out/groups, in) pairs as a conv's (out, in/groups): real output channel
+    ``g·out/groups + j`` reads input ``g·in/groups + i`` through stored ``(g·in/groups + i, j)``."""
+    per_out, n_in = pairs.shape
+    per_in = n_in // groups
+    return pairs.reshape(per_out, groups, per_in).transpose(1, 0, 2).reshape(groups * per_out, per_in)
 
 
 def _conv_input_channels(pairs: np.ndarray, groups: int) -> np.ndarray:

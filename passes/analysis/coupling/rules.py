@@ -162,6 +162,11 @@ def _pin_all(node: Node, b: TrackBuilder) -> None:
     b.mix(node, "product of activations / fused attention / opaque operator")
 
 
+def _boundary(node: Node, b: TrackBuilder) -> None:
+    """A transposed conv keeps its channels: compaction slices neither its input nor its output."""
+    b.mix(node, "transposed conv: its channels are a compaction boundary")
+
+
 def _opaque(node: Node, b: TrackBuilder) -> None:
     """A resize (``op="resize"``) works per channel on the spatial axes: atoms pass. Any other opaque operator: pinned."""
     if node.attrs.get("op") == "resize":
@@ -176,6 +181,7 @@ COUPLING_RULES: dict[OpKind, CouplingRule] = {
     OpKind.CONSTANT: _source,
     OpKind.OUTPUT: _output,
     OpKind.CONV: _conv,
+    OpKind.CONV_TRANSPOSE: _boundary,
     OpKind.LINEAR: _linear,
     OpKind.ADD: _elementwise,
     OpKind.MUL: _elementwise,

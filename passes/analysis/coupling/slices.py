@@ -61,13 +61,14 @@ def _broadcast_slices(node: Node, cs: ChannelSpaces) -> list[ParamSlice]:
 
 
 def _no_slices(node: Node, cs: ChannelSpaces) -> list[ParamSlice]:
-    """No Param to slice: the node has none, or its channels are pinned (matmul, attention, opaque)."""
+    """No Param to slice: the node has none, or its channels are pinned (matmul, attention, transposed conv, opaque)."""
     return []
 
 
 #: which Param axes follow which value's channels, per op kind
 SLICE_RULES: dict[OpKind, SliceRule] = {
     OpKind.CONV: _weighted_slices,
+    OpKind.CONV_TRANSPOSE: _no_slices,
     OpKind.LINEAR: _weighted_slices,
     OpKind.NORM: _norm_slices,
     OpKind.POINTWISE: _broadcast_slices,

@@ -267,6 +267,12 @@ def _index_data_or_rule(node: Node) -> ChannelRule:
     return CHANNEL_RULES[node.kind]
 
 
+def _conv_transpose(cp: ChannelProgram, node: Node) -> None:
+    """No channel-level rule: a transposed conv's taps land on a stride-dependent subset of the
+    output pixels, which one value per channel cannot represent."""
+    raise _unsupported(node, ValueError("a transposed conv has no channel-level rule"))
+
+
 def _input(cp: ChannelProgram, node: Node) -> None:
     """A model input: all ones, one value per channel for a feature map."""
     name = node.outputs[0].name
@@ -429,6 +435,7 @@ CHANNEL_RULES: dict[OpKind, ChannelRule] = {
     OpKind.OUTPUT: _output,
     OpKind.CONSTANT: _constant,
     OpKind.CONV: lambda cp, node: cp._weighted(node, chan=True),
+    OpKind.CONV_TRANSPOSE: _conv_transpose,
     OpKind.LINEAR: lambda cp, node: cp._weighted(node, chan=False),
     OpKind.ATTENTION: lambda cp, node: cp._attention(node),
     OpKind.MATMUL: _matmul,

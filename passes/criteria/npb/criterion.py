@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pai_compiler.errors import PaicError, UsageError
+from pai_compiler.errors import ModelError, PaicError, UsageError
 from pai_compiler.ir import Graph, Node, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.passes.allocation.base import check_sparsity, keep_count
@@ -82,6 +82,14 @@ def _warn_dropped(am: AnalysisManager, kept: int, allocated: int) -> None:
                 "weights that lie on no input->output path, as the reference does; ask for a lower --sparsity to keep more")
 
 
+def _refuse_transposed(graph: Graph) -> None:
+    """NPB's per-layer programs are written for conv (out, in/groups, k) and linear layers only."""
+    for node in graph.weighted_nodes():
+        if node.kind is OpKind.CONV_TRANSPOSE:
+            raise ModelError(f"npb: node {node.name!r} (conv_transpose): NPB has no program for transposed convs; "
+                             "prune with synflow, snip, grasp, magnitude or dpai{paths=ref}")
+
+
 @dataclass(frozen=True)
 class NpbPass(TransformPass):
     """Per-layer integer programs balancing effective nodes and paths (needs an allocation or ``sparsity``)."""
@@ -113,6 +121,7 @@ class NpbPass(TransformPass):
         params = graph.prunable_params()
         if not params:
             raise UsageError("npb: the model has no prunable (conv/linear) weights")
+        _refuse_transposed(graph)
         if self.sparsity is not None:
             dens = erk_densities(params, 1.0 - float(self.sparsity))
             keep = {p.name: keep_count(p.numel, 1.0 - dens[p.name]) for p in params}
