@@ -259,14 +259,22 @@ def test_every_criterion_runs(tmp_path: Path, route: str, method: str, extra: di
     assert mask is not None and 0.2 < mask.mean() < 0.8, (method, None if mask is None else mask.mean())
 
 
-@pytest.mark.parametrize("pipeline,match", [
-    ("erk{sparsity=0.6},dpai{steps=5}", r"dpai: node .* \(conv_transpose\): the channel-level path count cannot run it .*dpai\{paths=ref\}"),
-    ("erk{sparsity=0.6},npb", r"npb: node .* \(conv_transpose\): NPB has no program for transposed convs; prune with"),
-])
-def test_dpai_channel_mode_and_npb_refuse_in_one_line(tmp_path: Path, pipeline: str, match: str) -> None:
+def test_npb_refuses_in_one_line(tmp_path: Path) -> None:
+    match = r"npb: node .* \(conv_transpose\): NPB has no program for transposed convs; prune with"
     with pytest.raises(PaicError, match=match) as info:
-        optimize(load_onnx_model(_export(tmp_path / "m.onnx", "torchscript")), pipeline=pipeline)
+        optimize(load_onnx_model(_export(tmp_path / "m.onnx", "torchscript")), pipeline="erk{sparsity=0.6},npb")
     assert "\n" not in str(info.value)
+
+
+def test_default_dpai_runs_per_pixel_and_says_so(tmp_path: Path) -> None:
+    """DPaI's default channel mode cannot represent a transposed conv: the run takes paths=ref, with a warning,
+    and gives the masks dpai{paths=ref} gives."""
+    graph = load_onnx_model(_export(tmp_path / "m.onnx", "torchscript"))
+    default = optimize(graph.clone(), pipeline="erk{sparsity=0.6},dpai{steps=5}")
+    assert any("running dpai{paths=ref}" in w for w in default.warnings)
+    explicit = optimize(graph, pipeline="erk{sparsity=0.6},dpai{paths=ref,steps=5}")
+    for a, b in zip(default.graph.prunable_params(), explicit.graph.prunable_params()):
+        assert np.array_equal(a.mask, b.mask)
 
 
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from pai_compiler.errors import PaicError, UsageError
-from pai_compiler.ir import Graph, Param
+from pai_compiler.ir import Graph, OpKind, Param
 from pai_compiler.pass_infra import AnalysisManager, PassResult, TransformPass
 from pai_compiler.progress import metric_bar
 from pai_compiler.passes.allocation.base import Allocation, check_sparsity, keep_count
@@ -162,7 +162,13 @@ class DpaiPass(TransformPass):
         _check_memory(params, keep, self, device.type, bool(patterns))
         seed = am.context.seed if self.seed is None else self.seed
         options = dataclasses.replace(self, alpha=self.balance_alpha) if self.latency else self
-        with _progress_bar(am.context.progress, self.steps, self.paths) as progress, single_thread(device):
+        if self.paths == "channel" and self.state != "band" and any(n.kind is OpKind.CONV_TRANSPOSE for n in graph.nodes):
+            # a transposed conv's taps land on a stride-dependent subset of the output pixels: one value per
+            # channel cannot represent it, so the per-pixel count (the reference's) runs instead
+            am.warn("dpai: the model has transposed convs, which the channel-level path count cannot represent; "
+                    "running dpai{paths=ref} (per pixel, slower)")
+            options = dataclasses.replace(options, paths="ref")
+        with _progress_bar(am.context.progress, self.steps, options.paths) as progress, single_thread(device):
             report, masks = run_dpai(
                 graph, params, keep, options=options, seed=seed, device=device,
                 bind=am.context.extra.get("bind"), progress=progress, patterns=patterns,
