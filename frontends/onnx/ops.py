@@ -317,6 +317,24 @@ def _softmax(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, A
     _emit(imp, OpKind.RESHAPE, node, label, [ir.outputs[0]], [x.shape], attrs={"op": "reshape", "shape": list(x.shape)})
 
 
+def _tile(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    """``Tile(x, repeats)`` that constant folding could not do (a count from the input's shape: Bloom's
+    alibi repeated over the batch, or ``x`` an activation): each axis split into (1, size), expanded to
+    (count, size) and merged back to count · size, which is right at every bound size."""
+    x, repeats = ins
+    value = imp.operand_value(x, f"{label}_x")
+    counts = [] if not isinstance(repeats, Const) else [d if not isinstance(d, (int, np.integer)) else int(d) for d in repeats.array.reshape(-1)]
+    if value.shape is None or len(counts) != len(value.shape):
+        return _opaque(imp, node, label, ins, attrs, reason="Tile with run-time repeats or of unknown rank")
+    split = tuple(d for size in value.shape for d in (1, size))
+    tiled = tuple(d for count, size in zip(counts, value.shape) for d in (count, size))
+    out = tuple(simplify_dim(plain(count) * plain(size)) for count, size in zip(counts, value.shape))
+    v = _reshape_value(imp, value, split, label + "_split")
+    ir = imp.graph.add_node(OpKind.RESHAPE, imp.graph.fresh_name(label + "_tile"), [v], [(imp.graph.fresh_name(value.name + "_t"), tiled, value.dtype)],
+                            attrs={"op": "expand"}, origin=node.name)
+    _emit(imp, OpKind.RESHAPE, node, label, [ir.outputs[0]], [out], attrs={"op": "reshape", "shape": list(out)})
+
+
 def _reshape_value(imp: Any, x: Value, shape: tuple[Dim, ...], label: str) -> Value:
     ir = imp.graph.add_node(OpKind.RESHAPE, imp.graph.fresh_name(label), [x], [(imp.graph.fresh_name(x.name + "_r"), shape, x.dtype)],
                             attrs={"op": "reshape", "shape": list(shape)})
@@ -544,7 +562,7 @@ HANDLERS: dict[str, Handler] = {
     "MaxPool": _pool, "AveragePool": _pool, "GlobalAveragePool": _pool, "GlobalMaxPool": _pool,
     "ReduceMean": _reduce, "ReduceMax": _reduce, "ReduceSum": _reduce, "ReduceL2": _reduce,
     "Reshape": _movement, "Flatten": _movement, "Transpose": _movement, "Squeeze": _movement, "Unsqueeze": _movement,
-    "Slice": _movement, "Gather": _gather, "Expand": _movement,
+    "Slice": _movement, "Gather": _gather, "Expand": _movement, "Tile": _tile,
     "Concat": _concat, "Split": _split, "Pad": _pad, "IsNaN": _isnan, "Where": _where, "Resize": _resize, "Upsample": _resize,
 }
 HANDLERS.update({op: _binary for op in _BINARY})
