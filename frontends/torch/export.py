@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import operator
 import warnings
 from collections.abc import Iterator
@@ -246,7 +247,7 @@ class _ExportWalker:
                 if c.broadcast_to == out:
                     return c  # core ATen spells x @ W as bmm(view(expand(x)), view(expand(W^T)))
                 if (c.perm is None and c.tensor.dim() == len(c.broadcast_to) and c.tensor.shape[0] == 1 and out and out[0] == c.broadcast_to[0]
-                        and all(isinstance(d, int) for d in (*out[1:], *c.broadcast_to[1:]))):
+                        and all(isinstance(d, int) for d in (*out[1:], *c.broadcast_to[1:])) and c.tensor.numel() == math.prod(out[1:])):
                     return TorchConst(c.tensor.reshape(1, *out[1:]), broadcast_to=out)  # the batch axis stays leading: still a constant
                 # the batch axis merged into others (Swin's window mask: (batch, nw, ...) -> (batch*nw, ...)):
                 # no folded constant is right at every batch, so the reshape runs in the model
