@@ -8,6 +8,15 @@ from torch import nn
 from pai_compiler.api import optimize
 from pai_compiler.frontends.torch.spec import lower_module
 from pai_compiler.interp import Interpreter
+from pai_compiler.ir import Graph
+
+
+def _matches_eager(g: Graph, module: nn.Module, rest: tuple[int, ...], batches: tuple[int, ...], atol: float = 1e-6) -> None:
+    """The lowered graph computes what the module computes, on random inputs (batch, *rest) at each batch."""
+    for batch in batches:
+        x = torch.randn(batch, *rest)
+        with torch.no_grad():
+            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=atol)
 
 
 class _Shifted(nn.Module):
@@ -31,10 +40,7 @@ def test_roll_and_masked_fill_lower_as_data_movement(frontend: str) -> None:
     x = torch.randn(2, 3, 5, 7)
     g = lower_module(module, x, frontend)
     assert not [n.name for n in g.nodes if n.attrs.get("reason")]  # no node left without a rule
-    for batch in (2, 3):
-        xb = torch.randn(batch, 3, 5, 7)
-        with torch.no_grad():
-            torch.testing.assert_close(Interpreter(g).run([xb]).outputs[0], module(xb), rtol=1e-5, atol=1e-6)
+    _matches_eager(g, module, (3, 5, 7), (2, 3))
     result = optimize(g, sparsity=0.5, method="synflow")  # paths move through the rolls as values do
     assert all(p.mask is not None for p in result.graph.prunable_params())
 
@@ -60,10 +66,7 @@ def test_a_constant_expanded_over_the_batch_then_reshaped_stays_right_at_every_b
     torch.manual_seed(0)
     module = _WindowMask().eval()
     g = lower_module(module, torch.randn(2, 12, 5), "export")
-    for batch in (2, 3, 1):
-        x = torch.randn(batch, 12, 5)
-        with torch.no_grad():
-            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+    _matches_eager(g, module, (12, 5), (2, 3, 1))
 
 
 class _CastExpanded(nn.Module):
@@ -84,10 +87,7 @@ def test_a_cast_of_a_constant_expanded_over_the_batch_stays_a_constant() -> None
     torch.manual_seed(0)
     module = _CastExpanded().eval()
     g = lower_module(module, torch.randn(2, 6), "export")
-    for batch in (2, 3):
-        x = torch.randn(batch, 6)
-        with torch.no_grad():
-            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+    _matches_eager(g, module, (6,), (2, 3))
 
 
 class _Aliases(nn.Module):
@@ -109,9 +109,7 @@ def test_arithmetic_aliases_lower(frontend: str) -> None:
     module = _Aliases().eval()
     g = lower_module(module, torch.randn(2, 4), frontend)
     assert not [n.name for n in g.nodes if n.attrs.get("reason")]
-    x = torch.randn(3, 4)
-    with torch.no_grad():
-        torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+    _matches_eager(g, module, (4,), (3,))
 
 
 class _RolledBuffer(nn.Module):
@@ -129,9 +127,7 @@ def test_roll_of_a_constant_folds(frontend: str) -> None:
     torch.manual_seed(0)
     module = _RolledBuffer().eval()
     g = lower_module(module, torch.randn(2, 5), frontend)
-    x = torch.randn(3, 5)
-    with torch.no_grad():
-        torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+    _matches_eager(g, module, (5,), (3,))
 
 
 class _RepeatedBias(nn.Module):
@@ -152,10 +148,7 @@ def test_a_constant_repeated_over_the_batch_stays_right_at_every_batch() -> None
     torch.manual_seed(0)
     module = _RepeatedBias().eval()
     g = lower_module(module, torch.randn(2, 4, 3), "export")
-    for batch in (2, 3, 1):
-        x = torch.randn(batch, 4, 3)
-        with torch.no_grad():
-            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+    _matches_eager(g, module, (4, 3), (2, 3, 1))
 
 
 class _Composites(nn.Module):
@@ -180,10 +173,7 @@ def test_composite_ops_lower_through_their_decomposition() -> None:
     module = _Composites().eval()
     g = lower_module(module, torch.randn(2, 2, 4, 4), "export")
     assert not [n.name for n in g.nodes if n.attrs.get("reason")]
-    for batch in (2, 3):
-        x = torch.randn(batch, 2, 4, 4)
-        with torch.no_grad():
-            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+    _matches_eager(g, module, (2, 4, 4), (2, 3))
     assert all(p.mask is not None for p in optimize(g, sparsity=0.5, method="synflow").graph.prunable_params())
 
 
@@ -205,9 +195,7 @@ def test_pixel_shuffle_modules_and_functions(frontend: str) -> None:
     module = _Shuffles().eval()
     g = lower_module(module, torch.randn(2, 2, 4, 6), frontend)
     assert not [n.name for n in g.nodes if n.kind.value == "opaque"]
-    x = torch.randn(3, 2, 4, 6)
-    with torch.no_grad():
-        torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-6)
+    _matches_eager(g, module, (2, 4, 6), (3,))
 
 
 class _ConstantIndex(nn.Module):
@@ -232,7 +220,4 @@ def test_constant_index_tensors_gather_on_merged_axes() -> None:
     module = _ConstantIndex().eval()
     g = lower_module(module, torch.randn(2, 2, 5, 4), "export")
     assert not [n.name for n in g.nodes if n.attrs.get("reason")]
-    for batch in (2, 3):
-        x = torch.randn(batch, 2, 5, 4)
-        with torch.no_grad():
-            torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], module(x), rtol=1e-5, atol=1e-5)
+    _matches_eager(g, module, (2, 5, 4), (2, 3), atol=1e-5)

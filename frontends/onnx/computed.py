@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pai_compiler.frontends.onnx.static import is_float_dtype
+from pai_compiler.frontends.onnx.static import is_float_array
 
 __all__ = ["computed_weight_name"]
 
@@ -32,7 +32,7 @@ def computed_weight_name(value: str, size: int, producers: Mapping[str, Any], st
                          readers: Mapping[str, int]) -> str:
     """The name of the Param for the weight computed as ONNX value ``value`` (``size`` elements)."""
     sources, inner_reads = _stored_sources(value, producers, stored)
-    same_size = [name for name in sources if stored[name].size == size and _is_float(stored[name])]
+    same_size = [name for name in sources if stored[name].size == size and is_float_array(stored[name])]
     weights = [name for name in same_size if not _is_binary(stored[name])]
     chosen = (weights or same_size or [None])[0]
     if chosen is None:
@@ -62,10 +62,6 @@ def _stored_sources(value: str, producers: Mapping[str, Any], stored: Mapping[st
                 (found if source in stored else following).append(source)
         frontier = following
     return found, reads
-
-
-def _is_float(array: np.ndarray) -> bool:
-    return array.dtype != object and is_float_dtype(array.dtype)
 
 
 def _is_binary(array: np.ndarray) -> bool:

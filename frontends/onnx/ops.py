@@ -96,37 +96,44 @@ def _window(attrs: dict[str, Any], x: Value, kernel: list[int], label: str, *, c
     return strides, dil, pads, tuple(_window_out(spatial[i], kernel[i], strides[i], pads[i], pads[i + n], dil[i], ceil) for i in range(n))
 
 
-def _conv(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
-    x = _need_value(ins[0], label, "Conv input")
+def _kernel_params(imp: Any, node: Any, label: str, ins: list[Any], key: str, layout: str) -> dict[str, Any] | None:
+    """The prunable weight (``layout`` "out, in/groups" or "in, out/groups", then the kernel) and the
+    bias of a Conv or ConvTranspose; None when the weight is not a constant (the node stays opaque)."""
     w = ins[1]
     if not isinstance(w, Const) or w.symbolic:
-        return _opaque(imp, node, label, ins, attrs, reason="Conv with a non-constant weight")
+        return None
     if w.array.ndim < 3:
-        raise ModelError(f"Conv weight {w.origin or ''!r} has rank {w.array.ndim}; expected (out, in/groups, *kernel)")
-    kshape = [int(d) for d in w.array.shape[2:]]
+        raise ModelError(f"{node.op_type} weight {w.origin or ''!r} has rank {w.array.ndim}; expected ({layout}, *kernel)")
+    out_axis, in_axis = (0, 1) if layout.startswith("out") else (1, 0)
+    params = {"weight": imp.param(w, f"{key}_weight", prunable=True, out_axis=out_axis, in_axis=in_axis)}
+    if len(ins) > 2 and ins[2] is not None:
+        params["bias"] = imp.param(ins[2], f"{key}_bias", prunable=False, out_axis=0, in_axis=None)
+    return params
+
+
+def _conv(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
+    x = _need_value(ins[0], label, "Conv input")
+    params = _kernel_params(imp, node, label, ins, "conv", "out, in/groups")
+    if params is None:
+        return _opaque(imp, node, label, ins, attrs, reason="Conv with a non-constant weight")
+    w = ins[1].array
+    kshape = [int(d) for d in w.shape[2:]]
     strides, dil, pads, out_spatial = _window(attrs, x, kshape, label, ceil=False)
     groups = int(attrs.get("group", 1))
-    out_shape = None if out_spatial is None else (x.shape[0], int(w.array.shape[0]), *out_spatial)  # type: ignore[index]
-    params = {"weight": imp.param(w, "conv_weight", prunable=True, out_axis=0, in_axis=1)}
-    if len(ins) > 2 and ins[2] is not None:
-        params["bias"] = imp.param(ins[2], "conv_bias", prunable=False, out_axis=0, in_axis=None)
+    out_shape = None if out_spatial is None else (x.shape[0], int(w.shape[0]), *out_spatial)  # type: ignore[index]
     _emit(imp, OpKind.CONV, node, label, [x], [out_shape], params=params,
           attrs={"strides": strides, "pads": pads, "dilations": dil, "groups": groups, "kernel_shape": kshape})
 
 
 def _conv_transpose(imp: Any, node: Any, label: str, ins: list[Any], attrs: dict[str, Any]) -> None:
     x = _need_value(ins[0], label, "ConvTranspose input")
-    w = ins[1]
-    if not isinstance(w, Const) or w.symbolic:
+    params = _kernel_params(imp, node, label, ins, "conv_transpose", "in, out/groups")
+    if params is None:
         return _opaque(imp, node, label, ins, attrs, reason="ConvTranspose with a non-constant weight")
-    if w.array.ndim < 3:
-        raise ModelError(f"ConvTranspose weight {w.origin or ''!r} has rank {w.array.ndim}; expected (in, out/groups, *kernel)")
-    ir_attrs, out_spatial = conv_transpose_spec(attrs, None if x.shape is None else x.shape[2:], [int(d) for d in w.array.shape[2:]], label)
-    out_channels = int(w.array.shape[1]) * ir_attrs["groups"]
+    w = ins[1].array
+    ir_attrs, out_spatial = conv_transpose_spec(attrs, None if x.shape is None else x.shape[2:], [int(d) for d in w.shape[2:]], label)
+    out_channels = int(w.shape[1]) * ir_attrs["groups"]
     out_shape = None if out_spatial is None else (x.shape[0], out_channels, *out_spatial)  # type: ignore[index]
-    params = {"weight": imp.param(w, "conv_transpose_weight", prunable=True, out_axis=1, in_axis=0)}
-    if len(ins) > 2 and ins[2] is not None:
-        params["bias"] = imp.param(ins[2], "conv_transpose_bias", prunable=False, out_axis=0, in_axis=None)
     _emit(imp, OpKind.CONV_TRANSPOSE, node, label, [x], [out_shape], params=params, attrs=ir_attrs)
 
 

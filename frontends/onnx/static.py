@@ -22,7 +22,7 @@ from pai_compiler.ir.dtypes import float_eps
 from pai_compiler.ir.shape_program import gather_elements, gather_nd
 from pai_compiler.onnx_wire import tensor_dtype
 
-__all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype"]
+__all__ = ["Const", "STATIC_OPS", "eval_static", "concretize", "broadcast_shapes", "sym_floor_div", "simplify_dim", "prod", "is_float_dtype", "is_float_array"]
 
 
 @dataclass
@@ -45,8 +45,12 @@ class Const:
     @staticmethod
     def folded(array: np.ndarray, value: str) -> Const:
         """The folded ``array`` of ONNX value ``value``; a float one remembers where it was computed."""
-        dtype = np.asarray(array).dtype
-        return Const(array, computed=value if dtype != object and is_float_dtype(dtype) else None)
+        return Const(array, computed=value if is_float_array(np.asarray(array)) else None)
+
+
+def is_float_array(array: np.ndarray) -> bool:
+    """A numeric float array (not symbolic object data)."""
+    return array.dtype != object and is_float_dtype(array.dtype)
 
 
 def is_float_dtype(dtype: Any) -> bool:

@@ -84,9 +84,12 @@ def _gather(w: Any, n: Any, data: Any, dim: int, index: Any, origin: str) -> Any
 
 
 def lower_index(w: Any, n: Any, a: dict[str, Any]) -> Any:
-    """``x[arange(batch)[:, None, ...], idx]``: each sample's own row picked by constant ``idx`` = a gather on axis 1.
+    """ATen ``index`` (advanced indexing), three forms; any other stays opaque:
 
-    (The attention-mask builders of Hugging Face models index a padding mask this way.)
+    * ``x[arange(batch)[:, None, ...], idx]`` with constant ``idx``: each sample's own row, a gather on
+      axis 1 (the attention-mask builders of Hugging Face models index a padding mask this way);
+    * ``x[arange(batch), picks]`` with run-time ``picks``: ``_per_sample_pick``;
+    * constant index tensors on adjacent static axes: ``_constant_index``.
     """
     x, indices = a["self"], list(a["indices"])
     shape = w.shape(n)
@@ -179,20 +182,24 @@ ATEN_INDEX_RULES: dict[str, Rule] = {
     "argmin": lambda w, n, a: _arg_reduce(w, n, "min", a["self"], a.get("dim"), a.get("keepdim", False), str(n.target)),
 }
 
+def _fx_arg_reduce(fn: str) -> Rule:
+    return lambda w, n, x, dim=None, keepdim=False: _arg_reduce(w, n, fn, x, dim, keepdim, n.name)
+
+
+#: fx rules keyed both as the torch function and as the Tensor method
+_FX_FUNCTION_AND_METHOD: dict[str, Rule] = {
+    "cumsum": lambda w, n, x, dim, *rest, **kw: _cumsum(w, n, x, dim, n.name),
+    "gather": lambda w, n, x, dim, index, *rest, **kw: _gather(w, n, x, dim, index, n.name),
+    "masked_fill": lambda w, n, x, mask, value, *rest, **kw: lower_where(w, n, mask, value, x, n.name),
+    "argmax": _fx_arg_reduce("max"), "argmin": _fx_arg_reduce("min"),
+}
+
 FX_INDEX_RULES: dict[Any, Rule] = {
     operator.eq: _fx_compare("eq"), operator.ne: _fx_compare("ne"), operator.lt: _fx_compare("lt"), operator.le: _fx_compare("le"),
     operator.gt: _fx_compare("gt"), operator.ge: _fx_compare("ge"), operator.invert: _fx_compare("not", bool_only=True),
     operator.and_: _fx_compare("and", bool_only=True), operator.or_: _fx_compare("or", bool_only=True), operator.xor: _fx_compare("xor", bool_only=True),
-    torch.cumsum: lambda w, n, x, dim, *rest, **kw: _cumsum(w, n, x, dim, n.name),
-    torch.masked_fill: lambda w, n, x, mask, value, *rest, **kw: lower_where(w, n, mask, value, x, n.name),
-    "Tensor.masked_fill": lambda w, n, x, mask, value, *rest, **kw: lower_where(w, n, mask, value, x, n.name),
-    "Tensor.cumsum": lambda w, n, x, dim, *rest, **kw: _cumsum(w, n, x, dim, n.name),
-    torch.gather: lambda w, n, x, dim, index, *rest, **kw: _gather(w, n, x, dim, index, n.name),
-    torch.argmax: lambda w, n, x, dim=None, keepdim=False: _arg_reduce(w, n, "max", x, dim, keepdim, n.name),
-    "Tensor.argmax": lambda w, n, x, dim=None, keepdim=False: _arg_reduce(w, n, "max", x, dim, keepdim, n.name),
-    torch.argmin: lambda w, n, x, dim=None, keepdim=False: _arg_reduce(w, n, "min", x, dim, keepdim, n.name),
-    "Tensor.argmin": lambda w, n, x, dim=None, keepdim=False: _arg_reduce(w, n, "min", x, dim, keepdim, n.name),
-    "Tensor.gather": lambda w, n, x, dim, index, *rest, **kw: _gather(w, n, x, dim, index, n.name),
+    **{getattr(torch, name): rule for name, rule in _FX_FUNCTION_AND_METHOD.items()},
+    **{f"Tensor.{name}": rule for name, rule in _FX_FUNCTION_AND_METHOD.items()},
 }
 for _names, _bool_only in ((COMPARE_NAMES, False), (BITWISE_NAMES, True)):
     for _name, _fn in _names.items():
